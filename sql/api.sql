@@ -1,0 +1,1046 @@
+-- keypal: management functions, triggers, comments and privileges.
+-- Loaded last (finalize), after the Rust functions it builds on.
+-- Every SECURITY DEFINER function pins search_path and schema-qualifies every object.
+
+--------------------------------------------------------------------------------
+-- Internal helpers (schema keypal, not executable by PUBLIC)
+--------------------------------------------------------------------------------
+
+CREATE TYPE keypal.created_key AS (
+    key            text,
+    id             uuid,
+    expires_at     timestamptz,
+    env            text,
+    signing_secret text
+);
+COMMENT ON TYPE keypal.created_key IS
+    'What the create functions return: the plaintext key (shown once, never stored) and its id.';
+
+CREATE TYPE keypal.rotated_key AS (
+    key        text,
+    id         uuid,
+    old_id     uuid,
+    expires_at timestamptz,
+    env        text
+);
+COMMENT ON TYPE keypal.rotated_key IS 'What keypal_rotate returns: the new plaintext key (once), its id, and the old id.';
+
+-- The public columns of a key: everything but its hash.
+CREATE VIEW keypal.key_info AS
+SELECT id, owner_id, org_id, env, name, description, scopes, resources, tags, metadata, enabled,
+       created_at, updated_at, expires_at, last_used_at, revoked_at, revoke_reason, revoked_by,
+       rotated_from, rotated_to, parent_id, policy, rate_limit, quota, allowed_ips, blocked_ips,
+       allowed_regions, blocked_regions, disable_at, revoke_at, notify_before, algorithm
+  FROM keypal.keys;
+COMMENT ON VIEW keypal.key_info IS 'The public columns of keypal.keys (never the hash).';
+
+CREATE FUNCTION keypal.parse_duration(value text, arg text, allow_zero boolean DEFAULT false)
+RETURNS interval LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v interval;
+BEGIN
+    IF value IS NULL THEN
+        RETURN NULL;
+    END IF;
+    v := keypal.parse_short_duration(value, arg);
+    IF v IS NULL THEN
+        BEGIN
+            v := value::interval;
+        EXCEPTION WHEN others THEN
+            RAISE EXCEPTION 'invalid duration for %: % (use e.g. 30s, 5m, 1h, 7d, 2w, 1y or an interval)',
+                arg, quote_literal(value) USING ERRCODE = '22007';
+        END;
+    END IF;
+    IF v < interval '0' OR (v = interval '0' AND NOT allow_zero) THEN
+        RAISE EXCEPTION 'invalid duration for %: % must be positive', arg, quote_literal(value)
+            USING ERRCODE = '22007';
+    END IF;
+    RETURN v;
+END $$;
+
+CREATE FUNCTION keypal.parse_timestamp(value text, arg text)
+RETURNS timestamptz LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN value::timestamptz;
+EXCEPTION WHEN others THEN
+    RAISE EXCEPTION 'invalid %: % is not a timestamp', arg, quote_literal(value) USING ERRCODE = '22007';
+END $$;
+
+CREATE FUNCTION keypal.text_array(j jsonb)
+RETURNS text[] LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce(array_agg(x ORDER BY n), '{}')
+      FROM jsonb_array_elements_text(CASE WHEN jsonb_typeof(j) = 'array' THEN j ELSE '[]' END)
+           WITH ORDINALITY AS t(x, n)
+$$;
+
+-- Builds an options object from argument names and values, leaving out SQL NULLs (an
+-- argument not given) but keeping JSON null (a setting to clear).
+CREATE FUNCTION keypal.options(names text[], vals jsonb[])
+RETURNS jsonb LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce(jsonb_object_agg(n, v), '{}')
+      FROM unnest(names, vals) AS t(n, v)
+     WHERE v IS NOT NULL
+$$;
+
+-- Who is acting: the function's actor argument, else keypal.actor, else the caller's role.
+CREATE FUNCTION keypal.actor(given text)
+RETURNS text LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce(nullif(given, ''), nullif(current_setting('keypal.actor', true), ''),
+                    keypal.invoking_user())
+$$;
+
+-- The audit trigger reads who acts, and why, from these transaction-local settings; the
+-- management functions set them around each write and clear them after.
+CREATE FUNCTION keypal.begin_change(actor text, action text DEFAULT NULL, context jsonb DEFAULT NULL)
+RETURNS void LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT set_config('keypal._actor', coalesce(actor, ''), true),
+           set_config('keypal._action', coalesce(action, ''), true),
+           set_config('keypal._context', coalesce(context::text, ''), true);
+$$;
+
+CREATE FUNCTION keypal.end_change()
+RETURNS void LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT keypal.begin_change(NULL);
+$$;
+
+CREATE FUNCTION keypal.key_not_found(id uuid, what text DEFAULT 'id')
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RAISE EXCEPTION 'KEY_NOT_FOUND: no API key with % %', what, coalesce(id::text, 'NULL')
+        USING ERRCODE = 'P0002', DETAIL = 'KEY_NOT_FOUND';
+END $$;
+
+-- Locks a key for a change; raises KEY_NOT_FOUND (P0002) or CANNOT_MODIFY_REVOKED (55000).
+CREATE FUNCTION keypal.lock_key(key_id uuid, action text)
+RETURNS keypal.keys LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    k keypal.keys;
+BEGIN
+    SELECT * INTO k FROM keypal.keys WHERE id = key_id FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM keypal.key_not_found(key_id, 'id');
+    END IF;
+    IF k.revoked_at IS NOT NULL AND k.revoked_at <= now() THEN
+        RAISE EXCEPTION 'CANNOT_MODIFY_REVOKED: key % is revoked and cannot be %', key_id, action
+            USING ERRCODE = '55000', DETAIL = 'CANNOT_MODIFY_REVOKED';
+    END IF;
+    RETURN k;
+END $$;
+
+CREATE FUNCTION keypal.enforce_policy(policy_name text, scopes text[], resources jsonb,
+                                      expires_at timestamptz, allowed_ips text[], arg_prefix text)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    p keypal.policies;
+BEGIN
+    SELECT * INTO p FROM keypal.policies WHERE name = policy_name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'invalid %policy: no policy named %', arg_prefix, quote_literal(policy_name)
+            USING ERRCODE = '22023';
+    END IF;
+    IF p.scopes IS NOT NULL
+       AND NOT keypal.scopes_within(scopes, resources, p.scopes, coalesce(p.resources, '{}')) THEN
+        RAISE EXCEPTION 'key violates policy %: rule scopes allows only % (and resources %)',
+            quote_literal(p.name), p.scopes, coalesce(p.resources, '{}') USING ERRCODE = '22023';
+    END IF;
+    IF p.max_ttl IS NOT NULL AND (expires_at IS NULL OR expires_at > now() + p.max_ttl) THEN
+        RAISE EXCEPTION 'key violates policy %: rule max_ttl requires an expiry within %',
+            quote_literal(p.name), p.max_ttl USING ERRCODE = '22023';
+    END IF;
+    IF p.require_ip AND cardinality(allowed_ips) = 0 THEN
+        RAISE EXCEPTION 'key violates policy %: rule require_ip requires allowed_ips', quote_literal(p.name)
+            USING ERRCODE = '22023';
+    END IF;
+    IF p.max_resources IS NOT NULL
+       AND (SELECT count(*) FROM jsonb_object_keys(resources)) > p.max_resources THEN
+        RAISE EXCEPTION 'key violates policy %: rule max_resources allows at most % resources',
+            quote_literal(p.name), p.max_resources USING ERRCODE = '22023';
+    END IF;
+END $$;
+
+-- Checks a would-be child against its parent (locked FOR SHARE, so a concurrent revoke
+-- of the parent waits for this transaction and then cascades to the child). Returns the
+-- child's expiry: its own, or the parent's when it has none.
+CREATE FUNCTION keypal.check_parent(parent uuid, scopes text[], resources jsonb,
+                                    expires_at timestamptz, arg_prefix text)
+RETURNS timestamptz LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    p keypal.keys;
+BEGIN
+    SELECT * INTO p FROM keypal.keys WHERE id = parent FOR SHARE;
+    IF NOT FOUND THEN
+        PERFORM keypal.key_not_found(parent, 'parent_id');
+    END IF;
+    IF p.revoked_at IS NOT NULL AND p.revoked_at <= now() THEN
+        RAISE EXCEPTION 'CANNOT_MODIFY_REVOKED: parent key % is revoked', parent
+            USING ERRCODE = '55000', DETAIL = 'CANNOT_MODIFY_REVOKED';
+    END IF;
+    IF NOT p.enabled OR (p.expires_at IS NOT NULL AND p.expires_at <= now()) THEN
+        RAISE EXCEPTION 'invalid %parent_id: parent key % is disabled or expired', arg_prefix, parent
+            USING ERRCODE = '55000';
+    END IF;
+    IF NOT keypal.scopes_within(scopes, resources, p.scopes, p.resources) THEN
+        RAISE EXCEPTION 'invalid %scopes: a child key''s scopes % must be a subset of its parent''s %',
+            arg_prefix, scopes, p.scopes USING ERRCODE = '22023';
+    END IF;
+    IF p.expires_at IS NOT NULL AND expires_at > p.expires_at THEN
+        RAISE EXCEPTION 'invalid %expires_at: a child key cannot outlive its parent (which expires at %)',
+            arg_prefix, p.expires_at USING ERRCODE = '22023';
+    END IF;
+    RETURN coalesce(expires_at, p.expires_at);
+END $$;
+
+-- The one place a key is made. opts: key options (see options.rs); extra: rotated_from,
+-- and the audit action/context.
+CREATE FUNCTION keypal.create_key(opts jsonb, arg_prefix text DEFAULT '', extra jsonb DEFAULT '{}')
+RETURNS keypal.created_key LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    o        jsonb := keypal.normalize_options(opts, arg_prefix, true);
+    cfg      keypal.settings := keypal.config();
+    v_env    text := coalesce(o->>'env', cfg.default_env);
+    v_scopes text[] := keypal.text_array(o->'scopes');
+    v_res    jsonb := coalesce(o->'resources', '{}');
+    v_ips    text[] := keypal.text_array(o->'allowed_ips');
+    v_exp    timestamptz;
+    v_key    text;
+    v_id     uuid := gen_random_uuid();
+BEGIN
+    IF v_env IS NOT NULL AND jsonb_typeof(cfg.environments) = 'object' AND NOT cfg.environments ? v_env THEN
+        RAISE EXCEPTION 'invalid %env: no environment named % (configured: %)', arg_prefix,
+            quote_literal(v_env), (SELECT string_agg(e, ', ') FROM jsonb_object_keys(cfg.environments) e)
+            USING ERRCODE = '22023';
+    END IF;
+    IF coalesce((o->>'signing')::boolean, false) THEN
+        RAISE EXCEPTION 'signing keys are not available yet' USING ERRCODE = '0A000';
+    END IF;
+    IF o ? 'expires_in' THEN
+        v_exp := now() + keypal.parse_duration(o->>'expires_in', arg_prefix || 'expires_in');
+    ELSE
+        v_exp := keypal.parse_timestamp(o->>'expires_at', arg_prefix || 'expires_at');
+    END IF;
+    IF v_exp <= now() THEN
+        RAISE EXCEPTION 'invalid %expires_at: % is not in the future', arg_prefix, v_exp USING ERRCODE = '22023';
+    END IF;
+    IF o ? 'parent_id' THEN
+        v_exp := keypal.check_parent((o->>'parent_id')::uuid, v_scopes, v_res, v_exp, arg_prefix);
+    END IF;
+    IF o ? 'policy' THEN
+        PERFORM keypal.enforce_policy(o->>'policy', v_scopes, v_res, v_exp, v_ips, arg_prefix);
+    END IF;
+    v_key := keypal.generate_key(coalesce(cfg.environments -> v_env ->> 'prefix', cfg.prefix),
+                                 cfg.length, cfg.alphabet);
+    PERFORM keypal.begin_change(keypal.actor(o->>'actor'), extra->>'action', extra->'context');
+    INSERT INTO keypal.keys (id, key_hash, algorithm, owner_id, org_id, env, name, description, scopes,
+                             resources, tags, metadata, enabled, expires_at, parent_id, policy,
+                             rate_limit, quota, allowed_ips, blocked_ips, allowed_regions,
+                             blocked_regions, disable_at, revoke_at, notify_before, rotated_from)
+    VALUES (v_id, keypal.hash_key(v_key, cfg.algorithm), cfg.algorithm, o->>'owner_id', o->>'org_id',
+            v_env, o->>'name', o->>'description', v_scopes, v_res, keypal.text_array(o->'tags'),
+            coalesce(o->'metadata', '{}'), coalesce((o->>'enabled')::boolean, true), v_exp,
+            (o->>'parent_id')::uuid, o->>'policy', nullif(o->'rate_limit', 'null'),
+            nullif(o->'quota', 'null'), v_ips, keypal.text_array(o->'blocked_ips'),
+            keypal.text_array(o->'allowed_regions'), keypal.text_array(o->'blocked_regions'),
+            keypal.parse_timestamp(o->>'disable_at', arg_prefix || 'disable_at'),
+            keypal.parse_timestamp(o->>'revoke_at', arg_prefix || 'revoke_at'),
+            keypal.parse_duration(o->>'notify_before', arg_prefix || 'notify_before'),
+            (extra->>'rotated_from')::uuid);
+    PERFORM keypal.end_change();
+    RETURN ROW(v_key, v_id, v_exp, v_env, NULL)::keypal.created_key;
+END $$;
+
+--------------------------------------------------------------------------------
+-- Create
+--------------------------------------------------------------------------------
+
+CREATE FUNCTION keypal_create(
+    owner_id text DEFAULT NULL, name text DEFAULT NULL, description text DEFAULT NULL,
+    scopes text[] DEFAULT NULL, resources jsonb DEFAULT NULL, tags text[] DEFAULT NULL,
+    metadata jsonb DEFAULT NULL, expires_in text DEFAULT NULL, expires_at timestamptz DEFAULT NULL,
+    env text DEFAULT NULL, org_id text DEFAULT NULL, parent_id uuid DEFAULT NULL,
+    policy text DEFAULT NULL, rate_limit jsonb DEFAULT NULL, quota jsonb DEFAULT NULL,
+    allowed_ips text[] DEFAULT NULL, blocked_ips text[] DEFAULT NULL,
+    allowed_regions text[] DEFAULT NULL, blocked_regions text[] DEFAULT NULL,
+    disable_at timestamptz DEFAULT NULL, revoke_at timestamptz DEFAULT NULL,
+    notify_before text DEFAULT NULL, signing boolean DEFAULT NULL, actor text DEFAULT NULL)
+RETURNS SETOF keypal.created_key
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT * FROM keypal.create_key(keypal.options(
+        ARRAY['owner_id', 'name', 'description', 'scopes', 'resources', 'tags', 'metadata',
+              'expires_in', 'expires_at', 'env', 'org_id', 'parent_id', 'policy', 'rate_limit',
+              'quota', 'allowed_ips', 'blocked_ips', 'allowed_regions', 'blocked_regions',
+              'disable_at', 'revoke_at', 'notify_before', 'signing', 'actor'],
+        ARRAY[to_jsonb(owner_id), to_jsonb(name), to_jsonb(description), to_jsonb(scopes),
+              resources, to_jsonb(tags), metadata, to_jsonb(expires_in), to_jsonb(expires_at),
+              to_jsonb(env), to_jsonb(org_id), to_jsonb(parent_id), to_jsonb(policy), rate_limit,
+              quota, to_jsonb(allowed_ips), to_jsonb(blocked_ips), to_jsonb(allowed_regions),
+              to_jsonb(blocked_regions), to_jsonb(disable_at), to_jsonb(revoke_at),
+              to_jsonb(notify_before), to_jsonb(signing), to_jsonb(actor)]))
+$$;
+
+CREATE FUNCTION keypal_create_read_only(
+    owner_id text DEFAULT NULL, name text DEFAULT NULL, description text DEFAULT NULL,
+    tags text[] DEFAULT NULL, metadata jsonb DEFAULT NULL, expires_in text DEFAULT NULL,
+    expires_at timestamptz DEFAULT NULL, env text DEFAULT NULL, org_id text DEFAULT NULL,
+    parent_id uuid DEFAULT NULL, rate_limit jsonb DEFAULT NULL, quota jsonb DEFAULT NULL,
+    allowed_ips text[] DEFAULT NULL, actor text DEFAULT NULL)
+RETURNS SETOF keypal.created_key
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT * FROM @extschema@.keypal_create(owner_id => owner_id, name => name,
+        description => description, scopes => '{read}', tags => tags, metadata => metadata,
+        expires_in => expires_in, expires_at => expires_at, env => env, org_id => org_id,
+        parent_id => parent_id, rate_limit => rate_limit, quota => quota,
+        allowed_ips => allowed_ips, actor => actor)
+$$;
+
+CREATE FUNCTION keypal_create_full_access(
+    owner_id text DEFAULT NULL, name text DEFAULT NULL, description text DEFAULT NULL,
+    tags text[] DEFAULT NULL, metadata jsonb DEFAULT NULL, expires_in text DEFAULT NULL,
+    expires_at timestamptz DEFAULT NULL, env text DEFAULT NULL, org_id text DEFAULT NULL,
+    parent_id uuid DEFAULT NULL, rate_limit jsonb DEFAULT NULL, quota jsonb DEFAULT NULL,
+    allowed_ips text[] DEFAULT NULL, actor text DEFAULT NULL)
+RETURNS SETOF keypal.created_key
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT * FROM @extschema@.keypal_create(owner_id => owner_id, name => name,
+        description => description, scopes => '{read,write,admin}', tags => tags,
+        metadata => metadata, expires_in => expires_in, expires_at => expires_at, env => env,
+        org_id => org_id, parent_id => parent_id, rate_limit => rate_limit, quota => quota,
+        allowed_ips => allowed_ips, actor => actor)
+$$;
+
+CREATE FUNCTION keypal_create_many(specs jsonb DEFAULT NULL)
+RETURNS SETOF keypal.created_key
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF jsonb_typeof(specs) IS DISTINCT FROM 'array' THEN
+        RAISE EXCEPTION 'invalid specs: must be a JSON array of key option objects' USING ERRCODE = '22023';
+    END IF;
+    IF jsonb_array_length(specs) > 1000 THEN
+        RAISE EXCEPTION 'invalid specs: at most 1000 keys per call, got %', jsonb_array_length(specs)
+            USING ERRCODE = '22023';
+    END IF;
+    FOR i IN 0 .. jsonb_array_length(specs) - 1 LOOP
+        RETURN QUERY SELECT * FROM keypal.create_key(specs -> i, format('specs[%s].', i));
+    END LOOP;
+END $$;
+
+CREATE FUNCTION keypal_define_template(name text DEFAULT NULL, options jsonb DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    o jsonb;
+BEGIN
+    IF coalesce(trim(name), '') = '' THEN
+        RAISE EXCEPTION 'invalid name: a template needs a name' USING ERRCODE = '22023';
+    END IF;
+    o := keypal.normalize_options(coalesce(options, '{}'), 'options.', false);
+    INSERT INTO keypal.templates AS t (name, options) VALUES (name, o)
+        ON CONFLICT ON CONSTRAINT templates_pkey DO UPDATE SET options = EXCLUDED.options;
+    RETURN o;
+END $$;
+
+CREATE FUNCTION keypal_create_from_template(template text DEFAULT NULL, owner_id text DEFAULT NULL,
+                                            name text DEFAULT NULL, overrides jsonb DEFAULT NULL)
+RETURNS SETOF keypal.created_key
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t keypal.templates;
+BEGIN
+    SELECT * INTO t FROM keypal.templates WHERE templates.name = template;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'invalid template: no template named %', quote_literal(coalesce(template, 'NULL'))
+            USING ERRCODE = '22023';
+    END IF;
+    RETURN QUERY SELECT * FROM keypal.create_key(
+        t.options
+        || keypal.normalize_options(coalesce(overrides, '{}'), 'overrides.', false)
+        || keypal.options(ARRAY['owner_id', 'name'], ARRAY[to_jsonb(owner_id), to_jsonb(name)]),
+        '', jsonb_build_object('context', jsonb_build_object('template', template)));
+END $$;
+
+CREATE FUNCTION keypal_define_policy(name text DEFAULT NULL, scopes text[] DEFAULT NULL,
+                                     resources jsonb DEFAULT NULL, rate_limit jsonb DEFAULT NULL,
+                                     max_ttl text DEFAULT NULL, require_ip boolean DEFAULT false,
+                                     max_resources integer DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    o jsonb;
+    p keypal.policies;
+BEGIN
+    IF coalesce(trim(name), '') = '' THEN
+        RAISE EXCEPTION 'invalid name: a policy needs a name' USING ERRCODE = '22023';
+    END IF;
+    IF max_resources IS NOT NULL AND max_resources < 0 THEN
+        RAISE EXCEPTION 'invalid max_resources: must not be negative' USING ERRCODE = '22023';
+    END IF;
+    o := keypal.normalize_options(keypal.options(ARRAY['scopes', 'resources', 'rate_limit'],
+                                  ARRAY[to_jsonb(scopes), resources, rate_limit]), '', false);
+    INSERT INTO keypal.policies AS t (name, scopes, resources, rate_limit, max_ttl, require_ip, max_resources)
+    VALUES (name, CASE WHEN o ? 'scopes' THEN keypal.text_array(o->'scopes') END, o->'resources',
+            nullif(o->'rate_limit', 'null'), keypal.parse_duration(max_ttl, 'max_ttl'),
+            coalesce(require_ip, false), max_resources)
+    ON CONFLICT ON CONSTRAINT policies_pkey DO UPDATE
+        SET scopes = EXCLUDED.scopes, resources = EXCLUDED.resources, rate_limit = EXCLUDED.rate_limit,
+            max_ttl = EXCLUDED.max_ttl, require_ip = EXCLUDED.require_ip,
+            max_resources = EXCLUDED.max_resources
+    RETURNING * INTO p;
+    RETURN to_jsonb(p);
+END $$;
+
+--------------------------------------------------------------------------------
+-- Verify family (the single-key functions are Rust; these build on them)
+--------------------------------------------------------------------------------
+
+CREATE FUNCTION keypal_verify_many(keys text[] DEFAULT NULL, scope text DEFAULT NULL,
+                                   scopes text[] DEFAULT NULL, resource text DEFAULT NULL,
+                                   ip inet DEFAULT NULL, country text DEFAULT NULL,
+                                   env text DEFAULT NULL, cost integer DEFAULT NULL)
+RETURNS SETOF keypal.verify_result
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF cardinality(keys) > 1000 THEN
+        RAISE EXCEPTION 'invalid keys: at most 1000 keys per call, got %', cardinality(keys)
+            USING ERRCODE = '22023';
+    END IF;
+    RETURN QUERY
+        SELECT v.*
+          FROM unnest(keys) WITH ORDINALITY AS u(k, n)
+         CROSS JOIN LATERAL @extschema@.keypal_verify(u.k, scope, scopes, resource, ip, country, env, cost) AS v
+         ORDER BY u.n;
+END $$;
+
+-- Who may ask about a key by id: the holder of that key (authenticated in this
+-- transaction), or a role allowed to read keys (EXECUTE on keypal_get).
+CREATE FUNCTION keypal.may_inspect(key_id uuid)
+RETURNS boolean LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT key_id = keypal.authenticated_key_id()
+        OR has_function_privilege(keypal.invoking_user(), '@extschema@.keypal_get(uuid)', 'EXECUTE')
+$$;
+
+CREATE FUNCTION keypal_has_scope(key_id uuid DEFAULT NULL, scope text DEFAULT NULL, resource text DEFAULT NULL)
+RETURNS boolean
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce((SELECT keypal.holds(k.scopes, k.resources, scope, resource)
+                       FROM keypal.keys k WHERE k.id = key_id AND keypal.may_inspect(k.id)), false)
+$$;
+
+CREATE FUNCTION keypal_has_any_scope(key_id uuid DEFAULT NULL, scopes text[] DEFAULT NULL, resource text DEFAULT NULL)
+RETURNS boolean
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce((SELECT bool_or(keypal.holds(k.scopes, k.resources, s, resource))
+                       FROM keypal.keys k, unnest(scopes) s
+                      WHERE k.id = key_id AND keypal.may_inspect(k.id)), false)
+$$;
+
+CREATE FUNCTION keypal_has_all_scopes(key_id uuid DEFAULT NULL, scopes text[] DEFAULT NULL, resource text DEFAULT NULL)
+RETURNS boolean
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce((SELECT bool_and(keypal.holds(k.scopes, k.resources, s, resource))
+                       FROM keypal.keys k, unnest(scopes) s
+                      WHERE k.id = key_id AND keypal.may_inspect(k.id)), false)
+       AND scopes IS NOT NULL
+$$;
+
+--------------------------------------------------------------------------------
+-- Lifecycle
+--------------------------------------------------------------------------------
+
+CREATE FUNCTION keypal_revoke(id uuid DEFAULT NULL, reason text DEFAULT NULL, actor text DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    k keypal.keys := keypal.lock_key(id, 'revoked');
+    who text := keypal.actor(actor);
+BEGIN
+    PERFORM keypal.begin_change(who);
+    UPDATE keypal.keys SET revoked_at = now(), revoke_reason = reason, revoked_by = who
+     WHERE keys.id = k.id;
+    PERFORM keypal.end_change();
+    RETURN 1;
+END $$;
+
+-- Revokes every key that matches and is not yet revoked; returns how many.
+CREATE FUNCTION keypal.revoke_where(ids uuid[], owner text, org text, reason text, actor text)
+RETURNS integer LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    who text := keypal.actor(actor);
+    n integer;
+BEGIN
+    PERFORM keypal.begin_change(who);
+    UPDATE keypal.keys SET revoked_at = now(), revoke_reason = reason, revoked_by = who
+     WHERE (ids IS NULL OR id = ANY (ids))
+       AND (owner IS NULL OR owner_id = owner)
+       AND (org IS NULL OR org_id = org)
+       AND (revoked_at IS NULL OR revoked_at > now());
+    GET DIAGNOSTICS n = ROW_COUNT;
+    PERFORM keypal.end_change();
+    RETURN n;
+END $$;
+
+CREATE FUNCTION keypal_revoke_many(ids uuid[] DEFAULT NULL, reason text DEFAULT NULL, actor text DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF ids IS NULL THEN
+        RAISE EXCEPTION 'invalid ids: an array of key ids is required' USING ERRCODE = '22023';
+    END IF;
+    IF cardinality(ids) > 10000 THEN
+        RAISE EXCEPTION 'invalid ids: at most 10000 ids per call, got %', cardinality(ids) USING ERRCODE = '22023';
+    END IF;
+    RETURN keypal.revoke_where(ids, NULL, NULL, reason, actor);
+END $$;
+
+CREATE FUNCTION keypal_revoke_all(owner_id text DEFAULT NULL, reason text DEFAULT NULL, actor text DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF coalesce(owner_id, '') = '' THEN
+        RAISE EXCEPTION 'invalid owner_id: required' USING ERRCODE = '22023';
+    END IF;
+    RETURN keypal.revoke_where(NULL, owner_id, NULL, reason, actor);
+END $$;
+
+CREATE FUNCTION keypal_revoke_by_owner_and_org(owner_id text DEFAULT NULL, org_id text DEFAULT NULL,
+                                               reason text DEFAULT NULL, actor text DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF coalesce(owner_id, '') = '' THEN
+        RAISE EXCEPTION 'invalid owner_id: required' USING ERRCODE = '22023';
+    END IF;
+    IF coalesce(org_id, '') = '' THEN
+        RAISE EXCEPTION 'invalid org_id: required' USING ERRCODE = '22023';
+    END IF;
+    RETURN keypal.revoke_where(NULL, owner_id, org_id, reason, actor);
+END $$;
+
+CREATE FUNCTION keypal.set_enabled(key_id uuid, on_off boolean, actor text)
+RETURNS boolean LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    k keypal.keys := keypal.lock_key(key_id, CASE WHEN on_off THEN 'enabled' ELSE 'disabled' END);
+BEGIN
+    IF k.enabled = on_off THEN
+        RETURN false;
+    END IF;
+    PERFORM keypal.begin_change(keypal.actor(actor));
+    UPDATE keypal.keys SET enabled = on_off WHERE id = k.id;
+    PERFORM keypal.end_change();
+    RETURN true;
+END $$;
+
+CREATE FUNCTION keypal_enable(id uuid DEFAULT NULL, actor text DEFAULT NULL)
+RETURNS boolean
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT keypal.set_enabled(id, true, actor)
+$$;
+
+CREATE FUNCTION keypal_disable(id uuid DEFAULT NULL, actor text DEFAULT NULL)
+RETURNS boolean
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT keypal.set_enabled(id, false, actor)
+$$;
+
+-- A key's settings as create options, for rotation to copy.
+CREATE FUNCTION keypal.settings_of(k keypal.keys)
+RETURNS jsonb LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT keypal.options(
+        ARRAY['owner_id', 'name', 'description', 'scopes', 'resources', 'tags', 'metadata', 'env',
+              'org_id', 'parent_id', 'policy', 'rate_limit', 'quota', 'allowed_ips', 'blocked_ips',
+              'allowed_regions', 'blocked_regions', 'disable_at', 'revoke_at', 'notify_before',
+              'enabled'],
+        ARRAY[to_jsonb(k.owner_id), to_jsonb(k.name), to_jsonb(k.description), to_jsonb(k.scopes),
+              k.resources, to_jsonb(k.tags), k.metadata, to_jsonb(k.env), to_jsonb(k.org_id),
+              to_jsonb(k.parent_id), to_jsonb(k.policy), k.rate_limit, k.quota,
+              to_jsonb(k.allowed_ips), to_jsonb(k.blocked_ips), to_jsonb(k.allowed_regions),
+              to_jsonb(k.blocked_regions), to_jsonb(k.disable_at), to_jsonb(k.revoke_at),
+              to_jsonb(k.notify_before::text), to_jsonb(k.enabled)])
+$$;
+
+CREATE FUNCTION keypal_rotate(
+    id uuid DEFAULT NULL, grace text DEFAULT NULL, name text DEFAULT NULL,
+    description text DEFAULT NULL, scopes text[] DEFAULT NULL, resources jsonb DEFAULT NULL,
+    tags text[] DEFAULT NULL, metadata jsonb DEFAULT NULL, expires_in text DEFAULT NULL,
+    expires_at timestamptz DEFAULT NULL, rate_limit jsonb DEFAULT NULL, quota jsonb DEFAULT NULL,
+    allowed_ips text[] DEFAULT NULL, blocked_ips text[] DEFAULT NULL,
+    allowed_regions text[] DEFAULT NULL, blocked_regions text[] DEFAULT NULL,
+    actor text DEFAULT NULL)
+RETURNS SETOF keypal.rotated_key
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    old      keypal.keys := keypal.lock_key(id, 'rotated');
+    who      text := keypal.actor(actor);
+    v_grace  interval := coalesce(keypal.parse_duration(grace, 'grace', true), interval '0');
+    over     jsonb := keypal.normalize_options(keypal.options(
+        ARRAY['name', 'description', 'scopes', 'resources', 'tags', 'metadata', 'expires_in',
+              'expires_at', 'rate_limit', 'quota', 'allowed_ips', 'blocked_ips', 'allowed_regions',
+              'blocked_regions'],
+        ARRAY[to_jsonb(name), to_jsonb(description), to_jsonb(scopes), resources, to_jsonb(tags),
+              metadata, to_jsonb(expires_in), to_jsonb(expires_at), rate_limit, quota,
+              to_jsonb(allowed_ips), to_jsonb(blocked_ips), to_jsonb(allowed_regions),
+              to_jsonb(blocked_regions)]), '', false);
+    opts     jsonb;
+    made     keypal.created_key;
+BEGIN
+    IF old.rotated_to IS NOT NULL THEN
+        RAISE EXCEPTION 'CANNOT_MODIFY_REVOKED: key % was already rotated to %', old.id, old.rotated_to
+            USING ERRCODE = '55000', DETAIL = 'CANNOT_MODIFY_REVOKED';
+    END IF;
+    opts := keypal.settings_of(old) || jsonb_build_object('actor', who);
+    IF NOT (over ? 'expires_in' OR over ? 'expires_at') THEN
+        -- Keep the old expiry; an expired key's copy gets the old key's lifetime afresh.
+        opts := opts || jsonb_build_object('expires_at', CASE
+            WHEN old.expires_at IS NULL THEN NULL
+            WHEN old.expires_at > now() THEN old.expires_at
+            ELSE now() + (old.expires_at - old.created_at) END);
+    END IF;
+    made := keypal.create_key(opts || over, '',
+        jsonb_build_object('rotated_from', old.id, 'context', jsonb_build_object('rotated_from', old.id)));
+    PERFORM keypal.begin_change(who);
+    -- Children follow the new key, so retiring the old one does not cascade to them.
+    UPDATE keypal.keys SET parent_id = made.id
+     WHERE parent_id = old.id AND (revoked_at IS NULL OR revoked_at > now());
+    UPDATE keypal.keys
+       SET rotated_to = made.id, revoked_at = now() + v_grace, revoke_reason = 'rotated', revoked_by = who
+     WHERE keys.id = old.id;
+    PERFORM keypal.end_change();
+    RETURN NEXT ROW(made.key, made.id, old.id, made.expires_at, made.env)::keypal.rotated_key;
+END $$;
+
+CREATE FUNCTION keypal_update(
+    id uuid DEFAULT NULL, name text DEFAULT NULL, description text DEFAULT NULL,
+    tags text[] DEFAULT NULL, scopes text[] DEFAULT NULL, resources jsonb DEFAULT NULL,
+    metadata jsonb DEFAULT NULL, expires_at timestamptz DEFAULT NULL, expires_in text DEFAULT NULL,
+    org_id text DEFAULT NULL, rate_limit jsonb DEFAULT NULL, quota jsonb DEFAULT NULL,
+    allowed_ips text[] DEFAULT NULL, blocked_ips text[] DEFAULT NULL,
+    allowed_regions text[] DEFAULT NULL, blocked_regions text[] DEFAULT NULL,
+    disable_at timestamptz DEFAULT NULL, revoke_at timestamptz DEFAULT NULL,
+    notify_before text DEFAULT NULL, actor text DEFAULT NULL)
+RETURNS keypal.key_info
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    k     keypal.keys := keypal.lock_key(id, 'updated');
+    o     jsonb := keypal.normalize_options(keypal.options(
+        ARRAY['name', 'description', 'tags', 'scopes', 'resources', 'metadata', 'expires_at',
+              'expires_in', 'org_id', 'rate_limit', 'quota', 'allowed_ips', 'blocked_ips',
+              'allowed_regions', 'blocked_regions', 'disable_at', 'revoke_at', 'notify_before'],
+        ARRAY[to_jsonb(name), to_jsonb(description), to_jsonb(tags), to_jsonb(scopes), resources,
+              metadata, to_jsonb(expires_at), to_jsonb(expires_in), to_jsonb(org_id), rate_limit,
+              quota, to_jsonb(allowed_ips), to_jsonb(blocked_ips), to_jsonb(allowed_regions),
+              to_jsonb(blocked_regions), to_jsonb(disable_at), to_jsonb(revoke_at),
+              to_jsonb(notify_before)]), '', false);
+    v_scopes text[] := CASE WHEN o ? 'scopes' THEN keypal.text_array(o->'scopes') ELSE k.scopes END;
+    v_res    jsonb := coalesce(o->'resources', k.resources);
+    v_exp    timestamptz := k.expires_at;
+    child    uuid;
+    r        keypal.key_info;
+BEGIN
+    IF o ? 'expires_in' THEN
+        v_exp := now() + keypal.parse_duration(o->>'expires_in', 'expires_in');
+    ELSIF o ? 'expires_at' THEN
+        v_exp := keypal.parse_timestamp(o->>'expires_at', 'expires_at');
+    END IF;
+    IF k.parent_id IS NOT NULL AND (o ? 'scopes' OR o ? 'resources' OR o ? 'expires_at' OR o ? 'expires_in') THEN
+        PERFORM keypal.check_parent(k.parent_id, v_scopes, v_res, v_exp, '');
+    END IF;
+    IF o ? 'scopes' OR o ? 'resources' THEN
+        SELECT c.id INTO child FROM keypal.keys c
+         WHERE c.parent_id = k.id AND (c.revoked_at IS NULL OR c.revoked_at > now())
+           AND NOT keypal.scopes_within(c.scopes, c.resources, v_scopes, v_res)
+         LIMIT 1;
+        IF FOUND THEN
+            RAISE EXCEPTION 'invalid scopes: child key % holds scopes outside %', child, v_scopes
+                USING ERRCODE = '22023', HINT = 'narrow or revoke the child keys first';
+        END IF;
+    END IF;
+    PERFORM keypal.begin_change(keypal.actor(actor));
+    UPDATE keypal.keys SET
+        name            = CASE WHEN o ? 'name' THEN o->>'name' ELSE keys.name END,
+        description     = CASE WHEN o ? 'description' THEN o->>'description' ELSE keys.description END,
+        tags            = CASE WHEN o ? 'tags' THEN keypal.text_array(o->'tags') ELSE keys.tags END,
+        scopes          = v_scopes,
+        resources       = v_res,
+        metadata        = coalesce(o->'metadata', keys.metadata),
+        expires_at      = v_exp,
+        org_id          = CASE WHEN o ? 'org_id' THEN o->>'org_id' ELSE keys.org_id END,
+        rate_limit      = CASE WHEN o ? 'rate_limit' THEN nullif(o->'rate_limit', 'null') ELSE keys.rate_limit END,
+        quota           = CASE WHEN o ? 'quota' THEN nullif(o->'quota', 'null') ELSE keys.quota END,
+        allowed_ips     = CASE WHEN o ? 'allowed_ips' THEN keypal.text_array(o->'allowed_ips') ELSE keys.allowed_ips END,
+        blocked_ips     = CASE WHEN o ? 'blocked_ips' THEN keypal.text_array(o->'blocked_ips') ELSE keys.blocked_ips END,
+        allowed_regions = CASE WHEN o ? 'allowed_regions' THEN keypal.text_array(o->'allowed_regions') ELSE keys.allowed_regions END,
+        blocked_regions = CASE WHEN o ? 'blocked_regions' THEN keypal.text_array(o->'blocked_regions') ELSE keys.blocked_regions END,
+        disable_at      = CASE WHEN o ? 'disable_at' THEN keypal.parse_timestamp(o->>'disable_at', 'disable_at') ELSE keys.disable_at END,
+        revoke_at       = CASE WHEN o ? 'revoke_at' THEN keypal.parse_timestamp(o->>'revoke_at', 'revoke_at') ELSE keys.revoke_at END,
+        notify_before   = CASE WHEN o ? 'notify_before' THEN keypal.parse_duration(o->>'notify_before', 'notify_before') ELSE keys.notify_before END
+     WHERE keys.id = k.id;
+    PERFORM keypal.end_change();
+    SELECT * INTO r FROM keypal.key_info i WHERE i.id = k.id;
+    RETURN r;
+END $$;
+
+--------------------------------------------------------------------------------
+-- Reading keys
+--------------------------------------------------------------------------------
+
+CREATE FUNCTION keypal_get(id uuid DEFAULT NULL)
+RETURNS keypal.key_info
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r keypal.key_info;
+BEGIN
+    SELECT * INTO r FROM keypal.key_info i WHERE i.id = keypal_get.id;
+    IF NOT FOUND THEN
+        PERFORM keypal.key_not_found(keypal_get.id, 'id');
+    END IF;
+    RETURN r;
+END $$;
+
+CREATE FUNCTION keypal_list(owner_id text DEFAULT NULL, org_id text DEFAULT NULL, tag text DEFAULT NULL,
+                            tags text[] DEFAULT NULL, env text DEFAULT NULL,
+                            include_revoked boolean DEFAULT false, "limit" integer DEFAULT NULL,
+                            "offset" integer DEFAULT 0)
+RETURNS SETOF keypal.key_info
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF "limit" < 0 OR "offset" < 0 THEN
+        RAISE EXCEPTION 'invalid limit/offset: must not be negative' USING ERRCODE = '22023';
+    END IF;
+    RETURN QUERY
+        SELECT i.* FROM keypal.key_info i
+         WHERE (keypal_list.owner_id IS NULL OR i.owner_id = keypal_list.owner_id)
+           AND (keypal_list.org_id IS NULL OR i.org_id = keypal_list.org_id)
+           AND (keypal_list.tag IS NULL OR i.tags @> ARRAY[keypal_list.tag])
+           AND (keypal_list.tags IS NULL OR i.tags @> keypal_list.tags)
+           AND (keypal_list.env IS NULL OR i.env = keypal_list.env)
+           AND (coalesce(include_revoked, false) OR i.revoked_at IS NULL OR i.revoked_at > now())
+         ORDER BY i.created_at, i.id
+         LIMIT "limit" OFFSET coalesce("offset", 0);
+END $$;
+
+CREATE FUNCTION keypal_list_by_org(org_id text DEFAULT NULL, include_revoked boolean DEFAULT false)
+RETURNS SETOF keypal.key_info
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF coalesce(org_id, '') = '' THEN
+        RAISE EXCEPTION 'invalid org_id: required' USING ERRCODE = '22023';
+    END IF;
+    RETURN QUERY SELECT * FROM @extschema@.keypal_list(org_id => org_id, include_revoked => include_revoked);
+END $$;
+
+CREATE FUNCTION keypal_history(id uuid DEFAULT NULL)
+RETURNS SETOF keypal.key_info
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    root uuid;
+BEGIN
+    PERFORM 1 FROM keypal.keys k WHERE k.id = keypal_history.id;
+    IF NOT FOUND THEN
+        PERFORM keypal.key_not_found(keypal_history.id, 'id');
+    END IF;
+    WITH RECURSIVE back(kid, depth) AS (
+        SELECT keypal_history.id, 0
+        UNION ALL
+        SELECT k.rotated_from, b.depth + 1 FROM back b JOIN keypal.keys k ON k.id = b.kid
+         WHERE k.rotated_from IS NOT NULL AND b.depth < 10000)
+    SELECT kid INTO root FROM back ORDER BY depth DESC LIMIT 1;
+    RETURN QUERY
+        WITH RECURSIVE fwd(kid, depth) AS (
+            SELECT root, 0
+            UNION ALL
+            SELECT k.rotated_to, f.depth + 1 FROM fwd f JOIN keypal.keys k ON k.id = f.kid
+             WHERE k.rotated_to IS NOT NULL AND f.depth < 10000)
+        SELECT i.* FROM fwd f JOIN keypal.key_info i ON i.id = f.kid ORDER BY f.depth;
+END $$;
+
+--------------------------------------------------------------------------------
+-- Settings
+--------------------------------------------------------------------------------
+
+CREATE FUNCTION keypal_configure(prefix text DEFAULT NULL, length integer DEFAULT NULL,
+                                 alphabet text DEFAULT NULL, algorithm text DEFAULT NULL,
+                                 last_used_resolution text DEFAULT NULL, rate_limit jsonb DEFAULT NULL,
+                                 environments jsonb DEFAULT NULL, default_env text DEFAULT NULL,
+                                 audit_retention text DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    c keypal.settings := keypal.config();
+BEGIN
+    c.prefix := coalesce(prefix, c.prefix);
+    c.length := coalesce(length, c.length);
+    c.alphabet := coalesce(alphabet, c.alphabet);
+    c.algorithm := coalesce(lower(algorithm), c.algorithm);
+    PERFORM keypal.check_format(c.prefix, c.length, c.alphabet, c.algorithm);
+    c.algorithm := CASE WHEN c.algorithm LIKE '%512' THEN 'sha512' ELSE 'sha256' END;
+    IF last_used_resolution IS NOT NULL THEN
+        c.last_used_resolution := keypal.parse_duration(last_used_resolution, 'last_used_resolution', true);
+    END IF;
+    IF rate_limit IS NOT NULL THEN
+        c.rate_limit := nullif(keypal.check_rate_limit(rate_limit, 'rate_limit'), 'null');
+    END IF;
+    IF environments IS NOT NULL THEN
+        c.environments := nullif(keypal.check_environments(environments), 'null');
+    END IF;
+    IF default_env IS NOT NULL THEN
+        c.default_env := nullif(default_env, '');
+    END IF;
+    IF c.default_env IS NOT NULL AND jsonb_typeof(c.environments) = 'object' AND NOT c.environments ? c.default_env THEN
+        RAISE EXCEPTION 'invalid default_env: no environment named %', quote_literal(c.default_env)
+            USING ERRCODE = '22023';
+    END IF;
+    IF audit_retention IS NOT NULL THEN
+        c.audit_retention := CASE WHEN audit_retention = '' THEN NULL
+                                  ELSE keypal.parse_duration(audit_retention, 'audit_retention') END;
+    END IF;
+    c.updated_at := now();
+    INSERT INTO keypal.settings AS s VALUES (c.*)
+        ON CONFLICT (singleton) DO UPDATE
+        SET prefix = EXCLUDED.prefix, length = EXCLUDED.length, alphabet = EXCLUDED.alphabet,
+            algorithm = EXCLUDED.algorithm, last_used_resolution = EXCLUDED.last_used_resolution,
+            rate_limit = EXCLUDED.rate_limit, environments = EXCLUDED.environments,
+            default_env = EXCLUDED.default_env, audit_retention = EXCLUDED.audit_retention,
+            updated_at = EXCLUDED.updated_at;
+    RETURN to_jsonb(c) - 'singleton';
+END $$;
+
+--------------------------------------------------------------------------------
+-- Audit: triggers on keypal.keys, the append-only log, and its queries
+--------------------------------------------------------------------------------
+
+CREATE FUNCTION keypal.touch_updated_at()
+RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    NEW.updated_at := now();
+    RETURN NEW;
+END $$;
+
+-- Columns changed between two versions of a row: {"col": {"old": …, "new": …}}.
+CREATE FUNCTION keypal.row_changes(old jsonb, new jsonb)
+RETURNS jsonb LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce(jsonb_object_agg(n.key, jsonb_build_object('old', o.value, 'new', n.value)), '{}')
+      FROM jsonb_each(new) n JOIN jsonb_each(old) o USING (key)
+     WHERE n.value IS DISTINCT FROM o.value
+       AND n.key NOT IN ('key_hash', 'updated_at', 'last_used_at')
+$$;
+
+CREATE FUNCTION keypal.audit_key_change()
+RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    act     text := nullif(current_setting('keypal._action', true), '');
+    ctx     jsonb := coalesce(nullif(current_setting('keypal._context', true), '')::jsonb, '{}');
+    who     text := keypal.actor(current_setting('keypal._actor', true));
+    changes jsonb;
+    r       keypal.keys;
+    data    jsonb;
+    ev      text;
+    ev_id   bigint;
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        r := NEW;
+        act := coalesce(act, 'created');
+    ELSIF TG_OP = 'DELETE' THEN
+        r := OLD;
+        act := 'deleted';
+    ELSE
+        r := NEW;
+        changes := keypal.row_changes(to_jsonb(OLD), to_jsonb(NEW));
+        IF changes = '{}' THEN
+            RETURN NULL;
+        END IF;
+        act := CASE
+            WHEN NEW.rotated_to IS NOT NULL AND OLD.rotated_to IS NULL THEN 'rotated'
+            WHEN NEW.revoked_at IS NOT NULL AND (OLD.revoked_at IS NULL OR NEW.revoked_at < OLD.revoked_at) THEN 'revoked'
+            WHEN act IN ('expired', 'imported') THEN act
+            WHEN NEW.enabled AND NOT OLD.enabled THEN 'enabled'
+            WHEN OLD.enabled AND NOT NEW.enabled THEN 'disabled'
+            ELSE 'updated' END;
+        IF act = 'revoked' AND NEW.revoke_reason = 'parent revoked' THEN
+            ctx := ctx || jsonb_build_object('cascade_from', NEW.parent_id);
+        END IF;
+    END IF;
+    INSERT INTO keypal.audit_log (action, key_id, owner_id, org_id, actor, context, changes)
+    VALUES (act, r.id, r.owner_id, r.org_id, who, ctx, changes);
+
+    IF act IN ('created', 'updated', 'enabled', 'disabled', 'revoked', 'rotated', 'expired') THEN
+        ev := 'key.' || act;
+        data := jsonb_strip_nulls(jsonb_build_object(
+            'keyId', r.id, 'ownerId', r.owner_id, 'orgId', r.org_id, 'env', r.env, 'name', r.name,
+            'revokedBy', CASE WHEN act = 'revoked' THEN r.revoked_by END,
+            'reason', CASE WHEN act = 'revoked' THEN r.revoke_reason END,
+            'rotatedTo', CASE WHEN act = 'rotated' THEN r.rotated_to END,
+            'actor', who));
+        INSERT INTO keypal.events (event, key_id, payload)
+        VALUES (ev, r.id, jsonb_build_object(
+            'event', ev,
+            'timestamp', to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'),
+            'data', data))
+        RETURNING id INTO ev_id;
+        PERFORM pg_notify('keypal_events', ev_id::text);
+    END IF;
+    RETURN NULL;
+END $$;
+
+-- Revoking a key revokes every descendant in the same transaction.
+CREATE FUNCTION keypal.cascade_revocation()
+RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    UPDATE keypal.keys c
+       SET revoked_at = NEW.revoked_at, revoke_reason = 'parent revoked', revoked_by = NEW.revoked_by
+     WHERE c.parent_id = NEW.id AND (c.revoked_at IS NULL OR c.revoked_at > NEW.revoked_at);
+    RETURN NULL;
+END $$;
+
+-- Only the extension's owner may change or remove audit rows (retention pruning).
+CREATE FUNCTION keypal.audit_log_guard()
+RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_extension e
+                    WHERE e.extname = 'keypal' AND e.extowner = current_user::regrole) THEN
+        RAISE EXCEPTION 'keypal.audit_log is append-only' USING ERRCODE = '42501';
+    END IF;
+    RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
+END $$;
+
+CREATE TRIGGER keys_updated_at BEFORE UPDATE ON keypal.keys
+    FOR EACH ROW WHEN (OLD.last_used_at IS NOT DISTINCT FROM NEW.last_used_at)
+    EXECUTE FUNCTION keypal.touch_updated_at();
+CREATE TRIGGER keys_audit AFTER INSERT OR DELETE ON keypal.keys
+    FOR EACH ROW EXECUTE FUNCTION keypal.audit_key_change();
+CREATE TRIGGER keys_audit_update AFTER UPDATE ON keypal.keys
+    FOR EACH ROW WHEN (OLD.last_used_at IS NOT DISTINCT FROM NEW.last_used_at)
+    EXECUTE FUNCTION keypal.audit_key_change();
+CREATE TRIGGER keys_cascade_revocation AFTER UPDATE OF revoked_at ON keypal.keys
+    FOR EACH ROW WHEN (NEW.revoked_at IS NOT NULL AND (OLD.revoked_at IS NULL OR NEW.revoked_at < OLD.revoked_at))
+    EXECUTE FUNCTION keypal.cascade_revocation();
+CREATE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE ON keypal.audit_log
+    FOR EACH ROW EXECUTE FUNCTION keypal.audit_log_guard();
+CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON keypal.audit_log
+    FOR EACH STATEMENT EXECUTE FUNCTION keypal.audit_log_guard();
+
+CREATE FUNCTION keypal_audit(key_id uuid DEFAULT NULL, owner_id text DEFAULT NULL, org_id text DEFAULT NULL,
+                             action text DEFAULT NULL, since timestamptz DEFAULT NULL,
+                             until timestamptz DEFAULT NULL, "limit" integer DEFAULT 100,
+                             "offset" integer DEFAULT 0)
+RETURNS SETOF keypal.audit_log
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF action IS NOT NULL AND action NOT IN ('created', 'updated', 'enabled', 'disabled', 'revoked',
+                                             'rotated', 'expired', 'deleted', 'imported') THEN
+        RAISE EXCEPTION 'invalid action: % is not an audit action', quote_literal(action)
+            USING ERRCODE = '22023',
+                  HINT = 'one of created, updated, enabled, disabled, revoked, rotated, expired, deleted, imported';
+    END IF;
+    IF "limit" IS NULL OR "limit" < 0 OR "limit" > 10000 THEN
+        RAISE EXCEPTION 'invalid limit: must be between 0 and 10000' USING ERRCODE = '22023';
+    END IF;
+    IF "offset" IS NULL OR "offset" < 0 THEN
+        RAISE EXCEPTION 'invalid offset: must not be negative' USING ERRCODE = '22023';
+    END IF;
+    RETURN QUERY
+        SELECT a.* FROM keypal.audit_log a
+         WHERE (keypal_audit.key_id IS NULL OR a.key_id = keypal_audit.key_id)
+           AND (keypal_audit.owner_id IS NULL OR a.owner_id = keypal_audit.owner_id)
+           AND (keypal_audit.org_id IS NULL OR a.org_id = keypal_audit.org_id)
+           AND (keypal_audit.action IS NULL OR a.action = keypal_audit.action)
+           AND (since IS NULL OR a.at >= since)
+           AND (until IS NULL OR a.at < until)
+         ORDER BY a.at DESC, a.id DESC
+         LIMIT "limit" OFFSET "offset";
+END $$;
+
+CREATE FUNCTION keypal_audit_stats(owner_id text DEFAULT NULL, since timestamptz DEFAULT NULL,
+                                   until timestamptz DEFAULT NULL)
+RETURNS TABLE (total bigint, by_action jsonb, last_activity timestamptz)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    WITH hits AS (
+        SELECT a.action, a.at FROM keypal.audit_log a
+         WHERE (keypal_audit_stats.owner_id IS NULL OR a.owner_id = keypal_audit_stats.owner_id)
+           AND (since IS NULL OR a.at >= since)
+           AND (until IS NULL OR a.at < until)),
+    per AS (SELECT h.action, count(*) AS n FROM hits h GROUP BY h.action)
+    SELECT (SELECT count(*) FROM hits),
+           (SELECT coalesce(jsonb_object_agg(per.action, per.n), '{}') FROM per),
+           (SELECT max(h.at) FROM hits h)
+$$;
+
+--------------------------------------------------------------------------------
+-- Comments: every user-facing function documents itself in \df+
+--------------------------------------------------------------------------------
+
+DO $$
+DECLARE
+    doc record;
+    fn regprocedure;
+BEGIN
+    FOR doc IN SELECT * FROM (VALUES
+        ('keypal_configure', 'Changes keypal''s settings (prefix, length, alphabet, algorithm, last_used_resolution, rate_limit, environments, default_env, audit_retention); NULL leaves a setting, JSON null clears it. Returns all settings as jsonb.'),
+        ('keypal_create', 'Creates an API key. Returns the plaintext key once (only its hash is stored), its id, expiry and environment.'),
+        ('keypal_create_read_only', 'keypal_create with scopes {read}.'),
+        ('keypal_create_full_access', 'keypal_create with scopes {read,write,admin}.'),
+        ('keypal_create_many', 'Creates one key per element of a JSON array of option objects, in order, all or nothing.'),
+        ('keypal_define_template', 'Defines (or replaces) a named set of key options for keypal_create_from_template.'),
+        ('keypal_create_from_template', 'Creates a key from a template''s options, with owner_id, name and overrides applied on top.'),
+        ('keypal_define_policy', 'Defines (or replaces) a key policy: allowed scopes/resources, max_ttl, require_ip, max_resources. keypal_create(policy => ...) enforces it.'),
+        ('keypal_verify', 'Verifies an API key (a Bearer prefix is ignored) for a scope, scopes, resource, ip, country and env. Returns keypal.verify_result: valid, or the first failing error_code.'),
+        ('keypal_verify_many', 'keypal_verify for each key of an array; one result per key, in order.'),
+        ('keypal_verify_headers', 'keypal_verify with the key taken from headers: Authorization (Bearer) first, then X-API-Key; names case-insensitive.'),
+        ('keypal_check', 'keypal_verify(...).valid as a boolean.'),
+        ('keypal_require', 'keypal_verify, raising on failure: 28000 (bad key), 42501 (env/IP/region/scope), 53400 (limits); the error code in DETAIL.'),
+        ('keypal_authenticate', 'keypal_require, then remembers the key''s identity for this transaction (see keypal_current_*). Cannot be forged by SET.'),
+        ('keypal_authenticate_request', 'keypal_authenticate with the key from PostgREST''s request.headers; usable as db-pre-request.'),
+        ('keypal_current_key_id', 'The id of the key authenticated in this transaction, or NULL.'),
+        ('keypal_current_owner', 'The owner_id of the key authenticated in this transaction, or NULL. For RLS policies.'),
+        ('keypal_current_org', 'The org_id of the key authenticated in this transaction, or NULL.'),
+        ('keypal_current_scopes', 'The global scopes of the key authenticated in this transaction, or NULL.'),
+        ('keypal_current_has_scope', 'Whether the key authenticated in this transaction holds scope (globally or on resource).'),
+        ('keypal_has_scope', 'Whether a key holds scope: globally, on resource, or by *. Answers only for the authenticated key or callers allowed keypal_get.'),
+        ('keypal_has_any_scope', 'Whether a key holds any of scopes (see keypal_has_scope).'),
+        ('keypal_has_all_scopes', 'Whether a key holds all of scopes (see keypal_has_scope).'),
+        ('keypal_revoke', 'Revokes a key for good, and by cascade all its descendant keys, in this transaction. Returns 1.'),
+        ('keypal_revoke_many', 'Revokes the given keys; returns how many were newly revoked (already revoked ones are skipped).'),
+        ('keypal_revoke_all', 'Revokes every key of an owner; returns how many were newly revoked.'),
+        ('keypal_revoke_by_owner_and_org', 'Revokes every key of an owner in an org; returns how many were newly revoked.'),
+        ('keypal_enable', 'Enables a disabled key (never a revoked one). Returns whether it changed.'),
+        ('keypal_disable', 'Disables a key temporarily (keypal_enable undoes it). Returns whether it changed.'),
+        ('keypal_rotate', 'Replaces a key by a new one with the same settings (overrides allowed); the old key stops verifying after grace (default: at once).'),
+        ('keypal_update', 'Changes only the given settings of a key (never its plaintext); JSON null clears rate_limit/quota. Returns the key.'),
+        ('keypal_get', 'A key''s public columns (never its hash); KEY_NOT_FOUND (P0002) if there is none.'),
+        ('keypal_list', 'Keys filtered by owner, org, tag(s) and env; revoked ones only with include_revoked.'),
+        ('keypal_list_by_org', 'The keys of an org.'),
+        ('keypal_history', 'The rotation chain a key belongs to, oldest first.'),
+        ('keypal_audit', 'Audit log entries, newest first, filtered by key, owner, org, action and time.'),
+        ('keypal_audit_stats', 'Audit totals: count, count per action and last activity, for an owner and time range.')
+    ) AS t(name, comment) LOOP
+        FOR fn IN SELECT p.oid::regprocedure FROM pg_proc p
+                   WHERE p.proname = doc.name AND p.pronamespace = '@extschema@'::regnamespace LOOP
+            EXECUTE format('COMMENT ON FUNCTION %s IS %L', fn, doc.comment);
+        END LOOP;
+    END LOOP;
+END $$;
+
+--------------------------------------------------------------------------------
+-- Privileges (SPEC §6): PUBLIC may run the verify family only; nothing else, no table.
+--------------------------------------------------------------------------------
+
+DO $$
+DECLARE
+    fn regprocedure;
+BEGIN
+    FOR fn IN SELECT p.oid::regprocedure FROM pg_proc p
+                JOIN pg_depend d ON d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e'
+                JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'keypal' LOOP
+        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', fn);
+    END LOOP;
+    FOR fn IN SELECT p.oid::regprocedure FROM pg_proc p
+               WHERE p.pronamespace = '@extschema@'::regnamespace
+                 AND p.proname IN ('keypal_verify', 'keypal_verify_many', 'keypal_verify_headers',
+                                   'keypal_check', 'keypal_require', 'keypal_authenticate',
+                                   'keypal_authenticate_request', 'keypal_current_key_id',
+                                   'keypal_current_owner', 'keypal_current_org',
+                                   'keypal_current_scopes', 'keypal_current_has_scope',
+                                   'keypal_has_scope', 'keypal_has_any_scope', 'keypal_has_all_scopes',
+                                   'keypal_sign', 'keypal_verify_signature') LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO PUBLIC', fn);
+    END LOOP;
+END $$;
+REVOKE ALL ON ALL TABLES IN SCHEMA keypal FROM PUBLIC;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA keypal FROM PUBLIC;

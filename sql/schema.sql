@@ -1,0 +1,156 @@
+-- keypal: schema, types and tables. Loaded first (bootstrap) by CREATE EXTENSION.
+-- Data lives in schema keypal; functions live in the extension's schema.
+
+CREATE SCHEMA IF NOT EXISTS keypal;
+REVOKE ALL ON SCHEMA keypal FROM PUBLIC;
+-- The verify family returns keypal.verify_result, so every role may use the schema's types;
+-- its tables stay closed (no table grants to PUBLIC).
+GRANT USAGE ON SCHEMA keypal TO PUBLIC;
+
+CREATE TYPE keypal.verify_result AS (
+    valid                boolean,
+    error_code           text,
+    error                text,
+    key_id               uuid,
+    owner_id             text,
+    org_id               text,
+    env                  text,
+    name                 text,
+    scopes               text[],
+    resources            jsonb,
+    tags                 text[],
+    metadata             jsonb,
+    expires_at           timestamptz,
+    rate_limited         boolean,
+    retry_after_ms       bigint,
+    rate_limit_remaining bigint,
+    quota_remaining      bigint
+);
+COMMENT ON TYPE keypal.verify_result IS
+    'What keypal_verify answers: valid, or why not (error_code, error), and the key''s public identity.';
+
+-- One row: the settings keypal_configure changes. The salt is not here: it is the
+-- superuser-only setting keypal.salt, so pg_dump never writes it.
+CREATE TABLE keypal.settings (
+    singleton            boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    prefix               text NOT NULL DEFAULT '',
+    length               integer NOT NULL DEFAULT 32,
+    alphabet             text NOT NULL DEFAULT 'A-Za-z0-9',
+    algorithm            text NOT NULL DEFAULT 'sha256' CHECK (algorithm IN ('sha256', 'sha512')),
+    last_used_resolution interval NOT NULL DEFAULT '60 seconds',
+    rate_limit           jsonb,
+    environments         jsonb,
+    default_env          text,
+    audit_retention      interval,
+    updated_at           timestamptz NOT NULL DEFAULT now()
+);
+-- No row until keypal_configure() first writes one (so pg_dump's copy of the row restores
+-- cleanly); keypal.config() answers the defaults until then.
+COMMENT ON TABLE keypal.settings IS 'keypal settings (at most one row), changed with keypal_configure().';
+
+CREATE FUNCTION keypal.config() RETURNS keypal.settings
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT s FROM keypal.settings s
+    UNION ALL
+    SELECT ROW(true, '', 32, 'A-Za-z0-9', 'sha256', '60 seconds'::interval, NULL::jsonb, NULL::jsonb,
+               NULL::text, NULL::interval, now())::keypal.settings
+    LIMIT 1
+$$;
+COMMENT ON FUNCTION keypal.config() IS 'The settings row, or the defaults while none has been written.';
+
+CREATE TABLE keypal.policies (
+    name          text PRIMARY KEY,
+    scopes        text[],
+    resources     jsonb,
+    rate_limit    jsonb,
+    max_ttl       interval,
+    require_ip    boolean NOT NULL DEFAULT false,
+    max_resources integer,
+    created_at    timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE keypal.policies IS 'Named key policies (keypal_define_policy), enforced by keypal_create(policy => ...).';
+
+CREATE TABLE keypal.templates (
+    name       text PRIMARY KEY,
+    options    jsonb NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE keypal.templates IS 'Named option sets for keypal_create_from_template().';
+
+CREATE TABLE keypal.keys (
+    id               uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    key_hash         bytea NOT NULL UNIQUE,
+    algorithm        text NOT NULL CHECK (algorithm IN ('sha256', 'sha512')),
+    owner_id         text NOT NULL,
+    org_id           text,
+    env              text,
+    name             text,
+    description      text,
+    scopes           text[] NOT NULL DEFAULT '{}',
+    resources        jsonb NOT NULL DEFAULT '{}',
+    tags             text[] NOT NULL DEFAULT '{}',
+    metadata         jsonb NOT NULL DEFAULT '{}',
+    enabled          boolean NOT NULL DEFAULT true,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    expires_at       timestamptz,
+    last_used_at     timestamptz,
+    -- revoked_at may lie in the future: a rotated key's grace period ends then.
+    revoked_at       timestamptz,
+    revoke_reason    text,
+    revoked_by       text,
+    rotated_from     uuid REFERENCES keypal.keys (id) ON DELETE SET NULL,
+    rotated_to       uuid REFERENCES keypal.keys (id) ON DELETE SET NULL,
+    parent_id        uuid REFERENCES keypal.keys (id) ON DELETE RESTRICT,
+    policy           text REFERENCES keypal.policies (name) ON UPDATE CASCADE,
+    rate_limit       jsonb,
+    quota            jsonb,
+    allowed_ips      text[] NOT NULL DEFAULT '{}',
+    blocked_ips      text[] NOT NULL DEFAULT '{}',
+    allowed_regions  text[] NOT NULL DEFAULT '{}',
+    blocked_regions  text[] NOT NULL DEFAULT '{}',
+    disable_at       timestamptz,
+    revoke_at        timestamptz,
+    notify_before    interval,
+    CHECK (parent_id IS DISTINCT FROM id),
+    CHECK (jsonb_typeof(resources) = 'object'),
+    CHECK (jsonb_typeof(metadata) = 'object')
+);
+CREATE INDEX keys_owner_idx ON keypal.keys (owner_id, created_at);
+CREATE INDEX keys_org_idx ON keypal.keys (org_id, created_at) WHERE org_id IS NOT NULL;
+CREATE INDEX keys_parent_idx ON keypal.keys (parent_id) WHERE parent_id IS NOT NULL;
+CREATE INDEX keys_tags_idx ON keypal.keys USING gin (tags);
+COMMENT ON TABLE keypal.keys IS 'API keys: one row per key, holding its hash (never the plaintext) and its settings.';
+
+CREATE TABLE keypal.audit_log (
+    id       bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at       timestamptz NOT NULL DEFAULT clock_timestamp(),
+    action   text NOT NULL,
+    key_id   uuid,
+    owner_id text,
+    org_id   text,
+    actor    text,
+    context  jsonb NOT NULL DEFAULT '{}',
+    changes  jsonb
+);
+CREATE INDEX audit_log_key_idx ON keypal.audit_log (key_id, at);
+CREATE INDEX audit_log_owner_idx ON keypal.audit_log (owner_id, at);
+CREATE INDEX audit_log_at_idx ON keypal.audit_log (at);
+COMMENT ON TABLE keypal.audit_log IS 'Append-only log of every change to a key, written by trigger.';
+
+CREATE TABLE keypal.events (
+    id      bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at      timestamptz NOT NULL DEFAULT clock_timestamp(),
+    event   text NOT NULL,
+    key_id  uuid,
+    payload jsonb NOT NULL
+);
+CREATE INDEX events_at_idx ON keypal.events (at);
+COMMENT ON TABLE keypal.events IS 'Outbox of key events (payload = webhook body); NOTIFY keypal_events carries the id.';
+
+SELECT pg_catalog.pg_extension_config_dump('keypal.keys', '');
+SELECT pg_catalog.pg_extension_config_dump('keypal.settings', '');
+SELECT pg_catalog.pg_extension_config_dump('keypal.policies', '');
+SELECT pg_catalog.pg_extension_config_dump('keypal.templates', '');
+SELECT pg_catalog.pg_extension_config_dump('keypal.audit_log', '');
+SELECT pg_catalog.pg_extension_config_dump('keypal.events', '');

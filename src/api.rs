@@ -1,0 +1,434 @@
+//! The SQL functions written in Rust: the verify family (callable by every role) and the
+//! helpers the SQL layer (sql/*.sql) builds the management functions from.
+
+use crate::errors::{bad_argument, bad_duration, raise};
+use crate::keys::{self, Algorithm};
+use crate::verify::{self, Request, VerifyResult};
+use crate::{duration, gucs, identity, options, scopes};
+use pgrx::prelude::*;
+use pgrx::{pg_sys, Inet, JsonB, PgSqlErrorCode, Uuid};
+use std::num::NonZeroUsize;
+
+type Scopes = Option<Vec<Option<String>>>;
+
+fn request<'a>(
+    scope: Option<&'a str>,
+    scopes: &Scopes,
+    resource: Option<&'a str>,
+    ip: &'a Option<Inet>,
+    country: Option<&'a str>,
+    env: Option<&'a str>,
+) -> Request<'a> {
+    Request {
+        scope,
+        scopes: scopes.iter().flatten().flatten().cloned().collect(),
+        resource,
+        ip: ip.as_ref().map(|i| i.0.as_str()),
+        country,
+        env,
+    }
+}
+
+/// Verifies an API key: `valid`, or the first failed check's `error_code` (SPEC §4).
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+#[allow(clippy::too_many_arguments)]
+fn keypal_verify(
+    key: default!(Option<&str>, "NULL"),
+    scope: default!(Option<&str>, "NULL"),
+    scopes: default!(Scopes, "NULL"),
+    resource: default!(Option<&str>, "NULL"),
+    ip: default!(Option<Inet>, "NULL"),
+    country: default!(Option<&str>, "NULL"),
+    env: default!(Option<&str>, "NULL"),
+    cost: default!(Option<i32>, "NULL"),
+) -> pgrx::composite_type!('static, "keypal.verify_result") {
+    let _ = cost;
+    verify::verify(key, &request(scope, &scopes, resource, &ip, country, env)).0
+}
+
+/// `keypal_verify` with the key taken from request headers (PostgREST's `request.headers`).
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+#[allow(clippy::too_many_arguments)]
+fn keypal_verify_headers(
+    headers: default!(Option<JsonB>, "NULL"),
+    scope: default!(Option<&str>, "NULL"),
+    scopes: default!(Scopes, "NULL"),
+    resource: default!(Option<&str>, "NULL"),
+    ip: default!(Option<Inet>, "NULL"),
+    country: default!(Option<&str>, "NULL"),
+    env: default!(Option<&str>, "NULL"),
+    cost: default!(Option<i32>, "NULL"),
+) -> pgrx::composite_type!('static, "keypal.verify_result") {
+    let _ = cost;
+    let key = headers.and_then(|h| keys::key_from_headers(&h.0));
+    verify::verify(
+        key.as_deref(),
+        &request(scope, &scopes, resource, &ip, country, env),
+    )
+    .0
+}
+
+/// `keypal_verify(...).valid`.
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+#[allow(clippy::too_many_arguments)]
+fn keypal_check(
+    key: default!(Option<&str>, "NULL"),
+    scope: default!(Option<&str>, "NULL"),
+    scopes: default!(Scopes, "NULL"),
+    resource: default!(Option<&str>, "NULL"),
+    ip: default!(Option<Inet>, "NULL"),
+    country: default!(Option<&str>, "NULL"),
+    env: default!(Option<&str>, "NULL"),
+    cost: default!(Option<i32>, "NULL"),
+) -> bool {
+    let _ = cost;
+    verify::verify(key, &request(scope, &scopes, resource, &ip, country, env))
+        .1
+        .is_none()
+}
+
+fn require_inner(key: Option<&str>, req: &Request) -> VerifyResult {
+    match verify::verify(key, req) {
+        (row, None) => row,
+        (row, Some(err)) => {
+            let retry = row
+                .get_by_index::<i64>(NonZeroUsize::new(15).expect("nonzero"))
+                .ok()
+                .flatten();
+            err.raise(retry)
+        }
+    }
+}
+
+/// Verifies, or raises: 28000 (bad key), 42501 (not allowed here), 53400 (limits);
+/// the error code in DETAIL, the retry delay in HINT.
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+#[allow(clippy::too_many_arguments)]
+fn keypal_require(
+    key: default!(Option<&str>, "NULL"),
+    scope: default!(Option<&str>, "NULL"),
+    scopes: default!(Scopes, "NULL"),
+    resource: default!(Option<&str>, "NULL"),
+    ip: default!(Option<Inet>, "NULL"),
+    country: default!(Option<&str>, "NULL"),
+    env: default!(Option<&str>, "NULL"),
+    cost: default!(Option<i32>, "NULL"),
+) -> pgrx::composite_type!('static, "keypal.verify_result") {
+    let _ = cost;
+    require_inner(key, &request(scope, &scopes, resource, &ip, country, env))
+}
+
+fn authenticate_inner(key: Option<&str>, req: &Request) -> VerifyResult {
+    let row = require_inner(key, req);
+    let at = |i: usize| NonZeroUsize::new(i).expect("nonzero");
+    let key_id: Option<Uuid> = row.get_by_index(at(4)).ok().flatten();
+    let owner: Option<String> = row.get_by_index(at(5)).ok().flatten();
+    let org: Option<String> = row.get_by_index(at(6)).ok().flatten();
+    let scopes: Option<pgrx::Array<&str>> = row.get_by_index(at(9)).ok().flatten();
+    let scopes: Option<Vec<String>> =
+        scopes.map(|a| a.iter().flatten().map(str::to_string).collect());
+    let resources: Option<JsonB> = row.get_by_index(at(10)).ok().flatten();
+    if let (Some(id), Some(owner)) = (key_id, owner) {
+        identity::set(
+            id,
+            owner,
+            org,
+            scopes.unwrap_or_default(),
+            resources.map(|j| j.0),
+        );
+    }
+    row
+}
+
+/// `keypal_require`, then remembers the key's identity for the rest of the transaction
+/// (read it with `keypal_current_*`, e.g. in RLS policies).
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+#[allow(clippy::too_many_arguments)]
+fn keypal_authenticate(
+    key: default!(Option<&str>, "NULL"),
+    scope: default!(Option<&str>, "NULL"),
+    scopes: default!(Scopes, "NULL"),
+    resource: default!(Option<&str>, "NULL"),
+    ip: default!(Option<Inet>, "NULL"),
+    country: default!(Option<&str>, "NULL"),
+    env: default!(Option<&str>, "NULL"),
+    cost: default!(Option<i32>, "NULL"),
+) -> pgrx::composite_type!('static, "keypal.verify_result") {
+    let _ = cost;
+    authenticate_inner(key, &request(scope, &scopes, resource, &ip, country, env))
+}
+
+/// `keypal_authenticate` with the key from PostgREST's `request.headers` setting
+/// (usable as PostgREST's `db-pre-request`).
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn keypal_authenticate_request(
+    scope: default!(Option<&str>, "NULL"),
+    scopes: default!(Scopes, "NULL"),
+    resource: default!(Option<&str>, "NULL"),
+    ip: default!(Option<Inet>, "NULL"),
+    country: default!(Option<&str>, "NULL"),
+    env: default!(Option<&str>, "NULL"),
+) -> pgrx::composite_type!('static, "keypal.verify_result") {
+    let headers = request_headers();
+    let key = headers.as_ref().and_then(keys::key_from_headers);
+    authenticate_inner(
+        key.as_deref(),
+        &request(scope, &scopes, resource, &ip, country, env),
+    )
+}
+
+/// PostgREST's `request.headers` (a JSON object), if set and valid.
+fn request_headers() -> Option<serde_json::Value> {
+    // SAFETY: GetConfigOption with missing_ok returns NULL or a NUL-terminated string
+    // that stays valid until the setting changes; it is copied at once.
+    let raw = unsafe {
+        let p = pg_sys::GetConfigOption(c"request.headers".as_ptr(), true, false);
+        (!p.is_null()).then(|| std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned())
+    }?;
+    serde_json::from_str(&raw).ok()
+}
+
+/// The id of the key authenticated in this transaction, or NULL.
+#[pg_extern(stable, parallel_safe)]
+fn keypal_current_key_id() -> Option<Uuid> {
+    identity::with(|i| i.map(|i| i.key_id))
+}
+
+/// The owner of the key authenticated in this transaction, or NULL.
+#[pg_extern(stable, parallel_safe)]
+fn keypal_current_owner() -> Option<String> {
+    identity::with(|i| i.map(|i| i.owner_id.clone()))
+}
+
+/// The org of the key authenticated in this transaction, or NULL.
+#[pg_extern(stable, parallel_safe)]
+fn keypal_current_org() -> Option<String> {
+    identity::with(|i| i.and_then(|i| i.org_id.clone()))
+}
+
+/// The global scopes of the key authenticated in this transaction, or NULL.
+#[pg_extern(stable, parallel_safe)]
+fn keypal_current_scopes() -> Option<Vec<String>> {
+    identity::with(|i| i.map(|i| i.scopes.clone()))
+}
+
+/// Whether the key authenticated in this transaction holds `scope` (on `resource`).
+/// False when nothing is authenticated.
+#[pg_extern(stable, parallel_safe)]
+fn keypal_current_has_scope(scope: Option<&str>, resource: default!(Option<&str>, "NULL")) -> bool {
+    let Some(scope) = scope else { return false };
+    identity::with(|i| {
+        i.is_some_and(|i| scopes::holds(&i.scopes, i.resources.as_ref(), scope, resource))
+    })
+}
+
+#[pg_schema]
+mod keypal {
+    use super::*;
+
+    /// A new key: `prefix` then `length` characters of `alphabet`, from the OS CSPRNG.
+    #[pg_extern(volatile, parallel_safe)]
+    fn generate_key(prefix: &str, length: i32, alphabet: &str) -> String {
+        keys::check_prefix(prefix).unwrap_or_else(|e| bad_argument("prefix", &e));
+        keys::check_length(length).unwrap_or_else(|e| bad_argument("length", &e));
+        let alpha =
+            keys::expand_alphabet(alphabet).unwrap_or_else(|e| bad_argument("alphabet", &e));
+        keys::generate(prefix, length as usize, &alpha)
+    }
+
+    /// `ALG(key || S)` under the server's `keypal.salt`.
+    #[pg_extern(stable, strict, parallel_safe)]
+    fn hash_key(key: &str, algorithm: &str) -> Vec<u8> {
+        let alg = Algorithm::parse(algorithm)
+            .unwrap_or_else(|| bad_argument("algorithm", "must be sha256 or sha512"));
+        gucs::with_salt_suffix(|s| keys::hash_key(key, s, alg))
+    }
+
+    /// A short duration (`30s 5m 1h 7d 2w 1y`) as an interval; NULL when `value` is not
+    /// in the short form (the SQL layer then tries interval input).
+    #[pg_extern(immutable, strict, parallel_safe)]
+    fn parse_short_duration(value: &str, arg: &str) -> Option<Interval> {
+        let span = duration::parse_short(value)?.unwrap_or_else(|e| bad_duration(arg, &e));
+        Some(
+            Interval::new(0, span.days, span.micros)
+                .unwrap_or_else(|_| bad_duration(arg, "out of range")),
+        )
+    }
+
+    /// Checks and normalises key options (see options.rs); raises 22023/22007 naming
+    /// the bad argument.
+    #[pg_extern(immutable, parallel_safe)]
+    fn normalize_options(
+        opts: Option<JsonB>,
+        arg_prefix: default!(&str, "''"),
+        required_owner: default!(bool, "true"),
+    ) -> JsonB {
+        let v = opts.map(|j| j.0).unwrap_or(serde_json::Value::Null);
+        match options::normalize(&v, arg_prefix, required_owner) {
+            Ok(m) => JsonB(serde_json::Value::Object(m)),
+            Err(e) if e.is_duration => bad_duration(&e.arg, &e.why),
+            Err(e) => bad_argument(&e.arg, &e.why),
+        }
+    }
+
+    /// Checks a rate limit object (`{"requests": n, "window": "1m"}`); JSON null passes.
+    #[pg_extern(immutable, parallel_safe)]
+    fn check_rate_limit(value: Option<JsonB>, arg: &str) -> Option<JsonB> {
+        let v = value?.0;
+        if v.is_null() {
+            return Some(JsonB(v));
+        }
+        match options::rate_limit(&v, arg) {
+            Ok(v) => Some(JsonB(v)),
+            Err(e) if e.is_duration => bad_duration(&e.arg, &e.why),
+            Err(e) => bad_argument(&e.arg, &e.why),
+        }
+    }
+
+    /// Checks the `environments` setting: `{"name": {"prefix": "...", "rate_limit": ...}}`.
+    #[pg_extern(immutable, parallel_safe)]
+    fn check_environments(value: Option<JsonB>) -> Option<JsonB> {
+        let v = value?.0;
+        if v.is_null() {
+            return Some(JsonB(v));
+        }
+        let map = v.as_object().unwrap_or_else(|| {
+            bad_argument("environments", "must be a JSON object of name -> settings")
+        });
+        for (name, env) in map {
+            let arg = format!("environments.{name}");
+            if name.is_empty()
+                || name.len() > 64
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                bad_argument(
+                    &arg,
+                    "environment names are 1-64 characters of A-Z a-z 0-9 _ -",
+                );
+            }
+            let obj = env
+                .as_object()
+                .unwrap_or_else(|| bad_argument(&arg, "must be an object"));
+            for (k, val) in obj {
+                match k.as_str() {
+                    "prefix" => {
+                        let p = val.as_str().unwrap_or_else(|| {
+                            bad_argument(&format!("{arg}.prefix"), "must be a string")
+                        });
+                        keys::check_prefix(p)
+                            .unwrap_or_else(|e| bad_argument(&format!("{arg}.prefix"), &e));
+                    }
+                    "rate_limit" | "rateLimit" => {
+                        if !val.is_null() {
+                            check_rate_limit(
+                                Some(JsonB(val.clone())),
+                                &format!("{arg}.rate_limit"),
+                            );
+                        }
+                    }
+                    other => bad_argument(&arg, &format!("unknown setting {other:?}")),
+                }
+            }
+        }
+        Some(JsonB(v))
+    }
+
+    /// Checks key-format settings; raises 22023 naming the bad one.
+    #[pg_extern(immutable, parallel_safe)]
+    fn check_format(prefix: &str, length: i32, alphabet: &str, algorithm: &str) -> bool {
+        keys::check_prefix(prefix).unwrap_or_else(|e| bad_argument("prefix", &e));
+        keys::check_length(length).unwrap_or_else(|e| bad_argument("length", &e));
+        keys::expand_alphabet(alphabet).unwrap_or_else(|e| bad_argument("alphabet", &e));
+        Algorithm::parse(algorithm)
+            .unwrap_or_else(|| bad_argument("algorithm", "must be sha256 or sha512"));
+        true
+    }
+
+    /// Whether a key with `scopes`/`resources` holds `scope`, globally or on `resource`.
+    #[pg_extern(immutable, parallel_safe)]
+    fn holds(
+        scopes: Option<Vec<Option<String>>>,
+        resources: Option<JsonB>,
+        scope: Option<&str>,
+        resource: Option<&str>,
+    ) -> bool {
+        let Some(scope) = scope else { return false };
+        let global: Vec<String> = scopes.into_iter().flatten().flatten().collect();
+        scopes::holds(&global, resources.as_ref().map(|j| &j.0), scope, resource)
+    }
+
+    /// Whether every scope a child asks for (global and per resource) is held by its parent.
+    #[pg_extern(immutable, parallel_safe)]
+    fn scopes_within(
+        child_scopes: Option<Vec<Option<String>>>,
+        child_resources: Option<JsonB>,
+        parent_scopes: Option<Vec<Option<String>>>,
+        parent_resources: Option<JsonB>,
+    ) -> bool {
+        let child: Vec<String> = child_scopes.into_iter().flatten().flatten().collect();
+        let parent: Vec<String> = parent_scopes.into_iter().flatten().flatten().collect();
+        if !scopes::is_subset(&child, &parent) {
+            return false;
+        }
+        let parent_res = parent_resources.map(|j| j.0);
+        let child_res = child_resources
+            .map(|j| j.0)
+            .unwrap_or(serde_json::Value::Null);
+        child_res
+            .as_object()
+            .into_iter()
+            .flatten()
+            .all(|(res, list)| {
+                list.as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|s| s.as_str())
+                    .all(|s| {
+                        if s == scopes::WILDCARD {
+                            parent.iter().any(|p| p == scopes::WILDCARD)
+                                || parent_res
+                                    .as_ref()
+                                    .and_then(|m| m.get(res))
+                                    .is_some_and(|l| {
+                                        l.as_array().is_some_and(|a| a.iter().any(|x| x == "*"))
+                                    })
+                        } else {
+                            scopes::holds(&parent, parent_res.as_ref(), s, Some(res))
+                        }
+                    })
+            })
+    }
+
+    /// The role the caller acts as outside any SECURITY DEFINER function (SET ROLE counts):
+    /// what `current_user` says to the code that called keypal.
+    #[pg_extern(stable, parallel_safe)]
+    fn invoking_user() -> String {
+        // SAFETY: GetOuterUserId is always valid in a backend; noerr lookup.
+        unsafe {
+            let name = pg_sys::GetUserNameFromId(pg_sys::GetOuterUserId(), true);
+            if name.is_null() {
+                raise(
+                    PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+                    "current role not found".into(),
+                );
+            }
+            std::ffi::CStr::from_ptr(name)
+                .to_string_lossy()
+                .into_owned()
+        }
+    }
+
+    /// The id of the key authenticated in this transaction (for the SQL layer's checks).
+    #[pg_extern(stable, parallel_safe)]
+    fn authenticated_key_id() -> Option<Uuid> {
+        identity::with(|i| i.map(|i| i.key_id))
+    }
+}

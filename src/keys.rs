@@ -1,0 +1,371 @@
+//! Key format, generation and hashing: pure Rust, no PostgreSQL needed.
+//!
+//! A key is `prefix || random`, where `random` is drawn with the operating system's
+//! CSPRNG from an alphabet, without modulo bias. Only a hash of the key is stored:
+//! `hash = ALG(key || S)`, `S = lower-hex(sha256(salt))` or `''` without a salt, which is
+//! what the TypeScript keypal stores, so its exported keys keep verifying here.
+
+use rand::distributions::{Distribution, Uniform};
+use rand::rngs::OsRng;
+use sha2::{Digest, Sha256, Sha512};
+
+pub const DEFAULT_ALPHABET: &str = "A-Za-z0-9";
+pub const DEFAULT_LENGTH: i32 = 32;
+pub const MIN_LENGTH: i32 = 16;
+pub const MAX_LENGTH: i32 = 256;
+pub const MAX_PREFIX_LEN: usize = 64;
+
+/// The hash algorithms a key may be stored under.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Algorithm {
+    Sha256,
+    Sha512,
+}
+
+impl Algorithm {
+    pub fn parse(name: &str) -> Option<Algorithm> {
+        match name.to_ascii_lowercase().as_str() {
+            "sha256" | "sha-256" => Some(Algorithm::Sha256),
+            "sha512" | "sha-512" => Some(Algorithm::Sha512),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::Sha256 => "sha256",
+            Algorithm::Sha512 => "sha512",
+        }
+    }
+
+    /// The other algorithm: verify tries it when the configured one finds nothing, so keys
+    /// hashed before the default changed keep verifying.
+    pub fn other(self) -> Algorithm {
+        match self {
+            Algorithm::Sha256 => Algorithm::Sha512,
+            Algorithm::Sha512 => Algorithm::Sha256,
+        }
+    }
+}
+
+/// Expands an alphabet spec such as `A-Za-z0-9_-` into its distinct characters, in order.
+/// `x-y` is a range; a `-` first or last stands for itself. Only printable ASCII other
+/// than space is allowed, so keys survive headers, URLs and shells unquoted.
+pub fn expand_alphabet(spec: &str) -> Result<Vec<u8>, String> {
+    let bytes = spec.as_bytes();
+    if bytes.is_empty() {
+        return Err("alphabet must not be empty".into());
+    }
+    if let Some(c) = spec.chars().find(|c| !c.is_ascii_graphic()) {
+        return Err(format!("alphabet may hold only printable ASCII, not {c:?}"));
+    }
+    let mut out: Vec<u8> = Vec::new();
+    let mut push = |c: u8| {
+        if !out.contains(&c) {
+            out.push(c);
+        }
+    };
+    let mut i = 0;
+    while i < bytes.len() {
+        if i + 2 < bytes.len() && bytes[i + 1] == b'-' {
+            let (lo, hi) = (bytes[i], bytes[i + 2]);
+            if lo > hi {
+                return Err(format!(
+                    "alphabet range {}-{} is reversed",
+                    lo as char, hi as char
+                ));
+            }
+            (lo..=hi).for_each(&mut push);
+            i += 3;
+        } else {
+            push(bytes[i]);
+            i += 1;
+        }
+    }
+    if out.len() < 2 {
+        return Err("alphabet needs at least 2 distinct characters".into());
+    }
+    Ok(out)
+}
+
+/// Checks a key length setting.
+pub fn check_length(length: i32) -> Result<(), String> {
+    if !(MIN_LENGTH..=MAX_LENGTH).contains(&length) {
+        return Err(format!(
+            "length must be between {MIN_LENGTH} and {MAX_LENGTH}, got {length}"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a prefix: short, printable ASCII, no whitespace.
+pub fn check_prefix(prefix: &str) -> Result<(), String> {
+    if prefix.len() > MAX_PREFIX_LEN {
+        return Err(format!(
+            "prefix must be at most {MAX_PREFIX_LEN} characters"
+        ));
+    }
+    if let Some(c) = prefix.chars().find(|c| !c.is_ascii_graphic()) {
+        return Err(format!("prefix may hold only printable ASCII, not {c:?}"));
+    }
+    Ok(())
+}
+
+/// Draws `length` characters uniformly from `alphabet` (rejection sampling, no modulo bias).
+pub fn generate(prefix: &str, length: usize, alphabet: &[u8]) -> String {
+    let pick = Uniform::from(0..alphabet.len());
+    let mut key = String::with_capacity(prefix.len() + length);
+    key.push_str(prefix);
+    key.extend((0..length).map(|_| alphabet[pick.sample(&mut OsRng)] as char));
+    key
+}
+
+/// `S`: lower-hex sha256 of the salt, or empty without a salt.
+pub fn salt_suffix(salt: &str) -> String {
+    if salt.is_empty() {
+        String::new()
+    } else {
+        to_hex(&Sha256::digest(salt.as_bytes()))
+    }
+}
+
+/// `ALG(key || S)` as raw bytes.
+pub fn hash_key(key: &str, salt_suffix: &str, alg: Algorithm) -> Vec<u8> {
+    match alg {
+        Algorithm::Sha256 => {
+            let mut h = Sha256::new();
+            h.update(key.as_bytes());
+            h.update(salt_suffix.as_bytes());
+            h.finalize().to_vec()
+        }
+        Algorithm::Sha512 => {
+            let mut h = Sha512::new();
+            h.update(key.as_bytes());
+            h.update(salt_suffix.as_bytes());
+            h.finalize().to_vec()
+        }
+    }
+}
+
+pub fn to_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 15) as usize] as char);
+    }
+    s
+}
+
+pub fn from_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Constant-time equality: the time taken depends only on the lengths.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut diff = 0u8;
+    for (x, y) in a.iter().zip(b) {
+        diff |= x ^ y;
+    }
+    std::hint::black_box(diff) == 0
+}
+
+/// Strips an optional `Bearer ` scheme (any case) and surrounding whitespace.
+pub fn strip_bearer(raw: &str) -> &str {
+    let t = raw.trim();
+    match t.get(..7) {
+        Some(head) if head.eq_ignore_ascii_case("bearer ") => t[7..].trim_start(),
+        _ if t.eq_ignore_ascii_case("bearer") => "",
+        _ => t,
+    }
+}
+
+/// Whether `key` could have been issued under these settings: one of `prefixes`
+/// (an empty list, or an empty prefix, accepts any start), then exactly `length`
+/// characters of `alphabet`.
+pub fn matches_format(key: &str, prefixes: &[String], length: usize, alphabet: &[u8]) -> bool {
+    let body_ok = |body: &str| body.len() == length && body.bytes().all(|c| alphabet.contains(&c));
+    if prefixes.is_empty() {
+        return body_ok(key);
+    }
+    prefixes
+        .iter()
+        .any(|p| key.strip_prefix(p.as_str()).is_some_and(body_ok))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alphabet_ranges_expand() {
+        let a = expand_alphabet("A-Za-z0-9").unwrap();
+        assert_eq!(a.len(), 62);
+        assert_eq!(expand_alphabet("abc-").unwrap(), b"abc-".to_vec());
+        assert_eq!(expand_alphabet("-ab").unwrap(), b"-ab".to_vec());
+        assert_eq!(expand_alphabet("aab").unwrap(), b"ab".to_vec());
+    }
+
+    #[test]
+    fn bad_alphabets_are_refused() {
+        assert!(expand_alphabet("").is_err());
+        assert!(expand_alphabet("a").is_err());
+        assert!(expand_alphabet("aaaa").is_err());
+        assert!(expand_alphabet("z-a").is_err());
+        assert!(expand_alphabet("ab c").is_err());
+        assert!(expand_alphabet("abé").is_err());
+    }
+
+    #[test]
+    fn lengths_are_bounded() {
+        assert!(check_length(15).is_err());
+        assert!(check_length(16).is_ok());
+        assert!(check_length(256).is_ok());
+        assert!(check_length(257).is_err());
+    }
+
+    #[test]
+    fn generated_keys_have_the_format() {
+        let alpha = expand_alphabet(DEFAULT_ALPHABET).unwrap();
+        let k = generate("sk_live_", 32, &alpha);
+        assert!(k.starts_with("sk_live_"));
+        assert_eq!(k.len(), 40);
+        assert!(matches_format(&k, &["sk_live_".into()], 32, &alpha));
+        assert!(!matches_format(&k, &["sk_test_".into()], 32, &alpha));
+        assert!(!matches_format(&k, &["sk_live_".into()], 31, &alpha));
+        assert_ne!(k, generate("sk_live_", 32, &alpha));
+    }
+
+    #[test]
+    fn generation_is_roughly_uniform() {
+        // 3 symbols, 30 000 draws: each count must be near 10 000 (a biased draw of
+        // a 3-symbol alphabet from bytes would skew it by ~0.4 %, a broken one by far more).
+        let k = generate("", 30_000, b"abc");
+        for c in b"abc" {
+            let n = k.bytes().filter(|x| x == c).count();
+            assert!(
+                (9_400..=10_600).contains(&n),
+                "{} drawn {n} times",
+                *c as char
+            );
+        }
+    }
+
+    #[test]
+    fn hash_matches_known_vectors() {
+        // sha256("abc"), no salt
+        assert_eq!(
+            to_hex(&hash_key("abc", "", Algorithm::Sha256)),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        // sha256("pepper") = S; the stored hash is sha256("abc" || S)
+        let s = salt_suffix("pepper");
+        assert_eq!(s.len(), 64);
+        let mut concat = String::from("abc");
+        concat.push_str(&s);
+        assert_eq!(
+            hash_key("abc", &s, Algorithm::Sha256),
+            hash_key(&concat, "", Algorithm::Sha256)
+        );
+        assert_eq!(hash_key("abc", "", Algorithm::Sha512).len(), 64);
+    }
+
+    #[test]
+    fn hex_round_trips() {
+        assert_eq!(from_hex("00ff10"), Some(vec![0, 255, 16]));
+        assert_eq!(from_hex("0"), None);
+        assert_eq!(from_hex("zz"), None);
+        assert_eq!(to_hex(&[0, 255, 16]), "00ff10");
+    }
+
+    #[test]
+    fn bearer_is_stripped() {
+        assert_eq!(strip_bearer("Bearer abc"), "abc");
+        assert_eq!(strip_bearer("bearer   abc "), "abc");
+        assert_eq!(strip_bearer("Bearer "), "");
+        assert_eq!(strip_bearer("  "), "");
+        assert_eq!(strip_bearer("abc"), "abc");
+    }
+
+    #[test]
+    fn constant_time_eq_compares() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+
+    #[test]
+    fn algorithms_parse() {
+        assert_eq!(Algorithm::parse("SHA256"), Some(Algorithm::Sha256));
+        assert_eq!(Algorithm::parse("sha512"), Some(Algorithm::Sha512));
+        assert_eq!(Algorithm::parse("md5"), None);
+        assert_eq!(Algorithm::Sha256.other(), Algorithm::Sha512);
+    }
+}
+
+/// The key a request carries: `Authorization` (a `Bearer` token, or a bare token) first,
+/// then `X-API-Key`. Header names are case-insensitive; values are trimmed.
+pub fn key_from_headers(headers: &serde_json::Value) -> Option<String> {
+    let obj = headers.as_object()?;
+    let header = |name: &str| {
+        obj.iter()
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+            .and_then(|(_, v)| v.as_str())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+    };
+    let from_auth = header("authorization").and_then(|v| {
+        let stripped = strip_bearer(v);
+        let is_bearer = stripped.len() < v.len();
+        (is_bearer || !v.contains(' ')).then(|| stripped.to_string())
+    });
+    from_auth
+        .filter(|k| !k.is_empty())
+        .or_else(|| header("x-api-key").map(str::to_string))
+}
+
+#[cfg(test)]
+mod header_tests {
+    use super::key_from_headers;
+    use serde_json::json;
+
+    #[test]
+    fn authorization_then_x_api_key() {
+        assert_eq!(
+            key_from_headers(&json!({"Authorization": "Bearer abc"})),
+            Some("abc".into())
+        );
+        assert_eq!(
+            key_from_headers(&json!({"authorization": " bearer  abc "})),
+            Some("abc".into())
+        );
+        assert_eq!(
+            key_from_headers(&json!({"X-Api-Key": " xyz "})),
+            Some("xyz".into())
+        );
+        assert_eq!(
+            key_from_headers(&json!({"authorization": "Bearer abc", "x-api-key": "xyz"})),
+            Some("abc".into())
+        );
+        assert_eq!(
+            key_from_headers(&json!({"authorization": "Basic dXNlcg==", "x-api-key": "xyz"})),
+            Some("xyz".into())
+        );
+        assert_eq!(
+            key_from_headers(&json!({"authorization": "Bearer ", "x-api-key": "k"})),
+            Some("k".into())
+        );
+        assert_eq!(key_from_headers(&json!({"accept": "*/*"})), None);
+        assert_eq!(key_from_headers(&json!("nope")), None);
+        assert_eq!(key_from_headers(&json!({"x-api-key": 5})), None);
+    }
+}

@@ -1,0 +1,44 @@
+//! keypal: API-key management inside PostgreSQL.
+//!
+//! Pure logic (key format, hashing, durations, scopes, IP rules, options) lives in plain
+//! modules with plain tests; the pgrx layer (api, verify, spi, identity, gucs) stays thin;
+//! tables, triggers and the management functions are SQL in sql/.
+
+use pgrx::prelude::*;
+
+::pgrx::pg_module_magic!(name, version);
+
+pub mod api;
+pub mod duration;
+pub mod errors;
+pub mod gucs;
+pub mod identity;
+pub mod keys;
+pub mod net;
+pub mod options;
+pub mod scopes;
+pub mod spi;
+pub mod verify;
+
+extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+extension_sql_file!("../sql/api.sql", name = "api", finalize);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    gucs::init();
+    identity::init();
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+mod pg_tests;
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![]
+    }
+}

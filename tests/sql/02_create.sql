@@ -1,0 +1,119 @@
+-- Creating keys: arguments, durations, presets, many, templates, policies, bad input.
+BEGIN;
+SELECT no_plan();
+
+CREATE TEMP TABLE k AS SELECT * FROM keypal_create(
+    owner_id => 'user_123', name => 'ci', description => 'for CI', scopes => '{read,write}',
+    resources => '{"project:123": ["deploy"]}', tags => '{ci,prod}', metadata => '{"team": "infra"}',
+    expires_in => '30d', org_id => 'org_1', allowed_ips => '{10.0.0.0/8}', blocked_regions => '{ru}');
+SELECT is((SELECT count(*) FROM k), 1::bigint, 'keypal_create returns one row');
+SELECT ok((SELECT expires_at BETWEEN now() + interval '30 days' - interval '1 second' AND now() + interval '30 days' FROM k), 'expires_in 30d');
+SELECT results_eq(
+    $$SELECT owner_id, org_id, name, description, scopes, resources, tags, metadata, blocked_regions FROM keypal_get((SELECT id FROM k))$$,
+    $$VALUES ('user_123', 'org_1', 'ci', 'for CI', '{read,write}'::text[], '{"project:123": ["deploy"]}'::jsonb, '{ci,prod}'::text[], '{"team": "infra"}'::jsonb, '{RU}'::text[])$$,
+    'every argument is stored (regions upper-cased)');
+SELECT ok(NOT EXISTS (SELECT 1 FROM keypal_get((SELECT id FROM k)) g WHERE to_jsonb(g) ? 'key_hash'), 'keypal_get never returns the hash');
+
+-- Durations: every short unit, case-insensitive, and interval text.
+SELECT is((SELECT expires_at - now() FROM keypal_create(owner_id => 'd', expires_in => u)), want, 'expires_in ' || u)
+  FROM (VALUES ('30s', interval '30 seconds'), ('5M', interval '5 minutes'), ('1h', interval '1 hour'),
+               ('7d', interval '7 days'), ('2W', interval '14 days'), ('90d', interval '90 days'),
+               ('1y', interval '365 days'), ('3 hours', interval '3 hours')) AS t(u, want);
+SELECT throws_ok(format('SELECT * FROM keypal_create(owner_id => %L, expires_in => %L)', 'd', x), '22007', NULL, 'bad duration ' || x)
+  FROM unnest(ARRAY['soon', '5x', '-1d', '0s', '', '1.5.5h', '99999999999999d']) AS x;
+SELECT throws_like($$SELECT * FROM keypal_create(owner_id => 'd', expires_in => 'soon')$$, '%expires_in%', 'duration error names expires_in');
+SELECT ok((SELECT expires_at = '2999-01-01'::timestamptz FROM keypal_create(owner_id => 'd', expires_at => '2999-01-01')), 'expires_at');
+SELECT throws_ok($$SELECT * FROM keypal_create(owner_id => 'd', expires_at => now() - interval '1 day')$$, '22023', NULL, 'expiry in the past refused');
+SELECT throws_ok($$SELECT * FROM keypal_create(owner_id => 'd', expires_in => '1d', expires_at => '2999-01-01')$$, '22023', NULL, 'expires_in and expires_at together refused');
+
+-- Presets.
+CREATE TEMP TABLE presets AS
+    SELECT 'ro' AS kind, id FROM keypal_create_read_only(owner_id => 'p')
+    UNION ALL SELECT 'full', id FROM keypal_create_full_access(owner_id => 'p');
+SELECT is((SELECT scopes FROM keypal_get((SELECT id FROM presets WHERE kind = 'ro'))), '{read}'::text[], 'create_read_only: {read}');
+SELECT is((SELECT scopes FROM keypal_get((SELECT id FROM presets WHERE kind = 'full'))), '{read,write,admin}'::text[], 'create_full_access: {read,write,admin}');
+
+-- create_many: in order, all or nothing.
+CREATE TEMP TABLE many AS
+    SELECT c.*, row_number() OVER () AS n
+      FROM keypal_create_many('[{"owner_id": "m1", "scopes": ["read"]}, {"ownerId": "m2", "expiresIn": "1d"}, {"owner_id": "m3"}]') c;
+SELECT results_eq($$SELECT k.owner_id FROM many m JOIN keypal.keys k USING (id) ORDER BY m.n$$,
+    $$VALUES ('m1'), ('m2'), ('m3')$$, 'create_many returns one row per spec, in order (camelCase accepted)');
+SELECT is((SELECT count(*) FROM keypal_create_many('[]')), 0::bigint, 'create_many of [] creates nothing');
+SELECT throws_like($$SELECT * FROM keypal_create_many('[{"owner_id": "m4"}, {"owner_id": "m5", "scopes": "read"}]')$$,
+    '%specs[1].scopes%', 'create_many names the bad element and argument');
+SELECT is((SELECT count(*) FROM keypal.keys WHERE owner_id IN ('m4', 'm5')), 0::bigint, 'create_many with a bad element wrote nothing');
+SELECT throws_ok($$SELECT * FROM keypal_create_many('{"owner_id": "x"}')$$, '22023', NULL, 'create_many needs an array');
+SELECT throws_ok($$SELECT * FROM keypal_create_many(NULL)$$, '22023', NULL, 'create_many of NULL refused');
+
+-- Bad input to every argument: a clear error naming the argument, nothing written.
+CREATE TEMP TABLE before AS SELECT count(*) AS n FROM keypal.keys;
+SELECT throws_like(sql, '%' || arg || '%', 'bad ' || arg || ' is refused naming it')
+  FROM (VALUES
+    ('owner_id', $$SELECT * FROM keypal_create()$$),
+    ('owner_id', $$SELECT * FROM keypal_create(owner_id => '')$$),
+    ('owner_id', $$SELECT * FROM keypal_create(owner_id => repeat('x', 5000))$$),
+    ('scopes', $$SELECT * FROM keypal_create(owner_id => 'b', scopes => '{""}')$$),
+    ('scopes', $$SELECT * FROM keypal_create(owner_id => 'b', scopes => '{NULL}')$$),
+    ('scopes', $$SELECT * FROM keypal_create(owner_id => 'b', scopes => (SELECT array_agg('s' || i) FROM generate_series(1, 5000) i))$$),
+    ('resources', $$SELECT * FROM keypal_create(owner_id => 'b', resources => '[]')$$),
+    ('resources', $$SELECT * FROM keypal_create(owner_id => 'b', resources => '{"project": ["read"]}')$$),
+    ('resources', $$SELECT * FROM keypal_create(owner_id => 'b', resources => '{"project:1": "read"}')$$),
+    ('tags', $$SELECT * FROM keypal_create(owner_id => 'b', tags => '{""}')$$),
+    ('metadata', $$SELECT * FROM keypal_create(owner_id => 'b', metadata => '[1, 2]')$$),
+    ('metadata', $$SELECT * FROM keypal_create(owner_id => 'b', metadata => jsonb_build_object('x', repeat('y', 70000)))$$),
+    ('env', $$SELECT * FROM keypal_create(owner_id => 'b', env => '')$$),
+    ('parent_id', $$SELECT * FROM keypal_create(owner_id => 'b', parent_id => gen_random_uuid())$$),
+    ('policy', $$SELECT * FROM keypal_create(owner_id => 'b', policy => 'no-such-policy')$$),
+    ('rate_limit', $$SELECT * FROM keypal_create(owner_id => 'b', rate_limit => '{"requests": -1, "window": "1m"}')$$),
+    ('rate_limit', $$SELECT * FROM keypal_create(owner_id => 'b', rate_limit => '"100/m"')$$),
+    ('quota', $$SELECT * FROM keypal_create(owner_id => 'b', quota => '{"limit": 10, "period": "fortnight"}')$$),
+    ('quota', $$SELECT * FROM keypal_create(owner_id => 'b', quota => '{"period": "day"}')$$),
+    ('quota', $$SELECT * FROM keypal_create(owner_id => 'b', quota => '{"limit": 10, "on_exceeded": "explode"}')$$),
+    ('allowed_ips', $$SELECT * FROM keypal_create(owner_id => 'b', allowed_ips => '{300.1.1.1}')$$),
+    ('blocked_ips', $$SELECT * FROM keypal_create(owner_id => 'b', blocked_ips => '{not-an-ip}')$$),
+    ('allowed_regions', $$SELECT * FROM keypal_create(owner_id => 'b', allowed_regions => '{Germany}')$$),
+    ('blocked_regions', $$SELECT * FROM keypal_create(owner_id => 'b', blocked_regions => '{1}')$$),
+    ('notify_before', $$SELECT * FROM keypal_create(owner_id => 'b', notify_before => 'later')$$),
+    ('specs[0].colour', $$SELECT * FROM keypal_create_many('[{"owner_id": "b", "colour": "red"}]')$$),
+    ('specs[0].owner_id', $$SELECT * FROM keypal_create_many('[{"owner_id": 42}]')$$),
+    ('specs[0].metadata', $$SELECT * FROM keypal_create_many('[{"owner_id": "b", "metadata": "x"}]')$$),
+    ('specs[0].expires_at', $$SELECT * FROM keypal_create_many('[{"owner_id": "b", "expires_at": "not a time"}]')$$)
+  ) AS t(arg, sql);
+SELECT throws_ok($$SELECT * FROM keypal_create(owner_id => 'b', scopes => '{read}', rate_limit => '{"requests": 0, "window": "1m"}')$$, '22023', NULL, 'bad value: 22023');
+SELECT throws_ok($$SELECT * FROM keypal_create_many('[{"owner_id": "b", "expires_at": "not a time"}]')$$, '22007', NULL, 'bad timestamp in jsonb: 22007');
+SELECT throws_ok($$SELECT * FROM keypal_create(owner_id => 'b', parent_id => gen_random_uuid())$$, 'P0002', NULL, 'unknown parent: P0002');
+SELECT is((SELECT count(*) FROM keypal.keys), (SELECT n FROM before), 'no bad create wrote a key');
+SELECT is((SELECT count(*) FROM keypal.audit_log WHERE owner_id = 'b'), 0::bigint, 'no bad create wrote an audit row');
+
+-- Templates.
+SELECT ok(keypal_define_template('ci', '{"scopes": ["read", "deploy"], "expiresIn": "7d", "tags": ["ci"]}') ? 'expires_in', 'template options normalised');
+CREATE TEMP TABLE t1 AS SELECT * FROM keypal_create_from_template('ci', owner_id => 'tpl', name => 'from tpl', overrides => '{"tags": ["ci", "nightly"]}');
+SELECT results_eq($$SELECT owner_id, name, scopes, tags FROM keypal_get((SELECT id FROM t1))$$,
+    $$VALUES ('tpl', 'from tpl', '{read,deploy}'::text[], '{ci,nightly}'::text[])$$, 'create_from_template applies template, owner, name and overrides');
+SELECT ok((SELECT expires_at > now() + interval '6 days' FROM t1), 'template expiry applies');
+SELECT throws_ok($$SELECT * FROM keypal_create_from_template('nope', owner_id => 'x')$$, '22023', NULL, 'unknown template: 22023');
+SELECT throws_ok($$SELECT keypal_define_template('bad', '{"scopes": 1}')$$, '22023', NULL, 'bad template options: 22023');
+SELECT throws_ok($$SELECT keypal_define_template('', '{}')$$, '22023', NULL, 'template needs a name');
+
+-- Policies: violations raise 22023 naming the rule.
+SELECT lives_ok($$SELECT keypal_define_policy('api:readonly', scopes => '{read}', max_ttl => '30d', require_ip => true, max_resources => 1)$$, 'define a policy');
+SELECT lives_ok($$SELECT * FROM keypal_create(owner_id => 'pol', scopes => '{read}', expires_in => '7d', allowed_ips => '{10.0.0.1}', policy => 'api:readonly')$$, 'a key within the policy');
+SELECT throws_like($$SELECT * FROM keypal_create(owner_id => 'pol', scopes => '{write}', expires_in => '7d', allowed_ips => '{10.0.0.1}', policy => 'api:readonly')$$, '%scopes%', 'policy: scopes rule');
+SELECT throws_like($$SELECT * FROM keypal_create(owner_id => 'pol', scopes => '{read}', expires_in => '90d', allowed_ips => '{10.0.0.1}', policy => 'api:readonly')$$, '%max_ttl%', 'policy: max_ttl rule');
+SELECT throws_like($$SELECT * FROM keypal_create(owner_id => 'pol', scopes => '{read}', allowed_ips => '{10.0.0.1}', policy => 'api:readonly')$$, '%max_ttl%', 'policy: max_ttl needs an expiry');
+SELECT throws_like($$SELECT * FROM keypal_create(owner_id => 'pol', scopes => '{read}', expires_in => '7d', policy => 'api:readonly')$$, '%require_ip%', 'policy: require_ip rule');
+SELECT throws_ok($$SELECT * FROM keypal_create(owner_id => 'pol', scopes => '{read}', expires_in => '7d', allowed_ips => '{10.0.0.1}', policy => 'api:readonly', resources => '{"a:1": ["read"], "b:2": ["read"]}')$$, '22023', NULL, 'policy: max_resources rule');
+SELECT throws_ok($$SELECT keypal_define_policy('p2', max_ttl => 'forever')$$, '22007', NULL, 'policy with bad max_ttl');
+
+-- Environments: prefix per environment, unknown environment refused.
+SELECT keypal_configure(environments => '{"live": {"prefix": "sk_live_"}, "test": {"prefix": "sk_test_", "rate_limit": null}}');
+SELECT ok((SELECT key LIKE 'sk_live_%' AND env = 'live' FROM keypal_create(owner_id => 'e', env => 'live')), 'live key has the live prefix');
+SELECT ok((SELECT key LIKE 'sk_test_%' AND env = 'test' FROM keypal_create(owner_id => 'e', env => 'test')), 'test key has the test prefix');
+SELECT throws_ok($$SELECT * FROM keypal_create(owner_id => 'e', env => 'staging')$$, '22023', NULL, 'unknown environment refused');
+
+-- Signing is not built yet: asking for it is refused, not ignored.
+SELECT throws_ok($$SELECT * FROM keypal_create(owner_id => 's', signing => true)$$, '0A000', NULL, 'signing => true not yet supported');
+
+SELECT * FROM finish();
+ROLLBACK;
