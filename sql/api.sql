@@ -420,25 +420,25 @@ $$;
 CREATE FUNCTION keypal_has_scope(key_id uuid DEFAULT NULL, scope text DEFAULT NULL, resource text DEFAULT NULL)
 RETURNS boolean
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT coalesce((SELECT keypal.holds(k.scopes, k.resources, scope, resource)
-                       FROM keypal.keys k WHERE k.id = key_id AND keypal.may_inspect(k.id)), false)
+    SELECT coalesce((SELECT keypal.holds(k.scopes, k.resources, $2, $3)
+                       FROM keypal.keys k WHERE k.id = $1 AND keypal.may_inspect(k.id)), false)
 $$;
 
 CREATE FUNCTION keypal_has_any_scope(key_id uuid DEFAULT NULL, scopes text[] DEFAULT NULL, resource text DEFAULT NULL)
 RETURNS boolean
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT coalesce((SELECT bool_or(keypal.holds(k.scopes, k.resources, s, resource))
-                       FROM keypal.keys k, unnest(scopes) s
-                      WHERE k.id = key_id AND keypal.may_inspect(k.id)), false)
+    SELECT coalesce((SELECT bool_or(keypal.holds(k.scopes, k.resources, s, $3))
+                       FROM keypal.keys k, unnest($2) s
+                      WHERE k.id = $1 AND keypal.may_inspect(k.id)), false)
 $$;
 
 CREATE FUNCTION keypal_has_all_scopes(key_id uuid DEFAULT NULL, scopes text[] DEFAULT NULL, resource text DEFAULT NULL)
 RETURNS boolean
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT coalesce((SELECT bool_and(keypal.holds(k.scopes, k.resources, s, resource))
-                       FROM keypal.keys k, unnest(scopes) s
-                      WHERE k.id = key_id AND keypal.may_inspect(k.id)), false)
-       AND scopes IS NOT NULL
+    SELECT $2 IS NOT NULL
+       AND coalesce((SELECT bool_and(keypal.holds(k.scopes, k.resources, s, $3))
+                       FROM keypal.keys k, unnest($2) s
+                      WHERE k.id = $1 AND keypal.may_inspect(k.id)), false)
 $$;
 
 --------------------------------------------------------------------------------

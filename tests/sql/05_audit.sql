@@ -1,0 +1,57 @@
+-- Audit log (by trigger, append-only), actor resolution, keypal_audit and keypal_audit_stats;
+-- the events outbox written beside it.
+BEGIN;
+SELECT no_plan();
+
+CREATE TEMP TABLE k AS SELECT key, id FROM keypal_create(owner_id => 'aud', org_id => 'org_a', scopes => '{read}', actor => 'creator');
+CREATE FUNCTION pg_temp.id() RETURNS uuid LANGUAGE sql AS $$ SELECT id FROM k $$;
+SELECT keypal_update(pg_temp.id(), name => 'renamed');
+SET LOCAL keypal.actor = 'from_guc';
+SELECT keypal_disable(pg_temp.id());
+RESET keypal.actor;
+SELECT keypal_enable(pg_temp.id(), actor => 'enabler');
+INSERT INTO k SELECT key, id FROM keypal_rotate(pg_temp.id(), grace => '1h', actor => 'rotator');
+
+SELECT results_eq(
+    $$SELECT action, actor FROM keypal_audit(key_id => (SELECT id FROM k ORDER BY id = pg_temp.id() DESC LIMIT 1)) ORDER BY id$$,
+    $$VALUES ('created', 'creator'), ('updated', 'postgres'), ('disabled', 'from_guc'), ('enabled', 'enabler'), ('rotated', 'rotator')$$,
+    'each change audited with its actor: argument, then keypal.actor, then current_user');
+SELECT is((SELECT changes->'name'->>'new' FROM keypal_audit(key_id => pg_temp.id(), action => 'updated')), 'renamed', 'changes carry old and new values');
+SELECT ok((SELECT bool_and(NOT (changes ? 'key_hash')) FROM keypal_audit(owner_id => 'aud') WHERE changes IS NOT NULL), 'changes never include the hash');
+SELECT is((SELECT count(*) FROM keypal_audit(owner_id => 'aud', action => 'created')), 2::bigint, 'filter by action (the rotated copy is created too)');
+SELECT is((SELECT context->>'rotated_from' FROM keypal_audit(owner_id => 'aud', action => 'created', "limit" => 1)), pg_temp.id()::text, 'the copy''s creation names what it was rotated from');
+SELECT is((SELECT count(*) FROM keypal_audit(org_id => 'org_a')), 6::bigint, 'filter by org');
+SELECT is((SELECT count(*) FROM keypal_audit(owner_id => 'aud', since => now() + interval '1 minute')), 0::bigint, 'since');
+SELECT is((SELECT count(*) FROM keypal_audit(owner_id => 'aud', until => now() - interval '1 minute')), 0::bigint, 'until');
+SELECT is((SELECT count(*) FROM keypal_audit(owner_id => 'aud', "limit" => 2)), 2::bigint, 'limit');
+SELECT is((SELECT count(*) FROM keypal_audit(owner_id => 'aud', "offset" => 5)), 1::bigint, 'offset');
+SELECT ok((SELECT bool_and(ordered) FROM (SELECT id < lag(id) OVER (ORDER BY at DESC, id DESC) OR lag(id) OVER (ORDER BY at DESC, id DESC) IS NULL AS ordered FROM keypal_audit(owner_id => 'aud')) t), 'newest first');
+SELECT throws_ok($$SELECT * FROM keypal_audit(action => 'exploded')$$, '22023', NULL, 'unknown action: 22023');
+SELECT throws_ok($$SELECT * FROM keypal_audit("limit" => -1)$$, '22023', NULL, 'negative limit: 22023');
+SELECT throws_ok($$SELECT * FROM keypal_audit("offset" => -1)$$, '22023', NULL, 'negative offset: 22023');
+
+SELECT results_eq($$SELECT total, by_action FROM keypal_audit_stats(owner_id => 'aud')$$,
+    $$VALUES (6::bigint, '{"created": 2, "updated": 1, "disabled": 1, "enabled": 1, "rotated": 1}'::jsonb)$$, 'audit_stats');
+SELECT ok((SELECT last_activity IS NOT NULL FROM keypal_audit_stats(owner_id => 'aud')), 'last_activity');
+SELECT is((SELECT total FROM keypal_audit_stats(owner_id => 'nobody')), 0::bigint, 'stats of nobody: 0');
+
+-- Events: one outbox row per change, in the same transaction, with the webhook body.
+SELECT is((SELECT count(*) FROM keypal.events WHERE key_id = pg_temp.id()), 5::bigint, 'created, updated, disabled, enabled, rotated events');
+SELECT results_eq($$SELECT payload->>'event', payload->'data'->>'ownerId', payload ? 'timestamp' FROM keypal.events WHERE key_id = pg_temp.id() ORDER BY id LIMIT 1$$,
+    $$VALUES ('key.created', 'aud', true)$$, 'event payload');
+
+-- Direct writes to keypal.keys (by the owner) are audited too; DELETE is 'deleted'.
+CREATE TEMP TABLE gone AS SELECT id FROM k WHERE id <> pg_temp.id();
+DELETE FROM keypal.keys WHERE id = (SELECT id FROM gone);
+SELECT is((SELECT action FROM keypal_audit(key_id => (SELECT id FROM gone), "limit" => 1)), 'deleted', 'deleting a key is audited');
+
+-- Append-only: nobody but the extension's owner may change or delete a row.
+GRANT UPDATE, DELETE ON keypal.audit_log TO keypal_admin;
+GRANT USAGE ON SCHEMA keypal TO keypal_admin;
+SET LOCAL ROLE keypal_admin;
+SELECT throws_ok($$UPDATE keypal.audit_log SET actor = 'forged'$$, '42501', NULL, 'even with UPDATE granted, audit rows cannot be changed');
+SELECT throws_ok($$DELETE FROM keypal.audit_log$$, '42501', NULL, 'or deleted');
+RESET ROLE;
+
+SELECT * FROM finish();
+ROLLBACK;
