@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Behaviour that needs committed data, separate transactions or a real login:
+# identity does not leak, a plain login role, read-only verify, last_used_at vs revoke.
+source "$(dirname "$0")/lib.sh"
+
+read -r id key < <(q -F ' ' -c "SELECT id, key FROM keypal_create(owner_id => 'sess', scopes => '{read}')")
+
+# The authenticated identity lives for one transaction only.
+got=$(q -c "BEGIN" -c "SELECT (keypal_authenticate('$key')).owner_id" -c "SELECT keypal_current_owner()" -c "COMMIT" -c "SELECT coalesce(keypal_current_owner(), 'none')")
+is "$(echo "$got" | tr '\n' ' ')" "sess sess none " "identity set in a transaction is gone in the next"
+got=$(q -c "SELECT (keypal_authenticate('$key')).valid" -c "SELECT coalesce(keypal_current_owner(), 'none')")
+is "$(echo "$got" | tr '\n' ' ')" "t none " "autocommit authenticate does not leak into the next statement"
+got=$(q -c "BEGIN" -c "SELECT (keypal_authenticate('$key')).valid" -c "ROLLBACK" -c "SELECT coalesce(keypal_current_owner(), 'none')")
+is "$(echo "$got" | tr '\n' ' ')" "t none " "nor past a rollback"
+
+# A plain login role that was granted nothing: verify yes, everything else no.
+is "$(q -U keypal_plain -c "SELECT valid FROM keypal_verify('$key', 'read')")" "t" "keypal_plain (login) can verify"
+is "$(q -U keypal_plain -c "SELECT (keypal_authenticate('$key')).owner_id")" "sess" "and authenticate"
+out=$(q -U keypal_plain -c "SELECT * FROM keypal_create(owner_id => 'x')" 2>&1 || true)
+ok "$(echo "$out" | grep -q 'permission denied'; echo $?)" "keypal_plain cannot create"
+out=$(q -U keypal_plain -c "SELECT count(*) FROM keypal.keys" 2>&1 || true)
+ok "$(echo "$out" | grep -q 'permission denied'; echo $?)" "keypal_plain cannot read keypal.keys"
+out=$(q -U keypal_plain -c "SELECT count(*) FROM keypal.audit_log" 2>&1 || true)
+ok "$(echo "$out" | grep -q 'permission denied'; echo $?)" "keypal_plain cannot read the audit log"
+
+# Verify works in a read-only transaction, and does not write there.
+q -c "UPDATE keypal.keys SET last_used_at = NULL WHERE id = '$id'"
+is "$(q -c "BEGIN READ ONLY" -c "SELECT valid FROM keypal_verify('$key')" -c "COMMIT")" "t" "verify in a read-only transaction"
+is "$(q -c "SELECT last_used_at IS NULL FROM keypal.keys WHERE id = '$id'")" "t" "which skipped the last_used_at write"
+is "$(q -c "SET default_transaction_read_only = on" -c "SELECT valid FROM keypal_verify('$key')")" "t" "verify with default_transaction_read_only"
+
+# last_used_at: written on the first verify, then at most once per resolution.
+q -c "SELECT valid FROM keypal_verify('$key')" >/dev/null
+first=$(q -c "SELECT last_used_at FROM keypal.keys WHERE id = '$id'")
+ok "$( [ -n "$first" ]; echo $? )" "first verify records last_used_at"
+q -c "SELECT valid FROM keypal_verify('$key')" >/dev/null
+is "$(q -c "SELECT last_used_at FROM keypal.keys WHERE id = '$id'")" "$first" "a second verify within the resolution does not write"
+q -c "SELECT keypal_configure(last_used_resolution => '0s')" >/dev/null
+q -c "SELECT valid FROM keypal_verify('$key')" >/dev/null
+ok "$( [ "$(q -c "SELECT last_used_at > '$first' FROM keypal.keys WHERE id = '$id'")" = t ]; echo $? )" "resolution 0: every verify writes"
+
+# A verify that wants to record last_used_at while a revoke holds the row neither waits
+# nor undoes the revoke.
+coproc REVOKER { psql -X -q -At -v ON_ERROR_STOP=1 2>&1; }
+echo "BEGIN; SELECT keypal_revoke('$id'); SELECT 'locked';" >&"${REVOKER[1]}"
+read -r line <&"${REVOKER[0]}"; read -r line <&"${REVOKER[0]}"
+is "$line" "locked" "a revoke holds the key's row"
+start=$(date +%s%N)
+is "$(q -c "SET lock_timeout = '5s'" -c "SELECT valid FROM keypal_verify('$key')")" "t" "verify during the uncommitted revoke still sees the key valid"
+elapsed_ms=$(( ($(date +%s%N) - start) / 1000000 ))
+ok "$( [ "$elapsed_ms" -lt 4000 ]; echo $? )" "and did not wait for the revoke's lock (${elapsed_ms} ms)"
+echo "COMMIT; SELECT 'committed';" >&"${REVOKER[1]}"
+read -r line <&"${REVOKER[0]}"
+is "$line" "committed" "the revoke commits"
+exec {REVOKER[1]}>&-
+wait "$REVOKER_PID" 2>/dev/null || true
+is "$(q -c "SELECT error_code FROM keypal_verify('$key')")" "REVOKED" "the key is revoked: the last_used_at write undid nothing"
+is "$(q -c "SELECT revoked_at IS NOT NULL FROM keypal.keys WHERE id = '$id'")" "t" "revoked_at is kept"
+q -c "SELECT keypal_configure(last_used_resolution => '60s')" >/dev/null
+done_testing
