@@ -2,26 +2,106 @@
 
 #[pgrx::pg_schema]
 mod tests {
+    use crate::errors::VerifyError;
+    use crate::keys::{self, Algorithm};
+    use crate::verify::{self, Request};
     use pgrx::prelude::*;
 
+    fn create(options: &str) -> (String, pgrx::Uuid) {
+        let sql = format!("SELECT key, id FROM keypal_create({options})");
+        let (key, id) = Spi::get_two::<String, pgrx::Uuid>(&sql).unwrap();
+        (key.unwrap(), id.unwrap())
+    }
+
     #[pg_test]
-    fn create_then_verify() {
-        let key = Spi::get_one::<String>(
-            "SELECT key FROM keypal_create(owner_id => 'u1', scopes => '{read}')",
-        )
-        .unwrap()
-        .unwrap();
-        let ok = Spi::get_one_with_args::<bool>(
-            "SELECT keypal_check($1, 'read')",
-            &[key.as_str().into()],
-        )
-        .unwrap();
-        assert_eq!(ok, Some(true));
-        let code = Spi::get_one_with_args::<String>(
-            "SELECT (keypal_verify($1, 'write')).error_code",
-            &[key.as_str().into()],
-        )
-        .unwrap();
-        assert_eq!(code.as_deref(), Some("INSUFFICIENT_SCOPE"));
+    fn verify_path_accepts_and_rejects() {
+        let (key, _) = create("owner_id => 'u1', scopes => '{read}'");
+        let read = Request {
+            scope: Some("read"),
+            ..Default::default()
+        };
+        let write = Request {
+            scope: Some("write"),
+            ..Default::default()
+        };
+        assert_eq!(verify::verify(Some(&key), &read).1, None);
+        assert_eq!(
+            verify::verify(Some(&key), &write).1,
+            Some(VerifyError::InsufficientScope)
+        );
+        assert_eq!(verify::verify(None, &read).1, Some(VerifyError::MissingKey));
+        let unknown = "A".repeat(32);
+        assert_eq!(
+            verify::verify(Some(&unknown), &read).1,
+            Some(VerifyError::InvalidKey)
+        );
+    }
+
+    #[pg_test]
+    fn sql_hash_matches_rust_hash_with_the_salt() {
+        Spi::run("SET keypal.salt = 'pepper'").unwrap();
+        let sql = Spi::get_one::<Vec<u8>>("SELECT keypal.hash_key('abc', 'sha512')")
+            .unwrap()
+            .unwrap();
+        let rust = keys::hash_key("abc", &keys::salt_suffix("pepper"), Algorithm::Sha512);
+        assert_eq!(sql, rust);
+        Spi::run("RESET keypal.salt").unwrap();
+    }
+
+    #[pg_test]
+    fn short_durations_become_intervals() {
+        let v = Spi::get_one::<String>("SELECT keypal.parse_duration('2w', 'x')::text").unwrap();
+        assert_eq!(v.as_deref(), Some("14 days"));
+        let v = Spi::get_one::<String>("SELECT keypal.parse_duration('90m', 'x')::text").unwrap();
+        assert_eq!(v.as_deref(), Some("01:30:00"));
+        let v = Spi::get_one::<String>("SELECT keypal.parse_duration('1 mon', 'x')::text").unwrap();
+        assert_eq!(v.as_deref(), Some("1 mon"));
+    }
+
+    #[pg_test(
+        error = "invalid duration for expires_in: \"tomorrow\" (use e.g. 30s, 5m, 1h, 7d, 2w, 1y or an interval)"
+    )]
+    fn bad_duration_names_the_argument() {
+        Spi::run("SELECT keypal.parse_duration('tomorrow', 'expires_in')").unwrap();
+    }
+
+    #[pg_test(error = "invalid scopes: must be an array of strings")]
+    fn options_are_checked_in_sql() {
+        Spi::run(r#"SELECT keypal.normalize_options('{"owner_id": "u", "scopes": "read"}')"#)
+            .unwrap();
+    }
+
+    #[pg_test]
+    fn authenticate_sets_the_identity_for_the_transaction() {
+        let (key, id) = create("owner_id => 'who', org_id => 'org', scopes => '{read}'");
+        assert_eq!(
+            Spi::get_one::<String>("SELECT keypal_current_owner()").unwrap(),
+            None
+        );
+        Spi::run(&format!("SELECT keypal_authenticate('{key}')")).unwrap();
+        assert_eq!(
+            Spi::get_one::<String>("SELECT keypal_current_owner()")
+                .unwrap()
+                .as_deref(),
+            Some("who")
+        );
+        assert_eq!(
+            Spi::get_one::<pgrx::Uuid>("SELECT keypal_current_key_id()").unwrap(),
+            Some(id)
+        );
+        assert_eq!(
+            Spi::get_one::<bool>("SELECT keypal_current_has_scope('read')").unwrap(),
+            Some(true)
+        );
+    }
+
+    #[pg_test]
+    fn generated_keys_follow_the_settings() {
+        Spi::run("SELECT keypal_configure(prefix => 'pk_', length => 20, alphabet => '0-9')")
+            .unwrap();
+        let (key, _) = create("owner_id => 'fmt'");
+        assert!(key.starts_with("pk_"));
+        assert_eq!(key.len(), 23);
+        assert!(key[3..].bytes().all(|b| b.is_ascii_digit()));
     }
 }

@@ -28,6 +28,8 @@ pub struct Request<'a> {
     pub env: Option<&'a str>,
 }
 
+/// The key by its hash. Empty IP/region lists come back as NULL so the common case
+/// (no rules) reads no arrays.
 static LOOKUP: Stmt = Stmt::new(
     c"SELECT ROW(true, NULL, NULL, k.id, k.owner_id, k.org_id, k.env, k.name, k.scopes, k.resources,
                  k.tags, k.metadata, k.expires_at, false, NULL, NULL, NULL)::keypal.verify_result,
@@ -39,10 +41,10 @@ static LOOKUP: Stmt = Stmt::new(
              k.env,
              k.scopes,
              k.resources,
-             k.allowed_ips,
-             k.blocked_ips,
-             k.allowed_regions,
-             k.blocked_regions,
+             nullif(k.allowed_ips, '{}'),
+             nullif(k.blocked_ips, '{}'),
+             nullif(k.allowed_regions, '{}'),
+             nullif(k.blocked_regions, '{}'),
              k.last_used_at IS NULL OR k.last_used_at <= now() -
                  coalesce((SELECT s.last_used_resolution FROM keypal.settings s), '60 seconds'),
              k.id

@@ -1,0 +1,19 @@
+-- 100 000 keys with known plaintexts 'k' || lpad(n, 31, '0') (the default format: 32
+-- characters of A-Za-z0-9), loaded straight into keypal.keys with the hash keypal uses
+-- (no salt: sha256(key)); and the same rows in a plain table for the inline baseline.
+CREATE EXTENSION IF NOT EXISTS keypal;
+CREATE EXTENSION IF NOT EXISTS pgcrypto;
+SET session_replication_role = replica;   -- skip audit triggers for the bulk load
+INSERT INTO keypal.keys (key_hash, algorithm, owner_id, scopes)
+SELECT digest('k' || lpad(n::text, 31, '0'), 'sha256'), 'sha256', 'bench_' || (n % 1000), '{read,write}'
+  FROM generate_series(1, 100000) n;
+RESET session_replication_role;
+CREATE TABLE bench_inline AS
+SELECT id, key_hash, owner_id, scopes, enabled, revoked_at, expires_at FROM keypal.keys;
+CREATE UNIQUE INDEX ON bench_inline (key_hash);
+VACUUM ANALYZE keypal.keys;
+VACUUM ANALYZE bench_inline;
+-- Steady state: every key used once, so last_used_at is fresh for the whole run.
+SELECT keypal_configure(last_used_resolution => '1h');
+SELECT count(*) FILTER (WHERE v.valid) AS warmed
+  FROM generate_series(1, 100000) n, LATERAL keypal_verify('k' || lpad(n::text, 31, '0'), 'read') v;
