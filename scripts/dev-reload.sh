@@ -7,4 +7,5 @@ dir=${1:?cluster dir}; port=${2:?port}; shift 2
 cargo pgrx install --pg-config /usr/lib/postgresql/15/bin/pg_config >/dev/null 2>&1
 export PGHOST=$dir PGPORT=$port PGUSER=postgres
 psql -X -q -v ON_ERROR_STOP=1 -d postgres -f tests/setup.sql 2>/dev/null
-pg_prove -d keypal_test "${@:-tests/sql/*.sql}"
+if [ $# -eq 0 ]; then set -- tests/sql/*.sql; fi
+pg_prove -d keypal_test "$@"

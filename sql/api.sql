@@ -900,6 +900,16 @@ BEGIN
     RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
 END $$;
 
+-- verify caches the settings per backend; any change to them invalidates every cache.
+CREATE FUNCTION keypal.settings_changed()
+RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM keypal.invalidate_settings_cache(TG_RELID);
+    RETURN NULL;
+END $$;
+CREATE TRIGGER settings_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON keypal.settings
+    FOR EACH STATEMENT EXECUTE FUNCTION keypal.settings_changed();
+
 CREATE TRIGGER keys_updated_at BEFORE UPDATE ON keypal.keys
     FOR EACH ROW WHEN (OLD.last_used_at IS NOT DISTINCT FROM NEW.last_used_at)
     EXECUTE FUNCTION keypal.touch_updated_at();

@@ -115,7 +115,7 @@ CREATE TABLE keypal.keys (
     CHECK (parent_id IS DISTINCT FROM id),
     CHECK (jsonb_typeof(resources) = 'object'),
     CHECK (jsonb_typeof(metadata) = 'object')
-);
+) WITH (fillfactor = 90);  -- room on each page, so verify's last_used_at writes stay HOT
 CREATE INDEX keys_owner_idx ON keypal.keys (owner_id, created_at);
 CREATE INDEX keys_org_idx ON keypal.keys (org_id, created_at) WHERE org_id IS NOT NULL;
 CREATE INDEX keys_parent_idx ON keypal.keys (parent_id) WHERE parent_id IS NOT NULL;

@@ -426,6 +426,13 @@ mod keypal {
         }
     }
 
+    /// Makes every backend reload what verify caches about the settings (called by the
+    /// statement trigger on keypal.settings).
+    #[pg_extern(volatile)]
+    fn invalidate_settings_cache(settings: pg_sys::Oid) {
+        crate::catalog::invalidate(settings);
+    }
+
     /// The id of the key authenticated in this transaction (for the SQL layer's checks).
     #[pg_extern(stable, parallel_safe)]
     fn authenticated_key_id() -> Option<Uuid> {

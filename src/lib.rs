@@ -9,6 +9,7 @@ use pgrx::prelude::*;
 ::pgrx::pg_module_magic!(name, version);
 
 pub mod api;
+pub mod catalog;
 pub mod duration;
 pub mod errors;
 pub mod gucs;
@@ -27,6 +28,7 @@ extension_sql_file!("../sql/api.sql", name = "api", finalize);
 pub extern "C-unwind" fn _PG_init() {
     gucs::init();
     identity::init();
+    catalog::init();
 }
 
 #[cfg(any(test, feature = "pg_test"))]

@@ -31,7 +31,7 @@ impl Stmt {
         if !p.is_null() {
             return p;
         }
-        // SAFETY: called inside an SPI connection (Connection::open), with argument types
+        // SAFETY: called inside an SPI connection (Connection::with), with argument types
         // matching the statement's parameters.
         unsafe {
             let p = pg_sys::SPI_prepare(
@@ -90,19 +90,38 @@ impl Stmt {
 }
 
 /// An open SPI connection, finished when dropped (but not while an error unwinds: the
-/// transaction's abort cleans SPI up then).
-pub struct Connection(());
+/// transaction's abort cleans SPI up then). It remembers the caller's memory context, so
+/// results that must outlive the connection can be built there.
+pub struct Connection {
+    caller: pg_sys::MemoryContext,
+}
 
 impl Connection {
-    pub fn open() -> Connection {
-        // SAFETY: plain SPI_connect; paired with SPI_finish in Drop.
+    /// Runs `f` inside an SPI connection.
+    pub fn with<R>(f: impl FnOnce(&Connection) -> R) -> R {
+        // SAFETY: reads the current memory context; SPI_connect is paired with SPI_finish
+        // in Drop.
+        let caller = unsafe { pg_sys::CurrentMemoryContext };
         if unsafe { pg_sys::SPI_connect() } != pg_sys::SPI_OK_CONNECT as i32 {
             raise(
                 PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
                 "keypal: SPI_connect failed".into(),
             );
         }
-        Connection(())
+        let conn = Connection { caller };
+        f(&conn)
+    }
+
+    /// Runs `f` with the caller's memory context current, so what it allocates survives
+    /// SPI_finish.
+    pub fn in_caller_context<R>(&self, f: impl FnOnce() -> R) -> R {
+        // SAFETY: switches to a context that outlives this connection, and back.
+        unsafe {
+            let spi = pg_sys::MemoryContextSwitchTo(self.caller);
+            let r = f();
+            pg_sys::MemoryContextSwitchTo(spi);
+            r
+        }
     }
 
     /// Column `col` (1-based) of result row `row` of the last statement, or None for NULL.
@@ -120,13 +139,6 @@ impl Connection {
 
     pub fn get_bool(&self, row: usize, col: i32) -> bool {
         self.get(row, col).is_some_and(|d| d.value() != 0)
-    }
-
-    /// Copies a by-reference datum out of SPI's memory into the caller's, so it survives
-    /// SPI_finish.
-    pub fn transfer(&self, d: pg_sys::Datum) -> pg_sys::Datum {
-        // SAFETY: d is a varlena datum (composite or text) read from this connection.
-        unsafe { pg_sys::SPI_datumTransfer(d, false, -1) }
     }
 }
 

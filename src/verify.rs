@@ -1,11 +1,13 @@
 //! The verify hot path.
 //!
-//! One prepared statement finds the key by its hash and returns, beside the facts verify
-//! checks, the `verify_result` row already built for the success case, so a valid verify
-//! copies one datum out instead of assembling seventeen. Everything after the lookup is
-//! in-memory checks in SPEC §4 order; the only write, `last_used_at`, happens at most once
-//! per key per `last_used_resolution` and never in a read-only transaction.
+//! The key row is found without the executor: a direct scan of the unique index on
+//! `keypal.keys(key_hash)` under the statement's snapshot (what a prepared SELECT would see,
+//! minus planning, executor start-up and SPI). Everything after the lookup is in-memory checks
+//! in SPEC §4 order. SPI is used only off the common path: ancestors (keys with a parent), the
+//! `last_used_at` write (at most once per key per `last_used_resolution`, never in a read-only
+//! transaction) and reloading the per-backend catalog cache.
 
+use crate::catalog::{self, Catalog, KEY_COLUMNS};
 use crate::errors::VerifyError;
 use crate::keys::{self, Algorithm};
 use crate::spi::{Connection, Stmt};
@@ -28,47 +30,24 @@ pub struct Request<'a> {
     pub env: Option<&'a str>,
 }
 
-/// The key by its hash. Empty IP/region lists come back as NULL so the common case
-/// (no rules) reads no arrays.
-static LOOKUP: Stmt = Stmt::new(
-    c"SELECT ROW(true, NULL, NULL, k.id, k.owner_id, k.org_id, k.env, k.name, k.scopes, k.resources,
-                 k.tags, k.metadata, k.expires_at, false, NULL, NULL, NULL)::keypal.verify_result,
-             k.key_hash,
-             k.revoked_at IS NOT NULL AND k.revoked_at <= now(),
-             NOT k.enabled,
-             k.expires_at IS NOT NULL AND k.expires_at <= now(),
-             k.parent_id IS NOT NULL,
-             k.env,
-             k.scopes,
-             k.resources,
-             nullif(k.allowed_ips, '{}'),
-             nullif(k.blocked_ips, '{}'),
-             nullif(k.allowed_regions, '{}'),
-             nullif(k.blocked_regions, '{}'),
-             k.last_used_at IS NULL OR k.last_used_at <= now() -
-                 coalesce((SELECT s.last_used_resolution FROM keypal.settings s), '60 seconds'),
-             k.id
-        FROM keypal.keys k
-       WHERE k.key_hash = $1",
-    &[pg_sys::BYTEAOID],
-);
+/// Indexes into catalog::KEY_COLUMNS.
 mod col {
-    pub const RESULT: i32 = 1;
-    pub const HASH: i32 = 2;
-    pub const REVOKED: i32 = 3;
-    pub const DISABLED: i32 = 4;
-    pub const EXPIRED: i32 = 5;
-    pub const HAS_PARENT: i32 = 6;
-    pub const ENV: i32 = 7;
-    pub const SCOPES: i32 = 8;
-    pub const RESOURCES: i32 = 9;
-    pub const ALLOWED_IPS: i32 = 10;
-    pub const BLOCKED_IPS: i32 = 11;
-    pub const ALLOWED_REGIONS: i32 = 12;
-    pub const BLOCKED_REGIONS: i32 = 13;
-    pub const STALE: i32 = 14;
-    pub const ID: i32 = 15;
-    pub const COUNT: usize = 15;
+    pub const ID: usize = 0;
+    pub const ENV: usize = 3;
+    pub const SCOPES: usize = 5;
+    pub const RESOURCES: usize = 6;
+    pub const EXPIRES_AT: usize = 9;
+    pub const HASH: usize = 10;
+    pub const ENABLED: usize = 11;
+    pub const REVOKED_AT: usize = 12;
+    pub const PARENT_ID: usize = 13;
+    pub const LAST_USED_AT: usize = 14;
+    pub const ALLOWED_IPS: usize = 15;
+    pub const BLOCKED_IPS: usize = 16;
+    pub const ALLOWED_REGIONS: usize = 17;
+    pub const BLOCKED_REGIONS: usize = 18;
+    /// KEY_COLUMNS[ID..=EXPIRES_AT] are, in order, verify_result's fields 4..=13.
+    pub const IDENTITY: std::ops::RangeInclusive<usize> = ID..=EXPIRES_AT;
 }
 
 /// Whether any ancestor is revoked, disabled or expired (depth-capped against cycles).
@@ -83,15 +62,6 @@ static ANCESTORS: Stmt = Stmt::new(
              coalesce(bool_or(a.expires_at IS NOT NULL AND a.expires_at <= now()), false)
         FROM up JOIN keypal.keys a ON a.id = up.id",
     &[pg_sys::UUIDOID],
-);
-
-/// The settings INVALID_FORMAT is judged by (read only when no key matched).
-static FORMAT: Stmt = Stmt::new(
-    c"SELECT c.length, c.alphabet,
-             ARRAY[c.prefix] || coalesce((SELECT array_agg(coalesce(e.value->>'prefix', c.prefix))
-                                            FROM jsonb_each(c.environments) e), '{}')
-        FROM keypal.config() c",
-    &[],
 );
 
 /// Records use without blocking and without touching any other column: a concurrent
@@ -109,121 +79,181 @@ thread_local! {
 
 /// Verifies `raw_key` for `req`. Returns the `verify_result` row and, on failure, why.
 pub fn verify(raw_key: Option<&str>, req: &Request) -> (VerifyResult, Option<VerifyError>) {
+    let catalog = catalog::get();
     let key = keys::strip_bearer(raw_key.unwrap_or(""));
+    match verify_in(&catalog, key, req) {
+        Ok(row) => (row.result(&catalog), None),
+        Err(err) => (verdict(&catalog, false, Some(err), None), Some(err)),
+    }
+}
+
+fn verify_in(catalog: &Catalog, key: &str, req: &Request) -> Result<Row, VerifyError> {
     if key.is_empty() {
-        return failure(VerifyError::MissingKey);
+        return Err(VerifyError::MissingKey);
     }
     if key.len() > 1024 {
-        return failure(VerifyError::InvalidFormat);
+        return Err(VerifyError::InvalidFormat);
     }
-    let conn = Connection::open();
-    let Some(hash) = find(&conn, key) else {
-        let err = if matches_configured_format(&conn, key) {
-            VerifyError::InvalidKey
-        } else {
-            VerifyError::InvalidFormat
-        };
-        drop(conn);
-        return failure(err);
+    let Some((row, hash)) = find(catalog, key) else {
+        return Err(
+            if keys::matches_format(key, &catalog.prefixes, catalog.length, &catalog.alphabet) {
+                VerifyError::InvalidKey
+            } else {
+                VerifyError::InvalidFormat
+            },
+        );
     };
-    let row = Row::read(&conn);
     // The index found the row by hash; compare in constant time all the same.
-    let stored: Vec<u8> = row
+    // SAFETY: key_hash is a non-null bytea column.
+    let stored = row
         .get(col::HASH)
-        .and_then(|d| unsafe { Vec::<u8>::from_datum(d, false) })
+        .and_then(|d| unsafe { <&[u8]>::from_datum(d, false) })
         .unwrap_or_default();
-    if !keys::constant_time_eq(&stored, &hash) {
-        drop(conn);
-        return failure(VerifyError::InvalidKey);
+    if !keys::constant_time_eq(stored, &hash) {
+        return Err(VerifyError::InvalidKey);
     }
-    if let Some(err) = check(&conn, &row, req) {
-        drop(conn);
-        return failure(err);
+    // SAFETY: reads the transaction's start time (what now() returns).
+    let now = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
+    check(&row, req, now)?;
+    let stale = row
+        .timestamp(col::LAST_USED_AT)
+        .is_none_or(|t| t <= now - catalog.last_used_resolution_us);
+    if stale && writable() {
+        Connection::with(|conn| TOUCH.exec(conn, &[row.get(col::ID)], false, 0));
     }
-    let result = row.get(col::RESULT).map(|d| conn.transfer(d));
-    if row.flag(col::STALE) && writable() {
-        if let Some(id) = row.get(col::ID) {
-            TOUCH.exec(&conn, &[Some(id)], false, 0);
-        }
-    }
-    drop(conn);
-    match result {
-        // SAFETY: the datum is a keypal.verify_result built by LOOKUP, copied out of SPI.
-        Some(d) => (unsafe { PgHeapTuple::from_composite_datum(d) }, None),
-        None => failure(VerifyError::InvalidKey),
-    }
+    Ok(row)
 }
 
-/// The looked-up key's columns, read before any later statement replaces the
-/// connection's result. The datums stay valid until the connection finishes.
-struct Row([Option<pg_sys::Datum>; col::COUNT]);
-
-impl Row {
-    fn read(conn: &Connection) -> Row {
-        Row(std::array::from_fn(|i| conn.get(0, i as i32 + 1)))
-    }
-
-    fn get(&self, c: i32) -> Option<pg_sys::Datum> {
-        self.0[c as usize - 1]
-    }
-
-    fn flag(&self, c: i32) -> bool {
-        self.get(c).is_some_and(|d| d.value() != 0)
-    }
-
-    fn strings(&self, c: i32) -> Vec<String> {
-        // SAFETY: c is one of the row's text[] columns.
-        self.get(c)
-            .and_then(|d| unsafe { Vec::<String>::from_datum(d, false) })
-            .unwrap_or_default()
-    }
-}
-
-/// Looks the key up under the last-matching algorithm, then the other one. Leaves the
-/// row (if any) as the connection's current result; returns the matching hash.
-fn find(conn: &Connection, key: &str) -> Option<Vec<u8>> {
+/// Looks the key up under the last-matching algorithm, then the other one.
+fn find(catalog: &Catalog, key: &str) -> Option<(Row, Vec<u8>)> {
     let first = LAST_ALGORITHM.get();
     for alg in [first, first.other()] {
         let hash = gucs::with_salt_suffix(|s| keys::hash_key(key, s, alg));
-        let datum = hash.as_slice().into_datum();
-        if LOOKUP.exec(conn, &[datum], true, 1) == 1 {
+        if let Some(row) = Row::by_hash(catalog, &hash) {
             LAST_ALGORITHM.set(alg);
-            return Some(hash);
+            return Some((row, hash));
         }
     }
     None
 }
 
+/// The key's columns (catalog::KEY_COLUMNS), copied out of the buffer into the current
+/// memory context.
+struct Row([Option<pg_sys::Datum>; KEY_COLUMNS.len()]);
+
+impl Row {
+    /// The row whose key_hash equals `hash`, visible to the current statement's snapshot.
+    fn by_hash(catalog: &Catalog, hash: &[u8]) -> Option<Row> {
+        // SAFETY: opens keypal.keys (AccessShareLock, held to transaction end as the executor
+        // would) and scans its unique key_hash index with an equality key on the attnum the
+        // catalog looked up; the found tuple is copied before the scan releases its buffer.
+        unsafe {
+            let rel = pg_sys::table_open(catalog.keys_relid, pg_sys::AccessShareLock as i32);
+            let mut scankey: pg_sys::ScanKeyData = std::mem::zeroed();
+            pg_sys::ScanKeyInit(
+                &mut scankey,
+                catalog.attnums[col::HASH],
+                pg_sys::BTEqualStrategyNumber as u16,
+                pg_sys::Oid::from(pg_sys::F_BYTEAEQ),
+                hash.into_datum().expect("bytea datum"),
+            );
+            let snapshot = if pg_sys::ActiveSnapshotSet() {
+                pg_sys::GetActiveSnapshot()
+            } else {
+                pg_sys::GetTransactionSnapshot()
+            };
+            let scan = pg_sys::systable_beginscan(
+                rel,
+                catalog.hash_index,
+                true,
+                snapshot,
+                1,
+                &mut scankey,
+            );
+            let found = pg_sys::systable_getnext(scan);
+            let row = (!found.is_null()).then(|| {
+                let tuple = pg_sys::heap_copytuple(found);
+                let desc = (*rel).rd_att;
+                let natts = (*desc).natts as usize;
+                let mut values = vec![pg_sys::Datum::from(0usize); natts];
+                let mut nulls = vec![true; natts];
+                pg_sys::heap_deform_tuple(tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+                Row(std::array::from_fn(|i| {
+                    let at = catalog.attnums[i] as usize - 1;
+                    (!nulls[at]).then_some(values[at])
+                }))
+            });
+            pg_sys::systable_endscan(scan);
+            pg_sys::table_close(rel, pg_sys::NoLock as i32);
+            row
+        }
+    }
+
+    fn get(&self, c: usize) -> Option<pg_sys::Datum> {
+        self.0[c]
+    }
+
+    fn timestamp(&self, c: usize) -> Option<i64> {
+        // timestamptz is a by-value int64 (microseconds since 2000-01-01).
+        self.get(c).map(|d| d.value() as i64)
+    }
+
+    fn strings(&self, c: usize) -> Vec<String> {
+        // SAFETY: c is one of the row's text[] columns.
+        self.get(c)
+            .and_then(|d| unsafe { Vec::<String>::from_datum(d, false) })
+            .unwrap_or_default()
+    }
+
+    /// The verify_result of a valid verify: the verdict and the key's identity columns.
+    fn result(&self, catalog: &Catalog) -> VerifyResult {
+        let mut datums: Vec<Option<pg_sys::Datum>> = vec![None; 17];
+        datums[0] = true.into_datum();
+        for c in col::IDENTITY {
+            datums[c + 3] = self.get(c);
+        }
+        datums[13] = false.into_datum();
+        form(catalog, datums)
+    }
+}
+
 /// The checks after the lookup, in SPEC §4 order (revoked … insufficient scope).
-fn check(conn: &Connection, row: &Row, req: &Request) -> Option<VerifyError> {
-    let (mut revoked, mut disabled, mut expired) = (
-        row.flag(col::REVOKED),
-        row.flag(col::DISABLED),
-        row.flag(col::EXPIRED),
-    );
-    if revoked {
-        return Some(VerifyError::Revoked);
+fn check(row: &Row, req: &Request, now: i64) -> Result<(), VerifyError> {
+    let passed = |t: Option<i64>| t.is_some_and(|t| t <= now);
+    let mut revoked = passed(row.timestamp(col::REVOKED_AT));
+    let mut disabled = row.get(col::ENABLED).is_none_or(|d| d.value() == 0);
+    let mut expired = passed(row.timestamp(col::EXPIRES_AT));
+    if !revoked && row.get(col::PARENT_ID).is_some() {
+        let (r, d, e) = Connection::with(|conn| {
+            if ANCESTORS.exec(conn, &[row.get(col::ID)], true, 1) == 1 {
+                (
+                    conn.get_bool(0, 1),
+                    conn.get_bool(0, 2),
+                    conn.get_bool(0, 3),
+                )
+            } else {
+                (false, false, false)
+            }
+        });
+        revoked |= r;
+        disabled |= d;
+        expired |= e;
     }
-    if row.flag(col::HAS_PARENT) && ANCESTORS.exec(conn, &[row.get(col::ID)], true, 1) == 1 {
-        revoked |= conn.get_bool(0, 1);
-        disabled |= conn.get_bool(0, 2);
-        expired |= conn.get_bool(0, 3);
-    }
     if revoked {
-        return Some(VerifyError::Revoked);
+        return Err(VerifyError::Revoked);
     }
     if disabled {
-        return Some(VerifyError::Disabled);
+        return Err(VerifyError::Disabled);
     }
     if expired {
-        return Some(VerifyError::Expired);
+        return Err(VerifyError::Expired);
     }
     if let Some(want) = req.env {
         let env = row
             .get(col::ENV)
             .and_then(|d| unsafe { String::from_datum(d, false) });
         if env.as_deref() != Some(want) {
-            return Some(VerifyError::EnvMismatch);
+            return Err(VerifyError::EnvMismatch);
         }
     }
     let [allowed_ips, blocked_ips, allowed_regions, blocked_regions] = [
@@ -247,22 +277,22 @@ fn check(conn: &Connection, row: &Row, req: &Request) -> Option<VerifyError> {
             |i| net::in_any(*i, blocked_ips),
             |i| net::in_any(*i, allowed_ips),
         ) {
-            return Some(VerifyError::IpNotAllowed);
+            return Err(VerifyError::IpNotAllowed);
         }
     }
     if !allowed_regions.is_empty() || !blocked_regions.is_empty() {
         let blocked = |c: &&str| net::region_in(c, blocked_regions);
         let allowed = |c: &&str| net::region_in(c, allowed_regions);
         if !net::allowed(req.country, allowed_regions, blocked, allowed) {
-            return Some(VerifyError::RegionNotAllowed);
+            return Err(VerifyError::RegionNotAllowed);
         }
     }
     if (req.scope.is_some() || !req.scopes.is_empty())
         && !holds_all(row.get(col::SCOPES), row.get(col::RESOURCES), req)
     {
-        return Some(VerifyError::InsufficientScope);
+        return Err(VerifyError::InsufficientScope);
     }
-    None
+    Ok(())
 }
 
 /// Scope check straight from the row's datums; `resources` is parsed only when a
@@ -302,29 +332,6 @@ fn holds_all(
     true
 }
 
-/// Whether the key could have been issued under the current settings (any environment).
-fn matches_configured_format(conn: &Connection, key: &str) -> bool {
-    if FORMAT.exec(conn, &[], true, 1) != 1 {
-        return true;
-    }
-    let length = conn
-        .get(0, 1)
-        .and_then(|d| unsafe { i32::from_datum(d, false) })
-        .unwrap_or(keys::DEFAULT_LENGTH);
-    let alphabet = conn
-        .get(0, 2)
-        .and_then(|d| unsafe { String::from_datum(d, false) })
-        .unwrap_or_default();
-    let prefixes = conn
-        .get(0, 3)
-        .and_then(|d| unsafe { Vec::<String>::from_datum(d, false) })
-        .unwrap_or_default();
-    match keys::expand_alphabet(&alphabet) {
-        Ok(alpha) => keys::matches_format(key, &prefixes, length as usize, &alpha),
-        Err(_) => true,
-    }
-}
-
 /// `inet` text (`10.0.0.1` or `10.0.0.0/24`) to its address.
 fn parse_inet(s: &str) -> Option<IpAddr> {
     s.split('/').next()?.trim().parse().ok()
@@ -341,28 +348,25 @@ fn writable() -> bool {
     }
 }
 
-/// A `verify_result` row for a failed verify.
-pub fn failure(err: VerifyError) -> (VerifyResult, Option<VerifyError>) {
-    (result_row(false, Some(err), None), Some(err))
-}
-
-/// Builds a verify_result row carrying only the verdict (and a retry delay).
-pub fn result_row(
+/// A verify_result row carrying only the verdict (and a retry delay).
+pub fn verdict(
+    catalog: &Catalog,
     valid: bool,
     err: Option<VerifyError>,
     retry_after_ms: Option<i64>,
 ) -> VerifyResult {
-    let desc = PgTupleDesc::for_composite_type("keypal.verify_result")
-        .expect("type keypal.verify_result exists");
-    let mut datums: Vec<Option<pg_sys::Datum>> = vec![None; desc.len()];
+    let mut datums: Vec<Option<pg_sys::Datum>> = vec![None; 17];
     datums[0] = valid.into_datum();
     datums[1] = err.map(|e| e.code()).into_datum();
     datums[2] = err.map(|e| e.message()).into_datum();
-    datums[13] = err
-        .map(|e| e == VerifyError::RateLimited)
-        .unwrap_or(false)
-        .into_datum();
+    datums[13] = (err == Some(VerifyError::RateLimited)).into_datum();
     datums[14] = retry_after_ms.into_datum();
-    // SAFETY: one datum per attribute, each of the attribute's type.
+    form(catalog, datums)
+}
+
+fn form(catalog: &Catalog, datums: Vec<Option<pg_sys::Datum>>) -> VerifyResult {
+    let desc = PgTupleDesc::for_composite_type_by_oid(catalog.result_type)
+        .expect("keypal.verify_result exists");
+    // SAFETY: one datum per attribute of verify_result, each of the attribute's type.
     unsafe { PgHeapTuple::from_datums(desc, datums).expect("verify_result has 17 attributes") }
 }

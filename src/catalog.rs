@@ -1,0 +1,163 @@
+//! What verify needs to know besides the key row — the settings (`last_used_resolution`,
+//! the key format), the oids of `keypal.keys`, its hash index and `keypal.verify_result`,
+//! and the attnums of the columns it reads — cached per backend.
+//!
+//! The cache is dropped whenever `keypal.settings`, `keypal.keys` or its hash index is
+//! invalidated in the relation cache (DDL, REINDEX, VACUUM's statistics, …). For settings, a
+//! statement trigger on `keypal.settings` (fired by `keypal_configure`, a restore, any DML)
+//! sends that invalidation, and DROP EXTENSION sends it too. Other backends receive it when
+//! they next take a lock, which verify's own lookup does, so a committed change is seen by the
+//! next verify everywhere; in the changing transaction it is seen from the next command on.
+
+use crate::keys;
+use crate::spi::{Connection, Stmt};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+
+/// The columns of keypal.keys verify reads, by name (their attnums are looked up, so a
+/// later ALTER TABLE cannot shift them under us).
+pub const KEY_COLUMNS: [&str; 19] = [
+    "id",
+    "owner_id",
+    "org_id",
+    "env",
+    "name",
+    "scopes",
+    "resources",
+    "tags",
+    "metadata",
+    "expires_at",
+    "key_hash",
+    "enabled",
+    "revoked_at",
+    "parent_id",
+    "last_used_at",
+    "allowed_ips",
+    "blocked_ips",
+    "allowed_regions",
+    "blocked_regions",
+];
+
+pub struct Catalog {
+    pub settings_relid: pg_sys::Oid,
+    pub keys_relid: pg_sys::Oid,
+    pub hash_index: pg_sys::Oid,
+    /// attnum (1-based) of each of KEY_COLUMNS in keypal.keys.
+    pub attnums: [i16; KEY_COLUMNS.len()],
+    pub result_type: pg_sys::Oid,
+    pub last_used_resolution_us: i64,
+    pub length: usize,
+    pub alphabet: Vec<u8>,
+    pub prefixes: Vec<String>,
+}
+
+static LOAD: Stmt = Stmt::new(
+    c"SELECT 'keypal.settings'::pg_catalog.regclass::pg_catalog.oid,
+             'keypal.verify_result'::pg_catalog.regtype::pg_catalog.oid,
+             (EXTRACT(epoch FROM c.last_used_resolution) * 1000000)::pg_catalog.int8,
+             c.length, c.alphabet,
+             ARRAY[c.prefix] OPERATOR(pg_catalog.||) coalesce(
+                 (SELECT pg_catalog.array_agg(coalesce(e.value OPERATOR(pg_catalog.->>) 'prefix', c.prefix))
+                    FROM pg_catalog.jsonb_each(c.environments) e), '{}'),
+             'keypal.keys'::pg_catalog.regclass::pg_catalog.oid,
+             (SELECT i.indexrelid FROM pg_catalog.pg_index i JOIN pg_catalog.pg_attribute a
+                  ON a.attrelid OPERATOR(pg_catalog.=) i.indrelid AND a.attname OPERATOR(pg_catalog.=) 'key_hash'
+               WHERE i.indrelid OPERATOR(pg_catalog.=) 'keypal.keys'::pg_catalog.regclass
+                 AND i.indisunique AND i.indisvalid AND i.indnatts OPERATOR(pg_catalog.=) 1
+                 AND i.indkey[0] OPERATOR(pg_catalog.=) a.attnum
+               LIMIT 1),
+             (SELECT pg_catalog.array_agg(a.attnum ORDER BY u.n)
+                FROM pg_catalog.unnest($1) WITH ORDINALITY AS u(name, n)
+                LEFT JOIN pg_catalog.pg_attribute a
+                  ON a.attrelid OPERATOR(pg_catalog.=) 'keypal.keys'::pg_catalog.regclass
+                 AND a.attname OPERATOR(pg_catalog.=) u.name AND NOT a.attisdropped)
+        FROM keypal.config() c",
+    &[pg_sys::TEXTARRAYOID],
+);
+
+thread_local! {
+    static CACHE: RefCell<Option<Rc<Catalog>>> = const { RefCell::new(None) };
+    /// The relations whose invalidation drops the cache: settings, keys, the hash index.
+    static WATCHED: Cell<[pg_sys::Oid; 3]> = const { Cell::new([pg_sys::InvalidOid; 3]) };
+}
+
+/// The cached catalog, loaded (through SPI) when missing.
+pub fn get() -> Rc<Catalog> {
+    if let Some(c) = CACHE.with(|c| c.borrow().clone()) {
+        return c;
+    }
+    let c = Rc::new(Connection::with(load));
+    WATCHED.set([c.settings_relid, c.keys_relid, c.hash_index]);
+    CACHE.with(|cell| *cell.borrow_mut() = Some(c.clone()));
+    c
+}
+
+fn load(conn: &Connection) -> Catalog {
+    LOAD.exec(conn, &[KEY_COLUMNS.to_vec().into_datum()], true, 1);
+    // SAFETY: each column is read with the type LOAD selects for it.
+    unsafe {
+        let attnums: Vec<Option<i16>> = conn
+            .get(0, 9)
+            .and_then(|d| Vec::<Option<i16>>::from_datum(d, false))
+            .unwrap_or_default();
+        let attnums: [i16; KEY_COLUMNS.len()] =
+            std::array::from_fn(|i| attnums.get(i).copied().flatten().unwrap_or(0));
+        if attnums.contains(&0) {
+            crate::errors::raise(
+                pgrx::PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+                "keypal.keys lacks a column verify needs".into(),
+            );
+        }
+        let oid = |c| {
+            conn.get(0, c)
+                .and_then(|d| pg_sys::Oid::from_datum(d, false))
+                .unwrap_or(pg_sys::InvalidOid)
+        };
+        let alphabet = conn
+            .get(0, 5)
+            .and_then(|d| String::from_datum(d, false))
+            .unwrap_or_default();
+        Catalog {
+            settings_relid: oid(1),
+            result_type: oid(2),
+            last_used_resolution_us: conn
+                .get(0, 3)
+                .and_then(|d| i64::from_datum(d, false))
+                .unwrap_or(60_000_000),
+            length: conn
+                .get(0, 4)
+                .and_then(|d| i32::from_datum(d, false))
+                .unwrap_or(keys::DEFAULT_LENGTH) as usize,
+            alphabet: keys::expand_alphabet(&alphabet).unwrap_or_default(),
+            prefixes: conn
+                .get(0, 6)
+                .and_then(|d| Vec::<String>::from_datum(d, false))
+                .unwrap_or_default(),
+            keys_relid: oid(7),
+            hash_index: oid(8),
+            attnums,
+        }
+    }
+}
+
+/// Relcache callback: forget the cache when keypal.settings (or everything) is invalidated.
+#[pg_guard]
+unsafe extern "C-unwind" fn on_relcache(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    if relid == pg_sys::InvalidOid || WATCHED.get().contains(&relid) {
+        CACHE.with(|c| c.borrow_mut().take());
+    }
+}
+
+pub fn init() {
+    // SAFETY: registers a backend-lifetime callback once, from _PG_init.
+    unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(on_relcache), pg_sys::Datum::from(0usize)) }
+}
+
+/// Sends the invalidation that makes every backend reload its cache (called by the
+/// statement trigger on keypal.settings).
+pub fn invalidate(relid: pg_sys::Oid) {
+    // SAFETY: queues a relcache invalidation for an existing relation.
+    unsafe { pg_sys::CacheInvalidateRelcacheByRelid(relid) }
+}
