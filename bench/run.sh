@@ -3,8 +3,10 @@
 # runs pgbench (-M prepared, the same clients and duration for every script, in one run):
 #   md5            SELECT md5(key expression): the limit, one call carrying a key
 #   inline         hand-written pgcrypto sha256 lookup in a plain table, with the same checks
-#   verify_spread  keypal_verify(key, 'read') over 100 000 keys
-#   verify_hot     keypal_verify(key, 'read') on one hot key
+#   verify_spread  SELECT keypal_verify(key, 'read') over 100 000 keys
+#   verify_hot     SELECT keypal_verify(key, 'read') on one hot key
+#   verify_from    SELECT * FROM keypal_verify(key, 'read') (the same, expanded by a FROM-clause
+#                  function scan, which costs PostgreSQL a tuplestore per call)
 # and prints each tps and the ratios to md5 and inline.
 #   BENCH_CLIENTS (default 2), BENCH_SECONDS (default 15)
 set -euo pipefail
@@ -26,14 +28,14 @@ psql -X -q -d postgres -c "CREATE DATABASE keypal_bench"
 psql -X -q -v ON_ERROR_STOP=1 -d keypal_bench -f bench/setup.sql >/dev/null
 
 declare -A tps
-for s in md5 inline verify_spread verify_hot; do
+for s in md5 inline verify_spread verify_hot verify_from; do
     out=$(pgbench -n -M prepared -c "$CLIENTS" -j "$CLIENTS" -T "$SECONDS_EACH" -f "bench/$s.sql" keypal_bench 2>&1)
     tps[$s]=$(echo "$out" | sed -n 's/^tps = \([0-9.]*\).*/\1/p')
     printf '%-14s %10.0f tps\n' "$s" "${tps[$s]}"
 done
 echo
 printf '%-14s %8s %8s\n' "script" "/md5" "/inline"
-for s in inline verify_spread verify_hot; do
+for s in inline verify_spread verify_hot verify_from; do
     awk -v s="$s" -v t="${tps[$s]}" -v m="${tps[md5]}" -v i="${tps[inline]}" 'BEGIN { printf "%-14s %8.2f %8.2f\n", s, t / m, t / i }'
 done
 echo "(clients=$CLIENTS, ${SECONDS_EACH}s each, 100000 keys; targets: verify >= 1.0x inline, >= 0.8x md5)"

@@ -1,2 +1,2 @@
 \set n 1
-SELECT * FROM keypal_verify('k' || lpad(:n::text, 31, '0'), 'read');
+SELECT keypal_verify('k' || lpad(:n::text, 31, '0'), 'read');

@@ -57,4 +57,18 @@ wait "$REVOKER_PID" 2>/dev/null || true
 is "$(q -c "SELECT error_code FROM keypal_verify('$key')")" "REVOKED" "the key is revoked: the last_used_at write undid nothing"
 is "$(q -c "SELECT revoked_at IS NOT NULL FROM keypal.keys WHERE id = '$id'")" "t" "revoked_at is kept"
 q -c "SELECT keypal_configure(last_used_resolution => '60s')" >/dev/null
+
+# Each backend caches the settings verify needs; a change committed elsewhere reaches it.
+coproc WATCHER { psql -X -q -At -v ON_ERROR_STOP=1 2>&1; }
+ask() { echo "$1" >&"${WATCHER[1]}"; read -r line <&"${WATCHER[0]}"; echo "$line"; }
+is "$(ask "SELECT error_code FROM keypal_verify('zz_' || repeat('a', 32));")" "INVALID_FORMAT" "a long-lived session: zz_ keys are not the configured format"
+q -c "SELECT keypal_configure(prefix => 'zz_')" >/dev/null
+is "$(ask "SELECT error_code FROM keypal_verify('zz_' || repeat('a', 32));")" "INVALID_KEY" "after another session configured prefix zz_, the same session sees it"
+q -c "SELECT keypal_configure(prefix => '')" >/dev/null
+# DROP/CREATE EXTENSION under a session that has verified before: its cache must not go stale.
+q -c "DROP EXTENSION keypal CASCADE" -c "CREATE EXTENSION keypal" >/dev/null
+read -r key2 < <(q -c "SELECT key FROM keypal_create(owner_id => 'recreated')")
+is "$(ask "SELECT valid FROM keypal_verify('$key2');")" "t" "the same session verifies keys of a re-created extension"
+exec {WATCHER[1]}>&-
+wait "$WATCHER_PID" 2>/dev/null || true
 done_testing
