@@ -29,23 +29,61 @@ fn request<'a>(
     }
 }
 
-/// Verifies an API key: `valid`, or the first failed check's `error_code` (SPEC §4).
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
-#[search_path(pg_catalog, pg_temp)]
-#[allow(clippy::too_many_arguments)]
-fn keypal_verify(
-    key: default!(Option<&str>, "NULL"),
-    scope: default!(Option<&str>, "NULL"),
-    scopes: default!(Scopes, "NULL"),
-    resource: default!(Option<&str>, "NULL"),
-    ip: default!(Option<Inet>, "NULL"),
-    country: default!(Option<&str>, "NULL"),
-    env: default!(Option<&str>, "NULL"),
-    cost: default!(Option<i32>, "NULL"),
-) -> pgrx::composite_type!('static, "keypal.verify_result") {
-    let _ = cost;
-    verify::verify(key, &request(scope, &scopes, resource, &ip, country, env)).0
+/// Defines a verify-family SQL function: `key` plus the verify arguments (SPEC §3),
+/// SECURITY DEFINER with a pinned search_path. `$req` is bound to the parsed Request.
+macro_rules! verify_fn {
+    ($(#[$doc:meta])* $name:ident, |$key:ident, $req:ident| $body:expr, $($ret:tt)+) => {
+        $(#[$doc])*
+        #[pg_extern(volatile, parallel_unsafe, security_definer)]
+        #[search_path(pg_catalog, pg_temp)]
+        #[allow(clippy::too_many_arguments)]
+        fn $name(
+            key: default!(Option<&str>, "NULL"),
+            scope: default!(Option<&str>, "NULL"),
+            scopes: default!(Scopes, "NULL"),
+            resource: default!(Option<&str>, "NULL"),
+            ip: default!(Option<Inet>, "NULL"),
+            country: default!(Option<&str>, "NULL"),
+            env: default!(Option<&str>, "NULL"),
+            cost: default!(Option<i32>, "NULL"),
+        ) -> $($ret)+ {
+            let _ = cost;
+            let $key = key;
+            let $req = request(scope, &scopes, resource, &ip, country, env);
+            $body
+        }
+    };
 }
+
+verify_fn!(
+    /// Verifies an API key: `valid`, or the first failed check's `error_code` (SPEC §4).
+    keypal_verify,
+    |key, req| verify::verify(key, &req).0,
+    pgrx::composite_type!('static, "keypal.verify_result")
+);
+
+verify_fn!(
+    /// `keypal_verify(...).valid`.
+    keypal_check,
+    |key, req| verify::verify(key, &req).1.is_none(),
+    bool
+);
+
+verify_fn!(
+    /// Verifies, or raises: 28000 (bad key), 42501 (not allowed here), 53400 (limits);
+    /// the error code in DETAIL, the retry delay in HINT.
+    keypal_require,
+    |key, req| require_inner(key, &req),
+    pgrx::composite_type!('static, "keypal.verify_result")
+);
+
+verify_fn!(
+    /// `keypal_require`, then remembers the key's identity for the rest of the transaction
+    /// (read it with `keypal_current_*`, e.g. in RLS policies).
+    keypal_authenticate,
+    |key, req| authenticate_inner(key, &req),
+    pgrx::composite_type!('static, "keypal.verify_result")
+);
 
 /// `keypal_verify` with the key taken from request headers (PostgREST's `request.headers`).
 #[pg_extern(volatile, parallel_unsafe, security_definer)]
@@ -70,26 +108,6 @@ fn keypal_verify_headers(
     .0
 }
 
-/// `keypal_verify(...).valid`.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
-#[search_path(pg_catalog, pg_temp)]
-#[allow(clippy::too_many_arguments)]
-fn keypal_check(
-    key: default!(Option<&str>, "NULL"),
-    scope: default!(Option<&str>, "NULL"),
-    scopes: default!(Scopes, "NULL"),
-    resource: default!(Option<&str>, "NULL"),
-    ip: default!(Option<Inet>, "NULL"),
-    country: default!(Option<&str>, "NULL"),
-    env: default!(Option<&str>, "NULL"),
-    cost: default!(Option<i32>, "NULL"),
-) -> bool {
-    let _ = cost;
-    verify::verify(key, &request(scope, &scopes, resource, &ip, country, env))
-        .1
-        .is_none()
-}
-
 fn require_inner(key: Option<&str>, req: &Request) -> VerifyResult {
     match verify::verify(key, req) {
         (row, None) => row,
@@ -101,25 +119,6 @@ fn require_inner(key: Option<&str>, req: &Request) -> VerifyResult {
             err.raise(retry)
         }
     }
-}
-
-/// Verifies, or raises: 28000 (bad key), 42501 (not allowed here), 53400 (limits);
-/// the error code in DETAIL, the retry delay in HINT.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
-#[search_path(pg_catalog, pg_temp)]
-#[allow(clippy::too_many_arguments)]
-fn keypal_require(
-    key: default!(Option<&str>, "NULL"),
-    scope: default!(Option<&str>, "NULL"),
-    scopes: default!(Scopes, "NULL"),
-    resource: default!(Option<&str>, "NULL"),
-    ip: default!(Option<Inet>, "NULL"),
-    country: default!(Option<&str>, "NULL"),
-    env: default!(Option<&str>, "NULL"),
-    cost: default!(Option<i32>, "NULL"),
-) -> pgrx::composite_type!('static, "keypal.verify_result") {
-    let _ = cost;
-    require_inner(key, &request(scope, &scopes, resource, &ip, country, env))
 }
 
 fn authenticate_inner(key: Option<&str>, req: &Request) -> VerifyResult {
@@ -142,25 +141,6 @@ fn authenticate_inner(key: Option<&str>, req: &Request) -> VerifyResult {
         );
     }
     row
-}
-
-/// `keypal_require`, then remembers the key's identity for the rest of the transaction
-/// (read it with `keypal_current_*`, e.g. in RLS policies).
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
-#[search_path(pg_catalog, pg_temp)]
-#[allow(clippy::too_many_arguments)]
-fn keypal_authenticate(
-    key: default!(Option<&str>, "NULL"),
-    scope: default!(Option<&str>, "NULL"),
-    scopes: default!(Scopes, "NULL"),
-    resource: default!(Option<&str>, "NULL"),
-    ip: default!(Option<Inet>, "NULL"),
-    country: default!(Option<&str>, "NULL"),
-    env: default!(Option<&str>, "NULL"),
-    cost: default!(Option<i32>, "NULL"),
-) -> pgrx::composite_type!('static, "keypal.verify_result") {
-    let _ = cost;
-    authenticate_inner(key, &request(scope, &scopes, resource, &ip, country, env))
 }
 
 /// `keypal_authenticate` with the key from PostgREST's `request.headers` setting
