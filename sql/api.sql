@@ -237,7 +237,7 @@ BEGIN
     VALUES (v_id, keypal.hash_key(v_key, cfg.algorithm), cfg.algorithm, o->>'owner_id', o->>'org_id',
             v_env, o->>'name', o->>'description', v_scopes, v_res, keypal.text_array(o->'tags'),
             coalesce(o->'metadata', '{}'), coalesce((o->>'enabled')::boolean, true), v_exp,
-            (o->>'parent_id')::uuid, o->>'policy', nullif(o->'rate_limit', 'null'),
+            (o->>'parent_id')::uuid, o->>'policy', o->'rate_limit',
             nullif(o->'quota', 'null'), v_ips, keypal.text_array(o->'blocked_ips'),
             keypal.text_array(o->'allowed_regions'), keypal.text_array(o->'blocked_regions'),
             keypal.parse_timestamp(o->>'disable_at', arg_prefix || 'disable_at'),
@@ -662,7 +662,7 @@ BEGIN
         metadata        = coalesce(o->'metadata', keys.metadata),
         expires_at      = v_exp,
         org_id          = CASE WHEN o ? 'org_id' THEN o->>'org_id' ELSE keys.org_id END,
-        rate_limit      = CASE WHEN o ? 'rate_limit' THEN nullif(o->'rate_limit', 'null') ELSE keys.rate_limit END,
+        rate_limit      = CASE WHEN o ? 'rate_limit' THEN o->'rate_limit' ELSE keys.rate_limit END,
         quota           = CASE WHEN o ? 'quota' THEN nullif(o->'quota', 'null') ELSE keys.quota END,
         allowed_ips     = CASE WHEN o ? 'allowed_ips' THEN keypal.text_array(o->'allowed_ips') ELSE keys.allowed_ips END,
         blocked_ips     = CASE WHEN o ? 'blocked_ips' THEN keypal.text_array(o->'blocked_ips') ELSE keys.blocked_ips END,
@@ -752,6 +752,69 @@ BEGIN
 END $$;
 
 --------------------------------------------------------------------------------
+-- Usage and quotas
+--------------------------------------------------------------------------------
+
+CREATE FUNCTION keypal_usage(key_id uuid DEFAULT NULL)
+RETURNS TABLE (used bigint, "limit" bigint, remaining bigint, resets_at timestamptz, period text,
+               tokens bigint, cost numeric)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    k      keypal.keys;
+    v_per  text;
+    v_from timestamptz;
+    v_used bigint;
+BEGIN
+    SELECT * INTO k FROM keypal.keys WHERE id = keypal_usage.key_id;
+    IF NOT FOUND THEN
+        PERFORM keypal.key_not_found(keypal_usage.key_id, 'id');
+    END IF;
+    v_per := coalesce(k.quota->>'period', 'month');
+    v_from := date_trunc(v_per, now(), 'UTC');
+    SELECT CASE WHEN q.period_start = v_from THEN q.used ELSE 0 END INTO v_used
+      FROM keypal.quota_usage q WHERE q.key_id = k.id;
+    RETURN QUERY
+        SELECT coalesce(v_used, 0), (k.quota->>'limit')::bigint,
+               greatest((k.quota->>'limit')::bigint - coalesce(v_used, 0), 0),
+               date_trunc(v_per, now() + ('1 ' || v_per)::interval, 'UTC'), v_per,
+               coalesce(sum(u.tokens), 0)::bigint, coalesce(sum(u.cost), 0)
+          FROM keypal.usage u WHERE u.key_id = k.id AND u.hour >= v_from;
+END $$;
+
+CREATE FUNCTION keypal_track_usage(key_id uuid DEFAULT NULL, endpoint text DEFAULT NULL,
+                                   tokens bigint DEFAULT 0, cost numeric DEFAULT 0,
+                                   requests bigint DEFAULT 1)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    k keypal.keys;
+BEGIN
+    SELECT * INTO k FROM keypal.keys WHERE id = keypal_track_usage.key_id;
+    IF NOT FOUND THEN
+        PERFORM keypal.key_not_found(keypal_track_usage.key_id, 'id');
+    END IF;
+    IF coalesce(tokens, 0) < 0 OR coalesce(cost, 0) < 0 OR coalesce(requests, 0) < 0 THEN
+        RAISE EXCEPTION 'invalid tokens/cost/requests: must not be negative' USING ERRCODE = '22023';
+    END IF;
+    IF length(endpoint) > 1024 THEN
+        RAISE EXCEPTION 'invalid endpoint: at most 1024 characters' USING ERRCODE = '22023';
+    END IF;
+    INSERT INTO keypal.usage AS u (key_id, hour, endpoint, requests, tokens, cost)
+    VALUES (k.id, date_trunc('hour', now()), coalesce(endpoint, ''), coalesce(requests, 0),
+            coalesce(tokens, 0), coalesce(cost, 0))
+    ON CONFLICT ON CONSTRAINT usage_pkey DO UPDATE
+        SET requests = u.requests + EXCLUDED.requests, tokens = u.tokens + EXCLUDED.tokens,
+            cost = u.cost + EXCLUDED.cost;
+    IF k.quota IS NOT NULL AND coalesce(requests, 0) > 0 THEN
+        INSERT INTO keypal.quota_usage AS q (key_id, period_start, used)
+        VALUES (k.id, date_trunc(coalesce(k.quota->>'period', 'month'), now(), 'UTC'), requests)
+        ON CONFLICT ON CONSTRAINT quota_usage_pkey DO UPDATE
+            SET used = CASE WHEN q.period_start = EXCLUDED.period_start THEN q.used ELSE 0 END + EXCLUDED.used,
+                period_start = EXCLUDED.period_start;
+    END IF;
+END $$;
+
+--------------------------------------------------------------------------------
 -- Settings
 --------------------------------------------------------------------------------
 
@@ -822,6 +885,23 @@ RETURNS jsonb LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
        AND n.key NOT IN ('key_hash', 'updated_at', 'last_used_at')
 $$;
 
+-- Writes an event to the outbox (payload = the webhook body) and notifies listeners, in
+-- the caller's transaction.
+CREATE FUNCTION keypal.emit_event(event text, key_id uuid, data jsonb)
+RETURNS bigint LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    ev_id bigint;
+BEGIN
+    INSERT INTO keypal.events (event, key_id, payload)
+    VALUES (event, key_id, jsonb_build_object(
+        'event', event,
+        'timestamp', to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'),
+        'data', data))
+    RETURNING id INTO ev_id;
+    PERFORM pg_notify('keypal_events', ev_id::text);
+    RETURN ev_id;
+END $$;
+
 CREATE FUNCTION keypal.audit_key_change()
 RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -830,9 +910,6 @@ DECLARE
     who     text := keypal.actor(current_setting('keypal._actor', true));
     changes jsonb;
     r       keypal.keys;
-    data    jsonb;
-    ev      text;
-    ev_id   bigint;
 BEGIN
     IF TG_OP = 'INSERT' THEN
         r := NEW;
@@ -861,20 +938,12 @@ BEGIN
     VALUES (act, r.id, r.owner_id, r.org_id, who, ctx, changes);
 
     IF act IN ('created', 'updated', 'enabled', 'disabled', 'revoked', 'rotated', 'expired') THEN
-        ev := 'key.' || act;
-        data := jsonb_strip_nulls(jsonb_build_object(
+        PERFORM keypal.emit_event('key.' || act, r.id, jsonb_strip_nulls(jsonb_build_object(
             'keyId', r.id, 'ownerId', r.owner_id, 'orgId', r.org_id, 'env', r.env, 'name', r.name,
             'revokedBy', CASE WHEN act = 'revoked' THEN r.revoked_by END,
             'reason', CASE WHEN act = 'revoked' THEN r.revoke_reason END,
             'rotatedTo', CASE WHEN act = 'rotated' THEN r.rotated_to END,
-            'actor', who));
-        INSERT INTO keypal.events (event, key_id, payload)
-        VALUES (ev, r.id, jsonb_build_object(
-            'event', ev,
-            'timestamp', to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'),
-            'data', data))
-        RETURNING id INTO ev_id;
-        PERFORM pg_notify('keypal_events', ev_id::text);
+            'actor', who)));
     END IF;
     RETURN NULL;
 END $$;
@@ -908,6 +977,8 @@ BEGIN
     RETURN NULL;
 END $$;
 CREATE TRIGGER settings_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON keypal.settings
+    FOR EACH STATEMENT EXECUTE FUNCTION keypal.settings_changed();
+CREATE TRIGGER policies_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON keypal.policies
     FOR EACH STATEMENT EXECUTE FUNCTION keypal.settings_changed();
 
 CREATE TRIGGER keys_updated_at BEFORE UPDATE ON keypal.keys
@@ -1017,6 +1088,8 @@ BEGIN
         ('keypal_list', 'Keys filtered by owner, org, tag(s) and env; revoked ones only with include_revoked.'),
         ('keypal_list_by_org', 'The keys of an org.'),
         ('keypal_history', 'The rotation chain a key belongs to, oldest first.'),
+        ('keypal_usage', 'A key''s quota use in the current period (used, limit, remaining, resets_at, period) and the tokens and cost tracked in it.'),
+        ('keypal_track_usage', 'Records custom usage for a key: requests (counted against its quota), tokens and cost, per hour and endpoint.'),
         ('keypal_audit', 'Audit log entries, newest first, filtered by key, owner, org, action and time.'),
         ('keypal_audit_stats', 'Audit totals: count, count per action and last activity, for an owner and time range.')
     ) AS t(name, comment) LOOP

@@ -122,6 +122,34 @@ CREATE INDEX keys_parent_idx ON keypal.keys (parent_id) WHERE parent_id IS NOT N
 CREATE INDEX keys_tags_idx ON keypal.keys USING gin (tags);
 COMMENT ON TABLE keypal.keys IS 'API keys: one row per key, holding its hash (never the plaintext) and its settings.';
 
+-- Rate-limit state per key (the table-backed limiter): sub-window counts, see
+-- src/limits/window.rs. Transient, so not dumped.
+CREATE TABLE keypal.rate_state (
+    key_id uuid PRIMARY KEY REFERENCES keypal.keys (id) ON DELETE CASCADE,
+    state  bigint[] NOT NULL
+);
+COMMENT ON TABLE keypal.rate_state IS 'Per-key rate-limit counters (sliding window of sub-window buckets).';
+
+-- Quota use in the current period, per key.
+CREATE TABLE keypal.quota_usage (
+    key_id       uuid PRIMARY KEY REFERENCES keypal.keys (id) ON DELETE CASCADE,
+    period_start timestamptz NOT NULL,
+    used         bigint NOT NULL DEFAULT 0
+);
+COMMENT ON TABLE keypal.quota_usage IS 'Requests counted against each key''s quota in its current period.';
+
+-- Usage per key, hour and endpoint (keypal_track_usage), for analytics.
+CREATE TABLE keypal.usage (
+    key_id   uuid NOT NULL REFERENCES keypal.keys (id) ON DELETE CASCADE,
+    hour     timestamptz NOT NULL,
+    endpoint text NOT NULL DEFAULT '',
+    requests bigint NOT NULL DEFAULT 0,
+    tokens   bigint NOT NULL DEFAULT 0,
+    cost     numeric NOT NULL DEFAULT 0,
+    PRIMARY KEY (key_id, hour, endpoint)
+);
+COMMENT ON TABLE keypal.usage IS 'Usage per key, hour and endpoint, recorded by keypal_track_usage().';
+
 CREATE TABLE keypal.audit_log (
     id       bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     at       timestamptz NOT NULL DEFAULT clock_timestamp(),
@@ -154,3 +182,5 @@ SELECT pg_catalog.pg_extension_config_dump('keypal.policies', '');
 SELECT pg_catalog.pg_extension_config_dump('keypal.templates', '');
 SELECT pg_catalog.pg_extension_config_dump('keypal.audit_log', '');
 SELECT pg_catalog.pg_extension_config_dump('keypal.events', '');
+SELECT pg_catalog.pg_extension_config_dump('keypal.quota_usage', '');
+SELECT pg_catalog.pg_extension_config_dump('keypal.usage', '');

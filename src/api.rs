@@ -18,8 +18,14 @@ fn request<'a>(
     ip: &'a Option<Inet>,
     country: Option<&'a str>,
     env: Option<&'a str>,
+    cost: Option<i32>,
 ) -> Request<'a> {
+    let cost = cost.unwrap_or(1);
+    if cost < 1 {
+        bad_argument("cost", "must be at least 1");
+    }
     Request {
+        cost: cost as i64,
         scope,
         scopes: scopes.iter().flatten().flatten().cloned().collect(),
         resource,
@@ -47,9 +53,8 @@ macro_rules! verify_fn {
             env: default!(Option<&str>, "NULL"),
             cost: default!(Option<i32>, "NULL"),
         ) -> $($ret)+ {
-            let _ = cost;
             let $key = key;
-            let $req = request(scope, &scopes, resource, &ip, country, env);
+            let $req = request(scope, &scopes, resource, &ip, country, env, cost);
             $body
         }
     };
@@ -99,11 +104,10 @@ fn keypal_verify_headers(
     env: default!(Option<&str>, "NULL"),
     cost: default!(Option<i32>, "NULL"),
 ) -> pgrx::composite_type!('static, "keypal.verify_result") {
-    let _ = cost;
     let key = headers.and_then(|h| keys::key_from_headers(&h.0));
     verify::verify(
         key.as_deref(),
-        &request(scope, &scopes, resource, &ip, country, env),
+        &request(scope, &scopes, resource, &ip, country, env, cost),
     )
     .0
 }
@@ -159,7 +163,7 @@ fn keypal_authenticate_request(
     let key = headers.as_ref().and_then(keys::key_from_headers);
     authenticate_inner(
         key.as_deref(),
-        &request(scope, &scopes, resource, &ip, country, env),
+        &request(scope, &scopes, resource, &ip, country, env, None),
     )
 }
 

@@ -18,7 +18,7 @@ use std::rc::Rc;
 
 /// The columns of keypal.keys verify reads, by name (their attnums are looked up, so a
 /// later ALTER TABLE cannot shift them under us).
-pub const KEY_COLUMNS: [&str; 19] = [
+pub const KEY_COLUMNS: [&str; 22] = [
     "id",
     "owner_id",
     "org_id",
@@ -38,6 +38,9 @@ pub const KEY_COLUMNS: [&str; 19] = [
     "blocked_ips",
     "allowed_regions",
     "blocked_regions",
+    "rate_limit",
+    "quota",
+    "policy",
 ];
 
 pub struct Catalog {
@@ -51,6 +54,12 @@ pub struct Catalog {
     pub length: usize,
     pub alphabet: Vec<u8>,
     pub prefixes: Vec<String>,
+    /// keypal_configure(rate_limit => …), environments, and the policies' rate limits
+    /// ({"name": limit}).
+    pub default_rate_limit: Option<serde_json::Value>,
+    pub environments: Option<serde_json::Value>,
+    pub policy_rate_limits: Option<serde_json::Value>,
+    pub policies_relid: pg_sys::Oid,
 }
 
 static LOAD: Stmt = Stmt::new(
@@ -72,15 +81,20 @@ static LOAD: Stmt = Stmt::new(
                 FROM pg_catalog.unnest($1) WITH ORDINALITY AS u(name, n)
                 LEFT JOIN pg_catalog.pg_attribute a
                   ON a.attrelid OPERATOR(pg_catalog.=) 'keypal.keys'::pg_catalog.regclass
-                 AND a.attname OPERATOR(pg_catalog.=) u.name AND NOT a.attisdropped)
+                 AND a.attname OPERATOR(pg_catalog.=) u.name AND NOT a.attisdropped),
+             c.rate_limit, c.environments,
+             (SELECT pg_catalog.jsonb_object_agg(p.name, p.rate_limit) FROM keypal.policies p
+               WHERE p.rate_limit IS NOT NULL),
+             'keypal.policies'::pg_catalog.regclass::pg_catalog.oid
         FROM keypal.config() c",
     &[pg_sys::TEXTARRAYOID],
 );
 
 thread_local! {
     static CACHE: RefCell<Option<Rc<Catalog>>> = const { RefCell::new(None) };
-    /// The relations whose invalidation drops the cache: settings, keys, the hash index.
-    static WATCHED: Cell<[pg_sys::Oid; 3]> = const { Cell::new([pg_sys::InvalidOid; 3]) };
+    /// The relations whose invalidation drops the cache: settings, keys, the hash index,
+    /// policies.
+    static WATCHED: Cell<[pg_sys::Oid; 4]> = const { Cell::new([pg_sys::InvalidOid; 4]) };
 }
 
 /// The cached catalog, loaded (through SPI) when missing.
@@ -89,7 +103,12 @@ pub fn get() -> Rc<Catalog> {
         return c;
     }
     let c = Rc::new(Connection::with(load));
-    WATCHED.set([c.settings_relid, c.keys_relid, c.hash_index]);
+    WATCHED.set([
+        c.settings_relid,
+        c.keys_relid,
+        c.hash_index,
+        c.policies_relid,
+    ]);
     CACHE.with(|cell| *cell.borrow_mut() = Some(c.clone()));
     c
 }
@@ -115,6 +134,11 @@ fn load(conn: &Connection) -> Catalog {
                 .and_then(|d| pg_sys::Oid::from_datum(d, false))
                 .unwrap_or(pg_sys::InvalidOid)
         };
+        let json = |c| {
+            conn.get(0, c)
+                .and_then(|d| pgrx::JsonB::from_datum(d, false))
+                .map(|j| j.0)
+        };
         let alphabet = conn
             .get(0, 5)
             .and_then(|d| String::from_datum(d, false))
@@ -138,6 +162,10 @@ fn load(conn: &Connection) -> Catalog {
             keys_relid: oid(7),
             hash_index: oid(8),
             attnums,
+            default_rate_limit: json(10),
+            environments: json(11),
+            policy_rate_limits: json(12),
+            policies_relid: oid(13),
         }
     }
 }

@@ -15,6 +15,7 @@ pub mod errors;
 pub mod gucs;
 pub mod identity;
 pub mod keys;
+pub mod limits;
 pub mod net;
 pub mod options;
 pub mod scopes;

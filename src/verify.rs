@@ -10,6 +10,7 @@
 use crate::catalog::{self, Catalog, KEY_COLUMNS};
 use crate::errors::VerifyError;
 use crate::keys::{self, Algorithm};
+use crate::limits::enforce::{self, KeyLimits, Refusal, Usage};
 use crate::spi::{Connection, Stmt};
 use crate::{gucs, net, scopes};
 use pgrx::prelude::*;
@@ -28,6 +29,8 @@ pub struct Request<'a> {
     pub ip: Option<&'a str>,
     pub country: Option<&'a str>,
     pub env: Option<&'a str>,
+    /// The weight of this request for rate limits and quotas (>= 1).
+    pub cost: i64,
 }
 
 /// Indexes into catalog::KEY_COLUMNS.
@@ -46,6 +49,9 @@ mod col {
     pub const BLOCKED_IPS: usize = 16;
     pub const ALLOWED_REGIONS: usize = 17;
     pub const BLOCKED_REGIONS: usize = 18;
+    pub const RATE_LIMIT: usize = 19;
+    pub const QUOTA: usize = 20;
+    pub const POLICY: usize = 21;
     /// KEY_COLUMNS[ID..=EXPIRES_AT] are, in order, verify_result's fields 4..=13.
     pub const IDENTITY: std::ops::RangeInclusive<usize> = ID..=EXPIRES_AT;
 }
@@ -82,26 +88,33 @@ pub fn verify(raw_key: Option<&str>, req: &Request) -> (VerifyResult, Option<Ver
     let catalog = catalog::get();
     let key = keys::strip_bearer(raw_key.unwrap_or(""));
     match verify_in(&catalog, key, req) {
-        Ok(row) => (row.result(&catalog), None),
-        Err(err) => (verdict(&catalog, false, Some(err), None), Some(err)),
+        Ok((row, usage)) => (row.result(&catalog, &usage), None),
+        Err(r) => (
+            verdict(&catalog, false, Some(r.err), r.retry_after_ms),
+            Some(r.err),
+        ),
     }
 }
 
-fn verify_in(catalog: &Catalog, key: &str, req: &Request) -> Result<Row, VerifyError> {
+fn verify_in(catalog: &Catalog, key: &str, req: &Request) -> Result<(Row, Usage), Refusal> {
     if key.is_empty() {
-        return Err(VerifyError::MissingKey);
+        return Err(VerifyError::MissingKey.into());
     }
     if key.len() > 1024 {
-        return Err(VerifyError::InvalidFormat);
+        return Err(VerifyError::InvalidFormat.into());
     }
     let Some((row, hash)) = find(catalog, key) else {
-        return Err(
-            if keys::matches_format(key, &catalog.prefixes, catalog.length, &catalog.alphabet) {
-                VerifyError::InvalidKey
-            } else {
-                VerifyError::InvalidFormat
-            },
-        );
+        return Err(if keys::matches_format(
+            key,
+            &catalog.prefixes,
+            catalog.length,
+            &catalog.alphabet,
+        ) {
+            VerifyError::InvalidKey
+        } else {
+            VerifyError::InvalidFormat
+        }
+        .into());
     };
     // The index found the row by hash; compare in constant time all the same.
     // SAFETY: key_hash is a non-null bytea column.
@@ -110,18 +123,20 @@ fn verify_in(catalog: &Catalog, key: &str, req: &Request) -> Result<Row, VerifyE
         .and_then(|d| unsafe { <&[u8]>::from_datum(d, false) })
         .unwrap_or_default();
     if !keys::constant_time_eq(stored, &hash) {
-        return Err(VerifyError::InvalidKey);
+        return Err(VerifyError::InvalidKey.into());
     }
     // SAFETY: reads the transaction's start time (what now() returns).
     let now = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
     check(&row, req, now)?;
+    let writable = writable();
+    let usage = enforce::enforce(catalog, &row.limits(), req.cost, writable)?;
     let stale = row
         .timestamp(col::LAST_USED_AT)
         .is_none_or(|t| t <= now - catalog.last_used_resolution_us);
-    if stale && writable() {
+    if stale && writable {
         Connection::with(|conn| TOUCH.exec(conn, &[row.get(col::ID)], false, 0));
     }
-    Ok(row)
+    Ok((row, usage))
 }
 
 /// Looks the key up under the last-matching algorithm, then the other one.
@@ -205,15 +220,35 @@ impl Row {
             .unwrap_or_default()
     }
 
-    /// The verify_result of a valid verify: the verdict and the key's identity columns.
-    fn result(&self, catalog: &Catalog) -> VerifyResult {
+    /// The verify_result of a valid verify: the verdict, the key's identity columns and
+    /// what its limits left.
+    fn result(&self, catalog: &Catalog, usage: &Usage) -> VerifyResult {
         let mut datums: Vec<Option<pg_sys::Datum>> = vec![None; 17];
         datums[0] = true.into_datum();
         for c in col::IDENTITY {
             datums[c + 3] = self.get(c);
         }
         datums[13] = false.into_datum();
+        datums[15] = usage.rate_limit_remaining.into_datum();
+        datums[16] = usage.quota_remaining.into_datum();
         form(catalog, datums)
+    }
+
+    /// The key's limit settings (read only for a key that passed every other check).
+    fn limits(&self) -> KeyLimits {
+        KeyLimits {
+            id: self.get(col::ID).unwrap_or(pg_sys::Datum::from(0usize)),
+            rate_limit: enforce::json(self.get(col::RATE_LIMIT)),
+            quota: enforce::json(self.get(col::QUOTA)),
+            // SAFETY: policy is a text column.
+            policy: self
+                .get(col::POLICY)
+                .and_then(|d| unsafe { String::from_datum(d, false) }),
+            // SAFETY: env is a text column.
+            env: self
+                .get(col::ENV)
+                .and_then(|d| unsafe { String::from_datum(d, false) }),
+        }
     }
 }
 

@@ -52,7 +52,7 @@ SELECT results_eq($$SELECT name, description, scopes, tags, metadata FROM keypal
 SELECT lives_ok(format('SELECT keypal_update(%L, scopes => %L, metadata => %L)', pg_temp.id('u'), '{read,deploy}', '{"v": 2}'), 'update scopes and metadata');
 SELECT is(pg_temp.code(keypal_verify(pg_temp.key('u'), 'deploy')), 'VALID', 'same plaintext, new scope');
 SELECT is((SELECT rate_limit FROM keypal_get(pg_temp.id('u'))), '{"requests": 5, "window": "1m"}'::jsonb, 'rate_limit untouched by SQL NULL');
-SELECT is((SELECT rate_limit FROM keypal_update(pg_temp.id('u'), rate_limit => 'null')), NULL, 'JSON null clears rate_limit');
+SELECT is((SELECT rate_limit FROM keypal_update(pg_temp.id('u'), rate_limit => 'null')), 'null'::jsonb, 'JSON null clears rate_limit (the key has none, whatever the defaults)');
 SELECT throws_ok(format('SELECT keypal_update(%L, scopes => %L)', pg_temp.id('u'), '{""}'), '22023', NULL, 'bad scopes: 22023');
 SELECT throws_ok(format('SELECT keypal_update(%L, expires_in => %L)', pg_temp.id('u'), 'nope'), '22007', NULL, 'bad duration: 22007');
 SELECT throws_ok($$SELECT keypal_update(gen_random_uuid(), name => 'x')$$, 'P0002', NULL, 'update unknown: P0002');

@@ -1,0 +1,216 @@
+//! Rate limits and quotas at verify time, kept in tables (`keypal.rate_state`,
+//! `keypal.quota_usage`).
+//!
+//! Each limited key's state row is locked (an upsert) for the decision, so concurrent
+//! verifies of one key are serialised and never over-admit, across all connections. Keys
+//! without a rate limit or quota touch neither table. In a read-only transaction (or on a
+//! standby) the state is read, not written: the decision is made, nothing is counted.
+//! Being table rows, the counts roll back with the caller's transaction.
+
+use super::quota::{self, OnExceeded, Quota};
+use super::window::{Limit, Window};
+use crate::catalog::Catalog;
+use crate::errors::VerifyError;
+use crate::spi::{Connection, Stmt};
+use pgrx::prelude::*;
+use pgrx::{pg_sys, JsonB};
+use serde_json::Value;
+
+/// The limit settings of one key row.
+pub struct KeyLimits {
+    pub id: pg_sys::Datum,
+    pub rate_limit: Option<Value>,
+    pub quota: Option<Value>,
+    pub policy: Option<String>,
+    pub env: Option<String>,
+}
+
+/// What the limits left: reported in verify_result.
+#[derive(Default)]
+pub struct Usage {
+    pub rate_limit_remaining: Option<i64>,
+    pub quota_remaining: Option<i64>,
+}
+
+/// A refused verify and, for limits, how long to wait.
+pub struct Refusal {
+    pub err: VerifyError,
+    pub retry_after_ms: Option<i64>,
+}
+
+impl From<VerifyError> for Refusal {
+    fn from(err: VerifyError) -> Refusal {
+        Refusal {
+            err,
+            retry_after_ms: None,
+        }
+    }
+}
+
+static RATE_LOCK: Stmt = Stmt::new(
+    c"INSERT INTO keypal.rate_state AS r (key_id, state) VALUES ($1, '{}')
+      ON CONFLICT (key_id) DO UPDATE SET state = r.state
+      RETURNING r.state",
+    &[pg_sys::UUIDOID],
+);
+static RATE_PEEK: Stmt = Stmt::new(
+    c"SELECT r.state FROM keypal.rate_state r WHERE r.key_id = $1",
+    &[pg_sys::UUIDOID],
+);
+static RATE_SAVE: Stmt = Stmt::new(
+    c"UPDATE keypal.rate_state SET state = $2 WHERE key_id = $1",
+    &[pg_sys::UUIDOID, pg_sys::INT8ARRAYOID],
+);
+static QUOTA_LOCK: Stmt = Stmt::new(
+    c"INSERT INTO keypal.quota_usage AS q (key_id, period_start, used)
+      VALUES ($1, date_trunc($2, now(), 'UTC'), 0)
+      ON CONFLICT (key_id) DO UPDATE
+         SET used = CASE WHEN q.period_start = EXCLUDED.period_start THEN q.used ELSE 0 END,
+             period_start = EXCLUDED.period_start
+      RETURNING q.used",
+    &[pg_sys::UUIDOID, pg_sys::TEXTOID],
+);
+static QUOTA_PEEK: Stmt = Stmt::new(
+    c"SELECT CASE WHEN q.period_start = date_trunc($2, now(), 'UTC') THEN q.used ELSE 0 END
+        FROM keypal.quota_usage q WHERE q.key_id = $1",
+    &[pg_sys::UUIDOID, pg_sys::TEXTOID],
+);
+static QUOTA_ADD: Stmt = Stmt::new(
+    c"UPDATE keypal.quota_usage SET used = used + $2 WHERE key_id = $1",
+    &[pg_sys::UUIDOID, pg_sys::INT8OID],
+);
+static QUOTA_EVENT: Stmt = Stmt::new(
+    c"SELECT keypal.emit_event('quota.exceeded', $1,
+             jsonb_build_object('keyId', $1, 'limit', $2, 'used', $3, 'period', $4))",
+    &[
+        pg_sys::UUIDOID,
+        pg_sys::INT8OID,
+        pg_sys::INT8OID,
+        pg_sys::TEXTOID,
+    ],
+);
+
+/// The rate limit in force for a key (key, else policy, else environment, else default).
+fn rate_limit_of(catalog: &Catalog, key: &KeyLimits) -> Option<Limit> {
+    let policy = key
+        .policy
+        .as_deref()
+        .and_then(|p| catalog.policy_rate_limits.as_ref()?.get(p));
+    let environment = key.env.as_deref().and_then(|e| {
+        let env = catalog.environments.as_ref()?.get(e)?;
+        env.get("rate_limit").or_else(|| env.get("rateLimit"))
+    });
+    quota::effective_rate_limit(
+        key.rate_limit.as_ref(),
+        policy,
+        environment,
+        catalog.default_rate_limit.as_ref(),
+    )
+}
+
+/// Decides the key's limits for a request of `cost`, counting it when admitted and
+/// `writable`.
+pub fn enforce(
+    catalog: &Catalog,
+    key: &KeyLimits,
+    cost: i64,
+    writable: bool,
+) -> Result<Usage, Refusal> {
+    let rate = rate_limit_of(catalog, key);
+    let quota = key.quota.as_ref().and_then(quota::parse_quota);
+    if rate.is_none() && quota.is_none() {
+        return Ok(Usage::default());
+    }
+    Connection::with(|conn| {
+        let used = quota
+            .as_ref()
+            .map(|q| quota_used(conn, key.id, q, writable));
+        let over = matches!((&quota, used), (Some(q), Some(u)) if u + cost > q.limit);
+        let throttle = over
+            && quota
+                .as_ref()
+                .is_some_and(|q| q.on_exceeded == OnExceeded::Throttle);
+        let rate = if throttle {
+            Some(quota::throttled(rate))
+        } else {
+            rate
+        };
+        let mut usage = Usage::default();
+        let mut window = None;
+        if let Some(limit) = rate {
+            let mut w = rate_window(conn, key.id, writable);
+            // SAFETY: reads the clock.
+            let now = unsafe { pg_sys::GetCurrentTimestamp() };
+            let d = w.admit(now, limit, cost, writable);
+            if !d.allowed {
+                return Err(Refusal {
+                    err: VerifyError::RateLimited,
+                    retry_after_ms: Some(d.retry_after_ms),
+                });
+            }
+            usage.rate_limit_remaining = Some(d.remaining);
+            window = Some(w);
+        }
+        if let (Some(q), Some(u)) = (&quota, used) {
+            if over && q.on_exceeded == OnExceeded::Block {
+                return Err(VerifyError::QuotaExceeded.into());
+            }
+            usage.quota_remaining = Some((q.limit - u - if writable { cost } else { 0 }).max(0));
+        }
+        if writable {
+            if let Some(w) = window {
+                RATE_SAVE.exec(conn, &[Some(key.id), w.to_vec().into_datum()], false, 0);
+            }
+            if let (Some(q), Some(u)) = (&quota, used) {
+                QUOTA_ADD.exec(conn, &[Some(key.id), cost.into_datum()], false, 0);
+                if q.on_exceeded == OnExceeded::Warn && u <= q.limit && u + cost > q.limit {
+                    let args = [
+                        Some(key.id),
+                        q.limit.into_datum(),
+                        (u + cost).into_datum(),
+                        q.period.as_str().into_datum(),
+                    ];
+                    QUOTA_EVENT.exec(conn, &args, false, 0);
+                }
+            }
+        }
+        Ok(usage)
+    })
+}
+
+fn rate_window(conn: &Connection, id: pg_sys::Datum, writable: bool) -> Window {
+    let stmt = if writable { &RATE_LOCK } else { &RATE_PEEK };
+    if stmt.exec(conn, &[Some(id)], !writable, 1) != 1 {
+        return Window::default();
+    }
+    // SAFETY: the statement returns the state as int8[].
+    let state = conn
+        .get(0, 1)
+        .and_then(|d| unsafe { Vec::<i64>::from_datum(d, false) })
+        .unwrap_or_default();
+    Window::from_slice(&state)
+}
+
+fn quota_used(conn: &Connection, id: pg_sys::Datum, q: &Quota, writable: bool) -> i64 {
+    let stmt = if writable { &QUOTA_LOCK } else { &QUOTA_PEEK };
+    if stmt.exec(
+        conn,
+        &[Some(id), q.period.as_str().into_datum()],
+        !writable,
+        1,
+    ) != 1
+    {
+        return 0;
+    }
+    // SAFETY: the statement returns used as int8.
+    conn.get(0, 1)
+        .and_then(|d| unsafe { i64::from_datum(d, false) })
+        .unwrap_or(0)
+}
+
+/// Reads a jsonb datum of the key row.
+pub fn json(d: Option<pg_sys::Datum>) -> Option<Value> {
+    // SAFETY: d is a jsonb column of the key row.
+    d.and_then(|d| unsafe { JsonB::from_datum(d, false) })
+        .map(|j| j.0)
+}
