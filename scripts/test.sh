@@ -2,7 +2,8 @@
 # Runs every keypal test, as root on a fresh Debian 12 machine:
 #   1. cargo fmt/clippy, 2. pure Rust unit tests + #[pg_test]s (cargo pgrx test),
 #   3. the SQL contract suite (pgTAP, pg_prove) and the multi-session shell tests (prove)
-#      against the extension installed into a private cluster run as user postgres.
+#      against the installed extension, twice: in a plain cluster (table-backed rate limits)
+#      and in one with shared_preload_libraries = 'keypal' (shared-memory rate limits).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -19,14 +20,23 @@ PGRX_TEST_DIR=/tmp/keypal-pgrx-test
 rm -rf "$PGRX_TEST_DIR"
 cargo pgrx test pg15 --runas postgres --pgdata "$PGRX_TEST_DIR"
 
-echo "== SQL contract suite"
 cargo pgrx install --pg-config "$PG_CONFIG" >/dev/null
-export KEYPAL_TEST_DIR=/tmp/keypal-sql-test KEYPAL_TEST_PORT=${KEYPAL_TEST_PORT:-55439}
-bash scripts/cluster.sh stop "$KEYPAL_TEST_DIR" 2>/dev/null || true
-rm -rf "$KEYPAL_TEST_DIR"
-bash scripts/cluster.sh start "$KEYPAL_TEST_DIR" "$KEYPAL_TEST_PORT"
-trap 'bash scripts/cluster.sh stop "$KEYPAL_TEST_DIR"' EXIT
-export PGHOST=$KEYPAL_TEST_DIR PGPORT=$KEYPAL_TEST_PORT PGUSER=postgres
-psql -X -q -v ON_ERROR_STOP=1 -d postgres -f tests/setup.sql
-pg_prove -d keypal_test tests/sql/*.sql
-prove tests/shell/
+export PGUSER=postgres
+for mode in plain preload; do
+    echo "== SQL contract suite ($mode)"
+    export KEYPAL_TEST_MODE=$mode
+    export PGHOST=/tmp/keypal-sql-test-$mode PGPORT=$([ "$mode" = plain ] && echo 55439 || echo 55438)
+    bash scripts/cluster.sh stop "$PGHOST" 2>/dev/null || true
+    rm -rf "$PGHOST"
+    if [ "$mode" = preload ]; then
+        bash scripts/cluster.sh start "$PGHOST" "$PGPORT" "shared_preload_libraries = 'keypal'"
+    else
+        bash scripts/cluster.sh start "$PGHOST" "$PGPORT"
+    fi
+    trap 'bash scripts/cluster.sh stop "$PGHOST"' EXIT
+    psql -X -q -v ON_ERROR_STOP=1 -d postgres -f tests/setup.sql
+    pg_prove -d keypal_test tests/sql/*.sql
+    prove tests/shell/
+    bash scripts/cluster.sh stop "$PGHOST"
+    trap - EXIT
+done

@@ -1127,3 +1127,10 @@ BEGIN
 END $$;
 REVOKE ALL ON ALL TABLES IN SCHEMA keypal FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA keypal FROM PUBLIC;
+
+DO $$
+BEGIN
+    IF NOT keypal.shared_memory_available() THEN
+        RAISE NOTICE 'keypal: rate limits count in a table (keypal.rate_state); for the faster shared-memory limiter add keypal to shared_preload_libraries and restart';
+    END IF;
+END $$;

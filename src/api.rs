@@ -410,6 +410,13 @@ mod keypal {
         }
     }
 
+    /// Whether rate limits count in shared memory (keypal is in shared_preload_libraries)
+    /// rather than in keypal.rate_state.
+    #[pg_extern(stable, parallel_safe)]
+    fn shared_memory_available() -> bool {
+        crate::limits::shmem::available()
+    }
+
     /// Makes every backend reload what verify caches about the settings (called by the
     /// statement trigger on keypal.settings).
     #[pg_extern(volatile)]

@@ -30,6 +30,7 @@ pub extern "C-unwind" fn _PG_init() {
     gucs::init();
     identity::init();
     catalog::init();
+    limits::shmem::init();
 }
 
 #[cfg(any(test, feature = "pg_test"))]

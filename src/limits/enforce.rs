@@ -1,13 +1,15 @@
-//! Rate limits and quotas at verify time, kept in tables (`keypal.rate_state`,
-//! `keypal.quota_usage`).
+//! Rate limits and quotas at verify time.
 //!
-//! Each limited key's state row is locked (an upsert) for the decision, so concurrent
-//! verifies of one key are serialised and never over-admit, across all connections. Keys
-//! without a rate limit or quota touch neither table. In a read-only transaction (or on a
-//! standby) the state is read, not written: the decision is made, nothing is counted.
-//! Being table rows, the counts roll back with the caller's transaction.
+//! Rate limits count in shared memory when keypal is preloaded (shmem.rs). Otherwise, and
+//! for keys past the shared table's cap, they count in `keypal.rate_state`: each limited
+//! key's row is locked (an upsert) for the decision, so concurrent verifies of one key are
+//! serialised and never over-admit, across all connections; in a read-only transaction (or
+//! on a standby) the row is read, not written (decided, not counted); and being a table row,
+//! the count rolls back with the caller's transaction. Quotas count in
+//! `keypal.quota_usage` the same way. Keys without a rate limit or quota touch nothing.
 
 use super::quota::{self, OnExceeded, Quota};
+use super::shmem;
 use super::window::{Limit, Window};
 use crate::catalog::Catalog;
 use crate::errors::VerifyError;
@@ -135,13 +137,23 @@ pub fn enforce(
         } else {
             rate
         };
+        let blocked = over
+            && quota
+                .as_ref()
+                .is_some_and(|q| q.on_exceeded == OnExceeded::Block);
         let mut usage = Usage::default();
         let mut window = None;
         if let Some(limit) = rate {
-            let mut w = rate_window(conn, key.id, writable);
-            // SAFETY: reads the clock.
-            let now = unsafe { pg_sys::GetCurrentTimestamp() };
-            let d = w.admit(now, limit, cost, writable);
+            // Shared memory counts even in read-only transactions; it is never rolled back.
+            let shared = shmem::admit(key_bytes(key.id), limit, cost, !blocked);
+            let d = shared.unwrap_or_else(|| {
+                let mut w = rate_window(conn, key.id, writable);
+                // SAFETY: reads the clock.
+                let now = unsafe { pg_sys::GetCurrentTimestamp() };
+                let d = w.admit(now, limit, cost, writable && !blocked);
+                window = Some(w);
+                d
+            });
             if !d.allowed {
                 return Err(Refusal {
                     err: VerifyError::RateLimited,
@@ -149,10 +161,9 @@ pub fn enforce(
                 });
             }
             usage.rate_limit_remaining = Some(d.remaining);
-            window = Some(w);
         }
         if let (Some(q), Some(u)) = (&quota, used) {
-            if over && q.on_exceeded == OnExceeded::Block {
+            if blocked {
                 return Err(VerifyError::QuotaExceeded.into());
             }
             usage.quota_remaining = Some((q.limit - u - if writable { cost } else { 0 }).max(0));
@@ -176,6 +187,14 @@ pub fn enforce(
         }
         Ok(usage)
     })
+}
+
+/// The 16 bytes of the key's uuid.
+fn key_bytes(id: pg_sys::Datum) -> [u8; 16] {
+    // SAFETY: id is the key's uuid datum.
+    unsafe { pgrx::Uuid::from_datum(id, false) }
+        .map(|u| *u.as_bytes())
+        .unwrap_or([0; 16])
 }
 
 fn rate_window(conn: &Connection, id: pg_sys::Datum, writable: bool) -> Window {

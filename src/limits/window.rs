@@ -36,6 +36,7 @@ pub struct Decision {
 /// The counts of one key: `head` is the absolute index (time / bucket width) of the newest
 /// bucket; `counts[i % SLOTS]` holds bucket i for i in head-BUCKETS..=head.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[repr(C)]
 pub struct Window {
     pub head: i64,
     pub counts: [i64; SLOTS],

@@ -23,8 +23,26 @@ is "$(hammer "$qkey" 10)" 30 "blocking quota 30/day: 80 concurrent attempts, exa
 qid=$(q -c "SELECT id FROM keypal.keys WHERE owner_id = 'hammer' AND quota IS NOT NULL")
 is "$(q -c "SELECT used FROM keypal_usage('$qid')")" 30 "keypal_usage counts 30"
 
-# In a read-only transaction the limit still decides, but nothing is counted.
-okey=$(q -c "SELECT key FROM keypal_create(owner_id => 'hammer', rate_limit => '{\"requests\": 2, \"window\": \"1h\"}')")
-is "$(q -c "BEGIN READ ONLY" -c "SELECT (keypal_verify('$okey')).valid" -c "SELECT (keypal_verify('$okey')).valid" -c "SELECT (keypal_verify('$okey')).valid" -c "COMMIT" | tr '\n' ' ')" "t t t " "read-only: decided but not counted"
-is "$(q -c "SELECT (keypal_verify('$okey')).rate_limit_remaining")" 1 "so the first writable verify has the whole limit"
+# Read-only transactions and rollbacks: shared memory counts both and never undoes a count;
+# the table-backed path (no preload) decides without counting, and rolls back with the caller.
+ro() {  # three verifies of a fresh 2-per-hour key inside a read-only transaction
+    local k
+    k=$(q -c "SELECT key FROM keypal_create(owner_id => 'hammer', rate_limit => '{\"requests\": 2, \"window\": \"1h\"}')")
+    q -c "BEGIN READ ONLY" -c "SELECT (keypal_verify('$k')).valid" -c "SELECT (keypal_verify('$k')).valid" -c "SELECT (keypal_verify('$k')).valid" -c "COMMIT" | tr '\n' ' '
+}
+rb() {  # two verifies rolled back, then one more: its remaining count
+    local k
+    k=$(q -c "SELECT key FROM keypal_create(owner_id => 'hammer', rate_limit => '{\"requests\": 3, \"window\": \"1h\"}')")
+    q -c "BEGIN" -c "SELECT (keypal_verify('$k')).valid" -c "SELECT (keypal_verify('$k')).valid" -c "ROLLBACK" >/dev/null
+    q -c "SELECT (keypal_verify('$k')).rate_limit_remaining"
+}
+if [ "${KEYPAL_TEST_MODE:-plain}" = preload ]; then
+    is "$(q -c "SELECT keypal.shared_memory_available()")" t "preloaded: the shared-memory limiter is in use"
+    is "$(ro)" "t t f " "read-only transaction: counted in shared memory, the third refused"
+    is "$(rb)" 0 "a rolled-back transaction's verifies still count"
+else
+    is "$(q -c "SELECT keypal.shared_memory_available()")" f "not preloaded: the table-backed limiter"
+    is "$(ro)" "t t t " "read-only transaction: decided but not counted"
+    is "$(rb)" 2 "the table-backed count rolls back with the caller's transaction"
+fi
 done_testing
