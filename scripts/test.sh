@@ -29,7 +29,8 @@ for mode in plain preload; do
     bash scripts/cluster.sh stop "$PGHOST" 2>/dev/null || true
     rm -rf "$PGHOST"
     if [ "$mode" = preload ]; then
-        bash scripts/cluster.sh start "$PGHOST" "$PGPORT" "shared_preload_libraries = 'keypal'"
+        # A tiny limiter table, so the tests also cover keys past its cap.
+        bash scripts/cluster.sh start "$PGHOST" "$PGPORT" "shared_preload_libraries = 'keypal'" "keypal.rate_limit_slots = 64"
     else
         bash scripts/cluster.sh start "$PGHOST" "$PGPORT"
     fi

@@ -1,4 +1,5 @@
-//! Every keypal setting that lives in postgresql.conf rather than in keypal.settings.
+//! Every keypal setting that lives in postgresql.conf rather than in keypal.settings:
+//! `keypal.salt` and `keypal.rate_limit_slots`.
 //!
 //! `keypal.salt` is the server secret mixed into every key hash. It is superuser-only
 //! (PGC_SUSET, hidden from SHOW for others) and lives in the server's configuration, never
@@ -11,7 +12,15 @@ use std::ffi::CString;
 
 pub static SALT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
+/// How many keys the shared-memory rate limiter tracks at once (needs a restart).
+pub static RATE_LIMIT_SLOTS: GucSetting<i32> = GucSetting::<i32>::new(16384);
+
 pub fn init() {
+    // A server-start setting can only be defined while being preloaded (and only matters then).
+    // SAFETY: reads a backend-global flag.
+    if unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress } {
+        define_rate_limit_slots();
+    }
     GucRegistry::define_string_guc(
         c"keypal.salt",
         c"Server secret mixed into every API-key hash (superuser only).",
@@ -20,6 +29,20 @@ pub fn init() {
         &SALT,
         GucContext::Suset,
         GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL | GucFlags::NO_RESET_ALL,
+    );
+}
+
+fn define_rate_limit_slots() {
+    GucRegistry::define_int_guc(
+        c"keypal.rate_limit_slots",
+        c"Keys the shared-memory rate limiter tracks at once (about 200 bytes each).",
+        c"Only with shared_preload_libraries = 'keypal'. A key whose window is still live and \
+          finds no free slot is rate-limited through the keypal.rate_state table instead.",
+        &RATE_LIMIT_SLOTS,
+        64,
+        16 * 1024 * 1024,
+        GucContext::Postmaster,
+        GucFlags::default(),
     );
 }
 

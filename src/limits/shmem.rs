@@ -1,7 +1,8 @@
 //! The shared-memory rate limiter, used when keypal is in `shared_preload_libraries`.
 //!
-//! A fixed table of `CAPACITY` slots, one per key with recent traffic, each holding the
-//! key's sliding window (window.rs), guarded by one LWLock held only for the arithmetic.
+//! A fixed table of `keypal.rate_limit_slots` slots (default 16384, about 200 bytes each),
+//! one per key with recent traffic, each holding the key's sliding window (window.rs),
+//! guarded by one LWLock held only for the arithmetic.
 //! Nothing is written to a table and nothing is rolled back with the caller's transaction;
 //! it works in read-only transactions and on a standby (each server counts its own traffic).
 //! A slot is reused once all its buckets have left its window. When every slot a key could
@@ -13,7 +14,6 @@ use pgrx::pg_sys;
 use std::ffi::CStr;
 use std::sync::atomic::{AtomicPtr, Ordering};
 
-pub const CAPACITY: usize = 8192;
 const MAX_PROBES: usize = 32;
 const NAME: &CStr = c"keypal rate limiter";
 
@@ -24,10 +24,19 @@ struct Slot {
     window: Window,
 }
 
+/// The header; `nslots` slots follow it.
 #[repr(C)]
 struct Table {
     lock: *mut pg_sys::LWLock,
-    slots: [Slot; CAPACITY],
+    nslots: usize,
+}
+
+fn size(nslots: usize) -> usize {
+    std::mem::size_of::<Table>() + nslots * std::mem::size_of::<Slot>()
+}
+
+fn nslots() -> usize {
+    crate::gucs::RATE_LIMIT_SLOTS.get().max(1) as usize
 }
 
 static TABLE: AtomicPtr<Table> = AtomicPtr::new(std::ptr::null_mut());
@@ -60,7 +69,7 @@ unsafe extern "C-unwind" fn on_request() {
         if let Some(prev) = PREV_REQUEST {
             prev();
         }
-        pg_sys::RequestAddinShmemSpace(std::mem::size_of::<Table>());
+        pg_sys::RequestAddinShmemSpace(size(nslots()));
         pg_sys::RequestNamedLWLockTranche(NAME.as_ptr(), 1);
     }
 }
@@ -74,13 +83,13 @@ unsafe extern "C-unwind" fn on_startup() {
         let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock; // AddinShmemInitLock
         pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
         let mut found = false;
-        let table =
-            pg_sys::ShmemInitStruct(NAME.as_ptr(), std::mem::size_of::<Table>(), &mut found)
-                .cast::<Table>();
+        let n = nslots();
+        let table = pg_sys::ShmemInitStruct(NAME.as_ptr(), size(n), &mut found).cast::<Table>();
         if !found {
             // All zeroes is an empty table: no key is all-zero (keys are random uuids).
-            std::ptr::write_bytes(table.cast::<u8>(), 0, std::mem::size_of::<Table>());
+            std::ptr::write_bytes(table.cast::<u8>(), 0, size(n));
             (*table).lock = &raw mut (*pg_sys::GetNamedLWLockTranche(NAME.as_ptr())).lock;
+            (*table).nslots = n;
         }
         TABLE.store(table, Ordering::Relaxed);
         pg_sys::LWLockRelease(init_lock);
@@ -100,7 +109,8 @@ pub fn admit(key: [u8; 16], limit: Limit, cost: i64, record: bool) -> Option<Dec
         let now = pg_sys::GetCurrentTimestamp();
         let lock = (*table).lock;
         pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
-        let decision = slot_for(&mut (*table).slots, key, now).map(|slot| {
+        let slots = std::slice::from_raw_parts_mut(table.add(1).cast::<Slot>(), (*table).nslots);
+        let decision = slot_for(slots, key, now).map(|slot| {
             if slot.window_us != limit.window_us {
                 slot.window = Window::default();
                 slot.window_us = limit.window_us;
@@ -113,11 +123,12 @@ pub fn admit(key: [u8; 16], limit: Limit, cost: i64, record: bool) -> Option<Dec
 }
 
 /// The key's slot, or a free/expired one claimed for it, among its first MAX_PROBES slots.
-fn slot_for(slots: &mut [Slot; CAPACITY], key: [u8; 16], now: i64) -> Option<&mut Slot> {
-    let start = u64::from_le_bytes(key[..8].try_into().expect("8 bytes")) as usize % CAPACITY;
+fn slot_for(slots: &mut [Slot], key: [u8; 16], now: i64) -> Option<&mut Slot> {
+    let n = slots.len();
+    let start = u64::from_le_bytes(key[..8].try_into().expect("8 bytes")) as usize % n;
     let mut free = None;
-    for probe in 0..MAX_PROBES {
-        let i = (start + probe) % CAPACITY;
+    for probe in 0..MAX_PROBES.min(n) {
+        let i = (start + probe) % n;
         let slot = &slots[i];
         if slot.key == key {
             return Some(&mut slots[i]);

@@ -45,4 +45,14 @@ else
     is "$(ro)" "t t t " "read-only transaction: decided but not counted"
     is "$(rb)" 2 "the table-backed count rolls back with the caller's transaction"
 fi
+
+# More keys with live windows than the shared table has slots (64 in the preload test
+# cluster): every key still gets exactly its limit.
+q -c "CREATE TABLE IF NOT EXISTS many_keys AS SELECT key FROM generate_series(1, 200) i, LATERAL keypal_create(owner_id => 'many' || i, rate_limit => '{\"requests\": 1, \"window\": \"1h\"}')" >/dev/null
+is "$(q -c "SELECT count(*) FILTER (WHERE (keypal_verify(key)).valid) FROM many_keys")" 200 "200 keys: each admitted once"
+is "$(q -c "SELECT count(*) FILTER (WHERE (keypal_verify(key)).error_code = 'RATE_LIMITED') FROM many_keys")" 200 "and each refused the second time"
+if [ "${KEYPAL_TEST_MODE:-plain}" = preload ]; then
+    ok "$( [ "$(q -c "SELECT count(*) FROM keypal.rate_state")" -gt 0 ]; echo $? )" "past the shared table's cap, keys fall back to keypal.rate_state"
+fi
+q -c "DROP TABLE many_keys"
 done_testing
