@@ -18,9 +18,8 @@ rkey=$(q -c "SELECT key FROM keypal_create(owner_id => 'hammer', rate_limit => '
 is "$(hammer "$rkey" 20)" 50 "rate limit 50/h: 160 concurrent attempts, exactly 50 admitted"
 is "$(q -c "SELECT error_code FROM keypal_verify('$rkey')")" "RATE_LIMITED" "and the next is RATE_LIMITED"
 
-qkey=$(q -c "SELECT key FROM keypal_create(owner_id => 'hammer', quota => '{\"limit\": 30, \"period\": \"day\"}')")
+read -r qid qkey < <(q -F ' ' -c "SELECT id, key FROM keypal_create(owner_id => 'hammer', quota => '{\"limit\": 30, \"period\": \"day\"}')")
 is "$(hammer "$qkey" 10)" 30 "blocking quota 30/day: 80 concurrent attempts, exactly 30 admitted"
-qid=$(q -c "SELECT id FROM keypal.keys WHERE owner_id = 'hammer' AND quota IS NOT NULL")
 is "$(q -c "SELECT used FROM keypal_usage('$qid')")" 30 "keypal_usage counts 30"
 
 # Read-only transactions and rollbacks: shared memory counts both and never undoes a count;

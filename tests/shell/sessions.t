@@ -30,6 +30,8 @@ is "$(q -c "SELECT last_used_at IS NULL FROM keypal.keys WHERE id = '$id'")" "t"
 is "$(q -c "SET default_transaction_read_only = on" -c "SELECT valid FROM keypal_verify('$key')")" "t" "verify with default_transaction_read_only"
 
 # last_used_at: written on the first verify, then at most once per resolution.
+q -c "SELECT keypal_configure(last_used_resolution => '60s')" >/dev/null
+q -c "UPDATE keypal.keys SET last_used_at = NULL WHERE id = '$id'"
 q -c "SELECT valid FROM keypal_verify('$key')" >/dev/null
 first=$(q -c "SELECT last_used_at FROM keypal.keys WHERE id = '$id'")
 ok "$( [ -n "$first" ]; echo $? )" "first verify records last_used_at"
