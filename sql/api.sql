@@ -814,6 +814,44 @@ BEGIN
     END IF;
 END $$;
 
+CREATE FUNCTION keypal_analyze(key_id uuid DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    k     keypal.keys;
+    cfg   keypal.settings := keypal.config();
+    facts jsonb;
+BEGIN
+    SELECT * INTO k FROM keypal.keys WHERE id = keypal_analyze.key_id;
+    IF NOT FOUND THEN
+        PERFORM keypal.key_not_found(keypal_analyze.key_id, 'id');
+    END IF;
+    WITH u AS (
+        SELECT x.hour, x.endpoint, x.requests FROM keypal.usage x
+         WHERE x.key_id = k.id AND x.hour >= now() - interval '30 days'),
+    per_hour AS (SELECT u.hour, sum(u.requests)::bigint AS r FROM u GROUP BY u.hour)
+    SELECT jsonb_build_object(
+        'env', k.env,
+        'scopes', to_jsonb(k.scopes),
+        'expires_in_days', extract(epoch FROM k.expires_at - now()) / 86400,
+        'has_ip_rule', cardinality(k.allowed_ips) > 0,
+        'has_rate_limit', coalesce(k.rate_limit, (SELECT p.rate_limit FROM keypal.policies p WHERE p.name = k.policy),
+                                   cfg.environments -> k.env -> 'rate_limit', cfg.rate_limit, 'null') <> 'null',
+        'days_since_last_use', extract(epoch FROM now() - k.last_used_at) / 86400,
+        'by_hour', (SELECT jsonb_agg(coalesce(x.s, 0) ORDER BY h)
+                      FROM generate_series(0, 23) h
+                      LEFT JOIN (SELECT extract(hour FROM p.hour AT TIME ZONE 'UTC')::int AS hh, sum(p.r) AS s
+                                   FROM per_hour p GROUP BY 1) x ON x.hh = h),
+        'active_days', (SELECT count(DISTINCT date_trunc('day', p.hour, 'UTC')) FROM per_hour p),
+        'active_hours', (SELECT count(*) FROM per_hour),
+        'busiest_hour', (SELECT coalesce(max(p.r), 0) FROM per_hour p),
+        'endpoints', (SELECT coalesce(jsonb_agg(jsonb_build_array(e.endpoint, e.r) ORDER BY e.r DESC, e.endpoint), '[]')
+                        FROM (SELECT u.endpoint, sum(u.requests) AS r FROM u WHERE u.endpoint <> ''
+                               GROUP BY u.endpoint) e))
+      INTO facts;
+    RETURN keypal.analyze_facts(facts);
+END $$;
+
 --------------------------------------------------------------------------------
 -- Settings
 --------------------------------------------------------------------------------
@@ -1090,6 +1128,7 @@ BEGIN
         ('keypal_history', 'The rotation chain a key belongs to, oldest first.'),
         ('keypal_usage', 'A key''s quota use in the current period (used, limit, remaining, resets_at, period) and the tokens and cost tracked in it.'),
         ('keypal_track_usage', 'Records custom usage for a key: requests (counted against its quota), tokens and cost, per hour and endpoint.'),
+        ('keypal_analyze', 'A deterministic report on a key: suggested_name, usage_pattern, security_score (0-100), recommendations, peak hours and top endpoints, from its settings and the last 30 days of usage.'),
         ('keypal_audit', 'Audit log entries, newest first, filtered by key, owner, org, action and time.'),
         ('keypal_audit_stats', 'Audit totals: count, count per action and last activity, for an owner and time range.')
     ) AS t(name, comment) LOOP

@@ -410,6 +410,14 @@ mod keypal {
         }
     }
 
+    /// keypal_analyze's report from the facts it gathered (see insight.rs).
+    #[pg_extern(immutable, strict, parallel_safe)]
+    fn analyze_facts(facts: JsonB) -> JsonB {
+        JsonB(crate::insight::analyze(&crate::insight::facts_from_json(
+            &facts.0,
+        )))
+    }
+
     /// Whether rate limits count in shared memory (keypal is in shared_preload_libraries)
     /// rather than in keypal.rate_state.
     #[pg_extern(stable, parallel_safe)]

@@ -14,6 +14,7 @@ pub mod duration;
 pub mod errors;
 pub mod gucs;
 pub mod identity;
+pub mod insight;
 pub mod keys;
 pub mod limits;
 pub mod net;

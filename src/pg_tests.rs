@@ -59,7 +59,7 @@ mod tests {
     }
 
     #[pg_test(
-        error = "invalid duration for expires_in: \"tomorrow\" (use e.g. 30s, 5m, 1h, 7d, 2w, 1y or an interval)"
+        error = "invalid duration for expires_in: 'tomorrow' (use e.g. 30s, 5m, 1h, 7d, 2w, 1y or an interval)"
     )]
     fn bad_duration_names_the_argument() {
         Spi::run("SELECT keypal.parse_duration('tomorrow', 'expires_in')").unwrap();

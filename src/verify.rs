@@ -1,8 +1,8 @@
 //! The verify hot path.
 //!
 //! The key row is found without the executor: a direct scan of the unique index on
-//! `keypal.keys(key_hash)` under the statement's snapshot (what a prepared SELECT would see,
-//! minus planning, executor start-up and SPI). Everything after the lookup is in-memory checks
+//! `keypal.keys(key_hash)` under a fresh snapshot (what a query run from this volatile
+//! function would see, minus planning, executor start-up and SPI). Everything after the lookup is in-memory checks
 //! in SPEC §4 order. SPI is used only off the common path: ancestors (keys with a parent), the
 //! `last_used_at` write (at most once per key per `last_used_resolution`, never in a read-only
 //! transaction) and reloading the per-backend catalog cache.
@@ -157,7 +157,7 @@ fn find(catalog: &Catalog, key: &str) -> Option<(Row, Vec<u8>)> {
 struct Row([Option<pg_sys::Datum>; KEY_COLUMNS.len()]);
 
 impl Row {
-    /// The row whose key_hash equals `hash`, visible to the current statement's snapshot.
+    /// The row whose key_hash equals `hash`, as a query run now would see it.
     fn by_hash(catalog: &Catalog, hash: &[u8]) -> Option<Row> {
         // SAFETY: opens keypal.keys (AccessShareLock, held to transaction end as the executor
         // would) and scans its unique key_hash index with an equality key on the attnum the
@@ -172,11 +172,11 @@ impl Row {
                 pg_sys::Oid::from(pg_sys::F_BYTEAEQ),
                 hash.into_datum().expect("bytea datum"),
             );
-            let snapshot = if pg_sys::ActiveSnapshotSet() {
-                pg_sys::GetActiveSnapshot()
-            } else {
-                pg_sys::GetTransactionSnapshot()
-            };
+            // As SPI does for a volatile function's query: make this transaction's earlier
+            // changes visible, then take a fresh snapshot (READ COMMITTED) or the
+            // transaction's (REPEATABLE READ and above).
+            pg_sys::CommandCounterIncrement();
+            let snapshot = pg_sys::GetTransactionSnapshot();
             let scan = pg_sys::systable_beginscan(
                 rel,
                 catalog.hash_index,
