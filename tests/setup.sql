@@ -14,3 +14,14 @@ END $$;
 CREATE EXTENSION pgtap;
 CREATE EXTENSION keypal;
 CREATE EXTENSION pgcrypto;
+-- tap.err(sql): 'SQLSTATE DETAIL HINT' of the error sql raises, or 'no error'.
+CREATE SCHEMA tap;
+CREATE FUNCTION tap.err(sql text) RETURNS text LANGUAGE plpgsql AS $$
+DECLARE st text; det text; hint text;
+BEGIN
+    EXECUTE sql;
+    RETURN 'no error';
+EXCEPTION WHEN others THEN
+    GET STACKED DIAGNOSTICS st = RETURNED_SQLSTATE, det = PG_EXCEPTION_DETAIL, hint = PG_EXCEPTION_HINT;
+    RETURN rtrim(st || ' ' || coalesce(det, '') || ' ' || coalesce(hint, ''));
+END $$;

@@ -2,16 +2,6 @@
 BEGIN;
 SELECT no_plan();
 
--- err(sql): 'SQLSTATE DETAIL' of the error sql raises, or 'no error'.
-CREATE FUNCTION pg_temp.err(sql text) RETURNS text LANGUAGE plpgsql AS $$
-DECLARE st text; det text; hint text;
-BEGIN
-    EXECUTE sql;
-    RETURN 'no error';
-EXCEPTION WHEN others THEN
-    GET STACKED DIAGNOSTICS st = RETURNED_SQLSTATE, det = PG_EXCEPTION_DETAIL, hint = PG_EXCEPTION_HINT;
-    RETURN st || ' ' || coalesce(det, '');
-END $$;
 
 SELECT keypal_configure(prefix => 'sk_', environments => '{"live": {"prefix": "sk_live_"}, "test": {"prefix": "sk_test_"}}');
 CREATE TEMP TABLE k (label text PRIMARY KEY, key text, id uuid);
@@ -112,15 +102,15 @@ SELECT is(pg_temp.code(keypal_verify_headers(NULL)), 'MISSING_KEY', 'NULL header
 SELECT ok(keypal_check(pg_temp.key('plain'), 'read'), 'check: true');
 SELECT ok(NOT keypal_check(pg_temp.key('plain'), 'admin'), 'check: false');
 SELECT is((keypal_require(pg_temp.key('plain'), 'read')).owner_id, 'u1', 'require returns the result');
-SELECT is(pg_temp.err(format('SELECT keypal_require(%L)', e.key)), e.want, 'require: ' || e.want)
+SELECT is(tap.err(format('SELECT keypal_require(%L)', e.key)), e.want, 'require: ' || e.want)
   FROM (VALUES (NULL, '28000 MISSING_KEY'), ('zz', '28000 INVALID_FORMAT'), ('sk_' || repeat('a', 32), '28000 INVALID_KEY'),
                (pg_temp.key('revoked'), '28000 REVOKED'), (pg_temp.key('disabled'), '28000 DISABLED'),
                (pg_temp.key('expired'), '28000 EXPIRED')) AS e(key, want);
-SELECT is(pg_temp.err(format('SELECT keypal_require(%L, env => %L)', pg_temp.key('test'), 'live')), '42501 ENV_MISMATCH', 'require: 42501 ENV_MISMATCH');
-SELECT is(pg_temp.err(format('SELECT keypal_require(%L)', pg_temp.key('ips'))), '42501 IP_NOT_ALLOWED', 'require: 42501 IP_NOT_ALLOWED');
-SELECT is(pg_temp.err(format('SELECT keypal_require(%L)', pg_temp.key('regions'))), '42501 REGION_NOT_ALLOWED', 'require: 42501 REGION_NOT_ALLOWED');
-SELECT is(pg_temp.err(format('SELECT keypal_require(%L, %L)', pg_temp.key('plain'), 'admin')), '42501 INSUFFICIENT_SCOPE', 'require: 42501 INSUFFICIENT_SCOPE');
-SELECT ok(pg_temp.err(format('SELECT keypal_require(%L)', pg_temp.key('revoked'))) NOT LIKE '%' || pg_temp.key('revoked') || '%', 'the error does not echo the key');
+SELECT is(tap.err(format('SELECT keypal_require(%L, env => %L)', pg_temp.key('test'), 'live')), '42501 ENV_MISMATCH', 'require: 42501 ENV_MISMATCH');
+SELECT is(tap.err(format('SELECT keypal_require(%L)', pg_temp.key('ips'))), '42501 IP_NOT_ALLOWED', 'require: 42501 IP_NOT_ALLOWED');
+SELECT is(tap.err(format('SELECT keypal_require(%L)', pg_temp.key('regions'))), '42501 REGION_NOT_ALLOWED', 'require: 42501 REGION_NOT_ALLOWED');
+SELECT is(tap.err(format('SELECT keypal_require(%L, %L)', pg_temp.key('plain'), 'admin')), '42501 INSUFFICIENT_SCOPE', 'require: 42501 INSUFFICIENT_SCOPE');
+SELECT ok(tap.err(format('SELECT keypal_require(%L)', pg_temp.key('revoked'))) NOT LIKE '%' || pg_temp.key('revoked') || '%', 'the error does not echo the key');
 
 -- last_used_at is recorded on a valid verify only, at most once per resolution.
 SELECT is((SELECT last_used_at FROM keypal.keys WHERE id = (SELECT id FROM k WHERE label = 'plain')), now(), 'valid verify records last_used_at');

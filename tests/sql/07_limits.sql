@@ -2,15 +2,6 @@
 BEGIN;
 SELECT no_plan();
 
-CREATE FUNCTION pg_temp.err(sql text) RETURNS text LANGUAGE plpgsql AS $$
-DECLARE st text; det text; hint text;
-BEGIN
-    EXECUTE sql;
-    RETURN 'no error';
-EXCEPTION WHEN others THEN
-    GET STACKED DIAGNOSTICS st = RETURNED_SQLSTATE, det = PG_EXCEPTION_DETAIL, hint = PG_EXCEPTION_HINT;
-    RETURN st || ' ' || coalesce(det, '') || ' ' || coalesce(hint, '');
-END $$;
 CREATE TEMP TABLE k (label text PRIMARY KEY, key text, id uuid);
 CREATE FUNCTION pg_temp.key(l text) RETURNS text LANGUAGE sql AS $$ SELECT key FROM k WHERE label = l $$;
 CREATE FUNCTION pg_temp.id(l text) RETURNS uuid LANGUAGE sql AS $$ SELECT id FROM k WHERE label = l $$;
@@ -23,7 +14,7 @@ SELECT is((keypal_verify(pg_temp.key('r'), 'read')).rate_limit_remaining, 1::big
 SELECT is((keypal_verify(pg_temp.key('r'), 'read')).rate_limit_remaining, 0::bigint, '3rd of 3: remaining 0');
 SELECT results_eq($$SELECT valid, error_code, rate_limited, retry_after_ms > 0 AND retry_after_ms <= 63000 FROM keypal_verify(pg_temp.key('r'), 'read')$$,
     $$VALUES (false, 'RATE_LIMITED', true, true)$$, '4th: RATE_LIMITED with retry_after_ms');
-SELECT ok(pg_temp.err(format('SELECT keypal_require(%L)', pg_temp.key('r'))) ~ '^53400 RATE_LIMITED retry after \d+ ms$', 'require: 53400, RATE_LIMITED in DETAIL, the delay in HINT');
+SELECT ok(tap.err(format('SELECT keypal_require(%L)', pg_temp.key('r'))) ~ '^53400 RATE_LIMITED retry after \d+ ms$', 'require: 53400, RATE_LIMITED in DETAIL, the delay in HINT');
 SELECT throws_ok(format('SELECT keypal_verify(%L, cost => 0)', pg_temp.key('r')), '22023', NULL, 'cost below 1: 22023');
 
 -- cost weighs a request.
@@ -51,7 +42,7 @@ INSERT INTO k SELECT 'qb', key, id FROM keypal_create(owner_id => 'lim', quota =
 SELECT results_eq($$SELECT valid, quota_remaining FROM keypal_verify(pg_temp.key('qb'))$$, $$VALUES (true, 1::bigint)$$, 'quota: 1 of 2');
 SELECT is((keypal_verify(pg_temp.key('qb'))).quota_remaining, 0::bigint, 'quota: 2 of 2');
 SELECT is((keypal_verify(pg_temp.key('qb'))).error_code, 'QUOTA_EXCEEDED', 'block: QUOTA_EXCEEDED');
-SELECT ok(pg_temp.err(format('SELECT keypal_require(%L)', pg_temp.key('qb'))) LIKE '53400 QUOTA_EXCEEDED%', 'require: 53400 QUOTA_EXCEEDED');
+SELECT ok(tap.err(format('SELECT keypal_require(%L)', pg_temp.key('qb'))) LIKE '53400 QUOTA_EXCEEDED%', 'require: 53400 QUOTA_EXCEEDED');
 SELECT results_eq($$SELECT used, "limit", remaining, period, resets_at = date_trunc('day', now() + interval '1 day', 'UTC') FROM keypal_usage(pg_temp.id('qb'))$$,
     $$VALUES (2::bigint, 2::bigint, 0::bigint, 'day', true)$$, 'keypal_usage');
 INSERT INTO k SELECT 'qw', key, id FROM keypal_create(owner_id => 'lim', quota => '{"limit": 1, "period": "month", "on_exceeded": "warn"}');
