@@ -39,7 +39,8 @@ for mode in ${BENCH_MODES:-plain preload}; do
     preload=""
     # Room in the shared-memory limiter for all 100 000 keys (about 50 MB).
     [ "$mode" = preload ] && preload="shared_preload_libraries = 'keypal'
-keypal.rate_limit_slots = 262144"
+keypal.rate_limit_slots = 262144
+keypal.database = 'keypal_bench'"
     bash scripts/cluster.sh start "$DIR" "$PORT" "shared_buffers = '256MB'" "$preload"
     psql -X -q -d postgres -c "CREATE DATABASE keypal_bench"
     psql -X -q -v ON_ERROR_STOP=1 -d keypal_bench -f bench/setup.sql >/dev/null 2>&1

@@ -30,7 +30,8 @@ for mode in plain preload; do
     rm -rf "$PGHOST"
     if [ "$mode" = preload ]; then
         # A tiny limiter table, so the tests also cover keys past its cap.
-        bash scripts/cluster.sh start "$PGHOST" "$PGPORT" "shared_preload_libraries = 'keypal'" "keypal.rate_limit_slots = 64"
+        bash scripts/cluster.sh start "$PGHOST" "$PGPORT" "shared_preload_libraries = 'keypal'" "keypal.rate_limit_slots = 64" \
+            "keypal.database = 'keypal_test'" "keypal.flush_interval = 200"
     else
         bash scripts/cluster.sh start "$PGHOST" "$PGPORT"
     fi

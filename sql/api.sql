@@ -773,6 +773,8 @@ BEGIN
     v_from := date_trunc(v_per, now(), 'UTC');
     SELECT CASE WHEN q.period_start = v_from THEN q.used ELSE 0 END INTO v_used
       FROM keypal.quota_usage q WHERE q.key_id = k.id;
+    -- With the preload, the last moments' counts may still be in shared memory.
+    v_used := coalesce(v_used, 0) + keypal.pending_quota(k.id, v_per);
     RETURN QUERY
         SELECT coalesce(v_used, 0), (k.quota->>'limit')::bigint,
                greatest((k.quota->>'limit')::bigint - coalesce(v_used, 0), 0),
@@ -811,6 +813,7 @@ BEGIN
         ON CONFLICT ON CONSTRAINT quota_usage_pkey DO UPDATE
             SET used = CASE WHEN q.period_start = EXCLUDED.period_start THEN q.used ELSE 0 END + EXCLUDED.used,
                 period_start = EXCLUDED.period_start;
+        PERFORM keypal.quota_changed(k.id);
     END IF;
 END $$;
 

@@ -418,6 +418,20 @@ mod keypal {
         )))
     }
 
+    /// Quota requests counted in shared memory for `key_id` in the current `period` and not
+    /// yet written by the flush worker (0 without the preload).
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn pending_quota(key_id: Uuid, period: &str) -> i64 {
+        let start = crate::limits::enforce::period_start(period);
+        crate::limits::shmem::pending_for(*key_id.as_bytes(), start)
+    }
+
+    /// Makes verify re-read a key's quota use from the table (after a direct write to it).
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn quota_changed(key_id: Uuid) {
+        crate::limits::shmem::reload_quota(*key_id.as_bytes());
+    }
+
     /// Whether rate limits count in shared memory (keypal is in shared_preload_libraries)
     /// rather than in keypal.rate_state.
     #[pg_extern(stable, parallel_safe)]

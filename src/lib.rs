@@ -22,6 +22,7 @@ pub mod options;
 pub mod scopes;
 pub mod spi;
 pub mod verify;
+pub mod worker;
 
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
 extension_sql_file!("../sql/api.sql", name = "api", finalize);
@@ -32,6 +33,10 @@ pub extern "C-unwind" fn _PG_init() {
     identity::init();
     catalog::init();
     limits::shmem::init();
+    // SAFETY: reads a backend-global flag.
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        worker::init();
+    }
 }
 
 #[cfg(any(test, feature = "pg_test"))]

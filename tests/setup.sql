@@ -1,5 +1,5 @@
 -- Creates the database and roles the contract suite runs against (committed data).
-DROP DATABASE IF EXISTS keypal_test;
+DROP DATABASE IF EXISTS keypal_test WITH (FORCE);  -- the flush worker may be connected
 CREATE DATABASE keypal_test;
 DO $$
 BEGIN

@@ -1,12 +1,13 @@
 //! Rate limits and quotas at verify time.
 //!
-//! Rate limits count in shared memory when keypal is preloaded (shmem.rs). Otherwise, and
-//! for keys past the shared table's cap, they count in `keypal.rate_state`: each limited
-//! key's row is locked (an upsert) for the decision, so concurrent verifies of one key are
-//! serialised and never over-admit, across all connections; in a read-only transaction (or
-//! on a standby) the row is read, not written (decided, not counted); and being a table row,
-//! the count rolls back with the caller's transaction. Quotas count in
-//! `keypal.quota_usage` the same way. Keys without a rate limit or quota touch nothing.
+//! With the preload, both count in shared memory (shmem.rs): rate windows never touch a
+//! table; quota counts are written by the flush worker (worker.rs) — in the database it
+//! serves, and not on a standby. Otherwise, and for keys past the shared table's cap, they
+//! count in `keypal.rate_state` / `keypal.quota_usage`: each limited key's row is locked (an
+//! upsert) for the decision, so concurrent verifies of one key are serialised and never
+//! over-admit, across all connections; in a read-only transaction (or on a standby) the row
+//! is read, not written (decided, not counted); and being a table row, the count rolls back
+//! with the caller's transaction. Keys without a rate limit or quota touch nothing.
 
 use super::quota::{self, OnExceeded, Quota};
 use super::shmem;
@@ -14,6 +15,7 @@ use super::window::{Limit, Window};
 use crate::catalog::Catalog;
 use crate::errors::VerifyError;
 use crate::spi::{Connection, Stmt};
+use crate::worker;
 use pgrx::prelude::*;
 use pgrx::{pg_sys, JsonB};
 use serde_json::Value;
@@ -77,8 +79,12 @@ static QUOTA_PEEK: Stmt = Stmt::new(
         FROM keypal.quota_usage q WHERE q.key_id = $1",
     &[pg_sys::UUIDOID, pg_sys::TEXTOID],
 );
+/// Counts an admitted request against the quota and in the key's usage for this hour.
 static QUOTA_ADD: Stmt = Stmt::new(
-    c"UPDATE keypal.quota_usage SET used = used + $2 WHERE key_id = $1",
+    c"WITH q AS (UPDATE keypal.quota_usage SET used = used + $2 WHERE key_id = $1)
+      INSERT INTO keypal.usage AS u (key_id, hour, endpoint, requests)
+      VALUES ($1, date_trunc('hour', now()), '', $2)
+      ON CONFLICT ON CONSTRAINT usage_pkey DO UPDATE SET requests = u.requests + EXCLUDED.requests",
     &[pg_sys::UUIDOID, pg_sys::INT8OID],
 );
 static QUOTA_EVENT: Stmt = Stmt::new(
@@ -123,6 +129,9 @@ pub fn enforce(
     if rate.is_none() && quota.is_none() {
         return Ok(Usage::default());
     }
+    if let Some(result) = enforce_in_shared_memory(key, rate, quota.as_ref(), cost, writable) {
+        return result;
+    }
     Connection::with(|conn| {
         let used = quota
             .as_ref()
@@ -144,16 +153,11 @@ pub fn enforce(
         let mut usage = Usage::default();
         let mut window = None;
         if let Some(limit) = rate {
-            // Shared memory counts even in read-only transactions; it is never rolled back.
-            let shared = shmem::admit(key_bytes(key.id), limit, cost, !blocked);
-            let d = shared.unwrap_or_else(|| {
-                let mut w = rate_window(conn, key.id, writable);
-                // SAFETY: reads the clock.
-                let now = unsafe { pg_sys::GetCurrentTimestamp() };
-                let d = w.admit(now, limit, cost, writable && !blocked);
-                window = Some(w);
-                d
-            });
+            let mut w = rate_window(conn, key.id, writable);
+            // SAFETY: reads the clock.
+            let now = unsafe { pg_sys::GetCurrentTimestamp() };
+            let d = w.admit(now, limit, cost, writable && !blocked);
+            window = Some(w);
             if !d.allowed {
                 return Err(Refusal {
                     err: VerifyError::RateLimited,
@@ -175,18 +179,86 @@ pub fn enforce(
             if let (Some(q), Some(u)) = (&quota, used) {
                 QUOTA_ADD.exec(conn, &[Some(key.id), cost.into_datum()], false, 0);
                 if q.on_exceeded == OnExceeded::Warn && u <= q.limit && u + cost > q.limit {
-                    let args = [
-                        Some(key.id),
-                        q.limit.into_datum(),
-                        (u + cost).into_datum(),
-                        q.period.as_str().into_datum(),
-                    ];
-                    QUOTA_EVENT.exec(conn, &args, false, 0);
+                    warn_event(conn, key.id, q, u + cost);
                 }
             }
         }
         Ok(usage)
     })
+}
+
+/// Decides in shared memory when it can: the preload is there and, for a quota, the flush
+/// worker serves this database (and this is not a standby). None: use the tables.
+fn enforce_in_shared_memory(
+    key: &KeyLimits,
+    rate: Option<Limit>,
+    quota: Option<&Quota>,
+    cost: i64,
+    writable: bool,
+) -> Option<Result<Usage, Refusal>> {
+    if !shmem::available() || (quota.is_some() && !worker::flushes_here()) {
+        return None;
+    }
+    let ask = shmem::Ask {
+        rate,
+        quota: quota.map(|q| shmem::QuotaAsk {
+            limit: q.limit,
+            period_start: period_start(&q.period),
+            on_exceeded: q.on_exceeded,
+        }),
+        cost,
+    };
+    let load = || {
+        quota.map_or(0, |q| {
+            Connection::with(|conn| quota_used(conn, key.id, q, false))
+        })
+    };
+    let answer = shmem::admit(key_bytes(key.id), &ask, load)?;
+    if let Some(d) = answer.rate.filter(|d| !d.allowed) {
+        return Some(Err(Refusal {
+            err: VerifyError::RateLimited,
+            retry_after_ms: Some(d.retry_after_ms),
+        }));
+    }
+    if answer.quota_blocked {
+        return Some(Err(VerifyError::QuotaExceeded.into()));
+    }
+    if let (Some(q), Some(u)) = (quota, answer.quota_used) {
+        if writable && q.on_exceeded == OnExceeded::Warn && u <= q.limit && u + cost > q.limit {
+            Connection::with(|conn| warn_event(conn, key.id, q, u + cost));
+        }
+    }
+    Some(Ok(Usage {
+        rate_limit_remaining: answer.rate.map(|d| d.remaining),
+        quota_remaining: quota
+            .zip(answer.quota_used)
+            .map(|(q, u)| (q.limit - u - cost).max(0)),
+    }))
+}
+
+/// Start of the current quota period (`date_trunc(period, now(), 'UTC')`), as timestamptz
+/// microseconds.
+pub fn period_start(period: &str) -> i64 {
+    // SAFETY: timestamptz_trunc_zone(text, timestamptz, text) with valid arguments.
+    unsafe {
+        let now = pg_sys::GetCurrentTransactionStartTimestamp();
+        pgrx::direct_function_call::<i64>(
+            pg_sys::timestamptz_trunc_zone,
+            &[period.into_datum(), now.into_datum(), "UTC".into_datum()],
+        )
+        .unwrap_or(now)
+    }
+}
+
+/// Emits `quota.exceeded` for a warning quota just crossed (`used` includes this request).
+fn warn_event(conn: &Connection, id: pg_sys::Datum, q: &Quota, used: i64) {
+    let args = [
+        Some(id),
+        q.limit.into_datum(),
+        used.into_datum(),
+        q.period.as_str().into_datum(),
+    ];
+    QUOTA_EVENT.exec(conn, &args, false, 0);
 }
 
 /// The 16 bytes of the key's uuid.

@@ -9,6 +9,7 @@
 //! use (its first `MAX_PROBES` by hash) is busy with live traffic, that key falls back to
 //! the table-backed limiter, so the answer stays correct past the cap.
 
+use super::quota::{self, OnExceeded};
 use super::window::{Decision, Limit, Window, BUCKETS};
 use pgrx::pg_sys;
 use std::ffi::CStr;
@@ -22,6 +23,19 @@ struct Slot {
     key: [u8; 16],
     window_us: i64,
     window: Window,
+    quota: QuotaCount,
+}
+
+/// A key's quota use in shared memory: `base` as read from keypal.quota_usage (or last
+/// flushed), plus `pending` counted since and not yet flushed by the worker.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct QuotaCount {
+    loaded: bool,
+    db: pg_sys::Oid,
+    period_start: i64,
+    base: i64,
+    pending: i64,
 }
 
 /// The header; `nslots` slots follow it.
@@ -96,29 +110,182 @@ unsafe extern "C-unwind" fn on_startup() {
     }
 }
 
-/// Decides a request of `cost` for `key` now, counting it when `record` and admitted.
-/// None when the key has no slot and none is free: use the table-backed limiter.
-pub fn admit(key: [u8; 16], limit: Limit, cost: i64, record: bool) -> Option<Decision> {
+/// What verify asks of the limiter for one request.
+pub struct Ask {
+    pub rate: Option<Limit>,
+    pub quota: Option<QuotaAsk>,
+    pub cost: i64,
+}
+
+pub struct QuotaAsk {
+    pub limit: i64,
+    /// Start of the current quota period (timestamptz microseconds).
+    pub period_start: i64,
+    pub on_exceeded: OnExceeded,
+}
+
+#[derive(Default)]
+pub struct Answer {
+    pub rate: Option<Decision>,
+    /// Quota use before this request, and whether a blocking quota refused it.
+    pub quota_used: Option<i64>,
+    pub quota_blocked: bool,
+}
+
+/// Decides a request against the key's rate limit and quota, counting it only when it is
+/// admitted by both. `load_used` reads the key's use in the current period from the table
+/// when shared memory does not hold it yet. None when the key has no slot and none is
+/// free: use the table-backed path.
+pub fn admit(key: [u8; 16], ask: &Ask, load_used: impl FnOnce() -> i64) -> Option<Answer> {
     let table = TABLE.load(Ordering::Relaxed);
     if table.is_null() {
         return None;
     }
     // SAFETY: the table lives in shared memory for the life of the server; every access
-    // to its slots holds its LWLock exclusively, and nothing in between can raise an error.
+    // to its slots holds its LWLock exclusively, and nothing in between can raise an error
+    // (load_used runs with the lock released).
     unsafe {
         let now = pg_sys::GetCurrentTimestamp();
+        let db = pg_sys::MyDatabaseId;
+        let lock = (*table).lock;
+        let slots = std::slice::from_raw_parts_mut(table.add(1).cast::<Slot>(), (*table).nslots);
+        let mut loaded = None;
+        if let Some(q) = &ask.quota {
+            pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+            let have = slot_for(slots, key, now).map(|s| {
+                s.quota.loaded && s.quota.db == db && s.quota.period_start == q.period_start
+            });
+            pg_sys::LWLockRelease(lock);
+            match have {
+                None => return None,
+                Some(false) => loaded = Some(load_used()),
+                Some(true) => {}
+            }
+        }
+        pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let answer = slot_for(slots, key, now).map(|slot| decide(slot, ask, loaded, db, now));
+        pg_sys::LWLockRelease(lock);
+        answer
+    }
+}
+
+fn decide(slot: &mut Slot, ask: &Ask, loaded: Option<i64>, db: pg_sys::Oid, now: i64) -> Answer {
+    let mut answer = Answer::default();
+    let mut rate = ask.rate;
+    if let Some(q) = &ask.quota {
+        let same_period = slot.quota.db == db && slot.quota.period_start == q.period_start;
+        if !(slot.quota.loaded && same_period) {
+            // Reloaded from the table: keep counts not yet flushed, unless the period turned.
+            let pending = if same_period { slot.quota.pending } else { 0 };
+            slot.quota = QuotaCount {
+                loaded: true,
+                db,
+                period_start: q.period_start,
+                base: loaded.unwrap_or(0),
+                pending,
+            };
+        }
+        let used = slot.quota.base + slot.quota.pending;
+        let over = used + ask.cost > q.limit;
+        answer.quota_used = Some(used);
+        answer.quota_blocked = over && q.on_exceeded == OnExceeded::Block;
+        if over && q.on_exceeded == OnExceeded::Throttle {
+            rate = Some(quota::throttled(rate));
+        }
+    }
+    if let Some(limit) = rate {
+        if slot.window_us != limit.window_us {
+            slot.window = Window::default();
+            slot.window_us = limit.window_us;
+        }
+        let d = slot
+            .window
+            .admit(now, limit, ask.cost, !answer.quota_blocked);
+        answer.rate = Some(d);
+        if !d.allowed {
+            return answer;
+        }
+    }
+    if ask.quota.is_some() && !answer.quota_blocked {
+        slot.quota.pending += ask.cost;
+    }
+    answer
+}
+
+/// A count the worker is to write to the tables.
+pub struct Pending {
+    pub key: [u8; 16],
+    pub period_start: i64,
+    pub requests: i64,
+}
+
+/// The counts not yet written for keys of database `db`.
+pub fn pending(db: pg_sys::Oid) -> Vec<Pending> {
+    with_slots(|slots| {
+        slots
+            .iter()
+            .filter(|s| s.quota.db == db && s.quota.pending > 0)
+            .map(|s| Pending {
+                key: s.key,
+                period_start: s.quota.period_start,
+                requests: s.quota.pending,
+            })
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+/// After the worker committed `written`: move those counts from pending to base.
+pub fn flushed(db: pg_sys::Oid, written: &[Pending]) {
+    with_slots(|slots| {
+        for w in written {
+            if let Some(s) = slots.iter_mut().find(|s| s.key == w.key) {
+                if s.quota.db == db && s.quota.period_start == w.period_start {
+                    s.quota.pending -= w.requests;
+                    s.quota.base += w.requests;
+                }
+            }
+        }
+    });
+}
+
+/// Makes the next verify of `key` re-read its quota use from the table (after
+/// keypal_track_usage wrote to it); counts not yet flushed are kept.
+pub fn reload_quota(key: [u8; 16]) {
+    with_slots(|slots| {
+        if let Some(s) = slots.iter_mut().find(|s| s.key == key) {
+            s.quota.loaded = false;
+        }
+    });
+}
+
+/// Counted but not yet flushed requests of `key` in the period starting `period_start`.
+pub fn pending_for(key: [u8; 16], period_start: i64) -> i64 {
+    // SAFETY: reads a backend-global.
+    let db = unsafe { pg_sys::MyDatabaseId };
+    with_slots(|slots| {
+        slots
+            .iter()
+            .find(|s| s.key == key)
+            .filter(|s| s.quota.db == db && s.quota.period_start == period_start)
+            .map_or(0, |s| s.quota.pending)
+    })
+    .unwrap_or(0)
+}
+
+fn with_slots<R>(f: impl FnOnce(&mut [Slot]) -> R) -> Option<R> {
+    let table = TABLE.load(Ordering::Relaxed);
+    if table.is_null() {
+        return None;
+    }
+    // SAFETY: as in admit; f does not raise errors.
+    unsafe {
         let lock = (*table).lock;
         pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
         let slots = std::slice::from_raw_parts_mut(table.add(1).cast::<Slot>(), (*table).nslots);
-        let decision = slot_for(slots, key, now).map(|slot| {
-            if slot.window_us != limit.window_us {
-                slot.window = Window::default();
-                slot.window_us = limit.window_us;
-            }
-            slot.window.admit(now, limit, cost, record)
-        });
+        let r = f(slots);
         pg_sys::LWLockRelease(lock);
-        decision
+        Some(r)
     }
 }
 
@@ -146,11 +313,21 @@ fn slot_for(slots: &mut [Slot], key: [u8; 16], now: i64) -> Option<&mut Slot> {
     slot.key = key;
     slot.window_us = 0;
     slot.window = Window::default();
+    slot.quota = QuotaCount {
+        loaded: false,
+        db: pg_sys::InvalidOid,
+        period_start: 0,
+        base: 0,
+        pending: 0,
+    };
     Some(slot)
 }
 
-/// Whether every bucket of the slot's window has passed (its counts no longer matter).
+/// Whether the slot may be given to another key: every bucket of its window has passed and
+/// its quota count has been flushed.
 fn expired(slot: &Slot, now: i64) -> bool {
     let w = (slot.window_us + BUCKETS as i64 - 1) / BUCKETS as i64;
-    w <= 0 || now.div_euclid(w).saturating_sub(slot.window.head) > BUCKETS as i64 + 1
+    let window_over =
+        w <= 0 || now.div_euclid(w).saturating_sub(slot.window.head) > BUCKETS as i64 + 1;
+    window_over && slot.quota.pending == 0
 }

@@ -1,0 +1,174 @@
+//! The flush worker: with `shared_preload_libraries = 'keypal'`, quota counts are kept in
+//! shared memory by verify and written to `keypal.quota_usage` and `keypal.usage` (per key
+//! and hour) by this background worker every `keypal.flush_interval` ms, each flush one
+//! transaction. A crash loses at most the counts of the last interval.
+//!
+//! It serves one database, `keypal.database` (default `postgres`); in other databases, and
+//! on a standby, quotas count in the tables directly.
+
+use crate::limits::shmem;
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
+};
+use pgrx::prelude::*;
+use pgrx::{pg_sys, GucContext, GucFlags, GucRegistry, GucSetting};
+use std::cell::Cell;
+use std::ffi::CString;
+use std::time::Duration;
+
+pub static DATABASE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+pub static FLUSH_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+
+/// From _PG_init while being preloaded: the settings and the worker.
+pub fn init() {
+    GucRegistry::define_string_guc(
+        c"keypal.database",
+        c"The database whose quota counts keypal's flush worker writes.",
+        c"Only with shared_preload_libraries = 'keypal'.",
+        &DATABASE,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"keypal.flush_interval",
+        c"How often (ms) the flush worker writes quota counts from shared memory to tables.",
+        c"A crash loses at most this much of quota counting.",
+        &FLUSH_INTERVAL_MS,
+        10,
+        60_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    BackgroundWorkerBuilder::new("keypal flush worker")
+        .set_type("keypal flush worker")
+        .set_library("keypal")
+        .set_function("keypal_flush_worker_main")
+        .enable_spi_access()
+        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+        .set_restart_time(Some(Duration::from_secs(5)))
+        .load();
+}
+
+fn database_name() -> String {
+    DATABASE
+        .get()
+        .map(|c| c.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "postgres".into())
+}
+
+thread_local! {
+    static SERVES_HERE: Cell<Option<bool>> = const { Cell::new(None) };
+}
+
+/// Whether the worker writes this database's counts (so verify may count quotas in
+/// shared memory here).
+pub fn flushes_here() -> bool {
+    // SAFETY: reads backend globals; get_database_oid with missing_ok.
+    unsafe {
+        if pg_sys::RecoveryInProgress() || !pg_sys::process_shared_preload_libraries_done {
+            return false;
+        }
+        if let Some(v) = SERVES_HERE.get() {
+            return v;
+        }
+        let name = CString::new(database_name()).unwrap_or_default();
+        let v = pg_sys::get_database_oid(name.as_ptr(), true) == pg_sys::MyDatabaseId;
+        SERVES_HERE.set(Some(v));
+        v
+    }
+}
+
+const FLUSH: &str = "
+    WITH d AS (
+        SELECT f.key_id, f.period_start, f.n
+          FROM unnest($1::uuid[], $2::timestamptz[], $3::int8[]) AS f(key_id, period_start, n)
+         WHERE EXISTS (SELECT 1 FROM keypal.keys k WHERE k.id = f.key_id)),
+    q AS (
+        INSERT INTO keypal.quota_usage AS q (key_id, period_start, used)
+        SELECT d.key_id, d.period_start, d.n FROM d
+        ON CONFLICT (key_id) DO UPDATE
+           SET used = CASE WHEN q.period_start = EXCLUDED.period_start THEN q.used ELSE 0 END + EXCLUDED.used,
+               period_start = EXCLUDED.period_start
+         WHERE q.period_start <= EXCLUDED.period_start),
+    u AS (
+        INSERT INTO keypal.usage AS u (key_id, hour, endpoint, requests)
+        SELECT d.key_id, date_trunc('hour', now()), '', d.n FROM d
+        ON CONFLICT ON CONSTRAINT usage_pkey DO UPDATE SET requests = u.requests + EXCLUDED.requests)
+    SELECT d.key_id FROM d";
+
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn keypal_flush_worker_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    BackgroundWorker::connect_worker_to_spi(Some(&database_name()), None);
+    loop {
+        let interval = Duration::from_millis(FLUSH_INTERVAL_MS.get().max(10) as u64);
+        if !BackgroundWorker::wait_latch(Some(interval)) {
+            flush_once();
+            // Exit code 1 has the postmaster start the worker again after its restart
+            // interval (e.g. after DROP DATABASE ... WITH (FORCE) terminated it); exit 0
+            // would retire it for good.
+            // SAFETY: ends this worker process the way PostgreSQL expects.
+            unsafe { pg_sys::proc_exit(1) };
+        }
+        if BackgroundWorker::sighup_received() {
+            // SAFETY: re-reads the configuration files, as a worker must on SIGHUP.
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        flush_once();
+    }
+}
+
+/// Writes every pending count of this database in one transaction, then moves it from
+/// pending to base in shared memory.
+fn flush_once() {
+    // SAFETY: reads a backend global.
+    let db = unsafe { pg_sys::MyDatabaseId };
+    let pending = shmem::pending(db);
+    if pending.is_empty() {
+        return;
+    }
+    let keys: Vec<pgrx::Uuid> = pending
+        .iter()
+        .map(|p| pgrx::Uuid::from_bytes(p.key))
+        .collect();
+    // SAFETY: period starts are timestamptz microseconds.
+    let periods: Vec<pgrx::datum::TimestampWithTimeZone> = pending
+        .iter()
+        .filter_map(|p| unsafe {
+            pgrx::datum::TimestampWithTimeZone::from_datum(
+                pg_sys::Datum::from(p.period_start),
+                false,
+            )
+        })
+        .collect();
+    let counts: Vec<i64> = pending.iter().map(|p| p.requests).collect();
+    // Keys this flush cannot see (created by a transaction still open) keep their counts
+    // pending for the next flush.
+    let written: Vec<[u8; 16]> = BackgroundWorker::transaction(|| {
+        let installed = Spi::get_one::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'keypal')",
+        )
+        .ok()
+        .flatten()
+        .unwrap_or(false);
+        if !installed {
+            return Vec::new();
+        }
+        Spi::connect_mut(|client| {
+            let rows = client.update(FLUSH, None, &[keys.into(), periods.into(), counts.into()]);
+            rows.map(|t| {
+                t.filter_map(|r| r.get::<pgrx::Uuid>(1).ok().flatten())
+                    .map(|u| *u.as_bytes())
+                    .collect()
+            })
+            .unwrap_or_default()
+        })
+    });
+    let done: Vec<shmem::Pending> = pending
+        .into_iter()
+        .filter(|p| written.contains(&p.key))
+        .collect();
+    shmem::flushed(db, &done);
+}
