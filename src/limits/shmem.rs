@@ -221,7 +221,7 @@ pub struct Pending {
 
 /// The counts not yet written for keys of database `db`.
 pub fn pending(db: pg_sys::Oid) -> Vec<Pending> {
-    with_slots(|slots| {
+    locked(pg_sys::LWLockMode::LW_SHARED, |slots| {
         slots
             .iter()
             .filter(|s| s.quota.db == db && s.quota.pending > 0)
@@ -239,7 +239,7 @@ pub fn pending(db: pg_sys::Oid) -> Vec<Pending> {
 pub fn flushed(db: pg_sys::Oid, written: &[Pending]) {
     with_slots(|slots| {
         for w in written {
-            if let Some(s) = slots.iter_mut().find(|s| s.key == w.key) {
+            if let Some(s) = find_slot(slots, w.key) {
                 if s.quota.db == db && s.quota.period_start == w.period_start {
                     s.quota.pending -= w.requests;
                     s.quota.base += w.requests;
@@ -253,7 +253,7 @@ pub fn flushed(db: pg_sys::Oid, written: &[Pending]) {
 /// keypal_track_usage wrote to it); counts not yet flushed are kept.
 pub fn reload_quota(key: [u8; 16]) {
     with_slots(|slots| {
-        if let Some(s) = slots.iter_mut().find(|s| s.key == key) {
+        if let Some(s) = find_slot(slots, key) {
             s.quota.loaded = false;
         }
     });
@@ -264,9 +264,7 @@ pub fn pending_for(key: [u8; 16], period_start: i64) -> i64 {
     // SAFETY: reads a backend-global.
     let db = unsafe { pg_sys::MyDatabaseId };
     with_slots(|slots| {
-        slots
-            .iter()
-            .find(|s| s.key == key)
+        find_slot(slots, key)
             .filter(|s| s.quota.db == db && s.quota.period_start == period_start)
             .map_or(0, |s| s.quota.pending)
     })
@@ -274,6 +272,12 @@ pub fn pending_for(key: [u8; 16], period_start: i64) -> i64 {
 }
 
 fn with_slots<R>(f: impl FnOnce(&mut [Slot]) -> R) -> Option<R> {
+    locked(pg_sys::LWLockMode::LW_EXCLUSIVE, f)
+}
+
+/// Runs `f` over the slots under the table's lock in `mode` (`f` must only read under a
+/// shared lock).
+fn locked<R>(mode: pg_sys::LWLockMode::Type, f: impl FnOnce(&mut [Slot]) -> R) -> Option<R> {
     let table = TABLE.load(Ordering::Relaxed);
     if table.is_null() {
         return None;
@@ -281,7 +285,7 @@ fn with_slots<R>(f: impl FnOnce(&mut [Slot]) -> R) -> Option<R> {
     // SAFETY: as in admit; f does not raise errors.
     unsafe {
         let lock = (*table).lock;
-        pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        pg_sys::LWLockAcquire(lock, mode);
         let slots = std::slice::from_raw_parts_mut(table.add(1).cast::<Slot>(), (*table).nslots);
         let r = f(slots);
         pg_sys::LWLockRelease(lock);
@@ -289,10 +293,26 @@ fn with_slots<R>(f: impl FnOnce(&mut [Slot]) -> R) -> Option<R> {
     }
 }
 
+/// Where the probe sequence of `key` starts.
+fn probe_start(key: [u8; 16], n: usize) -> usize {
+    u64::from_le_bytes(key[..8].try_into().expect("8 bytes")) as usize % n
+}
+
+/// The key's slot, if it has one (same probe sequence as slot_for, without claiming).
+fn find_slot(slots: &mut [Slot], key: [u8; 16]) -> Option<&mut Slot> {
+    let n = slots.len();
+    let start = probe_start(key, n);
+    let i = (0..MAX_PROBES.min(n))
+        .map(|p| (start + p) % n)
+        .take_while(|&i| slots[i].key != [0; 16] || slots[i].key == key)
+        .find(|&i| slots[i].key == key)?;
+    Some(&mut slots[i])
+}
+
 /// The key's slot, or a free/expired one claimed for it, among its first MAX_PROBES slots.
 fn slot_for(slots: &mut [Slot], key: [u8; 16], now: i64) -> Option<&mut Slot> {
     let n = slots.len();
-    let start = u64::from_le_bytes(key[..8].try_into().expect("8 bytes")) as usize % n;
+    let start = probe_start(key, n);
     let mut free = None;
     for probe in 0..MAX_PROBES.min(n) {
         let i = (start + probe) % n;
