@@ -90,38 +90,22 @@ impl Stmt {
 }
 
 /// An open SPI connection, finished when dropped (but not while an error unwinds: the
-/// transaction's abort cleans SPI up then). It remembers the caller's memory context, so
-/// results that must outlive the connection can be built there.
-pub struct Connection {
-    caller: pg_sys::MemoryContext,
-}
+/// transaction's abort cleans SPI up then).
+pub struct Connection(());
 
 impl Connection {
-    /// Runs `f` inside an SPI connection.
+    /// Runs `f` inside an SPI connection. What `f` returns must not point into SPI memory
+    /// (it is freed when the connection finishes).
     pub fn with<R>(f: impl FnOnce(&Connection) -> R) -> R {
-        // SAFETY: reads the current memory context; SPI_connect is paired with SPI_finish
-        // in Drop.
-        let caller = unsafe { pg_sys::CurrentMemoryContext };
+        // SAFETY: SPI_connect is paired with SPI_finish in Drop.
         if unsafe { pg_sys::SPI_connect() } != pg_sys::SPI_OK_CONNECT as i32 {
             raise(
                 PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
                 "keypal: SPI_connect failed".into(),
             );
         }
-        let conn = Connection { caller };
+        let conn = Connection(());
         f(&conn)
-    }
-
-    /// Runs `f` with the caller's memory context current, so what it allocates survives
-    /// SPI_finish.
-    pub fn in_caller_context<R>(&self, f: impl FnOnce() -> R) -> R {
-        // SAFETY: switches to a context that outlives this connection, and back.
-        unsafe {
-            let spi = pg_sys::MemoryContextSwitchTo(self.caller);
-            let r = f();
-            pg_sys::MemoryContextSwitchTo(spi);
-            r
-        }
     }
 
     /// Column `col` (1-based) of result row `row` of the last statement, or None for NULL.
