@@ -1172,7 +1172,7 @@ REVOKE ALL ON ALL SEQUENCES IN SCHEMA keypal FROM PUBLIC;
 
 DO $$
 BEGIN
-    IF NOT keypal.shared_memory_available() THEN
-        RAISE NOTICE 'keypal: rate limits count in a table (keypal.rate_state); for the faster shared-memory limiter add keypal to shared_preload_libraries and restart';
+    IF NOT keypal.preloaded() THEN
+        RAISE NOTICE 'keypal: not in shared_preload_libraries: quotas count in table rows (a write per verify); add keypal to shared_preload_libraries and restart for shared-memory quota counting';
     END IF;
 END $$;

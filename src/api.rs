@@ -432,11 +432,18 @@ mod keypal {
         crate::limits::shmem::reload_quota(*key_id.as_bytes());
     }
 
-    /// Whether rate limits count in shared memory (keypal is in shared_preload_libraries)
-    /// rather than in keypal.rate_state.
-    #[pg_extern(stable, parallel_safe)]
+    /// Whether rate limits count in shared memory (the preloaded table, or a dynamic shared
+    /// memory segment) rather than in keypal.rate_state.
+    #[pg_extern(volatile, parallel_unsafe)]
     fn shared_memory_available() -> bool {
         crate::limits::shmem::available()
+    }
+
+    /// Whether keypal is in shared_preload_libraries (quotas then count in shared memory
+    /// too, written by the flush worker).
+    #[pg_extern(stable, parallel_safe)]
+    fn preloaded() -> bool {
+        crate::limits::shmem::preloaded()
     }
 
     /// Makes every backend reload what verify caches about the settings (called by the

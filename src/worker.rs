@@ -66,7 +66,7 @@ thread_local! {
 pub fn flushes_here() -> bool {
     // SAFETY: reads backend globals; get_database_oid with missing_ok.
     unsafe {
-        if pg_sys::RecoveryInProgress() || !pg_sys::process_shared_preload_libraries_done {
+        if pg_sys::RecoveryInProgress() || !shmem::preloaded() {
             return false;
         }
         if let Some(v) = SERVES_HERE.get() {

@@ -13,7 +13,7 @@ use super::quota::{self, OnExceeded};
 use super::window::{Decision, Limit, Window, BUCKETS};
 use pgrx::pg_sys;
 use std::ffi::CStr;
-use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 
 const MAX_PROBES: usize = 32;
 const NAME: &CStr = c"keypal rate limiter";
@@ -38,11 +38,28 @@ struct QuotaCount {
     pending: i64,
 }
 
-/// The header; `nslots` slots follow it.
+/// The header; `nslots` slots follow it. The preloaded table uses a named LWLock tranche
+/// (`lock`, the same address in every forked process); a dynamic segment, mapped at a
+/// different address in each backend, carries its lock inside (`own_lock`).
 #[repr(C)]
 struct Table {
     lock: *mut pg_sys::LWLock,
     nslots: usize,
+    embedded_lock: bool,
+    tranche: i32,
+    nonce: u64,
+    own_lock: pg_sys::LWLock,
+}
+
+/// The lock guarding the table's slots, in this process's address space.
+unsafe fn lock_of(table: *mut Table) -> *mut pg_sys::LWLock {
+    unsafe {
+        if (*table).embedded_lock {
+            &raw mut (*table).own_lock
+        } else {
+            (*table).lock
+        }
+    }
 }
 
 fn size(nslots: usize) -> usize {
@@ -54,10 +71,115 @@ fn nslots() -> usize {
 }
 
 static TABLE: AtomicPtr<Table> = AtomicPtr::new(std::ptr::null_mut());
+static PRELOADED: AtomicBool = AtomicBool::new(false);
+static DYNAMIC_FAILED: AtomicBool = AtomicBool::new(false);
 
-/// Whether the shared-memory limiter is available in this server.
+/// Whether keypal was preloaded (its table lives in the main shared memory, and the flush
+/// worker runs).
+pub fn preloaded() -> bool {
+    PRELOADED.load(Ordering::Relaxed)
+}
+
+/// Whether the shared-memory limiter is available to this backend: the preloaded table, or
+/// else a dynamic shared memory segment all backends of the server attach to.
 pub fn available() -> bool {
-    !TABLE.load(Ordering::Relaxed).is_null()
+    !table().is_null()
+}
+
+fn table() -> *mut Table {
+    let t = TABLE.load(Ordering::Relaxed);
+    if !t.is_null() || preloaded() || DYNAMIC_FAILED.load(Ordering::Relaxed) {
+        return t;
+    }
+    // SAFETY: called from a transaction (verify, or a SQL function).
+    let t = unsafe { dynamic::attach_or_create() };
+    if t.is_null() {
+        DYNAMIC_FAILED.store(true, Ordering::Relaxed);
+    } else {
+        TABLE.store(t, Ordering::Relaxed);
+    }
+    t
+}
+
+/// Without the preload: one dynamic shared memory segment per server, pinned for the
+/// server's life. Its handle and a random nonce are kept in `keypal_limiter.dsm` in the data
+/// directory; creators serialise on AddinShmemInitLock. A handle left from an earlier server
+/// start either no longer attaches or carries another nonce, and a new segment is made.
+mod dynamic {
+    use super::{size, Table};
+    use pgrx::pg_sys;
+
+    const FILE: &str = "keypal_limiter.dsm";
+    const SLOTS: usize = 16384;
+    const TRANCHE_NAME: &std::ffi::CStr = c"keypal rate limiter";
+
+    pub unsafe fn attach_or_create() -> *mut Table {
+        unsafe {
+            // AddinShmemInitLock serialises extensions setting up shared memory; held only
+            // for the file read and the attach or create (an error releases it on abort).
+            let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
+            pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+            let t = attach().unwrap_or_else(|| create());
+            pg_sys::LWLockRelease(init_lock);
+            t
+        }
+    }
+
+    unsafe fn attach() -> Option<*mut Table> {
+        let text = std::fs::read_to_string(FILE).ok()?;
+        let mut parts = text.split_whitespace();
+        let handle: u32 = parts.next()?.parse().ok()?;
+        let nonce: u64 = parts.next()?.parse().ok()?;
+        unsafe {
+            let seg = pg_sys::dsm_attach(handle);
+            if seg.is_null() {
+                return None;
+            }
+            let t = pg_sys::dsm_segment_address(seg).cast::<Table>();
+            if pg_sys::dsm_segment_map_length(seg) < size(SLOTS)
+                || !(*t).embedded_lock
+                || (*t).nonce != nonce
+            {
+                pg_sys::dsm_detach(seg);
+                return None;
+            }
+            pg_sys::dsm_pin_mapping(seg);
+            pg_sys::LWLockRegisterTranche((*t).tranche, TRANCHE_NAME.as_ptr());
+            Some(t)
+        }
+    }
+
+    unsafe fn create() -> *mut Table {
+        unsafe {
+            let seg =
+                pg_sys::dsm_create(size(SLOTS), pg_sys::DSM_CREATE_NULL_IF_MAXSEGMENTS as i32);
+            if seg.is_null() {
+                return std::ptr::null_mut();
+            }
+            let t = pg_sys::dsm_segment_address(seg).cast::<Table>();
+            std::ptr::write_bytes(t.cast::<u8>(), 0, size(SLOTS));
+            (*t).nslots = SLOTS;
+            (*t).embedded_lock = true;
+            (*t).nonce = rand::random::<u64>() | 1;
+            (*t).tranche = pg_sys::LWLockNewTrancheId();
+            pg_sys::LWLockRegisterTranche((*t).tranche, TRANCHE_NAME.as_ptr());
+            pg_sys::LWLockInitialize(&raw mut (*t).own_lock, (*t).tranche);
+            pg_sys::dsm_pin_segment(seg);
+            pg_sys::dsm_pin_mapping(seg);
+            let tmp = format!("{FILE}.tmp");
+            let written = std::fs::write(
+                &tmp,
+                format!("{} {}\n", pg_sys::dsm_segment_handle(seg), (*t).nonce),
+            )
+            .and_then(|_| std::fs::rename(&tmp, FILE));
+            if written.is_err() {
+                // Others cannot find it: this backend uses it, they would make their own, and
+                // counts would no longer be shared. Say so.
+                pgrx::warning!("keypal: could not record the rate limiter's shared memory segment");
+            }
+            t
+        }
+    }
 }
 
 /// From _PG_init: asks for the shared memory and lock when being preloaded.
@@ -106,6 +228,7 @@ unsafe extern "C-unwind" fn on_startup() {
             (*table).nslots = n;
         }
         TABLE.store(table, Ordering::Relaxed);
+        PRELOADED.store(true, Ordering::Relaxed);
         pg_sys::LWLockRelease(init_lock);
     }
 }
@@ -137,7 +260,7 @@ pub struct Answer {
 /// when shared memory does not hold it yet. None when the key has no slot and none is
 /// free: use the table-backed path.
 pub fn admit(key: [u8; 16], ask: &Ask, load_used: impl FnOnce() -> i64) -> Option<Answer> {
-    let table = TABLE.load(Ordering::Relaxed);
+    let table = table();
     if table.is_null() {
         return None;
     }
@@ -147,7 +270,7 @@ pub fn admit(key: [u8; 16], ask: &Ask, load_used: impl FnOnce() -> i64) -> Optio
     unsafe {
         let now = pg_sys::GetCurrentTimestamp();
         let db = pg_sys::MyDatabaseId;
-        let lock = (*table).lock;
+        let lock = lock_of(table);
         let slots = std::slice::from_raw_parts_mut(table.add(1).cast::<Slot>(), (*table).nslots);
         let mut loaded = None;
         if let Some(q) = &ask.quota {
@@ -278,13 +401,13 @@ fn with_slots<R>(f: impl FnOnce(&mut [Slot]) -> R) -> Option<R> {
 /// Runs `f` over the slots under the table's lock in `mode` (`f` must only read under a
 /// shared lock).
 fn locked<R>(mode: pg_sys::LWLockMode::Type, f: impl FnOnce(&mut [Slot]) -> R) -> Option<R> {
-    let table = TABLE.load(Ordering::Relaxed);
+    let table = table();
     if table.is_null() {
         return None;
     }
     // SAFETY: as in admit; f does not raise errors.
     unsafe {
-        let lock = (*table).lock;
+        let lock = lock_of(table);
         pg_sys::LWLockAcquire(lock, mode);
         let slots = std::slice::from_raw_parts_mut(table.add(1).cast::<Slot>(), (*table).nslots);
         let r = f(slots);

@@ -22,8 +22,8 @@ read -r qid qkey < <(q -F ' ' -c "SELECT id, key FROM keypal_create(owner_id => 
 is "$(hammer "$qkey" 10)" 30 "blocking quota 30/day: 80 concurrent attempts, exactly 30 admitted"
 is "$(q -c "SELECT used FROM keypal_usage('$qid')")" 30 "keypal_usage counts 30"
 
-# Read-only transactions and rollbacks: shared memory counts both and never undoes a count;
-# the table-backed path (no preload) decides without counting, and rolls back with the caller.
+# Rate limits count in shared memory in both modes (the preloaded table, or a dynamic shared
+# memory segment): a read-only transaction's verifies count, and a rollback undoes nothing.
 ro() {  # three verifies of a fresh 2-per-hour key inside a read-only transaction
     local k
     k=$(q -c "SELECT key FROM keypal_create(owner_id => 'hammer', rate_limit => '{\"requests\": 2, \"window\": \"1h\"}')")
@@ -35,15 +35,11 @@ rb() {  # two verifies rolled back, then one more: its remaining count
     q -c "BEGIN" -c "SELECT (keypal_verify('$k')).valid" -c "SELECT (keypal_verify('$k')).valid" -c "ROLLBACK" >/dev/null
     q -c "SELECT (keypal_verify('$k')).rate_limit_remaining"
 }
-if [ "${KEYPAL_TEST_MODE:-plain}" = preload ]; then
-    is "$(q -c "SELECT keypal.shared_memory_available()")" t "preloaded: the shared-memory limiter is in use"
-    is "$(ro)" "t t f " "read-only transaction: counted in shared memory, the third refused"
-    is "$(rb)" 0 "a rolled-back transaction's verifies still count"
-else
-    is "$(q -c "SELECT keypal.shared_memory_available()")" f "not preloaded: the table-backed limiter"
-    is "$(ro)" "t t t " "read-only transaction: decided but not counted"
-    is "$(rb)" 2 "the table-backed count rolls back with the caller's transaction"
-fi
+is "$(q -c "SELECT keypal.shared_memory_available()")" t "the shared-memory limiter is in use"
+want_preloaded=$([ "${KEYPAL_TEST_MODE:-plain}" = preload ] && echo t || echo f)
+is "$(q -c "SELECT keypal.preloaded()")" "$want_preloaded" "keypal.preloaded() tells the mode"
+is "$(ro)" "t t f " "read-only transaction: counted, the third refused"
+is "$(rb)" 0 "a rolled-back transaction's verifies still count"
 
 # More keys with live windows than the shared table has slots (64 in the preload test
 # cluster): every key still gets exactly its limit.
