@@ -36,10 +36,10 @@ setting() { psql -X -q -d keypal_bench -c "$1" >/dev/null; }
 for mode in ${BENCH_MODES:-plain preload}; do
     bash scripts/cluster.sh stop "$DIR" 2>/dev/null || true
     rm -rf "$DIR"
-    preload=""
-    # Room in the shared-memory limiter for all 100 000 keys (about 50 MB).
-    [ "$mode" = preload ] && preload="shared_preload_libraries = 'keypal'
-keypal.rate_limit_slots = 262144
+    # Room in the shared-memory limiter for all 100 000 keys (about 60 MB), in both modes.
+    preload="keypal.rate_limit_slots = 262144"
+    [ "$mode" = preload ] && preload="$preload
+shared_preload_libraries = 'keypal'
 keypal.database = 'keypal_bench'"
     bash scripts/cluster.sh start "$DIR" "$PORT" "shared_buffers = '256MB'" "$preload"
     psql -X -q -d postgres -c "CREATE DATABASE keypal_bench"

@@ -16,11 +16,15 @@ pub static SALT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::ne
 pub static RATE_LIMIT_SLOTS: GucSetting<i32> = GucSetting::<i32>::new(16384);
 
 pub fn init() {
-    // A server-start setting can only be defined while being preloaded (and only matters then).
+    // Preloaded, the table is sized at server start; otherwise the dynamic segment is sized
+    // when the first verify after server start creates it.
     // SAFETY: reads a backend-global flag.
-    if unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress } {
-        define_rate_limit_slots();
-    }
+    let preloading = unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress };
+    define_rate_limit_slots(if preloading {
+        GucContext::Postmaster
+    } else {
+        GucContext::Sighup
+    });
     GucRegistry::define_string_guc(
         c"keypal.salt",
         c"Server secret mixed into every API-key hash (superuser only).",
@@ -32,16 +36,17 @@ pub fn init() {
     );
 }
 
-fn define_rate_limit_slots() {
+fn define_rate_limit_slots(context: GucContext) {
     GucRegistry::define_int_guc(
         c"keypal.rate_limit_slots",
         c"Keys the shared-memory rate limiter tracks at once (about 200 bytes each).",
-        c"Only with shared_preload_libraries = 'keypal'. A key whose window is still live and \
-          finds no free slot is rate-limited through the keypal.rate_state table instead.",
+        c"Sizes the preloaded table (at server start) or the dynamic segment (at the first \
+          verify after server start). A key whose window is still live and finds no free \
+          slot is rate-limited through the keypal.rate_state table instead.",
         &RATE_LIMIT_SLOTS,
         64,
         16 * 1024 * 1024,
-        GucContext::Postmaster,
+        context,
         GucFlags::default(),
     );
 }

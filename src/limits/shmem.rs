@@ -106,11 +106,10 @@ fn table() -> *mut Table {
 /// directory; creators serialise on AddinShmemInitLock. A handle left from an earlier server
 /// start either no longer attaches or carries another nonce, and a new segment is made.
 mod dynamic {
-    use super::{size, Table};
+    use super::{nslots, size, Table};
     use pgrx::pg_sys;
 
     const FILE: &str = "keypal_limiter.dsm";
-    const SLOTS: usize = 16384;
     const TRANCHE_NAME: &std::ffi::CStr = c"keypal rate limiter";
 
     pub unsafe fn attach_or_create() -> *mut Table {
@@ -136,10 +135,9 @@ mod dynamic {
                 return None;
             }
             let t = pg_sys::dsm_segment_address(seg).cast::<Table>();
-            if pg_sys::dsm_segment_map_length(seg) < size(SLOTS)
-                || !(*t).embedded_lock
-                || (*t).nonce != nonce
-            {
+            let len = pg_sys::dsm_segment_map_length(seg);
+            let fits = len >= std::mem::size_of::<Table>() && len >= size((*t).nslots);
+            if !fits || !(*t).embedded_lock || (*t).nonce != nonce {
                 pg_sys::dsm_detach(seg);
                 return None;
             }
@@ -151,14 +149,14 @@ mod dynamic {
 
     unsafe fn create() -> *mut Table {
         unsafe {
-            let seg =
-                pg_sys::dsm_create(size(SLOTS), pg_sys::DSM_CREATE_NULL_IF_MAXSEGMENTS as i32);
+            let n = nslots();
+            let seg = pg_sys::dsm_create(size(n), pg_sys::DSM_CREATE_NULL_IF_MAXSEGMENTS as i32);
             if seg.is_null() {
                 return std::ptr::null_mut();
             }
             let t = pg_sys::dsm_segment_address(seg).cast::<Table>();
-            std::ptr::write_bytes(t.cast::<u8>(), 0, size(SLOTS));
-            (*t).nslots = SLOTS;
+            std::ptr::write_bytes(t.cast::<u8>(), 0, size(n));
+            (*t).nslots = n;
             (*t).embedded_lock = true;
             (*t).nonce = rand::random::<u64>() | 1;
             (*t).tranche = pg_sys::LWLockNewTrancheId();
