@@ -35,5 +35,12 @@ if [ "${KEYPAL_TEST_MODE:-plain}" = preload ]; then
     as_pg "$PGBIN/pg_ctl" -D "$PGHOST" -l "$PGHOST/server.log" -w start >/dev/null
     used=$(q -c "SELECT used FROM keypal_usage('$id')")
     ok "$( [ "$used" -ge 30 ] && [ "$used" -le 40 ]; echo $? )" "a crash right after 10 more verifies keeps 30..40 ($used): the loss is bounded by one flush interval"
+
+    # A clean shutdown right after counting: the worker flushes on its way out.
+    for _ in $(seq 10); do echo "SELECT (keypal_verify('$key')).valid;"; done | q >/dev/null
+    before=$(q -c "SELECT used FROM keypal_usage('$id')")
+    as_pg "$PGBIN/pg_ctl" -D "$PGHOST" -m fast -w stop >/dev/null
+    as_pg "$PGBIN/pg_ctl" -D "$PGHOST" -l "$PGHOST/server.log" -w start >/dev/null
+    is "$(q -c "SELECT used FROM keypal_usage('$id')")" "$before" "a clean restart loses nothing ($before)"
 fi
 done_testing
