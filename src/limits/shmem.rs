@@ -297,12 +297,18 @@ fn decide(slot: &mut Slot, ask: &Ask, loaded: Option<i64>, db: pg_sys::Oid, now:
         let same_period = slot.quota.db == db && slot.quota.period_start == q.period_start;
         if !(slot.quota.loaded && same_period) {
             // Reloaded from the table: keep counts not yet flushed, unless the period turned.
-            let pending = if same_period { slot.quota.pending } else { 0 };
+            // (No table value when the slot was marked for reload after this backend looked:
+            // keep the base it had.)
+            let (pending, kept_base) = if same_period {
+                (slot.quota.pending, slot.quota.base)
+            } else {
+                (0, 0)
+            };
             slot.quota = QuotaCount {
                 loaded: true,
                 db,
                 period_start: q.period_start,
-                base: loaded.unwrap_or(0),
+                base: loaded.unwrap_or(kept_base),
                 pending,
             };
         }
