@@ -110,6 +110,19 @@ BEGIN
         USING ERRCODE = 'P0002', DETAIL = 'KEY_NOT_FOUND';
 END $$;
 
+-- The key with this id, or KEY_NOT_FOUND (P0002).
+CREATE FUNCTION keypal.find_key(key_id uuid)
+RETURNS keypal.keys LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    k keypal.keys;
+BEGIN
+    SELECT * INTO k FROM keypal.keys WHERE id = key_id;
+    IF NOT FOUND THEN
+        PERFORM keypal.key_not_found(key_id, 'id');
+    END IF;
+    RETURN k;
+END $$;
+
 -- Locks a key for a change; raises KEY_NOT_FOUND (P0002) or CANNOT_MODIFY_REVOKED (55000).
 CREATE FUNCTION keypal.lock_key(key_id uuid, action text)
 RETURNS keypal.keys LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
@@ -765,10 +778,7 @@ DECLARE
     v_from timestamptz;
     v_used bigint;
 BEGIN
-    SELECT * INTO k FROM keypal.keys WHERE id = keypal_usage.key_id;
-    IF NOT FOUND THEN
-        PERFORM keypal.key_not_found(keypal_usage.key_id, 'id');
-    END IF;
+    k := keypal.find_key(keypal_usage.key_id);
     v_per := coalesce(k.quota->>'period', 'month');
     v_from := date_trunc(v_per, now(), 'UTC');
     SELECT CASE WHEN q.period_start = v_from THEN q.used ELSE 0 END INTO v_used
@@ -791,10 +801,7 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 DECLARE
     k keypal.keys;
 BEGIN
-    SELECT * INTO k FROM keypal.keys WHERE id = keypal_track_usage.key_id;
-    IF NOT FOUND THEN
-        PERFORM keypal.key_not_found(keypal_track_usage.key_id, 'id');
-    END IF;
+    k := keypal.find_key(keypal_track_usage.key_id);
     IF coalesce(tokens, 0) < 0 OR coalesce(cost, 0) < 0 OR coalesce(requests, 0) < 0 THEN
         RAISE EXCEPTION 'invalid tokens/cost/requests: must not be negative' USING ERRCODE = '22023';
     END IF;
@@ -825,10 +832,7 @@ DECLARE
     cfg   keypal.settings := keypal.config();
     facts jsonb;
 BEGIN
-    SELECT * INTO k FROM keypal.keys WHERE id = keypal_analyze.key_id;
-    IF NOT FOUND THEN
-        PERFORM keypal.key_not_found(keypal_analyze.key_id, 'id');
-    END IF;
+    k := keypal.find_key(keypal_analyze.key_id);
     WITH u AS (
         SELECT x.hour, x.endpoint, x.requests FROM keypal.usage x
          WHERE x.key_id = k.id AND x.hour >= now() - interval '30 days'),
