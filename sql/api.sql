@@ -461,15 +461,10 @@ $$;
 CREATE FUNCTION keypal_revoke(id uuid DEFAULT NULL, reason text DEFAULT NULL, actor text DEFAULT NULL)
 RETURNS integer
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    k keypal.keys := keypal.lock_key(id, 'revoked');
-    who text := keypal.actor(actor);
 BEGIN
-    PERFORM keypal.begin_change(who);
-    UPDATE keypal.keys SET revoked_at = now(), revoke_reason = reason, revoked_by = who
-     WHERE keys.id = k.id;
-    PERFORM keypal.end_change();
-    RETURN 1;
+    -- Unlike the bulk forms, an unknown or already revoked key is an error here.
+    PERFORM keypal.lock_key(id, 'revoked');
+    RETURN keypal.revoke_where(ARRAY[id], NULL, NULL, reason, actor);
 END $$;
 
 -- Revokes every key that matches and is not yet revoked; returns how many.

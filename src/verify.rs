@@ -89,10 +89,7 @@ pub fn verify(raw_key: Option<&str>, req: &Request) -> (VerifyResult, Option<Ver
     let key = keys::strip_bearer(raw_key.unwrap_or(""));
     match verify_in(&catalog, key, req) {
         Ok((row, usage)) => (row.result(&catalog, &usage), None),
-        Err(r) => (
-            verdict(&catalog, false, Some(r.err), r.retry_after_ms),
-            Some(r.err),
-        ),
+        Err(r) => (refused(&catalog, &r), Some(r.err)),
     }
 }
 
@@ -213,6 +210,12 @@ impl Row {
         self.get(c).map(|d| d.value() as i64)
     }
 
+    fn text(&self, c: usize) -> Option<String> {
+        // SAFETY: c is one of the row's text columns.
+        self.get(c)
+            .and_then(|d| unsafe { String::from_datum(d, false) })
+    }
+
     fn strings(&self, c: usize) -> Vec<String> {
         // SAFETY: c is one of the row's text[] columns.
         self.get(c)
@@ -240,14 +243,8 @@ impl Row {
             id: self.get(col::ID).unwrap_or(pg_sys::Datum::from(0usize)),
             rate_limit: enforce::json(self.get(col::RATE_LIMIT)),
             quota: enforce::json(self.get(col::QUOTA)),
-            // SAFETY: policy is a text column.
-            policy: self
-                .get(col::POLICY)
-                .and_then(|d| unsafe { String::from_datum(d, false) }),
-            // SAFETY: env is a text column.
-            env: self
-                .get(col::ENV)
-                .and_then(|d| unsafe { String::from_datum(d, false) }),
+            policy: self.text(col::POLICY),
+            env: self.text(col::ENV),
         }
     }
 }
@@ -284,41 +281,27 @@ fn check(row: &Row, req: &Request, now: i64) -> Result<(), VerifyError> {
         return Err(VerifyError::Expired);
     }
     if let Some(want) = req.env {
-        let env = row
-            .get(col::ENV)
-            .and_then(|d| unsafe { String::from_datum(d, false) });
-        if env.as_deref() != Some(want) {
+        if row.text(col::ENV).as_deref() != Some(want) {
             return Err(VerifyError::EnvMismatch);
         }
     }
-    let [allowed_ips, blocked_ips, allowed_regions, blocked_regions] = [
-        col::ALLOWED_IPS,
-        col::BLOCKED_IPS,
-        col::ALLOWED_REGIONS,
-        col::BLOCKED_REGIONS,
-    ]
-    .map(|c| row.strings(c));
-    let (allowed_ips, blocked_ips, allowed_regions, blocked_regions) = (
-        &allowed_ips,
-        &blocked_ips,
-        &allowed_regions,
-        &blocked_regions,
-    );
+    let (allowed_ips, blocked_ips) = (row.strings(col::ALLOWED_IPS), row.strings(col::BLOCKED_IPS));
     if !allowed_ips.is_empty() || !blocked_ips.is_empty() {
         let ip = req.ip.and_then(parse_inet);
-        if !net::allowed(
-            ip,
-            allowed_ips,
-            |i| net::in_any(*i, blocked_ips),
-            |i| net::in_any(*i, allowed_ips),
-        ) {
+        let blocked = |i: &IpAddr| net::in_any(*i, &blocked_ips);
+        let allowed = |i: &IpAddr| net::in_any(*i, &allowed_ips);
+        if !net::allowed(ip, &allowed_ips, blocked, allowed) {
             return Err(VerifyError::IpNotAllowed);
         }
     }
+    let (allowed_regions, blocked_regions) = (
+        row.strings(col::ALLOWED_REGIONS),
+        row.strings(col::BLOCKED_REGIONS),
+    );
     if !allowed_regions.is_empty() || !blocked_regions.is_empty() {
-        let blocked = |c: &&str| net::region_in(c, blocked_regions);
-        let allowed = |c: &&str| net::region_in(c, allowed_regions);
-        if !net::allowed(req.country, allowed_regions, blocked, allowed) {
+        let blocked = |c: &&str| net::region_in(c, &blocked_regions);
+        let allowed = |c: &&str| net::region_in(c, &allowed_regions);
+        if !net::allowed(req.country, &allowed_regions, blocked, allowed) {
             return Err(VerifyError::RegionNotAllowed);
         }
     }
@@ -337,7 +320,7 @@ fn holds_all(
     resources_datum: Option<pg_sys::Datum>,
     req: &Request,
 ) -> bool {
-    // SAFETY: the datum is the key's text[] column from the current SPI result.
+    // SAFETY: the datum is the key's text[] scopes column, copied out of its tuple.
     let array = scopes_datum.and_then(|d| unsafe { Array::<&str>::from_datum(d, false) });
     let global: Vec<&str> = array
         .as_ref()
@@ -383,19 +366,14 @@ fn writable() -> bool {
     }
 }
 
-/// A verify_result row carrying only the verdict (and a retry delay).
-pub fn verdict(
-    catalog: &Catalog,
-    valid: bool,
-    err: Option<VerifyError>,
-    retry_after_ms: Option<i64>,
-) -> VerifyResult {
+/// The verify_result of a refused verify: the verdict only (and a retry delay).
+fn refused(catalog: &Catalog, r: &Refusal) -> VerifyResult {
     let mut datums: Vec<Option<pg_sys::Datum>> = vec![None; 17];
-    datums[0] = valid.into_datum();
-    datums[1] = err.map(|e| e.code()).into_datum();
-    datums[2] = err.map(|e| e.message()).into_datum();
-    datums[13] = (err == Some(VerifyError::RateLimited)).into_datum();
-    datums[14] = retry_after_ms.into_datum();
+    datums[0] = false.into_datum();
+    datums[1] = r.err.code().into_datum();
+    datums[2] = r.err.message().into_datum();
+    datums[13] = (r.err == VerifyError::RateLimited).into_datum();
+    datums[14] = r.retry_after_ms.into_datum();
     form(catalog, datums)
 }
 

@@ -9,7 +9,7 @@
 //! is read, not written (decided, not counted); and being a table row, the count rolls back
 //! with the caller's transaction. Keys without a rate limit or quota touch nothing.
 
-use super::quota::{self, OnExceeded, Quota};
+use super::quota::{self, Quota};
 use super::shmem;
 use super::window::{Limit, Window};
 use crate::catalog::Catalog;
@@ -40,6 +40,15 @@ pub struct Usage {
 pub struct Refusal {
     pub err: VerifyError,
     pub retry_after_ms: Option<i64>,
+}
+
+impl Refusal {
+    fn rate_limited(retry_after_ms: i64) -> Refusal {
+        Refusal {
+            err: VerifyError::RateLimited,
+            retry_after_ms: Some(retry_after_ms),
+        }
+    }
 }
 
 impl From<VerifyError> for Refusal {
@@ -136,40 +145,33 @@ pub fn enforce(
         let used = quota
             .as_ref()
             .map(|q| quota_used(conn, key.id, q, writable));
-        let over = matches!((&quota, used), (Some(q), Some(u)) if u + cost > q.limit);
-        let throttle = over
-            && quota
-                .as_ref()
-                .is_some_and(|q| q.on_exceeded == OnExceeded::Throttle);
-        let rate = if throttle {
+        let judged = quota
+            .as_ref()
+            .zip(used)
+            .map(|(q, u)| q.judge(u, cost))
+            .unwrap_or_default();
+        let rate = if judged.throttled {
             Some(quota::throttled(rate))
         } else {
             rate
         };
-        let blocked = over
-            && quota
-                .as_ref()
-                .is_some_and(|q| q.on_exceeded == OnExceeded::Block);
         let mut usage = Usage::default();
         let mut window = None;
         if let Some(limit) = rate {
             let mut w = rate_window(conn, key.id, writable);
             // SAFETY: reads the clock.
             let now = unsafe { pg_sys::GetCurrentTimestamp() };
-            let d = w.admit(now, limit, cost, writable && !blocked);
+            let d = w.admit(now, limit, cost, writable && !judged.blocked);
             window = Some(w);
             if !d.allowed {
-                return Err(Refusal {
-                    err: VerifyError::RateLimited,
-                    retry_after_ms: Some(d.retry_after_ms),
-                });
+                return Err(Refusal::rate_limited(d.retry_after_ms));
             }
             usage.rate_limit_remaining = Some(d.remaining);
         }
+        if judged.blocked {
+            return Err(VerifyError::QuotaExceeded.into());
+        }
         if let (Some(q), Some(u)) = (&quota, used) {
-            if blocked {
-                return Err(VerifyError::QuotaExceeded.into());
-            }
             usage.quota_remaining = Some((q.limit - u - if writable { cost } else { 0 }).max(0));
         }
         if writable {
@@ -178,7 +180,7 @@ pub fn enforce(
             }
             if let (Some(q), Some(u)) = (&quota, used) {
                 QUOTA_ADD.exec(conn, &[Some(key.id), cost.into_datum()], false, 0);
-                if q.on_exceeded == OnExceeded::Warn && u <= q.limit && u + cost > q.limit {
+                if judged.warn_crossed {
                     warn_event(conn, key.id, q, u + cost);
                 }
             }
@@ -215,16 +217,13 @@ fn enforce_in_shared_memory(
     };
     let answer = shmem::admit(key_bytes(key.id), &ask, load)?;
     if let Some(d) = answer.rate.filter(|d| !d.allowed) {
-        return Some(Err(Refusal {
-            err: VerifyError::RateLimited,
-            retry_after_ms: Some(d.retry_after_ms),
-        }));
+        return Some(Err(Refusal::rate_limited(d.retry_after_ms)));
     }
-    if answer.quota_blocked {
+    if answer.quota.blocked {
         return Some(Err(VerifyError::QuotaExceeded.into()));
     }
     if let (Some(q), Some(u)) = (quota, answer.quota_used) {
-        if writable && q.on_exceeded == OnExceeded::Warn && u <= q.limit && u + cost > q.limit {
+        if writable && answer.quota.warn_crossed {
             Connection::with(|conn| warn_event(conn, key.id, q, u + cost));
         }
     }

@@ -18,6 +18,32 @@ pub struct Quota {
     pub on_exceeded: OnExceeded,
 }
 
+/// What a quota says about a request of `cost` when `used` requests are already counted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Judgement {
+    /// A blocking quota refuses it.
+    pub blocked: bool,
+    /// A throttling quota tightens the rate limit for it.
+    pub throttled: bool,
+    /// A warning quota is crossed by it (emit `quota.exceeded` once).
+    pub warn_crossed: bool,
+}
+
+pub fn judge(limit: i64, on_exceeded: OnExceeded, used: i64, cost: i64) -> Judgement {
+    let over = used + cost > limit;
+    Judgement {
+        blocked: over && on_exceeded == OnExceeded::Block,
+        throttled: over && on_exceeded == OnExceeded::Throttle,
+        warn_crossed: on_exceeded == OnExceeded::Warn && used <= limit && over,
+    }
+}
+
+impl Quota {
+    pub fn judge(&self, used: i64, cost: i64) -> Judgement {
+        judge(self.limit, self.on_exceeded, used, cost)
+    }
+}
+
 /// `{"requests": n, "window": "1m"}` (already validated when stored); None for JSON null.
 pub fn parse_rate_limit(v: &Value) -> Option<Limit> {
     let requests = v.get("requests")?.as_i64()?;
@@ -146,6 +172,16 @@ mod tests {
             2
         );
         assert_eq!(effective_rate_limit(None, None, None, None), None);
+    }
+
+    #[test]
+    fn judgements() {
+        use OnExceeded::*;
+        assert_eq!(judge(2, Block, 1, 1), Judgement::default());
+        assert!(judge(2, Block, 2, 1).blocked);
+        assert!(judge(2, Throttle, 2, 1).throttled && !judge(2, Throttle, 2, 1).blocked);
+        assert!(judge(2, Warn, 2, 1).warn_crossed);
+        assert!(!judge(2, Warn, 3, 1).warn_crossed, "only when crossing");
     }
 
     #[test]

@@ -248,9 +248,9 @@ pub struct QuotaAsk {
 #[derive(Default)]
 pub struct Answer {
     pub rate: Option<Decision>,
-    /// Quota use before this request, and whether a blocking quota refused it.
+    /// Quota use before this request, and what the quota says about it.
     pub quota_used: Option<i64>,
-    pub quota_blocked: bool,
+    pub quota: quota::Judgement,
 }
 
 /// Decides a request against the key's rate limit and quota, counting it only when it is
@@ -313,10 +313,10 @@ fn decide(slot: &mut Slot, ask: &Ask, loaded: Option<i64>, db: pg_sys::Oid, now:
             };
         }
         let used = slot.quota.base + slot.quota.pending;
-        let over = used + ask.cost > q.limit;
+        let judged = quota::judge(q.limit, q.on_exceeded, used, ask.cost);
         answer.quota_used = Some(used);
-        answer.quota_blocked = over && q.on_exceeded == OnExceeded::Block;
-        if over && q.on_exceeded == OnExceeded::Throttle {
+        answer.quota = judged;
+        if judged.throttled {
             rate = Some(quota::throttled(rate));
         }
     }
@@ -327,13 +327,13 @@ fn decide(slot: &mut Slot, ask: &Ask, loaded: Option<i64>, db: pg_sys::Oid, now:
         }
         let d = slot
             .window
-            .admit(now, limit, ask.cost, !answer.quota_blocked);
+            .admit(now, limit, ask.cost, !answer.quota.blocked);
         answer.rate = Some(d);
         if !d.allowed {
             return answer;
         }
     }
-    if ask.quota.is_some() && !answer.quota_blocked {
+    if ask.quota.is_some() && !answer.quota.blocked {
         slot.quota.pending += ask.cost;
     }
     answer
