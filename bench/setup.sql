@@ -1,20 +1,23 @@
--- 100 000 keys with known plaintexts 'k' || lpad(n, 31, '0') (the default format: 32
+-- 200 000 keys with known plaintexts 'k' || lpad(n, 31, '0') (the default format: 32
 -- characters of A-Za-z0-9), loaded straight into keypal.keys with the hash keypal uses
--- (no salt: sha256(key)); and the same rows in a plain table for the inline baseline.
+-- (no salt: sha256(key)): keys 1..100 000 plain, keys 100 001..200 000 with a (never
+-- reached) monthly quota; and the plain ones again in a plain table for the inline baseline.
 CREATE EXTENSION IF NOT EXISTS keypal;
 CREATE EXTENSION IF NOT EXISTS pgcrypto;
 SET session_replication_role = replica;   -- skip audit triggers for the bulk load
-INSERT INTO keypal.keys (key_hash, algorithm, owner_id, scopes)
-SELECT digest('k' || lpad(n::text, 31, '0'), 'sha256'), 'sha256', 'bench_' || (n % 1000), '{read,write}'
-  FROM generate_series(1, 100000) n;
+INSERT INTO keypal.keys (key_hash, algorithm, owner_id, scopes, quota)
+SELECT digest('k' || lpad(n::text, 31, '0'), 'sha256'), 'sha256', 'bench_' || (n % 1000), '{read,write}',
+       CASE WHEN n > 100000 THEN '{"limit": 1000000000000, "period": "month", "on_exceeded": "block"}'::jsonb END
+  FROM generate_series(1, 200000) n;
 RESET session_replication_role;
 CREATE TABLE bench_inline AS
-SELECT id, key_hash, owner_id, scopes, enabled, revoked_at, expires_at FROM keypal.keys;
+SELECT id, key_hash, owner_id, scopes, enabled, revoked_at, expires_at FROM keypal.keys WHERE quota IS NULL;
 CREATE UNIQUE INDEX ON bench_inline (key_hash);
 VACUUM ANALYZE keypal.keys;
 VACUUM ANALYZE bench_inline;
--- Steady state: every key used once, so last_used_at is fresh for the whole run.
+-- Steady state: every key used once, so last_used_at is fresh for the whole run (and, with
+-- a quota, its use is loaded and counted).
 SELECT keypal_configure(last_used_resolution => '1h');
 SELECT count(*) FILTER (WHERE v.valid) AS warmed
-  FROM generate_series(1, 100000) n, LATERAL keypal_verify('k' || lpad(n::text, 31, '0'), 'read') v;
+  FROM generate_series(1, 200000) n, LATERAL keypal_verify('k' || lpad(n::text, 31, '0'), 'read') v;
 VACUUM ANALYZE keypal.keys;

@@ -829,7 +829,7 @@ DECLARE
 BEGIN
     k := keypal.find_key(keypal_analyze.key_id);
     WITH u AS (
-        SELECT x.hour, x.endpoint, x.requests FROM keypal.usage x
+        SELECT x.hour, x.endpoint, x.requests FROM keypal.hourly_usage x
          WHERE x.key_id = k.id AND x.hour >= now() - interval '30 days'),
     per_hour AS (SELECT u.hour, sum(u.requests)::bigint AS r FROM u GROUP BY u.hour)
     SELECT jsonb_build_object(

@@ -130,13 +130,19 @@ CREATE TABLE keypal.rate_state (
 );
 COMMENT ON TABLE keypal.rate_state IS 'Per-key rate-limit counters (sliding window of sub-window buckets).';
 
--- Quota use in the current period, per key.
+-- Quota use in the current period, per key. With the preload, the flush worker also keeps
+-- the current hour's verified requests here (hour, hour_requests: one row to update per key
+-- and flush) and moves them to keypal.usage once the hour is over; keypal.hourly_usage
+-- shows both.
 CREATE TABLE keypal.quota_usage (
-    key_id       uuid PRIMARY KEY REFERENCES keypal.keys (id) ON DELETE CASCADE,
-    period_start timestamptz NOT NULL,
-    used         bigint NOT NULL DEFAULT 0
-);
-COMMENT ON TABLE keypal.quota_usage IS 'Requests counted against each key''s quota in its current period.';
+    key_id        uuid PRIMARY KEY REFERENCES keypal.keys (id) ON DELETE CASCADE,
+    period_start  timestamptz NOT NULL,
+    used          bigint NOT NULL DEFAULT 0,
+    hour          timestamptz,
+    hour_requests bigint NOT NULL DEFAULT 0
+) WITH (fillfactor = 50);   -- room on each page for HOT updates by the flush worker
+CREATE INDEX quota_usage_hour ON keypal.quota_usage (hour);
+COMMENT ON TABLE keypal.quota_usage IS 'Requests counted against each key''s quota in its current period (and, with the preload, the current hour''s verified requests).';
 
 -- Usage per key, hour and endpoint (keypal_track_usage), for analytics.
 CREATE TABLE keypal.usage (
@@ -147,8 +153,17 @@ CREATE TABLE keypal.usage (
     tokens   bigint NOT NULL DEFAULT 0,
     cost     numeric NOT NULL DEFAULT 0,
     PRIMARY KEY (key_id, hour, endpoint)
-);
-COMMENT ON TABLE keypal.usage IS 'Usage per key, hour and endpoint, recorded by keypal_track_usage().';
+) WITH (fillfactor = 70);   -- the current hour's rows are updated in place (HOT)
+COMMENT ON TABLE keypal.usage IS 'Usage per key, hour and endpoint, recorded by keypal_track_usage() and by verify (for keys with a quota).';
+
+-- All per-hour usage: keypal.usage and the hours the flush worker has not yet moved there.
+-- A key, hour and endpoint may appear more than once: sum them.
+CREATE VIEW keypal.hourly_usage AS
+SELECT u.key_id, u.hour, u.endpoint, u.requests, u.tokens, u.cost FROM keypal.usage u
+UNION ALL
+SELECT q.key_id, q.hour, '', q.hour_requests, 0, 0::numeric FROM keypal.quota_usage q
+ WHERE q.hour IS NOT NULL AND q.hour_requests > 0;
+COMMENT ON VIEW keypal.hourly_usage IS 'Requests, tokens and cost per key, hour and endpoint (sum rows of the same key, hour and endpoint).';
 
 CREATE TABLE keypal.audit_log (
     id       bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

@@ -10,6 +10,7 @@
 //! next verify everywhere; in the changing transaction it is seen from the next command on.
 
 use crate::keys;
+use crate::scan::Unique;
 use crate::spi::{Connection, Stmt};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -42,11 +43,16 @@ pub const KEY_COLUMNS: [&str; 22] = [
     "quota",
     "policy",
 ];
+/// The index of key_hash in KEY_COLUMNS.
+const KEY_HASH: usize = 10;
 
 pub struct Catalog {
     pub settings_relid: pg_sys::Oid,
-    pub keys_relid: pg_sys::Oid,
-    pub hash_index: pg_sys::Oid,
+    /// keypal.keys by its unique key_hash index.
+    pub keys_by_hash: Unique,
+    /// keypal.quota_usage by key_id, and the attnums of its period_start and used.
+    pub quota_by_key: Unique,
+    pub quota_attnums: [i16; 2],
     /// attnum (1-based) of each of KEY_COLUMNS in keypal.keys.
     pub attnums: [i16; KEY_COLUMNS.len()],
     pub result_type: pg_sys::Oid,
@@ -85,7 +91,17 @@ static LOAD: Stmt = Stmt::new(
              c.rate_limit, c.environments,
              (SELECT pg_catalog.jsonb_object_agg(p.name, p.rate_limit) FROM keypal.policies p
                WHERE p.rate_limit IS NOT NULL),
-             'keypal.policies'::pg_catalog.regclass::pg_catalog.oid
+             'keypal.policies'::pg_catalog.regclass::pg_catalog.oid,
+             'keypal.quota_usage'::pg_catalog.regclass::pg_catalog.oid,
+             (SELECT i.indexrelid FROM pg_catalog.pg_index i
+               WHERE i.indrelid OPERATOR(pg_catalog.=) 'keypal.quota_usage'::pg_catalog.regclass
+                 AND i.indisprimary),
+             (SELECT pg_catalog.array_agg(a.attnum ORDER BY u.n)
+                FROM pg_catalog.unnest('{key_id,period_start,used}'::pg_catalog.text[])
+                     WITH ORDINALITY AS u(name, n)
+                LEFT JOIN pg_catalog.pg_attribute a
+                  ON a.attrelid OPERATOR(pg_catalog.=) 'keypal.quota_usage'::pg_catalog.regclass
+                 AND a.attname OPERATOR(pg_catalog.=) u.name AND NOT a.attisdropped)
         FROM keypal.config() c",
     &[pg_sys::TEXTARRAYOID],
 );
@@ -93,8 +109,8 @@ static LOAD: Stmt = Stmt::new(
 thread_local! {
     static CACHE: RefCell<Option<Rc<Catalog>>> = const { RefCell::new(None) };
     /// The relations whose invalidation drops the cache: settings, keys, the hash index,
-    /// policies.
-    static WATCHED: Cell<[pg_sys::Oid; 4]> = const { Cell::new([pg_sys::InvalidOid; 4]) };
+    /// policies, quota_usage.
+    static WATCHED: Cell<[pg_sys::Oid; 5]> = const { Cell::new([pg_sys::InvalidOid; 5]) };
 }
 
 /// The cached catalog, loaded (through SPI) when missing.
@@ -105,9 +121,10 @@ pub fn get() -> Rc<Catalog> {
     let c = Rc::new(Connection::with(load));
     WATCHED.set([
         c.settings_relid,
-        c.keys_relid,
-        c.hash_index,
+        c.keys_by_hash.table,
+        c.keys_by_hash.index,
         c.policies_relid,
+        c.quota_by_key.table,
     ]);
     CACHE.with(|cell| *cell.borrow_mut() = Some(c.clone()));
     c
@@ -123,10 +140,15 @@ fn load(conn: &Connection) -> Catalog {
             .unwrap_or_default();
         let attnums: [i16; KEY_COLUMNS.len()] =
             std::array::from_fn(|i| attnums.get(i).copied().flatten().unwrap_or(0));
-        if attnums.contains(&0) {
+        let quota: Vec<Option<i16>> = conn
+            .get(0, 16)
+            .and_then(|d| Vec::<Option<i16>>::from_datum(d, false))
+            .unwrap_or_default();
+        let quota: [i16; 3] = std::array::from_fn(|i| quota.get(i).copied().flatten().unwrap_or(0));
+        if attnums.contains(&0) || quota.contains(&0) {
             crate::errors::raise(
                 pgrx::PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
-                "keypal.keys lacks a column verify needs".into(),
+                "keypal.keys or keypal.quota_usage lacks a column verify needs".into(),
             );
         }
         let oid = |c| {
@@ -159,8 +181,19 @@ fn load(conn: &Connection) -> Catalog {
                 .get(0, 6)
                 .and_then(|d| Vec::<String>::from_datum(d, false))
                 .unwrap_or_default(),
-            keys_relid: oid(7),
-            hash_index: oid(8),
+            keys_by_hash: Unique {
+                table: oid(7),
+                index: oid(8),
+                column: attnums[KEY_HASH],
+                eq: pg_sys::F_BYTEAEQ,
+            },
+            quota_by_key: Unique {
+                table: oid(14),
+                index: oid(15),
+                column: quota[0],
+                eq: pg_sys::F_UUID_EQ,
+            },
+            quota_attnums: [quota[1], quota[2]],
             attnums,
             default_rate_limit: json(10),
             environments: json(11),

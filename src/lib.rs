@@ -19,6 +19,7 @@ pub mod keys;
 pub mod limits;
 pub mod net;
 pub mod options;
+pub mod scan;
 pub mod scopes;
 pub mod spi;
 pub mod verify;

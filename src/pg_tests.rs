@@ -14,6 +14,29 @@ mod tests {
     }
 
     #[pg_test]
+    fn quota_periods_agree_with_date_trunc() {
+        // Timestamps across leap years, month ends, week starts and before 2000.
+        let sql = "SELECT array_agg((extract(epoch FROM t - '2000-01-01 UTC') * 1000000)::int8 ORDER BY t),
+                          array_agg((extract(epoch FROM date_trunc(p, t, 'UTC') - '2000-01-01 UTC') * 1000000)::int8 ORDER BY t)
+                     FROM unnest('{day,week,month,year}'::text[]) p,
+                          generate_series('1999-12-20 UTC'::timestamptz, '2029-03-02 UTC', '1 day 7 hours 13 minutes') t
+                    WHERE p = $1";
+        for period in ["day", "week", "month", "year"] {
+            let (ts, starts) =
+                Spi::get_two_with_args::<Vec<i64>, Vec<i64>>(sql, &[period.into()]).unwrap();
+            let (ts, starts) = (ts.unwrap(), starts.unwrap());
+            assert!(ts.len() > 8000);
+            for (t, s) in ts.iter().zip(&starts) {
+                assert_eq!(
+                    crate::limits::quota::period_start_us(period, *t),
+                    Some(*s),
+                    "{period} of {t}"
+                );
+            }
+        }
+    }
+
+    #[pg_test]
     fn verify_path_accepts_and_rejects() {
         let (key, _) = create("owner_id => 'u1', scopes => '{read}'");
         let read = Request {

@@ -156,49 +156,10 @@ struct Row([Option<pg_sys::Datum>; KEY_COLUMNS.len()]);
 impl Row {
     /// The row whose key_hash equals `hash`, as a query run now would see it.
     fn by_hash(catalog: &Catalog, hash: &[u8]) -> Option<Row> {
-        // SAFETY: opens keypal.keys (AccessShareLock, held to transaction end as the executor
-        // would) and scans its unique key_hash index with an equality key on the attnum the
-        // catalog looked up; the found tuple is copied before the scan releases its buffer.
-        unsafe {
-            let rel = pg_sys::table_open(catalog.keys_relid, pg_sys::AccessShareLock as i32);
-            let mut scankey: pg_sys::ScanKeyData = std::mem::zeroed();
-            pg_sys::ScanKeyInit(
-                &mut scankey,
-                catalog.attnums[col::HASH],
-                pg_sys::BTEqualStrategyNumber as u16,
-                pg_sys::Oid::from(pg_sys::F_BYTEAEQ),
-                hash.into_datum().expect("bytea datum"),
-            );
-            // As SPI does for a volatile function's query: make this transaction's earlier
-            // changes visible, then take a fresh snapshot (READ COMMITTED) or the
-            // transaction's (REPEATABLE READ and above).
-            pg_sys::CommandCounterIncrement();
-            let snapshot = pg_sys::GetTransactionSnapshot();
-            let scan = pg_sys::systable_beginscan(
-                rel,
-                catalog.hash_index,
-                true,
-                snapshot,
-                1,
-                &mut scankey,
-            );
-            let found = pg_sys::systable_getnext(scan);
-            let row = (!found.is_null()).then(|| {
-                let tuple = pg_sys::heap_copytuple(found);
-                let desc = (*rel).rd_att;
-                let natts = (*desc).natts as usize;
-                let mut values = vec![pg_sys::Datum::from(0usize); natts];
-                let mut nulls = vec![true; natts];
-                pg_sys::heap_deform_tuple(tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
-                Row(std::array::from_fn(|i| {
-                    let at = catalog.attnums[i] as usize - 1;
-                    (!nulls[at]).then_some(values[at])
-                }))
-            });
-            pg_sys::systable_endscan(scan);
-            pg_sys::table_close(rel, pg_sys::NoLock as i32);
-            row
-        }
+        catalog
+            .keys_by_hash
+            .lookup(hash.into_datum()?, &catalog.attnums)
+            .map(Row)
     }
 
     fn get(&self, c: usize) -> Option<pg_sys::Datum> {

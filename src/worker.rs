@@ -13,6 +13,7 @@ use pgrx::bgworkers::{
 use pgrx::prelude::*;
 use pgrx::{pg_sys, GucContext, GucFlags, GucRegistry, GucSetting};
 use std::cell::Cell;
+use std::collections::HashSet;
 use std::ffi::CString;
 use std::time::Duration;
 
@@ -79,23 +80,50 @@ pub fn flushes_here() -> bool {
     }
 }
 
+/// Writes the pending counts: one row per key in keypal.quota_usage, which holds both the
+/// period's use and the current hour's requests. A count from a period the row has already
+/// left is dropped from the quota but still counted for the hour. Rows are inserted only for
+/// keys that still exist. Returns the keys written.
 const FLUSH: &str = "
-    WITH d AS (
-        SELECT f.key_id, f.period_start, f.n
-          FROM unnest($1::uuid[], $2::timestamptz[], $3::int8[]) AS f(key_id, period_start, n)
-         WHERE EXISTS (SELECT 1 FROM keypal.keys k WHERE k.id = f.key_id)),
-    q AS (
-        INSERT INTO keypal.quota_usage AS q (key_id, period_start, used)
-        SELECT d.key_id, d.period_start, d.n FROM d
+    WITH f AS (
+        SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::int8[]) AS f(key_id, period_start, n)),
+    upd AS (
+        UPDATE keypal.quota_usage q
+           SET used = CASE WHEN q.period_start = f.period_start THEN q.used + f.n
+                           WHEN q.period_start < f.period_start THEN f.n
+                           ELSE q.used END,
+               period_start = greatest(q.period_start, f.period_start),
+               hour = coalesce(q.hour, date_trunc('hour', now())),
+               hour_requests = q.hour_requests + f.n
+          FROM f WHERE q.key_id = f.key_id
+        RETURNING q.key_id),
+    ins AS (
+        INSERT INTO keypal.quota_usage AS q (key_id, period_start, used, hour, hour_requests)
+        SELECT f.key_id, f.period_start, f.n, date_trunc('hour', now()), f.n FROM f
+         WHERE NOT EXISTS (SELECT 1 FROM keypal.quota_usage x WHERE x.key_id = f.key_id)
+           AND EXISTS (SELECT 1 FROM keypal.keys k WHERE k.id = f.key_id)
         ON CONFLICT (key_id) DO UPDATE
-           SET used = CASE WHEN q.period_start = EXCLUDED.period_start THEN q.used ELSE 0 END + EXCLUDED.used,
-               period_start = EXCLUDED.period_start
-         WHERE q.period_start <= EXCLUDED.period_start),
-    u AS (
-        INSERT INTO keypal.usage AS u (key_id, hour, endpoint, requests)
-        SELECT d.key_id, date_trunc('hour', now()), '', d.n FROM d
-        ON CONFLICT ON CONSTRAINT usage_pkey DO UPDATE SET requests = u.requests + EXCLUDED.requests)
-    SELECT d.key_id FROM d";
+           SET used = CASE WHEN q.period_start = EXCLUDED.period_start THEN q.used + EXCLUDED.used
+                           WHEN q.period_start < EXCLUDED.period_start THEN EXCLUDED.used
+                           ELSE q.used END,
+               period_start = greatest(q.period_start, EXCLUDED.period_start),
+               hour = coalesce(q.hour, EXCLUDED.hour),
+               hour_requests = q.hour_requests + EXCLUDED.hour_requests
+        RETURNING q.key_id)
+    SELECT key_id FROM upd UNION ALL SELECT key_id FROM ins";
+
+/// Moves the requests of hours that are over from keypal.quota_usage to keypal.usage (an
+/// index scan that finds nothing, except in the first flush of an hour).
+const ROLL_HOURS: &str = "
+    WITH old AS (
+        SELECT q.key_id, q.hour, q.hour_requests FROM keypal.quota_usage q
+         WHERE q.hour < date_trunc('hour', now())),
+    cleared AS (
+        UPDATE keypal.quota_usage q SET hour = NULL, hour_requests = 0
+          FROM old WHERE q.key_id = old.key_id)
+    INSERT INTO keypal.usage AS u (key_id, hour, endpoint, requests)
+    SELECT old.key_id, old.hour, '', old.hour_requests FROM old WHERE old.hour_requests > 0
+    ON CONFLICT ON CONSTRAINT usage_pkey DO UPDATE SET requests = u.requests + EXCLUDED.requests";
 
 #[pg_guard]
 #[no_mangle]
@@ -146,7 +174,7 @@ fn flush_once() {
     let counts: Vec<i64> = pending.iter().map(|p| p.requests).collect();
     // Keys this flush cannot see (created by a transaction still open) keep their counts
     // pending for the next flush.
-    let written: Vec<[u8; 16]> = BackgroundWorker::transaction(|| {
+    let written: HashSet<[u8; 16]> = BackgroundWorker::transaction(|| {
         let installed = Spi::get_one::<bool>(
             "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'keypal')",
         )
@@ -154,9 +182,12 @@ fn flush_once() {
         .flatten()
         .unwrap_or(false);
         if !installed {
-            return Vec::new();
+            return HashSet::new();
         }
         Spi::connect_mut(|client| {
+            if let Err(e) = client.update(ROLL_HOURS, None, &[]) {
+                pgrx::warning!("keypal flush worker: moving finished hours to keypal.usage: {e}");
+            }
             let rows = client.update(FLUSH, None, &[keys.into(), periods.into(), counts.into()]);
             rows.map(|t| {
                 t.filter_map(|r| r.get::<pgrx::Uuid>(1).ok().flatten())
@@ -166,6 +197,10 @@ fn flush_once() {
             .unwrap_or_default()
         })
     });
+    // A worker never goes idle the way a backend does: report its table statistics
+    // itself, or autovacuum would never learn of the rows it updates.
+    // SAFETY: outside any transaction, as PostgreSQL's own workers call it.
+    unsafe { pg_sys::pgstat_report_stat(false) };
     let done: Vec<shmem::Pending> = pending
         .into_iter()
         .filter(|p| written.contains(&p.key))

@@ -19,12 +19,15 @@ use crate::worker;
 use pgrx::prelude::*;
 use pgrx::{pg_sys, JsonB};
 use serde_json::Value;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
 
 /// The limit settings of one key row.
 pub struct KeyLimits {
     pub id: pg_sys::Datum,
-    pub rate_limit: Option<Value>,
-    pub quota: Option<Value>,
+    pub rate_limit: Option<Rc<Value>>,
+    pub quota: Option<Rc<Value>>,
     pub policy: Option<String>,
     pub env: Option<String>,
 }
@@ -83,11 +86,6 @@ static QUOTA_LOCK: Stmt = Stmt::new(
       RETURNING q.used",
     &[pg_sys::UUIDOID, pg_sys::TEXTOID],
 );
-static QUOTA_PEEK: Stmt = Stmt::new(
-    c"SELECT CASE WHEN q.period_start = date_trunc($2, now(), 'UTC') THEN q.used ELSE 0 END
-        FROM keypal.quota_usage q WHERE q.key_id = $1",
-    &[pg_sys::UUIDOID, pg_sys::TEXTOID],
-);
 /// Counts an admitted request against the quota and in the key's usage for this hour.
 static QUOTA_ADD: Stmt = Stmt::new(
     c"WITH q AS (UPDATE keypal.quota_usage SET used = used + $2 WHERE key_id = $1)
@@ -118,7 +116,7 @@ fn rate_limit_of(catalog: &Catalog, key: &KeyLimits) -> Option<Limit> {
         env.get("rate_limit").or_else(|| env.get("rateLimit"))
     });
     quota::effective_rate_limit(
-        key.rate_limit.as_ref(),
+        key.rate_limit.as_deref(),
         policy,
         environment,
         catalog.default_rate_limit.as_ref(),
@@ -134,17 +132,19 @@ pub fn enforce(
     writable: bool,
 ) -> Result<Usage, Refusal> {
     let rate = rate_limit_of(catalog, key);
-    let quota = key.quota.as_ref().and_then(quota::parse_quota);
+    let quota = key.quota.as_deref().and_then(quota::parse_quota);
     if rate.is_none() && quota.is_none() {
         return Ok(Usage::default());
     }
-    if let Some(result) = enforce_in_shared_memory(key, rate, quota.as_ref(), cost, writable) {
+    if let Some(result) =
+        enforce_in_shared_memory(catalog, key, rate, quota.as_ref(), cost, writable)
+    {
         return result;
     }
     Connection::with(|conn| {
         let used = quota
             .as_ref()
-            .map(|q| quota_used(conn, key.id, q, writable));
+            .map(|q| quota_used(catalog, conn, key.id, q, writable));
         let judged = quota
             .as_ref()
             .zip(used)
@@ -192,6 +192,7 @@ pub fn enforce(
 /// Decides in shared memory when it can: the preload is there and, for a quota, the flush
 /// worker serves this database (and this is not a standby). None: use the tables.
 fn enforce_in_shared_memory(
+    catalog: &Catalog,
     key: &KeyLimits,
     rate: Option<Limit>,
     quota: Option<&Quota>,
@@ -210,11 +211,7 @@ fn enforce_in_shared_memory(
         }),
         cost,
     };
-    let load = || {
-        quota.map_or(0, |q| {
-            Connection::with(|conn| quota_used(conn, key.id, q, false))
-        })
-    };
+    let load = || quota.map_or(0, |q| quota_used_now(catalog, key.id, q));
     let answer = shmem::admit(key_bytes(key.id), &ask, load)?;
     if let Some(d) = answer.rate.filter(|d| !d.allowed) {
         return Some(Err(Refusal::rate_limited(d.retry_after_ms)));
@@ -238,15 +235,18 @@ fn enforce_in_shared_memory(
 /// Start of the current quota period (`date_trunc(period, now(), 'UTC')`), as timestamptz
 /// microseconds.
 pub fn period_start(period: &str) -> i64 {
-    // SAFETY: timestamptz_trunc_zone(text, timestamptz, text) with valid arguments.
-    unsafe {
-        let now = pg_sys::GetCurrentTransactionStartTimestamp();
-        pgrx::direct_function_call::<i64>(
-            pg_sys::timestamptz_trunc_zone,
-            &[period.into_datum(), now.into_datum(), "UTC".into_datum()],
-        )
-        .unwrap_or(now)
-    }
+    // SAFETY: reads the transaction's start time.
+    let now = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
+    quota::period_start_us(period, now).unwrap_or_else(|| {
+        // SAFETY: timestamptz_trunc_zone(text, timestamptz, text) with valid arguments.
+        unsafe {
+            pgrx::direct_function_call::<i64>(
+                pg_sys::timestamptz_trunc_zone,
+                &[period.into_datum(), now.into_datum(), "UTC".into_datum()],
+            )
+            .unwrap_or(now)
+        }
+    })
 }
 
 /// Emits `quota.exceeded` for a warning quota just crossed (`used` includes this request).
@@ -281,15 +281,19 @@ fn rate_window(conn: &Connection, id: pg_sys::Datum, writable: bool) -> Window {
     Window::from_slice(&state)
 }
 
-fn quota_used(conn: &Connection, id: pg_sys::Datum, q: &Quota, writable: bool) -> i64 {
-    let stmt = if writable { &QUOTA_LOCK } else { &QUOTA_PEEK };
-    if stmt.exec(
-        conn,
-        &[Some(id), q.period.as_str().into_datum()],
-        !writable,
-        1,
-    ) != 1
-    {
+/// The key's use in the current period of `q`: read with its row locked (the table
+/// path's decision, `writable`), else as a query run now would see it.
+fn quota_used(
+    catalog: &Catalog,
+    conn: &Connection,
+    id: pg_sys::Datum,
+    q: &Quota,
+    writable: bool,
+) -> i64 {
+    if !writable {
+        return quota_used_now(catalog, id, q);
+    }
+    if QUOTA_LOCK.exec(conn, &[Some(id), q.period.as_str().into_datum()], false, 1) != 1 {
         return 0;
     }
     // SAFETY: the statement returns used as int8.
@@ -298,9 +302,44 @@ fn quota_used(conn: &Connection, id: pg_sys::Datum, q: &Quota, writable: bool) -
         .unwrap_or(0)
 }
 
-/// Reads a jsonb datum of the key row.
-pub fn json(d: Option<pg_sys::Datum>) -> Option<Value> {
-    // SAFETY: d is a jsonb column of the key row.
-    d.and_then(|d| unsafe { JsonB::from_datum(d, false) })
-        .map(|j| j.0)
+/// The key's use in the current period of `q` as a query run now would see it (no lock;
+/// a direct index lookup, no SPI).
+fn quota_used_now(catalog: &Catalog, id: pg_sys::Datum, q: &Quota) -> i64 {
+    let [start, used] = catalog.quota_attnums;
+    // timestamptz and bigint are by-value 64-bit datums.
+    catalog
+        .quota_by_key
+        .lookup(id, &[start, used])
+        .filter(|[s, _]| s.map(|s| s.value() as i64) == Some(period_start(&q.period)))
+        .and_then(|[_, u]| u.map(|u| u.value() as i64))
+        .unwrap_or(0)
+}
+
+thread_local! {
+    /// Parsed jsonb limit settings by their bytes: most keys share a few distinct settings.
+    static PARSED: RefCell<HashMap<Vec<u8>, Rc<Value>>> = RefCell::new(HashMap::new());
+}
+const PARSED_MAX: usize = 1024;
+
+/// Reads a jsonb column of the key row (a limit setting), parsing each distinct value once
+/// per backend.
+pub fn json(d: Option<pg_sys::Datum>) -> Option<Rc<Value>> {
+    let d = d?;
+    // SAFETY: d is a jsonb column of the key row; its detoasted bytes are read in place.
+    unsafe {
+        let raw = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
+        let bytes = pgrx::varlena::varlena_to_byte_slice(raw);
+        if let Some(v) = PARSED.with(|p| p.borrow().get(bytes).cloned()) {
+            return Some(v);
+        }
+        let value = Rc::new(JsonB::from_datum(d, false)?.0);
+        PARSED.with(|p| {
+            let mut p = p.borrow_mut();
+            if p.len() >= PARSED_MAX {
+                p.clear();
+            }
+            p.insert(bytes.to_vec(), value.clone());
+        });
+        Some(value)
+    }
 }

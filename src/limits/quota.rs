@@ -44,6 +44,51 @@ impl Quota {
     }
 }
 
+const DAY_US: i64 = 86_400_000_000;
+
+/// `date_trunc(period, ts, 'UTC')` for the quota periods (day, week, month, year), `ts` in
+/// PostgreSQL timestamptz microseconds (since 2000-01-01 00:00 UTC); None for other periods.
+pub fn period_start_us(period: &str, ts: i64) -> Option<i64> {
+    let days = ts.div_euclid(DAY_US);
+    let start_day = match period {
+        "day" => days,
+        // 2000-01-01 was a Saturday; weeks start on Monday.
+        "week" => days - (days + 5).rem_euclid(7),
+        "month" => {
+            let (y, m, _) = civil_from_days(days);
+            days_from_civil(y, m, 1)
+        }
+        "year" => days_from_civil(civil_from_days(days).0, 1, 1),
+        _ => return None,
+    };
+    Some(start_day * DAY_US)
+}
+
+/// Days since 2000-01-01 → (year, month, day), proleptic Gregorian (H. Hinnant's method).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 10_957 + 719_468; // shift to days since 0000-03-01
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    (y, m, d)
+}
+
+/// (year, month, day) → days since 2000-01-01.
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = if m > 2 { m - 3 } else { m + 9 };
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468 - 10_957
+}
+
 /// `{"requests": n, "window": "1m"}` (already validated when stored); None for JSON null.
 pub fn parse_rate_limit(v: &Value) -> Option<Limit> {
     let requests = v.get("requests")?.as_i64()?;
@@ -110,6 +155,30 @@ pub fn effective_rate_limit(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn period_starts_match_the_calendar() {
+        let at = |y, m, d, h: i64| days_from_civil(y, m, d) * DAY_US + h * 3_600_000_000;
+        assert_eq!(civil_from_days(0), (2000, 1, 1));
+        assert_eq!(civil_from_days(days_from_civil(2024, 2, 29)), (2024, 2, 29));
+        assert_eq!(civil_from_days(-1), (1999, 12, 31));
+        // 2026-11-29 15:00 UTC is a Sunday; a Monday starts its own week; before 2000 too.
+        let t = at(2026, 11, 29, 15);
+        let cases = [
+            ("day", t, at(2026, 11, 29, 0)),
+            ("week", t, at(2026, 11, 23, 0)),
+            ("month", t, at(2026, 11, 1, 0)),
+            ("year", t, at(2026, 1, 1, 0)),
+            ("week", at(2026, 11, 30, 0), at(2026, 11, 30, 0)),
+            ("week", at(1999, 12, 31, 23), at(1999, 12, 27, 0)),
+            ("month", at(2024, 2, 29, 23), at(2024, 2, 1, 0)),
+            ("month", at(2024, 3, 1, 0), at(2024, 3, 1, 0)),
+        ];
+        for (period, ts, start) in cases {
+            assert_eq!(period_start_us(period, ts), Some(start), "{period} {ts}");
+        }
+        assert_eq!(period_start_us("hour", t), None);
+    }
 
     #[test]
     fn parses_limits_and_quotas() {

@@ -257,7 +257,7 @@ pub struct Answer {
 /// admitted by both. `load_used` reads the key's use in the current period from the table
 /// when shared memory does not hold it yet. None when the key has no slot and none is
 /// free: use the table-backed path.
-pub fn admit(key: [u8; 16], ask: &Ask, load_used: impl FnOnce() -> i64) -> Option<Answer> {
+pub fn admit(key: [u8; 16], ask: &Ask, mut load_used: impl FnMut() -> i64) -> Option<Answer> {
     let table = table();
     if table.is_null() {
         return None;
@@ -270,23 +270,30 @@ pub fn admit(key: [u8; 16], ask: &Ask, load_used: impl FnOnce() -> i64) -> Optio
         let db = pg_sys::MyDatabaseId;
         let lock = lock_of(table);
         let slots = std::slice::from_raw_parts_mut(table.add(1).cast::<Slot>(), (*table).nslots);
+        // One lock hold decides, unless the key's quota use must first be read from the
+        // table (with the lock released: that read may raise an error).
         let mut loaded = None;
-        if let Some(q) = &ask.quota {
+        loop {
             pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
-            let have = slot_for(slots, key, now).map(|s| {
-                s.quota.loaded && s.quota.db == db && s.quota.period_start == q.period_start
-            });
-            pg_sys::LWLockRelease(lock);
-            match have {
-                None => return None,
-                Some(false) => loaded = Some(load_used()),
-                Some(true) => {}
+            let Some(slot) = slot_for(slots, key, now) else {
+                pg_sys::LWLockRelease(lock);
+                return None;
+            };
+            let must_load = loaded.is_none()
+                && ask.quota.as_ref().is_some_and(|q| {
+                    !(slot.quota.loaded
+                        && slot.quota.db == db
+                        && slot.quota.period_start == q.period_start)
+                });
+            if must_load {
+                pg_sys::LWLockRelease(lock);
+                loaded = Some(load_used());
+                continue;
             }
+            let answer = decide(slot, ask, loaded, db, now);
+            pg_sys::LWLockRelease(lock);
+            return Some(answer);
         }
-        pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
-        let answer = slot_for(slots, key, now).map(|slot| decide(slot, ask, loaded, db, now));
-        pg_sys::LWLockRelease(lock);
-        answer
     }
 }
 

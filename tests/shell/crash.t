@@ -20,7 +20,7 @@ if [ "${KEYPAL_TEST_MODE:-plain}" = preload ]; then
     done
     is "$(q -c "SELECT used FROM keypal.quota_usage WHERE key_id = '$id'")" 30 "the counts reached keypal.quota_usage (flushed, or counted there past the shared table's cap)"
 fi
-is "$(q -c "SELECT sum(requests) FROM keypal.usage WHERE key_id = '$id'")" 30 "and the per-hour usage (25 verifies + 5 tracked)"
+is "$(q -c "SELECT sum(requests) FROM keypal.hourly_usage WHERE key_id = '$id'")" 30 "and the per-hour usage (25 verifies + 5 tracked)"
 
 as_pg "$PGBIN/pg_ctl" -D "$PGHOST" -m immediate stop >/dev/null
 as_pg "$PGBIN/pg_ctl" -D "$PGHOST" -l "$PGHOST/server.log" -w start >/dev/null
@@ -42,5 +42,21 @@ if [ "${KEYPAL_TEST_MODE:-plain}" = preload ]; then
     as_pg "$PGBIN/pg_ctl" -D "$PGHOST" -m fast -w stop >/dev/null
     as_pg "$PGBIN/pg_ctl" -D "$PGHOST" -l "$PGHOST/server.log" -w start >/dev/null
     is "$(q -c "SELECT used FROM keypal_usage('$id')")" "$before" "a clean restart loses nothing ($before)"
+
+    # The worker keeps the current hour's verified requests in the key's quota_usage row and
+    # moves an hour that is over to keypal.usage at its next flush (here: an hour made 3 h old).
+    q -c "UPDATE keypal.quota_usage SET hour = date_trunc('hour', now()) - interval '3 hours', hour_requests = 4 WHERE key_id = '$id'"
+    total=$(q -c "SELECT sum(requests) FROM keypal.hourly_usage WHERE key_id = '$id'")
+    for _ in $(seq 2); do echo "SELECT (keypal_verify('$key')).valid;"; done | q >/dev/null
+    for _ in $(seq 150); do
+        [ "$(q -c "SELECT hour_requests FROM keypal.quota_usage WHERE key_id = '$id' AND hour = date_trunc('hour', now())")" = 2 ] && break
+        sleep 0.1
+    done
+    is "$(q -c "SELECT requests FROM keypal.usage WHERE key_id = '$id' AND endpoint = '' AND hour = date_trunc('hour', now()) - interval '3 hours'")" 4 \
+        "a finished hour moved to keypal.usage"
+    is "$(q -c "SELECT hour_requests FROM keypal.quota_usage WHERE key_id = '$id' AND hour = date_trunc('hour', now())")" 2 \
+        "the current hour counts on in keypal.quota_usage"
+    is "$(q -c "SELECT sum(requests) FROM keypal.hourly_usage WHERE key_id = '$id'")" "$((total + 2))" \
+        "keypal.hourly_usage: nothing lost or counted twice in the move"
 fi
 done_testing

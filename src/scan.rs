@@ -1,0 +1,64 @@
+//! Reading one row through a unique index without the executor: what verify does for the
+//! key row and, on a key's first quota'd verify, for its quota use.
+
+use pgrx::pg_sys;
+
+/// Where to look: a table, a unique index on it, and the equality test on the index's
+/// first column.
+#[derive(Clone, Copy)]
+pub struct Unique {
+    pub table: pg_sys::Oid,
+    pub index: pg_sys::Oid,
+    /// attnum (in the table) of the indexed column.
+    pub column: i16,
+    /// The equality function of the column's type (e.g. F_BYTEAEQ).
+    pub eq: u32,
+}
+
+impl Unique {
+    /// The columns `want` (attnums, 1-based) of the row whose indexed column equals `value`,
+    /// as a query run now would see it (this transaction's earlier changes included), copied
+    /// into the current memory context; None when there is no such row.
+    pub fn lookup<const N: usize>(
+        &self,
+        value: pg_sys::Datum,
+        want: &[i16; N],
+    ) -> Option<[Option<pg_sys::Datum>; N]> {
+        // SAFETY: opens the table (AccessShareLock, held to transaction end as the executor
+        // would) and scans the unique index with one equality key; the found tuple is copied
+        // before the scan releases its buffer, and `want` holds attnums of the table.
+        unsafe {
+            let rel = pg_sys::table_open(self.table, pg_sys::AccessShareLock as i32);
+            let mut scankey: pg_sys::ScanKeyData = std::mem::zeroed();
+            pg_sys::ScanKeyInit(
+                &mut scankey,
+                self.column,
+                pg_sys::BTEqualStrategyNumber as u16,
+                pg_sys::Oid::from(self.eq),
+                value,
+            );
+            // As SPI does for a volatile function's query: make this transaction's earlier
+            // changes visible, then take a fresh snapshot (READ COMMITTED) or the
+            // transaction's (REPEATABLE READ and above).
+            pg_sys::CommandCounterIncrement();
+            let snapshot = pg_sys::GetTransactionSnapshot();
+            let scan = pg_sys::systable_beginscan(rel, self.index, true, snapshot, 1, &mut scankey);
+            let found = pg_sys::systable_getnext(scan);
+            let row = (!found.is_null()).then(|| {
+                let tuple = pg_sys::heap_copytuple(found);
+                let desc = (*rel).rd_att;
+                let natts = (*desc).natts as usize;
+                let mut values = vec![pg_sys::Datum::from(0usize); natts];
+                let mut nulls = vec![true; natts];
+                pg_sys::heap_deform_tuple(tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+                std::array::from_fn(|i| {
+                    let at = want[i] as usize - 1;
+                    (!nulls[at]).then_some(values[at])
+                })
+            });
+            pg_sys::systable_endscan(scan);
+            pg_sys::table_close(rel, pg_sys::NoLock as i32);
+            row
+        }
+    }
+}
