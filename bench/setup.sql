@@ -21,3 +21,4 @@ SELECT keypal_configure(last_used_resolution => '1h');
 SELECT count(*) FILTER (WHERE v.valid) AS warmed
   FROM generate_series(1, 200000) n, LATERAL keypal_verify('k' || lpad(n::text, 31, '0'), 'read') v;
 VACUUM ANALYZE keypal.keys;
+CHECKPOINT;

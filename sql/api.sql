@@ -778,8 +778,9 @@ BEGIN
     v_from := date_trunc(v_per, now(), 'UTC');
     SELECT CASE WHEN q.period_start = v_from THEN q.used ELSE 0 END INTO v_used
       FROM keypal.quota_usage q WHERE q.key_id = k.id;
-    -- With the preload, the last moments' counts may still be in shared memory.
-    v_used := coalesce(v_used, 0) + keypal.pending_quota(k.id, v_per);
+    -- With the preload, shared memory holds the exact count (the last moments' counts are
+    -- not in the table yet).
+    v_used := keypal.quota_used(k.id, v_per, coalesce(v_used, 0));
     RETURN QUERY
         SELECT coalesce(v_used, 0), (k.quota->>'limit')::bigint,
                greatest((k.quota->>'limit')::bigint - coalesce(v_used, 0), 0),

@@ -418,12 +418,16 @@ mod keypal {
         )))
     }
 
-    /// Quota requests counted in shared memory for `key_id` in the current `period` and not
-    /// yet written by the flush worker (0 without the preload).
+    /// A key's use in the current quota `period`, given what keypal.quota_usage says
+    /// (`table_used`): with the preload, shared memory's count when it holds the key's base
+    /// (exact at this moment), else the table's plus what is not yet flushed there.
     #[pg_extern(volatile, parallel_unsafe)]
-    fn pending_quota(key_id: Uuid, period: &str) -> i64 {
+    fn quota_used(key_id: Uuid, period: &str, table_used: i64) -> i64 {
         let start = crate::limits::enforce::period_start(period);
-        crate::limits::shmem::pending_for(*key_id.as_bytes(), start)
+        match crate::limits::shmem::quota_count(*key_id.as_bytes(), start) {
+            (Some(total), _) => total,
+            (None, unflushed) => table_used + unflushed,
+        }
     }
 
     /// Makes verify re-read a key's quota use from the table (after a direct write to it).

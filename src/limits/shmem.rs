@@ -12,6 +12,7 @@
 use super::quota::{self, OnExceeded};
 use super::window::{Decision, Limit, Window, BUCKETS};
 use pgrx::pg_sys;
+use std::collections::HashSet;
 use std::ffi::CStr;
 use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 
@@ -26,17 +27,31 @@ struct Slot {
     quota: QuotaCount,
 }
 
-/// A key's quota use in shared memory: `base` as read from keypal.quota_usage (or last
-/// flushed), plus `pending` counted since and not yet flushed by the worker.
+/// A key's quota use in shared memory: `base` as read from keypal.quota_usage (or since
+/// confirmed flushed), plus `inflight` (taken by the worker for the flush under way) plus
+/// `pending` (counted since). `seq` changes whenever the worker takes or confirms counts:
+/// a table read is used as `base` only if no flush of this key began or ended while it ran,
+/// and nothing was in flight (so the read saw exactly the counts in `base`).
 #[repr(C)]
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 struct QuotaCount {
     loaded: bool,
     db: pg_sys::Oid,
     period_start: i64,
     base: i64,
     pending: i64,
+    inflight: i64,
+    seq: u64,
 }
+
+impl QuotaCount {
+    fn total(&self) -> i64 {
+        self.base + self.inflight + self.pending
+    }
+}
+
+/// Table reads a verify tries before deciding on the base it has.
+const LOAD_TRIES: usize = 3;
 
 /// The header; `nslots` slots follow it. The preloaded table uses a named LWLock tranche
 /// (`lock`, the same address in every forked process); a dynamic segment, mapped at a
@@ -272,25 +287,31 @@ pub fn admit(key: [u8; 16], ask: &Ask, mut load_used: impl FnMut() -> i64) -> Op
         let slots = std::slice::from_raw_parts_mut(table.add(1).cast::<Slot>(), (*table).nslots);
         // One lock hold decides, unless the key's quota use must first be read from the
         // table (with the lock released: that read may raise an error).
-        let mut loaded = None;
+        let mut loaded: Option<(u64, i64)> = None;
+        let mut tries = 0;
         loop {
             pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
             let Some(slot) = slot_for(slots, key, now) else {
                 pg_sys::LWLockRelease(lock);
                 return None;
             };
-            let must_load = loaded.is_none()
-                && ask.quota.as_ref().is_some_and(|q| {
-                    !(slot.quota.loaded
-                        && slot.quota.db == db
-                        && slot.quota.period_start == q.period_start)
-                });
-            if must_load {
+            let needs_load = ask.quota.as_ref().is_some_and(|q| {
+                !(slot.quota.loaded
+                    && slot.quota.db == db
+                    && slot.quota.period_start == q.period_start)
+            });
+            let quiet = slot.quota.inflight == 0;
+            let usable = loaded
+                .filter(|(seq, _)| quiet && *seq == slot.quota.seq)
+                .map(|(_, used)| used);
+            if needs_load && usable.is_none() && quiet && tries < LOAD_TRIES {
+                let seq = slot.quota.seq;
                 pg_sys::LWLockRelease(lock);
-                loaded = Some(load_used());
+                tries += 1;
+                loaded = Some((seq, load_used()));
                 continue;
             }
-            let answer = decide(slot, ask, loaded, db, now);
+            let answer = decide(slot, ask, usable, db, now);
             pg_sys::LWLockRelease(lock);
             return Some(answer);
         }
@@ -302,24 +323,23 @@ fn decide(slot: &mut Slot, ask: &Ask, loaded: Option<i64>, db: pg_sys::Oid, now:
     let mut rate = ask.rate;
     if let Some(q) = &ask.quota {
         let same_period = slot.quota.db == db && slot.quota.period_start == q.period_start;
-        if !(slot.quota.loaded && same_period) {
-            // Reloaded from the table: keep counts not yet flushed, unless the period turned.
-            // (No table value when the slot was marked for reload after this backend looked:
-            // keep the base it had.)
-            let (pending, kept_base) = if same_period {
-                (slot.quota.pending, slot.quota.base)
-            } else {
-                (0, 0)
-            };
+        if !same_period {
+            // A new period (or the slot's first quota): start from the table's count, or
+            // from zero until one can be read.
             slot.quota = QuotaCount {
-                loaded: true,
+                loaded: loaded.is_some(),
                 db,
                 period_start: q.period_start,
-                base: loaded.unwrap_or(kept_base),
-                pending,
+                base: loaded.unwrap_or(0),
+                seq: slot.quota.seq,
+                ..QuotaCount::default()
             };
+        } else if let Some(base) = loaded.filter(|_| !slot.quota.loaded) {
+            // Re-read after a direct write to the table: counts not yet flushed stay.
+            slot.quota.base = base;
+            slot.quota.loaded = true;
         }
-        let used = slot.quota.base + slot.quota.pending;
+        let used = slot.quota.total();
         let judged = quota::judge(q.limit, q.on_exceeded, used, ask.cost);
         answer.quota_used = Some(used);
         answer.quota = judged;
@@ -353,32 +373,59 @@ pub struct Pending {
     pub requests: i64,
 }
 
-/// The counts not yet written for keys of database `db`.
+/// Takes the counts not yet written for keys of database `db`: they are in flight until
+/// `flushed` confirms or returns them.
 pub fn pending(db: pg_sys::Oid) -> Vec<Pending> {
-    locked(pg_sys::LWLockMode::LW_SHARED, |slots| {
+    with_slots(|slots| {
         slots
-            .iter()
-            .filter(|s| s.quota.db == db && s.quota.pending > 0)
-            .map(|s| Pending {
-                key: s.key,
-                period_start: s.quota.period_start,
-                requests: s.quota.pending,
+            .iter_mut()
+            .filter(|s| s.quota.db == db && s.quota.pending > 0 && s.quota.inflight == 0)
+            .map(|s| {
+                s.quota.inflight = s.quota.pending;
+                s.quota.pending = 0;
+                s.quota.seq += 1;
+                Pending {
+                    key: s.key,
+                    period_start: s.quota.period_start,
+                    requests: s.quota.inflight,
+                }
             })
             .collect()
     })
     .unwrap_or_default()
 }
 
-/// After the worker committed `written`: move those counts from pending to base.
-pub fn flushed(db: pg_sys::Oid, written: &[Pending]) {
+/// After the worker's flush transaction: the counts of `batch` whose keys are in `written`
+/// are in the table now (base), the others go back to pending.
+pub fn flushed(db: pg_sys::Oid, batch: &[Pending], written: &HashSet<[u8; 16]>) {
     with_slots(|slots| {
-        for w in written {
-            if let Some(s) = find_slot(slots, w.key) {
-                if s.quota.db == db && s.quota.period_start == w.period_start {
-                    s.quota.pending -= w.requests;
-                    s.quota.base += w.requests;
+        for p in batch {
+            if let Some(s) = find_slot(slots, p.key) {
+                if s.quota.db == db && s.quota.period_start == p.period_start {
+                    if written.contains(&p.key) {
+                        s.quota.base += s.quota.inflight;
+                    } else {
+                        s.quota.pending += s.quota.inflight;
+                    }
+                    s.quota.inflight = 0;
+                    s.quota.seq += 1;
                 }
             }
+        }
+    });
+}
+
+/// At the worker's start: counts a previous worker took but did not confirm (its
+/// transaction failed) are pending again.
+pub fn requeue_inflight(db: pg_sys::Oid) {
+    with_slots(|slots| {
+        for s in slots
+            .iter_mut()
+            .filter(|s| s.quota.db == db && s.quota.inflight > 0)
+        {
+            s.quota.pending += s.quota.inflight;
+            s.quota.inflight = 0;
+            s.quota.seq += 1;
         }
     });
 }
@@ -393,16 +440,23 @@ pub fn reload_quota(key: [u8; 16]) {
     });
 }
 
-/// Counted but not yet flushed requests of `key` in the period starting `period_start`.
-pub fn pending_for(key: [u8; 16], period_start: i64) -> i64 {
+/// The key's use in the period starting `period_start` as shared memory holds it: `(total,
+/// unflushed)`: total when its base is loaded (exact at this moment), and the counts not yet
+/// in the table (in flight or pending).
+pub fn quota_count(key: [u8; 16], period_start: i64) -> (Option<i64>, i64) {
     // SAFETY: reads a backend-global.
     let db = unsafe { pg_sys::MyDatabaseId };
     with_slots(|slots| {
         find_slot(slots, key)
             .filter(|s| s.quota.db == db && s.quota.period_start == period_start)
-            .map_or(0, |s| s.quota.pending)
+            .map_or((None, 0), |s| {
+                (
+                    s.quota.loaded.then(|| s.quota.total()),
+                    s.quota.inflight + s.quota.pending,
+                )
+            })
     })
-    .unwrap_or(0)
+    .unwrap_or((None, 0))
 }
 
 fn with_slots<R>(f: impl FnOnce(&mut [Slot]) -> R) -> Option<R> {
@@ -434,46 +488,38 @@ fn probe_start(key: [u8; 16], n: usize) -> usize {
 
 /// The key's slot, if it has one (same probe sequence as slot_for, without claiming).
 fn find_slot(slots: &mut [Slot], key: [u8; 16]) -> Option<&mut Slot> {
+    find_index(slots, key).map(|i| &mut slots[i])
+}
+
+/// Where the key's slot is: slots are claimed along the probe sequence and never emptied,
+/// so the search ends at the first empty slot.
+fn find_index(slots: &[Slot], key: [u8; 16]) -> Option<usize> {
     let n = slots.len();
     let start = probe_start(key, n);
-    let i = (0..MAX_PROBES.min(n))
+    (0..MAX_PROBES.min(n))
         .map(|p| (start + p) % n)
-        .take_while(|&i| slots[i].key != [0; 16] || slots[i].key == key)
-        .find(|&i| slots[i].key == key)?;
-    Some(&mut slots[i])
+        .take_while(|&i| slots[i].key != [0; 16])
+        .find(|&i| slots[i].key == key)
 }
 
 /// The key's slot, or a free/expired one claimed for it, among its first MAX_PROBES slots.
+/// (Keys are compared first, without touching the rest of the slots probed: each slot spans
+/// several cache lines.)
 fn slot_for(slots: &mut [Slot], key: [u8; 16], now: i64) -> Option<&mut Slot> {
+    if let Some(i) = find_index(slots, key) {
+        return Some(&mut slots[i]);
+    }
     let n = slots.len();
     let start = probe_start(key, n);
-    let mut free = None;
-    for probe in 0..MAX_PROBES.min(n) {
-        let i = (start + probe) % n;
-        let slot = &slots[i];
-        if slot.key == key {
-            return Some(&mut slots[i]);
-        }
-        let empty = slot.key == [0; 16];
-        if free.is_none() && (empty || expired(slot, now)) {
-            free = Some(i);
-        }
-        if empty {
-            break;
-        }
-    }
+    let free = (0..MAX_PROBES.min(n))
+        .map(|p| (start + p) % n)
+        .find(|&i| slots[i].key == [0; 16] || expired(&slots[i], now));
     let i = free?;
     let slot = &mut slots[i];
     slot.key = key;
     slot.window_us = 0;
     slot.window = Window::default();
-    slot.quota = QuotaCount {
-        loaded: false,
-        db: pg_sys::InvalidOid,
-        period_start: 0,
-        base: 0,
-        pending: 0,
-    };
+    slot.quota = QuotaCount::default();
     Some(slot)
 }
 
@@ -483,5 +529,94 @@ fn expired(slot: &Slot, now: i64) -> bool {
     let w = (slot.window_us + BUCKETS as i64 - 1) / BUCKETS as i64;
     let window_over =
         w <= 0 || now.div_euclid(w).saturating_sub(slot.window.head) > BUCKETS as i64 + 1;
-    window_over && slot.quota.pending == 0
+    window_over && slot.quota.pending == 0 && slot.quota.inflight == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(n: usize) -> Vec<Slot> {
+        (0..n)
+            .map(|_| Slot {
+                key: [0; 16],
+                window_us: 0,
+                window: Window::default(),
+                quota: QuotaCount::default(),
+            })
+            .collect()
+    }
+
+    /// A key whose probe sequence starts at `start` (in a table of n slots), told apart by `tag`.
+    fn key(start: u64, tag: u8) -> [u8; 16] {
+        let mut k = [tag; 16];
+        k[..8].copy_from_slice(&start.to_le_bytes());
+        k
+    }
+
+    fn busy(slot: &mut Slot, now: i64) {
+        let limit = Limit {
+            requests: 10,
+            window_us: 60_000_000,
+        };
+        slot.window_us = limit.window_us;
+        assert!(slot.window.admit(now, limit, 1, true).allowed);
+    }
+
+    #[test]
+    fn keys_find_their_slots_along_the_probe_sequence() {
+        let mut slots = table(100);
+        let now = 1_000_000_000;
+        let (a, b, c) = (key(7, 1), key(7, 2), key(8, 3));
+        for k in [a, b, c] {
+            busy(slot_for(&mut slots, k, now).unwrap(), now);
+        }
+        assert_eq!(find_index(&slots, a), Some(7));
+        assert_eq!(find_index(&slots, b), Some(8));
+        assert_eq!(find_index(&slots, c), Some(9), "c's start was taken by b");
+        assert_eq!(find_index(&slots, key(7, 4)), None);
+        // The same key gets the same slot, with its count.
+        assert_eq!(slots[8].window.counts.iter().sum::<i64>(), 1);
+        busy(slot_for(&mut slots, b, now).unwrap(), now);
+        assert_eq!(slots[8].window.counts.iter().sum::<i64>(), 2);
+    }
+
+    #[test]
+    fn a_slot_whose_window_passed_is_reused_and_later_keys_stay_found() {
+        let mut slots = table(100);
+        let now = 1_000_000_000;
+        let (a, b) = (key(7, 1), key(7, 2));
+        busy(slot_for(&mut slots, a, now).unwrap(), now);
+        // 50 s on, a's one-minute window is still live: b goes to the next slot.
+        busy(
+            slot_for(&mut slots, b, now + 50_000_000).unwrap(),
+            now + 50_000_000,
+        );
+        assert_eq!(find_index(&slots, b), Some(8));
+        // 70 s on, a's window is over (b's is not): a new key takes slot 7 ...
+        let later = now + 70_000_000;
+        let c = key(7, 3);
+        slot_for(&mut slots, c, later).unwrap();
+        assert_eq!(find_index(&slots, c), Some(7));
+        // ... b is still found behind it, and a is gone.
+        assert_eq!(find_index(&slots, b), Some(8));
+        assert_eq!(find_index(&slots, a), None);
+    }
+
+    #[test]
+    fn pending_quota_counts_keep_a_slot_and_a_full_probe_range_says_none() {
+        let mut slots = table(MAX_PROBES);
+        let now = 1_000_000_000;
+        for tag in 0..MAX_PROBES as u8 {
+            slot_for(&mut slots, key(0, tag + 1), now)
+                .unwrap()
+                .quota
+                .pending = 1;
+        }
+        // Windows never used, but counts not yet flushed: nothing may be reused.
+        assert!(slot_for(&mut slots, key(0, 200), now + 1_000_000_000_000).is_none());
+        slots[5].quota.pending = 0;
+        assert!(slot_for(&mut slots, key(0, 200), now).is_some());
+        assert_eq!(find_index(&slots, key(0, 200)), Some(5));
+    }
 }
