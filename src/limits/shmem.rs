@@ -619,4 +619,46 @@ mod tests {
         assert!(slot_for(&mut slots, key(0, 200), now).is_some());
         assert_eq!(find_index(&slots, key(0, 200)), Some(5));
     }
+
+    #[test]
+    fn decide_counts_on_the_base_it_is_given_and_keeps_unflushed_counts() {
+        let mut slots = table(1);
+        let slot = &mut slots[0];
+        let db = pg_sys::Oid::from(5u32);
+        let now = 1_000_000_000;
+        let ask = |period_start, cost| Ask {
+            rate: None,
+            quota: Some(QuotaAsk {
+                limit: 1000,
+                period_start,
+                on_exceeded: OnExceeded::Block,
+            }),
+            cost,
+        };
+        // First use: the table said 100.
+        let a = decide(slot, &ask(10, 1), Some(100), db, now);
+        assert_eq!((a.quota_used, slot.quota.total()), (Some(100), 101));
+        // The worker takes the pending count; a reload mark (a direct table write) follows.
+        slot.quota.inflight = slot.quota.pending;
+        slot.quota.pending = 0;
+        slot.quota.loaded = false;
+        // No usable table read (a flush was under way): the base stays, the count goes on.
+        let a = decide(slot, &ask(10, 2), None, db, now);
+        assert_eq!((a.quota_used, slot.quota.total()), (Some(101), 103));
+        assert!(!slot.quota.loaded, "still to be re-read");
+        // A usable read (the table now says 150, with the flush confirmed): in-flight and
+        // pending counts stay on top of it.
+        slot.quota.base += slot.quota.inflight;
+        slot.quota.inflight = 0;
+        let a = decide(slot, &ask(10, 1), Some(150), db, now);
+        assert_eq!((a.quota_used, slot.quota.total()), (Some(152), 153));
+        assert!(slot.quota.loaded);
+        // A blocking quota refuses without counting.
+        let a = decide(slot, &ask(10, 900), None, db, now);
+        assert!(a.quota.blocked);
+        assert_eq!(slot.quota.total(), 153);
+        // A new period starts from the table's count for it, or from zero.
+        decide(slot, &ask(20, 1), None, db, now);
+        assert_eq!((slot.quota.total(), slot.quota.loaded), (1, false));
+    }
 }
