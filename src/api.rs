@@ -35,16 +35,20 @@ fn request<'a>(
     }
 }
 
-/// Defines a verify-family SQL function: `key` plus the verify arguments (SPEC §3),
-/// SECURITY DEFINER with a pinned search_path. `$req` is bound to the parsed Request.
+/// Defines a verify-family SQL function: the key (`key text`, unless another first
+/// argument is given) plus the verify arguments (SPEC §3), SECURITY DEFINER with a pinned
+/// search_path. `$req` is bound to the parsed Request.
 macro_rules! verify_fn {
     ($(#[$doc:meta])* $name:ident, |$key:ident, $req:ident| $body:expr, $($ret:tt)+) => {
+        verify_fn!($(#[$doc])* $name, key: Option<&str>, |$key, $req| $body, $($ret)+);
+    };
+    ($(#[$doc:meta])* $name:ident, $arg:ident: $argty:ty, |$key:ident, $req:ident| $body:expr, $($ret:tt)+) => {
         $(#[$doc])*
         #[pg_extern(volatile, parallel_unsafe, security_definer)]
         #[search_path(pg_catalog, pg_temp)]
         #[allow(clippy::too_many_arguments)]
         fn $name(
-            key: default!(Option<&str>, "NULL"),
+            $arg: default!($argty, "NULL"),
             scope: default!(Option<&str>, "NULL"),
             scopes: default!(Scopes, "NULL"),
             resource: default!(Option<&str>, "NULL"),
@@ -53,7 +57,7 @@ macro_rules! verify_fn {
             env: default!(Option<&str>, "NULL"),
             cost: default!(Option<i32>, "NULL"),
         ) -> $($ret)+ {
-            let $key = key;
+            let $key = $arg;
             let $req = request(scope, &scopes, resource, &ip, country, env, cost);
             $body
         }
@@ -90,27 +94,16 @@ verify_fn!(
     pgrx::composite_type!('static, "keypal.verify_result")
 );
 
-/// `keypal_verify` with the key taken from request headers (PostgREST's `request.headers`).
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
-#[search_path(pg_catalog, pg_temp)]
-#[allow(clippy::too_many_arguments)]
-fn keypal_verify_headers(
-    headers: default!(Option<JsonB>, "NULL"),
-    scope: default!(Option<&str>, "NULL"),
-    scopes: default!(Scopes, "NULL"),
-    resource: default!(Option<&str>, "NULL"),
-    ip: default!(Option<Inet>, "NULL"),
-    country: default!(Option<&str>, "NULL"),
-    env: default!(Option<&str>, "NULL"),
-    cost: default!(Option<i32>, "NULL"),
-) -> pgrx::composite_type!('static, "keypal.verify_result") {
-    let key = headers.and_then(|h| keys::key_from_headers(&h.0));
-    verify::verify(
-        key.as_deref(),
-        &request(scope, &scopes, resource, &ip, country, env, cost),
-    )
-    .0
-}
+verify_fn!(
+    /// `keypal_verify` with the key taken from request headers (PostgREST's `request.headers`).
+    keypal_verify_headers,
+    headers: Option<JsonB>,
+    |given, req| {
+        let key = given.and_then(|h| keys::key_from_headers(&h.0));
+        verify::verify(key.as_deref(), &req).0
+    },
+    pgrx::composite_type!('static, "keypal.verify_result")
+);
 
 fn require_inner(key: Option<&str>, req: &Request) -> VerifyResult {
     match verify::verify(key, req) {
