@@ -44,7 +44,7 @@ pub const KEY_COLUMNS: [&str; 22] = [
     "policy",
 ];
 /// The index of key_hash in KEY_COLUMNS.
-const KEY_HASH: usize = 10;
+pub const KEY_HASH: usize = 10;
 
 pub struct Catalog {
     pub settings_relid: pg_sys::Oid,

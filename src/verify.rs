@@ -40,7 +40,7 @@ mod col {
     pub const SCOPES: usize = 5;
     pub const RESOURCES: usize = 6;
     pub const EXPIRES_AT: usize = 9;
-    pub const HASH: usize = 10;
+    pub const HASH: usize = crate::catalog::KEY_HASH;
     pub const ENABLED: usize = 11;
     pub const REVOKED_AT: usize = 12;
     pub const PARENT_ID: usize = 13;
