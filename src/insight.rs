@@ -232,32 +232,24 @@ mod tests {
 
     #[test]
     fn patterns() {
-        let mut f = quiet();
-        (9..17).for_each(|h| f.by_hour[h] = 100);
-        f.active_hours = 8 * 20;
-        f.busiest_hour = 10;
-        f.active_days = 20;
-        assert_eq!(analyze(&f)["usage_pattern"], "business_hours");
-        let mut g = quiet();
-        (0..24).for_each(|h| g.by_hour[h] = 10);
-        g.active_hours = 24 * 25;
-        g.busiest_hour = 2;
-        g.active_days = 25;
-        assert_eq!(analyze(&g)["usage_pattern"], "steady");
-        let mut b = quiet();
-        b.by_hour[3] = 1000;
-        b.by_hour[20] = 10;
-        b.active_hours = 6;
-        b.busiest_hour = 1000;
-        b.active_days = 3;
-        assert_eq!(analyze(&b)["usage_pattern"], "bursty");
-        let mut o = quiet();
-        o.by_hour[20] = 10;
-        o.by_hour[2] = 10;
-        o.active_hours = 4;
-        o.busiest_hour = 5;
-        o.active_days = 2;
-        assert_eq!(analyze(&o)["usage_pattern"], "occasional");
+        // (requests by hour of day, active hours, busiest hour, active days) → pattern
+        let business: Vec<(usize, i64)> = (9..17).map(|h| (h, 100)).collect();
+        let steady: Vec<(usize, i64)> = (0..24).map(|h| (h, 10)).collect();
+        type Case<'a> = (&'a [(usize, i64)], i64, i64, i64, &'a str);
+        let cases: [Case; 4] = [
+            (&business, 8 * 20, 10, 20, "business_hours"),
+            (&steady, 24 * 25, 2, 25, "steady"),
+            (&[(3, 1000), (20, 10)], 6, 1000, 3, "bursty"),
+            (&[(20, 10), (2, 10)], 4, 5, 2, "occasional"),
+        ];
+        for (by_hour, active_hours, busiest_hour, active_days, pattern) in cases {
+            let mut f = quiet();
+            by_hour.iter().for_each(|&(h, n)| f.by_hour[h] = n);
+            f.active_hours = active_hours;
+            f.busiest_hour = busiest_hour;
+            f.active_days = active_days;
+            assert_eq!(analyze(&f)["usage_pattern"], pattern);
+        }
     }
 
     #[test]
