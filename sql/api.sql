@@ -123,6 +123,19 @@ BEGIN
     RETURN k;
 END $$;
 
+-- Adds n requests to a key's quota use in the current period (starting afresh when the
+-- period has turned) and returns the use; the row stays locked to the end of the
+-- transaction. With n = 0: the table-backed limiter's locked read (src/limits/enforce.rs).
+CREATE FUNCTION keypal.count_quota_use(key_id uuid, period text, n bigint)
+RETURNS bigint LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+    INSERT INTO keypal.quota_usage AS q (key_id, period_start, used)
+    VALUES (count_quota_use.key_id, date_trunc(count_quota_use.period, now(), 'UTC'), count_quota_use.n)
+    ON CONFLICT (key_id) DO UPDATE
+        SET used = CASE WHEN q.period_start = EXCLUDED.period_start THEN q.used ELSE 0 END + EXCLUDED.used,
+            period_start = EXCLUDED.period_start
+    RETURNING q.used
+$$;
+
 -- Locks a key for a change; raises KEY_NOT_FOUND (P0002) or CANNOT_MODIFY_REVOKED (55000).
 CREATE FUNCTION keypal.lock_key(key_id uuid, action text)
 RETURNS keypal.keys LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
@@ -811,11 +824,7 @@ BEGIN
         SET requests = u.requests + EXCLUDED.requests, tokens = u.tokens + EXCLUDED.tokens,
             cost = u.cost + EXCLUDED.cost;
     IF k.quota IS NOT NULL AND coalesce(requests, 0) > 0 THEN
-        INSERT INTO keypal.quota_usage AS q (key_id, period_start, used)
-        VALUES (k.id, date_trunc(coalesce(k.quota->>'period', 'month'), now(), 'UTC'), requests)
-        ON CONFLICT ON CONSTRAINT quota_usage_pkey DO UPDATE
-            SET used = CASE WHEN q.period_start = EXCLUDED.period_start THEN q.used ELSE 0 END + EXCLUDED.used,
-                period_start = EXCLUDED.period_start;
+        PERFORM keypal.count_quota_use(k.id, coalesce(k.quota->>'period', 'month'), requests);
         PERFORM keypal.quota_changed(k.id);
     END IF;
 END $$;

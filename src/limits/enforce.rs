@@ -78,12 +78,7 @@ static RATE_SAVE: Stmt = Stmt::new(
     &[pg_sys::UUIDOID, pg_sys::INT8ARRAYOID],
 );
 static QUOTA_LOCK: Stmt = Stmt::new(
-    c"INSERT INTO keypal.quota_usage AS q (key_id, period_start, used)
-      VALUES ($1, date_trunc($2, now(), 'UTC'), 0)
-      ON CONFLICT (key_id) DO UPDATE
-         SET used = CASE WHEN q.period_start = EXCLUDED.period_start THEN q.used ELSE 0 END,
-             period_start = EXCLUDED.period_start
-      RETURNING q.used",
+    c"SELECT keypal.count_quota_use($1, $2, 0)",
     &[pg_sys::UUIDOID, pg_sys::TEXTOID],
 );
 /// Counts an admitted request against the quota and in the key's usage for this hour.
