@@ -82,37 +82,31 @@ pub fn flushes_here() -> bool {
     }
 }
 
+/// Gives each key of a flush that still exists a keypal.quota_usage row to count in (no
+/// use yet), where it has none.
+const ADD_ROWS: &str = "
+    INSERT INTO keypal.quota_usage (key_id, period_start, used, hour, hour_requests)
+    SELECT f.key_id, f.period_start, 0, date_trunc('hour', now()), 0
+      FROM unnest($1::uuid[], $2::timestamptz[]) AS f(key_id, period_start)
+     WHERE NOT EXISTS (SELECT 1 FROM keypal.quota_usage x WHERE x.key_id = f.key_id)
+       AND EXISTS (SELECT 1 FROM keypal.keys k WHERE k.id = f.key_id)
+    ON CONFLICT (key_id) DO NOTHING";
+
 /// Writes the pending counts: one row per key in keypal.quota_usage, which holds both the
 /// period's use and the current hour's requests. A count from a period the row has already
-/// left is dropped from the quota but still counted for the hour. Rows are inserted only for
-/// keys that still exist. Returns the keys written.
+/// left is dropped from the quota but still counted for the hour. Returns the keys written
+/// (those with a row: ADD_ROWS ran first).
 const FLUSH: &str = "
-    WITH f AS (
-        SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::int8[]) AS f(key_id, period_start, n)),
-    upd AS (
-        UPDATE keypal.quota_usage q
-           SET used = CASE WHEN q.period_start = f.period_start THEN q.used + f.n
-                           WHEN q.period_start < f.period_start THEN f.n
-                           ELSE q.used END,
-               period_start = greatest(q.period_start, f.period_start),
-               hour = coalesce(q.hour, date_trunc('hour', now())),
-               hour_requests = q.hour_requests + f.n
-          FROM f WHERE q.key_id = f.key_id
-        RETURNING q.key_id),
-    ins AS (
-        INSERT INTO keypal.quota_usage AS q (key_id, period_start, used, hour, hour_requests)
-        SELECT f.key_id, f.period_start, f.n, date_trunc('hour', now()), f.n FROM f
-         WHERE NOT EXISTS (SELECT 1 FROM keypal.quota_usage x WHERE x.key_id = f.key_id)
-           AND EXISTS (SELECT 1 FROM keypal.keys k WHERE k.id = f.key_id)
-        ON CONFLICT (key_id) DO UPDATE
-           SET used = CASE WHEN q.period_start = EXCLUDED.period_start THEN q.used + EXCLUDED.used
-                           WHEN q.period_start < EXCLUDED.period_start THEN EXCLUDED.used
-                           ELSE q.used END,
-               period_start = greatest(q.period_start, EXCLUDED.period_start),
-               hour = coalesce(q.hour, EXCLUDED.hour),
-               hour_requests = q.hour_requests + EXCLUDED.hour_requests
-        RETURNING q.key_id)
-    SELECT key_id FROM upd UNION ALL SELECT key_id FROM ins";
+    UPDATE keypal.quota_usage q
+       SET used = CASE WHEN q.period_start = f.period_start THEN q.used + f.n
+                       WHEN q.period_start < f.period_start THEN f.n
+                       ELSE q.used END,
+           period_start = greatest(q.period_start, f.period_start),
+           hour = coalesce(q.hour, date_trunc('hour', now())),
+           hour_requests = q.hour_requests + f.n
+      FROM unnest($1::uuid[], $2::timestamptz[], $3::int8[]) AS f(key_id, period_start, n)
+     WHERE q.key_id = f.key_id
+    RETURNING q.key_id";
 
 /// Moves the requests of hours that are over from keypal.quota_usage to keypal.usage (an
 /// index scan that finds nothing, except in the first flush of an hour).
@@ -191,6 +185,11 @@ fn flush_once() {
         Spi::connect_mut(|client| {
             if let Err(e) = client.update(ROLL_HOURS, None, &[]) {
                 pgrx::warning!("keypal flush worker: moving finished hours to keypal.usage: {e}");
+            }
+            // (Keys left without a row are not written: their counts stay pending.)
+            let args = [keys.clone().into(), periods.clone().into()];
+            if let Err(e) = client.update(ADD_ROWS, None, &args) {
+                pgrx::warning!("keypal flush worker: adding keypal.quota_usage rows: {e}");
             }
             let rows = client.update(FLUSH, None, &[keys.into(), periods.into(), counts.into()]);
             rows.map(|t| {
