@@ -131,7 +131,7 @@ mod dynamic {
         unsafe {
             // AddinShmemInitLock serialises extensions setting up shared memory; held only
             // for the file read and the attach or create (an error releases it on abort).
-            let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
+            let init_lock = super::addin_shmem_init_lock();
             pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
             let t = attach().unwrap_or_else(|| create());
             pg_sys::LWLockRelease(init_lock);
@@ -195,6 +195,14 @@ mod dynamic {
     }
 }
 
+/// PostgreSQL's AddinShmemInitLock (`&MainLWLockArray[21].lock`, a C macro pgrx does not
+/// export).
+unsafe fn addin_shmem_init_lock() -> *mut pg_sys::LWLock {
+    // SAFETY: MainLWLockArray is set up before the postmaster's shared memory startup hook
+    // and any backend run; slot 21 is AddinShmemInitLock (lwlocknames.txt, as in PG 15).
+    unsafe { &raw mut (*pg_sys::MainLWLockArray.add(21)).lock }
+}
+
 /// From _PG_init: asks for the shared memory and lock when being preloaded.
 pub fn init() {
     // SAFETY: hooks are chained once, from _PG_init in the postmaster.
@@ -229,7 +237,7 @@ unsafe extern "C-unwind" fn on_startup() {
         if let Some(prev) = PREV_STARTUP {
             prev();
         }
-        let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock; // AddinShmemInitLock
+        let init_lock = addin_shmem_init_lock();
         pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
         let mut found = false;
         let n = nslots();
@@ -273,28 +281,16 @@ pub struct Answer {
 /// when shared memory does not hold it yet. None when the key has no slot and none is
 /// free: use the table-backed path.
 pub fn admit(key: [u8; 16], ask: &Ask, mut load_used: impl FnMut() -> i64) -> Option<Answer> {
-    let table = table();
-    if table.is_null() {
-        return None;
-    }
-    // SAFETY: the table lives in shared memory for the life of the server; every access
-    // to its slots holds its LWLock exclusively, and nothing in between can raise an error
-    // (load_used runs with the lock released).
-    unsafe {
-        let now = pg_sys::GetCurrentTimestamp();
-        let db = pg_sys::MyDatabaseId;
-        let lock = lock_of(table);
-        let slots = std::slice::from_raw_parts_mut(table.add(1).cast::<Slot>(), (*table).nslots);
-        // One lock hold decides, unless the key's quota use must first be read from the
-        // table (with the lock released: that read may raise an error).
-        let mut loaded: Option<(u64, i64)> = None;
-        let mut tries = 0;
-        loop {
-            pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
-            let Some(slot) = slot_for(slots, key, now) else {
-                pg_sys::LWLockRelease(lock);
-                return None;
-            };
+    // SAFETY: reads the clock and a backend global.
+    let (now, db) = unsafe { (pg_sys::GetCurrentTimestamp(), pg_sys::MyDatabaseId) };
+    // One lock hold decides, unless the key's quota use must first be read from the table
+    // (with the lock released: that read may raise an error). Err(seq): read it, noting the
+    // slot's sequence number before the read.
+    let mut loaded: Option<(u64, i64)> = None;
+    let mut tries = 0;
+    loop {
+        let step = with_slots(|slots| {
+            let slot = slot_for(slots, key, now)?;
             let needs_load = ask.quota.as_ref().is_some_and(|q| {
                 !(slot.quota.loaded
                     && slot.quota.db == db
@@ -305,15 +301,16 @@ pub fn admit(key: [u8; 16], ask: &Ask, mut load_used: impl FnMut() -> i64) -> Op
                 .filter(|(seq, _)| quiet && *seq == slot.quota.seq)
                 .map(|(_, used)| used);
             if needs_load && usable.is_none() && quiet && tries < LOAD_TRIES {
-                let seq = slot.quota.seq;
-                pg_sys::LWLockRelease(lock);
+                return Some(Err(slot.quota.seq));
+            }
+            Some(Ok(decide(slot, ask, usable, db, now)))
+        })??;
+        match step {
+            Ok(answer) => return Some(answer),
+            Err(seq) => {
                 tries += 1;
                 loaded = Some((seq, load_used()));
-                continue;
             }
-            let answer = decide(slot, ask, usable, db, now);
-            pg_sys::LWLockRelease(lock);
-            return Some(answer);
         }
     }
 }
@@ -459,21 +456,18 @@ pub fn quota_count(key: [u8; 16], period_start: i64) -> (Option<i64>, i64) {
     .unwrap_or((None, 0))
 }
 
+/// Runs `f` over the slots with the table's lock held exclusively; None without a table.
 fn with_slots<R>(f: impl FnOnce(&mut [Slot]) -> R) -> Option<R> {
-    locked(pg_sys::LWLockMode::LW_EXCLUSIVE, f)
-}
-
-/// Runs `f` over the slots under the table's lock in `mode` (`f` must only read under a
-/// shared lock).
-fn locked<R>(mode: pg_sys::LWLockMode::Type, f: impl FnOnce(&mut [Slot]) -> R) -> Option<R> {
     let table = table();
     if table.is_null() {
         return None;
     }
-    // SAFETY: as in admit; f does not raise errors.
+    // SAFETY: the table lives in shared memory for the life of the server and its slots
+    // follow its header; every access to them holds its LWLock, and `f` (arithmetic on
+    // the slots) cannot raise an error while the lock is held.
     unsafe {
         let lock = lock_of(table);
-        pg_sys::LWLockAcquire(lock, mode);
+        pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
         let slots = std::slice::from_raw_parts_mut(table.add(1).cast::<Slot>(), (*table).nslots);
         let r = f(slots);
         pg_sys::LWLockRelease(lock);
