@@ -834,7 +834,6 @@ RETURNS jsonb
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     k     keypal.keys;
-    cfg   keypal.settings := keypal.config();
     facts jsonb;
 BEGIN
     k := keypal.find_key(keypal_analyze.key_id);
@@ -847,8 +846,7 @@ BEGIN
         'scopes', to_jsonb(k.scopes),
         'expires_in_days', extract(epoch FROM k.expires_at - now()) / 86400,
         'has_ip_rule', cardinality(k.allowed_ips) > 0,
-        'has_rate_limit', coalesce(k.rate_limit, (SELECT p.rate_limit FROM keypal.policies p WHERE p.name = k.policy),
-                                   cfg.environments -> k.env -> 'rate_limit', cfg.rate_limit, 'null') <> 'null',
+        'has_rate_limit', keypal.has_rate_limit(k.rate_limit, k.policy, k.env),
         'days_since_last_use', extract(epoch FROM now() - k.last_used_at) / 86400,
         'by_hour', (SELECT jsonb_agg(coalesce(x.s, 0) ORDER BY h)
                       FROM generate_series(0, 23) h

@@ -423,6 +423,15 @@ mod keypal {
         }
     }
 
+    /// Whether verify applies a rate limit to a key with these settings (the key's own, its
+    /// policy's, its environment's or the default; JSON null = none).
+    #[pg_extern(stable, parallel_safe)]
+    fn has_rate_limit(rate_limit: Option<JsonB>, policy: Option<&str>, env: Option<&str>) -> bool {
+        let catalog = crate::catalog::get();
+        let own = rate_limit.map(|j| j.0);
+        crate::limits::enforce::rate_limit_of(&catalog, own.as_ref(), policy, env).is_some()
+    }
+
     /// Makes verify re-read a key's quota use from the table (after a direct write to it).
     #[pg_extern(volatile, parallel_unsafe)]
     fn quota_changed(key_id: Uuid) {

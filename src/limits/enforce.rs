@@ -100,18 +100,21 @@ static QUOTA_EVENT: Stmt = Stmt::new(
     ],
 );
 
-/// The rate limit in force for a key (key, else policy, else environment, else default).
-fn rate_limit_of(catalog: &Catalog, key: &KeyLimits) -> Option<Limit> {
-    let policy = key
-        .policy
-        .as_deref()
-        .and_then(|p| catalog.policy_rate_limits.as_ref()?.get(p));
-    let environment = key.env.as_deref().and_then(|e| {
+/// The rate limit in force for a key with these settings (its own, else its policy's,
+/// else its environment's, else the default).
+pub fn rate_limit_of(
+    catalog: &Catalog,
+    rate_limit: Option<&Value>,
+    policy: Option<&str>,
+    env: Option<&str>,
+) -> Option<Limit> {
+    let policy = policy.and_then(|p| catalog.policy_rate_limits.as_ref()?.get(p));
+    let environment = env.and_then(|e| {
         let env = catalog.environments.as_ref()?.get(e)?;
         env.get("rate_limit").or_else(|| env.get("rateLimit"))
     });
     quota::effective_rate_limit(
-        key.rate_limit.as_deref(),
+        rate_limit,
         policy,
         environment,
         catalog.default_rate_limit.as_ref(),
@@ -126,7 +129,12 @@ pub fn enforce(
     cost: i64,
     writable: bool,
 ) -> Result<Usage, Refusal> {
-    let rate = rate_limit_of(catalog, key);
+    let rate = rate_limit_of(
+        catalog,
+        key.rate_limit.as_deref(),
+        key.policy.as_deref(),
+        key.env.as_deref(),
+    );
     let quota = key.quota.as_deref().and_then(quota::parse_quota);
     if rate.is_none() && quota.is_none() {
         return Ok(Usage::default());

@@ -34,5 +34,15 @@ SELECT ok((SELECT r->'recommendations' @> '["Shorten the expiry: it is more than
 SELECT is((SELECT keypal_analyze(pg_temp.id('burst'))), (SELECT keypal_analyze(pg_temp.id('burst'))), 'deterministic');
 SELECT throws_ok($$SELECT keypal_analyze(gen_random_uuid())$$, 'P0002', NULL, 'unknown key: P0002');
 
+-- "Has a rate limit" is what verify applies: here an environment's, given as rateLimit.
+SELECT lives_ok($$SELECT keypal_configure(environments => '{"live": {"prefix": "sk_live_", "rateLimit": {"requests": 5, "window": "1m"}}}')$$,
+                'an environment with a rateLimit');
+CREATE TEMP TABLE live_key AS SELECT key, id FROM keypal_create(owner_id => 'an', env => 'live', scopes => '{read}', expires_in => '30d');
+INSERT INTO k SELECT 'envlimited', id FROM live_key;
+SELECT is((SELECT rate_limit_remaining FROM keypal_verify((SELECT key FROM live_key))), 4::bigint,
+          'verify applies the environment''s rateLimit');
+SELECT ok(NOT (SELECT r->'recommendations' @> '["Set a rate limit."]' FROM keypal_analyze(pg_temp.id('envlimited')) r),
+          'and keypal_analyze does not recommend setting one');
+
 SELECT * FROM finish();
 ROLLBACK;
