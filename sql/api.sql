@@ -146,13 +146,16 @@ BEGIN
     IF NOT FOUND THEN
         PERFORM keypal.key_not_found(key_id, 'id');
     END IF;
-    IF k.revoked_at IS NOT NULL AND k.revoked_at <= now() THEN
+    -- A passed revoke_at revoked the key already (verify says REVOKED).
+    IF k.revoked_at <= now() OR k.revoke_at <= now() THEN
         RAISE EXCEPTION 'CANNOT_MODIFY_REVOKED: key % is revoked and cannot be %', key_id, action
             USING ERRCODE = '55000', DETAIL = 'CANNOT_MODIFY_REVOKED';
     END IF;
     RETURN k;
 END $$;
 
+-- Checks a key's settings against its policy (create and update); each violation raises
+-- 22023 naming the rule.
 CREATE FUNCTION keypal.enforce_policy(policy_name text, scopes text[], resources jsonb,
                                       expires_at timestamptz, allowed_ips text[], arg_prefix text)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
@@ -184,6 +187,35 @@ BEGIN
     END IF;
 END $$;
 
+-- The level of a key in its hierarchy (a root key is 1); counting stops past the cap.
+CREATE FUNCTION keypal.depth_of(key_id uuid)
+RETURNS integer LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    WITH RECURSIVE up(id, depth) AS (
+        SELECT k.parent_id, 1 FROM keypal.keys k WHERE k.id = depth_of.key_id
+        UNION ALL
+        SELECT k.parent_id, up.depth + 1 FROM keypal.keys k JOIN up ON k.id = up.id
+         WHERE up.depth <= keypal.max_hierarchy_depth())
+    SELECT max(depth) FROM up
+$$;
+
+-- Refuses new scopes/resources for a key that its live children would exceed.
+CREATE FUNCTION keypal.check_children(key_id uuid, scopes text[], resources jsonb)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    child uuid;
+BEGIN
+    SELECT c.id INTO child FROM keypal.keys c
+     WHERE c.parent_id = check_children.key_id AND (c.revoked_at IS NULL OR c.revoked_at > now())
+       AND NOT keypal.scopes_within(c.scopes, c.resources, check_children.scopes, check_children.resources)
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'invalid scopes: child key % holds scopes outside % (a child''s scopes must be a subset of its parent''s)',
+            child, check_children.scopes
+            USING ERRCODE = '22023',
+                  HINT = 'narrow or revoke the child keys first';
+    END IF;
+END $$;
+
 -- Checks a would-be child against its parent (locked FOR SHARE, so a concurrent revoke
 -- of the parent waits for this transaction and then cascades to the child). Returns the
 -- child's expiry: its own, or the parent's when it has none.
@@ -192,18 +224,20 @@ CREATE FUNCTION keypal.check_parent(parent uuid, scopes text[], resources jsonb,
 RETURNS timestamptz LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     p keypal.keys;
+    state text;
 BEGIN
     SELECT * INTO p FROM keypal.keys WHERE id = parent FOR SHARE;
     IF NOT FOUND THEN
         PERFORM keypal.key_not_found(parent, 'parent_id');
     END IF;
-    IF p.revoked_at IS NOT NULL AND p.revoked_at <= now() THEN
+    -- The parent must verify by its state (its own and its ancestors', as verify judges it).
+    state := keypal.key_state(parent);
+    IF state = 'REVOKED' THEN
         RAISE EXCEPTION 'CANNOT_MODIFY_REVOKED: parent key % is revoked', parent
             USING ERRCODE = '55000', DETAIL = 'CANNOT_MODIFY_REVOKED';
-    END IF;
-    IF NOT p.enabled OR (p.expires_at IS NOT NULL AND p.expires_at <= now()) THEN
+    ELSIF state IS NOT NULL THEN
         RAISE EXCEPTION 'invalid %parent_id: parent key % is disabled or expired', arg_prefix, parent
-            USING ERRCODE = '55000';
+            USING ERRCODE = '55000', DETAIL = state;
     END IF;
     IF NOT keypal.scopes_within(scopes, resources, p.scopes, p.resources) THEN
         RAISE EXCEPTION 'invalid %scopes: a child key''s scopes % must be a subset of its parent''s %',
@@ -212,6 +246,10 @@ BEGIN
     IF p.expires_at IS NOT NULL AND expires_at > p.expires_at THEN
         RAISE EXCEPTION 'invalid %expires_at: a child key cannot outlive its parent (which expires at %)',
             arg_prefix, p.expires_at USING ERRCODE = '22023';
+    END IF;
+    IF keypal.depth_of(parent) >= keypal.max_hierarchy_depth() THEN
+        RAISE EXCEPTION 'invalid %parent_id: a key hierarchy is at most % levels deep', arg_prefix,
+            keypal.max_hierarchy_depth() USING ERRCODE = '22023';
     END IF;
     RETURN coalesce(expires_at, p.expires_at);
 END $$;
@@ -246,6 +284,14 @@ BEGIN
     END IF;
     IF v_exp <= now() THEN
         RAISE EXCEPTION 'invalid %expires_at: % is not in the future', arg_prefix, v_exp USING ERRCODE = '22023';
+    END IF;
+    IF v_exp IS NULL AND o ? 'policy' THEN
+        -- A policy's max_ttl is the default lifetime (capped by a parent's expiry).
+        v_exp := now() + (SELECT p.max_ttl FROM keypal.policies p WHERE p.name = o->>'policy');
+        IF o ? 'parent_id' THEN
+            v_exp := least(v_exp, (SELECT k.expires_at FROM keypal.keys k
+                                    WHERE k.id = (o->>'parent_id')::uuid));
+        END IF;
     END IF;
     IF o ? 'parent_id' THEN
         v_exp := keypal.check_parent((o->>'parent_id')::uuid, v_scopes, v_res, v_exp, arg_prefix);
@@ -438,33 +484,36 @@ END $$;
 -- Who may ask about a key by id: the holder of that key (authenticated in this
 -- transaction), or a role allowed to read keys (EXECUTE on keypal_get).
 CREATE FUNCTION keypal.may_inspect(key_id uuid)
-RETURNS boolean LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+RETURNS boolean LANGUAGE sql STABLE PARALLEL RESTRICTED SET search_path = pg_catalog, pg_temp AS $$
     SELECT key_id = keypal.authenticated_key_id()
         OR has_function_privilege(keypal.invoking_user(), '@extschema@.keypal_get(uuid)', 'EXECUTE')
 $$;
 
 CREATE FUNCTION keypal_has_scope(key_id uuid DEFAULT NULL, scope text DEFAULT NULL, resource text DEFAULT NULL)
 RETURNS boolean
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT coalesce((SELECT keypal.holds(k.scopes, k.resources, $2, $3)
-                       FROM keypal.keys k WHERE k.id = $1 AND keypal.may_inspect(k.id)), false)
+                       FROM keypal.keys k WHERE k.id = $1 AND keypal.may_inspect(k.id)
+                        AND keypal.key_state(k.id) IS NULL), false)
 $$;
 
 CREATE FUNCTION keypal_has_any_scope(key_id uuid DEFAULT NULL, scopes text[] DEFAULT NULL, resource text DEFAULT NULL)
 RETURNS boolean
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT coalesce((SELECT bool_or(keypal.holds(k.scopes, k.resources, s, $3))
                        FROM keypal.keys k, unnest($2) s
-                      WHERE k.id = $1 AND keypal.may_inspect(k.id)), false)
+                      WHERE k.id = $1 AND keypal.may_inspect(k.id)
+                        AND keypal.key_state(k.id) IS NULL), false)
 $$;
 
 CREATE FUNCTION keypal_has_all_scopes(key_id uuid DEFAULT NULL, scopes text[] DEFAULT NULL, resource text DEFAULT NULL)
 RETURNS boolean
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT $2 IS NOT NULL
        AND coalesce((SELECT bool_and(keypal.holds(k.scopes, k.resources, s, $3))
                        FROM keypal.keys k, unnest($2) s
-                      WHERE k.id = $1 AND keypal.may_inspect(k.id)), false)
+                      WHERE k.id = $1 AND keypal.may_inspect(k.id)
+                        AND keypal.key_state(k.id) IS NULL), false)
 $$;
 
 --------------------------------------------------------------------------------
@@ -487,6 +536,10 @@ DECLARE
     who text := keypal.actor(actor);
     n integer;
 BEGIN
+    IF ids IS NULL AND owner IS NULL AND org IS NULL THEN
+        RAISE EXCEPTION 'revoke_where: no ids, owner or org given (refusing to revoke every key)'
+            USING ERRCODE = '22023';
+    END IF;
     PERFORM keypal.begin_change(who);
     UPDATE keypal.keys SET revoked_at = now(), revoke_reason = reason, revoked_by = who
      WHERE (ids IS NULL OR id = ANY (ids))
@@ -607,6 +660,10 @@ BEGIN
             USING ERRCODE = '55000', DETAIL = 'CANNOT_MODIFY_REVOKED';
     END IF;
     opts := keypal.settings_of(old) || jsonb_build_object('actor', who);
+    -- The children move to the new key: it must still cover their scopes.
+    PERFORM keypal.check_children(old.id, CASE WHEN over ? 'scopes' THEN keypal.text_array(over->'scopes')
+                                               ELSE old.scopes END,
+                                  coalesce(over->'resources', old.resources));
     IF NOT (over ? 'expires_in' OR over ? 'expires_at') THEN
         -- Keep the old expiry; an expired key's copy gets the old key's lifetime afresh.
         opts := opts || jsonb_build_object('expires_at', CASE
@@ -652,7 +709,7 @@ DECLARE
     v_scopes text[] := CASE WHEN o ? 'scopes' THEN keypal.text_array(o->'scopes') ELSE k.scopes END;
     v_res    jsonb := coalesce(o->'resources', k.resources);
     v_exp    timestamptz := k.expires_at;
-    child    uuid;
+    v_ips    text[] := CASE WHEN o ? 'allowed_ips' THEN keypal.text_array(o->'allowed_ips') ELSE k.allowed_ips END;
     r        keypal.key_info;
 BEGIN
     IF o ? 'expires_in' THEN
@@ -664,14 +721,11 @@ BEGIN
         PERFORM keypal.check_parent(k.parent_id, v_scopes, v_res, v_exp, '');
     END IF;
     IF o ? 'scopes' OR o ? 'resources' THEN
-        SELECT c.id INTO child FROM keypal.keys c
-         WHERE c.parent_id = k.id AND (c.revoked_at IS NULL OR c.revoked_at > now())
-           AND NOT keypal.scopes_within(c.scopes, c.resources, v_scopes, v_res)
-         LIMIT 1;
-        IF FOUND THEN
-            RAISE EXCEPTION 'invalid scopes: child key % holds scopes outside %', child, v_scopes
-                USING ERRCODE = '22023', HINT = 'narrow or revoke the child keys first';
-        END IF;
+        PERFORM keypal.check_children(k.id, v_scopes, v_res);
+    END IF;
+    -- The key's policy holds after the change too.
+    IF k.policy IS NOT NULL THEN
+        PERFORM keypal.enforce_policy(k.policy, v_scopes, v_res, v_exp, v_ips, '');
     END IF;
     PERFORM keypal.begin_change(keypal.actor(actor));
     UPDATE keypal.keys SET
@@ -685,7 +739,7 @@ BEGIN
         org_id          = CASE WHEN o ? 'org_id' THEN o->>'org_id' ELSE keys.org_id END,
         rate_limit      = CASE WHEN o ? 'rate_limit' THEN o->'rate_limit' ELSE keys.rate_limit END,
         quota           = CASE WHEN o ? 'quota' THEN nullif(o->'quota', 'null') ELSE keys.quota END,
-        allowed_ips     = CASE WHEN o ? 'allowed_ips' THEN keypal.text_array(o->'allowed_ips') ELSE keys.allowed_ips END,
+        allowed_ips     = v_ips,
         blocked_ips     = CASE WHEN o ? 'blocked_ips' THEN keypal.text_array(o->'blocked_ips') ELSE keys.blocked_ips END,
         allowed_regions = CASE WHEN o ? 'allowed_regions' THEN keypal.text_array(o->'allowed_regions') ELSE keys.allowed_regions END,
         blocked_regions = CASE WHEN o ? 'blocked_regions' THEN keypal.text_array(o->'blocked_regions') ELSE keys.blocked_regions END,
@@ -813,6 +867,13 @@ BEGIN
     k := keypal.find_key(keypal_track_usage.key_id);
     IF coalesce(tokens, 0) < 0 OR coalesce(cost, 0) < 0 OR coalesce(requests, 0) < 0 THEN
         RAISE EXCEPTION 'invalid tokens/cost/requests: must not be negative' USING ERRCODE = '22023';
+    END IF;
+    IF cost = 'NaN'::numeric OR cost = 'Infinity'::numeric THEN
+        RAISE EXCEPTION 'invalid cost: must be a finite number, not %', cost USING ERRCODE = '22023';
+    END IF;
+    -- 10^15, as for limits (options.rs MAX_COUNT): sums stay far from bigint's end.
+    IF tokens > 1e15 OR cost > 1e15 OR requests > 1e15 THEN
+        RAISE EXCEPTION 'invalid tokens/cost/requests: at most 1000000000000000 per call' USING ERRCODE = '22023';
     END IF;
     IF length(endpoint) > 1024 THEN
         RAISE EXCEPTION 'invalid endpoint: at most 1024 characters' USING ERRCODE = '22023';
@@ -959,6 +1020,11 @@ DECLARE
     changes jsonb;
     r       keypal.keys;
 BEGIN
+    -- Restoring a dump (a COPY into keypal.keys, outside any keypal function): the rows bring
+    -- their own audit history and events, restored alongside.
+    IF coalesce(current_setting('keypal._actor', true), '') = '' AND keypal.copying_into(TG_RELID) THEN
+        RETURN NULL;
+    END IF;
     IF TG_OP = 'INSERT' THEN
         r := NEW;
         act := coalesce(act, 'created');
@@ -974,7 +1040,6 @@ BEGIN
         act := CASE
             WHEN NEW.rotated_to IS NOT NULL AND OLD.rotated_to IS NULL THEN 'rotated'
             WHEN NEW.revoked_at IS NOT NULL AND (OLD.revoked_at IS NULL OR NEW.revoked_at < OLD.revoked_at) THEN 'revoked'
-            WHEN act IN ('expired', 'imported') THEN act
             WHEN NEW.enabled AND NOT OLD.enabled THEN 'enabled'
             WHEN OLD.enabled AND NOT NEW.enabled THEN 'disabled'
             ELSE 'updated' END;
@@ -982,10 +1047,10 @@ BEGIN
             ctx := ctx || jsonb_build_object('cascade_from', NEW.parent_id);
         END IF;
     END IF;
-    INSERT INTO keypal.audit_log (action, key_id, owner_id, org_id, actor, context, changes)
-    VALUES (act, r.id, r.owner_id, r.org_id, who, ctx, changes);
+    INSERT INTO keypal.audit_log (action, key_id, owner_id, org_id, actor, role, context, changes)
+    VALUES (act, r.id, r.owner_id, r.org_id, who, session_user, ctx, changes);
 
-    IF act IN ('created', 'updated', 'enabled', 'disabled', 'revoked', 'rotated', 'expired') THEN
+    IF act IN ('created', 'updated', 'enabled', 'disabled', 'revoked', 'rotated') THEN
         PERFORM keypal.emit_event('key.' || act, r.id, jsonb_strip_nulls(jsonb_build_object(
             'keyId', r.id, 'ownerId', r.owner_id, 'orgId', r.org_id, 'env', r.env, 'name', r.name,
             'revokedBy', CASE WHEN act = 'revoked' THEN r.revoked_by END,
@@ -1006,7 +1071,7 @@ BEGIN
     RETURN NULL;
 END $$;
 
--- Only the extension's owner may change or remove audit rows (retention pruning).
+-- Only the extension's owner may change or remove audit rows.
 CREATE FUNCTION keypal.audit_log_guard()
 RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
@@ -1101,7 +1166,7 @@ DECLARE
     fn regprocedure;
 BEGIN
     FOR doc IN SELECT * FROM (VALUES
-        ('keypal_configure', 'Changes keypal''s settings (prefix, length, alphabet, algorithm, last_used_resolution, rate_limit, environments, default_env, audit_retention); NULL leaves a setting, JSON null clears it. Returns all settings as jsonb.'),
+        ('keypal_configure', 'Changes keypal''s settings (prefix, length, alphabet, algorithm, last_used_resolution, rate_limit, environments, default_env, audit_retention: recorded, nothing prunes the audit log yet); NULL leaves a setting, JSON null clears it. Returns all settings as jsonb.'),
         ('keypal_create', 'Creates an API key. Returns the plaintext key once (only its hash is stored), its id, expiry and environment.'),
         ('keypal_create_read_only', 'keypal_create with scopes {read}.'),
         ('keypal_create_full_access', 'keypal_create with scopes {read,write,admin}.'),
@@ -1169,8 +1234,7 @@ BEGIN
                                    'keypal_authenticate_request', 'keypal_current_key_id',
                                    'keypal_current_owner', 'keypal_current_org',
                                    'keypal_current_scopes', 'keypal_current_has_scope',
-                                   'keypal_has_scope', 'keypal_has_any_scope', 'keypal_has_all_scopes',
-                                   'keypal_sign', 'keypal_verify_signature') LOOP
+                                   'keypal_has_scope', 'keypal_has_any_scope', 'keypal_has_all_scopes') LOOP
         EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO PUBLIC', fn);
     END LOOP;
 END $$;

@@ -173,6 +173,9 @@ CREATE TABLE keypal.audit_log (
     owner_id text,
     org_id   text,
     actor    text,
+    -- The database role that made the change (session_user: the login role, or the role
+    -- SET SESSION AUTHORIZATION chose), whatever actor claims.
+    role     text NOT NULL DEFAULT session_user,
     context  jsonb NOT NULL DEFAULT '{}',
     changes  jsonb
 );
@@ -197,5 +200,8 @@ SELECT pg_catalog.pg_extension_config_dump('keypal.policies', '');
 SELECT pg_catalog.pg_extension_config_dump('keypal.templates', '');
 SELECT pg_catalog.pg_extension_config_dump('keypal.audit_log', '');
 SELECT pg_catalog.pg_extension_config_dump('keypal.events', '');
+-- Their id sequences too, so rows written after a restore do not reuse restored ids.
+SELECT pg_catalog.pg_extension_config_dump('keypal.audit_log_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('keypal.events_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('keypal.quota_usage', '');
 SELECT pg_catalog.pg_extension_config_dump('keypal.usage', '');

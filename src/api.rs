@@ -24,10 +24,18 @@ fn request<'a>(
     if cost < 1 {
         bad_argument("cost", "must be at least 1");
     }
+    let given = scopes.as_deref().unwrap_or_default();
+    if given.len() > options::MAX_LIST {
+        bad_argument(
+            "scopes",
+            &format!("at most {} scopes per verify", options::MAX_LIST),
+        );
+    }
     Request {
         cost: cost as i64,
         scope,
-        scopes: scopes.iter().flatten().flatten().cloned().collect(),
+        null_scope: given.iter().any(Option::is_none),
+        scopes: given.iter().flatten().cloned().collect(),
         resource,
         ip: ip.as_ref().map(|i| i.0.as_str()),
         country,
@@ -172,32 +180,32 @@ fn request_headers() -> Option<serde_json::Value> {
 }
 
 /// The id of the key authenticated in this transaction, or NULL.
-#[pg_extern(stable, parallel_safe)]
+#[pg_extern(stable, parallel_restricted)]
 fn keypal_current_key_id() -> Option<Uuid> {
     identity::with(|i| i.map(|i| i.key_id))
 }
 
 /// The owner of the key authenticated in this transaction, or NULL.
-#[pg_extern(stable, parallel_safe)]
+#[pg_extern(stable, parallel_restricted)]
 fn keypal_current_owner() -> Option<String> {
     identity::with(|i| i.map(|i| i.owner_id.clone()))
 }
 
 /// The org of the key authenticated in this transaction, or NULL.
-#[pg_extern(stable, parallel_safe)]
+#[pg_extern(stable, parallel_restricted)]
 fn keypal_current_org() -> Option<String> {
     identity::with(|i| i.and_then(|i| i.org_id.clone()))
 }
 
 /// The global scopes of the key authenticated in this transaction, or NULL.
-#[pg_extern(stable, parallel_safe)]
+#[pg_extern(stable, parallel_restricted)]
 fn keypal_current_scopes() -> Option<Vec<String>> {
     identity::with(|i| i.map(|i| i.scopes.clone()))
 }
 
 /// Whether the key authenticated in this transaction holds `scope` (on `resource`).
 /// False when nothing is authenticated.
-#[pg_extern(stable, parallel_safe)]
+#[pg_extern(stable, parallel_restricted)]
 fn keypal_current_has_scope(scope: Option<&str>, resource: default!(Option<&str>, "NULL")) -> bool {
     let Some(scope) = scope else { return false };
     identity::with(|i| {
@@ -216,6 +224,7 @@ mod keypal {
         keys::check_length(length).unwrap_or_else(|e| bad_argument("length", &e));
         let alpha =
             keys::expand_alphabet(alphabet).unwrap_or_else(|e| bad_argument("alphabet", &e));
+        keys::check_entropy(length, alpha.len()).unwrap_or_else(|e| bad_argument("length", &e));
         keys::generate(prefix, length as usize, &alpha)
     }
 
@@ -323,7 +332,10 @@ mod keypal {
     fn check_format(prefix: &str, length: i32, alphabet: &str, algorithm: &str) -> bool {
         keys::check_prefix(prefix).unwrap_or_else(|e| bad_argument("prefix", &e));
         keys::check_length(length).unwrap_or_else(|e| bad_argument("length", &e));
-        keys::expand_alphabet(alphabet).unwrap_or_else(|e| bad_argument("alphabet", &e));
+        let symbols = keys::expand_alphabet(alphabet)
+            .unwrap_or_else(|e| bad_argument("alphabet", &e))
+            .len();
+        keys::check_entropy(length, symbols).unwrap_or_else(|e| bad_argument("length", &e));
         Algorithm::parse(algorithm)
             .unwrap_or_else(|| bad_argument("algorithm", "must be sha256 or sha512"));
         true
@@ -386,7 +398,7 @@ mod keypal {
 
     /// The role the caller acts as outside any SECURITY DEFINER function (SET ROLE counts):
     /// what `current_user` says to the code that called keypal.
-    #[pg_extern(stable, parallel_safe)]
+    #[pg_extern(stable, parallel_restricted)]
     fn invoking_user() -> String {
         // SAFETY: GetOuterUserId is always valid in a backend; noerr lookup.
         unsafe {
@@ -432,6 +444,40 @@ mod keypal {
         crate::limits::enforce::rate_limit_of(&catalog, own.as_ref(), policy, env).is_some()
     }
 
+    /// Why the key with this id would fail verify by its state alone (REVOKED, DISABLED,
+    /// EXPIRED, its own or an ancestor's; a passed revoke_at/disable_at counts), or NULL
+    /// when it is usable or does not exist. Read as verify reads: the latest committed
+    /// state, at the current time.
+    #[pg_extern(volatile, parallel_restricted)]
+    fn key_state(key_id: Option<Uuid>) -> Option<&'static str> {
+        let id = key_id?.into_datum()?;
+        let catalog = crate::catalog::get();
+        // SAFETY: reads the system clock.
+        let now = unsafe { pg_sys::GetCurrentTimestamp() };
+        verify::state_of(&catalog, id, now).map(|e| e.code())
+    }
+
+    /// Whether this backend is running a COPY into `relid` — how pg_restore and pg_dump's
+    /// scripts load table data. The audit trigger then records nothing: the restored rows
+    /// bring their own audit history.
+    #[pg_extern(volatile, parallel_restricted)]
+    fn copying_into(relid: pg_sys::Oid) -> bool {
+        // SAFETY: MyBEEntry is this backend's own status entry (or null before it exists);
+        // only this backend writes its progress fields.
+        unsafe {
+            let be = pg_sys::MyBEEntry;
+            !be.is_null()
+                && (*be).st_progress_command == pg_sys::ProgressCommandType::PROGRESS_COMMAND_COPY
+                && (*be).st_progress_command_target == relid
+        }
+    }
+
+    /// How many levels a key hierarchy may have (a root key is level 1).
+    #[pg_extern(immutable, parallel_safe)]
+    fn max_hierarchy_depth() -> i32 {
+        verify::MAX_DEPTH as i32
+    }
+
     /// Makes verify re-read a key's quota use from the table (after a direct write to it).
     #[pg_extern(volatile, parallel_unsafe)]
     fn quota_changed(key_id: Uuid) {
@@ -460,7 +506,7 @@ mod keypal {
     }
 
     /// The id of the key authenticated in this transaction (for the SQL layer's checks).
-    #[pg_extern(stable, parallel_safe)]
+    #[pg_extern(stable, parallel_restricted)]
     fn authenticated_key_id() -> Option<Uuid> {
         identity::with(|i| i.map(|i| i.key_id))
     }

@@ -19,7 +19,7 @@ use std::rc::Rc;
 
 /// The columns of keypal.keys verify reads, by name (their attnums are looked up, so a
 /// later ALTER TABLE cannot shift them under us).
-pub const KEY_COLUMNS: [&str; 22] = [
+pub const KEY_COLUMNS: [&str; 24] = [
     "id",
     "owner_id",
     "org_id",
@@ -42,14 +42,19 @@ pub const KEY_COLUMNS: [&str; 22] = [
     "rate_limit",
     "quota",
     "policy",
+    "disable_at",
+    "revoke_at",
 ];
 /// The index of key_hash in KEY_COLUMNS.
 pub const KEY_HASH: usize = 10;
+/// The columns an ancestor is judged by (see verify::Lifecycle), by index into KEY_COLUMNS.
+pub const LIFECYCLE: [usize; 6] = [12, 23, 11, 22, 9, 13];
 
 pub struct Catalog {
     pub settings_relid: pg_sys::Oid,
-    /// keypal.keys by its unique key_hash index.
+    /// keypal.keys by its unique key_hash index, and by its primary key (id).
     pub keys_by_hash: Unique,
+    pub keys_by_id: Unique,
     /// keypal.quota_usage by key_id, and the attnums of its period_start and used.
     pub quota_by_key: Unique,
     pub quota_attnums: [i16; 2],
@@ -101,16 +106,25 @@ static LOAD: Stmt = Stmt::new(
                      WITH ORDINALITY AS u(name, n)
                 LEFT JOIN pg_catalog.pg_attribute a
                   ON a.attrelid OPERATOR(pg_catalog.=) 'keypal.quota_usage'::pg_catalog.regclass
-                 AND a.attname OPERATOR(pg_catalog.=) u.name AND NOT a.attisdropped)
+                 AND a.attname OPERATOR(pg_catalog.=) u.name AND NOT a.attisdropped),
+             (SELECT i.indexrelid FROM pg_catalog.pg_index i
+               WHERE i.indrelid OPERATOR(pg_catalog.=) 'keypal.keys'::pg_catalog.regclass
+                 AND i.indisprimary)
         FROM keypal.config() c",
     &[pg_sys::TEXTARRAYOID],
 );
 
 thread_local! {
     static CACHE: RefCell<Option<Rc<Catalog>>> = const { RefCell::new(None) };
-    /// The relations whose invalidation drops the cache: settings, keys, the hash index,
+    /// Bumped by every invalidation: a load that an invalidation overtook is used once,
+    /// not kept.
+    static GENERATION: Cell<u64> = const { Cell::new(0) };
+    /// Set while loading: the relations to watch are not known yet, so any invalidation
+    /// then counts.
+    static LOADING: Cell<bool> = const { Cell::new(false) };
+    /// The relations whose invalidation drops the cache: settings, keys, its two indexes,
     /// policies, quota_usage.
-    static WATCHED: Cell<[pg_sys::Oid; 5]> = const { Cell::new([pg_sys::InvalidOid; 5]) };
+    static WATCHED: Cell<[pg_sys::Oid; 6]> = const { Cell::new([pg_sys::InvalidOid; 6]) };
 }
 
 /// The cached catalog, loaded (through SPI) when missing.
@@ -118,15 +132,24 @@ pub fn get() -> Rc<Catalog> {
     if let Some(c) = CACHE.with(|c| c.borrow().clone()) {
         return c;
     }
-    let c = Rc::new(Connection::with(load));
+    let generation = GENERATION.get();
+    LOADING.set(true);
+    let c = Connection::with(load);
+    LOADING.set(false);
+    let c = Rc::new(c);
     WATCHED.set([
         c.settings_relid,
         c.keys_by_hash.table,
         c.keys_by_hash.index,
+        c.keys_by_id.index,
         c.policies_relid,
         c.quota_by_key.table,
     ]);
-    CACHE.with(|cell| *cell.borrow_mut() = Some(c.clone()));
+    // An invalidation processed while loading (SPI takes locks, which reads the queue)
+    // may describe a change the load did not see: then keep nothing, load again next time.
+    if GENERATION.get() == generation {
+        CACHE.with(|cell| *cell.borrow_mut() = Some(c.clone()));
+    }
     c
 }
 
@@ -187,6 +210,12 @@ fn load(conn: &Connection) -> Catalog {
                 column: attnums[KEY_HASH],
                 eq: pg_sys::F_BYTEAEQ,
             },
+            keys_by_id: Unique {
+                table: oid(7),
+                index: oid(17),
+                column: attnums[0],
+                eq: pg_sys::F_UUID_EQ,
+            },
             quota_by_key: Unique {
                 table: oid(14),
                 index: oid(15),
@@ -206,7 +235,8 @@ fn load(conn: &Connection) -> Catalog {
 /// Relcache callback: forget the cache when keypal.settings (or everything) is invalidated.
 #[pg_guard]
 unsafe extern "C-unwind" fn on_relcache(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
-    if relid == pg_sys::InvalidOid || WATCHED.get().contains(&relid) {
+    if relid == pg_sys::InvalidOid || LOADING.get() || WATCHED.get().contains(&relid) {
+        GENERATION.set(GENERATION.get().wrapping_add(1));
         CACHE.with(|c| c.borrow_mut().take());
     }
 }

@@ -18,8 +18,9 @@ const MICROS_PER_SEC: i64 = 1_000_000;
 /// input); `Some(Err)` when it is, but out of range.
 pub fn parse_short(s: &str) -> Option<Result<Span, String>> {
     let t = s.trim();
-    let unit = t.chars().last()?.to_ascii_lowercase();
-    let digits = &t[..t.len() - 1];
+    let (at, unit) = t.char_indices().last()?;
+    let unit = unit.to_ascii_lowercase();
+    let digits = &t[..at];
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
@@ -102,7 +103,9 @@ mod tests {
 
     #[test]
     fn not_short_form() {
-        for s in ["", "d", "1", "1x", "1.5h", "-1d", "1 day", "1dd", "ab"] {
+        for s in [
+            "", "d", "1", "1x", "1.5h", "-1d", "1 day", "1dd", "ab", "5é", "é", "1日",
+        ] {
             assert!(parse_short(s).is_none(), "{s}");
         }
     }

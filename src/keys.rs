@@ -98,6 +98,23 @@ pub fn check_length(length: i32) -> Result<(), String> {
     Ok(())
 }
 
+/// The least entropy a key may carry, in bits: `length × log2(alphabet size)`.
+pub const MIN_ENTROPY_BITS: f64 = 128.0;
+
+/// Checks that `length` characters of an alphabet of `symbols` carry at least
+/// MIN_ENTROPY_BITS, so guessing a key stays out of reach (failed verifies are not limited).
+pub fn check_entropy(length: i32, symbols: usize) -> Result<(), String> {
+    let bits = length as f64 * (symbols as f64).log2();
+    if bits < MIN_ENTROPY_BITS {
+        let need = (MIN_ENTROPY_BITS / (symbols as f64).log2()).ceil();
+        return Err(format!(
+            "{length} characters of a {symbols}-character alphabet carry {bits:.1} bits; \
+             keys need at least {MIN_ENTROPY_BITS} (length {need} or more with this alphabet)"
+        ));
+    }
+    Ok(())
+}
+
 /// Checks a prefix: short, printable ASCII, no whitespace.
 pub fn check_prefix(prefix: &str) -> Result<(), String> {
     if prefix.len() > MAX_PREFIX_LEN {
@@ -288,6 +305,18 @@ mod tests {
         assert!(constant_time_eq(b"abc", b"abc"));
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+
+    #[test]
+    fn entropy_floor() {
+        assert!(check_entropy(32, 62).is_ok()); // the default: 190 bits
+        assert!(check_entropy(22, 62).is_ok()); // 131 bits
+        assert!(check_entropy(21, 62).is_err()); // 125 bits
+        assert!(check_entropy(32, 16).is_ok()); // exactly 128
+        assert!(check_entropy(31, 16).is_err());
+        assert!(check_entropy(16, 2).is_err());
+        assert!(check_entropy(128, 2).is_ok());
+        assert!(check_entropy(16, 2).unwrap_err().contains("length 128"));
     }
 
     #[test]

@@ -43,6 +43,9 @@ pub extern "C-unwind" fn _PG_init() {
 #[cfg(any(test, feature = "pg_test"))]
 mod pg_tests;
 
+#[cfg(test)]
+mod proptests;
+
 /// Required by `cargo pgrx test`.
 #[cfg(test)]
 pub mod pg_test {

@@ -11,6 +11,9 @@ use serde_json::{Map, Value};
 pub const MAX_LIST: usize = 1000;
 pub const MAX_TEXT: usize = 1024;
 pub const MAX_JSON_BYTES: usize = 65_536;
+/// The largest count a limit may name (rate-limit requests, quota limit): far beyond any
+/// real limit, and far enough below i64::MAX that sums of counts and costs cannot wrap.
+pub const MAX_COUNT: i64 = 1_000_000_000_000_000;
 
 /// Why an option was refused: the argument it names, the reason, and whether it is a
 /// duration (SQLSTATE 22007) rather than another bad value (22023).
@@ -265,8 +268,10 @@ pub fn rate_limit(v: &Value, arg: &str) -> Res<Value> {
         return err(arg, format!("unknown field {k:?}"));
     }
     positive_int(obj.get("requests"), &format!("{arg}.requests"))?;
-    let window = obj.get("window").and_then(Value::as_str);
-    match window.map(duration::parse_short) {
+    let Some(window) = obj.get("window") else {
+        return err(&format!("{arg}.window"), "is required");
+    };
+    match window.as_str().map(duration::parse_short) {
         Some(Some(Ok(_))) => Ok(v.clone()),
         Some(Some(Err(why))) => Err(OptionError {
             arg: format!("{arg}.window"),
@@ -331,7 +336,8 @@ pub fn quota(v: &Value, arg: &str) -> Res<Value> {
 
 fn positive_int(v: Option<&Value>, arg: &str) -> Res<i64> {
     match v.and_then(Value::as_i64) {
-        Some(n) if n > 0 => Ok(n),
+        Some(n) if n > 0 && n <= MAX_COUNT => Ok(n),
+        Some(n) if n > 0 => err(arg, format!("must be at most {MAX_COUNT}")),
         _ => err(arg, "must be a positive integer"),
     }
 }
@@ -430,6 +436,27 @@ mod tests {
             !bad(json!({"owner_id": "u", "rate_limit": {"requests": 0, "window": "1m"}}))
                 .is_duration
         );
+        // A missing field is not a malformed duration.
+        let e = bad(json!({"owner_id": "u", "rate_limit": {"requests": 5}}));
+        assert!(!e.is_duration);
+        assert_eq!(e.arg, "rate_limit.window");
+    }
+
+    #[test]
+    fn counts_are_capped() {
+        let e = bad(json!({"owner_id": "u", "quota": {"limit": i64::MAX}}));
+        assert_eq!(e.arg, "quota.limit");
+        assert!(e.why.contains("at most"));
+        let e = bad(
+            json!({"owner_id": "u", "rate_limit": {"requests": MAX_COUNT + 1, "window": "1s"}}),
+        );
+        assert_eq!(e.arg, "rate_limit.requests");
+        assert!(normalize(
+            &json!({"owner_id": "u", "quota": {"limit": MAX_COUNT}}),
+            "",
+            true
+        )
+        .is_ok());
     }
 
     #[test]

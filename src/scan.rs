@@ -1,5 +1,11 @@
 //! Reading one row through a unique index without the executor: what verify does for the
-//! key row and, on a key's first quota'd verify, for its quota use.
+//! key row, its ancestors and, on a key's first quota'd verify, its quota use.
+//!
+//! Rows are read as they are *now*: the latest committed version plus this transaction's
+//! own changes (PostgreSQL's "self" snapshot), whatever the caller's isolation level or
+//! however old its snapshot. Verify is an authority check: a revoke committed before it
+//! began must be seen, even inside an older REPEATABLE READ transaction. The self
+//! snapshot is not an MVCC snapshot, so the read takes no SSI predicate lock either.
 
 use pgrx::pg_sys;
 
@@ -17,8 +23,8 @@ pub struct Unique {
 
 impl Unique {
     /// The columns `want` (attnums, 1-based) of the row whose indexed column equals `value`,
-    /// as a query run now would see it (this transaction's earlier changes included), copied
-    /// into the current memory context; None when there is no such row.
+    /// in its latest committed version (or this transaction's own), copied into the current
+    /// memory context; None when there is no such row.
     pub fn lookup<const N: usize>(
         &self,
         value: pg_sys::Datum,
@@ -37,11 +43,7 @@ impl Unique {
                 pg_sys::Oid::from(self.eq),
                 value,
             );
-            // As SPI does for a volatile function's query: make this transaction's earlier
-            // changes visible, then take a fresh snapshot (READ COMMITTED) or the
-            // transaction's (REPEATABLE READ and above).
-            pg_sys::CommandCounterIncrement();
-            let snapshot = pg_sys::GetTransactionSnapshot();
+            let snapshot = &raw mut pg_sys::SnapshotSelfData;
             let scan = pg_sys::systable_beginscan(rel, self.index, true, snapshot, 1, &mut scankey);
             let found = pg_sys::systable_getnext(scan);
             let row = (!found.is_null()).then(|| {

@@ -1,11 +1,12 @@
 //! The verify hot path.
 //!
 //! The key row is found without the executor: a direct scan of the unique index on
-//! `keypal.keys(key_hash)` under a fresh snapshot (what a query run from this volatile
-//! function would see, minus planning, executor start-up and SPI). Everything after the lookup is in-memory checks
-//! in SPEC §4 order. SPI is used only off the common path: ancestors (keys with a parent), the
-//! `last_used_at` write (at most once per key per `last_used_resolution`, never in a read-only
-//! transaction) and reloading the per-backend catalog cache.
+//! `keypal.keys(key_hash)` reading the row's latest committed version (scan.rs), and each
+//! ancestor likewise by id. Everything after the lookup is in-memory checks in SPEC §4
+//! order, against the current time (`clock_timestamp()`), never the transaction's start.
+//! SPI is used only off the common path: the `last_used_at` write (at most once per key per
+//! `last_used_resolution`, never in a read-only transaction) and reloading the per-backend
+//! catalog cache.
 
 use crate::catalog::{self, Catalog, KEY_COLUMNS};
 use crate::errors::VerifyError;
@@ -31,6 +32,112 @@ pub struct Request<'a> {
     pub env: Option<&'a str>,
     /// The weight of this request for rate limits and quotas (>= 1).
     pub cost: i64,
+    /// A NULL was among the required scopes: the scope check fails (never "no scope").
+    pub null_scope: bool,
+}
+
+/// How deep a key hierarchy may be (a root key is level 1): creation refuses deeper
+/// children, and verify walks at most this many ancestors.
+pub const MAX_DEPTH: usize = 32;
+
+/// The columns a key's own state is judged by: revoked (now or by a passed `revoke_at`),
+/// disabled (now or by a passed `disable_at`), expired. Timestamps in microseconds.
+#[derive(Default, Clone, Copy)]
+pub struct Lifecycle {
+    pub revoked_at: Option<i64>,
+    pub revoke_at: Option<i64>,
+    pub enabled: bool,
+    pub disable_at: Option<i64>,
+    pub expires_at: Option<i64>,
+}
+
+impl Lifecycle {
+    /// (revoked, disabled, expired) at `now`.
+    pub fn at(&self, now: i64) -> [bool; 3] {
+        let passed = |t: Option<i64>| t.is_some_and(|t| t <= now);
+        [
+            passed(self.revoked_at) || passed(self.revoke_at),
+            !self.enabled || passed(self.disable_at),
+            passed(self.expires_at),
+        ]
+    }
+}
+
+/// The first failure (SPEC §4 order) among a key's and its ancestors' states.
+pub fn lifecycle_error(states: [bool; 3]) -> Option<VerifyError> {
+    let [revoked, disabled, expired] = states;
+    if revoked {
+        Some(VerifyError::Revoked)
+    } else if disabled {
+        Some(VerifyError::Disabled)
+    } else if expired {
+        Some(VerifyError::Expired)
+    } else {
+        None
+    }
+}
+
+/// Why the key with this id (and its ancestors) would fail verify at `now` by its state
+/// alone — revoked, disabled, expired — or None; read as verify reads it. None also when
+/// there is no such key (callers find that out themselves).
+pub fn state_of(catalog: &Catalog, id: pg_sys::Datum, now: i64) -> Option<VerifyError> {
+    let attnums = catalog::LIFECYCLE.map(|c| catalog.attnums[c]);
+    let [revoked_at, revoke_at, enabled, disable_at, expires_at, parent] =
+        catalog.keys_by_id.lookup(id, &attnums)?;
+    let own = lifecycle_from(revoked_at, revoke_at, enabled, disable_at, expires_at);
+    lifecycle_error(walk(catalog, own.at(now), parent, now))
+}
+
+fn lifecycle_from(
+    revoked_at: Option<pg_sys::Datum>,
+    revoke_at: Option<pg_sys::Datum>,
+    enabled: Option<pg_sys::Datum>,
+    disable_at: Option<pg_sys::Datum>,
+    expires_at: Option<pg_sys::Datum>,
+) -> Lifecycle {
+    // timestamptz is a by-value int64 (microseconds since 2000-01-01); bool by value.
+    let ts = |d: Option<pg_sys::Datum>| d.map(|d| d.value() as i64);
+    Lifecycle {
+        revoked_at: ts(revoked_at),
+        revoke_at: ts(revoke_at),
+        enabled: enabled.is_some_and(|d| d.value() != 0),
+        disable_at: ts(disable_at),
+        expires_at: ts(expires_at),
+    }
+}
+
+/// Adds each ancestor's state (read as the key was) to `states`, walking up from
+/// `parent`. A chain longer than MAX_DEPTH (possible only by writing keypal.keys
+/// directly) fails closed, as DISABLED.
+fn walk(
+    catalog: &Catalog,
+    mut states: [bool; 3],
+    mut parent: Option<pg_sys::Datum>,
+    now: i64,
+) -> [bool; 3] {
+    let attnums = catalog::LIFECYCLE.map(|c| catalog.attnums[c]);
+    let mut depth = 1;
+    while let Some(id) = parent {
+        if states[0] {
+            break;
+        }
+        if depth >= MAX_DEPTH {
+            states[1] = true;
+            break;
+        }
+        depth += 1;
+        let Some([revoked_at, revoke_at, enabled, disable_at, expires_at, up]) =
+            catalog.keys_by_id.lookup(id, &attnums)
+        else {
+            break;
+        };
+        let s = lifecycle_from(revoked_at, revoke_at, enabled, disable_at, expires_at).at(now);
+        for i in 0..3 {
+            states[i] |= s[i];
+        }
+        parent = up;
+    }
+    states
 }
 
 /// Indexes into catalog::KEY_COLUMNS.
@@ -52,23 +159,11 @@ mod col {
     pub const RATE_LIMIT: usize = 19;
     pub const QUOTA: usize = 20;
     pub const POLICY: usize = 21;
+    pub const DISABLE_AT: usize = 22;
+    pub const REVOKE_AT: usize = 23;
     /// KEY_COLUMNS[ID..=EXPIRES_AT] are, in order, verify_result's fields 4..=13.
     pub const IDENTITY: std::ops::RangeInclusive<usize> = ID..=EXPIRES_AT;
 }
-
-/// Whether any ancestor is revoked, disabled or expired (depth-capped against cycles).
-static ANCESTORS: Stmt = Stmt::new(
-    c"WITH RECURSIVE up(id, depth) AS (
-          SELECT k.parent_id, 1 FROM keypal.keys k WHERE k.id = $1
-          UNION ALL
-          SELECT k.parent_id, up.depth + 1 FROM keypal.keys k JOIN up ON k.id = up.id
-           WHERE k.parent_id IS NOT NULL AND up.depth < 64)
-      SELECT coalesce(bool_or(a.revoked_at IS NOT NULL AND a.revoked_at <= now()), false),
-             coalesce(bool_or(NOT a.enabled), false),
-             coalesce(bool_or(a.expires_at IS NOT NULL AND a.expires_at <= now()), false)
-        FROM up JOIN keypal.keys a ON a.id = up.id",
-    &[pg_sys::UUIDOID],
-);
 
 /// Records use without blocking and without touching any other column: a concurrent
 /// revoke or disable holding the row makes this skip, never wait or overwrite.
@@ -122,9 +217,11 @@ fn verify_in(catalog: &Catalog, key: &str, req: &Request) -> Result<(Row, Usage)
     if !keys::constant_time_eq(stored, &hash) {
         return Err(VerifyError::InvalidKey.into());
     }
-    // SAFETY: reads the transaction's start time (what now() returns).
-    let now = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
-    check(&row, req, now)?;
+    // The current time (clock_timestamp()), not the transaction's start: a key that
+    // expires or is revoked while a long transaction or statement runs stops verifying.
+    // SAFETY: reads the system clock.
+    let now = unsafe { pg_sys::GetCurrentTimestamp() };
+    check(catalog, &row, req, now)?;
     let writable = writable();
     let usage = enforce::enforce(catalog, &row.limits(), req.cost, writable)?;
     let stale = row
@@ -211,35 +308,17 @@ impl Row {
 }
 
 /// The checks after the lookup, in SPEC §4 order (revoked … insufficient scope).
-fn check(row: &Row, req: &Request, now: i64) -> Result<(), VerifyError> {
-    let passed = |t: Option<i64>| t.is_some_and(|t| t <= now);
-    let mut revoked = passed(row.timestamp(col::REVOKED_AT));
-    let mut disabled = row.get(col::ENABLED).is_none_or(|d| d.value() == 0);
-    let mut expired = passed(row.timestamp(col::EXPIRES_AT));
-    if !revoked && row.get(col::PARENT_ID).is_some() {
-        let (r, d, e) = Connection::with(|conn| {
-            if ANCESTORS.exec(conn, &[row.get(col::ID)], true, 1) == 1 {
-                (
-                    conn.get_bool(0, 1),
-                    conn.get_bool(0, 2),
-                    conn.get_bool(0, 3),
-                )
-            } else {
-                (false, false, false)
-            }
-        });
-        revoked |= r;
-        disabled |= d;
-        expired |= e;
-    }
-    if revoked {
-        return Err(VerifyError::Revoked);
-    }
-    if disabled {
-        return Err(VerifyError::Disabled);
-    }
-    if expired {
-        return Err(VerifyError::Expired);
+fn check(catalog: &Catalog, row: &Row, req: &Request, now: i64) -> Result<(), VerifyError> {
+    let own = lifecycle_from(
+        row.get(col::REVOKED_AT),
+        row.get(col::REVOKE_AT),
+        row.get(col::ENABLED),
+        row.get(col::DISABLE_AT),
+        row.get(col::EXPIRES_AT),
+    );
+    let states = walk(catalog, own.at(now), row.get(col::PARENT_ID), now);
+    if let Some(e) = lifecycle_error(states) {
+        return Err(e);
     }
     if let Some(want) = req.env {
         if row.text(col::ENV).as_deref() != Some(want) {
@@ -266,8 +345,9 @@ fn check(row: &Row, req: &Request, now: i64) -> Result<(), VerifyError> {
             return Err(VerifyError::RegionNotAllowed);
         }
     }
-    if (req.scope.is_some() || !req.scopes.is_empty())
-        && !holds_all(row.get(col::SCOPES), row.get(col::RESOURCES), req)
+    if req.null_scope
+        || (req.scope.is_some() || !req.scopes.is_empty())
+            && !holds_all(row.get(col::SCOPES), row.get(col::RESOURCES), req)
     {
         return Err(VerifyError::InsufficientScope);
     }
@@ -293,6 +373,8 @@ fn holds_all(
         .into_iter()
         .chain(req.scopes.iter().map(String::as_str));
     for scope in wanted {
+        // Lets a cancel or statement_timeout through between scopes.
+        pgrx::check_for_interrupts!();
         if scopes::holds(&global, None, scope, None) {
             continue;
         }

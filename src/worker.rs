@@ -86,10 +86,10 @@ pub fn flushes_here() -> bool {
 /// use yet), where it has none.
 const ADD_ROWS: &str = "
     INSERT INTO keypal.quota_usage (key_id, period_start, used, hour, hour_requests)
-    SELECT f.key_id, f.period_start, 0, date_trunc('hour', now()), 0
-      FROM unnest($1::uuid[], $2::timestamptz[]) AS f(key_id, period_start)
-     WHERE NOT EXISTS (SELECT 1 FROM keypal.quota_usage x WHERE x.key_id = f.key_id)
-       AND EXISTS (SELECT 1 FROM keypal.keys k WHERE k.id = f.key_id)
+    SELECT f.key_id, f.period_start, 0, pg_catalog.date_trunc('hour', pg_catalog.now()), 0
+      FROM pg_catalog.unnest($1::pg_catalog.uuid[], $2::pg_catalog.timestamptz[]) AS f(key_id, period_start)
+     WHERE NOT EXISTS (SELECT 1 FROM keypal.quota_usage x WHERE x.key_id OPERATOR(pg_catalog.=) f.key_id)
+       AND EXISTS (SELECT 1 FROM keypal.keys k WHERE k.id OPERATOR(pg_catalog.=) f.key_id)
     ON CONFLICT (key_id) DO NOTHING";
 
 /// Writes the pending counts: one row per key in keypal.quota_usage, which holds both the
@@ -98,14 +98,16 @@ const ADD_ROWS: &str = "
 /// (those with a row: ADD_ROWS ran first).
 const FLUSH: &str = "
     UPDATE keypal.quota_usage q
-       SET used = CASE WHEN q.period_start = f.period_start THEN q.used + f.n
-                       WHEN q.period_start < f.period_start THEN f.n
+       SET used = CASE WHEN q.period_start OPERATOR(pg_catalog.=) f.period_start
+                       THEN q.used OPERATOR(pg_catalog.+) f.n
+                       WHEN q.period_start OPERATOR(pg_catalog.<) f.period_start THEN f.n
                        ELSE q.used END,
            period_start = greatest(q.period_start, f.period_start),
-           hour = coalesce(q.hour, date_trunc('hour', now())),
-           hour_requests = q.hour_requests + f.n
-      FROM unnest($1::uuid[], $2::timestamptz[], $3::int8[]) AS f(key_id, period_start, n)
-     WHERE q.key_id = f.key_id
+           hour = coalesce(q.hour, pg_catalog.date_trunc('hour', pg_catalog.now())),
+           hour_requests = q.hour_requests OPERATOR(pg_catalog.+) f.n
+      FROM pg_catalog.unnest($1::pg_catalog.uuid[], $2::pg_catalog.timestamptz[], $3::pg_catalog.int8[])
+           AS f(key_id, period_start, n)
+     WHERE q.key_id OPERATOR(pg_catalog.=) f.key_id
     RETURNING q.key_id";
 
 /// Moves the requests of hours that are over from keypal.quota_usage to keypal.usage (an
@@ -113,13 +115,21 @@ const FLUSH: &str = "
 const ROLL_HOURS: &str = "
     WITH old AS (
         SELECT q.key_id, q.hour, q.hour_requests FROM keypal.quota_usage q
-         WHERE q.hour < date_trunc('hour', now())),
+         WHERE q.hour OPERATOR(pg_catalog.<) pg_catalog.date_trunc('hour', pg_catalog.now())),
     cleared AS (
         UPDATE keypal.quota_usage q SET hour = NULL, hour_requests = 0
-          FROM old WHERE q.key_id = old.key_id)
+          FROM old WHERE q.key_id OPERATOR(pg_catalog.=) old.key_id)
     INSERT INTO keypal.usage AS u (key_id, hour, endpoint, requests)
-    SELECT old.key_id, old.hour, '', old.hour_requests FROM old WHERE old.hour_requests > 0
-    ON CONFLICT ON CONSTRAINT usage_pkey DO UPDATE SET requests = u.requests + EXCLUDED.requests";
+    SELECT old.key_id, old.hour, '', old.hour_requests FROM old
+     WHERE old.hour_requests OPERATOR(pg_catalog.>) 0
+    ON CONFLICT ON CONSTRAINT usage_pkey DO UPDATE
+        SET requests = u.requests OPERATOR(pg_catalog.+) EXCLUDED.requests";
+
+/// First statement of every worker transaction: the worker runs as the bootstrap
+/// superuser, so nothing it runs may resolve through a search_path the database's owner
+/// chose (`ALTER DATABASE … SET search_path`). Itself fully qualified.
+const PIN_SEARCH_PATH: &str =
+    "SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true)";
 
 #[pg_guard]
 #[no_mangle]
@@ -173,8 +183,13 @@ fn flush_once() {
     // Keys this flush cannot see (created by a transaction still open) keep their counts
     // pending for the next flush.
     let written: HashSet<[u8; 16]> = BackgroundWorker::transaction(|| {
+        if let Err(e) = Spi::run(PIN_SEARCH_PATH) {
+            pgrx::warning!("keypal flush worker: pinning search_path: {e}");
+            return HashSet::new();
+        }
         let installed = Spi::get_one::<bool>(
-            "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'keypal')",
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension
+                             WHERE extname OPERATOR(pg_catalog.=) 'keypal')",
         )
         .ok()
         .flatten()

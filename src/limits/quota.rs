@@ -30,7 +30,9 @@ pub struct Judgement {
 }
 
 pub fn judge(limit: i64, on_exceeded: OnExceeded, used: i64, cost: i64) -> Judgement {
-    let over = used + cost > limit;
+    // Saturating: a table-side count near i64::MAX (written by keypal_track_usage) must
+    // read as over the limit, never wrap to a small number.
+    let over = used.saturating_add(cost) > limit;
     Judgement {
         blocked: over && on_exceeded == OnExceeded::Block,
         throttled: over && on_exceeded == OnExceeded::Throttle,
@@ -155,6 +157,13 @@ pub fn effective_rate_limit(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn judge_never_wraps() {
+        assert!(judge(10, OnExceeded::Block, i64::MAX, 1).blocked);
+        assert!(judge(1_000, OnExceeded::Block, i64::MAX - 1, 5).blocked);
+        assert!(!judge(i64::MAX, OnExceeded::Block, 0, 5).blocked);
+    }
 
     #[test]
     fn period_starts_match_the_calendar() {

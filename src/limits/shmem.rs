@@ -46,7 +46,9 @@ struct QuotaCount {
 
 impl QuotaCount {
     fn total(&self) -> i64 {
-        self.base + self.inflight + self.pending
+        self.base
+            .saturating_add(self.inflight)
+            .saturating_add(self.pending)
     }
 }
 
@@ -195,12 +197,22 @@ mod dynamic {
     }
 }
 
-/// PostgreSQL's AddinShmemInitLock (`&MainLWLockArray[21].lock`, a C macro pgrx does not
-/// export).
+/// PostgreSQL's AddinShmemInitLock (a C macro pgrx does not export): the individual
+/// LWLock whose tranche is named "AddinShmemInit", found by name rather than by a slot
+/// number that could move between PostgreSQL versions.
 unsafe fn addin_shmem_init_lock() -> *mut pg_sys::LWLock {
     // SAFETY: MainLWLockArray is set up before the postmaster's shared memory startup hook
-    // and any backend run; slot 21 is AddinShmemInitLock (lwlocknames.txt, as in PG 15).
-    unsafe { &raw mut (*pg_sys::MainLWLockArray.add(21)).lock }
+    // and any backend run; its first NUM_INDIVIDUAL_LWLOCKS entries are the individual
+    // locks, each in the tranche numbered as its slot, whose names GetLWLockIdentifier gives.
+    unsafe {
+        for i in 0..pg_sys::NUM_INDIVIDUAL_LWLOCKS {
+            let name = pg_sys::GetLWLockIdentifier(pg_sys::PG_WAIT_LWLOCK, i as u16);
+            if !name.is_null() && std::ffi::CStr::from_ptr(name) == c"AddinShmemInit" {
+                return &raw mut (*pg_sys::MainLWLockArray.add(i as usize)).lock;
+            }
+        }
+    }
+    pgrx::error!("keypal: this PostgreSQL has no AddinShmemInit lock")
 }
 
 /// From _PG_init: asks for the shared memory and lock when being preloaded.
@@ -358,7 +370,7 @@ fn decide(slot: &mut Slot, ask: &Ask, loaded: Option<i64>, db: pg_sys::Oid, now:
         }
     }
     if ask.quota.is_some() && !answer.quota.blocked {
-        slot.quota.pending += ask.cost;
+        slot.quota.pending = slot.quota.pending.saturating_add(ask.cost);
     }
     answer
 }
@@ -400,9 +412,9 @@ pub fn flushed(db: pg_sys::Oid, batch: &[Pending], written: &HashSet<[u8; 16]>) 
             if let Some(s) = find_slot(slots, p.key) {
                 if s.quota.db == db && s.quota.period_start == p.period_start {
                     if written.contains(&p.key) {
-                        s.quota.base += s.quota.inflight;
+                        s.quota.base = s.quota.base.saturating_add(s.quota.inflight);
                     } else {
-                        s.quota.pending += s.quota.inflight;
+                        s.quota.pending = s.quota.pending.saturating_add(s.quota.inflight);
                     }
                     s.quota.inflight = 0;
                     s.quota.seq += 1;
@@ -420,7 +432,7 @@ pub fn requeue_inflight(db: pg_sys::Oid) {
             .iter_mut()
             .filter(|s| s.quota.db == db && s.quota.inflight > 0)
         {
-            s.quota.pending += s.quota.inflight;
+            s.quota.pending = s.quota.pending.saturating_add(s.quota.inflight);
             s.quota.inflight = 0;
             s.quota.seq += 1;
         }

@@ -54,7 +54,7 @@ impl Default for Window {
 impl Window {
     /// Moves the window to `now`, forgetting buckets that fell out of it.
     fn advance(&mut self, idx: i64) {
-        if self.head == i64::MIN || idx - self.head >= SLOTS as i64 {
+        if self.head == i64::MIN || idx.saturating_sub(self.head) >= SLOTS as i64 {
             self.counts = [0; SLOTS];
         } else {
             for i in (self.head + 1)..=idx {
@@ -74,7 +74,7 @@ impl Window {
         let idx = now_us.div_euclid(w);
         self.advance(idx);
         let used = self.total();
-        if used + cost <= limit.requests {
+        if used.saturating_add(cost) <= limit.requests {
             if record {
                 self.counts[self.head.rem_euclid(SLOTS as i64) as usize] += cost;
             }
@@ -100,7 +100,7 @@ impl Window {
             // At the start of bucket head+1+k, bucket head-BUCKETS+k leaves the window.
             let leaving = self.head - BUCKETS as i64 + k;
             used -= self.counts[leaving.rem_euclid(SLOTS as i64) as usize];
-            if used + cost <= limit.requests {
+            if used.saturating_add(cost) <= limit.requests {
                 let at = (self.head + 1 + k) * w;
                 return ((at - now_us) + 999) / 1000;
             }

@@ -15,6 +15,14 @@ SELECT throws_like($$SELECT keypal_configure(alphabet => '')$$, '%alphabet%', 'e
 SELECT throws_ok($$SELECT keypal_configure(alphabet => '')$$, '22023', NULL, 'empty alphabet: 22023');
 SELECT throws_ok($$SELECT keypal_configure(alphabet => 'a')$$, '22023', NULL, 'one-letter alphabet: 22023');
 SELECT throws_ok($$SELECT keypal_configure(length => 15)$$, '22023', NULL, 'length < 16: 22023');
+-- Entropy floor: length x log2(alphabet size) >= 128 bits.
+SELECT throws_like($$SELECT keypal_configure(length => 16, alphabet => 'ab')$$, '%16.0 bits%at least 128%', 'entropy floor: 16 x log2(2) refused, naming the bits');
+SELECT throws_ok($$SELECT keypal_configure(length => 16, alphabet => 'ab')$$, '22023', NULL, 'entropy floor: 22023');
+SELECT throws_ok($$SELECT keypal_configure(length => 21, alphabet => 'A-Za-z0-9')$$, '22023', NULL, 'entropy floor: 21 x log2(62) = 125 bits refused');
+SELECT is((keypal_configure())->>'length', '40', 'a refused setting changes nothing');
+SELECT lives_ok($$SELECT keypal_configure(length => 22, alphabet => 'A-Za-z0-9')$$, '22 x log2(62) = 131 bits accepted');
+SELECT keypal_configure(length => 40, alphabet => 'a-f0-9');
+SELECT throws_ok($$SELECT keypal.generate_key('', 16, 'ab')$$, '22023', NULL, 'generate_key refuses low entropy too');
 SELECT throws_ok($$SELECT keypal_configure(length => 100000)$$, '22023', NULL, 'huge length: 22023');
 SELECT throws_ok($$SELECT keypal_configure(algorithm => 'md5')$$, '22023', NULL, 'unknown algorithm: 22023');
 SELECT throws_ok($$SELECT keypal_configure(prefix => 'has space')$$, '22023', NULL, 'prefix with a space: 22023');
@@ -32,10 +40,10 @@ SELECT is((keypal_configure(rate_limit => 'null'))->'rate_limit', 'null'::jsonb,
 
 -- Keys issued under earlier settings keep verifying.
 CREATE TEMP TABLE old_key AS SELECT key FROM keypal_create(owner_id => 'f2', scopes => '{read}');
-SELECT keypal_configure(prefix => 'pk_', length => 24, alphabet => 'A-Z');
+SELECT keypal_configure(prefix => 'pk_', length => 28, alphabet => 'A-Z');
 SELECT ok((SELECT valid FROM keypal_verify((SELECT key FROM old_key))), 'key from earlier settings verifies');
 SELECT is((SELECT error_code FROM keypal_verify('sk_' || repeat('a', 40))), 'INVALID_FORMAT', 'old format without a key: INVALID_FORMAT under new settings');
-SELECT is((SELECT error_code FROM keypal_verify('pk_' || repeat('A', 24))), 'INVALID_KEY', 'right format, no such key: INVALID_KEY');
+SELECT is((SELECT error_code FROM keypal_verify('pk_' || repeat('A', 28))), 'INVALID_KEY', 'right format, no such key: INVALID_KEY');
 
 -- sha512, and keys hashed with either algorithm keep verifying.
 SELECT keypal_configure(algorithm => 'sha512');

@@ -101,7 +101,10 @@ SELECT lives_ok($$SELECT keypal_define_policy('api:readonly', scopes => '{read}'
 SELECT lives_ok($$SELECT * FROM keypal_create(owner_id => 'pol', scopes => '{read}', expires_in => '7d', allowed_ips => '{10.0.0.1}', policy => 'api:readonly')$$, 'a key within the policy');
 SELECT throws_like($$SELECT * FROM keypal_create(owner_id => 'pol', scopes => '{write}', expires_in => '7d', allowed_ips => '{10.0.0.1}', policy => 'api:readonly')$$, '%scopes%', 'policy: scopes rule');
 SELECT throws_like($$SELECT * FROM keypal_create(owner_id => 'pol', scopes => '{read}', expires_in => '90d', allowed_ips => '{10.0.0.1}', policy => 'api:readonly')$$, '%max_ttl%', 'policy: max_ttl rule');
-SELECT throws_like($$SELECT * FROM keypal_create(owner_id => 'pol', scopes => '{read}', allowed_ips => '{10.0.0.1}', policy => 'api:readonly')$$, '%max_ttl%', 'policy: max_ttl needs an expiry');
+-- A policy's max_ttl is the default expiry of a key created without one.
+SELECT cmp_ok((SELECT abs(extract(epoch FROM expires_at - (now() + interval '30 days')))
+                 FROM keypal_create(owner_id => 'pol', scopes => '{read}', allowed_ips => '{10.0.0.1}', policy => 'api:readonly')),
+              '<', 1::numeric, 'policy: max_ttl supplies the default expiry (30 days)');
 SELECT throws_like($$SELECT * FROM keypal_create(owner_id => 'pol', scopes => '{read}', expires_in => '7d', policy => 'api:readonly')$$, '%require_ip%', 'policy: require_ip rule');
 SELECT throws_ok($$SELECT * FROM keypal_create(owner_id => 'pol', scopes => '{read}', expires_in => '7d', allowed_ips => '{10.0.0.1}', policy => 'api:readonly', resources => '{"a:1": ["read"], "b:2": ["read"]}')$$, '22023', NULL, 'policy: max_resources rule');
 SELECT throws_ok($$SELECT keypal_define_policy('p2', max_ttl => 'forever')$$, '22007', NULL, 'policy with bad max_ttl');
