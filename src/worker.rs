@@ -87,7 +87,8 @@ pub fn flushes_here() -> bool {
 const ADD_ROWS: &str = "
     INSERT INTO keypal.quota_usage (key_id, period_start, used, hour, hour_requests)
     SELECT f.key_id, f.period_start, 0, pg_catalog.date_trunc('hour', pg_catalog.now()), 0
-      FROM pg_catalog.unnest($1::pg_catalog.uuid[], $2::pg_catalog.timestamptz[]) AS f(key_id, period_start)
+      FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.uuid[]),
+                      pg_catalog.unnest($2::pg_catalog.timestamptz[])) AS f(key_id, period_start)
      WHERE NOT EXISTS (SELECT 1 FROM keypal.quota_usage x WHERE x.key_id OPERATOR(pg_catalog.=) f.key_id)
        AND EXISTS (SELECT 1 FROM keypal.keys k WHERE k.id OPERATOR(pg_catalog.=) f.key_id)
     ON CONFLICT (key_id) DO NOTHING";
@@ -105,8 +106,9 @@ const FLUSH: &str = "
            period_start = greatest(q.period_start, f.period_start),
            hour = coalesce(q.hour, pg_catalog.date_trunc('hour', pg_catalog.now())),
            hour_requests = q.hour_requests OPERATOR(pg_catalog.+) f.n
-      FROM pg_catalog.unnest($1::pg_catalog.uuid[], $2::pg_catalog.timestamptz[], $3::pg_catalog.int8[])
-           AS f(key_id, period_start, n)
+      FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.uuid[]),
+                      pg_catalog.unnest($2::pg_catalog.timestamptz[]),
+                      pg_catalog.unnest($3::pg_catalog.int8[])) AS f(key_id, period_start, n)
      WHERE q.key_id OPERATOR(pg_catalog.=) f.key_id
     RETURNING q.key_id";
 

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Backups restore: a plain pg_dump / pg_restore round trip (custom format, and a plain SQL
+# script through psql), with no special flags, brings back every key (children, rotation
+# chains), the settings, policies, templates and the audit log and events identical, and
+# every key verifies exactly as before. Rows written afterwards get fresh ids.
+source "$(dirname "$0")/lib.sh"
+
+PGBIN=/usr/lib/postgresql/15/bin
+as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+work=$(mktemp -d)
+chmod 777 "$work"
+src=keypal_dump_src
+trap 'rm -rf "$work"; q -d postgres -c "DROP DATABASE IF EXISTS $src WITH (FORCE)" -c "DROP DATABASE IF EXISTS ${src}_fc WITH (FORCE)" -c "DROP DATABASE IF EXISTS ${src}_sql WITH (FORCE)" >/dev/null 2>&1' EXIT
+
+q -d postgres -c "DROP DATABASE IF EXISTS $src WITH (FORCE)" -c "CREATE DATABASE $src" >/dev/null 2>&1
+q -d "$src" >/dev/null <<'SQL'
+CREATE EXTENSION keypal;
+SELECT keypal_configure(prefix => 'sk_', environments => '{"live": {"prefix": "sk_live_"}, "test": {"prefix": "sk_test_"}}',
+                        rate_limit => '{"requests": 1000, "window": "1m"}');
+SELECT keypal_define_policy('dump:ro', scopes => '{read}', max_ttl => '90d');
+SELECT keypal_define_template('dump:t', '{"scopes": ["read"], "tags": ["t"]}');
+-- The plaintexts ride along in a table of our own, so the restored copy can verify them.
+CREATE TABLE plain_keys (label text PRIMARY KEY, key text, id uuid);
+INSERT INTO plain_keys SELECT 'root', key, id FROM keypal_create(owner_id => 'd', scopes => '{read,write}', env => 'live');
+INSERT INTO plain_keys SELECT 'child', key, id FROM keypal_create(owner_id => 'd', scopes => '{read}', parent_id => (SELECT id FROM plain_keys WHERE label = 'root'));
+INSERT INTO plain_keys SELECT 'grandchild', key, id FROM keypal_create(owner_id => 'd', scopes => '{read}', parent_id => (SELECT id FROM plain_keys WHERE label = 'child'));
+INSERT INTO plain_keys SELECT 'policy', key, id FROM keypal_create(owner_id => 'd', policy => 'dump:ro', scopes => '{read}');
+INSERT INTO plain_keys SELECT 'template', key, id FROM keypal_create_from_template('dump:t', 'd');
+INSERT INTO plain_keys SELECT 'revoked', key, id FROM keypal_create(owner_id => 'd', env => 'test');
+INSERT INTO plain_keys SELECT 'disabled', key, id FROM keypal_create(owner_id => 'd', quota => '{"limit": 5}');
+SELECT keypal_revoke((SELECT id FROM plain_keys WHERE label = 'revoked'), reason => 'gone');
+SELECT keypal_disable((SELECT id FROM plain_keys WHERE label = 'disabled'));
+-- A rotation chain of three, the root's children moving along (the root row is updated
+-- after its children were written: a child precedes its parent in the table).
+INSERT INTO plain_keys SELECT 'rot1', key, id FROM keypal_rotate((SELECT id FROM plain_keys WHERE label = 'root'), grace => '1h');
+INSERT INTO plain_keys SELECT 'rot2', key, id FROM keypal_rotate((SELECT id FROM plain_keys WHERE label = 'rot1'), grace => '1h');
+SELECT keypal_update((SELECT id FROM plain_keys WHERE label = 'child'), name => 'renamed');
+SELECT keypal_track_usage((SELECT id FROM plain_keys WHERE label = 'policy'), endpoint => '/x', tokens => 3);
+SQL
+
+# A fingerprint of everything a restore must bring back, identical.
+fingerprint() {
+    q -d "$1" -c "SELECT md5(string_agg(t, '|' ORDER BY t)) FROM (
+        SELECT 'k' || k::text AS t FROM keypal.keys k
+        UNION ALL SELECT 'a' || a::text FROM keypal.audit_log a
+        UNION ALL SELECT 'e' || e::text FROM keypal.events e
+        UNION ALL SELECT 's' || s::text FROM keypal.settings s
+        UNION ALL SELECT 'p' || p::text FROM keypal.policies p
+        UNION ALL SELECT 't' || t::text FROM keypal.templates t
+        UNION ALL SELECT 'u' || u::text FROM keypal.usage u) x"
+}
+verdicts() {
+    q -d "$1" -c "SELECT string_agg(p.label || '=' || coalesce(v.error_code, 'VALID'), ' ' ORDER BY p.label)
+                    FROM plain_keys p, keypal_verify(p.key) v"
+}
+# (Verify records last_used_at: take the verdicts first, then the fingerprint and dump.)
+want_verdicts=$(verdicts "$src")
+want_fp=$(fingerprint "$src")
+want_counts=$(q -d "$src" -c "SELECT (SELECT count(*) FROM keypal.keys) || ' ' || (SELECT count(*) FROM keypal.audit_log)")
+
+as_pg "$PGBIN/pg_dump" -Fc -f "$work/keypal.dump" "$src" 2>"$work/dump.err"
+as_pg "$PGBIN/pg_dump" -f "$work/keypal.sql" "$src" 2>>"$work/dump.err"
+
+for kind in fc sql; do
+    db=${src}_$kind
+    q -d postgres -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" -c "CREATE DATABASE $db" >/dev/null 2>&1
+    if [ "$kind" = fc ]; then
+        as_pg "$PGBIN/pg_restore" -d "$db" "$work/keypal.dump" >"$work/restore.out" 2>&1
+    else
+        q -d "$db" -v ON_ERROR_STOP=1 -f "$work/keypal.sql" >"$work/restore.out" 2>&1
+    fi
+    is "$?" 0 "$kind: the restore ran without an error"
+    is "$(q -d "$db" -c "SELECT (SELECT count(*) FROM keypal.keys) || ' ' || (SELECT count(*) FROM keypal.audit_log)")" \
+       "$want_counts" "$kind: every key and audit row is back ($want_counts)"
+    is "$(fingerprint "$db")" "$want_fp" "$kind: keys, audit log, events, settings, policies, templates, usage identical"
+    is "$(verdicts "$db")" "$want_verdicts" "$kind: every key verifies exactly as before"
+    is "$(q -d "$db" -c "SELECT count(*) FROM keypal_history((SELECT id FROM plain_keys WHERE label = 'rot2'))")" 3 \
+       "$kind: the rotation chain is whole"
+    is "$(q -d "$db" -c "SELECT parent_id = (SELECT id FROM plain_keys WHERE label = 'rot2') FROM keypal.keys
+                          WHERE id = (SELECT id FROM plain_keys WHERE label = 'child')")" t "$kind: children follow the rotated key"
+    # New writes continue after the restored ids.
+    q -d "$db" -c "SELECT keypal_revoke((SELECT id FROM plain_keys WHERE label = 'rot2'))" >/dev/null
+    is "$(q -d "$db" -c "SELECT count(*) FROM keypal.audit_log WHERE action = 'revoked' AND id > (SELECT max(id) - 3 FROM keypal.audit_log)")" 3 \
+       "$kind: a revoke after the restore is audited (key and both descendants), with fresh ids"
+    is "$(q -d "$db" -c "SELECT coalesce(error_code, 'VALID') FROM keypal_verify((SELECT key FROM plain_keys WHERE label = 'grandchild'))")" \
+       REVOKED "$kind: and cascades as before"
+done
+
+done_testing
