@@ -136,7 +136,13 @@ pub fn get() -> Rc<Catalog> {
     LOADING.set(true);
     let c = Connection::with(load);
     LOADING.set(false);
-    let c = Rc::new(c);
+    keep_unless_overtaken(Rc::new(c), generation)
+}
+
+/// Caches `c` — loaded while GENERATION was `generation` — unless an invalidation was
+/// processed meanwhile (SPI takes locks, which reads the invalidation queue): then the load
+/// may predate the change, so it serves this call only and the next one loads again.
+fn keep_unless_overtaken(c: Rc<Catalog>, generation: u64) -> Rc<Catalog> {
     WATCHED.set([
         c.settings_relid,
         c.keys_by_hash.table,
@@ -145,8 +151,6 @@ pub fn get() -> Rc<Catalog> {
         c.policies_relid,
         c.quota_by_key.table,
     ]);
-    // An invalidation processed while loading (SPI takes locks, which reads the queue)
-    // may describe a change the load did not see: then keep nothing, load again next time.
     if GENERATION.get() == generation {
         CACHE.with(|cell| *cell.borrow_mut() = Some(c.clone()));
     }
@@ -244,6 +248,25 @@ unsafe extern "C-unwind" fn on_relcache(_arg: pg_sys::Datum, relid: pg_sys::Oid)
 pub fn init() {
     // SAFETY: registers a backend-lifetime callback once, from _PG_init.
     unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(on_relcache), pg_sys::Datum::from(0usize)) }
+}
+
+/// Whether a catalog is cached (for tests).
+#[cfg(any(test, feature = "pg_test"))]
+pub fn is_cached() -> bool {
+    CACHE.with(|c| c.borrow().is_some())
+}
+
+/// Simulates an invalidation that arrives while a catalog loads: it must not be cached.
+#[cfg(any(test, feature = "pg_test"))]
+pub fn load_overtaken_by(relid: pg_sys::Oid) -> Rc<Catalog> {
+    CACHE.with(|c| c.borrow_mut().take());
+    let generation = GENERATION.get();
+    LOADING.set(true);
+    let c = Connection::with(load);
+    // SAFETY: the callback only touches this module's backend-local state.
+    unsafe { on_relcache(pg_sys::Datum::from(0usize), relid) };
+    LOADING.set(false);
+    keep_unless_overtaken(Rc::new(c), generation)
 }
 
 /// Sends the invalidation that makes every backend reload its cache (called by the

@@ -37,6 +37,41 @@ mod tests {
     }
 
     #[pg_test]
+    fn settings_cache_keeps_no_load_an_invalidation_overtook() {
+        let settings = Spi::get_one::<pg_sys::Oid>("SELECT 'keypal.settings'::regclass::oid")
+            .unwrap()
+            .unwrap();
+        let _ = crate::catalog::get();
+        assert!(crate::catalog::is_cached());
+        let _ = crate::catalog::load_overtaken_by(settings);
+        assert!(
+            !crate::catalog::is_cached(),
+            "a load an invalidation overtook was kept"
+        );
+        let _ = crate::catalog::get();
+        assert!(crate::catalog::is_cached(), "the next load is kept");
+    }
+
+    #[pg_test]
+    fn key_state_follows_schedules_and_ancestors() {
+        let (_, parent) = create("owner_id => 'st', scopes => '{read}'");
+        let (_, child) = create(&format!(
+            "owner_id => 'st', scopes => '{{read}}', parent_id => '{parent}'"
+        ));
+        let state = |id: pgrx::Uuid| {
+            Spi::get_one_with_args::<String>("SELECT keypal.key_state($1)", &[id.into()]).unwrap()
+        };
+        assert_eq!(state(child), None);
+        Spi::run_with_args(
+            "UPDATE keypal.keys SET revoke_at = now() - interval '1 s' WHERE id = $1",
+            &[parent.into()],
+        )
+        .unwrap();
+        assert_eq!(state(parent).as_deref(), Some("REVOKED"));
+        assert_eq!(state(child).as_deref(), Some("REVOKED"));
+    }
+
+    #[pg_test]
     fn verify_path_accepts_and_rejects() {
         let (key, _) = create("owner_id => 'u1', scopes => '{read}'");
         let read = Request {
@@ -120,11 +155,11 @@ mod tests {
 
     #[pg_test]
     fn generated_keys_follow_the_settings() {
-        Spi::run("SELECT keypal_configure(prefix => 'pk_', length => 20, alphabet => '0-9')")
+        Spi::run("SELECT keypal_configure(prefix => 'pk_', length => 40, alphabet => '0-9')")
             .unwrap();
         let (key, _) = create("owner_id => 'fmt'");
         assert!(key.starts_with("pk_"));
-        assert_eq!(key.len(), 23);
+        assert_eq!(key.len(), 43);
         assert!(key[3..].bytes().all(|b| b.is_ascii_digit()));
     }
 }
