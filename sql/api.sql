@@ -146,8 +146,9 @@ BEGIN
     IF NOT FOUND THEN
         PERFORM keypal.key_not_found(key_id, 'id');
     END IF;
-    -- A passed revoke_at revoked the key already (verify says REVOKED).
-    IF k.revoked_at <= now() OR k.revoke_at <= now() THEN
+    -- A passed revoke_at revoked the key already (verify says REVOKED), judged as verify
+    -- judges: at the current time.
+    IF k.revoked_at <= clock_timestamp() OR k.revoke_at <= clock_timestamp() THEN
         RAISE EXCEPTION 'CANNOT_MODIFY_REVOKED: key % is revoked and cannot be %', key_id, action
             USING ERRCODE = '55000', DETAIL = 'CANNOT_MODIFY_REVOKED';
     END IF;
@@ -492,28 +493,22 @@ $$;
 CREATE FUNCTION keypal_has_scope(key_id uuid DEFAULT NULL, scope text DEFAULT NULL, resource text DEFAULT NULL)
 RETURNS boolean
 LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT coalesce((SELECT keypal.holds(k.scopes, k.resources, $2, $3)
-                       FROM keypal.keys k WHERE k.id = $1 AND keypal.may_inspect(k.id)
-                        AND keypal.key_state(k.id) IS NULL), false)
+    SELECT CASE WHEN coalesce(keypal.may_inspect($1), false)
+                THEN keypal.key_holds($1, ARRAY[$2], $3, true) ELSE false END
 $$;
 
 CREATE FUNCTION keypal_has_any_scope(key_id uuid DEFAULT NULL, scopes text[] DEFAULT NULL, resource text DEFAULT NULL)
 RETURNS boolean
 LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT coalesce((SELECT bool_or(keypal.holds(k.scopes, k.resources, s, $3))
-                       FROM keypal.keys k, unnest($2) s
-                      WHERE k.id = $1 AND keypal.may_inspect(k.id)
-                        AND keypal.key_state(k.id) IS NULL), false)
+    SELECT CASE WHEN coalesce(keypal.may_inspect($1), false)
+                THEN keypal.key_holds($1, $2, $3, false) ELSE false END
 $$;
 
 CREATE FUNCTION keypal_has_all_scopes(key_id uuid DEFAULT NULL, scopes text[] DEFAULT NULL, resource text DEFAULT NULL)
 RETURNS boolean
 LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT $2 IS NOT NULL
-       AND coalesce((SELECT bool_and(keypal.holds(k.scopes, k.resources, s, $3))
-                       FROM keypal.keys k, unnest($2) s
-                      WHERE k.id = $1 AND keypal.may_inspect(k.id)
-                        AND keypal.key_state(k.id) IS NULL), false)
+    SELECT CASE WHEN coalesce(keypal.may_inspect($1), false)
+                THEN keypal.key_holds($1, $2, $3, true) ELSE false END
 $$;
 
 --------------------------------------------------------------------------------
@@ -592,12 +587,17 @@ CREATE FUNCTION keypal.set_enabled(key_id uuid, on_off boolean, actor text)
 RETURNS boolean LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     k keypal.keys := keypal.lock_key(key_id, CASE WHEN on_off THEN 'enabled' ELSE 'disabled' END);
+    -- A passed disable_at disables the key as surely as enabled = false: enabling clears it.
+    scheduled_off boolean := k.disable_at <= clock_timestamp();
 BEGIN
-    IF k.enabled = on_off THEN
+    IF k.enabled = on_off AND NOT (on_off AND coalesce(scheduled_off, false)) THEN
         RETURN false;
     END IF;
     PERFORM keypal.begin_change(keypal.actor(actor));
-    UPDATE keypal.keys SET enabled = on_off WHERE id = k.id;
+    UPDATE keypal.keys
+       SET enabled = on_off,
+           disable_at = CASE WHEN on_off AND scheduled_off THEN NULL ELSE keys.disable_at END
+     WHERE id = k.id;
     PERFORM keypal.end_change();
     RETURN true;
 END $$;
@@ -872,8 +872,12 @@ BEGIN
         RAISE EXCEPTION 'invalid cost: must be a finite number, not %', cost USING ERRCODE = '22023';
     END IF;
     -- 10^15, as for limits (options.rs MAX_COUNT): sums stay far from bigint's end.
-    IF tokens > 1e15 OR cost > 1e15 OR requests > 1e15 THEN
-        RAISE EXCEPTION 'invalid tokens/cost/requests: at most 1000000000000000 per call' USING ERRCODE = '22023';
+    IF tokens > 1e15 THEN
+        RAISE EXCEPTION 'invalid tokens: at most 1000000000000000 per call' USING ERRCODE = '22023';
+    ELSIF cost > 1e15 THEN
+        RAISE EXCEPTION 'invalid cost: at most 1000000000000000 per call' USING ERRCODE = '22023';
+    ELSIF requests > 1e15 THEN
+        RAISE EXCEPTION 'invalid requests: at most 1000000000000000 per call' USING ERRCODE = '22023';
     END IF;
     IF length(endpoint) > 1024 THEN
         RAISE EXCEPTION 'invalid endpoint: at most 1024 characters' USING ERRCODE = '22023';
@@ -1022,7 +1026,8 @@ DECLARE
 BEGIN
     -- Restoring a dump (a COPY into keypal.keys, outside any keypal function): the rows bring
     -- their own audit history and events, restored alongside.
-    IF coalesce(current_setting('keypal._actor', true), '') = '' AND keypal.copying_into(TG_RELID) THEN
+    IF TG_OP = 'INSERT' AND coalesce(current_setting('keypal._actor', true), '') = ''
+       AND keypal.copying_into(TG_RELID) THEN
         RETURN NULL;
     END IF;
     IF TG_OP = 'INSERT' THEN

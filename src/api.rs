@@ -224,7 +224,9 @@ mod keypal {
         keys::check_length(length).unwrap_or_else(|e| bad_argument("length", &e));
         let alpha =
             keys::expand_alphabet(alphabet).unwrap_or_else(|e| bad_argument("alphabet", &e));
-        keys::check_entropy(length, alpha.len()).unwrap_or_else(|e| bad_argument("length", &e));
+        keys::check_entropy(length, alpha.len()).unwrap_or_else(|e| {
+            bad_argument("key settings (keypal_configure length and alphabet)", &e)
+        });
         keys::generate(prefix, length as usize, &alpha)
     }
 
@@ -335,7 +337,8 @@ mod keypal {
         let symbols = keys::expand_alphabet(alphabet)
             .unwrap_or_else(|e| bad_argument("alphabet", &e))
             .len();
-        keys::check_entropy(length, symbols).unwrap_or_else(|e| bad_argument("length", &e));
+        keys::check_entropy(length, symbols)
+            .unwrap_or_else(|e| bad_argument("length/alphabet", &e));
         Algorithm::parse(algorithm)
             .unwrap_or_else(|| bad_argument("algorithm", "must be sha256 or sha512"));
         true
@@ -444,17 +447,41 @@ mod keypal {
         crate::limits::enforce::rate_limit_of(&catalog, own.as_ref(), policy, env).is_some()
     }
 
-    /// Why the key with this id would fail verify by its state alone (REVOKED, DISABLED,
-    /// EXPIRED, its own or an ancestor's; a passed revoke_at/disable_at counts), or NULL
-    /// when it is usable or does not exist. Read as verify reads: the latest committed
-    /// state, at the current time.
-    #[pg_extern(volatile, parallel_restricted)]
+    /// Why the key with this id would fail verify by its state alone (INVALID_KEY when
+    /// there is none; REVOKED, DISABLED, EXPIRED, its own or an ancestor's, a passed
+    /// revoke_at/disable_at counting), or NULL when it is usable. Read as verify reads:
+    /// under a snapshot taken now, at the current time.
+    #[pg_extern(volatile, parallel_unsafe)]
     fn key_state(key_id: Option<Uuid>) -> Option<&'static str> {
         let id = key_id?.into_datum()?;
         let catalog = crate::catalog::get();
-        // SAFETY: reads the system clock.
-        let now = unsafe { pg_sys::GetCurrentTimestamp() };
-        verify::state_of(&catalog, id, now).map(|e| e.code())
+        verify::state_of(&catalog, id, |_, _| ())
+            .err()
+            .map(|e| e.code())
+    }
+
+    /// Whether the key with this id would verify by its state and holds all (or any) of
+    /// `scopes`, globally or on `resource` — one read, as verify reads. False for no such
+    /// key, a NULL or empty `scopes`, or a NULL among them when all are asked for.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn key_holds(
+        key_id: Option<Uuid>,
+        scopes: Option<Vec<Option<String>>>,
+        resource: Option<&str>,
+        all: bool,
+    ) -> bool {
+        let (Some(id), Some(scopes)) = (key_id.and_then(|k| k.into_datum()), scopes) else {
+            return false;
+        };
+        if all && scopes.iter().any(Option::is_none) {
+            return false;
+        }
+        let catalog = crate::catalog::get();
+        let wanted = scopes.iter().flatten().map(String::as_str);
+        verify::state_of(&catalog, id, |held, res| {
+            verify::holds(held, res, wanted, resource, all)
+        })
+        .unwrap_or(false)
     }
 
     /// Whether this backend is running a COPY into `relid` — how pg_restore and pg_dump's

@@ -6,8 +6,9 @@
 //! invalidated in the relation cache (DDL, REINDEX, VACUUM's statistics, …). For settings, a
 //! statement trigger on `keypal.settings` (fired by `keypal_configure`, a restore, any DML)
 //! sends that invalidation, and DROP EXTENSION sends it too. Other backends receive it when
-//! they next take a lock, which verify's own lookup does, so a committed change is seen by the
-//! next verify everywhere; in the changing transaction it is seen from the next command on.
+//! verify next runs (it reads the invalidation queue first), so a committed change is seen by
+//! the next verify everywhere, inside an open transaction too, and the reload reads under a
+//! fresh snapshot; in the changing transaction it is seen from the next command on.
 
 use crate::keys;
 use crate::scan::Unique;
@@ -129,14 +130,48 @@ thread_local! {
 
 /// The cached catalog, loaded (through SPI) when missing.
 pub fn get() -> Rc<Catalog> {
+    // A transaction that already holds its locks would not read the invalidation queue
+    // again until it ends: read it here, so a settings change committed elsewhere reaches
+    // verify inside an open transaction too (cheap when the queue is empty).
+    // SAFETY: processes pending invalidations at a point where no cache entry is in use.
+    unsafe { pg_sys::AcceptInvalidationMessages() };
     if let Some(c) = CACHE.with(|c| c.borrow().clone()) {
         return c;
     }
     let generation = GENERATION.get();
-    LOADING.set(true);
-    let c = Connection::with(load);
-    LOADING.set(false);
+    let c = loading(|| Connection::with(load_fresh));
     keep_unless_overtaken(Rc::new(c), generation)
+}
+
+/// Runs a load with LOADING set, cleared again even if the load raises (a guard, since an
+/// ERROR unwinds through here).
+fn loading<R>(f: impl FnOnce() -> R) -> R {
+    struct Clear;
+    impl Drop for Clear {
+        fn drop(&mut self) {
+            LOADING.set(false);
+        }
+    }
+    LOADING.set(true);
+    let _clear = Clear;
+    f()
+}
+
+/// Loads under a snapshot taken now, not the caller's (an old REPEATABLE READ snapshot
+/// would cache settings that changed since, for the life of the backend). Inside a
+/// parallel operation no new snapshot may be taken: the caller's is used.
+fn load_fresh(conn: &Connection) -> Catalog {
+    // SAFETY: the pushed snapshot is popped after the load; if the load raises, the
+    // transaction's abort unwinds the active snapshot stack.
+    unsafe {
+        if pg_sys::IsInParallelMode() {
+            return load(conn);
+        }
+        pg_sys::PushActiveSnapshot(pg_sys::GetLatestSnapshot());
+        let c = load(conn);
+        pg_sys::PopActiveSnapshot();
+        c
+    }
 }
 
 /// Caches `c` — loaded while GENERATION was `generation` — unless an invalidation was
@@ -261,11 +296,12 @@ pub fn is_cached() -> bool {
 pub fn load_overtaken_by(relid: pg_sys::Oid) -> Rc<Catalog> {
     CACHE.with(|c| c.borrow_mut().take());
     let generation = GENERATION.get();
-    LOADING.set(true);
-    let c = Connection::with(load);
-    // SAFETY: the callback only touches this module's backend-local state.
-    unsafe { on_relcache(pg_sys::Datum::from(0usize), relid) };
-    LOADING.set(false);
+    let c = loading(|| {
+        let c = Connection::with(load_fresh);
+        // SAFETY: the callback only touches this module's backend-local state.
+        unsafe { on_relcache(pg_sys::Datum::from(0usize), relid) };
+        c
+    });
     keep_unless_overtaken(Rc::new(c), generation)
 }
 

@@ -268,7 +268,7 @@ pub fn rate_limit(v: &Value, arg: &str) -> Res<Value> {
         return err(arg, format!("unknown field {k:?}"));
     }
     positive_int(obj.get("requests"), &format!("{arg}.requests"))?;
-    let Some(window) = obj.get("window") else {
+    let Some(window) = obj.get("window").filter(|w| !w.is_null()) else {
         return err(&format!("{arg}.window"), "is required");
     };
     match window.as_str().map(duration::parse_short) {

@@ -62,6 +62,10 @@ mod tests {
             Spi::get_one_with_args::<String>("SELECT keypal.key_state($1)", &[id.into()]).unwrap()
         };
         assert_eq!(state(child), None);
+        assert_eq!(
+            state(pgrx::Uuid::from_bytes([7; 16])).as_deref(),
+            Some("INVALID_KEY")
+        );
         Spi::run_with_args(
             "UPDATE keypal.keys SET revoke_at = now() - interval '1 s' WHERE id = $1",
             &[parent.into()],

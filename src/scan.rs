@@ -1,11 +1,34 @@
 //! Reading one row through a unique index without the executor: what verify does for the
 //! key row, its ancestors and, on a key's first quota'd verify, its quota use.
 //!
-//! Rows are read as they are *now*: the latest committed version plus this transaction's
-//! own changes (PostgreSQL's "self" snapshot), whatever the caller's isolation level or
-//! however old its snapshot. Verify is an authority check: a revoke committed before it
-//! began must be seen, even inside an older REPEATABLE READ transaction. The self
-//! snapshot is not an MVCC snapshot, so the read takes no SSI predicate lock either.
+//! Rows are read as they are *now*: under a snapshot taken at the moment of the read
+//! (`Fresh`: the latest committed state plus this transaction's own changes so far),
+//! whatever the caller's isolation level or however old its transaction snapshot. Verify
+//! is an authority check: a revoke committed before it began must be seen, even inside an
+//! older REPEATABLE READ transaction. Being an MVCC snapshot, it shows exactly one version
+//! of each row, even while another session updates it.
+
+/// A snapshot of the latest committed state plus this transaction's changes so far
+/// (earlier commands included: the command counter is advanced first, as SPI does for a
+/// volatile function's query), registered for the duration of one `Fresh::with`.
+pub struct Fresh(pg_sys::Snapshot);
+
+impl Fresh {
+    /// Runs `f` with a snapshot taken now. If `f` raises, the transaction's abort releases
+    /// the snapshot.
+    pub fn with<R>(f: impl FnOnce(&Fresh) -> R) -> R {
+        // SAFETY: GetLatestSnapshot returns a static snapshot valid until the next such
+        // call; RegisterSnapshot copies it under the current resource owner, and it is
+        // unregistered once `f` returns.
+        unsafe {
+            pg_sys::CommandCounterIncrement();
+            let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot());
+            let r = f(&Fresh(snapshot));
+            pg_sys::UnregisterSnapshot(snapshot);
+            r
+        }
+    }
+}
 
 use pgrx::pg_sys;
 
@@ -23,10 +46,11 @@ pub struct Unique {
 
 impl Unique {
     /// The columns `want` (attnums, 1-based) of the row whose indexed column equals `value`,
-    /// in its latest committed version (or this transaction's own), copied into the current
-    /// memory context; None when there is no such row.
+    /// as `snapshot` sees it, copied into the current memory context; None when there is no
+    /// such row.
     pub fn lookup<const N: usize>(
         &self,
+        snapshot: &Fresh,
         value: pg_sys::Datum,
         want: &[i16; N],
     ) -> Option<[Option<pg_sys::Datum>; N]> {
@@ -34,6 +58,14 @@ impl Unique {
         // would) and scans the unique index with one equality key; the found tuple is copied
         // before the scan releases its buffer, and `want` holds attnums of the table.
         unsafe {
+            // With ignore_system_indexes (settable by anyone at connection start) the scan
+            // below would read the whole table on every lookup: refuse instead.
+            if pg_sys::IgnoreSystemIndexes {
+                crate::errors::raise(
+                    pgrx::PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    "keypal: verify does not run with ignore_system_indexes = on".into(),
+                );
+            }
             let rel = pg_sys::table_open(self.table, pg_sys::AccessShareLock as i32);
             let mut scankey: pg_sys::ScanKeyData = std::mem::zeroed();
             pg_sys::ScanKeyInit(
@@ -43,8 +75,8 @@ impl Unique {
                 pg_sys::Oid::from(self.eq),
                 value,
             );
-            let snapshot = &raw mut pg_sys::SnapshotSelfData;
-            let scan = pg_sys::systable_beginscan(rel, self.index, true, snapshot, 1, &mut scankey);
+            let scan =
+                pg_sys::systable_beginscan(rel, self.index, true, snapshot.0, 1, &mut scankey);
             let found = pg_sys::systable_getnext(scan);
             let row = (!found.is_null()).then(|| {
                 let tuple = pg_sys::heap_copytuple(found);

@@ -1,8 +1,8 @@
 //! The verify hot path.
 //!
 //! The key row is found without the executor: a direct scan of the unique index on
-//! `keypal.keys(key_hash)` reading the row's latest committed version (scan.rs), and each
-//! ancestor likewise by id. Everything after the lookup is in-memory checks in SPEC §4
+//! `keypal.keys(key_hash)` under a snapshot taken at that moment (scan.rs), and each
+//! ancestor by id under the same snapshot. Everything after the lookup is in-memory checks in SPEC §4
 //! order, against the current time (`clock_timestamp()`), never the transaction's start.
 //! SPI is used only off the common path: the `last_used_at` write (at most once per key per
 //! `last_used_resolution`, never in a read-only transaction) and reloading the per-backend
@@ -12,6 +12,7 @@ use crate::catalog::{self, Catalog, KEY_COLUMNS};
 use crate::errors::VerifyError;
 use crate::keys::{self, Algorithm};
 use crate::limits::enforce::{self, KeyLimits, Refusal, Usage};
+use crate::scan::Fresh;
 use crate::spi::{Connection, Stmt};
 use crate::{gucs, net, scopes};
 use pgrx::prelude::*;
@@ -77,15 +78,37 @@ pub fn lifecycle_error(states: [bool; 3]) -> Option<VerifyError> {
     }
 }
 
-/// Why the key with this id (and its ancestors) would fail verify at `now` by its state
-/// alone — revoked, disabled, expired — or None; read as verify reads it. None also when
-/// there is no such key (callers find that out themselves).
-pub fn state_of(catalog: &Catalog, id: pg_sys::Datum, now: i64) -> Option<VerifyError> {
-    let attnums = catalog::LIFECYCLE.map(|c| catalog.attnums[c]);
-    let [revoked_at, revoke_at, enabled, disable_at, expires_at, parent] =
-        catalog.keys_by_id.lookup(id, &attnums)?;
-    let own = lifecycle_from(revoked_at, revoke_at, enabled, disable_at, expires_at);
-    lifecycle_error(walk(catalog, own.at(now), parent, now))
+/// Why the key with this id would fail verify by its state alone — INVALID_KEY (no such
+/// key), REVOKED, DISABLED, EXPIRED, its own or an ancestor's — or None when it is usable;
+/// read as verify reads it, under a snapshot taken now, at the current time. `then`
+/// gets the usable key's scopes and resources datums, read under the same snapshot.
+pub fn state_of<R>(
+    catalog: &Catalog,
+    id: pg_sys::Datum,
+    then: impl FnOnce(Option<pg_sys::Datum>, Option<pg_sys::Datum>) -> R,
+) -> Result<R, VerifyError> {
+    let mut attnums = [0i16; 8];
+    for (i, c) in catalog::LIFECYCLE
+        .iter()
+        .chain(&[col::SCOPES, col::RESOURCES])
+        .enumerate()
+    {
+        attnums[i] = catalog.attnums[*c];
+    }
+    Fresh::with(|snapshot| {
+        let [revoked_at, revoke_at, enabled, disable_at, expires_at, parent, scopes, resources] =
+            catalog
+                .keys_by_id
+                .lookup(snapshot, id, &attnums)
+                .ok_or(VerifyError::InvalidKey)?;
+        // SAFETY: reads the system clock.
+        let now = unsafe { pg_sys::GetCurrentTimestamp() };
+        let own = lifecycle_from(revoked_at, revoke_at, enabled, disable_at, expires_at);
+        match lifecycle_error(walk(catalog, snapshot, own.at(now), parent, now)) {
+            Some(e) => Err(e),
+            None => Ok(then(scopes, resources)),
+        }
+    })
 }
 
 fn lifecycle_from(
@@ -111,6 +134,7 @@ fn lifecycle_from(
 /// directly) fails closed, as DISABLED.
 fn walk(
     catalog: &Catalog,
+    snapshot: &Fresh,
     mut states: [bool; 3],
     mut parent: Option<pg_sys::Datum>,
     now: i64,
@@ -127,8 +151,11 @@ fn walk(
         }
         depth += 1;
         let Some([revoked_at, revoke_at, enabled, disable_at, expires_at, up]) =
-            catalog.keys_by_id.lookup(id, &attnums)
+            catalog.keys_by_id.lookup(snapshot, id, &attnums)
         else {
+            // A parent that is not there (only possible by writing keypal.keys directly)
+            // fails closed.
+            states[0] = true;
             break;
         };
         let s = lifecycle_from(revoked_at, revoke_at, enabled, disable_at, expires_at).at(now);
@@ -195,7 +222,28 @@ fn verify_in(catalog: &Catalog, key: &str, req: &Request) -> Result<(Row, Usage)
     if key.len() > 1024 {
         return Err(VerifyError::InvalidFormat.into());
     }
-    let Some((row, hash)) = find(catalog, key) else {
+    // The key and its ancestors as of one moment: now.
+    let (row, now) = Fresh::with(|snapshot| judge(catalog, snapshot, key, req))?;
+    let writable = writable();
+    let usage = enforce::enforce(catalog, &row.limits(), req.cost, writable)?;
+    let stale = row
+        .timestamp(col::LAST_USED_AT)
+        .is_none_or(|t| t <= now - catalog.last_used_resolution_us);
+    if stale && writable {
+        Connection::with(|conn| TOUCH.exec(conn, &[row.get(col::ID)], false, 0));
+    }
+    Ok((row, usage))
+}
+
+/// Finds the key and checks it (SPEC §4, up to the scopes); returns its row and the time
+/// it was judged at.
+fn judge(
+    catalog: &Catalog,
+    snapshot: &Fresh,
+    key: &str,
+    req: &Request,
+) -> Result<(Row, i64), Refusal> {
+    let Some((row, hash)) = find(catalog, snapshot, key) else {
         return Err(if keys::matches_format(
             key,
             &catalog.prefixes,
@@ -221,24 +269,16 @@ fn verify_in(catalog: &Catalog, key: &str, req: &Request) -> Result<(Row, Usage)
     // expires or is revoked while a long transaction or statement runs stops verifying.
     // SAFETY: reads the system clock.
     let now = unsafe { pg_sys::GetCurrentTimestamp() };
-    check(catalog, &row, req, now)?;
-    let writable = writable();
-    let usage = enforce::enforce(catalog, &row.limits(), req.cost, writable)?;
-    let stale = row
-        .timestamp(col::LAST_USED_AT)
-        .is_none_or(|t| t <= now - catalog.last_used_resolution_us);
-    if stale && writable {
-        Connection::with(|conn| TOUCH.exec(conn, &[row.get(col::ID)], false, 0));
-    }
-    Ok((row, usage))
+    check(catalog, snapshot, &row, req, now)?;
+    Ok((row, now))
 }
 
 /// Looks the key up under the last-matching algorithm, then the other one.
-fn find(catalog: &Catalog, key: &str) -> Option<(Row, Vec<u8>)> {
+fn find(catalog: &Catalog, snapshot: &Fresh, key: &str) -> Option<(Row, Vec<u8>)> {
     let first = LAST_ALGORITHM.get();
     for alg in [first, first.other()] {
         let hash = gucs::with_salt_suffix(|s| keys::hash_key(key, s, alg));
-        if let Some(row) = Row::by_hash(catalog, &hash) {
+        if let Some(row) = Row::by_hash(catalog, snapshot, &hash) {
             LAST_ALGORITHM.set(alg);
             return Some((row, hash));
         }
@@ -251,11 +291,11 @@ fn find(catalog: &Catalog, key: &str) -> Option<(Row, Vec<u8>)> {
 struct Row([Option<pg_sys::Datum>; KEY_COLUMNS.len()]);
 
 impl Row {
-    /// The row whose key_hash equals `hash`, as a query run now would see it.
-    fn by_hash(catalog: &Catalog, hash: &[u8]) -> Option<Row> {
+    /// The row whose key_hash equals `hash`, as `snapshot` sees it.
+    fn by_hash(catalog: &Catalog, snapshot: &Fresh, hash: &[u8]) -> Option<Row> {
         catalog
             .keys_by_hash
-            .lookup(hash.into_datum()?, &catalog.attnums)
+            .lookup(snapshot, hash.into_datum()?, &catalog.attnums)
             .map(Row)
     }
 
@@ -308,7 +348,13 @@ impl Row {
 }
 
 /// The checks after the lookup, in SPEC §4 order (revoked … insufficient scope).
-fn check(catalog: &Catalog, row: &Row, req: &Request, now: i64) -> Result<(), VerifyError> {
+fn check(
+    catalog: &Catalog,
+    snapshot: &Fresh,
+    row: &Row,
+    req: &Request,
+    now: i64,
+) -> Result<(), VerifyError> {
     let own = lifecycle_from(
         row.get(col::REVOKED_AT),
         row.get(col::REVOKE_AT),
@@ -316,7 +362,7 @@ fn check(catalog: &Catalog, row: &Row, req: &Request, now: i64) -> Result<(), Ve
         row.get(col::DISABLE_AT),
         row.get(col::EXPIRES_AT),
     );
-    let states = walk(catalog, own.at(now), row.get(col::PARENT_ID), now);
+    let states = walk(catalog, snapshot, own.at(now), row.get(col::PARENT_ID), now);
     if let Some(e) = lifecycle_error(states) {
         return Err(e);
     }
@@ -361,6 +407,22 @@ fn holds_all(
     resources_datum: Option<pg_sys::Datum>,
     req: &Request,
 ) -> bool {
+    let wanted = req
+        .scope
+        .into_iter()
+        .chain(req.scopes.iter().map(String::as_str));
+    holds(scopes_datum, resources_datum, wanted, req.resource, true)
+}
+
+/// Whether a key with these scopes/resources datums holds every (`all`) or any of
+/// `wanted`, globally or on `resource`. False when `wanted` is empty.
+pub fn holds<'a>(
+    scopes_datum: Option<pg_sys::Datum>,
+    resources_datum: Option<pg_sys::Datum>,
+    wanted: impl Iterator<Item = &'a str>,
+    resource: Option<&str>,
+    all: bool,
+) -> bool {
     // SAFETY: the datum is the key's text[] scopes column, copied out of its tuple.
     let array = scopes_datum.and_then(|d| unsafe { Array::<&str>::from_datum(d, false) });
     let global: Vec<&str> = array
@@ -368,29 +430,30 @@ fn holds_all(
         .map(|a| a.iter().flatten().collect())
         .unwrap_or_default();
     let mut resources: Option<serde_json::Value> = None;
-    let wanted = req
-        .scope
-        .into_iter()
-        .chain(req.scopes.iter().map(String::as_str));
+    let mut any = false;
     for scope in wanted {
         // Lets a cancel or statement_timeout through between scopes.
         pgrx::check_for_interrupts!();
-        if scopes::holds(&global, None, scope, None) {
-            continue;
-        }
-        if req.resource.is_none() {
+        let held = scopes::holds(&global, None, scope, None)
+            || resource.is_some() && {
+                if resources.is_none() {
+                    // SAFETY: the datum is the key's jsonb resources column.
+                    resources = resources_datum
+                        .and_then(|d| unsafe { JsonB::from_datum(d, false) })
+                        .map(|j| j.0);
+                }
+                scopes::holds(&global, resources.as_ref(), scope, resource)
+            };
+        if all && !held {
             return false;
         }
-        if resources.is_none() {
-            resources = resources_datum
-                .and_then(|d| unsafe { JsonB::from_datum(d, false) })
-                .map(|j| j.0);
+        if !all && held {
+            return true;
         }
-        if !scopes::holds(&global, resources.as_ref(), scope, req.resource) {
-            return false;
-        }
+        any = true;
     }
-    true
+    // Every scope held (and at least one asked for), or, for "any", none held.
+    all && any
 }
 
 /// `inet` text (`10.0.0.1` or `10.0.0.0/24`) to its address.

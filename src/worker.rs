@@ -138,6 +138,7 @@ const PIN_SEARCH_PATH: &str =
 pub extern "C-unwind" fn keypal_flush_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi(Some(&database_name()), None);
+    BackgroundWorker::transaction(pin_session);
     // SAFETY: reads a backend global.
     shmem::requeue_inflight(unsafe { pg_sys::MyDatabaseId });
     loop {
@@ -155,6 +156,35 @@ pub extern "C-unwind" fn keypal_flush_worker_main(_arg: pg_sys::Datum) {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
         flush_once();
+    }
+}
+
+/// The settings the worker's session runs with, over anything the database's owner set
+/// with `ALTER DATABASE … SET` (applied when the worker connected): a read-only default,
+/// timeouts or another role would stop flushing, another time zone would shift the hours.
+const PINNED: [(&std::ffi::CStr, &std::ffi::CStr); 8] = [
+    (c"search_path", c"pg_catalog, pg_temp"),
+    (c"role", c"none"),
+    (c"default_transaction_read_only", c"off"),
+    (c"default_transaction_isolation", c"read committed"),
+    (c"statement_timeout", c"0"),
+    (c"lock_timeout", c"0"),
+    (c"idle_in_transaction_session_timeout", c"0"),
+    (c"TimeZone", c"UTC"),
+];
+
+fn pin_session() {
+    for (name, value) in PINNED {
+        // SAFETY: sets a known setting for this session at the highest priority, inside a
+        // transaction (the role setting's check may look up roles).
+        unsafe {
+            pg_sys::SetConfigOption(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_SUSET,
+                pg_sys::GucSource::PGC_S_OVERRIDE,
+            );
+        }
     }
 }
 

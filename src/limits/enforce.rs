@@ -310,9 +310,7 @@ fn quota_used(
 fn quota_used_now(catalog: &Catalog, id: pg_sys::Datum, q: &Quota) -> i64 {
     let [start, used] = catalog.quota_attnums;
     // timestamptz and bigint are by-value 64-bit datums.
-    catalog
-        .quota_by_key
-        .lookup(id, &[start, used])
+    crate::scan::Fresh::with(|snapshot| catalog.quota_by_key.lookup(snapshot, id, &[start, used]))
         .filter(|[s, _]| s.map(|s| s.value() as i64) == Some(period_start(&q.period)))
         .and_then(|[_, u]| u.map(|u| u.value() as i64))
         .unwrap_or(0)

@@ -71,6 +71,19 @@ q -c "SELECT keypal_configure(prefix => '')" >/dev/null
 q -c "DROP EXTENSION keypal CASCADE" -c "CREATE EXTENSION keypal" >/dev/null
 read -r key2 < <(q -c "SELECT key FROM keypal_create(owner_id => 'recreated')")
 is "$(ask "SELECT valid FROM keypal_verify('$key2');")" "t" "the same session verifies keys of a re-created extension"
+# A settings change committed while a REPEATABLE READ session is open: once the change's
+# invalidation arrives there, the cache reloads with the change, not the old snapshot's view.
+is "$(ask "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT error_code FROM keypal_verify('yy_' || repeat('a', 32));")" \
+   "INVALID_FORMAT" "REPEATABLE READ session: yy_ keys are not the configured format"
+q -c "SELECT keypal_configure(prefix => 'yy_')" >/dev/null
+is "$(ask "SELECT error_code FROM keypal_verify('yy_' || repeat('a', 32));")" "INVALID_KEY" \
+   "the same REPEATABLE READ transaction sees the committed prefix (the cache loads under a fresh snapshot)"
+is "$(ask "COMMIT; SELECT error_code FROM keypal_verify('yy_' || repeat('a', 32));")" "INVALID_KEY" "and keeps it after COMMIT"
+q -c "SELECT keypal_configure(prefix => '')" >/dev/null
 exec {WATCHER[1]}>&-
 wait "$WATCHER_PID" 2>/dev/null || true
+
+# ignore_system_indexes would turn each lookup into a scan of every key: verify refuses.
+out=$(PGOPTIONS="-c ignore_system_indexes=on" q -c "SELECT valid FROM keypal_verify('$key2')" 2>&1 || true)
+ok "$(echo "$out" | grep -q 'ignore_system_indexes'; echo $?)" "verify refuses to run with ignore_system_indexes"
 done_testing

@@ -8,11 +8,11 @@ source "$(dirname "$0")/lib.sh"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-# older LEVEL CHANGE-SQL KEY: opens a transaction at LEVEL that has taken its snapshot,
-# lets another session run CHANGE-SQL and commit, then verifies KEY inside the old
-# transaction. Prints the verdict (VALID or the error code).
+# older LEVEL CHANGE-SQL EXPR: opens a transaction at LEVEL that has taken its snapshot,
+# lets another session run CHANGE-SQL and commit, then evaluates EXPR inside the old
+# transaction and prints it.
 older() {
-    local level=$1 change=$2 key=$3
+    local level=$1 change=$2 expr=$3
     rm -f "$work/in"; mkfifo "$work/in"
     q < "$work/in" > "$work/out" 2>&1 &
     local reader=$!
@@ -20,27 +20,37 @@ older() {
     echo "BEGIN ISOLATION LEVEL $level; SELECT count(*) FROM keypal.keys;" >&3
     sleep 0.3
     q -c "$change" >/dev/null
-    echo "SELECT 'verdict:' || coalesce(error_code, 'VALID') FROM keypal_verify('$key');" >&3
+    echo "SELECT 'verdict:' || ($expr);" >&3
     echo "COMMIT;" >&3
     exec 3>&-
     wait "$reader"
     sed -n 's/^verdict://p' "$work/out"
 }
+# verdict KEY: the expression for KEY's verify verdict (VALID or the error code).
+verdict() { echo "SELECT coalesce(error_code, 'VALID') FROM keypal_verify('$1')"; }
 
 new_key() { q -F ' ' -c "SELECT id, key FROM keypal_create(owner_id => 'tb', scopes => '{read}' $1)"; }
 
 for level in "READ COMMITTED" "REPEATABLE READ" "SERIALIZABLE" "REPEATABLE READ READ ONLY"; do
     read -r id key < <(new_key "")
-    is "$(older "$level" "SELECT keypal_revoke('$id')" "$key")" REVOKED "$level: a revoke committed meanwhile is seen"
+    is "$(older "$level" "SELECT keypal_revoke('$id')" "$(verdict "$key")")" REVOKED "$level: a revoke committed meanwhile is seen"
     read -r id key < <(new_key "")
-    is "$(older "$level" "SELECT keypal_disable('$id')" "$key")" DISABLED "$level: a disable committed meanwhile is seen"
+    is "$(older "$level" "SELECT keypal_disable('$id')" "$(verdict "$key")")" DISABLED "$level: a disable committed meanwhile is seen"
     read -r id key < <(new_key "")
     q -c "SELECT keypal_disable('$id')" >/dev/null
-    is "$(older "$level" "SELECT keypal_enable('$id')" "$key")" VALID "$level: an enable committed meanwhile is seen"
+    is "$(older "$level" "SELECT keypal_enable('$id')" "$(verdict "$key")")" VALID "$level: an enable committed meanwhile is seen"
     read -r pid pkey < <(new_key "")
     read -r cid ckey < <(new_key ", parent_id => '$pid'")
-    is "$(older "$level" "SELECT keypal_disable('$pid')" "$ckey")" DISABLED "$level: a parent's disable committed meanwhile is seen"
+    is "$(older "$level" "SELECT keypal_disable('$pid')" "$(verdict "$ckey")")" DISABLED "$level: a parent's disable committed meanwhile is seen"
 done
+
+# keypal_has_scope reads as verify does: scopes narrowed or a key revoked meanwhile.
+read -r id key < <(new_key "")
+q -c "SELECT keypal_update('$id', scopes => '{read,write}')" >/dev/null
+is "$(older "REPEATABLE READ" "SELECT keypal_update('$id', scopes => '{read}')" "keypal_has_scope('$id', 'write')")" false \
+   "REPEATABLE READ: has_scope sees scopes narrowed meanwhile"
+is "$(older "REPEATABLE READ" "SELECT keypal_revoke('$id')" "keypal_has_scope('$id', 'read')")" false \
+   "REPEATABLE READ: has_scope sees a revoke committed meanwhile"
 
 # A change not yet committed is not seen by others; the changing transaction sees its own.
 read -r id key < <(new_key "")

@@ -7,7 +7,7 @@
 # worker to attack, and this file checks that instead.)
 source "$(dirname "$0")/lib.sh"
 # This test's own sessions must not resolve names through the owner's search_path either.
-export PGOPTIONS="-c search_path=pg_catalog,public"
+export PGOPTIONS="-c search_path=pg_catalog,public -c default_transaction_read_only=off -c statement_timeout=0 -c lock_timeout=0 -c role=none"
 
 if [ "$(q -c "SHOW shared_preload_libraries")" != keypal ]; then
     is "$(q -c "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'keypal flush worker'")" 0 \
@@ -17,7 +17,7 @@ if [ "$(q -c "SHOW shared_preload_libraries")" != keypal ]; then
 fi
 
 cleanup() {
-    q -d postgres -c "ALTER DATABASE keypal_test RESET search_path" -c "ALTER DATABASE keypal_test OWNER TO postgres" >/dev/null 2>&1 || true
+    q -d postgres -c "ALTER DATABASE keypal_test RESET ALL" -c "ALTER DATABASE keypal_test OWNER TO postgres" >/dev/null 2>&1 || true
     q -c "DROP SCHEMA IF EXISTS evil CASCADE" >/dev/null 2>&1 || true
     q -d postgres -c "DROP ROLE IF EXISTS keypal_evil" >/dev/null 2>&1 || true
 }
@@ -47,6 +47,11 @@ BEGIN PERFORM evil.pwn('='); RETURN pg_catalog.uuid_eq($1, $2); END $$;
 CREATE OPERATOR evil.= (LEFTARG = uuid, RIGHTARG = uuid, FUNCTION = evil.uuid_eq);
 GRANT USAGE ON SCHEMA evil TO PUBLIC;
 ALTER DATABASE keypal_test SET search_path = evil, pg_catalog;
+-- Settings that would stop a worker that trusted them: read-only, tiny timeouts, a role.
+ALTER DATABASE keypal_test SET default_transaction_read_only = on;
+ALTER DATABASE keypal_test SET statement_timeout = 1;
+ALTER DATABASE keypal_test SET lock_timeout = 1;
+ALTER DATABASE keypal_test SET role = keypal_evil;
 SQL
 
 # The worker reads the database's settings when it connects: make it reconnect.
@@ -66,7 +71,7 @@ for _ in $(seq 100); do
     [ "$(q -c "SELECT coalesce((SELECT used FROM keypal.quota_usage WHERE key_id = '$kid'), 0)")" = 10 ] && break
     sleep 0.1
 done
-is "$(q -c "SELECT used FROM keypal.quota_usage WHERE key_id = '$kid'")" 10 "the worker flushed the counts"
+is "$(q -c "SELECT used FROM keypal.quota_usage WHERE key_id = '$kid'")" 10 "the worker flushed the counts (read-only default, timeouts and role overridden)"
 is "$(q -c "SELECT count(*) FROM evil.calls WHERE by_role <> 'keypal_evil'")" 0 "no function of the owner's schema ran as anyone else"
 is "$(q -c "SELECT rolsuper FROM pg_roles WHERE rolname = 'keypal_evil'")" f "the database owner is still not a superuser"
 done_testing

@@ -34,6 +34,11 @@ SELECT is((SELECT keypal_check(pg_temp.key('revoke_at'))), false, 'schedules: ke
 SELECT throws_ok(format('SELECT keypal_require(%L)', pg_temp.key('disable_at')), '28000', NULL, 'schedules: keypal_require raises 28000');
 SELECT throws_ok(format('SELECT keypal_update(%L, name => %L)', pg_temp.id('revoke_at'), 'x'), '55000', NULL,
                  'schedules: a key past its revoke_at cannot be modified (it is revoked)');
+-- Enabling a key past its disable_at clears the schedule: it verifies again.
+SELECT is(keypal_enable(pg_temp.id('disable_at')), true, 'schedules: keypal_enable acts on a key past its disable_at');
+SELECT is(pg_temp.code('disable_at'), 'VALID', 'schedules: which then verifies again');
+SELECT is((SELECT disable_at FROM keypal.keys WHERE id = pg_temp.id('disable_at')), NULL, 'schedules: the passed disable_at is cleared');
+SELECT is(keypal_enable(pg_temp.id('disable_at')), false, 'schedules: a second enable changes nothing');
 -- An ancestor's passed schedule counts too.
 INSERT INTO h SELECT 'sched_parent', key, id FROM keypal_create(owner_id => 'h', scopes => '{read}');
 INSERT INTO h SELECT 'sched_child', key, id FROM keypal_create(owner_id => 'h', scopes => '{read}', parent_id => pg_temp.id('sched_parent'));
@@ -149,6 +154,10 @@ SELECT is((SELECT array_agg(keypal_has_scope(pg_temp.id(l), 'read') ORDER BY l) 
 SELECT is(keypal_has_any_scope(pg_temp.id('hs_revoked'), '{read}'), false, 'has_any_scope: false for a revoked key');
 SELECT is(keypal_has_all_scopes(pg_temp.id('hs_expired'), '{read}'), false, 'has_all_scopes: false for an expired key');
 SELECT is(keypal_has_all_scopes(pg_temp.id('hs_live'), '{read}'), true, 'has_all_scopes: true for a live key');
+SELECT is(keypal_has_any_scope(pg_temp.id('hs_live'), '{write,read}'), true, 'has_any_scope: true when one is held');
+SELECT is(keypal_has_all_scopes(pg_temp.id('hs_live'), '{read,NULL}'), false, 'has_all_scopes: a NULL among them is not held');
+SELECT is(keypal_has_all_scopes(pg_temp.id('hs_live'), '{}'), false, 'has_all_scopes: an empty list is false');
+SELECT is(keypal_has_scope(gen_random_uuid(), 'read'), false, 'has_scope: false for no such key');
 
 -- 7. Audit truth: role is the real database role, whatever actor claims.
 GRANT EXECUTE ON FUNCTION keypal_create(text, text, text, text[], jsonb, text[], jsonb, text, timestamptz, text, text, uuid, text, jsonb, jsonb, text[], text[], text[], text[], timestamptz, timestamptz, text, boolean, text) TO keypal_admin;
