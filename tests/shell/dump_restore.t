@@ -64,12 +64,14 @@ as_pg "$PGBIN/pg_dump" -f "$work/keypal.sql" "$src" 2>>"$work/dump.err"
 for kind in fc sql; do
     db=${src}_$kind
     q -d postgres -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" -c "CREATE DATABASE $db" >/dev/null 2>&1
+    rc=0
     if [ "$kind" = fc ]; then
-        as_pg "$PGBIN/pg_restore" -d "$db" "$work/keypal.dump" >"$work/restore.out" 2>&1
+        as_pg "$PGBIN/pg_restore" -d "$db" "$work/keypal.dump" >"$work/restore.out" 2>&1 || rc=$?
     else
-        q -d "$db" -v ON_ERROR_STOP=1 -f "$work/keypal.sql" >"$work/restore.out" 2>&1
+        q -d "$db" -v ON_ERROR_STOP=1 -f "$work/keypal.sql" >"$work/restore.out" 2>&1 || rc=$?
     fi
-    is "$?" 0 "$kind: the restore ran without an error"
+    is "$rc" 0 "$kind: the restore ran without an error"
+    [ "$rc" = 0 ] || sed 's/^/# /' "$work/restore.out" | grep -i error | head -5
     is "$(q -d "$db" -c "SELECT (SELECT count(*) FROM keypal.keys) || ' ' || (SELECT count(*) FROM keypal.audit_log)")" \
        "$want_counts" "$kind: every key and audit row is back ($want_counts)"
     is "$(fingerprint "$db")" "$want_fp" "$kind: keys, audit log, events, settings, policies, templates, usage identical"

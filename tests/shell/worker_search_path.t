@@ -47,31 +47,40 @@ BEGIN PERFORM evil.pwn('='); RETURN pg_catalog.uuid_eq($1, $2); END $$;
 CREATE OPERATOR evil.= (LEFTARG = uuid, RIGHTARG = uuid, FUNCTION = evil.uuid_eq);
 GRANT USAGE ON SCHEMA evil TO PUBLIC;
 ALTER DATABASE keypal_test SET search_path = evil, pg_catalog;
--- Settings that would stop a worker that trusted them: read-only, tiny timeouts, a role.
+SQL
+
+# reconnect_and_flush WHAT: makes the worker reconnect (it reads the database's settings
+# when it connects), gives it counts to flush and checks they were written.
+reconnect_and_flush() {
+    local since kid key
+    since=$(q -c "SELECT clock_timestamp()")
+    q -c "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE backend_type = 'keypal flush worker'" >/dev/null
+    for _ in $(seq 150); do
+        [ "$(q -c "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'keypal flush worker' AND backend_start > '$since'")" = 1 ] && break
+        sleep 0.1
+    done
+    is "$(q -c "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'keypal flush worker' AND backend_start > '$since'")" 1 \
+       "$1: the flush worker reconnected"
+    read -r kid key < <(q -F ' ' -c "SELECT id, key FROM keypal_create(owner_id => 'evil', quota => '{\"limit\": 1000}')")
+    for _ in $(seq 10); do echo "SELECT (keypal_verify('$key')).valid;"; done | q >/dev/null
+    for _ in $(seq 100); do
+        [ "$(q -c "SELECT coalesce((SELECT used FROM keypal.quota_usage WHERE key_id = '$kid'), 0)")" = 10 ] && break
+        sleep 0.1
+    done
+    is "$(q -c "SELECT used FROM keypal.quota_usage WHERE key_id = '$kid'")" 10 "$1: the worker flushed the counts"
+    is "$(q -c "SELECT count(*) FROM evil.calls WHERE by_role IS DISTINCT FROM 'keypal_evil'")" 0 \
+       "$1: no function of the owner's schema ran as anyone else"
+    is "$(q -c "SELECT rolsuper FROM pg_roles WHERE rolname = 'keypal_evil'")" f "$1: the database owner is still not a superuser"
+}
+
+reconnect_and_flush "search_path = evil, pg_catalog"
+
+# Settings that would stop a worker that trusted them: read-only, tiny timeouts, a role.
+q -U keypal_evil >/dev/null <<'SQL'
 ALTER DATABASE keypal_test SET default_transaction_read_only = on;
 ALTER DATABASE keypal_test SET statement_timeout = 1;
 ALTER DATABASE keypal_test SET lock_timeout = 1;
 ALTER DATABASE keypal_test SET role = keypal_evil;
 SQL
-
-# The worker reads the database's settings when it connects: make it reconnect.
-since=$(q -c "SELECT clock_timestamp()")
-q -c "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE backend_type = 'keypal flush worker'" >/dev/null
-for _ in $(seq 150); do
-    [ "$(q -c "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'keypal flush worker' AND backend_start > '$since'")" = 1 ] && break
-    sleep 0.1
-done
-is "$(q -c "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'keypal flush worker' AND backend_start > '$since'")" 1 \
-   "the flush worker reconnected under the owner's search_path"
-
-# Give it something to flush.
-read -r kid key < <(q -F ' ' -c "SELECT id, key FROM keypal_create(owner_id => 'evil', quota => '{\"limit\": 1000}')")
-for _ in $(seq 10); do echo "SELECT (keypal_verify('$key')).valid;"; done | q >/dev/null
-for _ in $(seq 100); do
-    [ "$(q -c "SELECT coalesce((SELECT used FROM keypal.quota_usage WHERE key_id = '$kid'), 0)")" = 10 ] && break
-    sleep 0.1
-done
-is "$(q -c "SELECT used FROM keypal.quota_usage WHERE key_id = '$kid'")" 10 "the worker flushed the counts (read-only default, timeouts and role overridden)"
-is "$(q -c "SELECT count(*) FROM evil.calls WHERE by_role <> 'keypal_evil'")" 0 "no function of the owner's schema ran as anyone else"
-is "$(q -c "SELECT rolsuper FROM pg_roles WHERE rolname = 'keypal_evil'")" f "the database owner is still not a superuser"
+reconnect_and_flush "read-only default, 1 ms timeouts, role"
 done_testing

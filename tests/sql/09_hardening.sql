@@ -83,10 +83,20 @@ SET LOCAL parallel_tuple_cost = 0;
 SET LOCAL min_parallel_table_scan_size = 0;
 SET LOCAL max_parallel_workers_per_gather = 2;
 SET LOCAL parallel_leader_participation = off;
-SELECT is((SELECT count(*) FROM public.par_rows WHERE owner = keypal_current_owner()), 100000::bigint,
+-- (Top-level queries: a pgTAP call around them would itself rule out a parallel plan.)
+CREATE FUNCTION pg_temp.plan(q text) RETURNS text LANGUAGE plpgsql AS $$
+DECLARE line text; plan text := '';
+BEGIN
+    FOR line IN EXECUTE 'EXPLAIN (COSTS OFF) ' || q LOOP plan := plan || line || ' '; END LOOP;
+    RETURN plan;
+END $$;
+SELECT alike(pg_temp.plan($$SELECT count(*) FROM public.par_rows WHERE owner = 'par_owner'$$), '%Gather%',
+            'parallel: this setup does run a plain filter in parallel workers');
+SELECT count(*) AS par_owner_rows FROM public.par_rows WHERE owner = keypal_current_owner() \gset
+SELECT count(*) AS par_scope_rows FROM public.par_rows WHERE keypal_current_has_scope('read') AND owner = 'other' \gset
+SELECT is(:par_owner_rows::bigint, 100000::bigint,
           'parallel: a filter on keypal_current_owner() sees the identity under forced parallel plans');
-SELECT is((SELECT count(*) FROM public.par_rows WHERE keypal_current_has_scope('read') AND owner = 'other'), 100000::bigint,
-          'parallel: keypal_current_has_scope too');
+SELECT is(:par_scope_rows::bigint, 100000::bigint, 'parallel: keypal_current_has_scope too');
 RESET force_parallel_mode;
 RESET parallel_setup_cost;
 RESET parallel_tuple_cost;
