@@ -207,6 +207,7 @@ DECLARE
 BEGIN
     SELECT c.id INTO child FROM keypal.keys c
      WHERE c.parent_id = check_children.key_id AND (c.revoked_at IS NULL OR c.revoked_at > now())
+       AND (c.revoke_at IS NULL OR c.revoke_at > clock_timestamp())
        AND NOT keypal.scopes_within(c.scopes, c.resources, check_children.scopes, check_children.resources)
      LIMIT 1;
     IF FOUND THEN
@@ -247,10 +248,6 @@ BEGIN
     IF p.expires_at IS NOT NULL AND expires_at > p.expires_at THEN
         RAISE EXCEPTION 'invalid %expires_at: a child key cannot outlive its parent (which expires at %)',
             arg_prefix, p.expires_at USING ERRCODE = '22023';
-    END IF;
-    IF keypal.depth_of(parent) >= keypal.max_hierarchy_depth() THEN
-        RAISE EXCEPTION 'invalid %parent_id: a key hierarchy is at most % levels deep', arg_prefix,
-            keypal.max_hierarchy_depth() USING ERRCODE = '22023';
     END IF;
     RETURN coalesce(expires_at, p.expires_at);
 END $$;
@@ -296,6 +293,10 @@ BEGIN
     END IF;
     IF o ? 'parent_id' THEN
         v_exp := keypal.check_parent((o->>'parent_id')::uuid, v_scopes, v_res, v_exp, arg_prefix);
+        IF keypal.depth_of((o->>'parent_id')::uuid) >= keypal.max_hierarchy_depth() THEN
+            RAISE EXCEPTION 'invalid %parent_id: a key hierarchy is at most % levels deep', arg_prefix,
+                keypal.max_hierarchy_depth() USING ERRCODE = '22023';
+        END IF;
     END IF;
     IF o ? 'policy' THEN
         PERFORM keypal.enforce_policy(o->>'policy', v_scopes, v_res, v_exp, v_ips, arg_prefix);
