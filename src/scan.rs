@@ -27,6 +27,14 @@ impl Fresh {
         // SAFETY: as above; the snapshot stays valid until the next GetTransactionSnapshot
         // or GetLatestSnapshot call, which nothing inside `f` makes.
         unsafe {
+            // No new snapshot (nor command) may be taken inside a parallel operation: reached
+            // only through a wrapper wrongly labelled parallel safe or restricted.
+            if pg_sys::IsInParallelMode() {
+                crate::errors::raise(
+                    pgrx::PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                    "keypal: verify cannot run inside a parallel operation (mark the calling function PARALLEL UNSAFE)".into(),
+                );
+            }
             pg_sys::CommandCounterIncrement();
             // READ COMMITTED: the transaction snapshot is taken afresh by this very call
             // (and PostgreSQL can often reuse the statement's, when no transaction ended

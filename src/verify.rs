@@ -81,7 +81,8 @@ pub fn lifecycle_error(states: [bool; 3]) -> Option<VerifyError> {
 /// Why the key with this id would fail verify by its state alone — INVALID_KEY (no such
 /// key), REVOKED, DISABLED, EXPIRED, its own or an ancestor's — or None when it is usable;
 /// read as verify reads it, under a snapshot taken now, at the current time. `then`
-/// gets the usable key's scopes and resources datums, read under the same snapshot.
+/// gets the usable key's scopes and resources datums, read under the same snapshot (and
+/// runs after it is released, so it may do anything).
 pub fn state_of<R>(
     catalog: &Catalog,
     id: pg_sys::Datum,
@@ -95,7 +96,7 @@ pub fn state_of<R>(
     {
         attnums[i] = catalog.attnums[*c];
     }
-    Fresh::with(|snapshot| {
+    let (scopes, resources) = Fresh::with(|snapshot| {
         let [revoked_at, revoke_at, enabled, disable_at, expires_at, parent, scopes, resources] =
             catalog
                 .keys_by_id
@@ -106,9 +107,11 @@ pub fn state_of<R>(
         let own = lifecycle_from(revoked_at, revoke_at, enabled, disable_at, expires_at);
         match lifecycle_error(walk(catalog, snapshot, own.at(now), parent, now)) {
             Some(e) => Err(e),
-            None => Ok(then(scopes, resources)),
+            None => Ok((scopes, resources)),
         }
-    })
+    })?;
+    // The datums live in the copied tuple, not in the snapshot.
+    Ok(then(scopes, resources))
 }
 
 fn lifecycle_from(

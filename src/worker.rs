@@ -161,10 +161,13 @@ pub extern "C-unwind" fn keypal_flush_worker_main(_arg: pg_sys::Datum) {
 
 /// The settings the worker's session runs with, over anything the database's owner set
 /// with `ALTER DATABASE … SET` (applied when the worker connected): a read-only default,
-/// timeouts or another role would stop flushing, another time zone would shift the hours.
-const PINNED: [(&std::ffi::CStr, &std::ffi::CStr); 8] = [
+/// timeouts, another session user or role would stop flushing, `exit_on_error` would turn
+/// any error into a restart, another time zone would shift the hours. The session user is
+/// pinned first, to the bootstrap superuser the worker connected as.
+const PINNED: [(&std::ffi::CStr, &std::ffi::CStr); 9] = [
     (c"search_path", c"pg_catalog, pg_temp"),
     (c"role", c"none"),
+    (c"exit_on_error", c"off"),
     (c"default_transaction_read_only", c"off"),
     (c"default_transaction_isolation", c"read committed"),
     (c"statement_timeout", c"0"),
@@ -174,6 +177,17 @@ const PINNED: [(&std::ffi::CStr, &std::ffi::CStr); 8] = [
 ];
 
 fn pin_session() {
+    // SAFETY: inside a transaction (the name lookup and the setting's check read the
+    // catalog); the bootstrap superuser always exists.
+    unsafe {
+        let me = pg_sys::GetUserNameFromId(pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID), false);
+        pg_sys::SetConfigOption(
+            c"session_authorization".as_ptr(),
+            me,
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_OVERRIDE,
+        );
+    }
     for (name, value) in PINNED {
         // SAFETY: sets a known setting for this session at the highest priority, inside a
         // transaction (the role setting's check may look up roles).

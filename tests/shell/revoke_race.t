@@ -29,10 +29,12 @@ before=$(q -c "SELECT count(*) FROM race_log WHERE valid")
 after_ok=$(q -c "SELECT count(*) FROM race_log l, race_commit c WHERE l.at > c.at AND l.valid")
 after_revoked=$(q -c "SELECT count(*) FROM race_log l, race_commit c WHERE l.at > c.at AND l.code = 'REVOKED'")
 flips=$(q -c "SELECT count(*) FROM (SELECT valid, lag(valid) OVER (ORDER BY at) AS prev FROM race_log) t WHERE valid AND prev = false")
+others=$(q -c "SELECT count(*) FROM race_log WHERE NOT valid AND code IS DISTINCT FROM 'REVOKED'")
 
 ok "$( [ "$before" -gt 10 ]; echo $? )" "the key verified before the revoke ($before times)"
 ok "$( [ "$after_revoked" -gt 10 ]; echo $? )" "verifies after the commit answered REVOKED ($after_revoked times)"
 is "$after_ok" 0 "not one success after the revoke committed"
 is "$flips" 0 "once revoked, never valid again"
+is "$others" 0 "no other answer while the revoke commits (one version of the row is always seen)"
 q -c "DROP TABLE race_log, race_commit"
 done_testing

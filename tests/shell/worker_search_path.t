@@ -7,7 +7,7 @@
 # worker to attack, and this file checks that instead.)
 source "$(dirname "$0")/lib.sh"
 # This test's own sessions must not resolve names through the owner's search_path either.
-export PGOPTIONS="-c search_path=pg_catalog,public -c default_transaction_read_only=off -c statement_timeout=0 -c lock_timeout=0 -c role=none"
+export PGOPTIONS="-c search_path=pg_catalog,public -c default_transaction_read_only=off -c statement_timeout=0 -c lock_timeout=0 -c session_authorization=postgres -c role=none -c exit_on_error=off"
 
 if [ "$(q -c "SHOW shared_preload_libraries")" != keypal ]; then
     is "$(q -c "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'keypal flush worker'")" 0 \
@@ -15,6 +15,13 @@ if [ "$(q -c "SHOW shared_preload_libraries")" != keypal ]; then
     done_testing
     exit
 fi
+
+# Start from an empty shared limiter, so this test's keys count in shared memory (and reach
+# the table through the worker), whatever earlier tests left in its 64 slots.
+PGBIN=/usr/lib/postgresql/15/bin
+as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+as_pg "$PGBIN/pg_ctl" -D "$PGHOST" -m fast -w stop >/dev/null
+as_pg "$PGBIN/pg_ctl" -D "$PGHOST" -l "$PGHOST/server.log" -w start >/dev/null
 
 cleanup() {
     q -d postgres -c "ALTER DATABASE keypal_test RESET ALL" -c "ALTER DATABASE keypal_test OWNER TO postgres" >/dev/null 2>&1 || true
@@ -27,7 +34,7 @@ q -d postgres -c "CREATE ROLE keypal_evil LOGIN" -c "ALTER DATABASE keypal_test 
 is "$(q -c "SELECT rolsuper FROM pg_roles WHERE rolname = 'keypal_evil'")" f "the database owner is not a superuser"
 
 # The owner's trap: each function records who ran it and, run by a superuser, promotes them.
-q -U keypal_evil >/dev/null <<'SQL'
+PGOPTIONS="-c search_path=pg_catalog,public" q -U keypal_evil >/dev/null <<'SQL'
 CREATE SCHEMA evil;
 CREATE TABLE evil.calls (fn text, by_role text, at timestamptz DEFAULT pg_catalog.clock_timestamp());
 GRANT INSERT ON evil.calls TO PUBLIC;
@@ -68,6 +75,8 @@ reconnect_and_flush() {
         sleep 0.1
     done
     is "$(q -c "SELECT used FROM keypal.quota_usage WHERE key_id = '$kid'")" 10 "$1: the worker flushed the counts"
+    is "$(q -c "SELECT extract(minute FROM hour AT TIME ZONE 'UTC') FROM keypal.quota_usage WHERE key_id = '$kid'")" 0 \
+       "$1: into a whole UTC hour"
     is "$(q -c "SELECT count(*) FROM evil.calls WHERE by_role IS DISTINCT FROM 'keypal_evil'")" 0 \
        "$1: no function of the owner's schema ran as anyone else"
     is "$(q -c "SELECT rolsuper FROM pg_roles WHERE rolname = 'keypal_evil'")" f "$1: the database owner is still not a superuser"
@@ -75,12 +84,18 @@ reconnect_and_flush() {
 
 reconnect_and_flush "search_path = evil, pg_catalog"
 
-# Settings that would stop a worker that trusted them: read-only, tiny timeouts, a role.
-q -U keypal_evil >/dev/null <<'SQL'
+# Settings that would stop or skew a worker that trusted them: read-only, tiny timeouts,
+# another session user or role, exit on any error, a half-hour time zone. And a reload of
+# the configuration (SIGHUP) on top.
+PGOPTIONS="-c search_path=pg_catalog,public" q -U keypal_evil >/dev/null <<'SQL'
 ALTER DATABASE keypal_test SET default_transaction_read_only = on;
 ALTER DATABASE keypal_test SET statement_timeout = 1;
 ALTER DATABASE keypal_test SET lock_timeout = 1;
 ALTER DATABASE keypal_test SET role = keypal_evil;
+ALTER DATABASE keypal_test SET session_authorization = keypal_evil;
+ALTER DATABASE keypal_test SET exit_on_error = on;
+ALTER DATABASE keypal_test SET TimeZone = 'Asia/Kolkata';
 SQL
-reconnect_and_flush "read-only default, 1 ms timeouts, role"
+q -c "SELECT pg_reload_conf()" >/dev/null
+reconnect_and_flush "read-only default, 1 ms timeouts, session user, role, exit_on_error, TimeZone"
 done_testing
