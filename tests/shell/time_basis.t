@@ -68,7 +68,12 @@ read -r id key < <(new_key "")
          CROSS JOIN LATERAL keypal_verify(CASE WHEN g > 0 THEN '$key' END) v" \
     -c "COMMIT" > "$work/loop" ) &
 looper=$!
-sleep 1
+# Revoke once the statement has been verifying for a while (however slow it was to start).
+for _ in $(seq 100); do
+    [ "$(q -c "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE '%generate_series(1, 150)%' AND pid <> pg_backend_pid()")" = 1 ] && break
+    sleep 0.05
+done
+sleep 0.8
 q -c "SELECT keypal_revoke('$id')" >/dev/null
 wait "$looper"
 verdicts=$(head -1 "$work/loop")

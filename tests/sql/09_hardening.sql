@@ -12,11 +12,11 @@ CREATE FUNCTION pg_temp.code(l text, want text DEFAULT NULL) RETURNS text LANGUA
 
 -- 1. Time basis: the current time, not the transaction's start. This transaction began
 -- before these deadlines; verify must still see them pass.
-INSERT INTO h SELECT 'expires_soon', key, id FROM keypal_create(owner_id => 'h', expires_at => clock_timestamp() + interval '1 second');
-INSERT INTO h SELECT 'revoke_soon', key, id FROM keypal_create(owner_id => 'h', revoke_at => clock_timestamp() + interval '1 second');
-INSERT INTO h SELECT 'disable_soon', key, id FROM keypal_create(owner_id => 'h', disable_at => clock_timestamp() + interval '1 second');
+INSERT INTO h SELECT 'expires_soon', key, id FROM keypal_create(owner_id => 'h', expires_at => clock_timestamp() + interval '2 seconds');
+INSERT INTO h SELECT 'revoke_soon', key, id FROM keypal_create(owner_id => 'h', revoke_at => clock_timestamp() + interval '2 seconds');
+INSERT INTO h SELECT 'disable_soon', key, id FROM keypal_create(owner_id => 'h', disable_at => clock_timestamp() + interval '2 seconds');
 SELECT is(pg_temp.code('expires_soon'), 'VALID', 'time basis: valid before its expiry');
-SELECT pg_sleep(1.2);
+SELECT pg_sleep(2.2);
 SELECT is(pg_temp.code('expires_soon'), 'EXPIRED', 'time basis: expired once the clock passes expires_at, inside an older transaction');
 SELECT is(pg_temp.code('revoke_soon'), 'REVOKED', 'time basis: revoke_at passes inside an older transaction');
 SELECT is(pg_temp.code('disable_soon'), 'DISABLED', 'time basis: disable_at passes inside an older transaction');
