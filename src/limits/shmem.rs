@@ -19,9 +19,12 @@ use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 const MAX_PROBES: usize = 32;
 const NAME: &CStr = c"keypal rate limiter";
 
+/// A slot belongs to one key of one database: two databases may hold the same key ids (a
+/// restored copy does), and each counts its own.
 #[repr(C)]
 struct Slot {
     key: [u8; 16],
+    db: pg_sys::Oid,
     window_us: i64,
     window: Window,
     quota: QuotaCount,
@@ -302,7 +305,7 @@ pub fn admit(key: [u8; 16], ask: &Ask, mut load_used: impl FnMut() -> i64) -> Op
     let mut tries = 0;
     loop {
         let step = with_slots(|slots| {
-            let slot = slot_for(slots, key, now)?;
+            let slot = slot_for(slots, db, key, now)?;
             let needs_load = ask.quota.as_ref().is_some_and(|q| {
                 !(slot.quota.loaded
                     && slot.quota.db == db
@@ -409,7 +412,7 @@ pub fn pending(db: pg_sys::Oid) -> Vec<Pending> {
 pub fn flushed(db: pg_sys::Oid, batch: &[Pending], written: &HashSet<[u8; 16]>) {
     with_slots(|slots| {
         for p in batch {
-            if let Some(s) = find_slot(slots, p.key) {
+            if let Some(s) = find_slot(slots, db, p.key) {
                 if s.quota.db == db && s.quota.period_start == p.period_start {
                     if written.contains(&p.key) {
                         s.quota.base = s.quota.base.saturating_add(s.quota.inflight);
@@ -442,8 +445,10 @@ pub fn requeue_inflight(db: pg_sys::Oid) {
 /// Makes the next verify of `key` re-read its quota use from the table (after
 /// keypal_track_usage wrote to it); counts not yet flushed are kept.
 pub fn reload_quota(key: [u8; 16]) {
+    // SAFETY: reads a backend-global.
+    let db = unsafe { pg_sys::MyDatabaseId };
     with_slots(|slots| {
-        if let Some(s) = find_slot(slots, key) {
+        if let Some(s) = find_slot(slots, db, key) {
             s.quota.loaded = false;
         }
     });
@@ -456,7 +461,7 @@ pub fn quota_count(key: [u8; 16], period_start: i64) -> (Option<i64>, i64) {
     // SAFETY: reads a backend-global.
     let db = unsafe { pg_sys::MyDatabaseId };
     with_slots(|slots| {
-        find_slot(slots, key)
+        find_slot(slots, db, key)
             .filter(|s| s.quota.db == db && s.quota.period_start == period_start)
             .map_or((None, 0), |s| {
                 (
@@ -487,42 +492,44 @@ fn with_slots<R>(f: impl FnOnce(&mut [Slot]) -> R) -> Option<R> {
     }
 }
 
-/// Where the probe sequence of `key` starts.
-fn probe_start(key: [u8; 16], n: usize) -> usize {
-    u64::from_le_bytes(key[..8].try_into().expect("8 bytes")) as usize % n
+/// Where the probe sequence of `key` in database `db` starts.
+fn probe_start(db: pg_sys::Oid, key: [u8; 16], n: usize) -> usize {
+    let k = u64::from_le_bytes(key[..8].try_into().expect("8 bytes"));
+    (k ^ u64::from(db.to_u32()).wrapping_mul(0x9E37_79B9_7F4A_7C15)) as usize % n
 }
 
 /// The key's slot, if it has one (same probe sequence as slot_for, without claiming).
-fn find_slot(slots: &mut [Slot], key: [u8; 16]) -> Option<&mut Slot> {
-    find_index(slots, key).map(|i| &mut slots[i])
+fn find_slot(slots: &mut [Slot], db: pg_sys::Oid, key: [u8; 16]) -> Option<&mut Slot> {
+    find_index(slots, db, key).map(|i| &mut slots[i])
 }
 
 /// Where the key's slot is: slots are claimed along the probe sequence and never emptied,
 /// so the search ends at the first empty slot.
-fn find_index(slots: &[Slot], key: [u8; 16]) -> Option<usize> {
+fn find_index(slots: &[Slot], db: pg_sys::Oid, key: [u8; 16]) -> Option<usize> {
     let n = slots.len();
-    let start = probe_start(key, n);
+    let start = probe_start(db, key, n);
     (0..MAX_PROBES.min(n))
         .map(|p| (start + p) % n)
         .take_while(|&i| slots[i].key != [0; 16])
-        .find(|&i| slots[i].key == key)
+        .find(|&i| slots[i].key == key && slots[i].db == db)
 }
 
 /// The key's slot, or a free/expired one claimed for it, among its first MAX_PROBES slots.
 /// (Keys are compared first, without touching the rest of the slots probed: each slot spans
 /// several cache lines.)
-fn slot_for(slots: &mut [Slot], key: [u8; 16], now: i64) -> Option<&mut Slot> {
-    if let Some(i) = find_index(slots, key) {
+fn slot_for(slots: &mut [Slot], db: pg_sys::Oid, key: [u8; 16], now: i64) -> Option<&mut Slot> {
+    if let Some(i) = find_index(slots, db, key) {
         return Some(&mut slots[i]);
     }
     let n = slots.len();
-    let start = probe_start(key, n);
+    let start = probe_start(db, key, n);
     let free = (0..MAX_PROBES.min(n))
         .map(|p| (start + p) % n)
         .find(|&i| slots[i].key == [0; 16] || expired(&slots[i], now));
     let i = free?;
     let slot = &mut slots[i];
     slot.key = key;
+    slot.db = db;
     slot.window_us = 0;
     slot.window = Window::default();
     slot.quota = QuotaCount::default();
@@ -542,10 +549,15 @@ fn expired(slot: &Slot, now: i64) -> bool {
 mod tests {
     use super::*;
 
+    /// The database of the keys in these tests (the id 0 leaves probe starts as the key's
+    /// first bytes say).
+    const DB: pg_sys::Oid = pg_sys::Oid::from_u32(0);
+
     fn table(n: usize) -> Vec<Slot> {
         (0..n)
             .map(|_| Slot {
                 key: [0; 16],
+                db: DB,
                 window_us: 0,
                 window: Window::default(),
                 quota: QuotaCount::default(),
@@ -570,20 +582,44 @@ mod tests {
     }
 
     #[test]
+    fn the_same_key_in_two_databases_counts_apart() {
+        let mut slots = table(100);
+        let now = 1_000_000_000;
+        let (other, k) = (pg_sys::Oid::from_u32(16_384), key(7, 1));
+        busy(slot_for(&mut slots, DB, k, now).unwrap(), now);
+        busy(slot_for(&mut slots, DB, k, now).unwrap(), now);
+        let i = find_index(&slots, DB, k).unwrap();
+        assert_eq!(
+            find_index(&slots, other, k),
+            None,
+            "no slot in the other database yet"
+        );
+        busy(slot_for(&mut slots, other, k, now).unwrap(), now);
+        let j = find_index(&slots, other, k).unwrap();
+        assert_ne!(i, j);
+        assert_eq!(slots[i].window.counts.iter().sum::<i64>(), 2);
+        assert_eq!(slots[j].window.counts.iter().sum::<i64>(), 1);
+    }
+
+    #[test]
     fn keys_find_their_slots_along_the_probe_sequence() {
         let mut slots = table(100);
         let now = 1_000_000_000;
         let (a, b, c) = (key(7, 1), key(7, 2), key(8, 3));
         for k in [a, b, c] {
-            busy(slot_for(&mut slots, k, now).unwrap(), now);
+            busy(slot_for(&mut slots, DB, k, now).unwrap(), now);
         }
-        assert_eq!(find_index(&slots, a), Some(7));
-        assert_eq!(find_index(&slots, b), Some(8));
-        assert_eq!(find_index(&slots, c), Some(9), "c's start was taken by b");
-        assert_eq!(find_index(&slots, key(7, 4)), None);
+        assert_eq!(find_index(&slots, DB, a), Some(7));
+        assert_eq!(find_index(&slots, DB, b), Some(8));
+        assert_eq!(
+            find_index(&slots, DB, c),
+            Some(9),
+            "c's start was taken by b"
+        );
+        assert_eq!(find_index(&slots, DB, key(7, 4)), None);
         // The same key gets the same slot, with its count.
         assert_eq!(slots[8].window.counts.iter().sum::<i64>(), 1);
-        busy(slot_for(&mut slots, b, now).unwrap(), now);
+        busy(slot_for(&mut slots, DB, b, now).unwrap(), now);
         assert_eq!(slots[8].window.counts.iter().sum::<i64>(), 2);
     }
 
@@ -592,21 +628,21 @@ mod tests {
         let mut slots = table(100);
         let now = 1_000_000_000;
         let (a, b) = (key(7, 1), key(7, 2));
-        busy(slot_for(&mut slots, a, now).unwrap(), now);
+        busy(slot_for(&mut slots, DB, a, now).unwrap(), now);
         // 50 s on, a's one-minute window is still live: b goes to the next slot.
         busy(
-            slot_for(&mut slots, b, now + 50_000_000).unwrap(),
+            slot_for(&mut slots, DB, b, now + 50_000_000).unwrap(),
             now + 50_000_000,
         );
-        assert_eq!(find_index(&slots, b), Some(8));
+        assert_eq!(find_index(&slots, DB, b), Some(8));
         // 70 s on, a's window is over (b's is not): a new key takes slot 7 ...
         let later = now + 70_000_000;
         let c = key(7, 3);
-        slot_for(&mut slots, c, later).unwrap();
-        assert_eq!(find_index(&slots, c), Some(7));
+        slot_for(&mut slots, DB, c, later).unwrap();
+        assert_eq!(find_index(&slots, DB, c), Some(7));
         // ... b is still found behind it, and a is gone.
-        assert_eq!(find_index(&slots, b), Some(8));
-        assert_eq!(find_index(&slots, a), None);
+        assert_eq!(find_index(&slots, DB, b), Some(8));
+        assert_eq!(find_index(&slots, DB, a), None);
     }
 
     #[test]
@@ -614,16 +650,16 @@ mod tests {
         let mut slots = table(MAX_PROBES);
         let now = 1_000_000_000;
         for tag in 0..MAX_PROBES as u8 {
-            slot_for(&mut slots, key(0, tag + 1), now)
+            slot_for(&mut slots, DB, key(0, tag + 1), now)
                 .unwrap()
                 .quota
                 .pending = 1;
         }
         // Windows never used, but counts not yet flushed: nothing may be reused.
-        assert!(slot_for(&mut slots, key(0, 200), now + 1_000_000_000_000).is_none());
+        assert!(slot_for(&mut slots, DB, key(0, 200), now + 1_000_000_000_000).is_none());
         slots[5].quota.pending = 0;
-        assert!(slot_for(&mut slots, key(0, 200), now).is_some());
-        assert_eq!(find_index(&slots, key(0, 200)), Some(5));
+        assert!(slot_for(&mut slots, DB, key(0, 200), now).is_some());
+        assert_eq!(find_index(&slots, DB, key(0, 200)), Some(5));
     }
 
     #[test]

@@ -28,6 +28,7 @@ INSERT INTO plain_keys SELECT 'policy', key, id FROM keypal_create(owner_id => '
 INSERT INTO plain_keys SELECT 'template', key, id FROM keypal_create_from_template('dump:t', 'd');
 INSERT INTO plain_keys SELECT 'revoked', key, id FROM keypal_create(owner_id => 'd', env => 'test');
 INSERT INTO plain_keys SELECT 'disabled', key, id FROM keypal_create(owner_id => 'd', quota => '{"limit": 5}');
+INSERT INTO plain_keys SELECT 'limited', key, id FROM keypal_create(owner_id => 'd', rate_limit => '{"requests": 2, "window": "1h"}');
 SELECT keypal_revoke((SELECT id FROM plain_keys WHERE label = 'revoked'), reason => 'gone');
 SELECT keypal_disable((SELECT id FROM plain_keys WHERE label = 'disabled'));
 -- A rotation chain of three, the root's children moving along (the root row is updated
@@ -88,4 +89,12 @@ for kind in fc sql; do
        REVOKED "$kind: and cascades as before"
 done
 
+# Rate windows belong to a database: the restored copies hold the same key ids, and each
+# counts its own.
+limited=$(q -d "$src" -c "SELECT key FROM plain_keys WHERE label = 'limited'")
+for _ in 1 2 3; do q -d "$src" -c "SELECT valid FROM keypal_verify('$limited')" >/dev/null; done
+is "$(q -d "$src" -c "SELECT coalesce(error_code, 'VALID') FROM keypal_verify('$limited')")" RATE_LIMITED \
+   "the rate-limited key is spent in the original database"
+is "$(q -d "${src}_fc" -c "SELECT coalesce(error_code, 'VALID') FROM keypal_verify('$limited')")" VALID \
+   "the same key id in a restored copy counts its own window"
 done_testing
