@@ -505,10 +505,11 @@ mod keypal {
         verify::MAX_DEPTH as i32
     }
 
-    /// Makes verify re-read a key's quota use from the table (after a direct write to it).
+    /// Makes verify re-read a key's quota use from the table (after a direct write to it)
+    /// once this transaction commits.
     #[pg_extern(volatile, parallel_unsafe)]
     fn quota_changed(key_id: Uuid) {
-        crate::limits::shmem::reload_quota(*key_id.as_bytes());
+        crate::limits::shmem::reload_quota_at_commit(*key_id.as_bytes());
     }
 
     /// Whether rate limits count in shared memory (the preloaded table, or a dynamic shared

@@ -34,6 +34,7 @@ pub extern "C-unwind" fn _PG_init() {
     identity::init();
     catalog::init();
     limits::shmem::init();
+    limits::shmem::init_backend();
     // SAFETY: reads a backend-global flag.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         worker::init();

@@ -442,9 +442,51 @@ pub fn requeue_inflight(db: pg_sys::Oid) {
     });
 }
 
-/// Makes the next verify of `key` re-read its quota use from the table (after
-/// keypal_track_usage wrote to it); counts not yet flushed are kept.
-pub fn reload_quota(key: [u8; 16]) {
+thread_local! {
+    /// Keys whose quota use this transaction wrote to the table: marked for reload once it
+    /// commits (marked before, a verify elsewhere could reload the pre-commit use and keep it
+    /// as its base for good).
+    static RELOAD_AT_COMMIT: std::cell::RefCell<HashSet<[u8; 16]>> =
+        std::cell::RefCell::new(HashSet::new());
+}
+
+/// Makes verify re-read `key`'s quota use from the table once this transaction commits
+/// (after keypal_track_usage wrote to it).
+pub fn reload_quota_at_commit(key: [u8; 16]) {
+    // Attach the shared table now, inside the transaction, where an error is harmless: the
+    // commit callback only marks an attached table.
+    if table().is_null() {
+        return;
+    }
+    RELOAD_AT_COMMIT.with(|k| k.borrow_mut().insert(key));
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    use pg_sys::XactEvent::*;
+    match event {
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
+            let keys = RELOAD_AT_COMMIT.with(|k| std::mem::take(&mut *k.borrow_mut()));
+            if !keys.is_empty() && !TABLE.load(Ordering::Relaxed).is_null() {
+                keys.into_iter().for_each(reload_quota);
+            }
+        }
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => {
+            RELOAD_AT_COMMIT.with(|k| k.borrow_mut().clear());
+        }
+        _ => {}
+    }
+}
+
+/// From _PG_init, in every backend: the commit callback above.
+pub fn init_backend() {
+    // SAFETY: registers a backend-lifetime callback once.
+    unsafe { pg_sys::RegisterXactCallback(Some(on_xact), std::ptr::null_mut()) }
+}
+
+/// Makes the next verify of `key` re-read its quota use from the table; counts not yet
+/// flushed are kept.
+fn reload_quota(key: [u8; 16]) {
     // SAFETY: reads a backend-global.
     let db = unsafe { pg_sys::MyDatabaseId };
     with_slots(|slots| {
@@ -460,12 +502,15 @@ pub fn reload_quota(key: [u8; 16]) {
 pub fn quota_count(key: [u8; 16], period_start: i64) -> (Option<i64>, i64) {
     // SAFETY: reads a backend-global.
     let db = unsafe { pg_sys::MyDatabaseId };
+    // This transaction wrote the key's use to the table (not yet committed, so not yet in
+    // any base): only the table, as this transaction sees it, has it.
+    let own_write = RELOAD_AT_COMMIT.with(|k| k.borrow().contains(&key));
     with_slots(|slots| {
         find_slot(slots, db, key)
             .filter(|s| s.quota.db == db && s.quota.period_start == period_start)
             .map_or((None, 0), |s| {
                 (
-                    s.quota.loaded.then(|| s.quota.total()),
+                    (s.quota.loaded && !own_write).then(|| s.quota.total()),
                     s.quota.inflight + s.quota.pending,
                 )
             })
