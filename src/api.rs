@@ -344,19 +344,6 @@ mod keypal {
         true
     }
 
-    /// Whether a key with `scopes`/`resources` holds `scope`, globally or on `resource`.
-    #[pg_extern(immutable, parallel_safe)]
-    fn holds(
-        scopes: Option<Vec<Option<String>>>,
-        resources: Option<JsonB>,
-        scope: Option<&str>,
-        resource: Option<&str>,
-    ) -> bool {
-        let Some(scope) = scope else { return false };
-        let global: Vec<String> = scopes.into_iter().flatten().flatten().collect();
-        scopes::holds(&global, resources.as_ref().map(|j| &j.0), scope, resource)
-    }
-
     /// Whether every scope a child asks for (global and per resource) is held by its parent.
     #[pg_extern(immutable, parallel_safe)]
     fn scopes_within(

@@ -48,8 +48,6 @@ pub const KEY_COLUMNS: [&str; 24] = [
 ];
 /// The index of key_hash in KEY_COLUMNS.
 pub const KEY_HASH: usize = 10;
-/// The columns an ancestor is judged by (see verify::Lifecycle), by index into KEY_COLUMNS.
-pub const LIFECYCLE: [usize; 6] = [12, 23, 11, 22, 9, 13];
 
 pub struct Catalog {
     pub settings_relid: pg_sys::Oid,

@@ -89,7 +89,7 @@ pub fn state_of<R>(
     then: impl FnOnce(Option<pg_sys::Datum>, Option<pg_sys::Datum>) -> R,
 ) -> Result<R, VerifyError> {
     let mut attnums = [0i16; 8];
-    for (i, c) in catalog::LIFECYCLE
+    for (i, c) in col::LIFECYCLE
         .iter()
         .chain(&[col::SCOPES, col::RESOURCES])
         .enumerate()
@@ -142,7 +142,7 @@ fn walk(
     mut parent: Option<pg_sys::Datum>,
     now: i64,
 ) -> [bool; 3] {
-    let attnums = catalog::LIFECYCLE.map(|c| catalog.attnums[c]);
+    let attnums = col::LIFECYCLE.map(|c| catalog.attnums[c]);
     let mut depth = 1;
     while let Some(id) = parent {
         if states[0] {
@@ -191,6 +191,11 @@ mod col {
     pub const POLICY: usize = 21;
     pub const DISABLE_AT: usize = 22;
     pub const REVOKE_AT: usize = 23;
+    /// The columns a key's state is judged by, in the order `walk` and `state_of` read
+    /// them: revoked_at, revoke_at, enabled, disable_at, expires_at, parent_id.
+    pub const LIFECYCLE: [usize; 6] = [
+        REVOKED_AT, REVOKE_AT, ENABLED, DISABLE_AT, EXPIRES_AT, PARENT_ID,
+    ];
     /// KEY_COLUMNS[ID..=EXPIRES_AT] are, in order, verify_result's fields 4..=13.
     pub const IDENTITY: std::ops::RangeInclusive<usize> = ID..=EXPIRES_AT;
 }
