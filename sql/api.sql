@@ -28,11 +28,22 @@ COMMENT ON TYPE keypal.rotated_key IS 'What keypal_rotate returns: the new plain
 -- The public columns of a key: everything but its hash.
 CREATE VIEW keypal.key_info AS
 SELECT id, owner_id, org_id, env, name, description, scopes, resources, tags, metadata, enabled,
-       created_at, updated_at, expires_at, last_used_at, revoked_at, revoke_reason, revoked_by,
+       created_at, updated_at, expires_at,
+       -- the exact value: a use verify recorded that the flush worker has not yet written
+       greatest(last_used_at, keypal.unwritten_last_use(id)) AS last_used_at,
+       revoked_at, revoke_reason, revoked_by,
        rotated_from, rotated_to, parent_id, policy, rate_limit, quota, allowed_ips, blocked_ips,
        allowed_regions, blocked_regions, disable_at, revoke_at, notify_before, algorithm
   FROM keypal.keys;
-COMMENT ON VIEW keypal.key_info IS 'The public columns of keypal.keys (never the hash).';
+COMMENT ON VIEW keypal.key_info IS 'The public columns of keypal.keys (never the hash), last_used_at as of now.';
+
+-- All per-hour usage: keypal.usage and what verify counted that the flush worker has not
+-- yet written there. A key, hour and endpoint may appear more than once: sum them.
+CREATE VIEW keypal.hourly_usage AS
+SELECT u.key_id, u.hour, u.endpoint, u.requests, u.tokens, u.cost FROM keypal.usage u
+UNION ALL
+SELECT w.key_id, w.hour, '', w.requests, 0, 0::numeric FROM keypal.unwritten_usage() w;
+COMMENT ON VIEW keypal.hourly_usage IS 'Requests, tokens and cost per key, hour and endpoint, as of now (sum rows of the same key, hour and endpoint).';
 
 CREATE FUNCTION keypal.parse_duration(value text, arg text, allow_zero boolean DEFAULT false)
 RETURNS interval LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
@@ -124,8 +135,7 @@ BEGIN
 END $$;
 
 -- Adds n requests to a key's quota use in the current period (starting afresh when the
--- period has turned) and returns the use; the row stays locked to the end of the
--- transaction. With n = 0: the table-backed limiter's locked read (src/limits/enforce.rs).
+-- period has turned) and returns the use (keypal_track_usage).
 CREATE FUNCTION keypal.count_quota_use(key_id uuid, period text, n bigint)
 RETURNS bigint LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
     INSERT INTO keypal.quota_usage AS q (key_id, period_start, used)
@@ -1016,6 +1026,125 @@ BEGIN
     RETURN ev_id;
 END $$;
 
+-- The flush worker's write of what verify recorded in shared memory (src/worker.rs), one
+-- call per flush: last uses, per-hour requests, quota use, quota.exceeded events. It never
+-- waits for a row another transaction holds (an open keypal_revoke, or keypal_track_usage,
+-- must not stall every key's flush): such a row is skipped and tried again next flush.
+-- Returns ('m', key) for a key not in the table (deleted, or its creating transaction not
+-- committed), then what it wrote: ('L', key), ('Q', key), ('W', key), ('H', key, hour) for
+-- a last use, quota count, warning event, hour's requests (the rest is left for the next
+-- flush); or ('x') when the flush failed — then nothing of it is written.
+CREATE FUNCTION keypal.flush_usage(
+    lu_keys uuid[], lu_at timestamptz[],
+    h_keys uuid[], h_at timestamptz[], h_n bigint[],
+    q_keys uuid[], q_start timestamptz[], q_n bigint[],
+    w_keys uuid[], w_used bigint[])
+RETURNS TABLE (kind "char", key_id uuid, at timestamptz)
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE
+    done_l uuid[];
+    done_q uuid[];
+    more_q uuid[];
+    done_w uuid[];
+    done_h uuid[];
+    done_h_at timestamptz[];
+    more_h uuid[];
+    more_h_at timestamptz[];
+BEGIN
+    RETURN QUERY
+        SELECT 'm'::"char", a.id, NULL::timestamptz
+          FROM (SELECT unnest(lu_keys) UNION SELECT unnest(h_keys) UNION SELECT unnest(q_keys)
+                UNION SELECT unnest(w_keys)) AS a(id)
+         WHERE NOT EXISTS (SELECT 1 FROM keypal.keys k WHERE k.id = a.id);
+
+    -- Last uses: rows another transaction holds are skipped.
+    WITH f AS (SELECT * FROM unnest(lu_keys, lu_at) AS f(id, at)),
+    free AS (SELECT k.id FROM keypal.keys k WHERE k.id = ANY (lu_keys)
+                FOR NO KEY UPDATE SKIP LOCKED),
+    done AS (UPDATE keypal.keys k SET last_used_at = greatest(k.last_used_at, f.at)
+               FROM f JOIN free ON free.id = f.id
+              WHERE k.id = f.id
+             RETURNING k.id)
+    SELECT array_agg(id) INTO done_l FROM done;
+
+    -- Quota use: rows that exist and are free are updated; a key without one gets it
+    -- inserted (waiting at most 100 ms for another transaction inserting the same).
+    WITH f AS (SELECT * FROM unnest(q_keys, q_start, q_n) AS f(id, start, n)),
+    free AS (SELECT q.key_id FROM keypal.quota_usage q WHERE q.key_id = ANY (q_keys)
+                FOR NO KEY UPDATE SKIP LOCKED),
+    done AS (UPDATE keypal.quota_usage q
+                SET used = CASE WHEN q.period_start = f.start THEN q.used + f.n
+                                WHEN q.period_start < f.start THEN f.n
+                                ELSE q.used END,
+                    period_start = greatest(q.period_start, f.start)
+               FROM f JOIN free ON free.key_id = f.id
+              WHERE q.key_id = f.id
+             RETURNING q.key_id)
+    SELECT array_agg(key_id) INTO done_q FROM done;
+    BEGIN
+        PERFORM set_config('lock_timeout', '100ms', true);
+        WITH ins AS (
+            INSERT INTO keypal.quota_usage AS q (key_id, period_start, used)
+            SELECT f.id, f.start, f.n FROM unnest(q_keys, q_start, q_n) AS f(id, start, n)
+             WHERE NOT EXISTS (SELECT 1 FROM keypal.quota_usage x WHERE x.key_id = f.id)
+               AND EXISTS (SELECT 1 FROM keypal.keys k WHERE k.id = f.id)
+            ON CONFLICT (key_id) DO NOTHING
+            RETURNING q.key_id)
+        SELECT array_agg(key_id) INTO more_q FROM ins;
+    EXCEPTION WHEN lock_not_available THEN
+        NULL;  -- left for the next flush
+    END;
+
+    -- Requests per hour, likewise (a row per key and hour; keypal_track_usage without an
+    -- endpoint counts in the same row).
+    WITH f AS (SELECT f.id, f.at, sum(f.n) AS n FROM unnest(h_keys, h_at, h_n) AS f(id, at, n)
+                GROUP BY f.id, f.at),
+    free AS (SELECT u.key_id, u.hour FROM keypal.usage u JOIN f ON u.key_id = f.id AND u.hour = f.at
+              WHERE u.endpoint = '' FOR NO KEY UPDATE OF u SKIP LOCKED),
+    done AS (UPDATE keypal.usage u SET requests = u.requests + f.n
+               FROM f JOIN free ON free.key_id = f.id AND free.hour = f.at
+              WHERE u.key_id = f.id AND u.hour = f.at AND u.endpoint = ''
+             RETURNING u.key_id, u.hour)
+    SELECT array_agg(key_id), array_agg(hour) INTO done_h, done_h_at FROM done;
+    BEGIN
+        PERFORM set_config('lock_timeout', '100ms', true);
+        WITH ins AS (
+            INSERT INTO keypal.usage AS u (key_id, hour, endpoint, requests)
+            SELECT f.id, f.at, '', sum(f.n) FROM unnest(h_keys, h_at, h_n) AS f(id, at, n)
+             WHERE NOT EXISTS (SELECT 1 FROM keypal.usage x
+                                WHERE x.key_id = f.id AND x.hour = f.at AND x.endpoint = '')
+               AND EXISTS (SELECT 1 FROM keypal.keys k WHERE k.id = f.id)
+             GROUP BY f.id, f.at
+            ON CONFLICT ON CONSTRAINT usage_pkey DO NOTHING
+            RETURNING u.key_id, u.hour)
+        SELECT array_agg(key_id), array_agg(hour) INTO more_h, more_h_at FROM ins;
+    EXCEPTION WHEN lock_not_available THEN
+        NULL;
+    END;
+    PERFORM set_config('lock_timeout', '0', true);
+
+    WITH ev AS (
+        SELECT k.id, keypal.emit_event('quota.exceeded', k.id,
+                   jsonb_build_object('keyId', k.id, 'limit', (k.quota->>'limit')::bigint,
+                                      'used', f.used, 'period', coalesce(k.quota->>'period', 'month')))
+          FROM unnest(w_keys, w_used) AS f(id, used) JOIN keypal.keys k ON k.id = f.id)
+    SELECT array_agg(id) INTO done_w FROM ev;
+
+    -- What was written (keys missing from keypal.keys are reported above).
+    RETURN QUERY
+        SELECT 'L'::"char", d.id, NULL::timestamptz FROM unnest(done_l) AS d(id)
+        UNION ALL SELECT 'Q', d.id, NULL FROM unnest(done_q) AS d(id)
+        UNION ALL SELECT 'Q', d.id, NULL FROM unnest(more_q) AS d(id)
+        UNION ALL SELECT 'W', d.id, NULL FROM unnest(done_w) AS d(id)
+        UNION ALL SELECT 'H', d.id, d.at FROM unnest(done_h, done_h_at) AS d(id, at)
+        UNION ALL SELECT 'H', d.id, d.at FROM unnest(more_h, more_h_at) AS d(id, at);
+EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'keypal flush worker: % (SQLSTATE %); everything of this flush is kept for the next one',
+        SQLERRM, SQLSTATE;
+    RETURN QUERY SELECT 'x'::"char", NULL::uuid, NULL::timestamptz;
+END $$;
+
 CREATE FUNCTION keypal.audit_key_change()
 RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -1247,9 +1376,3 @@ END $$;
 REVOKE ALL ON ALL TABLES IN SCHEMA keypal FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA keypal FROM PUBLIC;
 
-DO $$
-BEGIN
-    IF NOT keypal.preloaded() THEN
-        RAISE NOTICE 'keypal: not in shared_preload_libraries: quotas count in table rows (a write per verify); add keypal to shared_preload_libraries and restart for shared-memory quota counting';
-    END IF;
-END $$;

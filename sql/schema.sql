@@ -115,34 +115,21 @@ CREATE TABLE keypal.keys (
     CHECK (parent_id IS DISTINCT FROM id),
     CHECK (jsonb_typeof(resources) = 'object'),
     CHECK (jsonb_typeof(metadata) = 'object')
-) WITH (fillfactor = 90);  -- room on each page, so verify's last_used_at writes stay HOT
+) WITH (fillfactor = 90);  -- room on each page, so the flush worker's last_used_at writes stay HOT
 CREATE INDEX keys_owner_idx ON keypal.keys (owner_id, created_at);
 CREATE INDEX keys_org_idx ON keypal.keys (org_id, created_at) WHERE org_id IS NOT NULL;
 CREATE INDEX keys_parent_idx ON keypal.keys (parent_id) WHERE parent_id IS NOT NULL;
 CREATE INDEX keys_tags_idx ON keypal.keys USING gin (tags);
 COMMENT ON TABLE keypal.keys IS 'API keys: one row per key, holding its hash (never the plaintext) and its settings.';
 
--- Rate-limit state per key (the table-backed limiter): sub-window counts, see
--- src/limits/window.rs. Transient, so not dumped.
-CREATE TABLE keypal.rate_state (
-    key_id uuid PRIMARY KEY REFERENCES keypal.keys (id) ON DELETE CASCADE,
-    state  bigint[] NOT NULL
-);
-COMMENT ON TABLE keypal.rate_state IS 'Per-key rate-limit counters (sliding window of sub-window buckets).';
-
--- Quota use in the current period, per key. With the preload, the flush worker also keeps
--- the current hour's verified requests here (hour, hour_requests: one row to update per key
--- and flush) and moves them to keypal.usage once the hour is over; keypal.hourly_usage
--- shows both.
+-- Quota use in the current period, per key: written by keypal_track_usage and by the
+-- flush worker (what verify counted in shared memory).
 CREATE TABLE keypal.quota_usage (
     key_id        uuid PRIMARY KEY REFERENCES keypal.keys (id) ON DELETE CASCADE,
     period_start  timestamptz NOT NULL,
-    used          bigint NOT NULL DEFAULT 0,
-    hour          timestamptz,
-    hour_requests bigint NOT NULL DEFAULT 0
+    used          bigint NOT NULL DEFAULT 0
 ) WITH (fillfactor = 50);   -- room on each page for HOT updates by the flush worker
-CREATE INDEX quota_usage_hour ON keypal.quota_usage (hour);
-COMMENT ON TABLE keypal.quota_usage IS 'Requests counted against each key''s quota in its current period (and, with the preload, the current hour''s verified requests).';
+COMMENT ON TABLE keypal.quota_usage IS 'Requests counted against each key''s quota in its current period (keypal_usage adds what is not yet written).';
 
 -- Usage per key, hour and endpoint (keypal_track_usage), for analytics.
 CREATE TABLE keypal.usage (
@@ -154,16 +141,7 @@ CREATE TABLE keypal.usage (
     cost     numeric NOT NULL DEFAULT 0,
     PRIMARY KEY (key_id, hour, endpoint)
 ) WITH (fillfactor = 70);   -- the current hour's rows are updated in place (HOT)
-COMMENT ON TABLE keypal.usage IS 'Usage per key, hour and endpoint, recorded by keypal_track_usage() and by verify (for keys with a quota).';
-
--- All per-hour usage: keypal.usage and the hours the flush worker has not yet moved there.
--- A key, hour and endpoint may appear more than once: sum them.
-CREATE VIEW keypal.hourly_usage AS
-SELECT u.key_id, u.hour, u.endpoint, u.requests, u.tokens, u.cost FROM keypal.usage u
-UNION ALL
-SELECT q.key_id, q.hour, '', q.hour_requests, 0, 0::numeric FROM keypal.quota_usage q
- WHERE q.hour IS NOT NULL AND q.hour_requests > 0;
-COMMENT ON VIEW keypal.hourly_usage IS 'Requests, tokens and cost per key, hour and endpoint (sum rows of the same key, hour and endpoint).';
+COMMENT ON TABLE keypal.usage IS 'Usage per key, hour and endpoint, recorded by keypal_track_usage() and, behind verify, by the flush worker (for keys with a quota).';
 
 CREATE TABLE keypal.audit_log (
     id       bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

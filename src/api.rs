@@ -414,8 +414,8 @@ mod keypal {
     }
 
     /// A key's use in the current quota `period`, given what keypal.quota_usage says
-    /// (`table_used`): with the preload, shared memory's count when it holds the key's base
-    /// (exact at this moment), else the table's plus what is not yet flushed there.
+    /// (`table_used`): shared memory's count when it holds the key's base (exact at this
+    /// moment), else the table's plus what is not yet written there.
     #[pg_extern(volatile, parallel_unsafe)]
     fn quota_used(key_id: Uuid, period: &str, table_used: i64) -> i64 {
         let start = crate::limits::enforce::period_start(period);
@@ -499,18 +499,65 @@ mod keypal {
         crate::limits::shmem::reload_quota_at_commit(*key_id.as_bytes());
     }
 
-    /// Whether rate limits count in shared memory (the preloaded table, or a dynamic shared
-    /// memory segment) rather than in keypal.rate_state.
-    #[pg_extern(volatile, parallel_unsafe)]
-    fn shared_memory_available() -> bool {
-        crate::limits::shmem::available()
+    /// The key's last admitted verify as shared memory holds it (not yet written to
+    /// keypal.keys.last_used_at, or newer than it), or NULL.
+    #[pg_extern(volatile, parallel_restricted)]
+    fn unwritten_last_use(key_id: Option<Uuid>) -> Option<pgrx::datum::TimestampWithTimeZone> {
+        let t = crate::limits::shmem::last_used(*key_id?.as_bytes())?;
+        // SAFETY: t is timestamptz microseconds.
+        unsafe { pgrx::datum::TimestampWithTimeZone::from_datum(pg_sys::Datum::from(t), false) }
     }
 
-    /// Whether keypal is in shared_preload_libraries (quotas then count in shared memory
-    /// too, written by the flush worker).
-    #[pg_extern(stable, parallel_safe)]
-    fn preloaded() -> bool {
-        crate::limits::shmem::preloaded()
+    /// Requests per key and hour that verify counted and the flush worker has not yet
+    /// written to keypal.usage (this database's).
+    #[pg_extern(volatile, parallel_restricted)]
+    fn unwritten_usage() -> TableIterator<
+        'static,
+        (
+            name!(key_id, Uuid),
+            name!(hour, pgrx::datum::TimestampWithTimeZone),
+            name!(requests, i64),
+        ),
+    > {
+        let rows: Vec<_> = crate::limits::shmem::unwritten_hours()
+            .into_iter()
+            .filter_map(|(k, h, n)| {
+                // SAFETY: h is timestamptz microseconds.
+                let h = unsafe {
+                    pgrx::datum::TimestampWithTimeZone::from_datum(pg_sys::Datum::from(h), false)
+                }?;
+                Some((Uuid::from_bytes(k), h, n))
+            })
+            .collect();
+        TableIterator::new(rows)
+    }
+
+    /// The shared state's figures: entries in use and the most allowed, bytes per entry,
+    /// uses not recorded for want of memory, flush workers running, and how long ago this
+    /// database's worker last flushed (ms; NULL: never).
+    #[pg_extern(volatile, parallel_restricted)]
+    fn shared_stats() -> TableIterator<'static, (name!(name, String), name!(value, Option<i64>))> {
+        let s = crate::limits::shmem::stats();
+        TableIterator::new(vec![
+            ("entries".to_string(), Some(s.entries)),
+            ("entries_max".to_string(), Some(s.max_entries)),
+            (
+                "entry_bytes".to_string(),
+                Some(crate::limits::shmem::BYTES_PER_ENTRY as i64),
+            ),
+            ("dropped_uses".to_string(), Some(s.dropped as i64)),
+            ("flush_workers".to_string(), Some(s.workers)),
+            (
+                "flush_age_ms".to_string(),
+                s.flush_age_us.map(|us| us / 1000),
+            ),
+        ])
+    }
+
+    /// The pid of this database's flush worker, or NULL when none runs.
+    #[pg_extern(volatile, parallel_restricted)]
+    fn flush_worker_pid() -> Option<i32> {
+        crate::limits::shmem::worker_pid()
     }
 
     /// Makes every backend reload what verify caches about the settings (called by the

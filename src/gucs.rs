@@ -1,5 +1,5 @@
 //! Every keypal setting that lives in postgresql.conf rather than in keypal.settings:
-//! `keypal.salt` and `keypal.rate_limit_slots`.
+//! `keypal.salt`, `keypal.shared_memory` and `keypal.flush_interval`.
 //!
 //! `keypal.salt` is the server secret mixed into every key hash. It is superuser-only
 //! (PGC_SUSET, hidden from SHOW for others) and lives in the server's configuration, never
@@ -12,19 +12,37 @@ use std::ffi::CString;
 
 pub static SALT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
-/// How many keys the shared-memory rate limiter tracks at once (needs a restart).
-pub static RATE_LIMIT_SLOTS: GucSetting<i32> = GucSetting::<i32>::new(16384);
+/// The most memory (MB) the shared entries may take (keys in use: limits/shmem.rs).
+pub static SHARED_MEMORY_MB: GucSetting<i32> = GucSetting::<i32>::new(1024);
+
+/// How often (ms) the flush worker writes shared memory behind: a crash loses at most this
+/// much of last uses and counts. 1 s: each flush writes one row per key used since the last,
+/// so a longer interval writes a busy key once for more requests (docs/DESIGN.md).
+pub static FLUSH_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 
 pub fn init() {
-    // Preloaded, the table is sized at server start; otherwise the dynamic segment is sized
-    // when the first verify after server start creates it.
-    // SAFETY: reads a backend-global flag.
-    let preloading = unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress };
-    define_rate_limit_slots(if preloading {
-        GucContext::Postmaster
-    } else {
-        GucContext::Sighup
-    });
+    GucRegistry::define_int_guc(
+        c"keypal.shared_memory",
+        c"The most shared memory keypal's usage entries may take (one per key in use).",
+        c"About 500 bytes per key verified recently or with a live rate window. When it is \
+          full, a key with a rate limit or quota that has no entry fails verify with SQLSTATE \
+          53200; other keys verify without their use being recorded.",
+        &SHARED_MEMORY_MB,
+        1,
+        1024 * 1024,
+        GucContext::Sighup,
+        GucFlags::UNIT_MB,
+    );
+    GucRegistry::define_int_guc(
+        c"keypal.flush_interval",
+        c"How often (ms) keypal's flush worker writes last uses and counts to tables.",
+        c"A crash loses at most this much of them; a clean stop loses none.",
+        &FLUSH_INTERVAL_MS,
+        10,
+        60_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
     GucRegistry::define_string_guc(
         c"keypal.salt",
         c"Server secret mixed into every API-key hash (superuser only).",
@@ -33,21 +51,6 @@ pub fn init() {
         &SALT,
         GucContext::Suset,
         GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL | GucFlags::NO_RESET_ALL,
-    );
-}
-
-fn define_rate_limit_slots(context: GucContext) {
-    GucRegistry::define_int_guc(
-        c"keypal.rate_limit_slots",
-        c"Keys the shared-memory rate limiter tracks at once (about 200 bytes each).",
-        c"Sizes the preloaded table (at server start) or the dynamic segment (at the first \
-          verify after server start). A key whose window is still live and finds no free \
-          slot is rate-limited through the keypal.rate_state table instead.",
-        &RATE_LIMIT_SLOTS,
-        64,
-        16 * 1024 * 1024,
-        context,
-        GucFlags::default(),
     );
 }
 

@@ -35,10 +35,6 @@ pub extern "C-unwind" fn _PG_init() {
     catalog::init();
     limits::shmem::init();
     limits::shmem::init_backend();
-    // SAFETY: reads a backend-global flag.
-    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
-        worker::init();
-    }
 }
 
 #[cfg(any(test, feature = "pg_test"))]

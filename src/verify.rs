@@ -4,16 +4,15 @@
 //! `keypal.keys(key_hash)` under a snapshot taken at that moment (scan.rs), and each
 //! ancestor by id under the same snapshot. Everything after the lookup is in-memory checks in SPEC §4
 //! order, against the current time (`clock_timestamp()`), never the transaction's start.
-//! SPI is used only off the common path: the `last_used_at` write (at most once per key per
-//! `last_used_resolution`, never in a read-only transaction) and reloading the per-backend
-//! catalog cache.
+//! A valid verify is then recorded in shared memory (limits/shmem.rs): nothing is written to
+//! a table, no row is locked and no WAL is written. SPI is used only to reload the
+//! per-backend catalog cache.
 
 use crate::catalog::{self, Catalog, KEY_COLUMNS};
 use crate::errors::VerifyError;
 use crate::keys::{self, Algorithm};
 use crate::limits::enforce::{self, KeyLimits, Refusal, Usage};
 use crate::scan::Fresh;
-use crate::spi::{Connection, Stmt};
 use crate::{gucs, net, scopes};
 use pgrx::prelude::*;
 use pgrx::{pg_sys, Array, JsonB, PgTupleDesc};
@@ -200,14 +199,6 @@ mod col {
     pub const IDENTITY: std::ops::RangeInclusive<usize> = ID..=EXPIRES_AT;
 }
 
-/// Records use without blocking and without touching any other column: a concurrent
-/// revoke or disable holding the row makes this skip, never wait or overwrite.
-static TOUCH: Stmt = Stmt::new(
-    c"UPDATE keypal.keys SET last_used_at = now()
-       WHERE id = (SELECT id FROM keypal.keys WHERE id = $1 FOR NO KEY UPDATE SKIP LOCKED)",
-    &[pg_sys::UUIDOID],
-);
-
 thread_local! {
     /// The algorithm that matched last: tried first next time.
     static LAST_ALGORITHM: Cell<Algorithm> = const { Cell::new(Algorithm::Sha256) };
@@ -231,26 +222,18 @@ fn verify_in(catalog: &Catalog, key: &str, req: &Request) -> Result<(Row, Usage)
         return Err(VerifyError::InvalidFormat.into());
     }
     // The key and its ancestors as of one moment: now.
-    let (row, now) = Fresh::with(|snapshot| judge(catalog, snapshot, key, req))?;
-    let writable = writable();
-    let usage = enforce::enforce(catalog, &row.limits(), req.cost, writable)?;
-    let stale = row
-        .timestamp(col::LAST_USED_AT)
-        .is_none_or(|t| t <= now - catalog.last_used_resolution_us);
-    if stale && writable {
-        Connection::with(|conn| TOUCH.exec(conn, &[row.get(col::ID)], false, 0));
-    }
+    let row = Fresh::with(|snapshot| judge(catalog, snapshot, key, req))?;
+    let usage = enforce::enforce(
+        catalog,
+        &row.limits(),
+        req.cost,
+        row.timestamp(col::LAST_USED_AT),
+    )?;
     Ok((row, usage))
 }
 
-/// Finds the key and checks it (SPEC §4, up to the scopes); returns its row and the time
-/// it was judged at.
-fn judge(
-    catalog: &Catalog,
-    snapshot: &Fresh,
-    key: &str,
-    req: &Request,
-) -> Result<(Row, i64), Refusal> {
+/// Finds the key and checks it (SPEC §4, up to the scopes); returns its row.
+fn judge(catalog: &Catalog, snapshot: &Fresh, key: &str, req: &Request) -> Result<Row, Refusal> {
     let Some((row, hash)) = find(catalog, snapshot, key) else {
         return Err(if keys::matches_format(
             key,
@@ -278,7 +261,7 @@ fn judge(
     // SAFETY: reads the system clock.
     let now = unsafe { pg_sys::GetCurrentTimestamp() };
     check(catalog, snapshot, &row, req, now)?;
-    Ok((row, now))
+    Ok(row)
 }
 
 /// Looks the key up under the last-matching algorithm, then the other one.
@@ -467,17 +450,6 @@ pub fn holds<'a>(
 /// `inet` text (`10.0.0.1` or `10.0.0.0/24`) to its address.
 fn parse_inet(s: &str) -> Option<IpAddr> {
     s.split('/').next()?.trim().parse().ok()
-}
-
-/// Whether verify may write: not in a read-only transaction, not on a standby, and not
-/// under a snapshot isolation level where a concurrent change would fail the caller.
-fn writable() -> bool {
-    // SAFETY: reads of backend-global flags.
-    unsafe {
-        !pg_sys::XactReadOnly
-            && !pg_sys::RecoveryInProgress()
-            && pg_sys::XactIsoLevel < pg_sys::XACT_REPEATABLE_READ as i32
-    }
 }
 
 /// The verify_result of a refused verify: the verdict only (and a retry delay).

@@ -1,168 +1,132 @@
-//! The flush worker: with `shared_preload_libraries = 'keypal'`, quota counts are kept in
-//! shared memory by verify and written to `keypal.quota_usage` and `keypal.usage` (per key
-//! and hour) by this background worker every `keypal.flush_interval` ms, each flush one
-//! transaction. A crash loses at most the counts of the last interval.
+//! The flush worker: writes what verify recorded in shared memory (limits/shmem.rs) to the
+//! tables — `last_used_at`, quota use, per-hour requests, `quota.exceeded` events — every
+//! `keypal.flush_interval`, each flush one transaction, and drops entries that are done.
 //!
-//! It serves one database, `keypal.database` (default `postgres`); in other databases, and
-//! on a standby, quotas count in the tables directly.
+//! One per database that uses keypal, a dynamic background worker started by the first
+//! verify that records something there (preloaded or not: one behaviour). It leaves when its
+//! database has no entries left for a while, when keypal is dropped there, or when told to
+//! stop — then, at a clean shutdown, only after the database's other sessions have gone,
+//! writing everything they counted. A flush that fails (an error in SQL) keeps its batch for
+//! the next one. On a standby it writes nothing: counts stay local to that server.
 
-use crate::limits::shmem;
+use crate::limits::entry::{Outcome, Taken, NEVER};
+use crate::limits::shmem::{self, Sweep};
 use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
 };
 use pgrx::prelude::*;
-use pgrx::{pg_sys, GucContext, GucFlags, GucRegistry, GucSetting};
-use std::cell::Cell;
+use pgrx::{pg_sys, IntoDatum};
 use std::collections::HashSet;
-use std::ffi::CString;
 use std::time::Duration;
 
-pub static DATABASE: GucSetting<Option<CString>> =
-    GucSetting::<Option<CString>>::new(Some(c"postgres"));
-/// 5 s: a flush costs one row update per key counted since the last one, so a longer
-/// interval writes each busy key once for many requests (docs/DESIGN.md has the figures).
-pub static FLUSH_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
+/// A database's worker leaves once it has had no entries for this long.
+const IDLE_EXIT_US: i64 = 30_000_000;
+/// What a key that is not in the table counted is kept this long (its creating transaction
+/// may still commit), then dropped.
+const MISSING_GRACE_US: i64 = 600_000_000;
+/// At a clean stop, how long the worker waits for its database's sessions to go.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
 
-/// From _PG_init while being preloaded: the settings and the worker.
-pub fn init() {
-    GucRegistry::define_string_guc(
-        c"keypal.database",
-        c"The database whose quota counts keypal's flush worker writes.",
-        c"Only with shared_preload_libraries = 'keypal'.",
-        &DATABASE,
-        GucContext::Postmaster,
-        GucFlags::default(),
-    );
-    GucRegistry::define_int_guc(
-        c"keypal.flush_interval",
-        c"How often (ms) the flush worker writes quota counts from shared memory to tables.",
-        c"A crash loses at most this much of quota counting.",
-        &FLUSH_INTERVAL_MS,
-        10,
-        60_000,
-        GucContext::Sighup,
-        GucFlags::UNIT_MS,
-    );
-    BackgroundWorkerBuilder::new("keypal flush worker")
+/// Asks the postmaster to start `db`'s worker; Err says why it could not.
+pub fn start(db: u32) -> Result<(), String> {
+    BackgroundWorkerBuilder::new(&format!("keypal flush worker {db}"))
         .set_type("keypal flush worker")
         .set_library("keypal")
         .set_function("keypal_flush_worker_main")
         .enable_spi_access()
-        .set_start_time(BgWorkerStartTime::RecoveryFinished)
-        .set_restart_time(Some(Duration::from_secs(5)))
-        .load();
+        .set_start_time(BgWorkerStartTime::ConsistentState)
+        // Not restarted by the postmaster: the next verify that records something starts
+        // one again (a database dropped meanwhile must not be retried forever).
+        .set_restart_time(None)
+        .set_argument(Some(pg_sys::Datum::from(db)))
+        .load_dynamic()
+        .map(|_| ())
+        .map_err(|_| "could not start a flush worker (max_worker_processes reached?)".to_string())
 }
 
-fn database_name() -> String {
-    DATABASE
-        .get()
-        .map(|c| c.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "postgres".into())
+#[pg_guard]
+unsafe extern "C-unwind" fn on_exit(_code: i32, arg: pg_sys::Datum) {
+    shmem::release_worker(arg.value() as u32);
 }
-
-thread_local! {
-    static SERVES_HERE: Cell<Option<bool>> = const { Cell::new(None) };
-}
-
-/// Whether the worker writes this database's counts (so verify may count quotas in
-/// shared memory here).
-pub fn flushes_here() -> bool {
-    // SAFETY: reads backend globals; get_database_oid with missing_ok.
-    unsafe {
-        if pg_sys::RecoveryInProgress() || !shmem::preloaded() {
-            return false;
-        }
-        if let Some(v) = SERVES_HERE.get() {
-            return v;
-        }
-        let name = CString::new(database_name()).unwrap_or_default();
-        let v = pg_sys::get_database_oid(name.as_ptr(), true) == pg_sys::MyDatabaseId;
-        SERVES_HERE.set(Some(v));
-        v
-    }
-}
-
-/// Gives each key of a flush that still exists a keypal.quota_usage row to count in (no
-/// use yet), where it has none.
-const ADD_ROWS: &str = "
-    INSERT INTO keypal.quota_usage (key_id, period_start, used, hour, hour_requests)
-    SELECT f.key_id, f.period_start, 0, pg_catalog.date_trunc('hour', pg_catalog.now()), 0
-      FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.uuid[]),
-                      pg_catalog.unnest($2::pg_catalog.timestamptz[])) AS f(key_id, period_start)
-     WHERE NOT EXISTS (SELECT 1 FROM keypal.quota_usage x WHERE x.key_id OPERATOR(pg_catalog.=) f.key_id)
-       AND EXISTS (SELECT 1 FROM keypal.keys k WHERE k.id OPERATOR(pg_catalog.=) f.key_id)
-    ON CONFLICT (key_id) DO NOTHING";
-
-/// Writes the pending counts: one row per key in keypal.quota_usage, which holds both the
-/// period's use and the current hour's requests. A count from a period the row has already
-/// left is dropped from the quota but still counted for the hour. Returns the keys written
-/// (those with a row: ADD_ROWS ran first).
-const FLUSH: &str = "
-    UPDATE keypal.quota_usage q
-       SET used = CASE WHEN q.period_start OPERATOR(pg_catalog.=) f.period_start
-                       THEN q.used OPERATOR(pg_catalog.+) f.n
-                       WHEN q.period_start OPERATOR(pg_catalog.<) f.period_start THEN f.n
-                       ELSE q.used END,
-           period_start = greatest(q.period_start, f.period_start),
-           hour = coalesce(q.hour, pg_catalog.date_trunc('hour', pg_catalog.now())),
-           hour_requests = q.hour_requests OPERATOR(pg_catalog.+) f.n
-      FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.uuid[]),
-                      pg_catalog.unnest($2::pg_catalog.timestamptz[]),
-                      pg_catalog.unnest($3::pg_catalog.int8[])) AS f(key_id, period_start, n)
-     WHERE q.key_id OPERATOR(pg_catalog.=) f.key_id
-    RETURNING q.key_id";
-
-/// Moves the requests of hours that are over from keypal.quota_usage to keypal.usage (an
-/// index scan that finds nothing, except in the first flush of an hour).
-const ROLL_HOURS: &str = "
-    WITH old AS (
-        SELECT q.key_id, q.hour, q.hour_requests FROM keypal.quota_usage q
-         WHERE q.hour OPERATOR(pg_catalog.<) pg_catalog.date_trunc('hour', pg_catalog.now())),
-    cleared AS (
-        UPDATE keypal.quota_usage q SET hour = NULL, hour_requests = 0
-          FROM old WHERE q.key_id OPERATOR(pg_catalog.=) old.key_id)
-    INSERT INTO keypal.usage AS u (key_id, hour, endpoint, requests)
-    SELECT old.key_id, old.hour, '', old.hour_requests FROM old
-     WHERE old.hour_requests OPERATOR(pg_catalog.>) 0
-    ON CONFLICT ON CONSTRAINT usage_pkey DO UPDATE
-        SET requests = u.requests OPERATOR(pg_catalog.+) EXCLUDED.requests";
-
-/// First statement of every worker transaction: the worker runs as the bootstrap
-/// superuser, so nothing it runs may resolve through a search_path the database's owner
-/// chose (`ALTER DATABASE … SET search_path`). Itself fully qualified.
-const PIN_SEARCH_PATH: &str =
-    "SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true)";
 
 #[pg_guard]
 #[no_mangle]
-pub extern "C-unwind" fn keypal_flush_worker_main(_arg: pg_sys::Datum) {
+pub extern "C-unwind" fn keypal_flush_worker_main(arg: pg_sys::Datum) {
+    let db = arg.value() as u32;
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    BackgroundWorker::connect_worker_to_spi(Some(&database_name()), None);
+    // SAFETY: the registry slot is freed however the worker ends.
+    unsafe { pg_sys::before_shmem_exit(Some(on_exit), arg) };
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(db)), None);
     BackgroundWorker::transaction(pin_session);
-    // SAFETY: reads a backend global.
-    shmem::requeue_inflight(unsafe { pg_sys::MyDatabaseId });
+    if !BackgroundWorker::transaction(|| shmem::claim_worker(db)) {
+        return; // another worker serves this database
+    }
+    let mut empty_since: Option<i64> = None;
     loop {
-        let interval = Duration::from_millis(FLUSH_INTERVAL_MS.get().max(10) as u64);
+        let interval = Duration::from_millis(crate::gucs::FLUSH_INTERVAL_MS.get().max(10) as u64);
         if !BackgroundWorker::wait_latch(Some(interval)) {
-            flush_once();
-            // Exit code 1 has the postmaster start the worker again after its restart
-            // interval (e.g. after DROP DATABASE ... WITH (FORCE) terminated it); exit 0
-            // would retire it for good.
-            // SAFETY: ends this worker process the way PostgreSQL expects.
-            unsafe { pg_sys::proc_exit(1) };
+            last_flushes(db);
+            return;
         }
         if BackgroundWorker::sighup_received() {
             // SAFETY: re-reads the configuration files, as a worker must on SIGHUP.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
-        flush_once();
+        let Some(remaining) = flush_once(db) else {
+            return; // keypal is not installed here (any more)
+        };
+        // SAFETY: reads the clock.
+        let now = unsafe { pg_sys::GetCurrentTimestamp() };
+        if remaining > 0 {
+            empty_since = None;
+            continue;
+        }
+        let since = *empty_since.get_or_insert(now);
+        if now - since >= IDLE_EXIT_US {
+            // Leave, unless a verify made an entry just as the slot was given up (it saw
+            // this worker running and started none).
+            shmem::release_worker(db);
+            if shmem::entries_of(db) == 0 || !shmem::claim_worker(db) {
+                return;
+            }
+            empty_since = None;
+        }
     }
 }
+
+/// Told to stop: flushes until the database's sessions have gone — at a clean shutdown they
+/// are stopping too, and what they count until then is written — then once more. Stopped
+/// alone (pg_terminate_backend, DROP DATABASE … WITH (FORCE)) the sessions stay: it leaves
+/// once their number has not fallen for a moment.
+fn last_flushes(db: u32) {
+    let deadline = std::time::Instant::now() + SHUTDOWN_WAIT;
+    let mut fewest = i32::MAX;
+    let mut stalled_since = std::time::Instant::now();
+    loop {
+        flush_once(db);
+        // SAFETY: counts the sessions connected to this database (background workers not
+        // included).
+        let sessions = unsafe { pg_sys::CountDBConnections(pg_sys::Oid::from(db)) };
+        let now = std::time::Instant::now();
+        if sessions < fewest {
+            fewest = sessions;
+            stalled_since = now;
+        }
+        if sessions == 0 || now >= deadline || now - stalled_since >= STALL {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    flush_once(db);
+}
+
+/// How long the sessions' number may stay put before a stopping worker stops waiting.
+const STALL: Duration = Duration::from_millis(300);
 
 /// The settings the worker's session runs with, over anything the database's owner set
 /// with `ALTER DATABASE … SET` (applied when the worker connected): a read-only default,
 /// timeouts, another session user or role would stop flushing, `exit_on_error` would turn
-/// any error into a restart, another time zone would shift the hours. The session user is
+/// any error into an exit, another time zone would shift the hours. The session user is
 /// pinned first, to the bootstrap superuser the worker connected as.
 const PINNED: [(&std::ffi::CStr, &std::ffi::CStr); 9] = [
     (c"search_path", c"pg_catalog, pg_temp"),
@@ -202,68 +166,195 @@ fn pin_session() {
     }
 }
 
-/// Takes every pending count of this database, writes them in one transaction, then
-/// confirms them in shared memory (those not written go back to pending).
-fn flush_once() {
-    // SAFETY: reads a backend global.
-    let db = unsafe { pg_sys::MyDatabaseId };
-    let pending = shmem::pending(db);
-    if pending.is_empty() {
-        return;
-    }
-    let keys: Vec<pgrx::Uuid> = pending
-        .iter()
-        .map(|p| pgrx::Uuid::from_bytes(p.key))
-        .collect();
-    // SAFETY: period starts are timestamptz microseconds.
-    let periods: Vec<pgrx::datum::TimestampWithTimeZone> = pending
-        .iter()
-        .filter_map(|p| unsafe {
-            pgrx::datum::TimestampWithTimeZone::from_datum(
-                pg_sys::Datum::from(p.period_start),
-                false,
-            )
-        })
-        .collect();
-    let counts: Vec<i64> = pending.iter().map(|p| p.requests).collect();
-    // Keys this flush cannot see (created by a transaction still open) keep their counts
-    // pending for the next flush.
-    let written: HashSet<[u8; 16]> = BackgroundWorker::transaction(|| {
-        if let Err(e) = Spi::run(PIN_SEARCH_PATH) {
-            pgrx::warning!("keypal flush worker: pinning search_path: {e}");
-            return HashSet::new();
+/// First statement of every worker transaction: nothing it runs may resolve through a
+/// search_path the database's owner chose. Itself fully qualified.
+const PIN_SEARCH_PATH: &str =
+    "SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true)";
+
+const INSTALLED: &str = "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension
+                                          WHERE extname OPERATOR(pg_catalog.=) 'keypal')";
+
+const RESOLUTION: &str = "SELECT (pg_catalog.date_part('epoch', s.last_used_resolution)
+                                  OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8
+                            FROM keypal.settings s LIMIT 1";
+
+/// Writes one batch (keypal.flush_usage, which catches its own errors: then nothing of it
+/// is written and it all stays for the next flush). Rows back: what was written.
+const FLUSH: &str = "SELECT f.kind::pg_catalog.text, f.key_id FROM keypal.flush_usage($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) f";
+
+/// One flush: takes this database's batch, writes it in one transaction, confirms it in
+/// shared memory. Returns how many of the database's entries remain, or None when keypal
+/// is not installed in it.
+fn flush_once(db: u32) -> Option<usize> {
+    // SAFETY: reads the clock.
+    let now = unsafe { pg_sys::GetCurrentTimestamp() };
+    let standby = unsafe { pg_sys::RecoveryInProgress() };
+    let result = BackgroundWorker::transaction(|| {
+        if Spi::run(PIN_SEARCH_PATH).is_err() {
+            return Some(None);
         }
-        let installed = Spi::get_one::<bool>(
-            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension
-                             WHERE extname OPERATOR(pg_catalog.=) 'keypal')",
-        )
-        .ok()
-        .flatten()
-        .unwrap_or(false);
-        if !installed {
-            return HashSet::new();
+        if !Spi::get_one::<bool>(INSTALLED)
+            .ok()
+            .flatten()
+            .unwrap_or(false)
+        {
+            return None;
         }
-        Spi::connect_mut(|client| {
-            if let Err(e) = client.update(ROLL_HOURS, None, &[]) {
-                pgrx::warning!("keypal flush worker: moving finished hours to keypal.usage: {e}");
-            }
-            // (Keys left without a row are not written: their counts stay pending.)
-            let args = [keys.clone().into(), periods.clone().into()];
-            if let Err(e) = client.update(ADD_ROWS, None, &args) {
-                pgrx::warning!("keypal flush worker: adding keypal.quota_usage rows: {e}");
-            }
-            let rows = client.update(FLUSH, None, &[keys.into(), periods.into(), counts.into()]);
-            rows.map(|t| {
-                t.filter_map(|r| r.get::<pgrx::Uuid>(1).ok().flatten())
-                    .map(|u| *u.as_bytes())
-                    .collect()
+        let sweep = Sweep {
+            db,
+            now,
+            resolution_us: Spi::get_one::<i64>(RESOLUTION)
+                .ok()
+                .flatten()
+                .unwrap_or(60_000_000),
+            idle_us: idle_us(),
+        };
+        let (batch, remaining) = shmem::take(&sweep, db_exists);
+        let written = if batch.is_empty() || standby {
+            Some(Written {
+                everything: true,
+                ..Written::default()
             })
-            .unwrap_or_default()
-        })
+        } else {
+            write(&batch)
+        };
+        Some(Some((sweep, batch, remaining, written)))
     });
     // A worker never goes idle the way a backend does: report its table statistics
     // itself, or autovacuum would never learn of the rows it updates.
     // SAFETY: outside any transaction, as PostgreSQL's own workers call it.
     unsafe { pg_sys::pgstat_report_stat(false) };
-    shmem::flushed(db, &pending, &written);
+    let Some((sweep, batch, remaining, written)) = result? else {
+        return Some(1);
+    };
+    if batch.is_empty() {
+        return Some(remaining);
+    }
+    // Nothing is known written unless the flush transaction committed (it did, if we are
+    // here with its answer); on a standby, counts stay local: "written".
+    let outcome = |t: &Taken| match &written {
+        None => Outcome::all(false, t),
+        Some(w) if w.everything => Outcome::all(true, t),
+        Some(w) => Outcome {
+            last_used: w.last_used.contains(&t.key),
+            quota: w.quota.contains(&t.key),
+            warn: w.warn.contains(&t.key),
+            hours_unwritten: t
+                .hours
+                .iter()
+                .map(|h| h.start)
+                .filter(|h| !w.hours.contains(&(t.key, *h)))
+                .collect(),
+        },
+    };
+    let missing = written
+        .as_ref()
+        .map(|w| w.missing.clone())
+        .unwrap_or_default();
+    shmem::confirm(&sweep, &batch, outcome, &missing, MISSING_GRACE_US);
+    Some(remaining)
+}
+
+/// How long an entry stays after its last use: long enough that a key in steady use keeps
+/// it, and at least a few flushes.
+fn idle_us() -> i64 {
+    (crate::gucs::FLUSH_INTERVAL_MS.get() as i64 * 3_000).max(10_000_000)
+}
+
+fn db_exists(db: u32) -> bool {
+    // SAFETY: a syscache lookup inside the flush transaction.
+    unsafe {
+        pg_sys::SearchSysCacheExists(
+            pg_sys::SysCacheIdentifier::DATABASEOID as i32,
+            pg_sys::Datum::from(db),
+            pg_sys::Datum::from(0),
+            pg_sys::Datum::from(0),
+            pg_sys::Datum::from(0),
+        )
+    }
+}
+
+/// What a committed flush wrote (`everything`: on a standby, where counts stay local), and
+/// the keys it found missing from the table.
+#[derive(Default)]
+struct Written {
+    everything: bool,
+    missing: HashSet<[u8; 16]>,
+    last_used: HashSet<[u8; 16]>,
+    quota: HashSet<[u8; 16]>,
+    warn: HashSet<[u8; 16]>,
+    hours: HashSet<([u8; 16], i64)>,
+}
+
+/// Writes the batch; None when the flush failed (nothing of it written).
+fn write(batch: &[Taken]) -> Option<Written> {
+    use pgrx::datum::TimestampWithTimeZone as Ts;
+    let uuid = |k: &[u8; 16]| pgrx::Uuid::from_bytes(*k);
+    // SAFETY: timestamps are timestamptz microseconds.
+    let ts = |t: i64| unsafe { Ts::from_datum(pg_sys::Datum::from(t), false) };
+    let mut lu = (Vec::new(), Vec::new());
+    let mut hours = (Vec::new(), Vec::new(), Vec::new());
+    let mut quota = (Vec::new(), Vec::new(), Vec::new());
+    let mut warn = (Vec::new(), Vec::new());
+    for t in batch {
+        if let Some(at) = t.last_used {
+            lu.0.push(uuid(&t.key));
+            lu.1.push(ts(at));
+        }
+        for h in &t.hours {
+            hours.0.push(uuid(&t.key));
+            hours.1.push(ts(h.start));
+            hours.2.push(h.n);
+        }
+        if let Some((p, n)) = t.quota {
+            quota.0.push(uuid(&t.key));
+            quota.1.push(ts(p));
+            quota.2.push(n);
+        }
+        if let Some(used) = t.warn {
+            warn.0.push(uuid(&t.key));
+            warn.1.push(used);
+        }
+    }
+    let args: [pgrx::datum::DatumWithOid; 10] = [
+        lu.0.into(),
+        lu.1.into(),
+        hours.0.into(),
+        hours.1.into(),
+        hours.2.into(),
+        quota.0.into(),
+        quota.1.into(),
+        quota.2.into(),
+        warn.0.into(),
+        warn.1.into(),
+    ];
+    Spi::connect_mut(|client| {
+        let rows = match client.update(FLUSH, None, &args) {
+            Ok(rows) => rows,
+            Err(e) => {
+                pgrx::warning!("keypal flush worker: {e}; counts kept for the next flush");
+                return None;
+            }
+        };
+        let mut w = Written::default();
+        for r in rows {
+            let kind = r.get::<String>(1).ok().flatten().unwrap_or_default();
+            let key = r.get::<pgrx::Uuid>(2).ok().flatten().map(|k| *k.as_bytes());
+            let at = r
+                .get::<pgrx::datum::TimestampWithTimeZone>(3)
+                .ok()
+                .flatten()
+                .and_then(|t| t.into_datum())
+                .map(|d| d.value() as i64);
+            match (kind.as_str(), key) {
+                ("m", Some(k)) => w.missing.insert(k),
+                ("L", Some(k)) => w.last_used.insert(k),
+                ("Q", Some(k)) => w.quota.insert(k),
+                ("W", Some(k)) => w.warn.insert(k),
+                ("H", Some(k)) => w.hours.insert((k, at.unwrap_or(NEVER))),
+                _ => return None, // the flush failed inside: nothing written
+            };
+        }
+        Some(w)
+    })
 }

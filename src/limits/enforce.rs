@@ -1,21 +1,16 @@
 //! Rate limits and quotas at verify time.
 //!
-//! With the preload, both count in shared memory (shmem.rs): rate windows never touch a
-//! table; quota counts are written by the flush worker (worker.rs) — in the database it
-//! serves, and not on a standby. Otherwise, and for keys past the shared table's cap, they
-//! count in `keypal.rate_state` / `keypal.quota_usage`: each limited key's row is locked (an
-//! upsert) for the decision, so concurrent verifies of one key are serialised and never
-//! over-admit, across all connections; in a read-only transaction (or on a standby) the row
-//! is read, not written (decided, not counted); and being a table row, the count rolls back
-//! with the caller's transaction. Keys without a rate limit or quota touch nothing.
+//! Every fully valid verify is decided and recorded in shared memory (shmem.rs): its rate
+//! window, quota count, hour and last use, in one entry lock, in every transaction kind and
+//! on a standby alike. Nothing is written to a table by verify and nothing is rolled back
+//! with the caller's transaction; the flush worker (worker.rs) writes behind.
 
+use super::entry::{Ask, QuotaAsk};
 use super::quota::{self, Quota};
 use super::shmem;
-use super::window::{Limit, Window};
+use super::window::Limit;
 use crate::catalog::Catalog;
 use crate::errors::VerifyError;
-use crate::spi::{Connection, Stmt};
-use crate::worker;
 use pgrx::prelude::*;
 use pgrx::{pg_sys, JsonB};
 use serde_json::Value;
@@ -63,43 +58,6 @@ impl From<VerifyError> for Refusal {
     }
 }
 
-static RATE_LOCK: Stmt = Stmt::new(
-    c"INSERT INTO keypal.rate_state AS r (key_id, state) VALUES ($1, '{}')
-      ON CONFLICT (key_id) DO UPDATE SET state = r.state
-      RETURNING r.state",
-    &[pg_sys::UUIDOID],
-);
-static RATE_PEEK: Stmt = Stmt::new(
-    c"SELECT r.state FROM keypal.rate_state r WHERE r.key_id = $1",
-    &[pg_sys::UUIDOID],
-);
-static RATE_SAVE: Stmt = Stmt::new(
-    c"UPDATE keypal.rate_state SET state = $2 WHERE key_id = $1",
-    &[pg_sys::UUIDOID, pg_sys::INT8ARRAYOID],
-);
-static QUOTA_LOCK: Stmt = Stmt::new(
-    c"SELECT keypal.count_quota_use($1, $2, 0)",
-    &[pg_sys::UUIDOID, pg_sys::TEXTOID],
-);
-/// Counts an admitted request against the quota and in the key's usage for this hour.
-static QUOTA_ADD: Stmt = Stmt::new(
-    c"WITH q AS (UPDATE keypal.quota_usage SET used = used + $2 WHERE key_id = $1)
-      INSERT INTO keypal.usage AS u (key_id, hour, endpoint, requests)
-      VALUES ($1, date_trunc('hour', now()), '', $2)
-      ON CONFLICT ON CONSTRAINT usage_pkey DO UPDATE SET requests = u.requests + EXCLUDED.requests",
-    &[pg_sys::UUIDOID, pg_sys::INT8OID],
-);
-static QUOTA_EVENT: Stmt = Stmt::new(
-    c"SELECT keypal.emit_event('quota.exceeded', $1,
-             jsonb_build_object('keyId', $1, 'limit', $2, 'used', $3, 'period', $4))",
-    &[
-        pg_sys::UUIDOID,
-        pg_sys::INT8OID,
-        pg_sys::INT8OID,
-        pg_sys::TEXTOID,
-    ],
-);
-
 /// The rate limit in force for a key with these settings (its own, else its policy's,
 /// else its environment's, else the default).
 pub fn rate_limit_of(
@@ -121,13 +79,15 @@ pub fn rate_limit_of(
     )
 }
 
-/// Decides the key's limits for a request of `cost`, counting it when admitted and
-/// `writable`.
+/// Decides a fully valid verify against the key's limits and records it in shared memory
+/// (its last use, unless the row's `last_used_at` is within `last_used_resolution`; its
+/// rate window, quota count and hour when it has them). `last_used` is the row's
+/// `last_used_at`.
 pub fn enforce(
     catalog: &Catalog,
     key: &KeyLimits,
     cost: i64,
-    writable: bool,
+    last_used: Option<i64>,
 ) -> Result<Usage, Refusal> {
     let rate = rate_limit_of(
         catalog,
@@ -136,103 +96,57 @@ pub fn enforce(
         key.env.as_deref(),
     );
     let quota = key.quota.as_deref().and_then(quota::parse_quota);
-    if rate.is_none() && quota.is_none() {
+    // SAFETY: reads the clock.
+    let now = unsafe { pg_sys::GetCurrentTimestamp() };
+    if rate.is_none()
+        && quota.is_none()
+        && last_used.is_some_and(|t| t > now - catalog.last_used_resolution_us)
+    {
+        // Nothing to count, and the table's last use is recent enough: nothing to record.
         return Ok(Usage::default());
     }
-    if let Some(result) =
-        enforce_in_shared_memory(catalog, key, rate, quota.as_ref(), cost, writable)
-    {
-        return result;
-    }
-    Connection::with(|conn| {
-        let used = quota
-            .as_ref()
-            .map(|q| quota_used(catalog, conn, key.id, q, writable));
-        let judged = quota
-            .as_ref()
-            .zip(used)
-            .map(|(q, u)| q.judge(u, cost))
-            .unwrap_or_default();
-        let rate = if judged.throttled {
-            Some(quota::throttled(rate))
-        } else {
-            rate
-        };
-        let mut usage = Usage::default();
-        let mut window = None;
-        if let Some(limit) = rate {
-            let mut w = rate_window(conn, key.id, writable);
-            // SAFETY: reads the clock.
-            let now = unsafe { pg_sys::GetCurrentTimestamp() };
-            let d = w.admit(now, limit, cost, writable && !judged.blocked);
-            window = Some(w);
-            if !d.allowed {
-                return Err(Refusal::rate_limited(d.retry_after_ms));
-            }
-            usage.rate_limit_remaining = Some(d.remaining);
-        }
-        if judged.blocked {
-            return Err(VerifyError::QuotaExceeded.into());
-        }
-        if let (Some(q), Some(u)) = (&quota, used) {
-            usage.quota_remaining = Some((q.limit - u - if writable { cost } else { 0 }).max(0));
-        }
-        if writable {
-            if let Some(w) = window {
-                RATE_SAVE.exec(conn, &[Some(key.id), w.to_vec().into_datum()], false, 0);
-            }
-            if let (Some(q), Some(u)) = (&quota, used) {
-                QUOTA_ADD.exec(conn, &[Some(key.id), cost.into_datum()], false, 0);
-                if judged.warn_crossed {
-                    warn_event(conn, key.id, q, u + cost);
-                }
-            }
-        }
-        Ok(usage)
-    })
-}
-
-/// Decides in shared memory when it can: the preload is there and, for a quota, the flush
-/// worker serves this database (and this is not a standby). None: use the tables.
-fn enforce_in_shared_memory(
-    catalog: &Catalog,
-    key: &KeyLimits,
-    rate: Option<Limit>,
-    quota: Option<&Quota>,
-    cost: i64,
-    writable: bool,
-) -> Option<Result<Usage, Refusal>> {
-    if !shmem::available() || (quota.is_some() && !worker::flushes_here()) {
-        return None;
-    }
-    let ask = shmem::Ask {
+    let ask = Ask {
         rate,
-        quota: quota.map(|q| shmem::QuotaAsk {
+        quota: quota.as_ref().map(|q| QuotaAsk {
             limit: q.limit,
             period_start: period_start(&q.period),
             on_exceeded: q.on_exceeded,
         }),
         cost,
     };
-    let load = || quota.map_or(0, |q| quota_used_now(catalog, key.id, q));
-    let answer = shmem::admit(key_bytes(key.id), &ask, load)?;
+    let load = || {
+        quota
+            .as_ref()
+            .map_or(0, |q| quota_used_now(catalog, key.id, q))
+    };
+    let Ok(answer) = shmem::admit(key_bytes(key.id), &ask, last_used, load) else {
+        if rate.is_none() && quota.is_none() {
+            // Nothing to enforce: the key verifies; only its use goes unrecorded.
+            shmem::note_dropped();
+            return Ok(Usage::default());
+        }
+        crate::errors::raise(
+            pgrx::PgSqlErrorCode::ERRCODE_OUT_OF_MEMORY,
+            format!(
+                "keypal: shared memory for usage is full ({} entries, keypal.shared_memory = {} MB): a key with limits cannot be checked",
+                shmem::max_entries(),
+                crate::gucs::SHARED_MEMORY_MB.get()
+            ),
+        );
+    };
     if let Some(d) = answer.rate.filter(|d| !d.allowed) {
-        return Some(Err(Refusal::rate_limited(d.retry_after_ms)));
+        return Err(Refusal::rate_limited(d.retry_after_ms));
     }
     if answer.quota.blocked {
-        return Some(Err(VerifyError::QuotaExceeded.into()));
+        return Err(VerifyError::QuotaExceeded.into());
     }
-    if let (Some(q), Some(u)) = (quota, answer.quota_used) {
-        if writable && answer.quota.warn_crossed {
-            Connection::with(|conn| warn_event(conn, key.id, q, u + cost));
-        }
-    }
-    Some(Ok(Usage {
+    Ok(Usage {
         rate_limit_remaining: answer.rate.map(|d| d.remaining),
         quota_remaining: quota
+            .as_ref()
             .zip(answer.quota_used)
             .map(|(q, u)| (q.limit - u - cost).max(0)),
-    }))
+    })
 }
 
 /// Start of the current quota period (`date_trunc(period, now(), 'UTC')`), as timestamptz
@@ -252,57 +166,12 @@ pub fn period_start(period: &str) -> i64 {
     })
 }
 
-/// Emits `quota.exceeded` for a warning quota just crossed (`used` includes this request).
-fn warn_event(conn: &Connection, id: pg_sys::Datum, q: &Quota, used: i64) {
-    let args = [
-        Some(id),
-        q.limit.into_datum(),
-        used.into_datum(),
-        q.period.as_str().into_datum(),
-    ];
-    QUOTA_EVENT.exec(conn, &args, false, 0);
-}
-
 /// The 16 bytes of the key's uuid.
 fn key_bytes(id: pg_sys::Datum) -> [u8; 16] {
     // SAFETY: id is the key's uuid datum.
     unsafe { pgrx::Uuid::from_datum(id, false) }
         .map(|u| *u.as_bytes())
         .unwrap_or([0; 16])
-}
-
-fn rate_window(conn: &Connection, id: pg_sys::Datum, writable: bool) -> Window {
-    let stmt = if writable { &RATE_LOCK } else { &RATE_PEEK };
-    if stmt.exec(conn, &[Some(id)], !writable, 1) != 1 {
-        return Window::default();
-    }
-    // SAFETY: the statement returns the state as int8[].
-    let state = conn
-        .get(0, 1)
-        .and_then(|d| unsafe { Vec::<i64>::from_datum(d, false) })
-        .unwrap_or_default();
-    Window::from_slice(&state)
-}
-
-/// The key's use in the current period of `q`: read with its row locked (the table
-/// path's decision, `writable`), else as a query run now would see it.
-fn quota_used(
-    catalog: &Catalog,
-    conn: &Connection,
-    id: pg_sys::Datum,
-    q: &Quota,
-    writable: bool,
-) -> i64 {
-    if !writable {
-        return quota_used_now(catalog, id, q);
-    }
-    if QUOTA_LOCK.exec(conn, &[Some(id), q.period.as_str().into_datum()], false, 1) != 1 {
-        return 0;
-    }
-    // SAFETY: the statement returns used as int8.
-    conn.get(0, 1)
-        .and_then(|d| unsafe { i64::from_datum(d, false) })
-        .unwrap_or(0)
 }
 
 /// The key's use in the current period of `q` as a query run now would see it (no lock;

@@ -1,8 +1,10 @@
-//! Rate limits and quotas: the pure arithmetic (window.rs, quota.rs), the shared-memory
-//! limiter (shmem.rs, with shared_preload_libraries) and the verify-time enforcement
-//! (enforce.rs, which falls back to tables without the preload).
+//! Rate limits, quotas and usage: the pure arithmetic (window.rs, quota.rs, entry.rs), the
+//! shared state verify records into (shmem.rs over dshash.rs) and the verify-time
+//! enforcement (enforce.rs).
 
+pub mod dshash;
 pub mod enforce;
+pub mod entry;
 pub mod quota;
 pub mod shmem;
 pub mod window;

@@ -107,22 +107,6 @@ impl Window {
         }
         (limit.window_us + 999) / 1000
     }
-
-    /// Serialised as `[head, counts...]` for storage in an int8[] column.
-    pub fn to_vec(&self) -> Vec<i64> {
-        std::iter::once(self.head)
-            .chain(self.counts.iter().copied())
-            .collect()
-    }
-
-    pub fn from_slice(v: &[i64]) -> Window {
-        if v.len() != SLOTS + 1 {
-            return Window::default();
-        }
-        let mut counts = [0; SLOTS];
-        counts.copy_from_slice(&v[1..]);
-        Window { head: v[0], counts }
-    }
 }
 
 #[cfg(test)]
@@ -209,14 +193,11 @@ mod tests {
     }
 
     #[test]
-    fn cost_counts_and_round_trips() {
+    fn cost_counts() {
         let mut w = Window::default();
         assert!(w.admit(0, L, 7, true).allowed);
         assert!(!w.admit(0, L, 4, true).allowed);
         assert!(w.admit(0, L, 3, true).allowed);
         assert!(!w.admit(0, L, 11, false).allowed);
-        let v = w.to_vec();
-        assert_eq!(Window::from_slice(&v), w);
-        assert_eq!(Window::from_slice(&[1, 2]), Window::default());
     }
 }

@@ -28,3 +28,21 @@ done_testing() {
     echo "1..$TAP_N"
     [ "$TAP_FAILED" = 0 ]
 }
+
+wait_for() {  # wait_for SQL WANT: polls (up to 15 s) until SQL returns WANT; prints the last answer
+    local got=""
+    for _ in $(seq 150); do
+        got=$(q -c "$1")
+        [ "$got" = "$2" ] && break
+        sleep 0.1
+    done
+    echo "$got"
+}
+
+PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
+as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+restart() {  # restart [-m MODE]: stops (fast unless told) and starts the test cluster
+    local mode=${1:-fast}
+    as_pg "$PGBIN/pg_ctl" -D "$PGHOST" -m "$mode" -w stop >/dev/null
+    as_pg "$PGBIN/pg_ctl" -D "$PGHOST" -l "$PGHOST/server.log" -w start >/dev/null
+}

@@ -1,36 +1,22 @@
 #!/usr/bin/env bash
 # keypal_track_usage writes a key's quota use to the table; verify, which counts in shared
-# memory (with the preload), must re-read it — but only once that write has committed.
+# memory, must re-read it — but only once that write has committed.
 # Marked before, a verify in another session re-reads the pre-commit use, keeps it as its
 # base, and the tracked requests are lost from the count (over-admission).
 source "$(dirname "$0")/lib.sh"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-if [ "${KEYPAL_TEST_MODE:-plain}" = preload ]; then
-    # Start from an empty shared limiter, so this key counts in shared memory.
-    PGBIN=/usr/lib/postgresql/15/bin
-    as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
-    as_pg "$PGBIN/pg_ctl" -D "$PGHOST" -m fast -w stop >/dev/null
-    as_pg "$PGBIN/pg_ctl" -D "$PGHOST" -l "$PGHOST/server.log" -w start >/dev/null
-fi
-
 read -r id key < <(q -F ' ' -c "SELECT id, key FROM keypal_create(owner_id => 'reload', quota => '{\"limit\": 100, \"period\": \"day\"}')")
 verify() { q -c "SELECT coalesce(error_code, 'VALID') FROM keypal_verify('$key')"; }
 is "$(verify)" VALID "first verify (its use loaded: 0)"
-if [ "${KEYPAL_TEST_MODE:-plain}" = preload ]; then
-    # Let the worker write that count, so nothing is in flight when the race below runs.
-    for _ in $(seq 100); do
-        [ "$(q -c "SELECT coalesce((SELECT used FROM keypal.quota_usage WHERE key_id = '$id'), 0)")" = 1 ] && break
-        sleep 0.1
-    done
-fi
+# Let the worker write that count, so nothing is in flight when the race below runs.
+wait_for "SELECT coalesce((SELECT used FROM keypal.quota_usage WHERE key_id = '$id'), 0)" 1 >/dev/null
 
 coproc TRACKER { psql -X -q -At -v ON_ERROR_STOP=1 2>&1; }
 ask() { echo "$1" >&"${TRACKER[1]}"; read -r line <&"${TRACKER[0]}"; echo "$line"; }
 is "$(ask "BEGIN; SELECT 'tracked' FROM keypal_track_usage('$id', requests => 5);")" tracked "another session tracks 5 requests, not yet committed"
-# A verify meanwhile. (Without the preload, quotas count in the key's table row, which the
-# tracking transaction holds: that verify waits for its commit, so it runs in the background.)
+# A verify meanwhile (in the background: it must not wait for the tracking transaction).
 verify > "$work/meanwhile" &
 meanwhile=$!
 sleep 0.5

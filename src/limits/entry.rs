@@ -1,0 +1,576 @@
+//! One key's verify-side state, as kept in shared memory: the arithmetic, pure Rust.
+//!
+//! An entry holds what verify records for one key of one database — when it was last used,
+//! its requests per hour, its rate window and its quota count — until the flush worker has
+//! written it to the tables (`take`, then `confirm`). Nothing here is transactional: a count
+//! made is made, whatever becomes of the caller's transaction.
+//!
+//! Quota use is `base` (what the table holds, as read or since confirmed written) plus
+//! `inflight` (taken by the worker for the flush under way) plus `pending` (counted since).
+//! `seq` changes whenever the worker takes or confirms counts, and a re-created entry gets a
+//! new one: a table read is used as `base` only if no flush of the key began or ended while
+//! it ran and nothing was in flight (so the read saw exactly the counts in `base`).
+
+use super::quota::{self, OnExceeded};
+use super::window::{Decision, Limit, Window, BUCKETS};
+
+/// "No time": a timestamp that is not there.
+pub const NEVER: i64 = i64::MIN;
+
+/// What an entry is found by: a key of a database (two databases may hold the same key
+/// ids — a restored copy does — and each counts its own).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EntryKey {
+    pub db: u32,
+    pub key: [u8; 16],
+}
+
+/// Requests counted in the hour starting at `start` (UTC, timestamptz microseconds).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Hour {
+    pub start: i64,
+    pub n: i64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct QuotaCount {
+    pub loaded: bool,
+    pub period_start: i64,
+    pub base: i64,
+    pub pending: i64,
+    pub inflight: i64,
+    pub seq: u64,
+}
+
+impl QuotaCount {
+    pub fn total(&self) -> i64 {
+        self.base
+            .saturating_add(self.inflight)
+            .saturating_add(self.pending)
+    }
+}
+
+#[repr(C)]
+pub struct Entry {
+    pub k: EntryKey,
+    /// The newest admitted verify (NEVER: none yet).
+    pub last_seen: i64,
+    /// `last_used_at` as the table holds it, as far as this entry knows (NEVER: null).
+    pub last_written: i64,
+    /// The `last_used_at` being written by the flush under way (NEVER: none).
+    pub last_used_inflight: i64,
+    pub hours: [Hour; 2],
+    pub hours_inflight: [Hour; 2],
+    pub window_us: i64,
+    pub window: Window,
+    pub quota: QuotaCount,
+    /// A warning quota was crossed: the use that crossed it, for the `quota.exceeded` event
+    /// (0: none).
+    pub warn_used: i64,
+    pub warn_inflight: i64,
+    /// Since when the flush worker has not found the key in the table (0: found).
+    pub missing_since: i64,
+}
+
+impl Entry {
+    /// A new entry for `k`; the table says the key was last used at `last_written`.
+    pub fn new(k: EntryKey, last_written: i64, seq: u64) -> Entry {
+        Entry {
+            k,
+            last_seen: NEVER,
+            last_written,
+            last_used_inflight: NEVER,
+            hours: [Hour::default(); 2],
+            hours_inflight: [Hour::default(); 2],
+            window_us: 0,
+            window: Window::default(),
+            quota: QuotaCount {
+                seq,
+                ..QuotaCount::default()
+            },
+            warn_used: 0,
+            warn_inflight: 0,
+            missing_since: 0,
+        }
+    }
+}
+
+/// What verify asks of the limits for one request.
+pub struct Ask {
+    pub rate: Option<Limit>,
+    pub quota: Option<QuotaAsk>,
+    pub cost: i64,
+}
+
+pub struct QuotaAsk {
+    pub limit: i64,
+    /// Start of the current quota period (timestamptz microseconds).
+    pub period_start: i64,
+    pub on_exceeded: OnExceeded,
+}
+
+#[derive(Default, Debug)]
+pub struct Answer {
+    pub rate: Option<Decision>,
+    /// Quota use before this request, and what the quota says about it.
+    pub quota_used: Option<i64>,
+    pub quota: quota::Judgement,
+}
+
+impl Answer {
+    /// Whether the request was admitted (and so counted).
+    pub fn admitted(&self) -> bool {
+        self.rate.is_none_or(|d| d.allowed) && !self.quota.blocked
+    }
+}
+
+/// Whether the entry must read the key's quota use from the table before deciding.
+pub fn needs_load(e: &Entry, ask: &Ask) -> bool {
+    ask.quota
+        .as_ref()
+        .is_some_and(|q| !(e.quota.loaded && e.quota.period_start == q.period_start))
+}
+
+/// Decides a request against the key's rate limit and quota and, when both admit it,
+/// counts it (window, quota, hour, last use). `loaded` is the key's quota use as just read
+/// from the table, when that read may serve as base.
+pub fn decide(e: &mut Entry, ask: &Ask, loaded: Option<i64>, now: i64) -> Answer {
+    let mut answer = Answer::default();
+    let mut rate = ask.rate;
+    if let Some(q) = &ask.quota {
+        if e.quota.period_start != q.period_start {
+            // A new period (or the entry's first quota): start from the table's count, or
+            // from zero until one can be read. Counts of the old period not yet written are
+            // dropped from the quota (its use is about to restart anyway; the hours keep
+            // them); one in flight is written to its own period, not added to this one.
+            e.quota = QuotaCount {
+                loaded: loaded.is_some(),
+                period_start: q.period_start,
+                base: loaded.unwrap_or(0),
+                seq: e.quota.seq,
+                ..QuotaCount::default()
+            };
+        } else if let Some(base) = loaded.filter(|_| !e.quota.loaded) {
+            // Re-read after a direct write to the table: counts not yet flushed stay.
+            e.quota.base = base;
+            e.quota.loaded = true;
+        }
+        let used = e.quota.total();
+        let judged = quota::judge(q.limit, q.on_exceeded, used, ask.cost);
+        answer.quota_used = Some(used);
+        answer.quota = judged;
+        if judged.throttled {
+            rate = Some(quota::throttled(rate));
+        }
+        if judged.warn_crossed {
+            e.warn_used = used.saturating_add(ask.cost);
+        }
+    }
+    if let Some(limit) = rate {
+        if e.window_us != limit.window_us {
+            e.window = Window::default();
+            e.window_us = limit.window_us;
+        }
+        let d = e.window.admit(now, limit, ask.cost, !answer.quota.blocked);
+        answer.rate = Some(d);
+    }
+    if answer.admitted() {
+        if ask.quota.is_some() {
+            // Per-hour requests are kept for keys with a quota (their row is written anyway).
+            e.quota.pending = e.quota.pending.saturating_add(ask.cost);
+            add_hour(&mut e.hours, hour_start(now), ask.cost);
+        }
+        e.last_seen = e.last_seen.max(now);
+    } else if answer.quota.warn_crossed {
+        e.warn_used = 0;
+    }
+    answer
+}
+
+/// Start of the UTC hour holding `ts` (timestamptz microseconds).
+pub fn hour_start(ts: i64) -> i64 {
+    ts.div_euclid(3_600_000_000) * 3_600_000_000
+}
+
+/// Adds `n` requests in the hour starting at `start`. Two hours are kept apart (the flush
+/// worker writes every few seconds, so at most two are ever unwritten); were a third to
+/// come, the oldest is folded into the next.
+fn add_hour(hours: &mut [Hour; 2], start: i64, n: i64) {
+    if n <= 0 {
+        return;
+    }
+    if let Some(h) = hours.iter_mut().find(|h| h.n > 0 && h.start == start) {
+        h.n = h.n.saturating_add(n);
+        return;
+    }
+    if let Some(h) = hours.iter_mut().find(|h| h.n == 0) {
+        *h = Hour { start, n };
+        return;
+    }
+    hours.sort_by_key(|h| h.start);
+    hours[1].n = hours[1].n.saturating_add(hours[0].n);
+    hours[0] = Hour { start, n };
+    hours.sort_by_key(|h| h.start);
+}
+
+/// What the flush worker took from one entry to write.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Taken {
+    pub key: [u8; 16],
+    pub last_used: Option<i64>,
+    pub hours: Vec<Hour>,
+    /// (period start, requests) of the quota.
+    pub quota: Option<(i64, i64)>,
+    /// The use that crossed a warning quota.
+    pub warn: Option<i64>,
+}
+
+impl Taken {
+    fn is_empty(&self) -> bool {
+        self.last_used.is_none()
+            && self.hours.is_empty()
+            && self.quota.is_none()
+            && self.warn.is_none()
+    }
+}
+
+/// Moves what is to be written to the tables into flight: the last use (when the table's is
+/// `resolution_us` or more older), the hours' requests, the quota count, a warning event.
+/// None when there is nothing to write. `seq` is a new sequence number.
+pub fn take(e: &mut Entry, resolution_us: i64, seq: u64) -> Option<Taken> {
+    let mut t = Taken {
+        key: e.k.key,
+        ..Taken::default()
+    };
+    if e.last_used_inflight == NEVER && last_use_unwritten(e, resolution_us) {
+        e.last_used_inflight = e.last_seen;
+        t.last_used = Some(e.last_seen);
+    }
+    if e.hours_inflight.iter().all(|h| h.n == 0) && e.hours.iter().any(|h| h.n > 0) {
+        e.hours_inflight = std::mem::take(&mut e.hours);
+        t.hours = e
+            .hours_inflight
+            .iter()
+            .copied()
+            .filter(|h| h.n > 0)
+            .collect();
+    }
+    if e.quota.inflight == 0 && e.quota.pending > 0 {
+        e.quota.inflight = e.quota.pending;
+        e.quota.pending = 0;
+        e.quota.seq = seq;
+        t.quota = Some((e.quota.period_start, e.quota.inflight));
+    }
+    if e.warn_inflight == 0 && e.warn_used > 0 {
+        e.warn_inflight = std::mem::take(&mut e.warn_used);
+        t.warn = Some(e.warn_inflight);
+    }
+    (!t.is_empty()).then_some(t)
+}
+
+/// Whether the entry's last use is to be written: newer than the table's by at least the
+/// resolution (or the table has none).
+fn last_use_unwritten(e: &Entry, resolution_us: i64) -> bool {
+    e.last_seen > e.last_written
+        && (e.last_written == NEVER || e.last_seen.saturating_sub(e.last_written) >= resolution_us)
+}
+
+/// What became of a taken batch: each part written, or not (kept for the next flush).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub last_used: bool,
+    pub quota: bool,
+    pub warn: bool,
+    /// The hours (their starts) whose requests were not written.
+    pub hours_unwritten: Vec<i64>,
+}
+
+impl Outcome {
+    /// Everything written, or nothing.
+    pub fn all(written: bool, t: &Taken) -> Outcome {
+        Outcome {
+            last_used: written,
+            quota: written,
+            warn: written,
+            hours_unwritten: if written {
+                Vec::new()
+            } else {
+                t.hours.iter().map(|h| h.start).collect()
+            },
+        }
+    }
+}
+
+/// After the flush transaction: written parts leave flight (the quota's into `base`), the
+/// others go back to pending. `seq` is a new sequence number.
+pub fn confirm(e: &mut Entry, t: &Taken, o: &Outcome, seq: u64) {
+    if t.last_used.is_some() {
+        if o.last_used {
+            e.last_written = e.last_written.max(e.last_used_inflight);
+        }
+        e.last_used_inflight = NEVER;
+    }
+    if !t.hours.is_empty() {
+        for h in std::mem::take(&mut e.hours_inflight) {
+            if h.n > 0 && o.hours_unwritten.contains(&h.start) {
+                add_hour(&mut e.hours, h.start, h.n);
+            }
+        }
+    }
+    if let Some((period, _)) = t.quota {
+        if o.quota {
+            // Written to its own period: part of this period's base only if it is the same.
+            if period == e.quota.period_start {
+                e.quota.base = e.quota.base.saturating_add(e.quota.inflight);
+            }
+        } else {
+            e.quota.pending = e.quota.pending.saturating_add(e.quota.inflight);
+        }
+        e.quota.inflight = 0;
+        e.quota.seq = seq;
+    }
+    if t.warn.is_some() {
+        let w = std::mem::take(&mut e.warn_inflight);
+        if !o.warn && e.warn_used == 0 {
+            e.warn_used = w;
+        }
+    }
+}
+
+/// A new worker found counts in flight (its predecessor died mid-flush): pending again.
+pub fn requeue(e: &mut Entry, seq: u64) {
+    let t = Taken {
+        last_used: (e.last_used_inflight != NEVER).then_some(e.last_used_inflight),
+        hours: e
+            .hours_inflight
+            .iter()
+            .copied()
+            .filter(|h| h.n > 0)
+            .collect(),
+        quota: (e.quota.inflight > 0).then_some((e.quota.period_start, e.quota.inflight)),
+        warn: (e.warn_inflight > 0).then_some(e.warn_inflight),
+        key: e.k.key,
+    };
+    if !t.is_empty() {
+        let o = Outcome::all(false, &t);
+        confirm(e, &t, &o, seq);
+    }
+}
+
+/// The key is gone from the table (deleted, or its creating transaction never committed):
+/// what it counted can never be written. Dropped, so it pins nothing.
+pub fn forget_unwritten(e: &mut Entry) {
+    e.last_written = e.last_written.max(e.last_seen);
+    e.hours = [Hour::default(); 2];
+    e.quota.pending = 0;
+    e.warn_used = 0;
+}
+
+/// Whether the entry may be dropped at `now`: nothing left to write or in flight, its rate
+/// window is over, and it was not used for `idle_us`. (A dropped key's next verify starts a
+/// new entry from the tables, which then hold everything it had.)
+pub fn evictable(e: &Entry, now: i64, idle_us: i64, resolution_us: i64) -> bool {
+    let w = (e.window_us + BUCKETS as i64 - 1) / BUCKETS as i64;
+    let window_over =
+        w <= 0 || now.div_euclid(w).saturating_sub(e.window.head) > BUCKETS as i64 + 1;
+    let idle = e.last_seen == NEVER || now.saturating_sub(e.last_seen) >= idle_us;
+    window_over
+        && idle
+        && !last_use_unwritten(e, resolution_us)
+        && e.last_used_inflight == NEVER
+        && e.hours.iter().chain(&e.hours_inflight).all(|h| h.n == 0)
+        && e.quota.pending == 0
+        && e.quota.inflight == 0
+        && e.warn_used == 0
+        && e.warn_inflight == 0
+}
+
+/// Requests of `e` per hour not yet in the table (pending or in flight).
+pub fn unwritten_hours(e: &Entry) -> impl Iterator<Item = Hour> + '_ {
+    e.hours
+        .iter()
+        .chain(&e.hours_inflight)
+        .copied()
+        .filter(|h| h.n > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const K: EntryKey = EntryKey {
+        db: 5,
+        key: [7; 16],
+    };
+    const HOUR: i64 = 3_600_000_000;
+    const T: i64 = 1_000 * HOUR;
+
+    fn quota_ask(period_start: i64, limit: i64, cost: i64) -> Ask {
+        Ask {
+            rate: None,
+            quota: Some(QuotaAsk {
+                limit,
+                period_start,
+                on_exceeded: OnExceeded::Block,
+            }),
+            cost,
+        }
+    }
+
+    fn plain(cost: i64) -> Ask {
+        Ask {
+            rate: None,
+            quota: None,
+            cost,
+        }
+    }
+
+    fn all(t: &Taken) -> Outcome {
+        Outcome::all(true, t)
+    }
+
+    fn none(t: &Taken) -> Outcome {
+        Outcome::all(false, t)
+    }
+
+    #[test]
+    fn decide_counts_on_the_base_it_is_given_and_keeps_unflushed_counts() {
+        let mut e = Entry::new(K, NEVER, 1);
+        // First use: the table said 100.
+        let a = decide(&mut e, &quota_ask(10, 1000, 1), Some(100), T);
+        assert_eq!((a.quota_used, e.quota.total()), (Some(100), 101));
+        let t = take(&mut e, 0, 2).unwrap();
+        assert_eq!(t.quota, Some((10, 1)));
+        e.quota.loaded = false; // a direct table write marks it for reload
+                                // No usable table read (a flush was under way): the base stays, the count goes on.
+        let a = decide(&mut e, &quota_ask(10, 1000, 2), None, T);
+        assert_eq!((a.quota_used, e.quota.total()), (Some(101), 103));
+        confirm(&mut e, &t, &all(&t), 3);
+        assert_eq!(e.quota.total(), 103);
+        // A usable read (the table now says 150): pending counts stay on top of it.
+        let a = decide(&mut e, &quota_ask(10, 1000, 1), Some(150), T);
+        assert_eq!((a.quota_used, e.quota.total()), (Some(152), 153));
+        // A blocking quota refuses without counting anything.
+        let before = e.hours;
+        let a = decide(&mut e, &quota_ask(10, 1000, 900), None, T);
+        assert!(a.quota.blocked && !a.admitted());
+        assert_eq!((e.quota.total(), e.hours), (153, before));
+    }
+
+    #[test]
+    fn a_failed_flush_gives_everything_back_and_a_written_one_keeps_nothing() {
+        let mut e = Entry::new(K, NEVER, 1);
+        for _ in 0..3 {
+            decide(&mut e, &quota_ask(10, 1000, 1), Some(0), T + 5);
+        }
+        let t = take(&mut e, 60_000_000, 2).unwrap();
+        assert_eq!(t.last_used, Some(T + 5));
+        assert_eq!(t.hours, vec![Hour { start: T, n: 3 }]);
+        assert_eq!(t.quota, Some((10, 3)));
+        assert!(take(&mut e, 0, 3).is_none(), "nothing new to take");
+        decide(&mut e, &quota_ask(10, 1000, 1), None, T + 6);
+        confirm(&mut e, &t, &none(&t), 4);
+        assert_eq!(e.quota.pending, 4);
+        assert_eq!(e.hours[0], Hour { start: T, n: 4 });
+        assert_eq!(e.last_written, NEVER);
+        let t = take(&mut e, 60_000_000, 5).unwrap();
+        assert_eq!(t.last_used, Some(T + 6));
+        confirm(&mut e, &t, &all(&t), 6);
+        assert_eq!(
+            (e.quota.base, e.quota.pending, e.last_written),
+            (4, 0, T + 6)
+        );
+        assert!(unwritten_hours(&e).next().is_none());
+        // Written within the resolution: nothing to write until it has passed.
+        decide(&mut e, &plain(1), None, T + 10);
+        assert_eq!(take(&mut e, 60_000_000, 7), None);
+        assert!(take(&mut e, 1, 8).is_some_and(|t| t.last_used == Some(T + 10)));
+    }
+
+    #[test]
+    fn hours_stay_apart_and_a_third_folds_into_the_next() {
+        let mut h = [Hour::default(); 2];
+        add_hour(&mut h, HOUR, 2);
+        add_hour(&mut h, 2 * HOUR, 3);
+        add_hour(&mut h, HOUR, 1);
+        assert_eq!(
+            h,
+            [
+                Hour { start: HOUR, n: 3 },
+                Hour {
+                    start: 2 * HOUR,
+                    n: 3
+                }
+            ]
+        );
+        add_hour(&mut h, 3 * HOUR, 1);
+        let total: i64 = h.iter().map(|x| x.n).sum();
+        assert_eq!(total, 7, "no request lost");
+        assert!(h.iter().any(|x| x.start == 3 * HOUR && x.n == 1));
+    }
+
+    #[test]
+    fn eviction_waits_for_writes_windows_and_idleness() {
+        let mut e = Entry::new(K, NEVER, 1);
+        let rate = Ask {
+            rate: Some(Limit {
+                requests: 10,
+                window_us: 60_000_000,
+            }),
+            quota: None,
+            cost: 1,
+        };
+        assert!(decide(&mut e, &rate, None, T).admitted());
+        let idle = 10_000_000;
+        assert!(!evictable(&e, T + 100_000_000, idle, 0), "unwritten use");
+        let t = take(&mut e, 0, 2).unwrap();
+        assert!(!evictable(&e, T + 100_000_000, idle, 0), "in flight");
+        confirm(&mut e, &t, &all(&t), 3);
+        assert!(!evictable(&e, T + 30_000_000, idle, 0), "window still live");
+        assert!(evictable(&e, T + 100_000_000, idle, 0));
+        let mut e = Entry::new(K, NEVER, 1);
+        decide(&mut e, &plain(1), None, T);
+        let t = take(&mut e, 0, 2).unwrap();
+        confirm(&mut e, &t, &all(&t), 3);
+        assert!(!evictable(&e, T + 1, idle, 0), "used just now");
+        assert!(evictable(&e, T + idle, idle, 0));
+    }
+
+    #[test]
+    fn a_gone_key_pins_nothing_and_a_requeue_keeps_everything() {
+        let mut e = Entry::new(K, NEVER, 1);
+        decide(&mut e, &quota_ask(10, 1000, 2), Some(0), T);
+        let _ = take(&mut e, 0, 2).unwrap();
+        requeue(&mut e, 3);
+        assert_eq!((e.quota.pending, e.quota.inflight), (2, 0));
+        assert_eq!(unwritten_hours(&e).map(|h| h.n).sum::<i64>(), 2);
+        forget_unwritten(&mut e);
+        assert!(evictable(&e, T + HOUR, 1, 0));
+    }
+
+    #[test]
+    fn a_warning_quota_crossed_is_taken_once() {
+        let mut e = Entry::new(K, NEVER, 1);
+        let warn = |cost| Ask {
+            rate: None,
+            quota: Some(QuotaAsk {
+                limit: 2,
+                period_start: 10,
+                on_exceeded: OnExceeded::Warn,
+            }),
+            cost,
+        };
+        decide(&mut e, &warn(2), Some(0), T);
+        assert_eq!(e.warn_used, 0);
+        assert!(decide(&mut e, &warn(1), None, T).admitted());
+        assert_eq!(e.warn_used, 3);
+        let t = take(&mut e, 0, 2).unwrap();
+        assert_eq!(t.warn, Some(3));
+        confirm(&mut e, &t, &all(&t), 3);
+        decide(&mut e, &warn(1), None, T);
+        assert_eq!(e.warn_used, 0, "crossed once");
+    }
+}
