@@ -60,8 +60,12 @@ psql -X -q -v ON_ERROR_STOP=1 -f bench/setup.sql >/dev/null
 rate_limit "$RL"
 psql -X -q -At -c "SELECT count(*) FILTER (WHERE (keypal_verify('k' || lpad(n::text, 31, '0'))).valid) FROM generate_series(1, 1000000) n" >/dev/null
 rate_limit null
-psql -X -q -c "VACUUM ANALYZE keypal.keys" -c "CHECKPOINT"
 shm() { psql -X -At -c "SELECT value FROM keypal.shared_stats() WHERE name = '$1'"; }
+# Steady state: the flush worker has written the warm-up's 1 100 000 first uses.
+t0=$(date +%s)
+while [ "$(shm queued)" != 0 ]; do sleep 1; done
+echo "the flush worker wrote 1 100 000 first uses in about $(( $(date +%s) - t0 )) s after the warm-up"
+psql -X -q -c "VACUUM ANALYZE keypal.keys" -c "CHECKPOINT"
 echo "shared entries: $(shm entries) x $(shm entry_bytes) bytes (accounted); /dev/shm holds $(du -sm /dev/shm | cut -f1) MB"
 
 for round in $(seq "$ROUNDS"); do

@@ -1058,28 +1058,30 @@ BEGIN
                 UNION SELECT unnest(w_keys)) AS a(id)
          WHERE NOT EXISTS (SELECT 1 FROM keypal.keys k WHERE k.id = a.id);
 
+    -- Every step below is driven by the batch, one index probe per item (the planner
+    -- cannot know the arrays' lengths: no join of two arrays may be left to it).
     -- Last uses: rows another transaction holds are skipped.
-    WITH f AS (SELECT * FROM unnest(lu_keys, lu_at) AS f(id, at)),
-    free AS (SELECT k.id FROM keypal.keys k WHERE k.id = ANY (lu_keys)
-                FOR NO KEY UPDATE SKIP LOCKED),
-    done AS (UPDATE keypal.keys k SET last_used_at = greatest(k.last_used_at, f.at)
-               FROM f JOIN free ON free.id = f.id
-              WHERE k.id = f.id
+    WITH free AS (
+        SELECT k.id, f.at FROM unnest(lu_keys, lu_at) AS f(id, at)
+          JOIN keypal.keys k ON k.id = f.id
+           FOR NO KEY UPDATE OF k SKIP LOCKED),
+    done AS (UPDATE keypal.keys k SET last_used_at = greatest(k.last_used_at, free.at)
+               FROM free WHERE k.id = free.id
              RETURNING k.id)
     SELECT array_agg(id) INTO done_l FROM done;
 
     -- Quota use: rows that exist and are free are updated; a key without one gets it
     -- inserted (waiting at most 100 ms for another transaction inserting the same).
-    WITH f AS (SELECT * FROM unnest(q_keys, q_start, q_n) AS f(id, start, n)),
-    free AS (SELECT q.key_id FROM keypal.quota_usage q WHERE q.key_id = ANY (q_keys)
-                FOR NO KEY UPDATE SKIP LOCKED),
+    WITH free AS (
+        SELECT q.key_id, f.start, f.n FROM unnest(q_keys, q_start, q_n) AS f(id, start, n)
+          JOIN keypal.quota_usage q ON q.key_id = f.id
+           FOR NO KEY UPDATE OF q SKIP LOCKED),
     done AS (UPDATE keypal.quota_usage q
-                SET used = CASE WHEN q.period_start = f.start THEN q.used + f.n
-                                WHEN q.period_start < f.start THEN f.n
+                SET used = CASE WHEN q.period_start = free.start THEN q.used + free.n
+                                WHEN q.period_start < free.start THEN free.n
                                 ELSE q.used END,
-                    period_start = greatest(q.period_start, f.start)
-               FROM f JOIN free ON free.key_id = f.id
-              WHERE q.key_id = f.id
+                    period_start = greatest(q.period_start, free.start)
+               FROM free WHERE q.key_id = free.key_id
              RETURNING q.key_id)
     SELECT array_agg(key_id) INTO done_q FROM done;
     BEGIN
@@ -1097,25 +1099,23 @@ BEGIN
     END;
 
     -- Requests per hour, likewise (a row per key and hour; keypal_track_usage without an
-    -- endpoint counts in the same row).
-    WITH f AS (SELECT f.id, f.at, sum(f.n) AS n FROM unnest(h_keys, h_at, h_n) AS f(id, at, n)
-                GROUP BY f.id, f.at),
-    free AS (SELECT u.key_id, u.hour FROM keypal.usage u JOIN f ON u.key_id = f.id AND u.hour = f.at
-              WHERE u.endpoint = '' FOR NO KEY UPDATE OF u SKIP LOCKED),
-    done AS (UPDATE keypal.usage u SET requests = u.requests + f.n
-               FROM f JOIN free ON free.key_id = f.id AND free.hour = f.at
-              WHERE u.key_id = f.id AND u.hour = f.at AND u.endpoint = ''
+    -- endpoint counts in the same row). The worker sends each key and hour once.
+    WITH free AS (
+        SELECT u.key_id, u.hour, f.n FROM unnest(h_keys, h_at, h_n) AS f(id, at, n)
+          JOIN keypal.usage u ON u.key_id = f.id AND u.hour = f.at AND u.endpoint = ''
+           FOR NO KEY UPDATE OF u SKIP LOCKED),
+    done AS (UPDATE keypal.usage u SET requests = u.requests + free.n
+               FROM free WHERE u.key_id = free.key_id AND u.hour = free.hour AND u.endpoint = ''
              RETURNING u.key_id, u.hour)
     SELECT array_agg(key_id), array_agg(hour) INTO done_h, done_h_at FROM done;
     BEGIN
         PERFORM set_config('lock_timeout', '100ms', true);
         WITH ins AS (
             INSERT INTO keypal.usage AS u (key_id, hour, endpoint, requests)
-            SELECT f.id, f.at, '', sum(f.n) FROM unnest(h_keys, h_at, h_n) AS f(id, at, n)
+            SELECT f.id, f.at, '', f.n FROM unnest(h_keys, h_at, h_n) AS f(id, at, n)
              WHERE NOT EXISTS (SELECT 1 FROM keypal.usage x
                                 WHERE x.key_id = f.id AND x.hour = f.at AND x.endpoint = '')
                AND EXISTS (SELECT 1 FROM keypal.keys k WHERE k.id = f.id)
-             GROUP BY f.id, f.at
             ON CONFLICT ON CONSTRAINT usage_pkey DO NOTHING
             RETURNING u.key_id, u.hour)
         SELECT array_agg(key_id), array_agg(hour) INTO more_h, more_h_at FROM ins;

@@ -44,16 +44,18 @@ fn request<'a>(
 }
 
 /// Defines a verify-family SQL function: the key (`key text`, unless another first
-/// argument is given) plus the verify arguments (SPEC §3), SECURITY DEFINER with a pinned
-/// search_path. `$req` is bound to the parsed Request.
+/// argument is given) plus the verify arguments (SPEC §3). `$req` is bound to the parsed
+/// Request. Not SECURITY DEFINER: verify reads its tables without the executor (no
+/// privilege checks, no name lookups), and the one path that runs SQL — loading the
+/// settings cache — switches to keypal's owner and a pinned search_path itself
+/// (catalog.rs), so every call does not pay for the switch.
 macro_rules! verify_fn {
     ($(#[$doc:meta])* $name:ident, |$key:ident, $req:ident| $body:expr, $($ret:tt)+) => {
         verify_fn!($(#[$doc])* $name, key: Option<&str>, |$key, $req| $body, $($ret)+);
     };
     ($(#[$doc:meta])* $name:ident, $arg:ident: $argty:ty, |$key:ident, $req:ident| $body:expr, $($ret:tt)+) => {
         $(#[$doc])*
-        #[pg_extern(volatile, parallel_unsafe, security_definer)]
-        #[search_path(pg_catalog, pg_temp)]
+        #[pg_extern(volatile, parallel_unsafe)]
         #[allow(clippy::too_many_arguments)]
         fn $name(
             $arg: default!($argty, "NULL"),
@@ -532,7 +534,8 @@ mod keypal {
         TableIterator::new(rows)
     }
 
-    /// The shared state's figures: entries in use and the most allowed, bytes per entry,
+    /// The shared state's figures: entries in use, those queued for the flush worker, the
+    /// most allowed, bytes per entry,
     /// uses not recorded for want of memory, flush workers running, and how long ago this
     /// database's worker last flushed (ms; NULL: never).
     #[pg_extern(volatile, parallel_restricted)]
@@ -540,6 +543,7 @@ mod keypal {
         let s = crate::limits::shmem::stats();
         TableIterator::new(vec![
             ("entries".to_string(), Some(s.entries)),
+            ("queued".to_string(), Some(s.queued)),
             ("entries_max".to_string(), Some(s.max_entries)),
             (
                 "entry_bytes".to_string(),

@@ -137,8 +137,53 @@ pub fn get() -> Rc<Catalog> {
         return c;
     }
     let generation = GENERATION.get();
-    let c = loading(|| Connection::with(load_fresh));
+    let c = loading(|| as_owner(|| Connection::with(load_fresh)));
     keep_unless_overtaken(Rc::new(c), generation)
+}
+
+/// Runs `f` — the load's queries — as the owner of keypal's schema with search_path pinned
+/// to `pg_catalog, pg_temp`: what SECURITY DEFINER with SET search_path would give the whole
+/// verify call, here only on this rare path (verify itself reads its tables without the
+/// executor, which checks no privileges). An error inside leaves both to the transaction's
+/// (or subtransaction's) abort to restore, as PostgreSQL does for SECURITY DEFINER.
+fn as_owner<R>(f: impl FnOnce() -> R) -> R {
+    // SAFETY: a syscache lookup of keypal's schema, then the same user and setting switch
+    // fmgr makes for a SECURITY DEFINER function with a SET clause, undone in reverse.
+    unsafe {
+        let nsp = pg_sys::get_namespace_oid(c"keypal".as_ptr(), false);
+        let tup = pg_sys::SearchSysCache1(
+            pg_sys::SysCacheIdentifier::NAMESPACEOID as i32,
+            pg_sys::Datum::from(nsp),
+        );
+        if tup.is_null() {
+            pgrx::error!("keypal: schema keypal not found");
+        }
+        let owner = (*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_namespace>(tup)).nspowner;
+        pg_sys::ReleaseSysCache(tup);
+        let (mut user, mut context) = (pg_sys::InvalidOid, 0);
+        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
+        pg_sys::SetUserIdAndSecContext(
+            owner,
+            context
+                | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32
+                | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
+        );
+        let nest = pg_sys::NewGUCNestLevel();
+        pg_sys::set_config_option(
+            c"search_path".as_ptr(),
+            c"pg_catalog, pg_temp".as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            0,
+            false,
+        );
+        let r = f();
+        pg_sys::AtEOXact_GUC(true, nest);
+        pg_sys::SetUserIdAndSecContext(user, context);
+        r
+    }
 }
 
 /// Runs a load with LOADING set, cleared again even if the load raises (a guard, since an
@@ -295,7 +340,7 @@ pub fn load_overtaken_by(relid: pg_sys::Oid) -> Rc<Catalog> {
     CACHE.with(|c| c.borrow_mut().take());
     let generation = GENERATION.get();
     let c = loading(|| {
-        let c = Connection::with(load_fresh);
+        let c = as_owner(|| Connection::with(load_fresh));
         // SAFETY: the callback only touches this module's backend-local state.
         unsafe { on_relcache(pg_sys::Datum::from(0usize), relid) };
         c

@@ -61,27 +61,32 @@ pub extern "C-unwind" fn keypal_flush_worker_main(arg: pg_sys::Datum) {
     if !BackgroundWorker::transaction(|| shmem::claim_worker(db)) {
         return; // another worker serves this database
     }
-    let mut empty_since: Option<i64> = None;
+    let mut state = State::default();
     loop {
-        let interval = Duration::from_millis(crate::gucs::FLUSH_INTERVAL_MS.get().max(10) as u64);
+        // A full batch means more is queued: the next one at once.
+        let interval = if state.full_batch {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(crate::gucs::FLUSH_INTERVAL_MS.get().max(10) as u64)
+        };
         if !BackgroundWorker::wait_latch(Some(interval)) {
-            last_flushes(db);
+            last_flushes(db, &mut state);
             return;
         }
         if BackgroundWorker::sighup_received() {
             // SAFETY: re-reads the configuration files, as a worker must on SIGHUP.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
-        let Some(remaining) = flush_once(db) else {
+        if flush_once(db, &mut state).is_none() {
             return; // keypal is not installed here (any more)
-        };
+        }
         // SAFETY: reads the clock.
         let now = unsafe { pg_sys::GetCurrentTimestamp() };
-        if remaining > 0 {
-            empty_since = None;
+        if state.remaining > 0 || state.full_batch {
+            state.empty_since = None;
             continue;
         }
-        let since = *empty_since.get_or_insert(now);
+        let since = *state.empty_since.get_or_insert(now);
         if now - since >= IDLE_EXIT_US {
             // Leave, unless a verify made an entry just as the slot was given up (it saw
             // this worker running and started none).
@@ -89,21 +94,39 @@ pub extern "C-unwind" fn keypal_flush_worker_main(arg: pg_sys::Datum) {
             if shmem::entries_of(db) == 0 || !shmem::claim_worker(db) {
                 return;
             }
-            empty_since = None;
+            state.empty_since = None;
         }
     }
 }
+
+/// What the worker remembers between flushes.
+#[derive(Default)]
+struct State {
+    /// When it last swept every entry (µs; 0: never).
+    swept_at: i64,
+    /// Entries of its database at the last sweep.
+    remaining: usize,
+    /// The last flush took as many entries as a batch holds.
+    full_batch: bool,
+    empty_since: Option<i64>,
+}
+
+/// Entries one flush transaction writes at most (more wait for the next, at once).
+const MAX_BATCH: usize = 10_000;
+/// How often the worker sweeps every entry for eviction (more often when memory is
+/// nearly full).
+const SWEEP_EVERY_US: i64 = 5_000_000;
 
 /// Told to stop: flushes until the database's sessions have gone — at a clean shutdown they
 /// are stopping too, and what they count until then is written — then once more. Stopped
 /// alone (pg_terminate_backend, DROP DATABASE … WITH (FORCE)) the sessions stay: it leaves
 /// once their number has not fallen for a moment.
-fn last_flushes(db: u32) {
+fn last_flushes(db: u32, state: &mut State) {
     let deadline = std::time::Instant::now() + SHUTDOWN_WAIT;
     let mut fewest = i32::MAX;
     let mut stalled_since = std::time::Instant::now();
     loop {
-        flush_once(db);
+        while flush_once(db, state).is_some() && state.full_batch {}
         // SAFETY: counts the sessions connected to this database (background workers not
         // included).
         let sessions = unsafe { pg_sys::CountDBConnections(pg_sys::Oid::from(db)) };
@@ -117,7 +140,7 @@ fn last_flushes(db: u32) {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    flush_once(db);
+    while flush_once(db, state).is_some() && state.full_batch {}
 }
 
 /// How long the sessions' number may stay put before a stopping worker stops waiting.
@@ -182,13 +205,14 @@ const RESOLUTION: &str = "SELECT (pg_catalog.date_part('epoch', s.last_used_reso
 /// is written and it all stays for the next flush). Rows back: what was written.
 const FLUSH: &str = "SELECT f.kind::pg_catalog.text, f.key_id FROM keypal.flush_usage($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) f";
 
-/// One flush: takes this database's batch, writes it in one transaction, confirms it in
-/// shared memory. Returns how many of the database's entries remain, or None when keypal
-/// is not installed in it.
-fn flush_once(db: u32) -> Option<usize> {
+/// One flush: takes a batch of this database's queued entries, writes it in one
+/// transaction, confirms it in shared memory; sweeps every entry now and then. None when
+/// keypal is not installed in the database.
+fn flush_once(db: u32, state: &mut State) -> Option<()> {
     // SAFETY: reads the clock.
     let now = unsafe { pg_sys::GetCurrentTimestamp() };
     let standby = unsafe { pg_sys::RecoveryInProgress() };
+    let sweep_due = now - state.swept_at >= SWEEP_EVERY_US || shmem::nearly_full();
     let result = BackgroundWorker::transaction(|| {
         if Spi::run(PIN_SEARCH_PATH).is_err() {
             return Some(None);
@@ -209,7 +233,8 @@ fn flush_once(db: u32) -> Option<usize> {
                 .unwrap_or(60_000_000),
             idle_us: idle_us(),
         };
-        let (batch, remaining) = shmem::take(&sweep, db_exists);
+        let remaining = sweep_due.then(|| shmem::sweep(&sweep, db_exists));
+        let batch = shmem::take(&sweep, MAX_BATCH);
         let written = if batch.is_empty() || standby {
             Some(Written {
                 everything: true,
@@ -225,10 +250,16 @@ fn flush_once(db: u32) -> Option<usize> {
     // SAFETY: outside any transaction, as PostgreSQL's own workers call it.
     unsafe { pg_sys::pgstat_report_stat(false) };
     let Some((sweep, batch, remaining, written)) = result? else {
-        return Some(1);
+        state.full_batch = false;
+        return Some(());
     };
+    if let Some(n) = remaining {
+        state.remaining = n;
+        state.swept_at = now;
+    }
+    state.full_batch = batch.len() >= MAX_BATCH;
     if batch.is_empty() {
-        return Some(remaining);
+        return Some(());
     }
     // Nothing is known written unless the flush transaction committed (it did, if we are
     // here with its answer); on a standby, counts stay local: "written".
@@ -252,7 +283,7 @@ fn flush_once(db: u32) -> Option<usize> {
         .map(|w| w.missing.clone())
         .unwrap_or_default();
     shmem::confirm(&sweep, &batch, outcome, &missing, MISSING_GRACE_US);
-    Some(remaining)
+    Some(())
 }
 
 /// How long an entry stays after its last use: long enough that a key in steady use keeps

@@ -119,7 +119,8 @@ pub fn enforce(
             .as_ref()
             .map_or(0, |q| quota_used_now(catalog, key.id, q))
     };
-    let Ok(answer) = shmem::admit(key_bytes(key.id), &ask, last_used, load) else {
+    let resolution = catalog.last_used_resolution_us;
+    let Ok(answer) = shmem::admit(key_bytes(key.id), &ask, last_used, resolution, load) else {
         if rate.is_none() && quota.is_none() {
             // Nothing to enforce: the key verifies; only its use goes unrecorded.
             shmem::note_dropped();

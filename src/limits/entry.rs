@@ -73,6 +73,9 @@ pub struct Entry {
     pub warn_inflight: i64,
     /// Since when the flush worker has not found the key in the table (0: found).
     pub missing_since: i64,
+    /// In the flush worker's queue (shmem.rs): set with the first change to write, cleared
+    /// when the worker takes the entry's changes.
+    pub queued: bool,
 }
 
 impl Entry {
@@ -94,6 +97,7 @@ impl Entry {
             warn_used: 0,
             warn_inflight: 0,
             missing_since: 0,
+            queued: false,
         }
     }
 }
@@ -214,6 +218,14 @@ fn add_hour(hours: &mut [Hour; 2], start: i64, n: i64) {
     hours[1].n = hours[1].n.saturating_add(hours[0].n);
     hours[0] = Hour { start, n };
     hours.sort_by_key(|h| h.start);
+}
+
+/// Whether the entry has something for the flush worker to write (not in flight already).
+pub fn dirty(e: &Entry, resolution_us: i64) -> bool {
+    (e.last_used_inflight == NEVER && last_use_unwritten(e, resolution_us))
+        || e.hours.iter().any(|h| h.n > 0)
+        || e.quota.pending > 0
+        || e.warn_used > 0
 }
 
 /// What the flush worker took from one entry to write.
@@ -379,6 +391,7 @@ pub fn evictable(e: &Entry, now: i64, idle_us: i64, resolution_us: i64) -> bool 
     let idle = e.last_seen == NEVER || now.saturating_sub(e.last_seen) >= idle_us;
     window_over
         && idle
+        && !e.queued
         && !last_use_unwritten(e, resolution_us)
         && e.last_used_inflight == NEVER
         && e.hours.iter().chain(&e.hours_inflight).all(|h| h.n == 0)
@@ -488,6 +501,28 @@ mod tests {
         decide(&mut e, &plain(1), None, T + 10);
         assert_eq!(take(&mut e, 60_000_000, 7), None);
         assert!(take(&mut e, 1, 8).is_some_and(|t| t.last_used == Some(T + 10)));
+    }
+
+    #[test]
+    fn dirty_means_something_to_write() {
+        let mut e = Entry::new(K, NEVER, 1);
+        assert!(!dirty(&e, 0));
+        decide(&mut e, &plain(1), None, T);
+        assert!(dirty(&e, 60_000_000), "a first use");
+        let t = take(&mut e, 60_000_000, 2).unwrap();
+        assert!(!dirty(&e, 60_000_000), "in flight");
+        confirm(&mut e, &t, &all(&t), 3);
+        decide(&mut e, &plain(1), None, T + 1);
+        assert!(!dirty(&e, 60_000_000), "within the resolution");
+        decide(&mut e, &quota_ask(10, 100, 1), Some(0), T + 2);
+        assert!(dirty(&e, 60_000_000), "a quota count");
+        // A partly failed flush leaves the rest dirty.
+        let t = take(&mut e, 60_000_000, 4).unwrap();
+        let mut o = all(&t);
+        o.hours_unwritten = vec![hour_start(T)];
+        confirm(&mut e, &t, &o, 5);
+        assert!(dirty(&e, 60_000_000) && e.quota.pending == 0);
+        assert_eq!(unwritten_hours(&e).map(|h| h.n).sum::<i64>(), 1);
     }
 
     #[test]

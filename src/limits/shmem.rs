@@ -17,7 +17,7 @@ use super::dshash::{self, DshashTable, Parameters, SeqStatus};
 use super::entry::{self, Answer, Ask, Entry, EntryKey, Outcome, Taken, NEVER};
 use pgrx::pg_sys;
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::ffi::{c_void, CStr};
 use std::sync::atomic::{AtomicI32, AtomicI64, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
@@ -25,8 +25,9 @@ use std::sync::atomic::{AtomicI32, AtomicI64, AtomicPtr, AtomicU32, AtomicU64, O
 pub const MAX_WORKERS: usize = 64;
 
 /// Bytes an entry takes in the area: the entry, dshash's item header, its share of the
-/// bucket array and the allocator's rounding (measured: docs/DESIGN.md).
-pub const BYTES_PER_ENTRY: usize = std::mem::size_of::<Entry>() + 48;
+/// bucket array, its place in the queue and the allocator's rounding (measured:
+/// docs/DESIGN.md).
+pub const BYTES_PER_ENTRY: usize = std::mem::size_of::<Entry>() + 96;
 
 #[repr(C)]
 struct WorkerSlot {
@@ -48,7 +49,11 @@ struct Root {
     ready: bool,
     area: pg_sys::dsa_handle,
     table: pg_sys::dsa_pointer,
+    /// The flush worker's queue: a second table of the keys whose entries have changes to
+    /// write, so a flush visits those, not every entry.
+    queue: pg_sys::dsa_pointer,
     entries: AtomicI64,
+    queued: AtomicI64,
     seq: AtomicU64,
     /// Uses not recorded because the memory was full (keys without limits still verify).
     dropped: AtomicU64,
@@ -64,15 +69,21 @@ const ROOT_NAME: &CStr = c"keypal root";
 struct Local {
     root: *mut Root,
     table: *mut DshashTable,
+    queue: *mut DshashTable,
 }
 
 static ROOT: AtomicPtr<Root> = AtomicPtr::new(std::ptr::null_mut());
 static TABLE: AtomicPtr<DshashTable> = AtomicPtr::new(std::ptr::null_mut());
+static QUEUE: AtomicPtr<DshashTable> = AtomicPtr::new(std::ptr::null_mut());
 
 fn local() -> Local {
-    let (root, table) = (ROOT.load(Ordering::Relaxed), TABLE.load(Ordering::Relaxed));
-    if !root.is_null() && !table.is_null() {
-        return Local { root, table };
+    let (root, table, queue) = (
+        ROOT.load(Ordering::Relaxed),
+        TABLE.load(Ordering::Relaxed),
+        QUEUE.load(Ordering::Relaxed),
+    );
+    if !root.is_null() && !table.is_null() && !queue.is_null() {
+        return Local { root, table, queue };
     }
     // SAFETY: called inside a transaction or from the flush worker; errors (no memory for a
     // segment) leave nothing half set: the pointers are stored once everything is attached.
@@ -83,9 +94,10 @@ fn local() -> Local {
             root
         };
         ROOT.store(root, Ordering::Relaxed);
-        let table = attach_table(root);
+        let (table, queue) = attach_tables(root);
         TABLE.store(table, Ordering::Relaxed);
-        Local { root, table }
+        QUEUE.store(queue, Ordering::Relaxed);
+        Local { root, table, queue }
     }
 }
 
@@ -115,10 +127,10 @@ unsafe fn init_root(root: *mut Root) {
     }
 }
 
-fn params(root: *mut Root) -> Parameters {
+fn params(root: *mut Root, entry_size: usize) -> Parameters {
     Parameters {
         key_size: std::mem::size_of::<EntryKey>(),
-        entry_size: std::mem::size_of::<Entry>(),
+        entry_size,
         compare_function: compare_keys,
         hash_function: hash_key,
         // SAFETY: the root is set up before any table is made or attached.
@@ -156,31 +168,37 @@ fn key_hash(k: &EntryKey) -> u32 {
     h as u32
 }
 
-/// Attaches this backend to the root's area and table, making them on first use.
-unsafe fn attach_table(root: *mut Root) -> *mut DshashTable {
+/// Attaches this backend to the root's area, table and queue, making them on first use.
+unsafe fn attach_tables(root: *mut Root) -> (*mut DshashTable, *mut DshashTable) {
     unsafe {
         register_tranches(root);
         // The area and table descriptors live as long as the backend.
         let old = pg_sys::MemoryContextSwitchTo(pg_sys::TopMemoryContext);
         pg_sys::LWLockAcquire(root_lock(root), pg_sys::LWLockMode::LW_EXCLUSIVE);
-        let p = params(root);
-        let table = if (*root).ready {
+        let entries = params(root, std::mem::size_of::<Entry>());
+        let keys = params(root, std::mem::size_of::<EntryKey>());
+        let tables = if (*root).ready {
             let area = pg_sys::dsa_attach((*root).area);
             pg_sys::dsa_pin_mapping(area);
-            dshash::dshash_attach(area, &p, (*root).table, std::ptr::null_mut())
+            (
+                dshash::dshash_attach(area, &entries, (*root).table, std::ptr::null_mut()),
+                dshash::dshash_attach(area, &keys, (*root).queue, std::ptr::null_mut()),
+            )
         } else {
             let area = pg_sys::dsa_create((*root).area_tranche);
             pg_sys::dsa_pin(area);
             pg_sys::dsa_pin_mapping(area);
-            let table = dshash::dshash_create(area, &p, std::ptr::null_mut());
+            let table = dshash::dshash_create(area, &entries, std::ptr::null_mut());
+            let queue = dshash::dshash_create(area, &keys, std::ptr::null_mut());
             (*root).area = pg_sys::dsa_get_handle(area);
             (*root).table = dshash::dshash_get_hash_table_handle(table);
+            (*root).queue = dshash::dshash_get_hash_table_handle(queue);
             (*root).ready = true;
-            table
+            (table, queue)
         };
         pg_sys::LWLockRelease(root_lock(root));
         pg_sys::MemoryContextSwitchTo(old);
-        table
+        tables
     }
 }
 
@@ -394,6 +412,7 @@ pub fn admit(
     key: [u8; 16],
     ask: &Ask,
     last_written: Option<i64>,
+    resolution_us: i64,
     mut load_used: impl FnMut() -> i64,
 ) -> Result<Answer, Full> {
     let l = local();
@@ -424,10 +443,31 @@ pub fn admit(
             loaded = Some((seq, load_used()));
             continue;
         }
-        break entry::decide(e, ask, usable, now);
+        let answer = entry::decide(e, ask, usable, now);
+        queue_if_dirty(&l, e, resolution_us);
+        break answer;
     };
     ensure_worker(&l, now);
     Ok(answer)
+}
+
+/// Puts a locked entry with changes to write in the flush worker's queue, once.
+fn queue_if_dirty(l: &Local, e: &mut Entry, resolution_us: i64) {
+    if e.queued || !entry::dirty(e, resolution_us) {
+        return;
+    }
+    e.queued = true;
+    let mut found = false;
+    // SAFETY: the queue is attached; its entries are bare keys, written before release. (The
+    // entry's partition lock is held: every path takes an entry's lock before the queue's.)
+    unsafe {
+        let q = dshash::dshash_find_or_insert(l.queue, (&raw const e.k).cast(), &mut found);
+        if !found {
+            q.cast::<EntryKey>().write(e.k);
+            (*l.root).queued.fetch_add(1, Ordering::Relaxed);
+        }
+        dshash::dshash_release_lock(l.queue, q);
+    }
 }
 
 /// Table reads a verify tries before deciding on the base it has.
@@ -543,9 +583,13 @@ pub fn claim_worker(db: u32) -> bool {
         claimed
     };
     if claimed {
+        // What a predecessor took and never confirmed is pending again, and queued (it may
+        // have drained the queue before it died).
         for_each_entry(&l, true, |e| {
             if e.k.db == db {
                 entry::requeue(e, next_seq(unsafe { &*l.root }));
+                e.queued = false;
+                queue_if_dirty(&l, e, 0);
             }
             Visit::Keep
         });
@@ -610,16 +654,46 @@ pub struct Sweep {
     pub idle_us: i64,
 }
 
-/// The flush worker's pass over the entries: takes what its database's entries have to
-/// write, drops entries that are done (and those of databases that no longer exist:
-/// `db_exists`). Returns the batch and how many entries of its database remain.
-pub fn take(s: &Sweep, mut db_exists: impl FnMut(u32) -> bool) -> (Vec<Taken>, usize) {
+/// The flush worker's batch: up to `max` queued entries of its database, their changes
+/// taken (in flight until `confirm`).
+pub fn take(s: &Sweep, max: usize) -> Vec<Taken> {
     let l = local();
     // SAFETY: the root is attached.
     let root = unsafe { &*l.root };
-    let mut batch = Vec::new();
-    let mut remaining = 0;
-    let mut exists: HashMap<u32, bool> = HashMap::new();
+    let mut keys = Vec::new();
+    let mut status = SeqStatus::default();
+    // SAFETY: a sequential scan of the attached queue, deleting this database's keys (other
+    // databases' stay for their workers); nothing in the loop can raise an error.
+    unsafe {
+        dshash::dshash_seq_init(&mut status, l.queue, true);
+        while keys.len() < max {
+            let k = dshash::dshash_seq_next(&mut status).cast::<EntryKey>();
+            if k.is_null() {
+                break;
+            }
+            if (*k).db == s.db {
+                keys.push(*k);
+                dshash::dshash_delete_current(&mut status);
+                root.queued.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        dshash::dshash_seq_term(&mut status);
+    }
+    keys.iter()
+        .filter_map(|k| {
+            let mut locked = find(&l, k, true)?;
+            let e = locked.get();
+            e.queued = false;
+            entry::take(e, s.resolution_us, next_seq(root))
+        })
+        .collect()
+}
+
+/// The flush worker's pass over every entry, now and then: drops entries that are done
+/// (`entry::evictable`) and those of databases that no longer exist (`db_exists`). Returns
+/// how many entries of its database remain.
+pub fn sweep(s: &Sweep, mut db_exists: impl FnMut(u32) -> bool) -> usize {
+    let l = local();
     // Existence of other databases is looked up outside the partition locks.
     let mut others = HashSet::new();
     for_each_entry(&l, false, |e| {
@@ -628,30 +702,36 @@ pub fn take(s: &Sweep, mut db_exists: impl FnMut(u32) -> bool) -> (Vec<Taken>, u
         }
         Visit::Keep
     });
-    for db in others {
-        exists.insert(db, db_exists(db));
-    }
+    let gone: HashSet<u32> = others.into_iter().filter(|db| !db_exists(*db)).collect();
+    let mut remaining = 0;
     for_each_entry(&l, true, |e| {
         if e.k.db != s.db {
-            return if exists.get(&e.k.db) == Some(&false) {
+            return if gone.contains(&e.k.db) {
                 Visit::Delete
             } else {
                 Visit::Keep
             };
         }
-        if let Some(t) = entry::take(e, s.resolution_us, next_seq(root)) {
-            batch.push(t);
-        } else if entry::evictable(e, s.now, s.idle_us, s.resolution_us) {
+        if entry::evictable(e, s.now, s.idle_us, s.resolution_us) {
             return Visit::Delete;
         }
         remaining += 1;
         Visit::Keep
     });
-    (batch, remaining)
+    remaining
+}
+
+/// Whether the entries fill `keypal.shared_memory` past nine tenths (the worker then sweeps
+/// at every flush).
+pub fn nearly_full() -> bool {
+    let l = local();
+    // SAFETY: the root is attached; an atomic read.
+    unsafe { &*l.root }.entries.load(Ordering::Relaxed) * 10 >= max_entries() * 9
 }
 
 /// After the flush: each taken part written or not (`outcome`); keys `missing` from the
-/// table for longer than `grace_us` have what they counted dropped.
+/// table for longer than `grace_us` have what they counted dropped. What is left to write
+/// goes back in the queue.
 pub fn confirm(
     s: &Sweep,
     batch: &[Taken],
@@ -679,6 +759,7 @@ pub fn confirm(
             } else {
                 e.missing_since = 0;
             }
+            queue_if_dirty(&l, e, s.resolution_us);
         }
     }
     let me = unsafe { pg_sys::MyProcPid };
@@ -791,6 +872,7 @@ pub fn unwritten_hours() -> Vec<([u8; 16], i64, i64)> {
 /// Figures for keypal_stats().
 pub struct Stats {
     pub entries: i64,
+    pub queued: i64,
     pub max_entries: i64,
     pub dropped: u64,
     pub workers: i64,
@@ -810,6 +892,7 @@ pub fn stats() -> Stats {
         .find(|s| s.db.load(Ordering::Relaxed) == db);
     Stats {
         entries: root.entries.load(Ordering::Relaxed),
+        queued: root.queued.load(Ordering::Relaxed),
         max_entries: max_entries(),
         dropped: root.dropped.load(Ordering::Relaxed),
         workers: root
