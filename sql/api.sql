@@ -27,14 +27,14 @@ COMMENT ON TYPE keypal.rotated_key IS 'What keypal_rotate returns: the new plain
 
 -- The public columns of a key: everything but its hash.
 CREATE VIEW keypal.key_info AS
-SELECT id, owner_id, org_id, env, name, description, scopes, resources, tags, metadata, enabled,
-       created_at, updated_at, expires_at,
-       -- the exact value: a use verify recorded that the flush worker has not yet written
-       greatest(last_used_at, keypal.unwritten_last_use(id)) AS last_used_at,
-       revoked_at, revoke_reason, revoked_by,
-       rotated_from, rotated_to, parent_id, policy, rate_limit, quota, allowed_ips, blocked_ips,
-       allowed_regions, blocked_regions, disable_at, revoke_at, notify_before, algorithm
-  FROM keypal.keys;
+SELECT k.id, k.owner_id, k.org_id, k.env, k.name, k.description, k.scopes, k.resources, k.tags,
+       k.metadata, k.enabled, k.created_at, k.updated_at, k.expires_at,
+       -- the exact value: the worker's last write, or a use verify recorded since
+       greatest(k.last_used_at, u.last_used_at, keypal.unwritten_last_use(k.id)) AS last_used_at,
+       k.revoked_at, k.revoke_reason, k.revoked_by, k.rotated_from, k.rotated_to, k.parent_id,
+       k.policy, k.rate_limit, k.quota, k.allowed_ips, k.blocked_ips, k.allowed_regions,
+       k.blocked_regions, k.disable_at, k.revoke_at, k.notify_before, k.algorithm
+  FROM keypal.keys k LEFT JOIN keypal.key_usage u ON u.key_id = k.id;
 COMMENT ON VIEW keypal.key_info IS 'The public columns of keypal.keys (never the hash), last_used_at as of now.';
 
 -- All per-hour usage: keypal.usage and what verify counted that the flush worker has not
@@ -923,7 +923,7 @@ BEGIN
         'expires_in_days', extract(epoch FROM k.expires_at - now()) / 86400,
         'has_ip_rule', cardinality(k.allowed_ips) > 0,
         'has_rate_limit', keypal.has_rate_limit(k.rate_limit, k.policy, k.env),
-        'days_since_last_use', extract(epoch FROM now() - k.last_used_at) / 86400,
+        'days_since_last_use', extract(epoch FROM now() - (SELECT i.last_used_at FROM keypal.key_info i WHERE i.id = k.id)) / 86400,
         'by_hour', (SELECT jsonb_agg(coalesce(x.s, 0) ORDER BY h)
                       FROM generate_series(0, 23) h
                       LEFT JOIN (SELECT extract(hour FROM p.hour AT TIME ZONE 'UTC')::int AS hh, sum(p.r) AS s
@@ -1033,17 +1033,21 @@ END $$;
 -- Returns ('m', key) for a key not in the table (deleted, or its creating transaction not
 -- committed), then what it wrote: ('L', key), ('Q', key), ('W', key), ('H', key, hour) for
 -- a last use, quota count, warning event, hour's requests (the rest is left for the next
--- flush); or ('x') when the flush failed — then nothing of it is written.
+-- flush; 'L' carries the key's last_used_at as the table now holds it); or ('x') when the
+-- flush failed — then nothing of it is written.
 CREATE FUNCTION keypal.flush_usage(
     lu_keys uuid[], lu_at timestamptz[],
     h_keys uuid[], h_at timestamptz[], h_n bigint[],
     q_keys uuid[], q_start timestamptz[], q_n bigint[],
-    w_keys uuid[], w_used bigint[])
+    w_keys uuid[], w_used bigint[], resolution interval)
 RETURNS TABLE (kind "char", key_id uuid, at timestamptz)
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_column
 DECLARE
     done_l uuid[];
+    done_l_at timestamptz[];
+    more_l uuid[];
+    more_l_at timestamptz[];
     done_q uuid[];
     more_q uuid[];
     done_w uuid[];
@@ -1060,15 +1064,31 @@ BEGIN
 
     -- Every step below is driven by the batch, one index probe per item (the planner
     -- cannot know the arrays' lengths: no join of two arrays may be left to it).
-    -- Last uses: rows another transaction holds are skipped.
+    -- Last uses: a row is moved on only by last_used_resolution or more; rows another
+    -- transaction holds are skipped. What the table then holds comes back with 'L'.
     WITH free AS (
-        SELECT k.id, f.at FROM unnest(lu_keys, lu_at) AS f(id, at)
-          JOIN keypal.keys k ON k.id = f.id
-           FOR NO KEY UPDATE OF k SKIP LOCKED),
-    done AS (UPDATE keypal.keys k SET last_used_at = greatest(k.last_used_at, free.at)
-               FROM free WHERE k.id = free.id
-             RETURNING k.id)
-    SELECT array_agg(id) INTO done_l FROM done;
+        SELECT u.key_id, f.at FROM unnest(lu_keys, lu_at) AS f(id, at)
+          JOIN keypal.key_usage u ON u.key_id = f.id
+           FOR NO KEY UPDATE OF u SKIP LOCKED),
+    done AS (UPDATE keypal.key_usage u
+                SET last_used_at = CASE WHEN free.at >= u.last_used_at + resolution THEN free.at
+                                        ELSE u.last_used_at END
+               FROM free WHERE u.key_id = free.key_id
+             RETURNING u.key_id, u.last_used_at)
+    SELECT array_agg(key_id), array_agg(last_used_at) INTO done_l, done_l_at FROM done;
+    BEGIN
+        PERFORM set_config('lock_timeout', '100ms', true);
+        WITH ins AS (
+            INSERT INTO keypal.key_usage AS u (key_id, last_used_at)
+            SELECT f.id, f.at FROM unnest(lu_keys, lu_at) AS f(id, at)
+             WHERE NOT EXISTS (SELECT 1 FROM keypal.key_usage x WHERE x.key_id = f.id)
+               AND EXISTS (SELECT 1 FROM keypal.keys k WHERE k.id = f.id)
+            ON CONFLICT (key_id) DO NOTHING
+            RETURNING u.key_id, u.last_used_at)
+        SELECT array_agg(key_id), array_agg(last_used_at) INTO more_l, more_l_at FROM ins;
+    EXCEPTION WHEN lock_not_available THEN
+        NULL;  -- left for the next flush
+    END;
 
     -- Quota use: rows that exist and are free are updated; a key without one gets it
     -- inserted (waiting at most 100 ms for another transaction inserting the same).
@@ -1133,7 +1153,8 @@ BEGIN
 
     -- What was written (keys missing from keypal.keys are reported above).
     RETURN QUERY
-        SELECT 'L'::"char", d.id, NULL::timestamptz FROM unnest(done_l) AS d(id)
+        SELECT 'L'::"char", d.id, d.at FROM unnest(done_l, done_l_at) AS d(id, at)
+        UNION ALL SELECT 'L', d.id, d.at FROM unnest(more_l, more_l_at) AS d(id, at)
         UNION ALL SELECT 'Q', d.id, NULL FROM unnest(done_q) AS d(id)
         UNION ALL SELECT 'Q', d.id, NULL FROM unnest(more_q) AS d(id)
         UNION ALL SELECT 'W', d.id, NULL FROM unnest(done_w) AS d(id)

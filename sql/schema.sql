@@ -94,7 +94,7 @@ CREATE TABLE keypal.keys (
     created_at       timestamptz NOT NULL DEFAULT now(),
     updated_at       timestamptz NOT NULL DEFAULT now(),
     expires_at       timestamptz,
-    last_used_at     timestamptz,
+    last_used_at     timestamptz,   -- as imported or restored; keypal writes keypal.key_usage
     -- revoked_at may lie in the future: a rotated key's grace period ends then.
     revoked_at       timestamptz,
     revoke_reason    text,
@@ -115,12 +115,22 @@ CREATE TABLE keypal.keys (
     CHECK (parent_id IS DISTINCT FROM id),
     CHECK (jsonb_typeof(resources) = 'object'),
     CHECK (jsonb_typeof(metadata) = 'object')
-) WITH (fillfactor = 90);  -- room on each page, so the flush worker's last_used_at writes stay HOT
+);
 CREATE INDEX keys_owner_idx ON keypal.keys (owner_id, created_at);
 CREATE INDEX keys_org_idx ON keypal.keys (org_id, created_at) WHERE org_id IS NOT NULL;
 CREATE INDEX keys_parent_idx ON keypal.keys (parent_id) WHERE parent_id IS NOT NULL;
 CREATE INDEX keys_tags_idx ON keypal.keys USING gin (tags);
 COMMENT ON TABLE keypal.keys IS 'API keys: one row per key, holding its hash (never the plaintext) and its settings.';
+
+-- When each key was last used: written behind by the flush worker (what verify recorded in
+-- shared memory), at most once per last_used_resolution per key. Kept apart from
+-- keypal.keys so that these writes neither churn the table and indexes verify reads nor
+-- conflict with transactions that change keys.
+CREATE TABLE keypal.key_usage (
+    key_id       uuid PRIMARY KEY REFERENCES keypal.keys (id) ON DELETE CASCADE,
+    last_used_at timestamptz NOT NULL
+) WITH (fillfactor = 50);   -- room on each page for HOT updates by the flush worker
+COMMENT ON TABLE keypal.key_usage IS 'When each key was last used, as the flush worker last wrote it (keypal.key_info adds what is not yet written).';
 
 -- Quota use in the current period, per key: written by keypal_track_usage and by the
 -- flush worker (what verify counted in shared memory).
@@ -182,4 +192,5 @@ SELECT pg_catalog.pg_extension_config_dump('keypal.events', '');
 SELECT pg_catalog.pg_extension_config_dump('keypal.audit_log_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('keypal.events_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('keypal.quota_usage', '');
+SELECT pg_catalog.pg_extension_config_dump('keypal.key_usage', '');
 SELECT pg_catalog.pg_extension_config_dump('keypal.usage', '');

@@ -180,7 +180,6 @@ mod col {
     pub const ENABLED: usize = 11;
     pub const REVOKED_AT: usize = 12;
     pub const PARENT_ID: usize = 13;
-    pub const LAST_USED_AT: usize = 14;
     pub const ALLOWED_IPS: usize = 15;
     pub const BLOCKED_IPS: usize = 16;
     pub const ALLOWED_REGIONS: usize = 17;
@@ -223,12 +222,7 @@ fn verify_in(catalog: &Catalog, key: &str, req: &Request) -> Result<(Row, Usage)
     }
     // The key and its ancestors as of one moment: now.
     let row = Fresh::with(|snapshot| judge(catalog, snapshot, key, req))?;
-    let usage = enforce::enforce(
-        catalog,
-        &row.limits(),
-        req.cost,
-        row.timestamp(col::LAST_USED_AT),
-    )?;
+    let usage = enforce::enforce(catalog, &row.limits(), req.cost)?;
     Ok((row, usage))
 }
 
@@ -292,11 +286,6 @@ impl Row {
 
     fn get(&self, c: usize) -> Option<pg_sys::Datum> {
         self.0[c]
-    }
-
-    fn timestamp(&self, c: usize) -> Option<i64> {
-        // timestamptz is a by-value int64 (microseconds since 2000-01-01).
-        self.get(c).map(|d| d.value() as i64)
     }
 
     fn text(&self, c: usize) -> Option<String> {

@@ -203,7 +203,9 @@ const RESOLUTION: &str = "SELECT (pg_catalog.date_part('epoch', s.last_used_reso
 
 /// Writes one batch (keypal.flush_usage, which catches its own errors: then nothing of it
 /// is written and it all stays for the next flush). Rows back: what was written.
-const FLUSH: &str = "SELECT f.kind::pg_catalog.text, f.key_id FROM keypal.flush_usage($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) f";
+const FLUSH: &str = "SELECT f.kind::pg_catalog.text, f.key_id, f.at
+                       FROM keypal.flush_usage($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
+                            pg_catalog.make_interval(secs => $11 OPERATOR(pg_catalog./) 1e6)) f";
 
 /// One flush: takes a batch of this database's queued entries, writes it in one
 /// transaction, confirms it in shared memory; sweeps every entry now and then. None when
@@ -241,7 +243,7 @@ fn flush_once(db: u32, state: &mut State) -> Option<()> {
                 ..Written::default()
             })
         } else {
-            write(&batch)
+            write(&batch, sweep.resolution_us)
         };
         Some(Some((sweep, batch, remaining, written)))
     });
@@ -267,7 +269,7 @@ fn flush_once(db: u32, state: &mut State) -> Option<()> {
         None => Outcome::all(false, t),
         Some(w) if w.everything => Outcome::all(true, t),
         Some(w) => Outcome {
-            last_used: w.last_used.contains(&t.key),
+            last_used: w.last_used.get(&t.key).copied(),
             quota: w.quota.contains(&t.key),
             warn: w.warn.contains(&t.key),
             hours_unwritten: t
@@ -311,14 +313,15 @@ fn db_exists(db: u32) -> bool {
 struct Written {
     everything: bool,
     missing: HashSet<[u8; 16]>,
-    last_used: HashSet<[u8; 16]>,
+    /// Each key's last_used_at as the table holds it after the flush.
+    last_used: std::collections::HashMap<[u8; 16], i64>,
     quota: HashSet<[u8; 16]>,
     warn: HashSet<[u8; 16]>,
     hours: HashSet<([u8; 16], i64)>,
 }
 
 /// Writes the batch; None when the flush failed (nothing of it written).
-fn write(batch: &[Taken]) -> Option<Written> {
+fn write(batch: &[Taken], resolution_us: i64) -> Option<Written> {
     use pgrx::datum::TimestampWithTimeZone as Ts;
     let uuid = |k: &[u8; 16]| pgrx::Uuid::from_bytes(*k);
     // SAFETY: timestamps are timestamptz microseconds.
@@ -347,7 +350,7 @@ fn write(batch: &[Taken]) -> Option<Written> {
             warn.1.push(used);
         }
     }
-    let args: [pgrx::datum::DatumWithOid; 10] = [
+    let args: [pgrx::datum::DatumWithOid; 11] = [
         lu.0.into(),
         lu.1.into(),
         hours.0.into(),
@@ -358,6 +361,7 @@ fn write(batch: &[Taken]) -> Option<Written> {
         quota.2.into(),
         warn.0.into(),
         warn.1.into(),
+        resolution_us.into(),
     ];
     Spi::connect_mut(|client| {
         let rows = match client.update(FLUSH, None, &args) {
@@ -379,7 +383,10 @@ fn write(batch: &[Taken]) -> Option<Written> {
                 .map(|d| d.value() as i64);
             match (kind.as_str(), key) {
                 ("m", Some(k)) => w.missing.insert(k),
-                ("L", Some(k)) => w.last_used.insert(k),
+                ("L", Some(k)) => {
+                    w.last_used.insert(k, at.unwrap_or(NEVER));
+                    true
+                }
                 ("Q", Some(k)) => w.quota.insert(k),
                 ("W", Some(k)) => w.warn.insert(k),
                 ("H", Some(k)) => w.hours.insert((k, at.unwrap_or(NEVER))),

@@ -80,15 +80,8 @@ pub fn rate_limit_of(
 }
 
 /// Decides a fully valid verify against the key's limits and records it in shared memory
-/// (its last use, unless the row's `last_used_at` is within `last_used_resolution`; its
-/// rate window, quota count and hour when it has them). `last_used` is the row's
-/// `last_used_at`.
-pub fn enforce(
-    catalog: &Catalog,
-    key: &KeyLimits,
-    cost: i64,
-    last_used: Option<i64>,
-) -> Result<Usage, Refusal> {
+/// (its last use; its rate window, quota count and hour when it has them).
+pub fn enforce(catalog: &Catalog, key: &KeyLimits, cost: i64) -> Result<Usage, Refusal> {
     let rate = rate_limit_of(
         catalog,
         key.rate_limit.as_deref(),
@@ -96,15 +89,6 @@ pub fn enforce(
         key.env.as_deref(),
     );
     let quota = key.quota.as_deref().and_then(quota::parse_quota);
-    // SAFETY: reads the clock.
-    let now = unsafe { pg_sys::GetCurrentTimestamp() };
-    if rate.is_none()
-        && quota.is_none()
-        && last_used.is_some_and(|t| t > now - catalog.last_used_resolution_us)
-    {
-        // Nothing to count, and the table's last use is recent enough: nothing to record.
-        return Ok(Usage::default());
-    }
     let ask = Ask {
         rate,
         quota: quota.as_ref().map(|q| QuotaAsk {
@@ -120,7 +104,7 @@ pub fn enforce(
             .map_or(0, |q| quota_used_now(catalog, key.id, q))
     };
     let resolution = catalog.last_used_resolution_us;
-    let Ok(answer) = shmem::admit(key_bytes(key.id), &ask, last_used, resolution, load) else {
+    let Ok(answer) = shmem::admit(key_bytes(key.id), &ask, resolution, load) else {
         if rate.is_none() && quota.is_none() {
             // Nothing to enforce: the key verifies; only its use goes unrecorded.
             shmem::note_dropped();

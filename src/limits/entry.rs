@@ -293,7 +293,8 @@ fn last_use_unwritten(e: &Entry, resolution_us: i64) -> bool {
 /// What became of a taken batch: each part written, or not (kept for the next flush).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Outcome {
-    pub last_used: bool,
+    /// The key's last use as the table holds it after the flush (None: not written).
+    pub last_used: Option<i64>,
     pub quota: bool,
     pub warn: bool,
     /// The hours (their starts) whose requests were not written.
@@ -304,7 +305,7 @@ impl Outcome {
     /// Everything written, or nothing.
     pub fn all(written: bool, t: &Taken) -> Outcome {
         Outcome {
-            last_used: written,
+            last_used: if written { t.last_used } else { None },
             quota: written,
             warn: written,
             hours_unwritten: if written {
@@ -320,8 +321,8 @@ impl Outcome {
 /// others go back to pending. `seq` is a new sequence number.
 pub fn confirm(e: &mut Entry, t: &Taken, o: &Outcome, seq: u64) {
     if t.last_used.is_some() {
-        if o.last_used {
-            e.last_written = e.last_written.max(e.last_used_inflight);
+        if let Some(stored) = o.last_used {
+            e.last_written = e.last_written.max(stored);
         }
         e.last_used_inflight = NEVER;
     }

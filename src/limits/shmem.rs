@@ -367,7 +367,7 @@ fn find(l: &Local, k: &EntryKey, exclusive: bool) -> Option<Locked> {
 }
 
 /// The entry of `k`, made if there is none and the memory allows (None: it is full).
-fn find_or_make(l: &Local, k: &EntryKey, last_written: i64) -> Option<Locked> {
+fn find_or_make(l: &Local, k: &EntryKey) -> Option<Locked> {
     if let Some(e) = find(l, k, true) {
         return Some(e);
     }
@@ -382,7 +382,7 @@ fn find_or_make(l: &Local, k: &EntryKey, last_written: i64) -> Option<Locked> {
         let e = dshash::dshash_find_or_insert(l.table, (k as *const EntryKey).cast(), &mut found)
             .cast::<Entry>();
         if !found {
-            e.write(Entry::new(*k, last_written, next_seq(root)));
+            e.write(Entry::new(*k, NEVER, next_seq(root)));
             root.entries.fetch_add(1, Ordering::Relaxed);
         }
         Some(Locked {
@@ -404,20 +404,18 @@ fn my_db() -> u32 {
 /// Memory for shared entries is used up (`keypal.shared_memory`).
 pub struct Full;
 
-/// Decides a fully valid verify against the key's limits and records it: its last use and
-/// hour always, its window and quota when it has them. `last_written` is the key row's
-/// `last_used_at`; `load_used` reads the key's quota use from the table when shared memory
-/// does not hold it yet. Err(Full) when the key has no entry and no memory is left for one.
+/// Decides a fully valid verify against the key's limits and records it: its last use
+/// always, its window, quota and hour when it has them. `load_used` reads the key's quota use
+/// from the table when shared memory does not hold it yet. Err(Full) when the key has no
+/// entry and no memory is left for one.
 pub fn admit(
     key: [u8; 16],
     ask: &Ask,
-    last_written: Option<i64>,
     resolution_us: i64,
     mut load_used: impl FnMut() -> i64,
 ) -> Result<Answer, Full> {
     let l = local();
     let k = EntryKey { db: my_db(), key };
-    let last_written = last_written.unwrap_or(NEVER);
     // SAFETY: reads the clock.
     let now = unsafe { pg_sys::GetCurrentTimestamp() };
     // One lock hold decides, unless the key's quota use must first be read from the table
@@ -425,13 +423,8 @@ pub fn admit(
     let mut loaded: Option<(u64, i64)> = None;
     let mut tries = 0;
     let answer = loop {
-        let mut locked = find_or_make(&l, &k, last_written).ok_or(Full)?;
+        let mut locked = find_or_make(&l, &k).ok_or(Full)?;
         let e = locked.get();
-        if e.last_used_inflight == NEVER {
-            // The row, read just now, is the table's truth (a direct write may have moved it
-            // back); at worst a write under way makes this one write more.
-            e.last_written = last_written;
-        }
         let quiet = e.quota.inflight == 0;
         let usable = loaded
             .filter(|(seq, _)| quiet && *seq == e.quota.seq)

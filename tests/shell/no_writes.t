@@ -36,8 +36,8 @@ for round in 0 1 2; do
     [ "$n" = 1000 ] && [ "$lsn1" = "$lsn2" ] && clean=$((clean + 1))
 done
 ok "$( [ "$clean" -ge 1 ]; echo $? )" "1000 verifies of fresh keys write no WAL ($clean of 3 rounds with the WAL position unchanged)"
-is "$(q -c "SELECT count(*) FROM keypal.keys k JOIN wal_keys w USING (id) WHERE k.last_used_at IS NOT NULL")" 0 \
-   "nothing written to keypal.keys by verify"
+is "$(q -c "SELECT count(*) FROM keypal.key_usage u JOIN wal_keys w ON w.id = u.key_id")" 0 \
+   "nothing written by verify"
 is "$(q -c "SELECT count(*) FROM keypal.key_info k JOIN wal_keys w USING (id) WHERE k.last_used_at IS NOT NULL")" 3000 \
    "but every use is recorded (key_info reads shared memory too)"
 
@@ -62,8 +62,14 @@ wait "$VERIFIER_PID" 2>/dev/null || true
 
 # The worker, running again at its usual pace, writes what was recorded.
 q -c "ALTER SYSTEM RESET keypal.flush_interval" -c "SELECT pg_reload_conf()" >/dev/null
-is "$(wait_for "SELECT count(*) FROM keypal.keys k JOIN wal_keys w USING (id) WHERE k.last_used_at IS NOT NULL" 3000)" 3000 \
+is "$(wait_for "SELECT count(*) FROM keypal.key_usage u JOIN wal_keys w ON w.id = u.key_id" 3000)" 3000 \
    "the flush worker wrote all 3000 last uses"
 is "$(wait_for "SELECT sum(used) FROM keypal.quota_usage q JOIN wal_keys w ON w.id = q.key_id" 1000)" 1000 \
    "and the 1000 quota counts"
+is "$(wait_for "SELECT sum(requests) FROM keypal.usage u JOIN wal_keys w ON w.id = u.key_id" 1000)" 1000 \
+   "and the 1000 requests per hour"
+sleep 1  # five more flush intervals: nothing is written twice
+is "$(q -c "SELECT sum(requests) FROM keypal.hourly_usage u JOIN wal_keys w ON w.id = u.key_id")" 1000 \
+   "keypal.hourly_usage counts each request once"
+is "$(q -c "SELECT sum(used) FROM keypal.quota_usage q JOIN wal_keys w ON w.id = q.key_id")" 1000 "and so does the quota"
 done_testing

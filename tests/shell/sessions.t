@@ -25,24 +25,26 @@ ok "$(echo "$out" | grep -q 'permission denied'; echo $?)" "keypal_plain cannot 
 
 # Verify works in a read-only transaction; what it records counts there too (written
 # behind by the flush worker, not by the caller's transaction).
-q -c "UPDATE keypal.keys SET last_used_at = NULL WHERE id = '$id'"
-is "$(q -c "BEGIN READ ONLY" -c "SELECT valid FROM keypal_verify('$key')" -c "COMMIT")" "t" "verify in a read-only transaction"
-is "$(q -c "SELECT last_used_at IS NOT NULL FROM keypal.key_info WHERE id = '$id'")" "t" "which recorded the use at once (key_info)"
-is "$(wait_for "SELECT last_used_at IS NOT NULL FROM keypal.keys WHERE id = '$id'" t)" "t" "and the flush worker wrote it to keypal.keys"
-is "$(q -c "SET default_transaction_read_only = on" -c "SELECT valid FROM keypal_verify('$key')")" "t" "verify with default_transaction_read_only"
+read -r rid rkey < <(q -F ' ' -c "SELECT id, key FROM keypal_create(owner_id => 'sess')")
+is "$(q -c "BEGIN READ ONLY" -c "SELECT valid FROM keypal_verify('$rkey')" -c "COMMIT")" "t" "verify in a read-only transaction"
+is "$(q -c "SELECT last_used_at IS NOT NULL FROM keypal.key_info WHERE id = '$rid'")" "t" "which recorded the use at once (key_info)"
+is "$(wait_for "SELECT count(*) FROM keypal.key_usage WHERE key_id = '$rid'" 1)" "1" "and the flush worker wrote it to keypal.key_usage"
+is "$(q -c "SELECT last_used_at FROM keypal.keys WHERE id = '$rid'")" "" "(keypal.keys itself is not written)"
+is "$(q -c "SET default_transaction_read_only = on" -c "SELECT valid FROM keypal_verify('$rkey')")" "t" "verify with default_transaction_read_only"
 
 # last_used_at: written after the first verify, then at most once per resolution.
 q -c "SELECT keypal_configure(last_used_resolution => '60s')" >/dev/null
-q -c "UPDATE keypal.keys SET last_used_at = NULL WHERE id = '$id'"
-q -c "SELECT valid FROM keypal_verify('$key')" >/dev/null
-is "$(wait_for "SELECT last_used_at IS NOT NULL FROM keypal.keys WHERE id = '$id'" t)" "t" "first verify's use is written"
-first=$(q -c "SELECT last_used_at FROM keypal.keys WHERE id = '$id'")
-q -c "SELECT valid FROM keypal_verify('$key')" >/dev/null
+read -r lid lkey < <(q -F ' ' -c "SELECT id, key FROM keypal_create(owner_id => 'sess')")
+q -c "SELECT valid FROM keypal_verify('$lkey')" >/dev/null
+is "$(wait_for "SELECT count(*) FROM keypal.key_usage WHERE key_id = '$lid'" 1)" "1" "first verify's use is written"
+first=$(q -c "SELECT last_used_at FROM keypal.key_usage WHERE key_id = '$lid'")
+q -c "SELECT valid FROM keypal_verify('$lkey')" >/dev/null
 sleep 0.6  # three flush intervals
-is "$(q -c "SELECT last_used_at FROM keypal.keys WHERE id = '$id'")" "$first" "a second verify within the resolution is not written"
+is "$(q -c "SELECT last_used_at FROM keypal.key_usage WHERE key_id = '$lid'")" "$first" "a second verify within the resolution is not written"
+ok "$( [ "$(q -c "SELECT last_used_at > '$first' FROM keypal.key_info WHERE id = '$lid'")" = t ]; echo $? )" "though keypal_get's last_used_at has it"
 q -c "SELECT keypal_configure(last_used_resolution => '0s')" >/dev/null
-q -c "SELECT valid FROM keypal_verify('$key')" >/dev/null
-is "$(wait_for "SELECT last_used_at > '$first' FROM keypal.keys WHERE id = '$id'" t)" t "resolution 0: every verify's use is written"
+q -c "SELECT valid FROM keypal_verify('$lkey')" >/dev/null
+is "$(wait_for "SELECT last_used_at > '$first' FROM keypal.key_usage WHERE key_id = '$lid'" t)" t "resolution 0: every verify's use is written"
 
 # A verify while a revoke holds the key's row neither waits nor undoes the revoke (nor
 # does the flush worker's last_used_at write: it skips rows another transaction holds).
