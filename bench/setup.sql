@@ -1,7 +1,7 @@
 -- 1 100 000 keys with known plaintexts 'k' || lpad(n, 31, '0') (the default format: 32
 -- characters of A-Za-z0-9), loaded straight into keypal.keys with the hash keypal uses
 -- (no salt: sha256(key)): keys 1..1 000 000 plain, keys 1 000 001..1 100 000 with a (never
--- reached) monthly quota; and keys 1..100 000 again in a plain table for the inline baseline.
+-- reached) monthly quota; and all of them again in a plain table for the inline baseline.
 CREATE EXTENSION IF NOT EXISTS keypal;
 CREATE EXTENSION IF NOT EXISTS pgcrypto;
 SET session_replication_role = replica;   -- skip audit triggers for the bulk load
@@ -10,10 +10,11 @@ SELECT digest('k' || lpad(n::text, 31, '0'), 'sha256'), 'sha256', 'bench_' || (n
        CASE WHEN n > 1000000 THEN '{"limit": 1000000000000, "period": "month", "on_exceeded": "block"}'::jsonb END
   FROM generate_series(1, 1100000) n;
 RESET session_replication_role;
+-- The inline baseline's table holds the same 1 100 000 keys (its lookups, like verify's,
+-- land in an index of that size).
 CREATE TABLE bench_inline AS
 SELECT k.id, k.key_hash, k.owner_id, k.scopes, k.enabled, k.revoked_at, k.expires_at
-  FROM generate_series(1, 100000) n
-  JOIN keypal.keys k ON k.key_hash = digest('k' || lpad(n::text, 31, '0'), 'sha256');
+  FROM keypal.keys k;
 CREATE UNIQUE INDEX ON bench_inline (key_hash);
 VACUUM ANALYZE keypal.keys;
 VACUUM ANALYZE bench_inline;

@@ -42,6 +42,9 @@ COMMENT ON VIEW keypal.key_info IS 'The public columns of keypal.keys (never the
 CREATE VIEW keypal.hourly_usage AS
 SELECT u.key_id, u.hour, u.endpoint, u.requests, u.tokens, u.cost FROM keypal.usage u
 UNION ALL
+SELECT q.key_id, q.hour, '', q.hour_requests, 0, 0::numeric FROM keypal.quota_usage q
+ WHERE q.hour IS NOT NULL AND q.hour_requests > 0
+UNION ALL
 SELECT w.key_id, w.hour, '', w.requests, 0, 0::numeric FROM keypal.unwritten_usage() w;
 COMMENT ON VIEW keypal.hourly_usage IS 'Requests, tokens and cost per key, hour and endpoint, as of now (sum rows of the same key, hour and endpoint).';
 
@@ -1038,7 +1041,7 @@ END $$;
 CREATE FUNCTION keypal.flush_usage(
     lu_keys uuid[], lu_at timestamptz[],
     h_keys uuid[], h_at timestamptz[], h_n bigint[],
-    q_keys uuid[], q_start timestamptz[], q_n bigint[],
+    q_keys uuid[], q_start timestamptz[], q_n bigint[], q_hour timestamptz[], q_hour_n bigint[],
     w_keys uuid[], w_used bigint[], resolution interval)
 RETURNS TABLE (kind "char", key_id uuid, at timestamptz)
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
@@ -1049,33 +1052,45 @@ DECLARE
     more_l uuid[];
     more_l_at timestamptz[];
     done_q uuid[];
+    done_q_hour timestamptz[];
     more_q uuid[];
+    more_q_hour timestamptz[];
     done_w uuid[];
     done_h uuid[];
     done_h_at timestamptz[];
     more_h uuid[];
     more_h_at timestamptz[];
 BEGIN
-    RETURN QUERY
-        SELECT 'm'::"char", a.id, NULL::timestamptz
-          FROM (SELECT unnest(lu_keys) UNION SELECT unnest(h_keys) UNION SELECT unnest(q_keys)
-                UNION SELECT unnest(w_keys)) AS a(id)
-         WHERE NOT EXISTS (SELECT 1 FROM keypal.keys k WHERE k.id = a.id);
-
     -- Every step below is driven by the batch, one index probe per item (the planner
     -- cannot know the arrays' lengths: no join of two arrays may be left to it).
     -- Last uses: a row is moved on only by last_used_resolution or more; rows another
     -- transaction holds are skipped. What the table then holds comes back with 'L'.
-    WITH free AS (
-        SELECT u.key_id, f.at FROM unnest(lu_keys, lu_at) AS f(id, at)
-          JOIN keypal.key_usage u ON u.key_id = f.id
-           FOR NO KEY UPDATE OF u SKIP LOCKED),
-    done AS (UPDATE keypal.key_usage u
-                SET last_used_at = CASE WHEN free.at >= u.last_used_at + resolution THEN free.at
-                                        ELSE u.last_used_at END
-               FROM free WHERE u.key_id = free.key_id
-             RETURNING u.key_id, u.last_used_at)
-    SELECT array_agg(key_id), array_agg(last_used_at) INTO done_l, done_l_at FROM done;
+    BEGIN
+        -- The common case: no row is held, and one plain UPDATE does it (a row lock first
+        -- would cost a WAL record per row); a held row makes it wait at most 20 ms, and
+        -- then the careful way below skips the held rows.
+        PERFORM set_config('lock_timeout', '20ms', true);
+        WITH done AS (
+            UPDATE keypal.key_usage u
+               SET last_used_at = CASE WHEN f.at >= u.last_used_at + resolution THEN f.at
+                                       ELSE u.last_used_at END
+              FROM unnest(lu_keys, lu_at) AS f(id, at)
+             WHERE u.key_id = f.id
+            RETURNING u.key_id, u.last_used_at)
+        SELECT array_agg(key_id), array_agg(last_used_at) INTO done_l, done_l_at FROM done;
+    EXCEPTION WHEN lock_not_available THEN
+        WITH free AS (
+            SELECT u.key_id, f.at FROM unnest(lu_keys, lu_at) AS f(id, at)
+              JOIN keypal.key_usage u ON u.key_id = f.id
+               FOR NO KEY UPDATE OF u SKIP LOCKED),
+        done AS (UPDATE keypal.key_usage u
+                    SET last_used_at = CASE WHEN free.at >= u.last_used_at + resolution THEN free.at
+                                            ELSE u.last_used_at END
+                   FROM free WHERE u.key_id = free.key_id
+                 RETURNING u.key_id, u.last_used_at)
+        SELECT array_agg(key_id), array_agg(last_used_at) INTO done_l, done_l_at FROM done;
+    END;
+    IF coalesce(cardinality(done_l), 0) < coalesce(cardinality(lu_keys), 0) THEN  -- rows to add
     BEGIN
         PERFORM set_config('lock_timeout', '100ms', true);
         WITH ins AS (
@@ -1089,45 +1104,106 @@ BEGIN
     EXCEPTION WHEN lock_not_available THEN
         NULL;  -- left for the next flush
     END;
+    END IF;
 
     -- Quota use: rows that exist and are free are updated; a key without one gets it
     -- inserted (waiting at most 100 ms for another transaction inserting the same).
-    WITH free AS (
-        SELECT q.key_id, f.start, f.n FROM unnest(q_keys, q_start, q_n) AS f(id, start, n)
-          JOIN keypal.quota_usage q ON q.key_id = f.id
-           FOR NO KEY UPDATE OF q SKIP LOCKED),
-    done AS (UPDATE keypal.quota_usage q
-                SET used = CASE WHEN q.period_start = free.start THEN q.used + free.n
-                                WHEN q.period_start < free.start THEN free.n
-                                ELSE q.used END,
-                    period_start = greatest(q.period_start, free.start)
-               FROM free WHERE q.key_id = free.key_id
-             RETURNING q.key_id)
-    SELECT array_agg(key_id) INTO done_q FROM done;
+    -- Hours that are over move from keypal.quota_usage to keypal.usage (an index scan that
+    -- finds nothing, but in the first flush of an hour).
+    BEGIN
+        PERFORM set_config('lock_timeout', '100ms', true);
+        WITH old AS (
+            SELECT q.key_id, q.hour, q.hour_requests FROM keypal.quota_usage q
+             WHERE q.hour < date_trunc('hour', now())
+               FOR NO KEY UPDATE OF q SKIP LOCKED),
+        cleared AS (UPDATE keypal.quota_usage q SET hour = NULL, hour_requests = 0
+                      FROM old WHERE q.key_id = old.key_id)
+        INSERT INTO keypal.usage AS u (key_id, hour, endpoint, requests)
+        SELECT old.key_id, old.hour, '', old.hour_requests FROM old WHERE old.hour_requests > 0
+        ON CONFLICT ON CONSTRAINT usage_pkey DO UPDATE SET requests = u.requests + EXCLUDED.requests;
+    EXCEPTION WHEN lock_not_available THEN
+        NULL;  -- the next flush moves them
+    END;
+    -- The quota's use and the hour's requests, one row update per key. An hour the row
+    -- cannot take (it still holds an earlier one with requests) is reported unwritten.
+    BEGIN
+        PERFORM set_config('lock_timeout', '20ms', true);
+        WITH done AS (
+            UPDATE keypal.quota_usage q
+               SET used = CASE WHEN q.period_start = f.start THEN q.used + f.n
+                               WHEN q.period_start < f.start THEN f.n
+                               ELSE q.used END,
+                   period_start = greatest(q.period_start, f.start),
+                   hour = CASE WHEN f.hour IS NULL OR (q.hour IS DISTINCT FROM f.hour AND q.hour_requests > 0)
+                               THEN q.hour ELSE f.hour END,
+                   hour_requests = CASE WHEN f.hour IS NULL THEN q.hour_requests
+                                        WHEN q.hour = f.hour THEN q.hour_requests + f.hn
+                                        WHEN q.hour_requests > 0 THEN q.hour_requests
+                                        ELSE f.hn END
+              FROM unnest(q_keys, q_start, q_n, q_hour, q_hour_n) AS f(id, start, n, hour, hn)
+             WHERE q.key_id = f.id
+            RETURNING q.key_id, CASE WHEN q.hour = f.hour THEN f.hour END AS hour)
+        SELECT array_agg(key_id), array_agg(hour) INTO done_q, done_q_hour FROM done;
+    EXCEPTION WHEN lock_not_available THEN
+        WITH free AS (
+            SELECT q.key_id, f.start, f.n, f.hour, f.hn
+              FROM unnest(q_keys, q_start, q_n, q_hour, q_hour_n) AS f(id, start, n, hour, hn)
+              JOIN keypal.quota_usage q ON q.key_id = f.id
+               FOR NO KEY UPDATE OF q SKIP LOCKED),
+        done AS (UPDATE keypal.quota_usage q
+                    SET used = CASE WHEN q.period_start = free.start THEN q.used + free.n
+                                    WHEN q.period_start < free.start THEN free.n
+                                    ELSE q.used END,
+                        period_start = greatest(q.period_start, free.start),
+                        hour = CASE WHEN free.hour IS NULL OR (q.hour IS DISTINCT FROM free.hour AND q.hour_requests > 0)
+                                    THEN q.hour ELSE free.hour END,
+                        hour_requests = CASE WHEN free.hour IS NULL THEN q.hour_requests
+                                             WHEN q.hour = free.hour THEN q.hour_requests + free.hn
+                                             WHEN q.hour_requests > 0 THEN q.hour_requests
+                                             ELSE free.hn END
+                   FROM free WHERE q.key_id = free.key_id
+                 RETURNING q.key_id, CASE WHEN q.hour = free.hour THEN free.hour END AS hour)
+        SELECT array_agg(key_id), array_agg(hour) INTO done_q, done_q_hour FROM done;
+    END;
+    IF coalesce(cardinality(done_q), 0) < coalesce(cardinality(q_keys), 0) THEN
     BEGIN
         PERFORM set_config('lock_timeout', '100ms', true);
         WITH ins AS (
-            INSERT INTO keypal.quota_usage AS q (key_id, period_start, used)
-            SELECT f.id, f.start, f.n FROM unnest(q_keys, q_start, q_n) AS f(id, start, n)
+            INSERT INTO keypal.quota_usage AS q (key_id, period_start, used, hour, hour_requests)
+            SELECT f.id, f.start, f.n, f.hour, coalesce(f.hn, 0)
+              FROM unnest(q_keys, q_start, q_n, q_hour, q_hour_n) AS f(id, start, n, hour, hn)
              WHERE NOT EXISTS (SELECT 1 FROM keypal.quota_usage x WHERE x.key_id = f.id)
                AND EXISTS (SELECT 1 FROM keypal.keys k WHERE k.id = f.id)
             ON CONFLICT (key_id) DO NOTHING
-            RETURNING q.key_id)
-        SELECT array_agg(key_id) INTO more_q FROM ins;
+            RETURNING q.key_id, q.hour)
+        SELECT array_agg(key_id), array_agg(hour) INTO more_q, more_q_hour FROM ins;
     EXCEPTION WHEN lock_not_available THEN
         NULL;  -- left for the next flush
     END;
+    END IF;
 
-    -- Requests per hour, likewise (a row per key and hour; keypal_track_usage without an
-    -- endpoint counts in the same row). The worker sends each key and hour once.
-    WITH free AS (
-        SELECT u.key_id, u.hour, f.n FROM unnest(h_keys, h_at, h_n) AS f(id, at, n)
-          JOIN keypal.usage u ON u.key_id = f.id AND u.hour = f.at AND u.endpoint = ''
-           FOR NO KEY UPDATE OF u SKIP LOCKED),
-    done AS (UPDATE keypal.usage u SET requests = u.requests + free.n
-               FROM free WHERE u.key_id = free.key_id AND u.hour = free.hour AND u.endpoint = ''
-             RETURNING u.key_id, u.hour)
-    SELECT array_agg(key_id), array_agg(hour) INTO done_h, done_h_at FROM done;
+    -- Other hours' requests (a key whose quota was not written with them, or an earlier hour
+    -- at an hour's turn) go to keypal.usage, a row per key and hour (keypal_track_usage
+    -- without an endpoint counts in the same row). The worker sends each key and hour once.
+    BEGIN
+        PERFORM set_config('lock_timeout', '20ms', true);
+        WITH done AS (
+            UPDATE keypal.usage u SET requests = u.requests + f.n
+              FROM unnest(h_keys, h_at, h_n) AS f(id, at, n)
+             WHERE u.key_id = f.id AND u.hour = f.at AND u.endpoint = ''
+            RETURNING u.key_id, u.hour)
+        SELECT array_agg(key_id), array_agg(hour) INTO done_h, done_h_at FROM done;
+    EXCEPTION WHEN lock_not_available THEN
+        WITH free AS (
+            SELECT u.key_id, u.hour, f.n FROM unnest(h_keys, h_at, h_n) AS f(id, at, n)
+              JOIN keypal.usage u ON u.key_id = f.id AND u.hour = f.at AND u.endpoint = ''
+               FOR NO KEY UPDATE OF u SKIP LOCKED),
+        done AS (UPDATE keypal.usage u SET requests = u.requests + free.n
+                   FROM free WHERE u.key_id = free.key_id AND u.hour = free.hour AND u.endpoint = ''
+                 RETURNING u.key_id, u.hour)
+        SELECT array_agg(key_id), array_agg(hour) INTO done_h, done_h_at FROM done;
+    END;
+    IF coalesce(cardinality(done_h), 0) < coalesce(cardinality(h_keys), 0) THEN
     BEGIN
         PERFORM set_config('lock_timeout', '100ms', true);
         WITH ins AS (
@@ -1142,6 +1218,7 @@ BEGIN
     EXCEPTION WHEN lock_not_available THEN
         NULL;
     END;
+    END IF;
     PERFORM set_config('lock_timeout', '0', true);
 
     WITH ev AS (
@@ -1151,7 +1228,22 @@ BEGIN
           FROM unnest(w_keys, w_used) AS f(id, used) JOIN keypal.keys k ON k.id = f.id)
     SELECT array_agg(id) INTO done_w FROM ev;
 
-    -- What was written (keys missing from keypal.keys are reported above).
+    -- Keys not in keypal.keys (only looked for when something was left unwritten).
+    IF coalesce(cardinality(done_l), 0) + coalesce(cardinality(more_l), 0) < coalesce(cardinality(lu_keys), 0)
+       OR coalesce(cardinality(done_q), 0) + coalesce(cardinality(more_q), 0) < coalesce(cardinality(q_keys), 0)
+       OR coalesce(cardinality(done_h), 0) + coalesce(cardinality(more_h), 0) < coalesce(cardinality(h_keys), 0)
+       OR coalesce(cardinality(array_remove(done_q_hour, NULL)), 0) + coalesce(cardinality(array_remove(more_q_hour, NULL)), 0)
+          < coalesce(cardinality(array_remove(q_hour, NULL)), 0)
+       OR coalesce(cardinality(done_w), 0) < coalesce(cardinality(w_keys), 0) THEN
+        RETURN QUERY
+        SELECT 'm'::"char", a.id, NULL::timestamptz
+          FROM (SELECT unnest(lu_keys) UNION SELECT unnest(h_keys) UNION SELECT unnest(q_keys)
+                UNION SELECT unnest(w_keys)) AS a(id)
+         WHERE NOT EXISTS (SELECT 1 FROM keypal.keys k WHERE k.id = a.id);
+
+    END IF;
+
+    -- What was written.
     RETURN QUERY
         SELECT 'L'::"char", d.id, d.at FROM unnest(done_l, done_l_at) AS d(id, at)
         UNION ALL SELECT 'L', d.id, d.at FROM unnest(more_l, more_l_at) AS d(id, at)
@@ -1159,7 +1251,9 @@ BEGIN
         UNION ALL SELECT 'Q', d.id, NULL FROM unnest(more_q) AS d(id)
         UNION ALL SELECT 'W', d.id, NULL FROM unnest(done_w) AS d(id)
         UNION ALL SELECT 'H', d.id, d.at FROM unnest(done_h, done_h_at) AS d(id, at)
-        UNION ALL SELECT 'H', d.id, d.at FROM unnest(more_h, more_h_at) AS d(id, at);
+        UNION ALL SELECT 'H', d.id, d.at FROM unnest(more_h, more_h_at) AS d(id, at)
+        UNION ALL SELECT 'H', d.id, d.at FROM unnest(done_q, done_q_hour) AS d(id, at) WHERE d.at IS NOT NULL
+        UNION ALL SELECT 'H', d.id, d.at FROM unnest(more_q, more_q_hour) AS d(id, at) WHERE d.at IS NOT NULL;
 EXCEPTION WHEN OTHERS THEN
     RAISE WARNING 'keypal flush worker: % (SQLSTATE %); everything of this flush is kept for the next one',
         SQLERRM, SQLSTATE;

@@ -133,13 +133,18 @@ CREATE TABLE keypal.key_usage (
 COMMENT ON TABLE keypal.key_usage IS 'When each key was last used, as the flush worker last wrote it (keypal.key_info adds what is not yet written).';
 
 -- Quota use in the current period, per key: written by keypal_track_usage and by the
--- flush worker (what verify counted in shared memory).
+-- flush worker (what verify counted in shared memory). The worker also keeps the current
+-- hour's verified requests here (hour, hour_requests: one row to update per key and flush)
+-- and moves an hour that is over to keypal.usage; keypal.hourly_usage shows both.
 CREATE TABLE keypal.quota_usage (
     key_id        uuid PRIMARY KEY REFERENCES keypal.keys (id) ON DELETE CASCADE,
     period_start  timestamptz NOT NULL,
-    used          bigint NOT NULL DEFAULT 0
+    used          bigint NOT NULL DEFAULT 0,
+    hour          timestamptz,
+    hour_requests bigint NOT NULL DEFAULT 0
 ) WITH (fillfactor = 50);   -- room on each page for HOT updates by the flush worker
-COMMENT ON TABLE keypal.quota_usage IS 'Requests counted against each key''s quota in its current period (keypal_usage adds what is not yet written).';
+CREATE INDEX quota_usage_hour ON keypal.quota_usage (hour);
+COMMENT ON TABLE keypal.quota_usage IS 'Requests counted against each key''s quota in its current period, and the current hour''s verified requests (keypal_usage and keypal.hourly_usage add what is not yet written).';
 
 -- Usage per key, hour and endpoint (keypal_track_usage), for analytics.
 CREATE TABLE keypal.usage (

@@ -204,8 +204,8 @@ const RESOLUTION: &str = "SELECT (pg_catalog.date_part('epoch', s.last_used_reso
 /// Writes one batch (keypal.flush_usage, which catches its own errors: then nothing of it
 /// is written and it all stays for the next flush). Rows back: what was written.
 const FLUSH: &str = "SELECT f.kind::pg_catalog.text, f.key_id, f.at
-                       FROM keypal.flush_usage($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
-                            pg_catalog.make_interval(secs => $11 OPERATOR(pg_catalog./) 1e6)) f";
+                       FROM keypal.flush_usage($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
+                            pg_catalog.make_interval(secs => $13 OPERATOR(pg_catalog./) 1e6)) f";
 
 /// One flush: takes a batch of this database's queued entries, writes it in one
 /// transaction, confirms it in shared memory; sweeps every entry now and then. None when
@@ -328,14 +328,17 @@ fn write(batch: &[Taken], resolution_us: i64) -> Option<Written> {
     let ts = |t: i64| unsafe { Ts::from_datum(pg_sys::Datum::from(t), false) };
     let mut lu = (Vec::new(), Vec::new());
     let mut hours = (Vec::new(), Vec::new(), Vec::new());
-    let mut quota = (Vec::new(), Vec::new(), Vec::new());
+    let mut quota = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut warn = (Vec::new(), Vec::new());
     for t in batch {
         if let Some(at) = t.last_used {
             lu.0.push(uuid(&t.key));
             lu.1.push(ts(at));
         }
-        for h in &t.hours {
+        // The newest hour rides in the key's quota row (one row update per key); others
+        // (an hour's turn, or hours without the quota's count) go to keypal.usage.
+        let newest = t.quota.and(t.hours.iter().max_by_key(|h| h.start).copied());
+        for h in t.hours.iter().filter(|h| Some(**h) != newest) {
             hours.0.push(uuid(&t.key));
             hours.1.push(ts(h.start));
             hours.2.push(h.n);
@@ -344,13 +347,15 @@ fn write(batch: &[Taken], resolution_us: i64) -> Option<Written> {
             quota.0.push(uuid(&t.key));
             quota.1.push(ts(p));
             quota.2.push(n);
+            quota.3.push(newest.and_then(|h| ts(h.start)));
+            quota.4.push(newest.map_or(0, |h| h.n));
         }
         if let Some(used) = t.warn {
             warn.0.push(uuid(&t.key));
             warn.1.push(used);
         }
     }
-    let args: [pgrx::datum::DatumWithOid; 11] = [
+    let args: [pgrx::datum::DatumWithOid; 13] = [
         lu.0.into(),
         lu.1.into(),
         hours.0.into(),
@@ -359,6 +364,8 @@ fn write(batch: &[Taken], resolution_us: i64) -> Option<Written> {
         quota.0.into(),
         quota.1.into(),
         quota.2.into(),
+        quota.3.into(),
+        quota.4.into(),
         warn.0.into(),
         warn.1.into(),
         resolution_us.into(),

@@ -66,10 +66,24 @@ is "$(wait_for "SELECT count(*) FROM keypal.key_usage u JOIN wal_keys w ON w.id 
    "the flush worker wrote all 3000 last uses"
 is "$(wait_for "SELECT sum(used) FROM keypal.quota_usage q JOIN wal_keys w ON w.id = q.key_id" 1000)" 1000 \
    "and the 1000 quota counts"
-is "$(wait_for "SELECT sum(requests) FROM keypal.usage u JOIN wal_keys w ON w.id = u.key_id" 1000)" 1000 \
-   "and the 1000 requests per hour"
+is "$(wait_for "SELECT sum(hour_requests) FROM keypal.quota_usage q JOIN wal_keys w ON w.id = q.key_id" 1000)" 1000 \
+   "and the 1000 requests of this hour (kept in the quota row until the hour is over)"
 sleep 1  # five more flush intervals: nothing is written twice
 is "$(q -c "SELECT sum(requests) FROM keypal.hourly_usage u JOIN wal_keys w ON w.id = u.key_id")" 1000 \
    "keypal.hourly_usage counts each request once"
 is "$(q -c "SELECT sum(used) FROM keypal.quota_usage q JOIN wal_keys w ON w.id = q.key_id")" 1000 "and so does the quota"
+# An hour that is over moves from the quota row to keypal.usage at the next flush (here:
+# an hour made 3 h old), and the current hour counts on in the row.
+read -r hid hkey < <(q -F ' ' -c "SELECT id, key FROM keypal_create(owner_id => 'wal', quota => '{\"limit\": 100}')")
+q -c "SELECT (keypal_verify('$hkey')).valid" >/dev/null
+wait_for "SELECT hour_requests FROM keypal.quota_usage WHERE key_id = '$hid'" 1 >/dev/null
+q -c "UPDATE keypal.quota_usage SET hour = date_trunc('hour', now()) - interval '3 hours', hour_requests = 4 WHERE key_id = '$hid'"
+total=$(q -c "SELECT sum(requests) FROM keypal.hourly_usage WHERE key_id = '$hid'")
+for _ in 1 2; do q -c "SELECT (keypal_verify('$hkey')).valid" >/dev/null; done
+is "$(wait_for "SELECT hour_requests FROM keypal.quota_usage WHERE key_id = '$hid' AND hour = date_trunc('hour', now())" 2)" 2 \
+   "the current hour counts on in the quota row"
+is "$(q -c "SELECT requests FROM keypal.usage WHERE key_id = '$hid' AND endpoint = '' AND hour = date_trunc('hour', now()) - interval '3 hours'")" 4 \
+   "a finished hour moved to keypal.usage"
+is "$(q -c "SELECT sum(requests) FROM keypal.hourly_usage WHERE key_id = '$hid'")" "$((total + 2))" \
+   "keypal.hourly_usage: nothing lost or counted twice in the move"
 done_testing

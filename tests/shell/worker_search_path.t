@@ -54,7 +54,7 @@ reconnect_and_flush() {
     is "$(wait_for "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'keypal flush worker' AND backend_start > '$since'" 1)" 1 \
        "$1: a new flush worker connected"
     is "$(wait_for "SELECT coalesce((SELECT used FROM keypal.quota_usage WHERE key_id = '$kid'), 0)" 10)" 10 "$1: the worker flushed the counts"
-    is "$(q -c "SELECT extract(minute FROM hour AT TIME ZONE 'UTC') FROM keypal.usage WHERE key_id = '$kid' AND endpoint = ''")" 0 \
+    is "$(q -c "SELECT extract(minute FROM hour AT TIME ZONE 'UTC') FROM keypal.quota_usage WHERE key_id = '$kid'")" 0 \
        "$1: the hour's requests into a whole UTC hour"
     is "$(q -c "SELECT count(*) FROM evil.calls WHERE by_role IS DISTINCT FROM 'keypal_evil'")" 0 \
        "$1: no function of the owner's schema ran as anyone else"
