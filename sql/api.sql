@@ -155,7 +155,9 @@ RETURNS keypal.keys LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     k keypal.keys;
 BEGIN
-    SELECT * INTO k FROM keypal.keys WHERE id = key_id FOR UPDATE;
+    -- FOR NO KEY UPDATE: the flush worker's foreign-key checks (FOR KEY SHARE) on this key
+    -- must not wait for a management transaction to end.
+    SELECT * INTO k FROM keypal.keys WHERE id = key_id FOR NO KEY UPDATE;
     IF NOT FOUND THEN
         PERFORM keypal.key_not_found(key_id, 'id');
     END IF;
@@ -1047,8 +1049,21 @@ RETURNS TABLE (kind "char", key_id uuid, at timestamptz)
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_column
 DECLARE
+    attempt int;
+    l_keys uuid[];
+    l_at timestamptz[];
+    qa_keys uuid[];
+    qa_start timestamptz[];
+    qa_n bigint[];
+    qa_hour timestamptz[];
+    qa_hn bigint[];
+    ha_keys uuid[];
+    ha_at timestamptz[];
+    ha_n bigint[];
     done_l uuid[];
     done_l_at timestamptz[];
+    same_l uuid[];
+    same_l_at timestamptz[];
     more_l uuid[];
     more_l_at timestamptz[];
     done_q uuid[];
@@ -1061,36 +1076,42 @@ DECLARE
     more_h uuid[];
     more_h_at timestamptz[];
 BEGIN
+    -- No step waits long for a lock (a row, or a table another transaction alters): the
+    -- flush fails and is tried again, rather than stalling.
+    PERFORM set_config('lock_timeout', '200ms', true);
     -- Every step below is driven by the batch, one index probe per item (the planner
     -- cannot know the arrays' lengths: no join of two arrays may be left to it).
     -- Last uses: a row is moved on only by last_used_resolution or more; rows another
     -- transaction holds are skipped. What the table then holds comes back with 'L'.
-    BEGIN
-        -- The common case: no row is held, and one plain UPDATE does it (a row lock first
-        -- would cost a WAL record per row); a held row makes it wait at most 20 ms, and
-        -- then the careful way below skips the held rows.
-        PERFORM set_config('lock_timeout', '20ms', true);
-        WITH done AS (
-            UPDATE keypal.key_usage u
-               SET last_used_at = CASE WHEN f.at >= u.last_used_at + resolution THEN f.at
-                                       ELSE u.last_used_at END
-              FROM unnest(lu_keys, lu_at) AS f(id, at)
-             WHERE u.key_id = f.id
-            RETURNING u.key_id, u.last_used_at)
-        SELECT array_agg(key_id), array_agg(last_used_at) INTO done_l, done_l_at FROM done;
-    EXCEPTION WHEN lock_not_available THEN
-        WITH free AS (
-            SELECT u.key_id, f.at FROM unnest(lu_keys, lu_at) AS f(id, at)
-              JOIN keypal.key_usage u ON u.key_id = f.id
-               FOR NO KEY UPDATE OF u SKIP LOCKED),
-        done AS (UPDATE keypal.key_usage u
-                    SET last_used_at = CASE WHEN free.at >= u.last_used_at + resolution THEN free.at
-                                            ELSE u.last_used_at END
-                   FROM free WHERE u.key_id = free.key_id
-                 RETURNING u.key_id, u.last_used_at)
-        SELECT array_agg(key_id), array_agg(last_used_at) INTO done_l, done_l_at FROM done;
-    END;
-    IF coalesce(cardinality(done_l), 0) < coalesce(cardinality(lu_keys), 0) THEN  -- rows to add
+    -- The common case: no row is held, and one plain UPDATE does it (locking each row
+    -- first would cost a WAL record per row). A held row makes it wait at most 20 ms; then
+    -- the rows no other transaction holds are kept (and locked) and it runs again.
+    l_keys := lu_keys; l_at := lu_at;
+    FOR attempt IN 1..3 LOOP
+        BEGIN
+            PERFORM set_config('lock_timeout', '20ms', true);
+            WITH done AS (
+                UPDATE keypal.key_usage u SET last_used_at = f.at
+                  FROM unnest(l_keys, l_at) AS f(id, at)
+                 WHERE u.key_id = f.id AND f.at >= u.last_used_at + resolution
+                RETURNING u.key_id, u.last_used_at)
+            SELECT array_agg(key_id), array_agg(last_used_at) INTO done_l, done_l_at FROM done;
+            EXIT;
+        EXCEPTION WHEN lock_not_available THEN
+            SELECT array_agg(s.id), array_agg(s.at) INTO l_keys, l_at
+              FROM (SELECT f.id, f.at FROM unnest(l_keys, l_at) AS f(id, at)
+                      JOIN keypal.key_usage u ON u.key_id = f.id
+                       FOR NO KEY UPDATE OF u SKIP LOCKED) s;
+        END;
+    END LOOP;
+    IF coalesce(cardinality(done_l), 0) < coalesce(cardinality(l_keys), 0) THEN
+        -- Rows within the resolution are left as they are: reported with what they hold.
+        SELECT array_agg(u.key_id), array_agg(u.last_used_at) INTO same_l, same_l_at
+          FROM unnest(l_keys, l_at) AS f(id, at) JOIN keypal.key_usage u ON u.key_id = f.id
+         WHERE f.at < u.last_used_at + resolution;
+    END IF;
+    IF coalesce(cardinality(done_l), 0) + coalesce(cardinality(same_l), 0)
+       < coalesce(cardinality(lu_keys), 0) THEN  -- rows to add
     BEGIN
         PERFORM set_config('lock_timeout', '100ms', true);
         WITH ins AS (
@@ -1108,13 +1129,15 @@ BEGIN
 
     -- Quota use: rows that exist and are free are updated; a key without one gets it
     -- inserted (waiting at most 100 ms for another transaction inserting the same).
-    -- Hours that are over move from keypal.quota_usage to keypal.usage (an index scan that
-    -- finds nothing, but in the first flush of an hour).
+    -- A key's hour that is over moves from its quota row to keypal.usage when the key's
+    -- next hour arrives (driven by the batch: only its keys' rows, and only at an hour's turn).
     BEGIN
         PERFORM set_config('lock_timeout', '100ms', true);
         WITH old AS (
-            SELECT q.key_id, q.hour, q.hour_requests FROM keypal.quota_usage q
-             WHERE q.hour < date_trunc('hour', now())
+            SELECT q.key_id, q.hour, q.hour_requests
+              FROM unnest(q_keys, q_hour) AS f(id, hour)
+              JOIN keypal.quota_usage q ON q.key_id = f.id
+             WHERE q.hour < f.hour
                FOR NO KEY UPDATE OF q SKIP LOCKED),
         cleared AS (UPDATE keypal.quota_usage q SET hour = NULL, hour_requests = 0
                       FROM old WHERE q.key_id = old.key_id)
@@ -1122,49 +1145,40 @@ BEGIN
         SELECT old.key_id, old.hour, '', old.hour_requests FROM old WHERE old.hour_requests > 0
         ON CONFLICT ON CONSTRAINT usage_pkey DO UPDATE SET requests = u.requests + EXCLUDED.requests;
     EXCEPTION WHEN lock_not_available THEN
-        NULL;  -- the next flush moves them
+        NULL;  -- a later flush moves them
     END;
-    -- The quota's use and the hour's requests, one row update per key. An hour the row
-    -- cannot take (it still holds an earlier one with requests) is reported unwritten.
-    BEGIN
-        PERFORM set_config('lock_timeout', '20ms', true);
-        WITH done AS (
-            UPDATE keypal.quota_usage q
-               SET used = CASE WHEN q.period_start = f.start THEN q.used + f.n
-                               WHEN q.period_start < f.start THEN f.n
-                               ELSE q.used END,
-                   period_start = greatest(q.period_start, f.start),
-                   hour = CASE WHEN f.hour IS NULL OR (q.hour IS DISTINCT FROM f.hour AND q.hour_requests > 0)
-                               THEN q.hour ELSE f.hour END,
-                   hour_requests = CASE WHEN f.hour IS NULL THEN q.hour_requests
-                                        WHEN q.hour = f.hour THEN q.hour_requests + f.hn
-                                        WHEN q.hour_requests > 0 THEN q.hour_requests
-                                        ELSE f.hn END
-              FROM unnest(q_keys, q_start, q_n, q_hour, q_hour_n) AS f(id, start, n, hour, hn)
-             WHERE q.key_id = f.id
-            RETURNING q.key_id, CASE WHEN q.hour = f.hour THEN f.hour END AS hour)
-        SELECT array_agg(key_id), array_agg(hour) INTO done_q, done_q_hour FROM done;
-    EXCEPTION WHEN lock_not_available THEN
-        WITH free AS (
-            SELECT q.key_id, f.start, f.n, f.hour, f.hn
-              FROM unnest(q_keys, q_start, q_n, q_hour, q_hour_n) AS f(id, start, n, hour, hn)
-              JOIN keypal.quota_usage q ON q.key_id = f.id
-               FOR NO KEY UPDATE OF q SKIP LOCKED),
-        done AS (UPDATE keypal.quota_usage q
-                    SET used = CASE WHEN q.period_start = free.start THEN q.used + free.n
-                                    WHEN q.period_start < free.start THEN free.n
-                                    ELSE q.used END,
-                        period_start = greatest(q.period_start, free.start),
-                        hour = CASE WHEN free.hour IS NULL OR (q.hour IS DISTINCT FROM free.hour AND q.hour_requests > 0)
-                                    THEN q.hour ELSE free.hour END,
-                        hour_requests = CASE WHEN free.hour IS NULL THEN q.hour_requests
-                                             WHEN q.hour = free.hour THEN q.hour_requests + free.hn
-                                             WHEN q.hour_requests > 0 THEN q.hour_requests
-                                             ELSE free.hn END
-                   FROM free WHERE q.key_id = free.key_id
-                 RETURNING q.key_id, CASE WHEN q.hour = free.hour THEN free.hour END AS hour)
-        SELECT array_agg(key_id), array_agg(hour) INTO done_q, done_q_hour FROM done;
-    END;
+    -- The quota's use and the hour's requests, one row update per key (as for last uses:
+    -- plainly, or without the rows another transaction holds). An hour the row cannot take
+    -- (it still holds an earlier one with requests) is reported unwritten.
+    qa_keys := q_keys; qa_start := q_start; qa_n := q_n; qa_hour := q_hour; qa_hn := q_hour_n;
+    FOR attempt IN 1..3 LOOP
+        BEGIN
+            PERFORM set_config('lock_timeout', '20ms', true);
+            WITH done AS (
+                UPDATE keypal.quota_usage q
+                   SET used = CASE WHEN q.period_start = f.start THEN q.used + f.n
+                                   WHEN q.period_start < f.start THEN f.n
+                                   ELSE q.used END,
+                       period_start = greatest(q.period_start, f.start),
+                       hour = CASE WHEN f.hour IS NULL OR (q.hour IS DISTINCT FROM f.hour AND q.hour_requests > 0)
+                                   THEN q.hour ELSE f.hour END,
+                       hour_requests = CASE WHEN f.hour IS NULL THEN q.hour_requests
+                                            WHEN q.hour = f.hour THEN q.hour_requests + f.hn
+                                            WHEN q.hour_requests > 0 THEN q.hour_requests
+                                            ELSE f.hn END
+                  FROM unnest(qa_keys, qa_start, qa_n, qa_hour, qa_hn) AS f(id, start, n, hour, hn)
+                 WHERE q.key_id = f.id
+                RETURNING q.key_id, CASE WHEN q.hour = f.hour THEN f.hour END AS hour)
+            SELECT array_agg(key_id), array_agg(hour) INTO done_q, done_q_hour FROM done;
+            EXIT;
+        EXCEPTION WHEN lock_not_available THEN
+            SELECT array_agg(s.id), array_agg(s.start), array_agg(s.n), array_agg(s.hour), array_agg(s.hn)
+              INTO qa_keys, qa_start, qa_n, qa_hour, qa_hn
+              FROM (SELECT f.* FROM unnest(qa_keys, qa_start, qa_n, qa_hour, qa_hn) AS f(id, start, n, hour, hn)
+                      JOIN keypal.quota_usage q ON q.key_id = f.id
+                       FOR NO KEY UPDATE OF q SKIP LOCKED) s;
+        END;
+    END LOOP;
     IF coalesce(cardinality(done_q), 0) < coalesce(cardinality(q_keys), 0) THEN
     BEGIN
         PERFORM set_config('lock_timeout', '100ms', true);
@@ -1185,24 +1199,24 @@ BEGIN
     -- Other hours' requests (a key whose quota was not written with them, or an earlier hour
     -- at an hour's turn) go to keypal.usage, a row per key and hour (keypal_track_usage
     -- without an endpoint counts in the same row). The worker sends each key and hour once.
-    BEGIN
-        PERFORM set_config('lock_timeout', '20ms', true);
-        WITH done AS (
-            UPDATE keypal.usage u SET requests = u.requests + f.n
-              FROM unnest(h_keys, h_at, h_n) AS f(id, at, n)
-             WHERE u.key_id = f.id AND u.hour = f.at AND u.endpoint = ''
-            RETURNING u.key_id, u.hour)
-        SELECT array_agg(key_id), array_agg(hour) INTO done_h, done_h_at FROM done;
-    EXCEPTION WHEN lock_not_available THEN
-        WITH free AS (
-            SELECT u.key_id, u.hour, f.n FROM unnest(h_keys, h_at, h_n) AS f(id, at, n)
-              JOIN keypal.usage u ON u.key_id = f.id AND u.hour = f.at AND u.endpoint = ''
-               FOR NO KEY UPDATE OF u SKIP LOCKED),
-        done AS (UPDATE keypal.usage u SET requests = u.requests + free.n
-                   FROM free WHERE u.key_id = free.key_id AND u.hour = free.hour AND u.endpoint = ''
-                 RETURNING u.key_id, u.hour)
-        SELECT array_agg(key_id), array_agg(hour) INTO done_h, done_h_at FROM done;
-    END;
+    ha_keys := h_keys; ha_at := h_at; ha_n := h_n;
+    FOR attempt IN 1..3 LOOP
+        BEGIN
+            PERFORM set_config('lock_timeout', '20ms', true);
+            WITH done AS (
+                UPDATE keypal.usage u SET requests = u.requests + f.n
+                  FROM unnest(ha_keys, ha_at, ha_n) AS f(id, at, n)
+                 WHERE u.key_id = f.id AND u.hour = f.at AND u.endpoint = ''
+                RETURNING u.key_id, u.hour)
+            SELECT array_agg(key_id), array_agg(hour) INTO done_h, done_h_at FROM done;
+            EXIT;
+        EXCEPTION WHEN lock_not_available THEN
+            SELECT array_agg(s.id), array_agg(s.at), array_agg(s.n) INTO ha_keys, ha_at, ha_n
+              FROM (SELECT f.* FROM unnest(ha_keys, ha_at, ha_n) AS f(id, at, n)
+                      JOIN keypal.usage u ON u.key_id = f.id AND u.hour = f.at AND u.endpoint = ''
+                       FOR NO KEY UPDATE OF u SKIP LOCKED) s;
+        END;
+    END LOOP;
     IF coalesce(cardinality(done_h), 0) < coalesce(cardinality(h_keys), 0) THEN
     BEGIN
         PERFORM set_config('lock_timeout', '100ms', true);
@@ -1219,17 +1233,18 @@ BEGIN
         NULL;
     END;
     END IF;
-    PERFORM set_config('lock_timeout', '0', true);
+    PERFORM set_config('lock_timeout', '200ms', true);
 
     WITH ev AS (
         SELECT k.id, keypal.emit_event('quota.exceeded', k.id,
-                   jsonb_build_object('keyId', k.id, 'limit', (k.quota->>'limit')::bigint,
-                                      'used', f.used, 'period', coalesce(k.quota->>'period', 'month')))
+                   jsonb_build_object('keyId', k.id, 'limit', k.quota->'limit',
+                                      'used', f.used, 'period', coalesce(k.quota->'period', '"month"')))
           FROM unnest(w_keys, w_used) AS f(id, used) JOIN keypal.keys k ON k.id = f.id)
     SELECT array_agg(id) INTO done_w FROM ev;
 
     -- Keys not in keypal.keys (only looked for when something was left unwritten).
-    IF coalesce(cardinality(done_l), 0) + coalesce(cardinality(more_l), 0) < coalesce(cardinality(lu_keys), 0)
+    IF coalesce(cardinality(done_l), 0) + coalesce(cardinality(more_l), 0) + coalesce(cardinality(same_l), 0)
+          < coalesce(cardinality(lu_keys), 0)
        OR coalesce(cardinality(done_q), 0) + coalesce(cardinality(more_q), 0) < coalesce(cardinality(q_keys), 0)
        OR coalesce(cardinality(done_h), 0) + coalesce(cardinality(more_h), 0) < coalesce(cardinality(h_keys), 0)
        OR coalesce(cardinality(array_remove(done_q_hour, NULL)), 0) + coalesce(cardinality(array_remove(more_q_hour, NULL)), 0)
@@ -1247,6 +1262,7 @@ BEGIN
     RETURN QUERY
         SELECT 'L'::"char", d.id, d.at FROM unnest(done_l, done_l_at) AS d(id, at)
         UNION ALL SELECT 'L', d.id, d.at FROM unnest(more_l, more_l_at) AS d(id, at)
+        UNION ALL SELECT 'L', d.id, d.at FROM unnest(same_l, same_l_at) AS d(id, at)
         UNION ALL SELECT 'Q', d.id, NULL FROM unnest(done_q) AS d(id)
         UNION ALL SELECT 'Q', d.id, NULL FROM unnest(more_q) AS d(id)
         UNION ALL SELECT 'W', d.id, NULL FROM unnest(done_w) AS d(id)

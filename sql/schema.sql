@@ -143,7 +143,6 @@ CREATE TABLE keypal.quota_usage (
     hour          timestamptz,
     hour_requests bigint NOT NULL DEFAULT 0
 ) WITH (fillfactor = 50);   -- room on each page for HOT updates by the flush worker
-CREATE INDEX quota_usage_hour ON keypal.quota_usage (hour);
 COMMENT ON TABLE keypal.quota_usage IS 'Requests counted against each key''s quota in its current period, and the current hour''s verified requests (keypal_usage and keypal.hourly_usage add what is not yet written).';
 
 -- Usage per key, hour and endpoint (keypal_track_usage), for analytics.

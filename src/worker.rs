@@ -78,7 +78,10 @@ pub extern "C-unwind" fn keypal_flush_worker_main(arg: pg_sys::Datum) {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
         if flush_once(db, &mut state).is_none() {
-            return; // keypal is not installed here (any more)
+            // keypal is not installed here (any more): what it counted here has nowhere to go.
+            shmem::purge(db);
+            shmem::retire_worker(db);
+            return;
         }
         // SAFETY: reads the clock.
         let now = unsafe { pg_sys::GetCurrentTimestamp() };
@@ -90,7 +93,7 @@ pub extern "C-unwind" fn keypal_flush_worker_main(arg: pg_sys::Datum) {
         if now - since >= IDLE_EXIT_US {
             // Leave, unless a verify made an entry just as the slot was given up (it saw
             // this worker running and started none).
-            shmem::release_worker(db);
+            shmem::retire_worker(db);
             if shmem::entries_of(db) == 0 || !shmem::claim_worker(db) {
                 return;
             }
@@ -125,8 +128,11 @@ fn last_flushes(db: u32, state: &mut State) {
     let deadline = std::time::Instant::now() + SHUTDOWN_WAIT;
     let mut fewest = i32::MAX;
     let mut stalled_since = std::time::Instant::now();
+    let more = |state: &mut State| {
+        flush_once(db, state).is_some() && state.full_batch && std::time::Instant::now() < deadline
+    };
     loop {
-        while flush_once(db, state).is_some() && state.full_batch {}
+        while more(state) {}
         // SAFETY: counts the sessions connected to this database (background workers not
         // included).
         let sessions = unsafe { pg_sys::CountDBConnections(pg_sys::Oid::from(db)) };
@@ -140,7 +146,7 @@ fn last_flushes(db: u32, state: &mut State) {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    while flush_once(db, state).is_some() && state.full_batch {}
+    while more(state) {}
 }
 
 /// How long the sessions' number may stay put before a stopping worker stops waiting.
@@ -259,7 +265,8 @@ fn flush_once(db: u32, state: &mut State) -> Option<()> {
         state.remaining = n;
         state.swept_at = now;
     }
-    state.full_batch = batch.len() >= MAX_BATCH;
+    // More waits at once only if this batch was written (not on a failing flush).
+    state.full_batch = batch.len() >= MAX_BATCH && written.is_some();
     if batch.is_empty() {
         return Some(());
     }

@@ -135,7 +135,7 @@ impl Answer {
 pub fn needs_load(e: &Entry, ask: &Ask) -> bool {
     ask.quota
         .as_ref()
-        .is_some_and(|q| !(e.quota.loaded && e.quota.period_start == q.period_start))
+        .is_some_and(|q| !(e.quota.loaded && e.quota.period_start >= q.period_start))
 }
 
 /// Decides a request against the key's rate limit and quota and, when both admit it,
@@ -145,7 +145,9 @@ pub fn decide(e: &mut Entry, ask: &Ask, loaded: Option<i64>, now: i64) -> Answer
     let mut answer = Answer::default();
     let mut rate = ask.rate;
     if let Some(q) = &ask.quota {
-        if e.quota.period_start != q.period_start {
+        // Periods only move forward: a transaction begun before a period's turn (its
+        // `now()` decides the period asked about) counts in the newer one.
+        if e.quota.period_start < q.period_start {
             // A new period (or the entry's first quota): start from the table's count, or
             // from zero until one can be read. Counts of the old period not yet written are
             // dropped from the quota (its use is about to restart anyway; the hours keep
@@ -157,7 +159,9 @@ pub fn decide(e: &mut Entry, ask: &Ask, loaded: Option<i64>, now: i64) -> Answer
                 seq: e.quota.seq,
                 ..QuotaCount::default()
             };
-        } else if let Some(base) = loaded.filter(|_| !e.quota.loaded) {
+        } else if let Some(base) =
+            loaded.filter(|_| !e.quota.loaded && e.quota.period_start == q.period_start)
+        {
             // Re-read after a direct write to the table: counts not yet flushed stay.
             e.quota.base = base;
             e.quota.loaded = true;
@@ -524,6 +528,17 @@ mod tests {
         confirm(&mut e, &t, &o, 5);
         assert!(dirty(&e, 60_000_000) && e.quota.pending == 0);
         assert_eq!(unwritten_hours(&e).map(|h| h.n).sum::<i64>(), 1);
+    }
+
+    #[test]
+    fn a_quota_period_only_moves_forward() {
+        let mut e = Entry::new(K, NEVER, 1);
+        decide(&mut e, &quota_ask(20, 100, 3), Some(10), T);
+        // A transaction begun before the turn asks about period 10: counted in period 20.
+        let a = decide(&mut e, &quota_ask(10, 100, 1), Some(99), T);
+        assert_eq!((a.quota_used, e.quota.period_start), (Some(13), 20));
+        assert!(!needs_load(&e, &quota_ask(10, 100, 1)));
+        assert_eq!(e.quota.total(), 14);
     }
 
     #[test]

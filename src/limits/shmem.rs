@@ -222,7 +222,13 @@ mod dynamic {
     }
 
     unsafe fn attach() -> Option<*mut Root> {
-        let text = std::fs::read_to_string(FILE).ok()?;
+        // Only a missing file means "no root yet": any other failure to read it (out of file
+        // descriptors …) must not make a second root that part of the server would count in.
+        let text = match std::fs::read_to_string(FILE) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => pgrx::error!("keypal: could not read {FILE}: {e}"),
+        };
         let mut parts = text.split_whitespace();
         let handle: u32 = parts.next()?.parse().ok()?;
         let nonce: u64 = parts.next()?.parse().ok()?;
@@ -449,7 +455,6 @@ fn queue_if_dirty(l: &Local, e: &mut Entry, resolution_us: i64) {
     if e.queued || !entry::dirty(e, resolution_us) {
         return;
     }
-    e.queued = true;
     let mut found = false;
     // SAFETY: the queue is attached; its entries are bare keys, written before release. (The
     // entry's partition lock is held: every path takes an entry's lock before the queue's.)
@@ -461,6 +466,8 @@ fn queue_if_dirty(l: &Local, e: &mut Entry, resolution_us: i64) {
         }
         dshash::dshash_release_lock(l.queue, q);
     }
+    // Only once it is in the queue (an error inserting it leaves the entry for the sweep).
+    e.queued = true;
 }
 
 /// Table reads a verify tries before deciding on the base it has.
@@ -527,9 +534,20 @@ fn request_worker(root: &Root, db: u32, now: i64) -> Result<bool, String> {
         .iter()
         .find(|s| s.db.load(Ordering::Relaxed) == db)
         .or_else(|| {
-            let free = root.workers.iter().find(|s| {
-                s.db.load(Ordering::Relaxed) == 0 && s.pid.load(Ordering::Relaxed) == 0
-            })?;
+            // A free slot, or else one whose worker is gone and was not asked for lately
+            // (its database dropped, or its worker stopped): that database asks again when
+            // it records something.
+            let free = root
+                .workers
+                .iter()
+                .find(|s| s.db.load(Ordering::Relaxed) == 0 && s.pid.load(Ordering::Relaxed) == 0)
+                .or_else(|| {
+                    root.workers.iter().find(|s| {
+                        s.pid.load(Ordering::Relaxed) == 0
+                            && now.saturating_sub(s.requested_at.load(Ordering::Relaxed))
+                                >= 60_000_000
+                    })
+                })?;
             free.db.store(db, Ordering::Relaxed);
             free.requested_at.store(i64::MIN, Ordering::Relaxed);
             Some(free)
@@ -592,6 +610,16 @@ pub fn claim_worker(db: u32) -> bool {
 
 /// The worker of `db`, leaving: frees its registry slot.
 pub fn release_worker(db: u32) {
+    release_slot(db, false);
+}
+
+/// The worker of `db`, leaving for good (no entries left, or keypal not installed there):
+/// frees its registry slot for any database.
+pub fn retire_worker(db: u32) {
+    release_slot(db, true);
+}
+
+fn release_slot(db: u32, free: bool) {
     let root = ROOT.load(Ordering::Relaxed);
     if root.is_null() {
         return;
@@ -605,6 +633,9 @@ pub fn release_worker(db: u32) {
             {
                 s.pid.store(0, Ordering::Relaxed);
                 s.requested_at.store(i64::MIN, Ordering::Relaxed);
+                if free {
+                    s.db.store(0, Ordering::Relaxed);
+                }
             }
         }
         pg_sys::LWLockRelease(root_lock(root));
@@ -708,10 +739,48 @@ pub fn sweep(s: &Sweep, mut db_exists: impl FnMut(u32) -> bool) -> usize {
         if entry::evictable(e, s.now, s.idle_us, s.resolution_us) {
             return Visit::Delete;
         }
+        // Left out of the queue (a key missing from the table, a failed queue insert).
+        queue_if_dirty(&l, e, s.resolution_us);
         remaining += 1;
         Visit::Keep
     });
+    if !gone.is_empty() {
+        drop_queued(&l, |k| gone.contains(&k.db));
+    }
     remaining
+}
+
+/// Deletes the queued keys `f` picks.
+fn drop_queued(l: &Local, f: impl Fn(&EntryKey) -> bool) {
+    let mut status = SeqStatus::default();
+    // SAFETY: a sequential scan of the attached queue; nothing in it raises an error.
+    unsafe {
+        dshash::dshash_seq_init(&mut status, l.queue, true);
+        loop {
+            let k = dshash::dshash_seq_next(&mut status).cast::<EntryKey>();
+            if k.is_null() {
+                break;
+            }
+            if f(&*k) {
+                dshash::dshash_delete_current(&mut status);
+                (*l.root).queued.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        dshash::dshash_seq_term(&mut status);
+    }
+}
+
+/// keypal is not installed in `db` (any more): its entries and queued keys go.
+pub fn purge(db: u32) {
+    let l = local();
+    for_each_entry(&l, true, |e| {
+        if e.k.db == db {
+            Visit::Delete
+        } else {
+            Visit::Keep
+        }
+    });
+    drop_queued(&l, |k| k.db == db);
 }
 
 /// Whether the entries fill `keypal.shared_memory` past nine tenths (the worker then sweeps
@@ -744,6 +813,8 @@ pub fn confirm(
             let e = locked.get();
             entry::confirm(e, t, &outcome(t), next_seq(root));
             if missing.contains(&t.key) {
+                // Not queued again at once: the sweep does (every few seconds), so keys that
+                // cannot be written do not crowd out the rest.
                 if e.missing_since == 0 {
                     e.missing_since = s.now;
                 } else if s.now.saturating_sub(e.missing_since) >= grace_us {
@@ -751,8 +822,8 @@ pub fn confirm(
                 }
             } else {
                 e.missing_since = 0;
+                queue_if_dirty(&l, e, s.resolution_us);
             }
-            queue_if_dirty(&l, e, s.resolution_us);
         }
     }
     let me = unsafe { pg_sys::MyProcPid };

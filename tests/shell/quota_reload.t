@@ -29,4 +29,24 @@ wait "$TRACKER_PID" 2>/dev/null || true
 is "$(q -c "SELECT used FROM keypal_usage('$id')")" 7 "the count holds both verifies and the 5 tracked requests"
 is "$(verify)" VALID "a verify after the commit"
 is "$(q -c "SELECT used FROM keypal_usage('$id')")" 8 "and counts on from there"
+# A transaction left open holding one key's quota row (keypal_track_usage) delays that
+# key's write only: another key's counts still reach the table, and the held key's follow
+# once the transaction ends.
+read -r id2 key2 < <(q -F ' ' -c "SELECT id, key FROM keypal_create(owner_id => 'reload', quota => '{\"limit\": 100, \"period\": \"day\"}')")
+before=$(q -c "SELECT used FROM keypal_usage('$id')")
+wait_for "SELECT used FROM keypal.quota_usage WHERE key_id = '$id'" "$before" >/dev/null  # all written so far
+coproc HOLDER { psql -X -q -At -v ON_ERROR_STOP=1 2>&1; }
+hold() { echo "$1" >&"${HOLDER[1]}"; read -r line <&"${HOLDER[0]}"; echo "$line"; }
+is "$(hold "BEGIN; SELECT 'held' FROM keypal_track_usage('$id', requests => 1);")" held "a transaction holds the first key's quota row"
+verify >/dev/null
+q -c "SELECT (keypal_verify('$key2')).valid" >/dev/null
+is "$(wait_for "SELECT coalesce((SELECT used FROM keypal.quota_usage WHERE key_id = '$id2'), 0)" 1)" 1 \
+   "the other key's count is written meanwhile"
+is "$(q -c "SELECT used FROM keypal.quota_usage WHERE key_id = '$id'")" "$before" "the held key's is not (yet)"
+is "$(q -c "SELECT used FROM keypal_usage('$id')")" "$((before + 1))" "but keypal_usage counts it"
+hold "COMMIT; SELECT 'done';" >/dev/null
+exec {HOLDER[1]}>&-
+wait "$HOLDER_PID" 2>/dev/null || true
+is "$(wait_for "SELECT used FROM keypal.quota_usage WHERE key_id = '$id'" "$((before + 2))")" "$((before + 2))" \
+   "after the commit, the held key's count follows (the verify and the tracked request)"
 done_testing

@@ -43,6 +43,20 @@ after=$(stat entries)
 ok "$( [ "$after" -lt 100 ]; echo $? )" "idle entries are evicted ($before -> $after)"
 is "$(q -c "SELECT count(*) FILTER (WHERE (keypal_verify(key)).valid) FROM full_keys")" 3000 "and every key verifies again"
 
+# DROP EXTENSION in a database: its worker drops what keypal counted there and leaves (so
+# DROP DATABASE, without FORCE, can go ahead).
+q -d postgres -c "DROP DATABASE IF EXISTS keypal_scratch WITH (FORCE)" -c "CREATE DATABASE keypal_scratch" >/dev/null
+sk=$(q -d keypal_scratch -c "CREATE EXTENSION keypal" -c "SELECT key FROM keypal_create(owner_id => 'scratch', rate_limit => '{\"requests\": 9, \"window\": \"1h\"}')")
+is "$(q -d keypal_scratch -c "SELECT valid FROM keypal_verify('$sk')")" t "a second database verifies"
+wpid=$(wait_for "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'keypal flush worker' AND datname = 'keypal_scratch'" 1)
+is "$wpid" 1 "and gets its own flush worker"
+before=$(stat entries)
+q -d keypal_scratch -c "DROP EXTENSION keypal" >/dev/null
+is "$(wait_for "SELECT count(*) FROM pg_stat_activity WHERE datname = 'keypal_scratch'" 0)" 0 "after DROP EXTENSION its worker leaves"
+ok "$( [ "$(stat entries)" -lt "$before" ]; echo $? )" "taking that database's entries with it ($before -> $(stat entries))"
+out=$(q -d postgres -c "DROP DATABASE keypal_scratch" 2>&1 || true)
+is "$out" "" "DROP DATABASE (without FORCE) then succeeds"
+
 # Preloaded: one behaviour.
 q -c "ALTER SYSTEM SET shared_preload_libraries = 'keypal'" >/dev/null
 restart
