@@ -45,6 +45,7 @@ is "$(q -c "SELECT count(*) FROM keypal.key_info k JOIN wal_keys w USING (id) WH
 read -r id key < <(q -F ' ' -c "SELECT id, key FROM keypal_create(owner_id => 'wal', rate_limit => '{\"requests\": 100, \"window\": \"1h\"}', quota => '{\"limit\": 100}')")
 read -r id2 key2 < <(q -F ' ' -c "SELECT id, key FROM keypal_create(owner_id => 'wal')")
 coproc VERIFIER { psql -X -q -At -v ON_ERROR_STOP=1 2>&1; }
+verifier_pid=$VERIFIER_PID
 ask() { echo "$1" >&"${VERIFIER[1]}"; read -r line <&"${VERIFIER[0]}"; echo "$line"; }
 is "$(ask "BEGIN; SELECT (keypal_verify('$key')).valid AND (keypal_verify('$key2')).valid;")" t "a verifier's transaction, left open"
 vpid=$(ask "SELECT pg_backend_pid();")
@@ -58,7 +59,7 @@ is "$(q -c "SET lock_timeout = '1s'" -c "SELECT keypal_revoke('$id') IS NOT NULL
 is "$(ask "SELECT error_code FROM keypal_verify('$key');")" REVOKED "the open transaction's next verify sees the revoke"
 ask "COMMIT; SELECT 1;" >/dev/null
 exec {VERIFIER[1]}>&-
-wait "$VERIFIER_PID" 2>/dev/null || true
+wait "$verifier_pid" 2>/dev/null || true
 
 # The worker, running again at its usual pace, writes what was recorded.
 q -c "ALTER SYSTEM RESET keypal.flush_interval" -c "SELECT pg_reload_conf()" >/dev/null

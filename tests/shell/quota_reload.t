@@ -14,6 +14,7 @@ is "$(verify)" VALID "first verify (its use loaded: 0)"
 wait_for "SELECT coalesce((SELECT used FROM keypal.quota_usage WHERE key_id = '$id'), 0)" 1 >/dev/null
 
 coproc TRACKER { psql -X -q -At -v ON_ERROR_STOP=1 2>&1; }
+tracker_pid=$TRACKER_PID
 ask() { echo "$1" >&"${TRACKER[1]}"; read -r line <&"${TRACKER[0]}"; echo "$line"; }
 is "$(ask "BEGIN; SELECT 'tracked' FROM keypal_track_usage('$id', requests => 5);")" tracked "another session tracks 5 requests, not yet committed"
 # A verify meanwhile (in the background: it must not wait for the tracking transaction).
@@ -24,7 +25,7 @@ is "$(ask "COMMIT; SELECT 'committed';")" committed "the tracked requests commit
 wait "$meanwhile"
 is "$(cat "$work/meanwhile")" VALID "a verify meanwhile"
 exec {TRACKER[1]}>&-
-wait "$TRACKER_PID" 2>/dev/null || true
+wait "$tracker_pid" 2>/dev/null || true
 
 is "$(q -c "SELECT used FROM keypal_usage('$id')")" 7 "the count holds both verifies and the 5 tracked requests"
 is "$(verify)" VALID "a verify after the commit"
@@ -36,6 +37,7 @@ read -r id2 key2 < <(q -F ' ' -c "SELECT id, key FROM keypal_create(owner_id => 
 before=$(q -c "SELECT used FROM keypal_usage('$id')")
 wait_for "SELECT used FROM keypal.quota_usage WHERE key_id = '$id'" "$before" >/dev/null  # all written so far
 coproc HOLDER { psql -X -q -At -v ON_ERROR_STOP=1 2>&1; }
+holder_pid=$HOLDER_PID
 hold() { echo "$1" >&"${HOLDER[1]}"; read -r line <&"${HOLDER[0]}"; echo "$line"; }
 is "$(hold "BEGIN; SELECT 'held' FROM keypal_track_usage('$id', requests => 1);")" held "a transaction holds the first key's quota row"
 verify >/dev/null
@@ -46,7 +48,7 @@ is "$(q -c "SELECT used FROM keypal.quota_usage WHERE key_id = '$id'")" "$before
 is "$(q -c "SELECT used FROM keypal_usage('$id')")" "$((before + 1))" "but keypal_usage counts it"
 hold "COMMIT; SELECT 'done';" >/dev/null
 exec {HOLDER[1]}>&-
-wait "$HOLDER_PID" 2>/dev/null || true
+wait "$holder_pid" 2>/dev/null || true
 is "$(wait_for "SELECT used FROM keypal.quota_usage WHERE key_id = '$id'" "$((before + 2))")" "$((before + 2))" \
    "after the commit, the held key's count follows (the verify and the tracked request)"
 done_testing

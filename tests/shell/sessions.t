@@ -49,6 +49,7 @@ is "$(wait_for "SELECT last_used_at > '$first' FROM keypal.key_usage WHERE key_i
 # A verify while a revoke holds the key's row neither waits nor undoes the revoke (nor
 # does the flush worker's last_used_at write: it skips rows another transaction holds).
 coproc REVOKER { psql -X -q -At -v ON_ERROR_STOP=1 2>&1; }
+revoker_pid=$REVOKER_PID
 echo "BEGIN; SELECT keypal_revoke('$id'); SELECT 'locked';" >&"${REVOKER[1]}"
 read -r line <&"${REVOKER[0]}"; read -r line <&"${REVOKER[0]}"
 is "$line" "locked" "a revoke holds the key's row"
@@ -60,13 +61,14 @@ echo "COMMIT; SELECT 'committed';" >&"${REVOKER[1]}"
 read -r line <&"${REVOKER[0]}"
 is "$line" "committed" "the revoke commits"
 exec {REVOKER[1]}>&-
-wait "$REVOKER_PID" 2>/dev/null || true
+wait "$revoker_pid" 2>/dev/null || true
 is "$(q -c "SELECT error_code FROM keypal_verify('$key')")" "REVOKED" "the key is revoked: the last_used_at write undid nothing"
 is "$(q -c "SELECT revoked_at IS NOT NULL FROM keypal.keys WHERE id = '$id'")" "t" "revoked_at is kept"
 q -c "SELECT keypal_configure(last_used_resolution => '60s')" >/dev/null
 
 # Each backend caches the settings verify needs; a change committed elsewhere reaches it.
 coproc WATCHER { psql -X -q -At -v ON_ERROR_STOP=1 2>&1; }
+watcher_pid=$WATCHER_PID
 ask() { echo "$1" >&"${WATCHER[1]}"; read -r line <&"${WATCHER[0]}"; echo "$line"; }
 is "$(ask "SELECT error_code FROM keypal_verify('zz_' || repeat('a', 32));")" "INVALID_FORMAT" "a long-lived session: zz_ keys are not the configured format"
 q -c "SELECT keypal_configure(prefix => 'zz_')" >/dev/null
@@ -86,7 +88,7 @@ is "$(ask "SELECT error_code FROM keypal_verify('yy_' || repeat('a', 32));")" "I
 is "$(ask "COMMIT; SELECT error_code FROM keypal_verify('yy_' || repeat('a', 32));")" "INVALID_KEY" "and keeps it after COMMIT"
 q -c "SELECT keypal_configure(prefix => '')" >/dev/null
 exec {WATCHER[1]}>&-
-wait "$WATCHER_PID" 2>/dev/null || true
+wait "$watcher_pid" 2>/dev/null || true
 
 # ignore_system_indexes would turn each lookup into a scan of every key: verify refuses.
 out=$(PGOPTIONS="-c ignore_system_indexes=on" q -c "SELECT valid FROM keypal_verify('$key2')" 2>&1 || true)
