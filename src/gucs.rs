@@ -15,10 +15,11 @@ pub static SALT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::ne
 /// The most memory (MB) the shared entries may take (keys in use: limits/shmem.rs).
 pub static SHARED_MEMORY_MB: GucSetting<i32> = GucSetting::<i32>::new(1024);
 
-/// How often (ms) the flush worker writes shared memory behind: a crash loses at most this
-/// much of last uses and counts. 1 s: each flush writes one row per key used since the last,
-/// so a longer interval writes a busy key once for more requests (docs/DESIGN.md).
-pub static FLUSH_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+/// How often (ms) the flush worker writes shared memory behind: a crash loses at most about
+/// this much of last uses and counts. 5 s: each flush writes one row per quota'd key used
+/// since the last, so a longer interval writes a busy key once for more requests; at 1 s,
+/// 100 000 busy quota'd keys cost the worker most of a core (docs/DESIGN.md).
+pub static FLUSH_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
 
 pub fn init() {
     GucRegistry::define_int_guc(
