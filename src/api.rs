@@ -416,15 +416,19 @@ mod keypal {
     }
 
     /// A key's use in the current quota `period`, given what keypal.quota_usage says
-    /// (`table_used`): shared memory's count when it holds the key's base (exact at this
-    /// moment), else the table's plus what is not yet written there.
+    /// (`table_used`): exact at this moment, with what shared memory holds that is not yet
+    /// written (limits/shmem.rs `quota_used`).
     #[pg_extern(volatile, parallel_unsafe)]
     fn quota_used(key_id: Uuid, period: &str, table_used: i64) -> i64 {
         let start = crate::limits::enforce::period_start(period);
-        match crate::limits::shmem::quota_count(*key_id.as_bytes(), start) {
-            (Some(total), _) => total,
-            (None, unflushed) => table_used + unflushed,
-        }
+        let Some(id) = key_id.into_datum() else {
+            return table_used;
+        };
+        let catalog = crate::catalog::get();
+        crate::limits::shmem::quota_used(*key_id.as_bytes(), start, || {
+            crate::limits::enforce::quota_used_at(&catalog, id, start)
+        })
+        .unwrap_or(table_used)
     }
 
     /// Whether verify applies a rate limit to a key with these settings (the key's own, its

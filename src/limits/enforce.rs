@@ -162,12 +162,22 @@ fn key_bytes(id: pg_sys::Datum) -> [u8; 16] {
 /// The key's use in the current period of `q` as a query run now would see it (no lock;
 /// a direct index lookup, no SPI).
 fn quota_used_now(catalog: &Catalog, id: pg_sys::Datum, q: &Quota) -> i64 {
-    let [start, used] = catalog.quota_attnums;
+    quota_used_at(catalog, id, period_start(&q.period))
+}
+
+/// The key's use in the quota period starting `start`, as a query run now would see it (no
+/// lock; a direct index lookup, no SPI).
+pub fn quota_used_at(catalog: &Catalog, id: pg_sys::Datum, start: i64) -> i64 {
+    let [start_col, used] = catalog.quota_attnums;
     // timestamptz and bigint are by-value 64-bit datums.
-    crate::scan::Fresh::with(|snapshot| catalog.quota_by_key.lookup(snapshot, id, &[start, used]))
-        .filter(|[s, _]| s.map(|s| s.value() as i64) == Some(period_start(&q.period)))
-        .and_then(|[_, u]| u.map(|u| u.value() as i64))
-        .unwrap_or(0)
+    crate::scan::Fresh::with(|snapshot| {
+        catalog
+            .quota_by_key
+            .lookup(snapshot, id, &[start_col, used])
+    })
+    .filter(|[s, _]| s.map(|s| s.value() as i64) == Some(start))
+    .and_then(|[_, u]| u.map(|u| u.value() as i64))
+    .unwrap_or(0)
 }
 
 thread_local! {

@@ -889,26 +889,50 @@ pub fn init_backend() {
     unsafe { pg_sys::RegisterXactCallback(Some(on_xact), std::ptr::null_mut()) }
 }
 
-/// The key's use in the period starting `period_start` as shared memory holds it: `(total,
-/// unflushed)`: total when its base is loaded (exact at this moment), and the counts not yet
-/// in the table (in flight or pending).
-pub fn quota_count(key: [u8; 16], period_start: i64) -> (Option<i64>, i64) {
+/// The key's exact use in the period starting `period_start`, or None when shared memory
+/// holds nothing of it (the table then has it all). `read_table` reads the key's use from
+/// the table under a snapshot taken when it runs. With a loaded base, the entry's total is
+/// exact; otherwise (after `keypal_track_usage`, or in the transaction that wrote the table)
+/// the table is read as verify does — while nothing is in flight and no flush begins or
+/// ends around the read — and what is not yet written is added.
+pub fn quota_used(
+    key: [u8; 16],
+    period_start: i64,
+    mut read_table: impl FnMut() -> i64,
+) -> Option<i64> {
     // This transaction wrote the key's use to the table (not yet committed, so not yet in
     // any base): only the table, as this transaction sees it, has it.
     let own_write = RELOAD_AT_COMMIT.with(|k| k.borrow().contains(&key));
     let l = local();
-    find(&l, &EntryKey { db: my_db(), key }, false)
-        .map(|mut e| {
-            let q = e.get().quota;
-            if q.period_start != period_start {
-                return (None, 0);
+    let k = EntryKey { db: my_db(), key };
+    let peek = || {
+        find(&l, &k, false)
+            .map(|mut e| e.get().quota)
+            .filter(|q| q.period_start == period_start)
+    };
+    for _ in 0..500 {
+        let q = peek()?;
+        if q.loaded && !own_write {
+            return Some(q.total());
+        }
+        if q.inflight == 0 {
+            let used = read_table();
+            match peek() {
+                Some(after) if after.seq == q.seq && after.inflight == 0 => {
+                    return Some(used.saturating_add(after.pending));
+                }
+                None => return Some(used),
+                _ => {}
             }
-            (
-                (q.loaded && !own_write).then(|| q.total()),
-                q.inflight + q.pending,
-            )
-        })
-        .unwrap_or((None, 0))
+        }
+        // A flush is under way: its commit and confirmation take a moment.
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        pgrx::check_for_interrupts!();
+    }
+    crate::errors::raise(
+        pgrx::PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE,
+        "keypal: the flush worker kept this key's count in flight for 0.5 s; try again".into(),
+    )
 }
 
 /// The key's last admitted verify, if shared memory holds one (µs).
