@@ -27,8 +27,35 @@ const MISSING_GRACE_US: i64 = 600_000_000;
 /// At a clean stop, how long the worker waits for its database's sessions to go.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
 
+thread_local! {
+    /// When this backend last warned that no worker could be started (µs).
+    static LAST_WARNING: std::cell::Cell<i64> = const { std::cell::Cell::new(i64::MIN) };
+}
+
+/// After verify recorded something: makes sure this database has a flush worker (asks the
+/// postmaster for one if none runs). Loud when it cannot, but once a minute per backend:
+/// counts stay in shared memory until a worker runs, and verify goes on.
+pub fn ensure() {
+    // SAFETY: reads a backend global.
+    let db = unsafe { pg_sys::MyDatabaseId.to_u32() };
+    let problem = match shmem::worker_wanted() {
+        Ok(false) => return,
+        Ok(true) => match start(db) {
+            Ok(()) => return,
+            Err(e) => e,
+        },
+        Err(e) => e,
+    };
+    // SAFETY: reads the clock.
+    let now = unsafe { pg_sys::GetCurrentTimestamp() };
+    if now.saturating_sub(LAST_WARNING.get()) >= 60_000_000 {
+        LAST_WARNING.set(now);
+        pgrx::warning!("keypal: {problem}; usage is kept in shared memory until one runs");
+    }
+}
+
 /// Asks the postmaster to start `db`'s worker; Err says why it could not.
-pub fn start(db: u32) -> Result<(), String> {
+fn start(db: u32) -> Result<(), String> {
     BackgroundWorkerBuilder::new(&format!("keypal flush worker {db}"))
         .set_type("keypal flush worker")
         .set_library("keypal")

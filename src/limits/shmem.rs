@@ -446,7 +446,6 @@ pub fn admit(
         queue_if_dirty(&l, e, resolution_us);
         break answer;
     };
-    ensure_worker(&l, now);
     Ok(answer)
 }
 
@@ -483,46 +482,35 @@ pub fn note_dropped() {
 thread_local! {
     /// When this backend next checks on its database's flush worker (µs).
     static NEXT_WORKER_CHECK: Cell<i64> = const { Cell::new(0) };
-    /// When this backend last warned that no worker could be started (µs).
-    static LAST_WORKER_WARNING: Cell<i64> = const { Cell::new(i64::MIN) };
 }
 
-/// Makes sure this database has a flush worker: checked at most once a second per backend.
-fn ensure_worker(l: &Local, now: i64) {
+/// Whether this backend is to start its database's flush worker (none runs and none was
+/// asked for lately); checked at most once a second per backend (else Ok(false)). Err: no
+/// registry slot is left.
+pub fn worker_wanted() -> Result<bool, String> {
+    // SAFETY: reads the clock.
+    let now = unsafe { pg_sys::GetCurrentTimestamp() };
     if now < NEXT_WORKER_CHECK.get() {
-        return;
+        return Ok(false);
     }
     NEXT_WORKER_CHECK.set(now + 1_000_000);
+    let l = local();
     let db = my_db();
     // SAFETY: the root is attached; its slots are atomics, claimed under its lock.
     let root = unsafe { &*l.root };
-    if let Some(s) = root
+    let running = root
         .workers
         .iter()
-        .find(|s| s.db.load(Ordering::Relaxed) == db)
-    {
-        if s.pid.load(Ordering::Relaxed) != 0 {
-            return;
-        }
+        .any(|s| s.db.load(Ordering::Relaxed) == db && s.pid.load(Ordering::Relaxed) != 0);
+    if running {
+        return Ok(false);
     }
-    let started = unsafe {
+    // SAFETY: the registry changes under the root's lock; request_worker cannot raise.
+    unsafe {
         pg_sys::LWLockAcquire(root_lock(l.root), pg_sys::LWLockMode::LW_EXCLUSIVE);
         let r = request_worker(root, db, now);
         pg_sys::LWLockRelease(root_lock(l.root));
         r
-    };
-    let problem = match started {
-        Ok(false) => None,
-        Ok(true) => crate::worker::start(db).err(),
-        Err(e) => Some(e),
-    };
-    if let Some(problem) = problem {
-        // Loud, but once a minute per backend: counts stay in shared memory until a worker
-        // runs, and verify goes on.
-        if now.saturating_sub(LAST_WORKER_WARNING.get()) >= 60_000_000 {
-            LAST_WORKER_WARNING.set(now);
-            pgrx::warning!("keypal: {problem}; usage is kept in shared memory until one runs");
-        }
     }
 }
 
