@@ -222,7 +222,10 @@ fn verify_in(catalog: &Catalog, key: &str, req: &Request) -> Result<(Row, Usage)
     }
     // The key and its ancestors as of one moment: now.
     let row = Fresh::with(|snapshot| judge(catalog, snapshot, key, req))?;
-    let usage = enforce::enforce(catalog, &row.limits(), req.cost)?;
+    let usage = enforce::enforce(catalog, &row.limits(), req.cost);
+    // What it recorded is written by the database's flush worker: make sure one runs.
+    crate::worker::ensure();
+    let usage = usage?;
     Ok((row, usage))
 }
 

@@ -104,9 +104,7 @@ pub fn enforce(catalog: &Catalog, key: &KeyLimits, cost: i64) -> Result<Usage, R
             .map_or(0, |q| quota_used_now(catalog, key.id, q))
     };
     let resolution = catalog.last_used_resolution_us;
-    let admitted = shmem::admit(key_bytes(key.id), &ask, resolution, load);
-    crate::worker::ensure();
-    let Ok(answer) = admitted else {
+    let Ok(answer) = shmem::admit(key_bytes(key.id), &ask, resolution, load) else {
         if rate.is_none() && quota.is_none() {
             // Nothing to enforce: the key verifies; only its use goes unrecorded.
             shmem::note_dropped();
