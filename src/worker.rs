@@ -182,10 +182,20 @@ const STALL: Duration = Duration::from_millis(300);
 /// The settings the worker's session runs with, over anything the database's owner set
 /// with `ALTER DATABASE … SET` (applied when the worker connected): a read-only default,
 /// timeouts, another session user or role would stop flushing, `exit_on_error` would turn
-/// any error into an exit, another time zone would shift the hours. The session user is
+/// any error into an exit, another time zone would shift the hours, planner settings would
+/// slow every flush. The session user is
 /// pinned first, to the bootstrap superuser the worker connected as.
-const PINNED: [(&std::ffi::CStr, &std::ffi::CStr); 9] = [
+const PINNED: [(&std::ffi::CStr, &std::ffi::CStr); 16] = [
     (c"search_path", c"pg_catalog, pg_temp"),
+    // The flush is index probes, one per item: planner settings that would turn them into
+    // scans (or JIT-compile a small statement) slow every flush down.
+    (c"enable_indexscan", c"on"),
+    (c"enable_bitmapscan", c"on"),
+    (c"enable_nestloop", c"on"),
+    (c"enable_seqscan", c"on"),
+    (c"enable_hashjoin", c"on"),
+    (c"plan_cache_mode", c"auto"),
+    (c"jit", c"off"),
     (c"role", c"none"),
     (c"exit_on_error", c"off"),
     (c"default_transaction_read_only", c"off"),
