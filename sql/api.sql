@@ -144,8 +144,10 @@ RETURNS bigint LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
     INSERT INTO keypal.quota_usage AS q (key_id, period_start, used)
     VALUES (count_quota_use.key_id, date_trunc(count_quota_use.period, now(), 'UTC'), count_quota_use.n)
     ON CONFLICT (key_id) DO UPDATE
-        SET used = CASE WHEN q.period_start = EXCLUDED.period_start THEN q.used ELSE 0 END + EXCLUDED.used,
-            period_start = EXCLUDED.period_start
+        -- Periods only move forward (as in the flush worker's writes): a transaction begun
+        -- before a period's turn counts in the newer period the row already holds.
+        SET used = CASE WHEN q.period_start >= EXCLUDED.period_start THEN q.used ELSE 0 END + EXCLUDED.used,
+            period_start = greatest(q.period_start, EXCLUDED.period_start)
     RETURNING q.used
 $$;
 
@@ -1086,6 +1088,11 @@ BEGIN
     -- The common case: no row is held, and one plain UPDATE does it (locking each row
     -- first would cost a WAL record per row). A held row makes it wait at most 20 ms; then
     -- the rows no other transaction holds are kept (and locked) and it runs again.
+    -- Rows within the resolution are left as they are: reported with what they hold (read
+    -- before the update, which moves only the others).
+    SELECT array_agg(u.key_id), array_agg(u.last_used_at) INTO same_l, same_l_at
+      FROM unnest(lu_keys, lu_at) AS f(id, at) JOIN keypal.key_usage u ON u.key_id = f.id
+     WHERE f.at < u.last_used_at + resolution;
     l_keys := lu_keys; l_at := lu_at;
     FOR attempt IN 1..3 LOOP
         BEGIN
@@ -1104,12 +1111,6 @@ BEGIN
                        FOR NO KEY UPDATE OF u SKIP LOCKED) s;
         END;
     END LOOP;
-    IF coalesce(cardinality(done_l), 0) < coalesce(cardinality(l_keys), 0) THEN
-        -- Rows within the resolution are left as they are: reported with what they hold.
-        SELECT array_agg(u.key_id), array_agg(u.last_used_at) INTO same_l, same_l_at
-          FROM unnest(l_keys, l_at) AS f(id, at) JOIN keypal.key_usage u ON u.key_id = f.id
-         WHERE f.at < u.last_used_at + resolution;
-    END IF;
     IF coalesce(cardinality(done_l), 0) + coalesce(cardinality(same_l), 0)
        < coalesce(cardinality(lu_keys), 0) THEN  -- rows to add
     BEGIN
@@ -1258,6 +1259,8 @@ BEGIN
 
     END IF;
 
+    -- The commit that follows must not time out (NOTIFY's queue lock, for one).
+    PERFORM set_config('lock_timeout', '0', true);
     -- What was written.
     RETURN QUERY
         SELECT 'L'::"char", d.id, d.at FROM unnest(done_l, done_l_at) AS d(id, at)
@@ -1271,6 +1274,7 @@ BEGIN
         UNION ALL SELECT 'H', d.id, d.at FROM unnest(done_q, done_q_hour) AS d(id, at) WHERE d.at IS NOT NULL
         UNION ALL SELECT 'H', d.id, d.at FROM unnest(more_q, more_q_hour) AS d(id, at) WHERE d.at IS NOT NULL;
 EXCEPTION WHEN OTHERS THEN
+    PERFORM set_config('lock_timeout', '0', true);
     RAISE WARNING 'keypal flush worker: % (SQLSTATE %); everything of this flush is kept for the next one',
         SQLERRM, SQLSTATE;
     RETURN QUERY SELECT 'x'::"char", NULL::uuid, NULL::timestamptz;

@@ -235,7 +235,8 @@ fn pin_session() {
 /// First statement of every worker transaction: nothing it runs may resolve through a
 /// search_path the database's owner chose. Itself fully qualified.
 const PIN_SEARCH_PATH: &str =
-    "SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true)";
+    "SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true),
+            pg_catalog.set_config('lock_timeout', '1s', true)";
 
 const INSTALLED: &str = "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension
                                           WHERE extname OPERATOR(pg_catalog.=) 'keypal')";
@@ -269,13 +270,15 @@ fn flush_once(db: u32, state: &mut State) -> Option<()> {
         {
             return None;
         }
+        // keypal's tables may be locked by a DROP EXTENSION not yet committed (or an ALTER):
+        // then this flush waits for the next interval rather than for the lock.
+        let Ok(resolution_us) = resolution() else {
+            return Some(None);
+        };
         let sweep = Sweep {
             db,
             now,
-            resolution_us: Spi::get_one::<i64>(RESOLUTION)
-                .ok()
-                .flatten()
-                .unwrap_or(60_000_000),
+            resolution_us,
             idle_us: idle_us(),
         };
         let remaining = sweep_due.then(|| shmem::sweep(&sweep, db_exists));
@@ -290,10 +293,6 @@ fn flush_once(db: u32, state: &mut State) -> Option<()> {
         };
         Some(Some((sweep, batch, remaining, written)))
     });
-    // A worker never goes idle the way a backend does: report its table statistics
-    // itself, or autovacuum would never learn of the rows it updates.
-    // SAFETY: outside any transaction, as PostgreSQL's own workers call it.
-    unsafe { pg_sys::pgstat_report_stat(false) };
     let Some((sweep, batch, remaining, written)) = result? else {
         state.full_batch = false;
         return Some(());
@@ -329,7 +328,48 @@ fn flush_once(db: u32, state: &mut State) -> Option<()> {
         .map(|w| w.missing.clone())
         .unwrap_or_default();
     shmem::confirm(&sweep, &batch, outcome, &missing, MISSING_GRACE_US);
+    report_stats();
     Some(())
+}
+
+/// A worker never goes idle the way a backend does: it reports its table statistics itself,
+/// or autovacuum would never learn of the rows it updates.
+fn report_stats() {
+    // SAFETY: outside any transaction, as PostgreSQL's own workers call it.
+    unsafe { pg_sys::pgstat_report_stat(false) };
+}
+
+/// `last_used_resolution` (µs; 60 s when keypal.settings has no row yet), read in a
+/// subtransaction: an error (a lock not granted within the pinned lock_timeout, the table
+/// dropped meanwhile) gives Err(()), which skips this flush, and leaves the transaction
+/// usable.
+fn resolution() -> Result<i64, ()> {
+    // SAFETY: the internal-subtransaction pattern PL/pgSQL's exception blocks use: memory
+    // context and resource owner are restored whatever happens inside.
+    let read = unsafe {
+        let context = pg_sys::CurrentMemoryContext;
+        let owner = pg_sys::CurrentResourceOwner;
+        pg_sys::BeginInternalSubTransaction(std::ptr::null());
+        let read = PgTryBuilder::new(|| {
+            Some(
+                Spi::get_one::<i64>(RESOLUTION)
+                    .ok()
+                    .flatten()
+                    .unwrap_or(60_000_000),
+            )
+        })
+        .catch_others(|_| None)
+        .execute();
+        if read.is_some() {
+            pg_sys::ReleaseCurrentSubTransaction();
+        } else {
+            pg_sys::RollbackAndReleaseCurrentSubTransaction();
+        }
+        pg_sys::MemoryContextSwitchTo(context);
+        pg_sys::CurrentResourceOwner = owner;
+        read
+    };
+    read.ok_or(())
 }
 
 /// How long an entry stays after its last use: long enough that a key in steady use keeps

@@ -903,6 +903,15 @@ pub fn quota_used(
         if q.loaded && !own_write {
             return Some(q.total());
         }
+        if q.inflight != 0 && !worker_running(&l, k.db) {
+            // Taken by a worker that is gone: its batch goes back to pending when the next
+            // one starts; it is not in the table.
+            return Some(
+                read_table()
+                    .saturating_add(q.inflight)
+                    .saturating_add(q.pending),
+            );
+        }
         if q.inflight == 0 {
             let used = read_table();
             match peek() {
@@ -921,6 +930,15 @@ pub fn quota_used(
         pgrx::PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE,
         "keypal: the flush worker kept this key's count in flight for 0.5 s; try again".into(),
     )
+}
+
+/// Whether a flush worker of `db` runs.
+fn worker_running(l: &Local, db: u32) -> bool {
+    // SAFETY: the root is attached; reads of atomics.
+    unsafe { &*l.root }
+        .workers
+        .iter()
+        .any(|s| s.db.load(Ordering::Relaxed) == db && s.pid.load(Ordering::Relaxed) != 0)
 }
 
 /// The key's last admitted verify, if shared memory holds one (µs).

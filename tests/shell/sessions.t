@@ -42,6 +42,14 @@ q -c "SELECT valid FROM keypal_verify('$lkey')" >/dev/null
 sleep 0.6  # three flush intervals
 is "$(q -c "SELECT last_used_at FROM keypal.key_usage WHERE key_id = '$lid'")" "$first" "a second verify within the resolution is not written"
 ok "$( [ "$(q -c "SELECT last_used_at > '$first' FROM keypal.key_info WHERE id = '$lid'")" = t ]; echo $? )" "though keypal_get's last_used_at has it"
+# One flush with a row to move on and a key without a row: both written.
+q -c "SELECT keypal_configure(last_used_resolution => '1s')" >/dev/null
+sleep 1.2
+read -r nid nkey < <(q -F ' ' -c "SELECT id, key FROM keypal_create(owner_id => 'sess')")
+q -c "SELECT (keypal_verify('$lkey')).valid AND (keypal_verify('$nkey')).valid" >/dev/null
+is "$(wait_for "SELECT count(*) FROM keypal.key_usage WHERE key_id = '$nid'" 1)" 1 "a new key's first use is written beside a moved one"
+is "$(q -c "SELECT last_used_at > '$first' FROM keypal.key_usage WHERE key_id = '$lid'")" t "and the moved one moved"
+first=$(q -c "SELECT last_used_at FROM keypal.key_usage WHERE key_id = '$lid'")
 q -c "SELECT keypal_configure(last_used_resolution => '0s')" >/dev/null
 q -c "SELECT valid FROM keypal_verify('$lkey')" >/dev/null
 is "$(wait_for "SELECT last_used_at > '$first' FROM keypal.key_usage WHERE key_id = '$lid'" t)" t "resolution 0: every verify's use is written"
