@@ -31,7 +31,10 @@ start)
             for line in "$@"; do echo "$line"; done
         } >> "$dir/postgresql.conf"
     fi
-    as_user "$PGBIN/pg_ctl" -D "$dir" -l "$dir/server.log" -w start >/dev/null
+    # Already running (a second `try`): leave it be.
+    if ! as_user "$PGBIN/pg_ctl" -D "$dir" status >/dev/null 2>&1; then
+        as_user "$PGBIN/pg_ctl" -D "$dir" -l "$dir/server.log" -w start >/dev/null
+    fi
     ;;
 stop)
     if [ -f "$dir/postmaster.pid" ]; then

@@ -13,7 +13,7 @@ echo "== building and installing keypal (release build; the first one takes a fe
 cargo pgrx install --release --pg-config /usr/lib/postgresql/15/bin/pg_config >/dev/null
 bash scripts/cluster.sh start "$DIR" "$PORT"
 export PGHOST=$DIR PGPORT=$PORT PGUSER=postgres
-psql -X -q -d postgres -c "DROP DATABASE IF EXISTS keypal_demo" -c "CREATE DATABASE keypal_demo"
+psql -X -q -d postgres -c "DROP DATABASE IF EXISTS keypal_demo WITH (FORCE)" -c "CREATE DATABASE keypal_demo"  # FORCE: its flush worker may be connected
 psql -X -q -d keypal_demo -c "CREATE EXTENSION keypal"
 echo "== demo (docs/demo.sql)"
 psql -X -d keypal_demo -v ON_ERROR_STOP=1 --echo-queries -f docs/demo.sql
