@@ -150,6 +150,33 @@ fn authenticate_inner(key: Option<&str>, req: &Request) -> VerifyResult {
     row
 }
 
+/// This server's counters (SPEC §3): verifies since server start by outcome (`valid` and
+/// each SPEC §4 code), how long ago this database's flush worker last flushed, the shared
+/// entries in use and their bytes. Reads shared memory only: no table writes.
+#[pg_extern(volatile, parallel_restricted)]
+fn keypal_stats() -> TableIterator<'static, (name!(name, String), name!(value, Option<i64>))> {
+    let counts = crate::limits::shmem::verify_counts();
+    let s = crate::limits::shmem::stats();
+    let bytes = crate::limits::shmem::BYTES_PER_ENTRY as i64;
+    let mut rows = vec![("verifies_valid".to_string(), Some(counts[0] as i64))];
+    for (i, e) in crate::errors::VerifyError::ALL.iter().enumerate() {
+        let name = format!("verifies_{}", e.code().to_lowercase());
+        rows.push((name, Some(counts[i + 1] as i64)));
+    }
+    let more = [
+        ("verifies_total", Some(counts.iter().sum::<u64>() as i64)),
+        ("flush_lag_ms", s.flush_age_us.map(|us| us / 1000)),
+        ("shared_entries", Some(s.entries)),
+        ("shared_bytes", Some(s.entries * bytes)),
+        ("shared_entries_max", Some(s.max_entries)),
+        ("shared_queued", Some(s.queued)),
+        ("dropped_uses", Some(s.dropped as i64)),
+        ("flush_workers", Some(s.workers)),
+    ];
+    rows.extend(more.map(|(n, v)| (n.to_string(), v)));
+    TableIterator::new(rows)
+}
+
 /// `keypal_authenticate` with the key from PostgREST's `request.headers` setting
 /// (usable as PostgREST's `db-pre-request`).
 #[pg_extern(volatile, parallel_unsafe, security_definer)]

@@ -21,6 +21,22 @@ pub enum VerifyError {
 }
 
 impl VerifyError {
+    /// Every error, in SPEC §4 order (keypal_stats() counts each).
+    pub const ALL: [VerifyError; 12] = [
+        VerifyError::MissingKey,
+        VerifyError::InvalidFormat,
+        VerifyError::InvalidKey,
+        VerifyError::Revoked,
+        VerifyError::Disabled,
+        VerifyError::Expired,
+        VerifyError::EnvMismatch,
+        VerifyError::IpNotAllowed,
+        VerifyError::RegionNotAllowed,
+        VerifyError::InsufficientScope,
+        VerifyError::RateLimited,
+        VerifyError::QuotaExceeded,
+    ];
+
     pub fn code(self) -> &'static str {
         match self {
             VerifyError::MissingKey => "MISSING_KEY",

@@ -207,10 +207,16 @@ thread_local! {
 pub fn verify(raw_key: Option<&str>, req: &Request) -> (VerifyResult, Option<VerifyError>) {
     let catalog = catalog::get();
     let key = keys::strip_bearer(raw_key.unwrap_or(""));
-    match verify_in(&catalog, key, req) {
+    let (row, err) = match verify_in(&catalog, key, req) {
         Ok((row, usage)) => (row.result(&catalog, &usage), None),
         Err(r) => (refused(&catalog, &r), Some(r.err)),
-    }
+    };
+    // keypal_stats(): one atomic add in shared memory per verify.
+    let slot = err.map_or(0, |e| {
+        1 + VerifyError::ALL.iter().position(|x| *x == e).unwrap_or(0)
+    });
+    crate::limits::shmem::count_verify(slot);
+    (row, err)
 }
 
 fn verify_in(catalog: &Catalog, key: &str, req: &Request) -> Result<(Row, Usage), Refusal> {

@@ -57,6 +57,8 @@ struct Root {
     seq: AtomicU64,
     /// Uses not recorded because the memory was full (keys without limits still verify).
     dropped: AtomicU64,
+    /// Verifies since server start: [valid, then each error in SPEC §4 order].
+    verifies: [AtomicU64; 13],
     workers: [WorkerSlot; MAX_WORKERS],
 }
 
@@ -471,6 +473,23 @@ fn queue_if_dirty(l: &Local, e: &mut Entry, resolution_us: i64) {
 
 /// Table reads a verify tries before deciding on the base it has.
 const LOAD_TRIES: usize = 3;
+
+/// Counts a verify's outcome (`slot` 0: valid; 1..=12: the errors in SPEC §4 order).
+pub fn count_verify(slot: usize) {
+    let l = local();
+    // SAFETY: the root is attached; an atomic add.
+    if let Some(c) = unsafe { &*l.root }.verifies.get(slot) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Verifies since server start by outcome slot (see count_verify).
+pub fn verify_counts() -> [u64; 13] {
+    let l = local();
+    // SAFETY: the root is attached; atomic reads.
+    let root = unsafe { &*l.root };
+    std::array::from_fn(|i| root.verifies[i].load(Ordering::Relaxed))
+}
 
 /// Notes that a verify could not be recorded (no memory): keypal_stats() shows it.
 pub fn note_dropped() {

@@ -113,11 +113,26 @@ SELECT is(tap.err(format('SELECT keypal_require(%L, %L)', pg_temp.key('plain'), 
 SELECT ok(tap.err(format('SELECT keypal_require(%L)', pg_temp.key('revoked'))) NOT LIKE '%' || pg_temp.key('revoked') || '%', 'the error does not echo the key');
 
 -- last_used_at is recorded on a valid verify only (in shared memory: key_info and
--- keypal_get report it at once; the flush worker writes it behind, tests/shell/flush.t).
+-- keypal_get report it at once; the flush worker writes it behind, tests/shell/no_writes.t).
 SELECT ok((SELECT last_used_at BETWEEN now() AND clock_timestamp() FROM keypal.key_info WHERE id = (SELECT id FROM k WHERE label = 'plain')), 'valid verify records last_used_at');
 SELECT is((SELECT last_used_at FROM keypal.key_info WHERE id = (SELECT id FROM k WHERE label = 'disabled')), NULL, 'failed verify does not');
 SELECT is((SELECT last_used_at FROM keypal.keys WHERE id = (SELECT id FROM k WHERE label = 'plain')), NULL, 'verify itself writes nothing to keypal.keys');
 SELECT is((SELECT count(*) FROM keypal.audit_log WHERE key_id = (SELECT id FROM k WHERE label = 'plain') AND action = 'updated'), 0::bigint, 'last_used_at writes are not audited as updates');
+
+-- keypal_stats(): verifies since server start by outcome (server-wide: compare deltas).
+CREATE TEMP TABLE s0 AS SELECT * FROM keypal_stats();
+SELECT is((SELECT count(*) FILTER (WHERE (keypal_verify(pg_temp.key('plain'))).valid) FROM generate_series(1, 3)), 3::bigint, 'three valid verifies');
+SELECT is((keypal_verify(pg_temp.key('revoked'))).error_code, 'REVOKED', 'a revoked one');
+SELECT is((keypal_verify('')).error_code, 'MISSING_KEY', 'a missing one');
+SELECT results_eq(
+    $$SELECT s.name, s.value - s0.value FROM keypal_stats() s JOIN s0 USING (name)
+       WHERE s.name IN ('verifies_valid', 'verifies_revoked', 'verifies_missing_key', 'verifies_total', 'verifies_expired')
+       ORDER BY 1$$,
+    $$VALUES ('verifies_expired', 0::bigint), ('verifies_missing_key', 1), ('verifies_revoked', 1), ('verifies_total', 5), ('verifies_valid', 3)$$,
+    'keypal_stats counts verifies by outcome');
+SELECT is((SELECT count(*) FROM keypal_stats() WHERE name LIKE 'verifies\_%'), 14::bigint, 'a counter for valid, each of the 12 codes, and the total');
+SELECT ok((SELECT value FROM keypal_stats() WHERE name = 'shared_bytes') >= (SELECT value FROM keypal_stats() WHERE name = 'shared_entries') * 400,
+          'and the shared entries in use with their bytes');
 
 SELECT * FROM finish();
 ROLLBACK;
