@@ -20,7 +20,7 @@ use std::rc::Rc;
 
 /// The columns of keypal.keys verify reads, by name (their attnums are looked up, so a
 /// later ALTER TABLE cannot shift them under us).
-pub const KEY_COLUMNS: [&str; 24] = [
+pub const KEY_COLUMNS: [&str; 23] = [
     "id",
     "owner_id",
     "org_id",
@@ -35,7 +35,6 @@ pub const KEY_COLUMNS: [&str; 24] = [
     "enabled",
     "revoked_at",
     "parent_id",
-    "last_used_at",
     "allowed_ips",
     "blocked_ips",
     "allowed_regions",

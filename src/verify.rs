@@ -180,15 +180,15 @@ mod col {
     pub const ENABLED: usize = 11;
     pub const REVOKED_AT: usize = 12;
     pub const PARENT_ID: usize = 13;
-    pub const ALLOWED_IPS: usize = 15;
-    pub const BLOCKED_IPS: usize = 16;
-    pub const ALLOWED_REGIONS: usize = 17;
-    pub const BLOCKED_REGIONS: usize = 18;
-    pub const RATE_LIMIT: usize = 19;
-    pub const QUOTA: usize = 20;
-    pub const POLICY: usize = 21;
-    pub const DISABLE_AT: usize = 22;
-    pub const REVOKE_AT: usize = 23;
+    pub const ALLOWED_IPS: usize = 14;
+    pub const BLOCKED_IPS: usize = 15;
+    pub const ALLOWED_REGIONS: usize = 16;
+    pub const BLOCKED_REGIONS: usize = 17;
+    pub const RATE_LIMIT: usize = 18;
+    pub const QUOTA: usize = 19;
+    pub const POLICY: usize = 20;
+    pub const DISABLE_AT: usize = 21;
+    pub const REVOKE_AT: usize = 22;
     /// The columns a key's state is judged by, in the order `walk` and `state_of` read
     /// them: revoked_at, revoke_at, enabled, disable_at, expires_at, parent_id.
     pub const LIFECYCLE: [usize; 6] = [
