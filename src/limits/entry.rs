@@ -79,12 +79,13 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// A new entry for `k`; the table says the key was last used at `last_written`.
-    pub fn new(k: EntryKey, last_written: i64, seq: u64) -> Entry {
+    /// A new entry for `k`: its last use as written is not known until the worker's first
+    /// write of it reports what the table holds.
+    pub fn new(k: EntryKey, seq: u64) -> Entry {
         Entry {
             k,
             last_seen: NEVER,
-            last_written,
+            last_written: NEVER,
             last_used_inflight: NEVER,
             hours: [Hour::default(); 2],
             hours_inflight: [Hour::default(); 2],
@@ -456,7 +457,7 @@ mod tests {
 
     #[test]
     fn decide_counts_on_the_base_it_is_given_and_keeps_unflushed_counts() {
-        let mut e = Entry::new(K, NEVER, 1);
+        let mut e = Entry::new(K, 1);
         // First use: the table said 100.
         let a = decide(&mut e, &quota_ask(10, 1000, 1), Some(100), T);
         assert_eq!((a.quota_used, e.quota.total()), (Some(100), 101));
@@ -480,7 +481,7 @@ mod tests {
 
     #[test]
     fn a_failed_flush_gives_everything_back_and_a_written_one_keeps_nothing() {
-        let mut e = Entry::new(K, NEVER, 1);
+        let mut e = Entry::new(K, 1);
         for _ in 0..3 {
             decide(&mut e, &quota_ask(10, 1000, 1), Some(0), T + 5);
         }
@@ -510,7 +511,7 @@ mod tests {
 
     #[test]
     fn dirty_means_something_to_write() {
-        let mut e = Entry::new(K, NEVER, 1);
+        let mut e = Entry::new(K, 1);
         assert!(!dirty(&e, 0));
         decide(&mut e, &plain(1), None, T);
         assert!(dirty(&e, 60_000_000), "a first use");
@@ -532,7 +533,7 @@ mod tests {
 
     #[test]
     fn a_quota_period_only_moves_forward() {
-        let mut e = Entry::new(K, NEVER, 1);
+        let mut e = Entry::new(K, 1);
         decide(&mut e, &quota_ask(20, 100, 3), Some(10), T);
         // A transaction begun before the turn asks about period 10: counted in period 20.
         let a = decide(&mut e, &quota_ask(10, 100, 1), Some(99), T);
@@ -565,7 +566,7 @@ mod tests {
 
     #[test]
     fn eviction_waits_for_writes_windows_and_idleness() {
-        let mut e = Entry::new(K, NEVER, 1);
+        let mut e = Entry::new(K, 1);
         let rate = Ask {
             rate: Some(Limit {
                 requests: 10,
@@ -582,7 +583,7 @@ mod tests {
         confirm(&mut e, &t, &all(&t), 3);
         assert!(!evictable(&e, T + 30_000_000, idle, 0), "window still live");
         assert!(evictable(&e, T + 100_000_000, idle, 0));
-        let mut e = Entry::new(K, NEVER, 1);
+        let mut e = Entry::new(K, 1);
         decide(&mut e, &plain(1), None, T);
         let t = take(&mut e, 0, 2).unwrap();
         confirm(&mut e, &t, &all(&t), 3);
@@ -592,7 +593,7 @@ mod tests {
 
     #[test]
     fn a_gone_key_pins_nothing_and_a_requeue_keeps_everything() {
-        let mut e = Entry::new(K, NEVER, 1);
+        let mut e = Entry::new(K, 1);
         decide(&mut e, &quota_ask(10, 1000, 2), Some(0), T);
         let _ = take(&mut e, 0, 2).unwrap();
         requeue(&mut e, 3);
@@ -604,7 +605,7 @@ mod tests {
 
     #[test]
     fn a_warning_quota_crossed_is_taken_once() {
-        let mut e = Entry::new(K, NEVER, 1);
+        let mut e = Entry::new(K, 1);
         let warn = |cost| Ask {
             rate: None,
             quota: Some(QuotaAsk {

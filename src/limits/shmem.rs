@@ -390,7 +390,7 @@ fn find_or_make(l: &Local, k: &EntryKey) -> Option<Locked> {
         let e = dshash::dshash_find_or_insert(l.table, (k as *const EntryKey).cast(), &mut found)
             .cast::<Entry>();
         if !found {
-            e.write(Entry::new(*k, NEVER, next_seq(root)));
+            e.write(Entry::new(*k, next_seq(root)));
             root.entries.fetch_add(1, Ordering::Relaxed);
         }
         Some(Locked {
