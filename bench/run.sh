@@ -60,13 +60,13 @@ psql -X -q -v ON_ERROR_STOP=1 -f bench/setup.sql >/dev/null
 rate_limit "$RL"
 psql -X -q -At -c "SELECT count(*) FILTER (WHERE (keypal_verify('k' || lpad(n::text, 31, '0'))).valid) FROM generate_series(1, 1000000) n" >/dev/null
 rate_limit null
-shm() { psql -X -At -c "SELECT value FROM keypal.shared_stats() WHERE name = '$1'"; }
+shm() { psql -X -At -c "SELECT value FROM keypal_stats() WHERE name = '$1'"; }
 # Steady state: the flush worker has written the warm-up's 1 100 000 first uses.
 t0=$(date +%s)
-while [ "$(shm queued)" != 0 ]; do sleep 1; done
+while [ "$(shm shared_queued)" != 0 ]; do sleep 1; done
 echo "the flush worker wrote 1 100 000 first uses in about $(( $(date +%s) - t0 )) s after the warm-up"
 psql -X -q -c "VACUUM ANALYZE keypal.keys" -c "CHECKPOINT"
-echo "shared entries: $(shm entries) x $(shm entry_bytes) bytes (accounted); /dev/shm holds $(du -sm /dev/shm | cut -f1) MB"
+echo "shared entries: $(shm shared_entries) x $(shm shared_entry_bytes) bytes (accounted); /dev/shm holds $(du -sm /dev/shm | cut -f1) MB"
 
 for round in $(seq "$ROUNDS"); do
     for s in md5 inline verify_spread verify_hot verify_from quota_spread quota_hot; do
@@ -97,7 +97,7 @@ echo "(clients=$CLIENTS, ${SECONDS_EACH}s x $ROUNDS rounds each, medians;" \
      "fsync=$(psql -X -At -c 'SHOW fsync')," \
      "synchronous_commit=$(psql -X -At -c 'SHOW synchronous_commit')," \
      "shared_preload_libraries='$(psql -X -At -c 'SHOW shared_preload_libraries')')"
-echo "shared entries now: $(shm entries); /dev/shm: $(du -sm /dev/shm | cut -f1) MB"
+echo "shared entries now: $(shm shared_entries); /dev/shm: $(du -sm /dev/shm | cut -f1) MB"
 echo "targets: verify_spread >= 1.0x inline and >= 0.6x md5; rl_spread and quota_spread >= 0.9x verify_spread; rl_1m >= 0.9x rl_spread"
 if command -v node >/dev/null && command -v npm >/dev/null; then
     echo

@@ -1444,7 +1444,7 @@ BEGIN
         ('keypal_define_template', 'Defines (or replaces) a named set of key options for keypal_create_from_template.'),
         ('keypal_create_from_template', 'Creates a key from a template''s options, with owner_id, name and overrides applied on top.'),
         ('keypal_define_policy', 'Defines (or replaces) a key policy: allowed scopes/resources, max_ttl, require_ip, max_resources. keypal_create(policy => ...) enforces it.'),
-        ('keypal_stats', 'This server''s counters (name, value): verifies since server start by outcome (verifies_valid and verifies_<code> for each error code, verifies_total), flush_lag_ms (since this database''s flush worker last flushed), shared_entries and shared_bytes in use, shared_entries_max, shared_queued, dropped_uses, flush_workers. Reads shared memory only.'),
+        ('keypal_stats', 'This server''s counters (name, value): verifies since server start by outcome (verifies_valid and verifies_<code> for each error code, verifies_total), flush_lag_ms (since this database''s flush worker last flushed), shared_entries and shared_bytes in use, shared_entry_bytes, shared_entries_max, shared_queued, dropped_uses, flush_workers. Reads shared memory only.'),
         ('keypal_verify', 'Verifies an API key (a Bearer prefix is ignored) for a scope, scopes, resource, ip, country and env. Returns keypal.verify_result: valid, or the first failing error_code.'),
         ('keypal_verify_many', 'keypal_verify for each key of an array; one result per key, in order.'),
         ('keypal_verify_headers', 'keypal_verify with the key taken from headers: Authorization (Bearer) first, then X-API-Key; names case-insensitive.'),

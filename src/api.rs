@@ -168,6 +168,7 @@ fn keypal_stats() -> TableIterator<'static, (name!(name, String), name!(value, O
         ("flush_lag_ms", s.flush_age_us.map(|us| us / 1000)),
         ("shared_entries", Some(s.entries)),
         ("shared_bytes", Some(s.entries * bytes)),
+        ("shared_entry_bytes", Some(bytes)),
         ("shared_entries_max", Some(s.max_entries)),
         ("shared_queued", Some(s.queued)),
         ("dropped_uses", Some(s.dropped as i64)),
@@ -563,30 +564,6 @@ mod keypal {
             })
             .collect();
         TableIterator::new(rows)
-    }
-
-    /// The shared state's figures: entries in use, those queued for the flush worker, the
-    /// most allowed, bytes per entry,
-    /// uses not recorded for want of memory, flush workers running, and how long ago this
-    /// database's worker last flushed (ms; NULL: never).
-    #[pg_extern(volatile, parallel_restricted)]
-    fn shared_stats() -> TableIterator<'static, (name!(name, String), name!(value, Option<i64>))> {
-        let s = crate::limits::shmem::stats();
-        TableIterator::new(vec![
-            ("entries".to_string(), Some(s.entries)),
-            ("queued".to_string(), Some(s.queued)),
-            ("entries_max".to_string(), Some(s.max_entries)),
-            (
-                "entry_bytes".to_string(),
-                Some(crate::limits::shmem::BYTES_PER_ENTRY as i64),
-            ),
-            ("dropped_uses".to_string(), Some(s.dropped as i64)),
-            ("flush_workers".to_string(), Some(s.workers)),
-            (
-                "flush_age_ms".to_string(),
-                s.flush_age_us.map(|us| us / 1000),
-            ),
-        ])
     }
 
     /// The pid of this database's flush worker, or NULL when none runs.

@@ -3,7 +3,7 @@
 # behaviour when full, entries evicted once idle and written, and the same behaviour with
 # keypal in shared_preload_libraries (which only places its root in the main shared memory).
 source "$(dirname "$0")/lib.sh"
-stat() { q -c "SELECT value FROM keypal.shared_stats() WHERE name = '$1'"; }
+stat() { q -c "SELECT value FROM keypal_stats() WHERE name = '$1'"; }
 restore() {
     q -c "LOAD 'keypal'" -c "ALTER SYSTEM RESET keypal.shared_memory" -c "ALTER SYSTEM RESET shared_preload_libraries" -c "SELECT pg_reload_conf()" >/dev/null 2>&1 || true
     q -c "DROP TABLE IF EXISTS full_keys" >/dev/null 2>&1 || true
@@ -17,8 +17,8 @@ q -c "CREATE TABLE full_keys AS SELECT c.key FROM generate_series(1, 3000) i, LA
 read -r pid pkey < <(q -F ' ' -c "SELECT id, key FROM keypal_create(owner_id => 'full')")
 q -c "LOAD 'keypal'" -c "ALTER SYSTEM SET keypal.shared_memory = '1MB'" -c "SELECT pg_reload_conf()" >/dev/null
 sleep 0.3
-max=$(stat entries_max)
-ok "$( [ "$max" -gt 1000 ] && [ "$max" -lt 3000 ]; echo $? )" "1 MB: room for $max entries ($(stat entry_bytes) bytes each)"
+max=$(stat shared_entries_max)
+ok "$( [ "$max" -gt 1000 ] && [ "$max" -lt 3000 ]; echo $? )" "1 MB: room for $max entries ($(stat shared_entry_bytes) bytes each)"
 out=$(q -c "SELECT tap.err(format('SELECT keypal_verify(%L)', key)) AS e, count(*) FROM full_keys GROUP BY 1 ORDER BY 1")
 echo "$out" | sed 's/^/# /'
 full=$(echo "$out" | grep '^53200' | cut -d'|' -f2)
@@ -34,12 +34,12 @@ is "$(stat dropped_uses)" "$((dropped + 1))" "and its unrecorded use is counted 
 # Idle entries go once written and their windows are over (2 s here, idle after 10 s).
 q -c "LOAD 'keypal'" -c "ALTER SYSTEM RESET keypal.shared_memory" -c "SELECT pg_reload_conf()" >/dev/null
 sleep 0.3
-before=$(stat entries)
+before=$(stat shared_entries)
 for _ in $(seq 40); do
-    [ "$(stat entries)" -lt 100 ] && break
+    [ "$(stat shared_entries)" -lt 100 ] && break
     sleep 0.5
 done
-after=$(stat entries)
+after=$(stat shared_entries)
 ok "$( [ "$after" -lt 100 ]; echo $? )" "idle entries are evicted ($before -> $after)"
 is "$(q -c "SELECT count(*) FILTER (WHERE (keypal_verify(key)).valid) FROM full_keys")" 3000 "and every key verifies again"
 
@@ -50,10 +50,10 @@ sk=$(q -d keypal_scratch -c "CREATE EXTENSION keypal" -c "SELECT key FROM keypal
 is "$(q -d keypal_scratch -c "SELECT valid FROM keypal_verify('$sk')")" t "a second database verifies"
 wpid=$(wait_for "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'keypal flush worker' AND datname = 'keypal_scratch'" 1)
 is "$wpid" 1 "and gets its own flush worker"
-before=$(stat entries)
+before=$(stat shared_entries)
 q -d keypal_scratch -c "DROP EXTENSION keypal" >/dev/null
 is "$(wait_for "SELECT count(*) FROM pg_stat_activity WHERE datname = 'keypal_scratch'" 0)" 0 "after DROP EXTENSION its worker leaves"
-ok "$( [ "$(stat entries)" -lt "$before" ]; echo $? )" "taking that database's entries with it ($before -> $(stat entries))"
+ok "$( [ "$(stat shared_entries)" -lt "$before" ]; echo $? )" "taking that database's entries with it ($before -> $(stat shared_entries))"
 out=$(q -d postgres -c "DROP DATABASE keypal_scratch" 2>&1 || true)
 is "$out" "" "DROP DATABASE (without FORCE) then succeeds"
 
