@@ -517,11 +517,7 @@ pub fn worker_wanted() -> Result<bool, String> {
     let db = my_db();
     // SAFETY: the root is attached; its slots are atomics, claimed under its lock.
     let root = unsafe { &*l.root };
-    let running = root
-        .workers
-        .iter()
-        .any(|s| s.db.load(Ordering::Relaxed) == db && s.pid.load(Ordering::Relaxed) != 0);
-    if running {
+    if worker_running(&l, db) {
         return Ok(false);
     }
     // SAFETY: the registry changes under the root's lock; request_worker cannot raise.
@@ -652,29 +648,46 @@ fn release_slot(db: u32, free: bool) {
 enum Visit {
     Keep,
     Delete,
+    Stop,
 }
 
-/// Visits every entry (each under its partition's lock), deleting those `f` says to.
-fn for_each_entry(l: &Local, exclusive: bool, mut f: impl FnMut(&mut Entry) -> Visit) {
+/// Visits every item of `table` (each under its partition's lock, exclusive or shared),
+/// deleting those `f` says to (when `exclusive`) and counting them off `count`, until `f`
+/// says to stop.
+fn scan<T>(
+    table: *mut DshashTable,
+    exclusive: bool,
+    count: &AtomicI64,
+    mut f: impl FnMut(&mut T) -> Visit,
+) {
     let mut status = SeqStatus::default();
-    // SAFETY: a sequential scan of the attached table; `f` is arithmetic and cannot raise
-    // an error while a partition lock is held.
+    // SAFETY: a sequential scan of an attached table whose items are `T`; `f` is arithmetic
+    // and cannot raise an error while a partition lock is held.
     unsafe {
-        dshash::dshash_seq_init(&mut status, l.table, exclusive);
+        dshash::dshash_seq_init(&mut status, table, exclusive);
         loop {
-            let e = dshash::dshash_seq_next(&mut status).cast::<Entry>();
-            if e.is_null() {
+            let item = dshash::dshash_seq_next(&mut status).cast::<T>();
+            if item.is_null() {
                 break;
             }
-            if let Visit::Delete = f(&mut *e) {
-                if exclusive {
+            match f(&mut *item) {
+                Visit::Keep => {}
+                Visit::Delete if exclusive => {
                     dshash::dshash_delete_current(&mut status);
-                    (*l.root).entries.fetch_sub(1, Ordering::Relaxed);
+                    count.fetch_sub(1, Ordering::Relaxed);
                 }
+                Visit::Delete => {}
+                Visit::Stop => break,
             }
         }
         dshash::dshash_seq_term(&mut status);
     }
+}
+
+/// Visits every entry, deleting those `f` says to.
+fn for_each_entry(l: &Local, exclusive: bool, f: impl FnMut(&mut Entry) -> Visit) {
+    // SAFETY: the root is attached.
+    scan(l.table, exclusive, unsafe { &(*l.root).entries }, f);
 }
 
 /// What the flush worker needs to know to take a batch.
@@ -692,24 +705,17 @@ pub fn take(s: &Sweep, max: usize) -> Vec<Taken> {
     // SAFETY: the root is attached.
     let root = unsafe { &*l.root };
     let mut keys = Vec::new();
-    let mut status = SeqStatus::default();
-    // SAFETY: a sequential scan of the attached queue, deleting this database's keys (other
-    // databases' stay for their workers); nothing in the loop can raise an error.
-    unsafe {
-        dshash::dshash_seq_init(&mut status, l.queue, true);
-        while keys.len() < max {
-            let k = dshash::dshash_seq_next(&mut status).cast::<EntryKey>();
-            if k.is_null() {
-                break;
-            }
-            if (*k).db == s.db {
-                keys.push(*k);
-                dshash::dshash_delete_current(&mut status);
-                root.queued.fetch_sub(1, Ordering::Relaxed);
-            }
+    // This database's queued keys (other databases' stay for their workers).
+    scan::<EntryKey>(l.queue, true, &root.queued, |k| {
+        if keys.len() >= max {
+            Visit::Stop
+        } else if k.db == s.db {
+            keys.push(*k);
+            Visit::Delete
+        } else {
+            Visit::Keep
         }
-        dshash::dshash_seq_term(&mut status);
-    }
+    });
     keys.iter()
         .filter_map(|k| {
             let mut locked = find(&l, k, true)?;
@@ -759,22 +765,15 @@ pub fn sweep(s: &Sweep, mut db_exists: impl FnMut(u32) -> bool) -> usize {
 
 /// Deletes the queued keys `f` picks.
 fn drop_queued(l: &Local, f: impl Fn(&EntryKey) -> bool) {
-    let mut status = SeqStatus::default();
-    // SAFETY: a sequential scan of the attached queue; nothing in it raises an error.
-    unsafe {
-        dshash::dshash_seq_init(&mut status, l.queue, true);
-        loop {
-            let k = dshash::dshash_seq_next(&mut status).cast::<EntryKey>();
-            if k.is_null() {
-                break;
-            }
-            if f(&*k) {
-                dshash::dshash_delete_current(&mut status);
-                (*l.root).queued.fetch_sub(1, Ordering::Relaxed);
-            }
+    // SAFETY: the root is attached.
+    let queued = unsafe { &(*l.root).queued };
+    scan::<EntryKey>(l.queue, true, queued, |k| {
+        if f(k) {
+            Visit::Delete
+        } else {
+            Visit::Keep
         }
-        dshash::dshash_seq_term(&mut status);
-    }
+    });
 }
 
 /// keypal is not installed in `db` (any more): its entries and queued keys go.
