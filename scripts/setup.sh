@@ -8,7 +8,8 @@ PGRX_VERSION=0.18.0
 export PATH="$HOME/.cargo/bin:$PATH"
 
 packages=(postgresql-15 postgresql-server-dev-15 libclang-dev clang pkg-config sudo
-          postgresql-15-pgtap libtap-parser-sourcehandler-pgtap-perl)
+          postgresql-15-pgtap libtap-parser-sourcehandler-pgtap-perl
+          postgresql-15-cron python3)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -953,7 +953,10 @@ CREATE FUNCTION keypal_configure(prefix text DEFAULT NULL, length integer DEFAUL
                                  alphabet text DEFAULT NULL, algorithm text DEFAULT NULL,
                                  last_used_resolution text DEFAULT NULL, rate_limit jsonb DEFAULT NULL,
                                  environments jsonb DEFAULT NULL, default_env text DEFAULT NULL,
-                                 audit_retention text DEFAULT NULL)
+                                 audit_retention text DEFAULT NULL, retention jsonb DEFAULT NULL,
+                                 webhook_timeout text DEFAULT NULL, webhook_max_attempts integer DEFAULT NULL,
+                                 webhook_backoff text DEFAULT NULL, webhook_concurrency integer DEFAULT NULL,
+                                 webhook_allow_private boolean DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -981,17 +984,47 @@ BEGIN
         RAISE EXCEPTION 'invalid default_env: no environment named %', quote_literal(c.default_env)
             USING ERRCODE = '22023';
     END IF;
-    IF audit_retention IS NOT NULL THEN
-        c.audit_retention := CASE WHEN audit_retention = '' THEN NULL
-                                  ELSE keypal.parse_duration(audit_retention, 'audit_retention') END;
+    IF retention IS NOT NULL THEN
+        c.retention := keypal.merge_retention(c.retention, retention, 'retention');
     END IF;
+    -- audit_retention: the audit log's entry of retention ('' keeps the log for good).
+    IF audit_retention IS NOT NULL THEN
+        c.retention := keypal.merge_retention(c.retention,
+            jsonb_build_object('audit_log', CASE WHEN audit_retention = '' THEN 'null'::jsonb
+                                                 ELSE to_jsonb(audit_retention) END), 'audit_retention');
+    END IF;
+    IF webhook_timeout IS NOT NULL THEN
+        c.webhook_timeout := keypal.parse_duration(webhook_timeout, 'webhook_timeout');
+        IF c.webhook_timeout > interval '5 minutes' THEN
+            RAISE EXCEPTION 'invalid webhook_timeout: at most 5 minutes, got %', webhook_timeout USING ERRCODE = '22023';
+        END IF;
+    END IF;
+    IF webhook_backoff IS NOT NULL THEN
+        c.webhook_backoff := keypal.parse_duration(webhook_backoff, 'webhook_backoff');
+    END IF;
+    IF webhook_max_attempts IS NOT NULL THEN
+        IF webhook_max_attempts NOT BETWEEN 1 AND 100 THEN
+            RAISE EXCEPTION 'invalid webhook_max_attempts: between 1 and 100, got %', webhook_max_attempts USING ERRCODE = '22023';
+        END IF;
+        c.webhook_max_attempts := webhook_max_attempts;
+    END IF;
+    IF webhook_concurrency IS NOT NULL THEN
+        IF webhook_concurrency NOT BETWEEN 1 AND 32 THEN
+            RAISE EXCEPTION 'invalid webhook_concurrency: between 1 and 32, got %', webhook_concurrency USING ERRCODE = '22023';
+        END IF;
+        c.webhook_concurrency := webhook_concurrency;
+    END IF;
+    c.webhook_allow_private := coalesce(webhook_allow_private, c.webhook_allow_private);
     c.updated_at := now();
     INSERT INTO keypal.settings AS s VALUES (c.*)
         ON CONFLICT (singleton) DO UPDATE
         SET prefix = EXCLUDED.prefix, length = EXCLUDED.length, alphabet = EXCLUDED.alphabet,
             algorithm = EXCLUDED.algorithm, last_used_resolution = EXCLUDED.last_used_resolution,
             rate_limit = EXCLUDED.rate_limit, environments = EXCLUDED.environments,
-            default_env = EXCLUDED.default_env, audit_retention = EXCLUDED.audit_retention,
+            default_env = EXCLUDED.default_env, retention = EXCLUDED.retention,
+            webhook_timeout = EXCLUDED.webhook_timeout, webhook_max_attempts = EXCLUDED.webhook_max_attempts,
+            webhook_backoff = EXCLUDED.webhook_backoff, webhook_concurrency = EXCLUDED.webhook_concurrency,
+            webhook_allow_private = EXCLUDED.webhook_allow_private,
             updated_at = EXCLUDED.updated_at;
     RETURN to_jsonb(c) - 'singleton';
 END $$;
@@ -1030,6 +1063,7 @@ BEGIN
         'data', data))
     RETURNING id INTO ev_id;
     PERFORM pg_notify('keypal_events', ev_id::text);
+    PERFORM keypal.enqueue_deliveries(ev_id, event, key_id);
     RETURN ev_id;
 END $$;
 
@@ -1436,7 +1470,7 @@ DECLARE
     fn regprocedure;
 BEGIN
     FOR doc IN SELECT * FROM (VALUES
-        ('keypal_configure', 'Changes keypal''s settings (prefix, length, alphabet, algorithm, last_used_resolution, rate_limit, environments, default_env, audit_retention: recorded, nothing prunes the audit log yet); NULL leaves a setting, JSON null clears it. Returns all settings as jsonb.'),
+        ('keypal_configure', 'Changes keypal''s settings (prefix, length, alphabet, algorithm, last_used_resolution, rate_limit, environments, default_env, retention (what keypal_run_maintenance prunes: {"events": "30d", "webhook_deliveries": "30d", "usage": "400d", "audit_log": ...}), audit_retention, webhook_timeout, webhook_max_attempts, webhook_backoff, webhook_concurrency, webhook_allow_private); NULL leaves a setting, JSON null clears it. Returns all settings as jsonb.'),
         ('keypal_create', 'Creates an API key. Returns the plaintext key once (only its hash is stored), its id, expiry and environment.'),
         ('keypal_create_read_only', 'keypal_create with scopes {read}.'),
         ('keypal_create_full_access', 'keypal_create with scopes {read,write,admin}.'),
@@ -1476,11 +1510,20 @@ BEGIN
         ('keypal_track_usage', 'Records custom usage for a key: requests (counted against its quota), tokens and cost, per hour and endpoint.'),
         ('keypal_analyze', 'A deterministic report on a key: suggested_name, usage_pattern, security_score (0-100), recommendations, peak hours and top endpoints, from its settings and the last 30 days of usage.'),
         ('keypal_audit', 'Audit log entries, newest first, filtered by key, owner, org, action and time.'),
-        ('keypal_audit_stats', 'Audit totals: count, count per action and last activity, for an owner and time range.')
+        ('keypal_audit_stats', 'Audit totals: count, count per action and last activity, for an owner and time range.'),
+        ('keypal_add_webhook', 'Adds a webhook: every event named in events (default: all, ''*'') is POSTed to url, signed with secret (Keypal-Signature: t=<unix>,v1=<hex hmac-sha256(secret, t.body)>), by the flush worker, at least once. Returns its id. The secret is write-only.'),
+        ('keypal_update_webhook', 'Changes a webhook''s url, secret or events (NULL leaves each as it is). Returns whether it exists.'),
+        ('keypal_list_webhooks', 'The webhooks (never their secrets), with their pending and dead deliveries and their last attempt.'),
+        ('keypal_enable_webhook', 'Enables a webhook: its pending deliveries resume, new events are queued for it. Returns whether it changed.'),
+        ('keypal_disable_webhook', 'Disables a webhook: nothing is delivered to it, and no event is queued for it, until it is enabled. Returns whether it changed.'),
+        ('keypal_remove_webhook', 'Removes a webhook, with its pending deliveries and its delivery log.'),
+        ('keypal_redeliver', 'Queues an event''s dead deliveries (of one webhook, or all) again, with a fresh set of attempts. Returns how many.'),
+        ('keypal_run_maintenance', 'Applies due schedules (disable_at, revoke_at: state, audit, events; key.expiring at notify_before, key.expired at expiry, each once), resets quota periods that rolled over, prunes per retention; in batches of batch_size, committing after each. Idempotent; safe to run concurrently. Ready for pg_cron.'),
+        ('keypal_maintenance_step', 'One batch of keypal_run_maintenance''s work, in the caller''s transaction; returns whether more is left. keypal_run_maintenance calls it until done (grant both to whoever runs maintenance).')
     ) AS t(name, comment) LOOP
         FOR fn IN SELECT p.oid::regprocedure FROM pg_proc p
                    WHERE p.proname = doc.name AND p.pronamespace = '@extschema@'::regnamespace LOOP
-            EXECUTE format('COMMENT ON FUNCTION %s IS %L', fn, doc.comment);
+            EXECUTE format('COMMENT ON ROUTINE %s IS %L', fn, doc.comment);
         END LOOP;
     END LOOP;
 END $$;
@@ -1496,7 +1539,7 @@ BEGIN
     FOR fn IN SELECT p.oid::regprocedure FROM pg_proc p
                 JOIN pg_depend d ON d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e'
                 JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'keypal' LOOP
-        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', fn);
+        EXECUTE format('REVOKE ALL ON ROUTINE %s FROM PUBLIC', fn);
     END LOOP;
     FOR fn IN SELECT p.oid::regprocedure FROM pg_proc p
                WHERE p.pronamespace = '@extschema@'::regnamespace

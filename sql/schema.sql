@@ -41,7 +41,17 @@ CREATE TABLE keypal.settings (
     rate_limit           jsonb,
     environments         jsonb,
     default_env          text,
-    audit_retention      interval,
+    -- Webhook delivery (the flush worker): per-request timeout, attempts before a delivery
+    -- is dead, the first retry's delay (doubled per attempt, with jitter), deliveries in
+    -- flight per webhook, and whether loopback/private/link-local targets may be reached.
+    webhook_timeout       interval NOT NULL DEFAULT '5 seconds',
+    webhook_max_attempts  integer NOT NULL DEFAULT 8,
+    webhook_backoff       interval NOT NULL DEFAULT '10 seconds',
+    webhook_concurrency   integer NOT NULL DEFAULT 4,
+    webhook_allow_private boolean NOT NULL DEFAULT false,
+    -- What keypal_run_maintenance prunes: table -> age ("events", "webhook_deliveries",
+    -- "usage", "audit_log"); a table not named is kept.
+    retention            jsonb NOT NULL DEFAULT '{"events": "30d", "webhook_deliveries": "30d", "usage": "400d"}',
     updated_at           timestamptz NOT NULL DEFAULT now()
 );
 -- No row until keypal_configure() first writes one (so pg_dump's copy of the row restores
@@ -53,7 +63,8 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT s FROM keypal.settings s
     UNION ALL
     SELECT ROW(true, '', 32, 'A-Za-z0-9', 'sha256', '60 seconds'::interval, NULL::jsonb, NULL::jsonb,
-               NULL::text, NULL::interval, now())::keypal.settings
+               NULL::text, '5 seconds'::interval, 8, '10 seconds'::interval, 4, false,
+               '{"events": "30d", "webhook_deliveries": "30d", "usage": "400d"}'::jsonb, now())::keypal.settings
     LIMIT 1
 $$;
 COMMENT ON FUNCTION keypal.config() IS 'The settings row, or the defaults while none has been written.';
@@ -141,8 +152,12 @@ CREATE TABLE keypal.quota_usage (
     period_start  timestamptz NOT NULL,
     used          bigint NOT NULL DEFAULT 0,
     hour          timestamptz,
-    hour_requests bigint NOT NULL DEFAULT 0
+    hour_requests bigint NOT NULL DEFAULT 0,
+    -- When period_start's period ends (set by trigger from the key's quota period), for
+    -- keypal_run_maintenance to reset rows whose period rolled over.
+    resets_at     timestamptz
 ) WITH (fillfactor = 50);   -- room on each page for HOT updates by the flush worker
+CREATE INDEX quota_usage_resets_idx ON keypal.quota_usage (resets_at);
 COMMENT ON TABLE keypal.quota_usage IS 'Requests counted against each key''s quota in its current period, and the current hour''s verified requests (keypal_usage and keypal.hourly_usage add what is not yet written).';
 
 -- Usage per key, hour and endpoint (keypal_track_usage), for analytics.
@@ -155,6 +170,7 @@ CREATE TABLE keypal.usage (
     cost     numeric NOT NULL DEFAULT 0,
     PRIMARY KEY (key_id, hour, endpoint)
 ) WITH (fillfactor = 70);   -- the current hour's rows are updated in place (HOT)
+CREATE INDEX usage_hour_idx ON keypal.usage (hour);   -- pruning by age
 COMMENT ON TABLE keypal.usage IS 'Usage per key, hour and endpoint, recorded by keypal_track_usage() and, behind verify, by the flush worker (for keys with a quota).';
 
 CREATE TABLE keypal.audit_log (
@@ -186,6 +202,66 @@ CREATE TABLE keypal.events (
 CREATE INDEX events_at_idx ON keypal.events (at);
 COMMENT ON TABLE keypal.events IS 'Outbox of key events (payload = webhook body); NOTIFY keypal_events carries the id.';
 
+-- Webhooks: where events are POSTed (keypal_add_webhook). The secret signs each delivery
+-- and is write-only: no keypal function or view returns it.
+CREATE TABLE keypal.webhooks (
+    id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    url        text NOT NULL,
+    secret     text NOT NULL,
+    events     text[] NOT NULL,   -- event names, or '*' for every event
+    enabled    boolean NOT NULL DEFAULT true,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE keypal.webhooks IS 'Webhook endpoints events are delivered to (keypal_add_webhook); the secret column is write-only for keypal''s functions.';
+
+-- Deliveries not yet done: one row per (webhook, event), written with the event in the
+-- same transaction, claimed by the flush worker with FOR UPDATE SKIP LOCKED, deleted once
+-- a 2xx answer came back; dead_at once the attempts are used up (keypal_redeliver).
+-- next_at: when it may be tried (a retry's backoff, or the end of a claim's lease).
+CREATE TABLE keypal.webhook_queue (
+    webhook_id   bigint NOT NULL REFERENCES keypal.webhooks (id) ON DELETE CASCADE,
+    event_id     bigint NOT NULL REFERENCES keypal.events (id) ON DELETE CASCADE,
+    key_id       uuid,
+    attempts     integer NOT NULL DEFAULT 0,
+    next_at      timestamptz NOT NULL DEFAULT clock_timestamp(),
+    leased_until timestamptz,
+    dead_at      timestamptz,
+    PRIMARY KEY (webhook_id, event_id)
+);
+CREATE INDEX webhook_queue_due_idx ON keypal.webhook_queue (webhook_id, next_at) WHERE dead_at IS NULL;
+CREATE INDEX webhook_queue_key_idx ON keypal.webhook_queue (webhook_id, key_id, event_id) WHERE dead_at IS NULL;
+CREATE INDEX webhook_queue_event_idx ON keypal.webhook_queue (event_id);
+COMMENT ON TABLE keypal.webhook_queue IS 'Webhook deliveries pending (or dead: dead_at set), one per webhook and event.';
+
+-- Every delivery attempt, as it ended.
+CREATE TABLE keypal.webhook_deliveries (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    event_id    bigint NOT NULL REFERENCES keypal.events (id) ON DELETE CASCADE,
+    webhook_id  bigint NOT NULL REFERENCES keypal.webhooks (id) ON DELETE CASCADE,
+    attempt     integer NOT NULL,
+    status_code integer,   -- NULL: no answer (the error says why)
+    error       text,
+    at          timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE INDEX webhook_deliveries_event_idx ON keypal.webhook_deliveries (event_id);
+CREATE INDEX webhook_deliveries_webhook_idx ON keypal.webhook_deliveries (webhook_id, at);
+CREATE INDEX webhook_deliveries_at_idx ON keypal.webhook_deliveries (at);
+COMMENT ON TABLE keypal.webhook_deliveries IS 'One row per webhook delivery attempt: its HTTP status, or the error.';
+
+-- Schedules to apply, one row per key and kind, kept by trigger from the key's columns:
+-- disable (disable_at), revoke (revoke_at), expiring (expires_at - notify_before), expired
+-- (expires_at). keypal_run_maintenance takes the due ones (a row fires once, and is armed
+-- again only when its columns change).
+CREATE TABLE keypal.key_timers (
+    key_id uuid NOT NULL REFERENCES keypal.keys (id) ON DELETE CASCADE,
+    kind   text NOT NULL CHECK (kind IN ('disable', 'revoke', 'expiring', 'expired')),
+    due_at timestamptz NOT NULL,
+    PRIMARY KEY (key_id, kind)
+);
+CREATE INDEX key_timers_due_idx ON keypal.key_timers (due_at);
+COMMENT ON TABLE keypal.key_timers IS 'Per key, the schedules keypal_run_maintenance has yet to apply (disable_at, revoke_at, notify_before, expiry).';
+
 SELECT pg_catalog.pg_extension_config_dump('keypal.keys', '');
 SELECT pg_catalog.pg_extension_config_dump('keypal.settings', '');
 SELECT pg_catalog.pg_extension_config_dump('keypal.policies', '');
@@ -198,3 +274,9 @@ SELECT pg_catalog.pg_extension_config_dump('keypal.events_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('keypal.quota_usage', '');
 SELECT pg_catalog.pg_extension_config_dump('keypal.key_usage', '');
 SELECT pg_catalog.pg_extension_config_dump('keypal.usage', '');
+SELECT pg_catalog.pg_extension_config_dump('keypal.webhooks', '');
+SELECT pg_catalog.pg_extension_config_dump('keypal.webhooks_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('keypal.webhook_queue', '');
+SELECT pg_catalog.pg_extension_config_dump('keypal.webhook_deliveries', '');
+SELECT pg_catalog.pg_extension_config_dump('keypal.webhook_deliveries_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('keypal.key_timers', '');

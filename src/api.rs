@@ -505,6 +505,21 @@ mod keypal {
         .unwrap_or(false)
     }
 
+    /// Wakes this database's worker once the current transaction commits (starting one
+    /// before it commits if none runs): it queued webhook deliveries.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn wake_worker() {
+        crate::worker::wake_at_commit();
+    }
+
+    /// Whether the caller runs inside a transaction block (BEGIN … COMMIT): then
+    /// maintenance cannot commit between its batches.
+    #[pg_extern(volatile, parallel_safe)]
+    fn in_transaction_block() -> bool {
+        // SAFETY: reads the transaction state of this backend.
+        unsafe { pg_sys::IsTransactionBlock() }
+    }
+
     /// Whether this backend is running a COPY into `relid` — how pg_restore and pg_dump's
     /// scripts load table data. The audit trigger then records nothing: the restored rows
     /// bring their own audit history.

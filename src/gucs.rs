@@ -1,5 +1,6 @@
 //! Every keypal setting that lives in postgresql.conf rather than in keypal.settings:
-//! `keypal.salt`, `keypal.shared_memory` and `keypal.flush_interval`.
+//! `keypal.salt`, `keypal.shared_memory`, `keypal.flush_interval` and
+//! `keypal.maintenance_interval`.
 //!
 //! `keypal.salt` is the server secret mixed into every key hash. It is superuser-only
 //! (PGC_SUSET, hidden from SHOW for others) and lives in the server's configuration, never
@@ -21,7 +22,22 @@ pub static SHARED_MEMORY_MB: GucSetting<i32> = GucSetting::<i32>::new(1024);
 /// 100 000 busy quota'd keys cost the worker most of a core (docs/DESIGN.md).
 pub static FLUSH_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
 
+/// How often (ms) the worker runs keypal_run_maintenance's batches; 0: never (pg_cron's
+/// `CALL keypal_run_maintenance()` instead). While it is on, a database's worker stays.
+pub static MAINTENANCE_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
+
 pub fn init() {
+    GucRegistry::define_int_guc(
+        c"keypal.maintenance_interval",
+        c"How often keypal's worker runs maintenance (schedules, quota resets, pruning); 0: never.",
+        c"The same work as CALL keypal_run_maintenance(). While it is on, each database's \
+          worker stays once started; turn it off to schedule maintenance with pg_cron instead.",
+        &MAINTENANCE_INTERVAL_MS,
+        0,
+        24 * 3600 * 1000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
     GucRegistry::define_int_guc(
         c"keypal.shared_memory",
         c"The most shared memory keypal's usage entries may take (one per key in use).",

@@ -9,7 +9,10 @@ use pgrx::prelude::*;
 ::pgrx::pg_module_magic!(name, version);
 
 pub mod api;
+pub mod automation;
+pub mod bgtx;
 pub mod catalog;
+pub mod delivery;
 pub mod duration;
 pub mod errors;
 pub mod gucs;
@@ -21,11 +24,13 @@ pub mod net;
 pub mod options;
 pub mod scan;
 pub mod scopes;
+pub mod signature;
 pub mod spi;
 pub mod verify;
 pub mod worker;
 
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+extension_sql_file!("../sql/automation.sql", name = "automation");
 extension_sql_file!("../sql/api.sql", name = "api", finalize);
 
 #[pg_guard]

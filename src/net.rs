@@ -20,6 +20,56 @@ pub fn in_any<S: AsRef<str>>(ip: IpAddr, list: &[S]) -> bool {
         .any(|n| n.contains(&ip))
 }
 
+/// Whether a webhook may reach `ip` when private targets are refused: not loopback,
+/// unspecified, private (RFC 1918, unique-local), shared (CGNAT), link-local, multicast,
+/// broadcast, documentation, benchmarking or reserved; IPv4 inside IPv6 (mapped, NAT64,
+/// 6to4) is judged as the IPv4 address it carries.
+pub fn is_public(ip: IpAddr) -> bool {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    fn v4(a: Ipv4Addr) -> bool {
+        let o = a.octets();
+        !(a.is_unspecified()
+            || a.is_loopback()
+            || a.is_private()
+            || a.is_link_local()
+            || a.is_multicast()
+            || a.is_broadcast()
+            || a.is_documentation()
+            || o[0] == 0                                  // "this network"
+            || (o[0] == 100 && (64..128).contains(&o[1])) // shared address space (CGNAT)
+            || (o[0] == 192 && o[1] == 0 && o[2] == 0)    // IETF protocol assignments
+            || (o[0] == 198 && (18..20).contains(&o[1]))  // benchmarking
+            || o[0] >= 240) // reserved
+    }
+    fn v6(a: Ipv6Addr) -> bool {
+        let s = a.segments();
+        if let Some(m) = a.to_ipv4_mapped() {
+            return v4(m);
+        }
+        let embedded =
+            |hi: u16, lo: u16| Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8);
+        if s[0] == 0x64 && s[1] == 0xff9b {
+            return v4(embedded(s[6], s[7])); // NAT64
+        }
+        if s[0] == 0x2002 {
+            return v4(embedded(s[1], s[2])); // 6to4
+        }
+        !(a.is_unspecified()
+            || a.is_loopback()
+            || a.is_multicast()
+            || (s[0] & 0xfe00) == 0xfc00     // unique local
+            || (s[0] & 0xffc0) == 0xfe80     // link-local
+            || (s[0] & 0xffc0) == 0xfec0     // site-local (deprecated)
+            || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
+            || (s[0] == 0 && s[1] == 0 && s[2] == 0 && s[3] == 0 && s[4] == 0 && s[5] == 0))
+        // IPv4-compatible
+    }
+    match ip {
+        IpAddr::V4(a) => v4(a),
+        IpAddr::V6(a) => v6(a),
+    }
+}
+
 /// IPv4-mapped IPv6 addresses (`::ffff:1.2.3.4`) are treated as the IPv4 address.
 fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
@@ -58,6 +108,49 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn private_targets_are_not_public() {
+        for s in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "172.31.255.255",
+            "192.168.1.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "100.64.0.1",
+            "224.0.0.1",
+            "255.255.255.255",
+            "192.0.2.1",
+            "198.18.0.1",
+            "240.0.0.1",
+            "::1",
+            "::",
+            "fc00::1",
+            "fd12::1",
+            "fe80::1",
+            "ff02::1",
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+            "64:ff9b::a9fe:a9fe",
+            "2002:7f00:1::",
+            "2001:db8::1",
+            "::127.0.0.1",
+        ] {
+            assert!(!is_public(ip(s)), "{s} counted as public");
+        }
+        for s in [
+            "93.184.216.34",
+            "8.8.8.8",
+            "172.32.0.1",
+            "100.128.0.1",
+            "2606:4700::1111",
+            "::ffff:8.8.8.8",
+        ] {
+            assert!(is_public(ip(s)), "{s} counted as private");
+        }
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! The flush worker: writes what verify recorded in shared memory (limits/shmem.rs) to the
 //! tables — `last_used_at`, quota use, per-hour requests, `quota.exceeded` events — every
 //! `keypal.flush_interval`, each flush one transaction, and drops entries that are done.
+//! Between flushes it delivers webhooks and runs maintenance (src/automation.rs).
 //!
 //! One per database that uses keypal, a dynamic background worker started by the first
-//! verify that records something there (preloaded or not: one behaviour). It leaves when its
-//! database has no entries left for a while, when keypal is dropped there, or when told to
+//! verify that records something there, or by a commit that queued webhook deliveries
+//! (preloaded or not: one behaviour). It leaves when its database has no entries, no
+//! deliveries to make and no maintenance to run (keypal.maintenance_interval = 0) for a
+//! while, when keypal is dropped there, or when told to
 //! stop — then, at a clean shutdown, only after the database's other sessions have gone,
 //! writing everything they counted. A flush that fails (an error in SQL) keeps its batch for
 //! the next one. On a standby it writes nothing: counts stay local to that server.
@@ -54,6 +57,43 @@ pub fn ensure() {
     }
 }
 
+thread_local! {
+    /// This transaction asked for the worker to be woken at its commit.
+    static WAKE_AT_COMMIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The current transaction queued webhook deliveries (or work like it): before it commits,
+/// make sure the database has a worker; once it committed, wake that worker, so that it
+/// claims them at once rather than at its next turn.
+pub fn wake_at_commit() {
+    if WAKE_AT_COMMIT.replace(true) {
+        return;
+    }
+    use pgrx::{register_xact_callback, PgXactCallbackEvent as Ev};
+    register_xact_callback(Ev::PreCommit, ensure);
+    register_xact_callback(Ev::Commit, || {
+        WAKE_AT_COMMIT.set(false);
+        wake();
+    });
+    register_xact_callback(Ev::Abort, || WAKE_AT_COMMIT.set(false));
+    register_xact_callback(Ev::Prepare, || WAKE_AT_COMMIT.set(false));
+}
+
+/// Sets the latch of this database's worker, if one runs.
+fn wake() {
+    let Some(pid) = shmem::worker_pid() else {
+        return;
+    };
+    // SAFETY: looks the process up in the proc array (under its lock) and sets its latch,
+    // which is safe on any live PGPROC; a pid reused meanwhile only gets a spurious wakeup.
+    unsafe {
+        let proc_ = pg_sys::BackendPidGetProc(pid);
+        if !proc_.is_null() {
+            pg_sys::SetLatch(&mut (*proc_).procLatch);
+        }
+    }
+}
+
 /// Asks the postmaster to start `db`'s worker; Err says why it could not.
 fn start(db: u32) -> Result<(), String> {
     BackgroundWorkerBuilder::new(&format!("keypal flush worker {db}"))
@@ -89,30 +129,51 @@ pub extern "C-unwind" fn keypal_flush_worker_main(arg: pg_sys::Datum) {
         return; // another worker serves this database
     }
     let mut state = State::default();
+    let mut automation = crate::automation::Automation::default();
+    let mut last_flush = 0i64;
     loop {
+        let flush_us = i64::from(crate::gucs::FLUSH_INTERVAL_MS.get().max(10)) * 1000;
+        // SAFETY: reads the clock.
+        let now = unsafe { pg_sys::GetCurrentTimestamp() };
         // A full batch means more is queued: the next one at once.
-        let interval = if state.full_batch {
-            Duration::ZERO
+        let flush_in = if state.full_batch {
+            0
         } else {
-            Duration::from_millis(crate::gucs::FLUSH_INTERVAL_MS.get().max(10) as u64)
+            (last_flush + flush_us - now).clamp(0, flush_us)
         };
-        if !BackgroundWorker::wait_latch(Some(interval)) {
+        let wait = automation
+            .wait_us(now)
+            .map_or(flush_in, |w| w.min(flush_in));
+        let waited = std::time::Instant::now();
+        if !BackgroundWorker::wait_latch(Some(Duration::from_micros(wait as u64))) {
             last_flushes(db, &mut state);
             return;
         }
+        // Back before its time: the latch was set (a commit queued webhook deliveries).
+        let woken =
+            waited.elapsed() + Duration::from_millis(1) < Duration::from_micros(wait as u64);
         if BackgroundWorker::sighup_received() {
             // SAFETY: re-reads the configuration files, as a worker must on SIGHUP.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
-        if flush_once(db, &mut state).is_none() {
-            // keypal is not installed here (any more): what it counted here has nowhere to go.
-            shmem::purge(db);
-            shmem::retire_worker(db);
-            return;
+        // SAFETY: reads the clock.
+        let now = unsafe { pg_sys::GetCurrentTimestamp() };
+        if state.full_batch || now - last_flush >= flush_us {
+            last_flush = now;
+            if flush_once(db, &mut state).is_none() {
+                // keypal is not installed here (any more): what it counted here has nowhere to go.
+                shmem::purge(db);
+                shmem::retire_worker(db);
+                return;
+            }
+        }
+        // SAFETY: reads a shared flag.
+        if !unsafe { pg_sys::RecoveryInProgress() } {
+            automation.turn(woken, flush_us);
         }
         // SAFETY: reads the clock.
         let now = unsafe { pg_sys::GetCurrentTimestamp() };
-        if state.remaining > 0 || state.full_batch {
+        if state.remaining > 0 || state.full_batch || automation.busy() {
             state.empty_since = None;
             continue;
         }
@@ -232,11 +293,7 @@ fn pin_session() {
     }
 }
 
-/// First statement of every worker transaction: nothing it runs may resolve through a
-/// search_path the database's owner chose. Itself fully qualified.
-const PIN_SEARCH_PATH: &str =
-    "SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true),
-            pg_catalog.set_config('lock_timeout', '1s', true)";
+use crate::bgtx::PIN_SEARCH_PATH;
 
 const INSTALLED: &str = "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension
                                           WHERE extname OPERATOR(pg_catalog.=) 'keypal')";
@@ -344,32 +401,13 @@ fn report_stats() {
 /// dropped meanwhile) gives Err(()), which skips this flush, and leaves the transaction
 /// usable.
 fn resolution() -> Result<i64, ()> {
-    // SAFETY: the internal-subtransaction pattern PL/pgSQL's exception blocks use: memory
-    // context and resource owner are restored whatever happens inside.
-    let read = unsafe {
-        let context = pg_sys::CurrentMemoryContext;
-        let owner = pg_sys::CurrentResourceOwner;
-        pg_sys::BeginInternalSubTransaction(std::ptr::null());
-        let read = PgTryBuilder::new(|| {
-            Some(
-                Spi::get_one::<i64>(RESOLUTION)
-                    .ok()
-                    .flatten()
-                    .unwrap_or(60_000_000),
-            )
-        })
-        .catch_others(|_| None)
-        .execute();
-        if read.is_some() {
-            pg_sys::ReleaseCurrentSubTransaction();
-        } else {
-            pg_sys::RollbackAndReleaseCurrentSubTransaction();
-        }
-        pg_sys::MemoryContextSwitchTo(context);
-        pg_sys::CurrentResourceOwner = owner;
-        read
-    };
-    read.ok_or(())
+    crate::bgtx::guarded("", || {
+        Spi::get_one::<i64>(RESOLUTION)
+            .ok()
+            .flatten()
+            .unwrap_or(60_000_000)
+    })
+    .ok_or(())
 }
 
 /// How long an entry stays after its last use: long enough that a key in steady use keeps

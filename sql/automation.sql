@@ -1,0 +1,589 @@
+-- keypal: the automation half — webhooks (queued with each event, delivered by the flush
+-- worker: src/delivery.rs), schedules and maintenance (keypal_run_maintenance, run by
+-- pg_cron or by the worker every keypal.maintenance_interval).
+--
+-- Loaded before api.sql (which the final comments and grants are part of). Its functions are
+-- PL/pgSQL: they call api.sql's helpers only when they run.
+
+--------------------------------------------------------------------------------
+-- Settings helpers
+--------------------------------------------------------------------------------
+
+-- retention with the given entries merged in: each a duration, or JSON null (keep for good).
+CREATE FUNCTION keypal.merge_retention(current jsonb, given jsonb, arg text)
+RETURNS jsonb LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    e record;
+    merged jsonb := coalesce(current, '{}');
+BEGIN
+    IF given = 'null' THEN
+        RETURN '{}';
+    END IF;
+    IF jsonb_typeof(given) <> 'object' THEN
+        RAISE EXCEPTION 'invalid %: a JSON object of table -> duration, e.g. {"events": "30d"}', arg
+            USING ERRCODE = '22023';
+    END IF;
+    FOR e IN SELECT * FROM jsonb_each(given) LOOP
+        IF e.key NOT IN ('events', 'webhook_deliveries', 'usage', 'audit_log') THEN
+            RAISE EXCEPTION 'invalid %: unknown table % (events, webhook_deliveries, usage, audit_log)',
+                arg, quote_literal(e.key) USING ERRCODE = '22023';
+        END IF;
+        IF e.value = 'null' THEN
+            merged := merged - e.key;
+        ELSIF jsonb_typeof(e.value) <> 'string' THEN
+            RAISE EXCEPTION 'invalid %: % must be a duration string such as "30d", or null', arg, e.key
+                USING ERRCODE = '22023';
+        ELSE
+            PERFORM keypal.parse_duration(e.value #>> '{}', arg || '.' || e.key);
+            merged := merged || jsonb_build_object(e.key, e.value);
+        END IF;
+    END LOOP;
+    RETURN merged;
+END $$;
+
+--------------------------------------------------------------------------------
+-- Webhooks
+--------------------------------------------------------------------------------
+
+CREATE FUNCTION keypal.webhook_not_found(id bigint)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RAISE EXCEPTION 'WEBHOOK_NOT_FOUND: no webhook with id %', coalesce(id::text, 'NULL')
+        USING ERRCODE = 'P0002', DETAIL = 'WEBHOOK_NOT_FOUND';
+END $$;
+
+-- Checks a webhook's url, secret and events (22023 naming the argument); events as stored.
+CREATE FUNCTION keypal.check_webhook(url text, secret text, events text[])
+RETURNS text[] LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    known text[] := ARRAY['key.created', 'key.revoked', 'key.rotated', 'key.expired', 'key.expiring',
+                          'key.disabled', 'key.enabled', 'key.updated', 'quota.exceeded',
+                          'key.*', 'quota.*', '*'];
+    bad text;
+BEGIN
+    IF url IS NOT NULL AND (length(url) > 2048
+       OR url !~* '^https?://[^/?#@[:space:]]+(:[0-9]+)?([/?#][^[:space:]]*)?$') THEN
+        RAISE EXCEPTION 'invalid url: % (an http:// or https:// URL with a host, no credentials, no spaces)',
+            quote_literal(left(url, 200)) USING ERRCODE = '22023';
+    END IF;
+    IF secret IS NOT NULL AND length(secret) = 0 THEN
+        RAISE EXCEPTION 'invalid secret: must not be empty' USING ERRCODE = '22023';
+    END IF;
+    IF events IS NULL THEN
+        RETURN NULL;
+    END IF;
+    IF cardinality(events) = 0 THEN
+        RAISE EXCEPTION 'invalid events: name at least one event, or ''*'' for all' USING ERRCODE = '22023';
+    END IF;
+    SELECT e INTO bad FROM unnest(events) e WHERE e IS NULL OR NOT e = ANY (known) LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'invalid events: unknown event % (one of %)', coalesce(quote_literal(bad), 'NULL'),
+            array_to_string(known, ', ') USING ERRCODE = '22023';
+    END IF;
+    RETURN ARRAY(SELECT DISTINCT e FROM unnest(events) e ORDER BY e);
+END $$;
+
+CREATE FUNCTION keypal_add_webhook(url text DEFAULT NULL, secret text DEFAULT NULL, events text[] DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    new_id bigint;
+BEGIN
+    IF url IS NULL THEN
+        RAISE EXCEPTION 'invalid url: required' USING ERRCODE = '22023';
+    END IF;
+    IF secret IS NULL THEN
+        RAISE EXCEPTION 'invalid secret: required (it signs every delivery)' USING ERRCODE = '22023';
+    END IF;
+    INSERT INTO keypal.webhooks (url, secret, events)
+    VALUES (url, secret, coalesce(keypal.check_webhook(url, secret, events), ARRAY['*']))
+    RETURNING id INTO new_id;
+    RETURN new_id;
+END $$;
+
+CREATE FUNCTION keypal_update_webhook(id bigint DEFAULT NULL, url text DEFAULT NULL, secret text DEFAULT NULL,
+                                      events text[] DEFAULT NULL)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    checked text[] := keypal.check_webhook(url, secret, events);
+BEGIN
+    UPDATE keypal.webhooks w
+       SET url = coalesce(keypal_update_webhook.url, w.url),
+           secret = coalesce(keypal_update_webhook.secret, w.secret),
+           events = coalesce(checked, w.events),
+           updated_at = now()
+     WHERE w.id = keypal_update_webhook.id;
+    IF NOT FOUND THEN
+        PERFORM keypal.webhook_not_found(id);
+    END IF;
+    RETURN true;
+END $$;
+
+CREATE FUNCTION keypal.set_webhook_enabled(hook bigint, on_off boolean)
+RETURNS boolean LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    was boolean;
+BEGIN
+    SELECT w.enabled INTO was FROM keypal.webhooks w WHERE w.id = hook FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM keypal.webhook_not_found(hook);
+    END IF;
+    IF was = on_off THEN
+        RETURN false;
+    END IF;
+    UPDATE keypal.webhooks SET enabled = on_off, updated_at = now() WHERE id = hook;
+    IF on_off THEN
+        PERFORM keypal.wake_worker();   -- its pending deliveries resume
+    END IF;
+    RETURN true;
+END $$;
+
+CREATE FUNCTION keypal_enable_webhook(id bigint DEFAULT NULL)
+RETURNS boolean
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT keypal.set_webhook_enabled(id, true)
+$$;
+
+CREATE FUNCTION keypal_disable_webhook(id bigint DEFAULT NULL)
+RETURNS boolean
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT keypal.set_webhook_enabled(id, false)
+$$;
+
+CREATE FUNCTION keypal_remove_webhook(id bigint DEFAULT NULL)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    DELETE FROM keypal.webhooks w WHERE w.id = keypal_remove_webhook.id;
+    IF NOT FOUND THEN
+        PERFORM keypal.webhook_not_found(id);
+    END IF;
+    RETURN true;
+END $$;
+
+CREATE FUNCTION keypal_list_webhooks()
+RETURNS TABLE (id bigint, url text, events text[], enabled boolean, created_at timestamptz,
+               updated_at timestamptz, pending bigint, dead bigint, last_attempt_at timestamptz,
+               last_status_code integer, last_error text)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT w.id, w.url, w.events, w.enabled, w.created_at, w.updated_at,
+           (SELECT count(*) FROM keypal.webhook_queue q WHERE q.webhook_id = w.id AND q.dead_at IS NULL),
+           (SELECT count(*) FROM keypal.webhook_queue q WHERE q.webhook_id = w.id AND q.dead_at IS NOT NULL),
+           d.at, d.status_code, d.error
+      FROM keypal.webhooks w
+      LEFT JOIN LATERAL (SELECT x.at, x.status_code, x.error FROM keypal.webhook_deliveries x
+                          WHERE x.webhook_id = w.id ORDER BY x.at DESC LIMIT 1) d ON true
+     ORDER BY w.id
+$$;
+
+CREATE FUNCTION keypal_redeliver(event_id bigint DEFAULT NULL, webhook_id bigint DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE
+    n integer;
+BEGIN
+    IF event_id IS NULL THEN
+        RAISE EXCEPTION 'invalid event_id: required' USING ERRCODE = '22023';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM keypal.events e WHERE e.id = keypal_redeliver.event_id) THEN
+        RAISE EXCEPTION 'EVENT_NOT_FOUND: no event with id %', keypal_redeliver.event_id
+            USING ERRCODE = 'P0002', DETAIL = 'EVENT_NOT_FOUND';
+    END IF;
+    UPDATE keypal.webhook_queue q
+       SET dead_at = NULL, attempts = 0, next_at = clock_timestamp(), leased_until = NULL
+     WHERE q.event_id = keypal_redeliver.event_id AND q.dead_at IS NOT NULL
+       AND (keypal_redeliver.webhook_id IS NULL OR q.webhook_id = keypal_redeliver.webhook_id);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n > 0 THEN
+        PERFORM keypal.wake_worker();
+    END IF;
+    RETURN n;
+END $$;
+
+-- Called by emit_event for each event, in its transaction: one pending delivery per enabled
+-- webhook whose events match. Behind a pending delivery of the same key to the same webhook
+-- (in flight, or waiting for a retry) it waits as long (events of a key arrive in order).
+CREATE FUNCTION keypal.enqueue_deliveries(ev_id bigint, ev text, ev_key uuid)
+RETURNS void LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    INSERT INTO keypal.webhook_queue (webhook_id, event_id, key_id, next_at)
+    SELECT w.id, ev_id, ev_key,
+           greatest(clock_timestamp(),
+                    (SELECT max(p.next_at) FROM keypal.webhook_queue p
+                      WHERE p.webhook_id = w.id AND p.key_id = ev_key AND p.dead_at IS NULL))
+      FROM keypal.webhooks w
+     WHERE w.enabled
+       AND w.events && ARRAY[ev, '*', split_part(ev, '.', 1) || '.*'];
+    IF FOUND THEN
+        PERFORM keypal.wake_worker();
+    END IF;
+END $$;
+
+-- The flush worker's claim: up to room due deliveries, at most webhook_concurrency in flight
+-- per webhook (busy: what it has in flight now), none behind a pending delivery of the same
+-- key; each leased (next_at moved past the request's timeout) so that a worker gone before
+-- answering leaves it to be tried again. A last row (webhook_id NULL) gives next_due: when
+-- the earliest delivery not claimed falls due, for webhooks with room left.
+CREATE FUNCTION keypal.claim_deliveries(busy_ids bigint[], busy_n integer[], room integer)
+RETURNS TABLE (webhook_id bigint, event_id bigint, attempt integer, url text, secret text, body text,
+               timeout_ms bigint, allow_private boolean, next_due timestamptz)
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE
+    cfg keypal.settings := keypal.config();
+    t0 timestamptz := clock_timestamp();
+    lease_end timestamptz := t0 + cfg.webhook_timeout + interval '30 seconds';
+    c_hooks bigint[];
+    c_events bigint[];
+    due timestamptz;
+BEGIN
+    WITH room_of AS (
+        SELECT w.id,
+               cfg.webhook_concurrency - coalesce((SELECT sum(b.n) FROM unnest(busy_ids, busy_n) AS b(id, n)
+                                                    WHERE b.id = w.id), 0)::integer AS slots
+          FROM keypal.webhooks w WHERE w.enabled
+    ), picked AS (
+        SELECT r.id AS hook, c.event_id AS ev
+          FROM room_of r CROSS JOIN LATERAL (
+              SELECT q.event_id FROM keypal.webhook_queue q
+               WHERE q.webhook_id = r.id AND q.dead_at IS NULL AND q.next_at <= t0
+                 AND (q.key_id IS NULL OR NOT EXISTS (
+                        SELECT 1 FROM keypal.webhook_queue p
+                         WHERE p.webhook_id = q.webhook_id AND p.key_id = q.key_id
+                           AND p.event_id < q.event_id AND p.dead_at IS NULL))
+               ORDER BY q.next_at, q.event_id
+               LIMIT greatest(r.slots, 0)
+               FOR UPDATE OF q SKIP LOCKED) c
+         WHERE r.slots > 0
+         LIMIT greatest(room, 0)
+    ), leased AS (
+        UPDATE keypal.webhook_queue q SET next_at = lease_end, leased_until = lease_end
+          FROM picked p WHERE q.webhook_id = p.hook AND q.event_id = p.ev
+        RETURNING q.webhook_id, q.event_id
+    )
+    SELECT array_agg(l.webhook_id), array_agg(l.event_id) INTO c_hooks, c_events FROM leased l;
+
+    RETURN QUERY
+    SELECT q.webhook_id, q.event_id, q.attempts + 1, w.url, w.secret, e.payload::text,
+           (extract(epoch FROM cfg.webhook_timeout) * 1000)::bigint, cfg.webhook_allow_private,
+           NULL::timestamptz
+      FROM unnest(c_hooks, c_events) AS c(hook, ev)
+      JOIN keypal.webhook_queue q ON q.webhook_id = c.hook AND q.event_id = c.ev
+      JOIN keypal.webhooks w ON w.id = c.hook
+      JOIN keypal.events e ON e.id = c.ev;
+
+    SELECT min(n.next_at) INTO due
+      FROM keypal.webhooks w
+     CROSS JOIN LATERAL (SELECT q.next_at FROM keypal.webhook_queue q
+                          WHERE q.webhook_id = w.id AND q.dead_at IS NULL AND q.leased_until IS NULL
+                          ORDER BY q.next_at LIMIT 1) n
+     WHERE w.enabled
+       AND cfg.webhook_concurrency >
+           coalesce((SELECT sum(b.n) FROM unnest(busy_ids, busy_n) AS b(id, n) WHERE b.id = w.id), 0)
+           + (SELECT count(*) FROM unnest(c_hooks) AS h(id) WHERE h.id = w.id);
+    RETURN QUERY SELECT NULL::bigint, NULL::bigint, NULL::integer, NULL::text, NULL::text, NULL::text,
+                        NULL::bigint, NULL::boolean, due;
+END $$;
+
+-- The flush worker's record of finished attempts: a row in webhook_deliveries each; a 2xx
+-- answer ends the delivery; otherwise a retry after webhook_backoff * 2^(attempt-1) (at most
+-- 6 hours) times a jitter of 0.5 to 1.5, or dead after webhook_max_attempts. Deliveries of
+-- the same key held back behind one wait for its retry, or go at once once it ended.
+CREATE FUNCTION keypal.finish_deliveries(hook_ids bigint[], event_ids bigint[], attempt_nos integer[],
+                                         codes integer[], errors text[])
+RETURNS void LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    cfg keypal.settings := keypal.config();
+    t0 timestamptz := clock_timestamp();
+    d record;
+    k uuid;
+    retry_at timestamptz;
+BEGIN
+    FOR d IN SELECT * FROM unnest(hook_ids, event_ids, attempt_nos, codes, errors)
+                        AS x(hook, ev, att, code, err) LOOP
+        -- The delivery may be gone meanwhile (its webhook removed, its event pruned).
+        SELECT q.key_id INTO k FROM keypal.webhook_queue q
+         WHERE q.webhook_id = d.hook AND q.event_id = d.ev FOR UPDATE;
+        CONTINUE WHEN NOT FOUND;
+        INSERT INTO keypal.webhook_deliveries (event_id, webhook_id, attempt, status_code, error, at)
+        VALUES (d.ev, d.hook, d.att, d.code, left(d.err, 500), t0);
+        IF d.code BETWEEN 200 AND 299 OR d.att >= cfg.webhook_max_attempts THEN
+            IF d.code BETWEEN 200 AND 299 THEN
+                DELETE FROM keypal.webhook_queue q WHERE q.webhook_id = d.hook AND q.event_id = d.ev;
+            ELSE
+                UPDATE keypal.webhook_queue q
+                   SET attempts = d.att, dead_at = t0, next_at = t0, leased_until = NULL
+                 WHERE q.webhook_id = d.hook AND q.event_id = d.ev;
+            END IF;
+            UPDATE keypal.webhook_queue q SET next_at = t0
+             WHERE q.webhook_id = d.hook AND q.key_id = k AND q.event_id > d.ev
+               AND q.dead_at IS NULL AND q.leased_until IS NULL AND q.attempts = 0 AND q.next_at > t0;
+        ELSE
+            retry_at := t0 + least(cfg.webhook_backoff * power(2, least(d.att - 1, 30)), interval '6 hours')
+                             * (0.5 + random());
+            UPDATE keypal.webhook_queue q
+               SET attempts = d.att, next_at = retry_at, leased_until = NULL
+             WHERE q.webhook_id = d.hook AND q.event_id = d.ev;
+            UPDATE keypal.webhook_queue q SET next_at = retry_at
+             WHERE q.webhook_id = d.hook AND q.key_id = k AND q.event_id > d.ev
+               AND q.dead_at IS NULL AND q.leased_until IS NULL AND q.next_at < retry_at;
+        END IF;
+    END LOOP;
+END $$;
+
+-- At a worker's start: what an earlier worker had in flight is tried again now.
+CREATE FUNCTION keypal.release_leases()
+RETURNS void LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+    UPDATE keypal.webhook_queue SET next_at = clock_timestamp(), leased_until = NULL
+     WHERE leased_until IS NOT NULL;
+$$;
+
+-- Whether this database has deliveries pending (the worker stays while it has).
+CREATE FUNCTION keypal.deliveries_pending()
+RETURNS boolean LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT EXISTS (SELECT 1 FROM keypal.webhook_queue q JOIN keypal.webhooks w ON w.id = q.webhook_id
+                    WHERE q.dead_at IS NULL AND w.enabled);
+$$;
+
+--------------------------------------------------------------------------------
+-- Schedules: timers kept by trigger, fired by keypal_run_maintenance
+--------------------------------------------------------------------------------
+
+-- When a key's timer of this kind falls due (NULL: none).
+CREATE FUNCTION keypal.timer_due(k keypal.keys, kind text)
+RETURNS timestamptz LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE kind
+        WHEN 'disable' THEN CASE WHEN k.enabled THEN k.disable_at END
+        WHEN 'revoke' THEN k.revoke_at
+        WHEN 'expiring' THEN k.expires_at - k.notify_before
+        WHEN 'expired' THEN k.expires_at
+    END
+$$;
+
+CREATE FUNCTION keypal.arm_timers()
+RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    ins boolean := TG_OP = 'INSERT';
+    which text;
+    due timestamptz;
+BEGIN
+    -- Restoring a dump: the timers are restored alongside, as they were.
+    IF ins AND coalesce(current_setting('keypal._actor', true), '') = '' AND keypal.copying_into(TG_RELID) THEN
+        RETURN NULL;
+    END IF;
+    IF NEW.revoked_at <= now() THEN
+        IF NOT ins THEN
+            DELETE FROM keypal.key_timers t WHERE t.key_id = NEW.id;
+        END IF;
+        RETURN NULL;
+    END IF;
+    FOREACH which IN ARRAY ARRAY['disable', 'revoke', 'expiring', 'expired'] LOOP
+        CONTINUE WHEN NOT ins AND keypal.timer_due(OLD, which) IS NOT DISTINCT FROM keypal.timer_due(NEW, which);
+        due := keypal.timer_due(NEW, which);
+        IF due IS NULL THEN
+            IF NOT ins THEN
+                DELETE FROM keypal.key_timers t WHERE t.key_id = NEW.id AND t.kind = which;
+            END IF;
+        ELSE
+            INSERT INTO keypal.key_timers AS t (key_id, kind, due_at) VALUES (NEW.id, which, due)
+                ON CONFLICT (key_id, kind) DO UPDATE SET due_at = EXCLUDED.due_at;
+        END IF;
+    END LOOP;
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER keys_timers_insert AFTER INSERT ON keypal.keys
+    FOR EACH ROW WHEN (NEW.disable_at IS NOT NULL OR NEW.revoke_at IS NOT NULL OR NEW.expires_at IS NOT NULL)
+    EXECUTE FUNCTION keypal.arm_timers();
+CREATE TRIGGER keys_timers_update AFTER UPDATE OF disable_at, revoke_at, expires_at, notify_before, enabled, revoked_at
+    ON keypal.keys
+    FOR EACH ROW WHEN (OLD.disable_at IS DISTINCT FROM NEW.disable_at OR OLD.revoke_at IS DISTINCT FROM NEW.revoke_at
+                       OR OLD.expires_at IS DISTINCT FROM NEW.expires_at
+                       OR OLD.notify_before IS DISTINCT FROM NEW.notify_before
+                       OR OLD.enabled IS DISTINCT FROM NEW.enabled OR OLD.revoked_at IS DISTINCT FROM NEW.revoked_at)
+    EXECUTE FUNCTION keypal.arm_timers();
+
+-- quota_usage.resets_at: when the row's period ends, by the key's quota period (UTC).
+CREATE FUNCTION keypal.quota_resets_at()
+RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    NEW.resets_at := (NEW.period_start AT TIME ZONE 'UTC'
+                      + ('1 ' || coalesce((SELECT k.quota->>'period' FROM keypal.keys k WHERE k.id = NEW.key_id),
+                                          'month'))::interval) AT TIME ZONE 'UTC';
+    RETURN NEW;
+END $$;
+CREATE TRIGGER quota_usage_resets_insert BEFORE INSERT ON keypal.quota_usage
+    FOR EACH ROW EXECUTE FUNCTION keypal.quota_resets_at();
+CREATE TRIGGER quota_usage_resets_update BEFORE UPDATE OF period_start ON keypal.quota_usage
+    FOR EACH ROW WHEN (OLD.period_start IS DISTINCT FROM NEW.period_start)
+    EXECUTE FUNCTION keypal.quota_resets_at();
+
+--------------------------------------------------------------------------------
+-- Maintenance
+--------------------------------------------------------------------------------
+
+-- A fired timer, on its key (locked): what is due now is done; a timer whose key changed
+-- meanwhile is armed again for its new time.
+CREATE FUNCTION keypal.fire_timer(k keypal.keys, which text, t0 timestamptz)
+RETURNS void LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    due timestamptz := keypal.timer_due(k, which);
+    data jsonb;
+BEGIN
+    IF due IS NULL OR k.revoked_at <= t0 THEN
+        RETURN;
+    END IF;
+    IF due > t0 THEN
+        INSERT INTO keypal.key_timers (key_id, kind, due_at) VALUES (k.id, which, due)
+            ON CONFLICT (key_id, kind) DO NOTHING;
+        RETURN;
+    END IF;
+    data := jsonb_strip_nulls(jsonb_build_object('keyId', k.id, 'ownerId', k.owner_id, 'orgId', k.org_id,
+                                                 'env', k.env, 'name', k.name, 'expiresAt', k.expires_at));
+    IF which = 'revoke' THEN
+        PERFORM keypal.begin_change('schedule', NULL, '{"schedule": "revoke_at"}');
+        UPDATE keypal.keys SET revoked_at = k.revoke_at, revoke_reason = 'scheduled (revoke_at)',
+                               revoked_by = 'schedule'
+         WHERE id = k.id;
+        PERFORM keypal.end_change();
+    ELSIF which = 'disable' THEN
+        PERFORM keypal.begin_change('schedule', NULL, '{"schedule": "disable_at"}');
+        UPDATE keypal.keys SET enabled = false WHERE id = k.id;
+        PERFORM keypal.end_change();
+    ELSIF which = 'expiring' THEN
+        IF k.expires_at > t0 THEN
+            PERFORM keypal.emit_event('key.expiring', k.id, data);
+        END IF;
+    ELSIF which = 'expired' THEN
+        INSERT INTO keypal.audit_log (action, key_id, owner_id, org_id, actor, context)
+        VALUES ('expired', k.id, k.owner_id, k.org_id, 'schedule',
+                jsonb_build_object('expires_at', k.expires_at));
+        PERFORM keypal.emit_event('key.expired', k.id, data);
+    END IF;
+END $$;
+
+-- One batch of maintenance, at most batch_size rows of work, in the caller's transaction:
+-- due timers first, then quota periods that rolled over, then pruning per retention. True
+-- when it used its whole budget (more may be left). Rows another transaction holds are
+-- skipped (SKIP LOCKED), so two runs at once share the work and never do a row twice.
+-- Inside a transaction block (no commit possible between batches) it does everything.
+CREATE FUNCTION keypal.maintenance_step(batch_size integer)
+RETURNS boolean LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    cfg keypal.settings := keypal.config();
+BEGIN
+    IF batch_size IS NULL OR batch_size NOT BETWEEN 1 AND 100000 THEN
+        RAISE EXCEPTION 'invalid batch_size: between 1 and 100000, got %', coalesce(batch_size::text, 'NULL')
+            USING ERRCODE = '22023';
+    END IF;
+    IF keypal.in_transaction_block() THEN
+        WHILE keypal.maintenance_batch(batch_size, clock_timestamp(), cfg) LOOP
+        END LOOP;
+        RETURN false;
+    END IF;
+    RETURN keypal.maintenance_batch(batch_size, clock_timestamp(), cfg);
+END $$;
+
+CREATE FUNCTION keypal.maintenance_batch(batch_size integer, t0 timestamptz, cfg keypal.settings)
+RETURNS boolean LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    budget integer := batch_size;
+    t record;
+    k keypal.keys;
+    n integer;
+    age interval;
+    tbl text;
+BEGIN
+    -- 1. Due timers, earliest first.
+    FOR t IN DELETE FROM keypal.key_timers x
+              WHERE (x.key_id, x.kind) IN (SELECT y.key_id, y.kind FROM keypal.key_timers y
+                                            WHERE y.due_at <= t0 ORDER BY y.due_at
+                                            LIMIT budget FOR UPDATE SKIP LOCKED)
+              RETURNING x.* LOOP
+        budget := budget - 1;
+        SELECT * INTO k FROM keypal.keys WHERE id = t.key_id FOR NO KEY UPDATE SKIP LOCKED;
+        IF NOT FOUND THEN
+            -- Its key is held by another transaction: in a moment (a deleted key took its
+            -- timers along).
+            INSERT INTO keypal.key_timers (key_id, kind, due_at)
+            SELECT t.key_id, t.kind, t0 + interval '5 seconds'
+             WHERE EXISTS (SELECT 1 FROM keypal.keys WHERE id = t.key_id)
+            ON CONFLICT (key_id, kind) DO NOTHING;
+            CONTINUE;
+        END IF;
+        PERFORM keypal.fire_timer(k, t.kind, t0);
+    END LOOP;
+    IF budget <= 0 THEN
+        RETURN true;
+    END IF;
+
+    -- 2. Quota periods that rolled over: the count starts again at 0 in the current period
+    -- (a row whose key's period changed meanwhile only gets its resets_at right).
+    WITH due AS (
+        SELECT q.key_id FROM keypal.quota_usage q WHERE q.resets_at <= t0
+         ORDER BY q.resets_at LIMIT budget FOR UPDATE SKIP LOCKED
+    ), cur AS (
+        SELECT d.key_id, date_trunc(coalesce(kk.quota->>'period', 'month'), t0, 'UTC') AS start,
+               coalesce(kk.quota->>'period', 'month') AS period
+          FROM due d JOIN keypal.keys kk ON kk.id = d.key_id
+    )
+    UPDATE keypal.quota_usage q
+       SET used = CASE WHEN q.period_start < c.start THEN 0 ELSE q.used END,
+           period_start = greatest(q.period_start, c.start),
+           resets_at = (greatest(q.period_start, c.start) AT TIME ZONE 'UTC'
+                        + ('1 ' || c.period)::interval) AT TIME ZONE 'UTC'
+      FROM cur c WHERE q.key_id = c.key_id;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    budget := budget - n;
+    IF budget <= 0 THEN
+        RETURN true;
+    END IF;
+
+    -- 3. Pruning, per retention (the audit log only when a retention names it).
+    FOREACH tbl IN ARRAY ARRAY['webhook_deliveries', 'events', 'usage', 'audit_log'] LOOP
+        age := keypal.parse_duration(cfg.retention->>tbl, 'retention.' || tbl);
+        CONTINUE WHEN age IS NULL;
+        IF tbl = 'events' THEN
+            DELETE FROM keypal.events WHERE ctid = ANY (ARRAY(
+                SELECT e.ctid FROM keypal.events e WHERE e.at < t0 - age ORDER BY e.at
+                 LIMIT budget FOR UPDATE SKIP LOCKED));
+        ELSIF tbl = 'webhook_deliveries' THEN
+            DELETE FROM keypal.webhook_deliveries WHERE ctid = ANY (ARRAY(
+                SELECT d.ctid FROM keypal.webhook_deliveries d WHERE d.at < t0 - age ORDER BY d.at
+                 LIMIT budget FOR UPDATE SKIP LOCKED));
+        ELSIF tbl = 'usage' THEN
+            DELETE FROM keypal.usage WHERE ctid = ANY (ARRAY(
+                SELECT u.ctid FROM keypal.usage u WHERE u.hour < t0 - age ORDER BY u.hour
+                 LIMIT budget FOR UPDATE SKIP LOCKED));
+        ELSE
+            DELETE FROM keypal.audit_log WHERE ctid = ANY (ARRAY(
+                SELECT a.ctid FROM keypal.audit_log a WHERE a.at < t0 - age ORDER BY a.at
+                 LIMIT budget FOR UPDATE SKIP LOCKED));
+        END IF;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        budget := budget - n;
+        IF budget <= 0 THEN
+            RETURN true;
+        END IF;
+    END LOOP;
+    RETURN false;
+END $$;
+
+CREATE FUNCTION keypal_maintenance_step(batch_size integer DEFAULT 1000)
+RETURNS boolean
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT keypal.maintenance_step(batch_size)
+$$;
+
+-- A procedure, to commit between batches: so it can have neither SET search_path nor
+-- SECURITY DEFINER. It runs only the schema-qualified step (which has both), and no
+-- operator a search_path could redirect.
+CREATE PROCEDURE keypal_run_maintenance(batch_size integer DEFAULT 1000)
+LANGUAGE plpgsql AS $$
+BEGIN
+    WHILE @extschema@.keypal_maintenance_step(batch_size) LOOP
+        COMMIT;
+    END LOOP;
+END $$;

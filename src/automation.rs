@@ -1,0 +1,213 @@
+//! The flush worker's second job: delivering webhooks and running maintenance.
+//!
+//! Webhooks: deliveries are queued with each event (`keypal.enqueue_deliveries`, same
+//! transaction). The worker claims the due ones (`keypal.claim_deliveries`: FOR UPDATE SKIP
+//! LOCKED, a lease, at most `webhook_concurrency` in flight per webhook, none behind a
+//! pending one of the same key), POSTs them on its delivery threads (src/delivery.rs), and
+//! records every attempt (`keypal.finish_deliveries`). A commit that queued deliveries sets
+//! the worker's latch; a claim also runs every flush interval, and when the next retry
+//! falls due. A worker gone mid-delivery leaves its leases: the next one releases them at
+//! its start, so a delivery may be made twice, never lost (at least once).
+//!
+//! Maintenance: `keypal.maintenance_step` every `keypal.maintenance_interval` (0: never),
+//! batch after batch in transactions of their own, a bounded number per turn of the loop.
+
+use crate::bgtx::{guarded, PIN_SEARCH_PATH};
+use crate::delivery::{Done, Job, Pool, MAX_IN_FLIGHT};
+use pgrx::bgworkers::BackgroundWorker;
+use pgrx::datum::TimestampWithTimeZone;
+use pgrx::prelude::*;
+use pgrx::IntoDatum;
+use std::time::Duration;
+
+/// While deliveries are in flight, how often the worker looks for their answers (µs).
+const POLL_US: i64 = 5_000;
+/// Maintenance batches per turn of the worker's loop (the flush must not wait long).
+const STEPS_PER_TURN: usize = 10;
+const STEP_ROWS: i32 = 1000;
+
+const CLAIM: &str = "SELECT c.webhook_id, c.event_id, c.attempt, c.url, c.secret, c.body,
+                            c.timeout_ms, c.allow_private, c.next_due
+                       FROM keypal.claim_deliveries($1, $2, $3) c";
+const FINISH: &str = "SELECT keypal.finish_deliveries($1, $2, $3, $4, $5)";
+const STEP: &str = "SELECT keypal.maintenance_step($1)";
+
+/// What the worker keeps between turns for webhooks and maintenance.
+#[derive(Default)]
+pub struct Automation {
+    pool: Option<Pool>,
+    /// When the earliest delivery not in flight falls due (µs), as of the last claim.
+    next_due: Option<i64>,
+    last_claim: i64,
+    /// Leases of an earlier worker released (done once, at the first turn).
+    started: bool,
+    /// When maintenance runs next (µs).
+    maintenance_at: i64,
+}
+
+fn now_us() -> i64 {
+    // SAFETY: reads the clock.
+    unsafe { pg_sys::GetCurrentTimestamp() }
+}
+
+fn maintenance_interval_us() -> i64 {
+    i64::from(crate::gucs::MAINTENANCE_INTERVAL_MS.get()) * 1000
+}
+
+impl Automation {
+    fn in_flight(&self) -> usize {
+        self.pool.as_ref().map_or(0, Pool::in_flight)
+    }
+
+    /// How long the worker may sleep before this has something to do (µs), if it has.
+    pub fn wait_us(&self, now: i64) -> Option<i64> {
+        let mut wait = self.next_due.map(|d| d - now);
+        if self.in_flight() > 0 {
+            wait = Some(wait.map_or(POLL_US, |w| w.min(POLL_US)));
+        }
+        if maintenance_interval_us() > 0 {
+            let m = self.maintenance_at - now;
+            wait = Some(wait.map_or(m, |w| w.min(m)));
+        }
+        wait.map(|w| w.max(0))
+    }
+
+    /// Whether the worker must stay: deliveries in flight or due, or maintenance to run.
+    pub fn busy(&self) -> bool {
+        self.in_flight() > 0 || self.next_due.is_some() || maintenance_interval_us() > 0
+    }
+
+    /// One turn: records what deliveries ended, claims and starts due ones, runs
+    /// maintenance when due. `woken`: the latch was set (a commit queued deliveries).
+    pub fn turn(&mut self, woken: bool, claim_every_us: i64) {
+        let pool = self.pool.get_or_insert_with(Pool::default);
+        let done = pool.finished();
+        let mut claim = woken || !done.is_empty();
+        if !done.is_empty() {
+            record(&done);
+        }
+        if !self.started {
+            self.started = true;
+            claim = true;
+            let _ = crate::bgtx::run(
+                "keypal worker: releasing leases",
+                "SELECT keypal.release_leases()",
+            );
+        }
+        let now = now_us();
+        if claim
+            || self.next_due.is_some_and(|d| d <= now)
+            || now - self.last_claim >= claim_every_us
+        {
+            self.claim(now);
+        }
+        if maintenance_interval_us() > 0 && now >= self.maintenance_at {
+            let more = maintain();
+            self.maintenance_at = if more {
+                now
+            } else {
+                now + maintenance_interval_us()
+            };
+        }
+    }
+
+    fn claim(&mut self, now: i64) {
+        self.last_claim = now;
+        let pool = self.pool.get_or_insert_with(Pool::default);
+        let room = MAX_IN_FLIGHT.saturating_sub(pool.in_flight()) as i32;
+        let (busy_ids, busy_n) = pool.busy();
+        let claimed = BackgroundWorker::transaction(|| {
+            guarded("keypal worker: claiming webhook deliveries", || {
+                Spi::run(PIN_SEARCH_PATH).ok()?;
+                let args: [pgrx::datum::DatumWithOid; 3] =
+                    [busy_ids.into(), busy_n.into(), room.into()];
+                let rows = Spi::connect(|c| {
+                    c.select(CLAIM, None, &args).map(|rows| {
+                        let mut jobs = Vec::new();
+                        let mut due = None;
+                        for r in rows {
+                            let id = r.get::<i64>(1).ok().flatten();
+                            let Some(webhook_id) = id else {
+                                due = r
+                                    .get::<TimestampWithTimeZone>(9)
+                                    .ok()
+                                    .flatten()
+                                    .and_then(ts_us);
+                                continue;
+                            };
+                            jobs.push(Job {
+                                webhook_id,
+                                event_id: r.get::<i64>(2).ok().flatten().unwrap_or_default(),
+                                attempt: r.get::<i32>(3).ok().flatten().unwrap_or(1),
+                                url: r.get::<String>(4).ok().flatten().unwrap_or_default(),
+                                secret: r.get::<String>(5).ok().flatten().unwrap_or_default(),
+                                body: r.get::<String>(6).ok().flatten().unwrap_or_default(),
+                                timeout: Duration::from_millis(
+                                    r.get::<i64>(7).ok().flatten().unwrap_or(5000).max(1) as u64,
+                                ),
+                                allow_private: r.get::<bool>(8).ok().flatten().unwrap_or(false),
+                            });
+                        }
+                        (jobs, due)
+                    })
+                });
+                rows.ok()
+            })
+            .flatten()
+        });
+        // Claimed only once that transaction committed: now they may go.
+        let Some((jobs, due)) = claimed else {
+            self.next_due = None;
+            return;
+        };
+        self.next_due = due;
+        for job in jobs {
+            pool.submit(job);
+        }
+    }
+}
+
+fn ts_us(t: TimestampWithTimeZone) -> Option<i64> {
+    t.into_datum().map(|d| d.value() as i64)
+}
+
+/// Records finished attempts. If that fails, their leases run out and they are tried again.
+fn record(done: &[Done]) {
+    let hooks: Vec<i64> = done.iter().map(|d| d.webhook_id).collect();
+    let events: Vec<i64> = done.iter().map(|d| d.event_id).collect();
+    let attempts: Vec<i32> = done.iter().map(|d| d.attempt).collect();
+    let codes: Vec<Option<i32>> = done.iter().map(|d| d.status).collect();
+    let errors: Vec<Option<String>> = done.iter().map(|d| d.error.clone()).collect();
+    BackgroundWorker::transaction(|| {
+        guarded("keypal worker: recording webhook deliveries", || {
+            Spi::run(PIN_SEARCH_PATH).ok()?;
+            let args: [pgrx::datum::DatumWithOid; 5] = [
+                hooks.into(),
+                events.into(),
+                attempts.into(),
+                codes.into(),
+                errors.into(),
+            ];
+            Spi::connect_mut(|c| c.update(FINISH, None, &args).map(|_| ())).ok()
+        })
+    });
+}
+
+/// Up to STEPS_PER_TURN maintenance batches, each its own transaction; whether more is left.
+fn maintain() -> bool {
+    for _ in 0..STEPS_PER_TURN {
+        let more = BackgroundWorker::transaction(|| {
+            guarded("keypal worker: maintenance", || {
+                Spi::run(PIN_SEARCH_PATH).ok()?;
+                Spi::get_one_with_args::<bool>(STEP, &[STEP_ROWS.into()])
+                    .ok()
+                    .flatten()
+            })
+            .flatten()
+        });
+        if more != Some(true) {
+            return false;
+        }
+    }
+    true
+}

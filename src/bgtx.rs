@@ -1,0 +1,63 @@
+//! Transactions of keypal's background worker: what each begins with, and a guard that
+//! turns an error inside into None (the worker must not die of one failed statement).
+
+use pgrx::prelude::*;
+use pgrx::{pg_sys, Spi};
+
+/// First statement of every worker transaction: nothing it runs may resolve through a
+/// search_path the database's owner chose, or wait long for a lock. Itself fully qualified.
+pub const PIN_SEARCH_PATH: &str =
+    "SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true),
+            pg_catalog.set_config('lock_timeout', '1s', true)";
+
+/// Runs `f` in an internal subtransaction of the current transaction: an error inside (a
+/// lock not granted within lock_timeout, a table dropped meanwhile, a failed statement) is
+/// reported as a warning prefixed by `what`, rolled back, and gives None; the transaction
+/// stays usable.
+pub fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> Option<T> {
+    // SAFETY: the internal-subtransaction pattern PL/pgSQL's exception blocks use: memory
+    // context and resource owner are restored whatever happens inside.
+    unsafe {
+        let context = pg_sys::CurrentMemoryContext;
+        let owner = pg_sys::CurrentResourceOwner;
+        pg_sys::BeginInternalSubTransaction(std::ptr::null());
+        let f = std::panic::AssertUnwindSafe(f);
+        let done = PgTryBuilder::new(move || {
+            let f = f;
+            Some((f.0)())
+        })
+        .catch_others(|e| {
+            if !what.is_empty() {
+                let message = match &e {
+                    pg_sys::panic::CaughtError::PostgresError(r)
+                    | pg_sys::panic::CaughtError::ErrorReport(r) => r.message().to_string(),
+                    pg_sys::panic::CaughtError::RustPanic { ereport, .. } => {
+                        ereport.message().to_string()
+                    }
+                };
+                pgrx::warning!("{what}: {message}");
+            }
+            None
+        })
+        .execute();
+        if done.is_some() {
+            pg_sys::ReleaseCurrentSubTransaction();
+        } else {
+            pg_sys::RollbackAndReleaseCurrentSubTransaction();
+        }
+        pg_sys::MemoryContextSwitchTo(context);
+        pg_sys::CurrentResourceOwner = owner;
+        done
+    }
+}
+
+/// One statement in its own guarded worker transaction (search_path pinned first).
+pub fn run(what: &str, sql: &str) -> Option<()> {
+    pgrx::bgworkers::BackgroundWorker::transaction(|| {
+        guarded(what, || {
+            Spi::run(PIN_SEARCH_PATH)?;
+            Spi::run(sql)
+        })
+        .and_then(|r: Result<(), pgrx::spi::SpiError>| r.ok())
+    })
+}
