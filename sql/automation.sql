@@ -478,6 +478,11 @@ BEGIN
         RAISE EXCEPTION 'invalid batch_size: between 1 and 100000, got %', coalesce(batch_size::text, 'NULL')
             USING ERRCODE = '22023';
     END IF;
+    -- A worker must run while deliveries wait (after a restart, nothing else may start
+    -- one): maintenance run by pg_cron makes sure of it.
+    IF keypal.deliveries_pending() THEN
+        PERFORM keypal.wake_worker();
+    END IF;
     IF keypal.in_transaction_block() THEN
         WHILE keypal.maintenance_batch(batch_size, clock_timestamp(), cfg) LOOP
         END LOOP;

@@ -9,6 +9,7 @@ The path chooses the answer:
   /fail/N        500 to the first N requests of each event, then 200
   /hang          no answer for 60 s (the sender's timeout ends it)
   /slow/MS       200, after MS milliseconds
+  /slowfirst/MS  200, after MS milliseconds the first time for each event, at once after
   /status/CODE   CODE
 """
 import hashlib
@@ -54,7 +55,7 @@ class Handler(BaseHTTPRequestHandler):
             status = 500
         elif parts[0] == "hang":
             time.sleep(60)
-        elif parts[0] == "slow":
+        elif parts[0] == "slow" or (parts[0] == "slowfirst" and n == 0):
             time.sleep(int(parts[1]) / 1000)
         elif parts[0] == "status":
             status = int(parts[1])
@@ -71,10 +72,13 @@ class Handler(BaseHTTPRequestHandler):
         }
         with lock, open(LOG, "a") as f:
             f.write(json.dumps(entry) + "\n")
-        self.send_response(status)
-        self.send_header("Content-Length", "2")
-        self.end_headers()
-        self.wfile.write(b"ok")
+        try:
+            self.send_response(status)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+        except OSError:
+            pass  # the sender gave up (its timeout): what it did not read is lost
 
 
 ThreadingHTTPServer.daemon_threads = True
