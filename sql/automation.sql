@@ -368,6 +368,7 @@ DECLARE
     ins boolean := TG_OP = 'INSERT';
     which text;
     due timestamptz;
+    armed boolean := false;
 BEGIN
     -- Restoring a dump: the timers are restored alongside, as they were.
     IF ins AND coalesce(current_setting('keypal._actor', true), '') = '' AND keypal.copying_into(TG_RELID) THEN
@@ -389,8 +390,13 @@ BEGIN
         ELSE
             INSERT INTO keypal.key_timers AS t (key_id, kind, due_at) VALUES (NEW.id, which, due)
                 ON CONFLICT (key_id, kind) DO UPDATE SET due_at = EXCLUDED.due_at;
+            armed := true;
         END IF;
     END LOOP;
+    -- The worker applies timers (when it runs maintenance): make sure one runs.
+    IF armed AND current_setting('keypal.maintenance_interval', true) IS DISTINCT FROM '0' THEN
+        PERFORM keypal.wake_worker();
+    END IF;
     RETURN NULL;
 END $$;
 
