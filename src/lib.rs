@@ -19,6 +19,7 @@ pub mod gucs;
 pub mod identity;
 pub mod insight;
 pub mod keys;
+pub mod launcher;
 pub mod limits;
 pub mod net;
 pub mod options;
@@ -39,6 +40,7 @@ pub extern "C-unwind" fn _PG_init() {
     identity::init();
     catalog::init();
     limits::shmem::init();
+    launcher::init();
     limits::shmem::init_backend();
 }
 

@@ -95,7 +95,7 @@ fn wake() {
 }
 
 /// Asks the postmaster to start `db`'s worker; Err says why it could not.
-fn start(db: u32) -> Result<(), String> {
+pub fn start(db: u32) -> Result<(), String> {
     BackgroundWorkerBuilder::new(&format!("keypal flush worker {db}"))
         .set_type("keypal flush worker")
         .set_library("keypal")

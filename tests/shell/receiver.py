@@ -74,9 +74,12 @@ class Handler(BaseHTTPRequestHandler):
             f.write(json.dumps(entry) + "\n")
         try:
             self.send_response(status)
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"ok")
+            if status in (204, 304):
+                self.end_headers()
+            else:
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
         except OSError:
             pass  # the sender gave up (its timeout): what it did not read is lost
 

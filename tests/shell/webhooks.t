@@ -123,6 +123,18 @@ is "$(wait_for "SELECT count(*) FROM keypal.webhook_deliveries WHERE webhook_id 
    "after the restart, all five are delivered"
 is "$(received "sorted(r['event_id'] for r in rows if r['status'] == 200) == sorted(set(r['event_id'] for r in rows))")" True \
    "every event the receiver saw ended delivered"
+# With keypal preloaded, its launcher starts the worker of every database at start: the
+# deliveries resume with no session touching keypal.
+q -d postgres -c "ALTER SYSTEM SET shared_preload_libraries = 'keypal'" >/dev/null
+ids=$(q -c "SELECT string_agg(id::text, ' ') FROM generate_series(1, 5) g, LATERAL keypal_create(owner_id => 'preload' || g)")
+for i in $ids; do q -c "SELECT keypal_revoke('$i')" >/dev/null; done
+is "$(wait_for "SELECT count(*) FROM keypal.webhook_deliveries WHERE webhook_id = $hook_restart AND status_code = 500" 10)" 10 \
+   "five more first attempts failed"
+restart fast
+is "$(wait_for "SELECT count(*) FROM keypal.webhook_deliveries WHERE webhook_id = $hook_restart AND status_code = 200" 10)" 10 \
+   "preloaded: after the restart, the launcher's worker delivers them, untouched"
+q -d postgres -c "ALTER SYSTEM RESET shared_preload_libraries" >/dev/null
+restart fast
 q -c "SELECT keypal_remove_webhook($hook_restart)" -c "SELECT keypal_configure(webhook_backoff => '300ms')" >/dev/null
 
 # 7. At least once: a receiver that handled a delivery but answered after the timeout gets

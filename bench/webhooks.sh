@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Webhook delivery bench: keypal (release) in a private cluster at PostgreSQL's default
+# durability (fsync and synchronous_commit on), one receiver on 127.0.0.1
+# (tests/shell/receiver.py: it checks every signature and logs every request), on the same
+# machine as the server.
+#   throughput  HOOK_EVENTS (default 20000) key.revoked events made by one keypal_revoke_all:
+#               events/s from its commit to the last POST received, at webhook_concurrency
+#               4 (the default) and 16
+#   delay       HOOK_DELAYS (default 200) revokes, one per transaction, 50 ms apart: from each
+#               commit (when psql returned) to its POST's arrival at the receiver: median,
+#               95th percentile and max
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+N=${HOOK_EVENTS:-20000}
+DELAYS=${HOOK_DELAYS:-200}
+DIR=/tmp/keypal-bench-hooks
+PORT=${BENCH_PORT:-55443}
+work=$(mktemp -d)
+
+bash scripts/setup.sh
+cargo pgrx install --release --pg-config /usr/lib/postgresql/15/bin/pg_config >/dev/null
+export PGHOST=$DIR PGPORT=$PORT PGUSER=postgres PGDATABASE=keypal_hooks_bench
+bash scripts/cluster.sh stop "$DIR" 2>/dev/null || true
+rm -rf "$DIR"
+bash scripts/cluster.sh start "$DIR" "$PORT" "fsync = on" "synchronous_commit = on"
+rport=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+python3 tests/shell/receiver.py "$rport" whsec_bench "$work/log" &
+receiver=$!
+trap 'kill $receiver 2>/dev/null; bash scripts/cluster.sh stop "$DIR"; rm -rf "$work"' EXIT
+q() { psql -X -q -At -v ON_ERROR_STOP=1 "$@"; }
+q -d postgres -c "CREATE DATABASE keypal_hooks_bench"
+q -c "CREATE EXTENSION keypal" -c "SELECT keypal_configure(webhook_allow_private => true)" >/dev/null
+q -c "SELECT keypal_add_webhook('http://127.0.0.1:$rport/ok', 'whsec_bench', '{key.revoked}')" >/dev/null
+sleep 0.5
+
+lines() { [ -f "$work/log" ] && wc -l < "$work/log" || echo 0; }
+wait_lines() {  # wait_lines N: until the receiver logged N requests (at most 10 minutes)
+    for _ in $(seq 6000); do [ "$(lines)" -ge "$1" ] && return 0; sleep 0.1; done
+    echo "timed out waiting for $1 deliveries (got $(lines))" >&2; return 1
+}
+
+throughput() {  # throughput CONCURRENCY
+    q -c "SELECT keypal_configure(webhook_concurrency => $1)" >/dev/null
+    q -c "SELECT count(*) FROM generate_series(1, $N) g, LATERAL keypal_create(owner_id => 'tp$1')" >/dev/null
+    : > "$work/log"
+    q -c "SELECT keypal_revoke_all('tp$1')" >/dev/null
+    local committed
+    committed=$(date +%s.%N)
+    wait_lines "$N"
+    python3 - "$work/log" "$committed" "$N" "$1" <<'EOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+last = max(r["at"] for r in rows)
+bad = sum(not r["sig_ok"] for r in rows)
+span = last - float(sys.argv[2])
+print(f"throughput (webhook_concurrency {sys.argv[4]}): {int(sys.argv[3])} events in {span:.2f} s = "
+      f"{int(sys.argv[3]) / span:.0f} events/s ({bad} bad signatures)")
+EOF
+}
+
+echo "== webhook delivery to a local receiver (checks signatures, logs each request)"
+throughput 4
+throughput 16
+
+q -c "SELECT keypal_configure(webhook_concurrency => 4)" >/dev/null
+ids=$(q -c "SELECT string_agg(id::text, ' ') FROM generate_series(1, $DELAYS) g, LATERAL keypal_create(owner_id => 'delay')")
+: > "$work/log"
+: > "$work/commits"
+for id in $ids; do
+    q -c "SELECT keypal_revoke('$id')" >/dev/null
+    echo "$id $(date +%s.%N)" >> "$work/commits"
+    sleep 0.05
+done
+wait_lines "$DELAYS"
+python3 - "$work/log" "$work/commits" <<'EOF'
+import json, sys
+arrived = {json.loads(l)["body"]["data"]["keyId"]: json.loads(l)["at"] for l in open(sys.argv[1])}
+delays = sorted((arrived[k] - float(t)) * 1000 for k, t in (l.split() for l in open(sys.argv[2])))
+n = len(delays)
+print(f"delay from a revoke's commit to its POST ({n} events, one per transaction): "
+      f"median {delays[n // 2]:.1f} ms, p95 {delays[int(n * 0.95)]:.1f} ms, max {delays[-1]:.1f} ms")
+EOF
