@@ -42,7 +42,7 @@ wait_lines() {  # wait_lines N: until the receiver logged N requests (at most 10
 
 throughput() {  # throughput CONCURRENCY
     q -c "SELECT keypal_configure(webhook_concurrency => $1)" >/dev/null
-    q -c "SELECT count(*) FROM generate_series(1, $N) g, LATERAL keypal_create(owner_id => 'tp$1')" >/dev/null
+    q -c "SELECT count(*) FROM generate_series(1, $N) g, LATERAL keypal_create(owner_id => 'tp$1', name => 'k' || g)" >/dev/null
     : > "$work/log"
     q -c "SELECT keypal_revoke_all('tp$1')" >/dev/null
     local committed
@@ -64,7 +64,7 @@ throughput 4
 throughput 16
 
 q -c "SELECT keypal_configure(webhook_concurrency => 4)" >/dev/null
-ids=$(q -c "SELECT string_agg(id::text, ' ') FROM generate_series(1, $DELAYS) g, LATERAL keypal_create(owner_id => 'delay')")
+ids=$(q -c "SELECT string_agg(id::text, ' ') FROM generate_series(1, $DELAYS) g, LATERAL keypal_create(owner_id => 'delay', name => 'd' || g)")
 : > "$work/log"
 : > "$work/commits"
 for id in $ids; do

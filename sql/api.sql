@@ -1369,9 +1369,12 @@ END $$;
 CREATE FUNCTION keypal.cascade_revocation()
 RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+    -- A child already revoked (not merely scheduled to be, as in a rotation's grace) is
+    -- left as it is: it was revoked once, and is not again.
     UPDATE keypal.keys c
        SET revoked_at = NEW.revoked_at, revoke_reason = 'parent revoked', revoked_by = NEW.revoked_by
-     WHERE c.parent_id = NEW.id AND (c.revoked_at IS NULL OR c.revoked_at > NEW.revoked_at);
+     WHERE c.parent_id = NEW.id
+       AND (c.revoked_at IS NULL OR (c.revoked_at > NEW.revoked_at AND c.revoked_at > clock_timestamp()));
     RETURN NULL;
 END $$;
 

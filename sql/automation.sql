@@ -125,7 +125,8 @@ RETURNS boolean LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp 
 DECLARE
     was boolean;
 BEGIN
-    SELECT w.enabled INTO was FROM keypal.webhooks w WHERE w.id = hook FOR UPDATE;
+    -- NO KEY UPDATE: queueing an event for it (a foreign-key KEY SHARE lock) must not wait.
+    SELECT w.enabled INTO was FROM keypal.webhooks w WHERE w.id = hook FOR NO KEY UPDATE;
     IF NOT FOUND THEN
         PERFORM keypal.webhook_not_found(hook);
     END IF;
@@ -245,9 +246,11 @@ BEGIN
                                                     WHERE b.id = w.id), 0)::integer AS slots
           FROM keypal.webhooks w WHERE w.enabled
     ), picked AS (
-        SELECT r.id AS hook, c.event_id AS ev
+        -- Round robin: each webhook's first due delivery, then each one's second, … so
+        -- that room left is shared, not taken by the first webhooks met.
+        SELECT r.id AS hook, c.event_id AS ev, row_number() OVER (PARTITION BY r.id ORDER BY c.next_at, c.event_id) AS turn
           FROM room_of r CROSS JOIN LATERAL (
-              SELECT q.event_id FROM keypal.webhook_queue q
+              SELECT q.event_id, q.next_at FROM keypal.webhook_queue q
                WHERE q.webhook_id = r.id AND q.dead_at IS NULL AND q.next_at <= t0
                  AND (q.key_id IS NULL OR NOT EXISTS (
                         SELECT 1 FROM keypal.webhook_queue p
@@ -257,13 +260,24 @@ BEGIN
                LIMIT greatest(r.slots, 0)
                FOR UPDATE OF q SKIP LOCKED) c
          WHERE r.slots > 0
-         LIMIT greatest(room, 0)
+    ), first_turns AS (
+        SELECT p.hook, p.ev FROM picked p ORDER BY p.turn, p.ev LIMIT greatest(room, 0)
     ), leased AS (
         UPDATE keypal.webhook_queue q SET next_at = lease_end, leased_until = lease_end
-          FROM picked p WHERE q.webhook_id = p.hook AND q.event_id = p.ev
+          FROM first_turns p WHERE q.webhook_id = p.hook AND q.event_id = p.ev
         RETURNING q.webhook_id, q.event_id
     )
     SELECT array_agg(l.webhook_id), array_agg(l.event_id) INTO c_hooks, c_events FROM leased l;
+    -- Later deliveries of a claimed one's key wait behind it (until it ends: then
+    -- finish_deliveries lets them go), so that they are not due meanwhile.
+    -- (Every condition on next_at below is written so that no index can take it: the
+    -- planner, with statistics of a queue that just grew, must probe by key, never scan
+    -- the due order.)
+    UPDATE keypal.webhook_queue q SET next_at = lease_end
+      FROM unnest(c_hooks, c_events) AS c(hook, ev)
+      JOIN keypal.webhook_queue h ON h.webhook_id = c.hook AND h.event_id = c.ev
+     WHERE q.webhook_id = c.hook AND q.key_id = h.key_id AND q.event_id > c.ev
+       AND q.dead_at IS NULL AND q.leased_until IS NULL AND (q.next_at < lease_end) IS TRUE;
 
     RETURN QUERY
     SELECT q.webhook_id, q.event_id, q.attempts + 1, w.url, w.secret, e.payload::text,
@@ -303,33 +317,44 @@ DECLARE
 BEGIN
     FOR d IN SELECT * FROM unnest(hook_ids, event_ids, attempt_nos, codes, errors)
                         AS x(hook, ev, att, code, err) LOOP
-        -- The delivery may be gone meanwhile (its webhook removed, its event pruned).
-        SELECT q.key_id INTO k FROM keypal.webhook_queue q
-         WHERE q.webhook_id = d.hook AND q.event_id = d.ev FOR UPDATE;
-        CONTINUE WHEN NOT FOUND;
-        INSERT INTO keypal.webhook_deliveries (event_id, webhook_id, attempt, status_code, error, at)
-        VALUES (d.ev, d.hook, d.att, d.code, left(d.err, 500), t0);
-        IF d.code BETWEEN 200 AND 299 OR d.att >= cfg.webhook_max_attempts THEN
-            IF d.code BETWEEN 200 AND 299 THEN
-                DELETE FROM keypal.webhook_queue q WHERE q.webhook_id = d.hook AND q.event_id = d.ev;
+        -- Each on its own: one that cannot be recorded now (its row held by a redelivery,
+        -- a removal, a prune) is left to its lease, and made again.
+        BEGIN
+            -- The delivery may be gone meanwhile (its webhook removed, its event pruned).
+            SELECT q.key_id INTO k FROM keypal.webhook_queue q
+             WHERE q.webhook_id = d.hook AND q.event_id = d.ev FOR UPDATE SKIP LOCKED;
+            CONTINUE WHEN NOT FOUND;
+            INSERT INTO keypal.webhook_deliveries (event_id, webhook_id, attempt, status_code, error, at)
+            VALUES (d.ev, d.hook, d.att, d.code, left(d.err, 500), t0);
+            IF d.code BETWEEN 200 AND 299 OR d.att >= cfg.webhook_max_attempts THEN
+                IF d.code BETWEEN 200 AND 299 THEN
+                    DELETE FROM keypal.webhook_queue q WHERE q.webhook_id = d.hook AND q.event_id = d.ev;
+                ELSE
+                    UPDATE keypal.webhook_queue q
+                       SET attempts = d.att, dead_at = t0, next_at = t0, leased_until = NULL
+                     WHERE q.webhook_id = d.hook AND q.event_id = d.ev;
+                END IF;
+                -- Its key's later deliveries, held back behind it, may go now.
+                UPDATE keypal.webhook_queue q SET next_at = t0
+                 WHERE q.webhook_id = d.hook AND q.key_id = k AND q.event_id > d.ev
+                   AND q.dead_at IS NULL AND q.leased_until IS NULL AND q.attempts = 0
+                   AND (q.next_at > t0) IS TRUE;
             ELSE
+                -- webhook_backoff * 2^(attempt-1), at most 6 hours, times 0.5 to 1.5.
+                retry_at := t0 + make_interval(secs => least(extract(epoch FROM cfg.webhook_backoff)
+                                                             * power(2, least(d.att - 1, 30)), 21600)
+                                                       * (0.5 + random()));
                 UPDATE keypal.webhook_queue q
-                   SET attempts = d.att, dead_at = t0, next_at = t0, leased_until = NULL
+                   SET attempts = d.att, next_at = retry_at, leased_until = NULL
                  WHERE q.webhook_id = d.hook AND q.event_id = d.ev;
+                UPDATE keypal.webhook_queue q SET next_at = retry_at
+                 WHERE q.webhook_id = d.hook AND q.key_id = k AND q.event_id > d.ev
+                   AND q.dead_at IS NULL AND q.leased_until IS NULL AND (q.next_at < retry_at) IS TRUE;
             END IF;
-            UPDATE keypal.webhook_queue q SET next_at = t0
-             WHERE q.webhook_id = d.hook AND q.key_id = k AND q.event_id > d.ev
-               AND q.dead_at IS NULL AND q.leased_until IS NULL AND q.attempts = 0 AND q.next_at > t0;
-        ELSE
-            retry_at := t0 + least(cfg.webhook_backoff * power(2, least(d.att - 1, 30)), interval '6 hours')
-                             * (0.5 + random());
-            UPDATE keypal.webhook_queue q
-               SET attempts = d.att, next_at = retry_at, leased_until = NULL
-             WHERE q.webhook_id = d.hook AND q.event_id = d.ev;
-            UPDATE keypal.webhook_queue q SET next_at = retry_at
-             WHERE q.webhook_id = d.hook AND q.key_id = k AND q.event_id > d.ev
-               AND q.dead_at IS NULL AND q.leased_until IS NULL AND q.next_at < retry_at;
-        END IF;
+        EXCEPTION WHEN OTHERS THEN
+            RAISE WARNING 'keypal worker: delivery % of event % not recorded (%); it will be made again',
+                d.hook, d.ev, SQLERRM;
+        END;
     END LOOP;
 END $$;
 
@@ -395,7 +420,7 @@ BEGIN
     END LOOP;
     -- The worker applies timers (when it runs maintenance): make sure one runs.
     IF armed AND current_setting('keypal.maintenance_interval', true) IS DISTINCT FROM '0' THEN
-        PERFORM keypal.wake_worker();
+        PERFORM keypal.ensure_worker();
     END IF;
     RETURN NULL;
 END $$;
@@ -430,21 +455,19 @@ CREATE TRIGGER quota_usage_resets_update BEFORE UPDATE OF period_start ON keypal
 -- Maintenance
 --------------------------------------------------------------------------------
 
--- A fired timer, on its key (locked): what is due now is done; a timer whose key changed
--- meanwhile is armed again for its new time.
+-- A due timer, on its key (locked): what is due now is done. Returns NULL when the timer
+-- is spent, or when it is due now, its key having changed meanwhile.
 CREATE FUNCTION keypal.fire_timer(k keypal.keys, which text, t0 timestamptz)
-RETURNS void LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+RETURNS timestamptz LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     due timestamptz := keypal.timer_due(k, which);
     data jsonb;
 BEGIN
     IF due IS NULL OR k.revoked_at <= t0 THEN
-        RETURN;
+        RETURN NULL;
     END IF;
     IF due > t0 THEN
-        INSERT INTO keypal.key_timers (key_id, kind, due_at) VALUES (k.id, which, due)
-            ON CONFLICT (key_id, kind) DO NOTHING;
-        RETURN;
+        RETURN due;
     END IF;
     data := jsonb_strip_nulls(jsonb_build_object('keyId', k.id, 'ownerId', k.owner_id, 'orgId', k.org_id,
                                                  'env', k.env, 'name', k.name, 'expiresAt', k.expires_at));
@@ -468,6 +491,7 @@ BEGIN
                 jsonb_build_object('expires_at', k.expires_at));
         PERFORM keypal.emit_event('key.expired', k.id, data);
     END IF;
+    RETURN NULL;
 END $$;
 
 -- One batch of maintenance, at most batch_size rows of work, in the caller's transaction:
@@ -476,13 +500,21 @@ END $$;
 -- skipped (SKIP LOCKED), so two runs at once share the work and never do a row twice.
 -- Inside a transaction block (no commit possible between batches) it does everything.
 CREATE FUNCTION keypal.maintenance_step(batch_size integer)
-RETURNS boolean LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+RETURNS boolean LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+-- A key or row held by another transaction costs at most a second (that timer is tried
+-- again later), never a wait as long as that transaction.
+SET search_path = pg_catalog, pg_temp SET lock_timeout = '1s' AS $$
 DECLARE
     cfg keypal.settings := keypal.config();
 BEGIN
     IF batch_size IS NULL OR batch_size NOT BETWEEN 1 AND 100000 THEN
         RAISE EXCEPTION 'invalid batch_size: between 1 and 100000, got %', coalesce(batch_size::text, 'NULL')
             USING ERRCODE = '22023';
+    END IF;
+    -- SKIP LOCKED sharing of the work needs each statement to see what others committed.
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'keypal maintenance runs at READ COMMITTED, not %', current_setting('transaction_isolation')
+            USING ERRCODE = '25001', HINT = 'SET default_transaction_isolation = ''read committed'' for its session.';
     END IF;
     -- A worker must run while deliveries wait (after a restart, nothing else may start
     -- one): maintenance run by pg_cron makes sure of it.
@@ -502,29 +534,36 @@ RETURNS boolean LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp 
 DECLARE
     budget integer := batch_size;
     t record;
-    k keypal.keys;
+    again timestamptz;
     n integer;
     age interval;
     tbl text;
 BEGIN
-    -- 1. Due timers, earliest first.
-    FOR t IN DELETE FROM keypal.key_timers x
-              WHERE (x.key_id, x.kind) IN (SELECT y.key_id, y.kind FROM keypal.key_timers y
-                                            WHERE y.due_at <= t0 ORDER BY y.due_at
-                                            LIMIT budget FOR UPDATE SKIP LOCKED)
-              RETURNING x.* LOOP
+    -- 1. Due timers, earliest first, each with its key locked; a timer whose key another
+    -- transaction holds is skipped (SKIP LOCKED on both), and comes first in a later run.
+    FOR t IN SELECT x.key_id, x.kind, kk AS k
+               FROM keypal.key_timers x JOIN keypal.keys kk ON kk.id = x.key_id
+              WHERE x.due_at <= t0
+              ORDER BY x.due_at
+              LIMIT budget
+                FOR UPDATE OF x SKIP LOCKED
+                FOR NO KEY UPDATE OF kk SKIP LOCKED LOOP
         budget := budget - 1;
-        SELECT * INTO k FROM keypal.keys WHERE id = t.key_id FOR NO KEY UPDATE SKIP LOCKED;
-        IF NOT FOUND THEN
-            -- Its key is held by another transaction: in a moment (a deleted key took its
-            -- timers along).
-            INSERT INTO keypal.key_timers (key_id, kind, due_at)
-            SELECT t.key_id, t.kind, t0 + interval '5 seconds'
-             WHERE EXISTS (SELECT 1 FROM keypal.keys WHERE id = t.key_id)
-            ON CONFLICT (key_id, kind) DO NOTHING;
-            CONTINUE;
-        END IF;
-        PERFORM keypal.fire_timer(k, t.kind, t0);
+        -- Each timer on its own: one that fails (a child key held by another transaction
+        -- past lock_timeout, a deadlock with another run) is tried again in a minute, and
+        -- holds up no other.
+        BEGIN
+            again := keypal.fire_timer(t.k, t.kind, t0);
+            IF again IS NULL THEN
+                DELETE FROM keypal.key_timers x WHERE x.key_id = t.key_id AND x.kind = t.kind;
+            ELSE
+                UPDATE keypal.key_timers x SET due_at = again WHERE x.key_id = t.key_id AND x.kind = t.kind;
+            END IF;
+        EXCEPTION WHEN OTHERS THEN
+            RAISE WARNING 'keypal maintenance: % of key % failed (%); tried again in a minute', t.kind, t.key_id, SQLERRM;
+            UPDATE keypal.key_timers x SET due_at = t0 + interval '1 minute'
+             WHERE x.key_id = t.key_id AND x.kind = t.kind;
+        END;
     END LOOP;
     IF budget <= 0 THEN
         RETURN true;
@@ -558,8 +597,11 @@ BEGIN
         CONTINUE WHEN age IS NULL;
         IF tbl = 'events' THEN
             DELETE FROM keypal.events WHERE ctid = ANY (ARRAY(
-                SELECT e.ctid FROM keypal.events e WHERE e.at < t0 - age ORDER BY e.at
-                 LIMIT budget FOR UPDATE SKIP LOCKED));
+                SELECT e.ctid FROM keypal.events e WHERE e.at < t0 - age
+                   -- an event a webhook has yet to get (disabled for long, say) stays
+                   AND NOT EXISTS (SELECT 1 FROM keypal.webhook_queue q
+                                    WHERE q.event_id = e.id AND q.dead_at IS NULL)
+                 ORDER BY e.at LIMIT budget FOR UPDATE SKIP LOCKED));
         ELSIF tbl = 'webhook_deliveries' THEN
             DELETE FROM keypal.webhook_deliveries WHERE ctid = ANY (ARRAY(
                 SELECT d.ctid FROM keypal.webhook_deliveries d WHERE d.at < t0 - age ORDER BY d.at

@@ -229,7 +229,7 @@ CREATE TABLE keypal.webhook_queue (
     dead_at      timestamptz,
     PRIMARY KEY (webhook_id, event_id)
 );
-CREATE INDEX webhook_queue_due_idx ON keypal.webhook_queue (webhook_id, next_at) WHERE dead_at IS NULL;
+CREATE INDEX webhook_queue_due_idx ON keypal.webhook_queue (webhook_id, next_at, event_id) WHERE dead_at IS NULL;
 CREATE INDEX webhook_queue_key_idx ON keypal.webhook_queue (webhook_id, key_id, event_id) WHERE dead_at IS NULL;
 CREATE INDEX webhook_queue_event_idx ON keypal.webhook_queue (event_id);
 COMMENT ON TABLE keypal.webhook_queue IS 'Webhook deliveries pending (or dead: dead_at set), one per webhook and event.';

@@ -512,6 +512,13 @@ mod keypal {
         crate::worker::wake_at_commit();
     }
 
+    /// Makes sure, before the current transaction commits, that this database has a
+    /// worker: it armed a key's schedule, which the worker's maintenance applies.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn ensure_worker() {
+        crate::worker::ensure_at_commit();
+    }
+
     /// Whether the caller runs inside a transaction block (BEGIN … COMMIT): then
     /// maintenance cannot commit between its batches.
     #[pg_extern(volatile, parallel_safe)]

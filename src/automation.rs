@@ -20,8 +20,23 @@ use pgrx::prelude::*;
 use pgrx::IntoDatum;
 use std::time::Duration;
 
-/// While deliveries are in flight, how often the worker looks for their answers (µs).
-const POLL_US: i64 = 5_000;
+/// While deliveries are in flight, how often the worker looks for their answers at the
+/// latest (µs): each answer sets its latch (delivery.rs), this is only a safety net.
+const POLL_US: i64 = 50_000;
+/// The claim and the record of attempts do not wait for their commit's WAL flush: a crash
+/// that loses one only makes a delivery again (a lease lost, or an answer not recorded),
+/// which at-least-once allows; nothing is lost that is not made again.
+const NO_FLUSH_WAIT: &str = "SELECT pg_catalog.set_config('synchronous_commit', 'off', true),
+                                    pg_catalog.set_config('statement_timeout', '60s', true)";
+/// Before a worker transaction commits: a commit that waits for a lock (NOTIFY's, when
+/// maintenance made events) must not fail on the worker's lock_timeout — outside the
+/// guard, that error would end the worker.
+const BEFORE_COMMIT: &str = "SELECT pg_catalog.set_config('lock_timeout', '0', true)";
+/// How long one turn's maintenance may run before the worker flushes again (µs).
+const MAINTENANCE_TURN_US: i64 = 500_000;
+/// After a claim that found nothing to hand out although something was due, how long
+/// before the next (µs).
+const NOTHING_DUE_US: i64 = 100_000;
 /// Maintenance batches per turn of the worker's loop (the flush must not wait long).
 const STEPS_PER_TURN: usize = 10;
 const STEP_ROWS: i32 = 1000;
@@ -43,6 +58,8 @@ pub struct Automation {
     started: bool,
     /// When maintenance runs next (µs).
     maintenance_at: i64,
+    /// Answers not recorded yet (the recording transaction failed): tried again.
+    unrecorded: Vec<Done>,
 }
 
 fn now_us() -> i64 {
@@ -61,7 +78,9 @@ impl Automation {
 
     /// How long the worker may sleep before this has something to do (µs), if it has.
     pub fn wait_us(&self, now: i64) -> Option<i64> {
-        let mut wait = self.next_due.map(|d| d - now);
+        // With every thread busy, only an answer makes room: the next due one waits for it.
+        let full = self.in_flight() >= MAX_IN_FLIGHT;
+        let mut wait = self.next_due.filter(|_| !full).map(|d| d - now);
         if self.in_flight() > 0 {
             wait = Some(wait.map_or(POLL_US, |w| w.min(POLL_US)));
         }
@@ -81,10 +100,11 @@ impl Automation {
     /// maintenance when due. `woken`: the latch was set (a commit queued deliveries).
     pub fn turn(&mut self, woken: bool, claim_every_us: i64) {
         let pool = self.pool.get_or_insert_with(Pool::default);
-        let done = pool.finished();
-        let mut claim = woken || !done.is_empty();
-        if !done.is_empty() {
-            record(&done);
+        let answered = pool.finished();
+        let mut claim = woken || !answered.is_empty();
+        self.unrecorded.extend(answered);
+        if !self.unrecorded.is_empty() && record(&self.unrecorded) {
+            self.unrecorded.clear();
         }
         if !self.started {
             self.started = true;
@@ -95,9 +115,11 @@ impl Automation {
             );
         }
         let now = now_us();
-        if claim
-            || self.next_due.is_some_and(|d| d <= now)
-            || now - self.last_claim >= claim_every_us
+        let room = self.in_flight() < MAX_IN_FLIGHT;
+        if room
+            && (claim
+                || self.next_due.is_some_and(|d| d <= now)
+                || now - self.last_claim >= claim_every_us)
         {
             self.claim(now);
         }
@@ -119,6 +141,7 @@ impl Automation {
         let claimed = BackgroundWorker::transaction(|| {
             guarded("keypal worker: claiming webhook deliveries", || {
                 Spi::run(PIN_SEARCH_PATH).ok()?;
+                Spi::run(NO_FLUSH_WAIT).ok()?;
                 let args: [pgrx::datum::DatumWithOid; 3] =
                     [busy_ids.into(), busy_n.into(), room.into()];
                 let rows = Spi::connect(|c| {
@@ -151,7 +174,9 @@ impl Automation {
                         (jobs, due)
                     })
                 });
-                rows.ok()
+                let rows = rows.ok()?;
+                Spi::run(BEFORE_COMMIT).ok()?;
+                Some(rows)
             })
             .flatten()
         });
@@ -160,7 +185,15 @@ impl Automation {
             self.next_due = None;
             return;
         };
-        self.next_due = due;
+        // Due, yet nothing to hand out (rows held by another transaction a moment): look
+        // again shortly rather than at once.
+        self.next_due = due.map(|d| {
+            if jobs.is_empty() {
+                d.max(now + NOTHING_DUE_US)
+            } else {
+                d
+            }
+        });
         for job in jobs {
             pool.submit(job);
         }
@@ -171,8 +204,9 @@ fn ts_us(t: TimestampWithTimeZone) -> Option<i64> {
     t.into_datum().map(|d| d.value() as i64)
 }
 
-/// Records finished attempts. If that fails, their leases run out and they are tried again.
-fn record(done: &[Done]) {
+/// Records finished attempts; false if that failed (kept for the next turn; should the
+/// worker stop first, their leases run out and they are made again).
+fn record(done: &[Done]) -> bool {
     let hooks: Vec<i64> = done.iter().map(|d| d.webhook_id).collect();
     let events: Vec<i64> = done.iter().map(|d| d.event_id).collect();
     let attempts: Vec<i32> = done.iter().map(|d| d.attempt).collect();
@@ -181,6 +215,7 @@ fn record(done: &[Done]) {
     BackgroundWorker::transaction(|| {
         guarded("keypal worker: recording webhook deliveries", || {
             Spi::run(PIN_SEARCH_PATH).ok()?;
+            Spi::run(NO_FLUSH_WAIT).ok()?;
             let args: [pgrx::datum::DatumWithOid; 5] = [
                 hooks.into(),
                 events.into(),
@@ -188,20 +223,30 @@ fn record(done: &[Done]) {
                 codes.into(),
                 errors.into(),
             ];
-            Spi::connect_mut(|c| c.update(FINISH, None, &args).map(|_| ())).ok()
+            Spi::connect_mut(|c| c.update(FINISH, None, &args).map(|_| ())).ok()?;
+            Spi::run(BEFORE_COMMIT).ok()
         })
-    });
+        .flatten()
+        .is_some()
+    })
 }
 
-/// Up to STEPS_PER_TURN maintenance batches, each its own transaction; whether more is left.
+/// Up to STEPS_PER_TURN maintenance batches (for at most MAINTENANCE_TURN_US), each its own
+/// transaction; whether more is left.
 fn maintain() -> bool {
+    let until = now_us() + MAINTENANCE_TURN_US;
     for _ in 0..STEPS_PER_TURN {
+        if now_us() >= until || BackgroundWorker::sigterm_received() {
+            return true;
+        }
         let more = BackgroundWorker::transaction(|| {
             guarded("keypal worker: maintenance", || {
                 Spi::run(PIN_SEARCH_PATH).ok()?;
-                Spi::get_one_with_args::<bool>(STEP, &[STEP_ROWS.into()])
+                let more = Spi::get_one_with_args::<bool>(STEP, &[STEP_ROWS.into()])
                     .ok()
-                    .flatten()
+                    .flatten();
+                Spi::run(BEFORE_COMMIT).ok()?;
+                more
             })
             .flatten()
         });

@@ -5,7 +5,8 @@
 //! (`keypal.finish_deliveries`). The threads here never touch PostgreSQL: they get a job,
 //! POST it, and send the outcome back; every signal is blocked on them, so PostgreSQL's
 //! handlers keep running on the worker's own thread. A receiver that is slow holds one
-//! thread until its timeout; others go on, on the other threads.
+//! thread until its timeout; others go on, on the other threads. Each answer wakes the
+//! worker (SIGUSR1, whose handler sets its latch).
 
 use crate::net::is_public;
 use crate::signature::webhook_signature;
@@ -16,7 +17,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 /// Deliveries one worker has in flight at most (one thread each).
-pub const MAX_IN_FLIGHT: usize = 32;
+pub const MAX_IN_FLIGHT: usize = 128;
 
 /// One delivery to make.
 pub struct Job {
@@ -123,7 +124,7 @@ fn spawn_without_signals<F: FnOnce() + Send + 'static>(f: F) -> std::io::Result<
         libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
         let spawned = std::thread::Builder::new()
             .name("keypal webhook".into())
-            .stack_size(256 * 1024)
+            .stack_size(2 * 1024 * 1024) // name resolution (NSS) and TLS want room
             .spawn(f);
         libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
         spawned.map(|_| ())
@@ -148,12 +149,17 @@ fn run(queue: &Mutex<mpsc::Receiver<Job>>, done: &mpsc::Sender<Done>) {
         if done.send(outcome).is_err() {
             return;
         }
+        // Wake the worker's thread: SIGUSR1 sets its latch (every signal is blocked on this
+        // thread, so the process's own thread takes it, as PostgreSQL expects).
+        // SAFETY: kill(2) on our own pid.
+        unsafe { libc::kill(libc::getpid(), libc::SIGUSR1) };
     }
 }
 
 fn agent(timeout: Duration, allow_private: bool) -> ureq::Agent {
     ureq::AgentBuilder::new()
         .timeout(timeout)
+        .timeout_connect(timeout)
         .redirects(0)
         .user_agent(concat!("keypal/", env!("CARGO_PKG_VERSION")))
         .resolver(move |addr: &str| resolve(addr, allow_private))

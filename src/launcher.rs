@@ -1,9 +1,10 @@
 //! With `shared_preload_libraries = 'keypal'`: a launcher, started once the server accepts
-//! writes, that starts the worker of every database that can be connected to. A database
-//! without keypal sends its worker home at once; one with keypal gets its webhook
-//! deliveries and maintenance going after a restart or a crash without waiting for a
-//! session to use keypal (without the preload, the first verify, key change or
-//! `keypal_run_maintenance()` there starts it).
+//! writes (and again after a crash), that starts the worker of every database that can be
+//! connected to, and again every few minutes (a worker gone, say after an error, comes
+//! back). A database without keypal sends its worker home at once; one with keypal gets
+//! its webhook deliveries and maintenance going after a restart or a crash without waiting
+//! for a session to use keypal (without the preload, the first verify, key with a schedule,
+//! webhook event or `keypal_run_maintenance()` there starts it).
 
 use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
@@ -25,7 +26,9 @@ pub fn init() {
         .enable_spi_access()
         // Primary only: a standby's workers start with its sessions' verifies.
         .set_start_time(BgWorkerStartTime::RecoveryFinished)
-        .set_restart_time(None)
+        // Restarted after a crash (the postmaster resets every worker then); it never
+        // leaves otherwise, but when told to stop.
+        .set_restart_time(Some(Duration::from_secs(5)))
         .load();
 }
 
@@ -34,21 +37,29 @@ pub fn init() {
 pub extern "C-unwind" fn keypal_launcher_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi(None, None);
-    let databases = BackgroundWorker::transaction(databases);
-    for db in databases {
-        if BackgroundWorker::sigterm_received() {
-            return;
+    loop {
+        let databases = BackgroundWorker::transaction(databases);
+        for db in databases {
+            if crate::limits::shmem::worker_running_for(db) {
+                continue;
+            }
+            if let Err(e) = crate::worker::start(db) {
+                pgrx::warning!("keypal launcher: database {db}: {e}");
+            }
+            // One at a time: a worker with nothing to do there leaves within moments, and
+            // max_worker_processes is shared with everything else.
+            if !BackgroundWorker::wait_latch(Some(Duration::from_millis(200))) {
+                return;
+            }
         }
-        if let Err(e) = crate::worker::start(db) {
-            pgrx::warning!("keypal launcher: database {db}: {e}");
-        }
-        // One at a time: a worker with nothing to do there leaves within moments, and
-        // max_worker_processes is shared with everything else.
-        if !BackgroundWorker::wait_latch(Some(Duration::from_millis(200))) {
+        if !BackgroundWorker::wait_latch(Some(RESCAN)) {
             return;
         }
     }
 }
+
+/// How often the launcher looks again for databases without a running worker.
+const RESCAN: Duration = Duration::from_secs(300);
 
 /// The databases that accept connections (not templates), read from pg_database (the
 /// launcher is connected to no database: a catalog scan, as autovacuum's launcher does).

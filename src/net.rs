@@ -39,6 +39,7 @@ pub fn is_public(ip: IpAddr) -> bool {
             || (o[0] == 100 && (64..128).contains(&o[1])) // shared address space (CGNAT)
             || (o[0] == 192 && o[1] == 0 && o[2] == 0)    // IETF protocol assignments
             || (o[0] == 198 && (18..20).contains(&o[1]))  // benchmarking
+            || (o[0] == 192 && o[1] == 88 && o[2] == 99)  // 6to4 relay anycast
             || o[0] >= 240) // reserved
     }
     fn v6(a: Ipv6Addr) -> bool {
@@ -53,6 +54,13 @@ pub fn is_public(ip: IpAddr) -> bool {
         }
         if s[0] == 0x2002 {
             return v4(embedded(s[1], s[2])); // 6to4
+        }
+        if (s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1) // local-use NAT64
+            || (s[0] == 0x2001 && s[1] == 0) // Teredo
+            || (s[0..4] == [0, 0, 0, 0] && s[4] == 0xffff && s[5] == 0)
+        // IPv4-translated (SIIT)
+        {
+            return false;
         }
         !(a.is_unspecified()
             || a.is_loopback()

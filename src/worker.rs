@@ -39,9 +39,14 @@ thread_local! {
 /// postmaster for one if none runs). Loud when it cannot, but once a minute per backend:
 /// counts stay in shared memory until a worker runs, and verify goes on.
 pub fn ensure() {
+    report(shmem::worker_wanted());
+}
+
+/// Starts the worker if it is wanted (`wanted`), or warns (once a minute per backend).
+fn report(wanted: Result<bool, String>) {
     // SAFETY: reads a backend global.
     let db = unsafe { pg_sys::MyDatabaseId.to_u32() };
-    let problem = match shmem::worker_wanted() {
+    let problem = match wanted {
         Ok(false) => return,
         Ok(true) => match start(db) {
             Ok(()) => return,
@@ -53,45 +58,94 @@ pub fn ensure() {
     let now = unsafe { pg_sys::GetCurrentTimestamp() };
     if now.saturating_sub(LAST_WARNING.get()) >= 60_000_000 {
         LAST_WARNING.set(now);
-        pgrx::warning!("keypal: {problem}; usage is kept in shared memory until one runs");
+        pgrx::warning!("keypal: {problem}; usage and webhook deliveries wait until one runs");
     }
 }
 
 thread_local! {
-    /// This transaction asked for the worker to be woken at its commit.
-    static WAKE_AT_COMMIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// What this transaction asked of the worker at its commit: None nothing; Some(None) a
+    /// worker to run; Some(Some(pid)) also to wake it (pid 0 until known, before commit).
+    static AT_COMMIT: std::cell::Cell<Option<Option<i32>>> = const { std::cell::Cell::new(None) };
 }
 
-/// The current transaction queued webhook deliveries (or work like it): before it commits,
-/// make sure the database has a worker; once it committed, wake that worker, so that it
-/// claims them at once rather than at its next turn.
+/// The current transaction queued webhook deliveries: before it commits, make sure the
+/// database has a worker (unthrottled); once it committed, set that worker's latch, so
+/// that it claims them at once rather than at its next turn.
 pub fn wake_at_commit() {
-    if WAKE_AT_COMMIT.replace(true) {
+    at_commit(true);
+}
+
+/// The current transaction made work only a worker does (a key's schedule): make sure,
+/// before it commits, that the database has one.
+pub fn ensure_at_commit() {
+    at_commit(false);
+}
+
+fn at_commit(wake: bool) {
+    use pgrx::{register_xact_callback, PgXactCallbackEvent as Ev};
+    match AT_COMMIT.get() {
+        Some(Some(_)) => return,
+        Some(None) => {
+            if wake {
+                AT_COMMIT.set(Some(Some(0)));
+            }
+            return;
+        }
+        None => {}
+    }
+    AT_COMMIT.set(Some(wake.then_some(0)));
+    register_xact_callback(Ev::PreCommit, || {
+        report(shmem::worker_wanted_now());
+        // Everything that may fail (attaching the shared state) is done here, before the
+        // commit: the commit callback below only reads a pid and sets a latch.
+        if let Some(Some(_)) = AT_COMMIT.get() {
+            AT_COMMIT.set(Some(Some(shmem::worker_pid().unwrap_or(0))));
+        }
+    });
+    register_xact_callback(Ev::Commit, || {
+        if let Some(Some(pid)) = AT_COMMIT.replace(None) {
+            set_latch_of(pid);
+        }
+    });
+    register_xact_callback(Ev::Abort, || AT_COMMIT.set(None));
+    register_xact_callback(Ev::Prepare, || AT_COMMIT.set(None));
+}
+
+/// Sets the latch of the process `pid`, if it is one of the server's (0: none).
+fn set_latch_of(pid: i32) {
+    if pid == 0 {
         return;
     }
-    use pgrx::{register_xact_callback, PgXactCallbackEvent as Ev};
-    register_xact_callback(Ev::PreCommit, ensure);
-    register_xact_callback(Ev::Commit, || {
-        WAKE_AT_COMMIT.set(false);
-        wake();
-    });
-    register_xact_callback(Ev::Abort, || WAKE_AT_COMMIT.set(false));
-    register_xact_callback(Ev::Prepare, || WAKE_AT_COMMIT.set(false));
-}
-
-/// Sets the latch of this database's worker, if one runs.
-fn wake() {
-    let Some(pid) = shmem::worker_pid() else {
-        return;
-    };
     // SAFETY: looks the process up in the proc array (under its lock) and sets its latch,
     // which is safe on any live PGPROC; a pid reused meanwhile only gets a spurious wakeup.
+    // Neither can raise an error (this runs after the commit).
     unsafe {
         let proc_ = pg_sys::BackendPidGetProc(pid);
         if !proc_.is_null() {
             pg_sys::SetLatch(&mut (*proc_).procLatch);
         }
     }
+}
+
+/// Waits for the latch or `us` microseconds: (keep going, the latch was set).
+fn wait(us: i64) -> (bool, bool) {
+    let ms = (us.max(0) + 999) / 1000;
+    // SAFETY: this process's own latch, as every worker waits on it.
+    let rc = unsafe {
+        let rc = pg_sys::WaitLatch(
+            pg_sys::MyLatch,
+            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_POSTMASTER_DEATH) as i32,
+            ms as std::ffi::c_long,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+        rc
+    };
+    let alive = rc & pg_sys::WL_POSTMASTER_DEATH as i32 == 0;
+    (
+        alive && !BackgroundWorker::sigterm_received(),
+        rc & pg_sys::WL_LATCH_SET as i32 != 0,
+    )
 }
 
 /// Asks the postmaster to start `db`'s worker; Err says why it could not.
@@ -144,14 +198,13 @@ pub extern "C-unwind" fn keypal_flush_worker_main(arg: pg_sys::Datum) {
         let wait = automation
             .wait_us(now)
             .map_or(flush_in, |w| w.min(flush_in));
-        let waited = std::time::Instant::now();
-        if !BackgroundWorker::wait_latch(Some(Duration::from_micros(wait as u64))) {
+        // The latch is set by a commit that queued webhook deliveries, and by each answer
+        // of a delivery thread.
+        let (go_on, woken) = self::wait(wait);
+        if !go_on {
             last_flushes(db, &mut state);
             return;
         }
-        // Back before its time: the latch was set (a commit queued webhook deliveries).
-        let woken =
-            waited.elapsed() + Duration::from_millis(1) < Duration::from_micros(wait as u64);
         if BackgroundWorker::sighup_received() {
             // SAFETY: re-reads the configuration files, as a worker must on SIGHUP.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };

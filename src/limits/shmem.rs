@@ -512,6 +512,13 @@ pub fn worker_wanted() -> Result<bool, String> {
     if now < NEXT_WORKER_CHECK.get() {
         return Ok(false);
     }
+    worker_wanted_now()
+}
+
+/// worker_wanted, unthrottled: for a commit that queued work only a worker does.
+pub fn worker_wanted_now() -> Result<bool, String> {
+    // SAFETY: reads the clock.
+    let now = unsafe { pg_sys::GetCurrentTimestamp() };
     NEXT_WORKER_CHECK.set(now + 1_000_000);
     let l = local();
     let db = my_db();
@@ -951,9 +958,20 @@ pub fn quota_used(
 }
 
 /// Whether a flush worker of `db` runs.
+/// Whether `db` has a flush worker running now, as far as a preloaded root says (the
+/// launcher's question: it attaches nothing; false without the preload).
+pub fn worker_running_for(db: u32) -> bool {
+    let root = ROOT.load(Ordering::Relaxed);
+    !root.is_null() && running_in(root, db)
+}
+
 fn worker_running(l: &Local, db: u32) -> bool {
-    // SAFETY: the root is attached; reads of atomics.
-    unsafe { &*l.root }
+    running_in(l.root, db)
+}
+
+fn running_in(root: *mut Root, db: u32) -> bool {
+    // SAFETY: an attached root (or the preloaded one); reads of atomics.
+    unsafe { &*root }
         .workers
         .iter()
         .any(|s| s.db.load(Ordering::Relaxed) == db && s.pid.load(Ordering::Relaxed) != 0)

@@ -21,7 +21,7 @@ ev0=$(q -c "SELECT coalesce(max(id), 0) FROM keypal.events")
 
 q -c "CALL keypal_run_maintenance(batch_size => 50)" & a=$!
 q -c "CALL keypal_run_maintenance(batch_size => 50)" & b=$!
-wait $a; ra=$?; wait $b; rb=$?
+ra=0; wait $a || ra=$?; rb=0; wait $b || rb=$?
 is "$ra $rb" "0 0" "two runs at once both succeed"
 is "$(q -c "SELECT count(*) FROM keypal.keys WHERE owner_id LIKE 'm%' AND revoked_at = revoke_at")" 2000 "every due key revoked"
 is "$(q -c "SELECT count(*), count(DISTINCT key_id) FROM keypal.audit_log WHERE action = 'revoked' AND actor = 'schedule'" | tr '|' ' ')" "2000 2000" \
@@ -36,6 +36,29 @@ batches=$(q -c "SELECT count(DISTINCT xmin::text) FROM keypal.keys WHERE owner_i
 ok "$( [ "$batches" -ge 40 ]; echo $? )" "committed in batches ($batches transactions for 2000 revocations at 50 per batch)"
 q -c "CALL keypal_run_maintenance()" >/dev/null
 is "$(q -c "SELECT count(*) FROM keypal.events WHERE id > $ev0")" 2500 "a third run finds nothing to do"
+
+# Parents and children both due, a key held by another transaction, two runs at once:
+# no deadlock, every key once, and the held key's turn comes after it is released.
+q -c "SELECT count(*) FROM generate_series(1, 100) g,
+        LATERAL (SELECT id FROM keypal_create(owner_id => 'fam' || g, scopes => '{read}', revoke_at => now() + interval '1 day')) p,
+        LATERAL keypal_create(owner_id => 'fam' || g, scopes => '{read}', parent_id => p.id, revoke_at => now() + interval '1 day')" >/dev/null
+read -r held < <(q -c "SELECT id FROM keypal_create(owner_id => 'held', revoke_at => now() + interval '1 day')")
+q -c "UPDATE keypal.keys SET revoke_at = clock_timestamp() - interval '1 second' WHERE owner_id LIKE 'fam%' OR owner_id = 'held'" >/dev/null
+psql -X -q -c "BEGIN" -c "SELECT 1 FROM keypal.keys WHERE id = '$held' FOR UPDATE" -c "SELECT pg_sleep(3)" -c "COMMIT" >/dev/null &
+holder=$!
+sleep 0.5
+q -c "CALL keypal_run_maintenance(batch_size => 7)" 2>/dev/null & a=$!
+q -c "CALL keypal_run_maintenance(batch_size => 7)" 2>/dev/null & b=$!
+ra=0; wait $a || ra=$?; rb=0; wait $b || rb=$?
+is "$ra $rb" "0 0" "two runs over parents and children both due: no deadlock, no error"
+is "$(q -c "SELECT count(*) FROM keypal.keys WHERE owner_id LIKE 'fam%' AND revoked_at IS NOT NULL")" 200 "every parent and child revoked"
+is "$(q -c "SELECT count(*), count(DISTINCT a.key_id) FROM keypal.audit_log a JOIN keypal.keys k ON k.id = a.key_id WHERE k.owner_id LIKE 'fam%' AND a.action = 'revoked'" | tr '|' ' ')" "200 200" \
+   "each once in the audit log"
+is "$(q -c "SELECT revoked_at IS NULL FROM keypal.keys WHERE id = '$held'")" t "the key another transaction held is left for later"
+wait $holder
+sleep 5
+q -c "CALL keypal_run_maintenance()" >/dev/null
+is "$(q -c "SELECT revoked_at IS NOT NULL FROM keypal.keys WHERE id = '$held'")" t "and revoked once it is free"
 
 # The worker, every keypal.maintenance_interval
 q -d postgres -c "ALTER SYSTEM SET keypal.maintenance_interval = '1s'" -c "SELECT pg_reload_conf()" >/dev/null

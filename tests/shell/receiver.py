@@ -11,6 +11,7 @@ The path chooses the answer:
   /slow/MS       200, after MS milliseconds
   /slowfirst/MS  200, after MS milliseconds the first time for each event, at once after
   /status/CODE   CODE
+  /redirect      302 to /ok
 """
 import hashlib
 import hmac
@@ -38,6 +39,7 @@ def signature_ok(header, body, max_age=300):
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # else each answer's last write waits for a delayed ACK
 
     def log_message(self, *args):
         pass
@@ -59,6 +61,8 @@ class Handler(BaseHTTPRequestHandler):
             time.sleep(int(parts[1]) / 1000)
         elif parts[0] == "status":
             status = int(parts[1])
+        elif parts[0] == "redirect":
+            status = 302
         entry = {
             "path": self.path,
             "event_id": event_id,
@@ -74,6 +78,8 @@ class Handler(BaseHTTPRequestHandler):
             f.write(json.dumps(entry) + "\n")
         try:
             self.send_response(status)
+            if status == 302:
+                self.send_header("Location", "/ok")
             if status in (204, 304):
                 self.end_headers()
             else:

@@ -94,6 +94,13 @@ is "$(wait_for "SELECT count(*) FROM keypal.webhook_deliveries WHERE webhook_id 
    "a name that resolves to loopback is refused, and the refusal logged"
 is "$(received "len(rows)")" 0 "the receiver got nothing"
 q -c "SELECT keypal_remove_webhook($hook_priv)" -c "SELECT keypal_configure(webhook_allow_private => true)" >/dev/null
+# Redirects are not followed (a 3xx is a failed attempt): a redirect cannot lead elsewhere.
+hook_redir=$(q -c "SELECT keypal_add_webhook('$url/redirect', 'whsec_test', '{key.created}')")
+q -c "SELECT id FROM keypal_create(owner_id => 'redirect')" >/dev/null
+is "$(wait_for "SELECT count(*) > 0 FROM keypal.webhook_deliveries WHERE webhook_id = $hook_redir AND status_code = 302" t)" t \
+   "a 302 answer is logged as a failed attempt"
+is "$(received "sorted({r['path'] for r in rows})")" "['/redirect']" "and its Location is never visited"
+q -c "SELECT keypal_remove_webhook($hook_redir)" >/dev/null
 
 # 5. A key's events arrive in order, however many are in flight
 q -c "SELECT keypal_configure(webhook_concurrency => 4)" >/dev/null
@@ -133,6 +140,19 @@ is "$(wait_for "SELECT count(*) FROM keypal.webhook_deliveries WHERE webhook_id 
 restart fast
 is "$(wait_for "SELECT count(*) FROM keypal.webhook_deliveries WHERE webhook_id = $hook_restart AND status_code = 200" 10)" 10 \
    "preloaded: after the restart, the launcher's worker delivers them, untouched"
+# A crash (a backend killed: the postmaster resets every process) likewise.
+ids=$(q -c "SELECT string_agg(id::text, ' ') FROM generate_series(1, 5) g, LATERAL keypal_create(owner_id => 'crash' || g)")
+for i in $ids; do q -c "SELECT keypal_revoke('$i')" >/dev/null; done
+is "$(wait_for "SELECT count(*) FROM keypal.webhook_deliveries WHERE webhook_id = $hook_restart AND status_code = 500" 15)" 15 \
+   "five more first attempts failed"
+psql -X -q -d postgres -c "SELECT pg_sleep(30)" >/dev/null 2>&1 &
+sleeper=$!
+sleep 0.5
+kill -9 "$(q -d postgres -c "SELECT pid FROM pg_stat_activity WHERE query LIKE '%pg_sleep(30)%' AND pid <> pg_backend_pid() LIMIT 1")"
+wait "$sleeper" || true
+for _ in $(seq 100); do q -d postgres -c "SELECT 1" >/dev/null 2>&1 && break; sleep 0.2; done
+is "$(wait_for "SELECT count(*) FROM keypal.webhook_deliveries WHERE webhook_id = $hook_restart AND status_code = 200" 15)" 15 \
+   "preloaded: after a crash, the launcher comes back and the deliveries are made, untouched"
 q -d postgres -c "ALTER SYSTEM RESET shared_preload_libraries" >/dev/null
 restart fast
 q -c "SELECT keypal_remove_webhook($hook_restart)" -c "SELECT keypal_configure(webhook_backoff => '300ms')" >/dev/null
