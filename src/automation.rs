@@ -96,16 +96,11 @@ impl Automation {
         self.in_flight() > 0 || self.next_due.is_some() || maintenance_interval_us() > 0
     }
 
-    /// One turn: records what deliveries ended, claims and starts due ones, runs
-    /// maintenance when due. `woken`: the latch was set (a commit queued deliveries).
+    /// One turn: records what deliveries ended and claims due ones (in one transaction),
+    /// starts them, runs maintenance when due. `woken`: the latch was set (a commit queued
+    /// deliveries, or a delivery thread answered).
     pub fn turn(&mut self, woken: bool, claim_every_us: i64) {
-        let pool = self.pool.get_or_insert_with(Pool::default);
-        let answered = pool.finished();
-        let mut claim = woken || !answered.is_empty();
-        self.unrecorded.extend(answered);
-        if !self.unrecorded.is_empty() && record(&self.unrecorded) {
-            self.unrecorded.clear();
-        }
+        let mut claim = woken;
         if !self.started {
             self.started = true;
             claim = true;
@@ -114,14 +109,29 @@ impl Automation {
                 "SELECT keypal.release_leases()",
             );
         }
+        let pool = self.pool.get_or_insert_with(Pool::default);
+        let answered = pool.finished();
+        claim |= !answered.is_empty();
+        self.unrecorded.extend(answered);
         let now = now_us();
-        let room = self.in_flight() < MAX_IN_FLIGHT;
-        if room
+        let room = MAX_IN_FLIGHT.saturating_sub(pool.in_flight());
+        let claim = room > 0
             && (claim
                 || self.next_due.is_some_and(|d| d <= now)
-                || now - self.last_claim >= claim_every_us)
-        {
-            self.claim(now);
+                || now - self.last_claim >= claim_every_us);
+        if claim || !self.unrecorded.is_empty() {
+            let ask = claim.then(|| {
+                let (ids, n) = pool.busy();
+                (ids, n, room as i32)
+            });
+            let (recorded, claimed) = exchange(&self.unrecorded, ask);
+            if recorded {
+                self.unrecorded.clear();
+            }
+            if claim {
+                self.last_claim = now;
+                self.start(claimed, now);
+            }
         }
         if maintenance_interval_us() > 0 && now >= self.maintenance_at {
             let more = maintain();
@@ -133,54 +143,8 @@ impl Automation {
         }
     }
 
-    fn claim(&mut self, now: i64) {
-        self.last_claim = now;
-        let pool = self.pool.get_or_insert_with(Pool::default);
-        let room = MAX_IN_FLIGHT.saturating_sub(pool.in_flight()) as i32;
-        let (busy_ids, busy_n) = pool.busy();
-        let claimed = BackgroundWorker::transaction(|| {
-            guarded("keypal worker: claiming webhook deliveries", || {
-                Spi::run(PIN_SEARCH_PATH).ok()?;
-                Spi::run(NO_FLUSH_WAIT).ok()?;
-                let args: [pgrx::datum::DatumWithOid; 3] =
-                    [busy_ids.into(), busy_n.into(), room.into()];
-                let rows = Spi::connect(|c| {
-                    c.select(CLAIM, None, &args).map(|rows| {
-                        let mut jobs = Vec::new();
-                        let mut due = None;
-                        for r in rows {
-                            let id = r.get::<i64>(1).ok().flatten();
-                            let Some(webhook_id) = id else {
-                                due = r
-                                    .get::<TimestampWithTimeZone>(9)
-                                    .ok()
-                                    .flatten()
-                                    .and_then(ts_us);
-                                continue;
-                            };
-                            jobs.push(Job {
-                                webhook_id,
-                                event_id: r.get::<i64>(2).ok().flatten().unwrap_or_default(),
-                                attempt: r.get::<i32>(3).ok().flatten().unwrap_or(1),
-                                url: r.get::<String>(4).ok().flatten().unwrap_or_default(),
-                                secret: r.get::<String>(5).ok().flatten().unwrap_or_default(),
-                                body: r.get::<String>(6).ok().flatten().unwrap_or_default(),
-                                timeout: Duration::from_millis(
-                                    r.get::<i64>(7).ok().flatten().unwrap_or(5000).max(1) as u64,
-                                ),
-                                allow_private: r.get::<bool>(8).ok().flatten().unwrap_or(false),
-                            });
-                        }
-                        (jobs, due)
-                    })
-                });
-                let rows = rows.ok()?;
-                Spi::run(BEFORE_COMMIT).ok()?;
-                Some(rows)
-            })
-            .flatten()
-        });
-        // Claimed only once that transaction committed: now they may go.
+    /// Starts what a claim handed out (its transaction committed).
+    fn start(&mut self, claimed: Option<Claimed>, now: i64) {
         let Some((jobs, due)) = claimed else {
             self.next_due = None;
             return;
@@ -194,41 +158,95 @@ impl Automation {
                 d
             }
         });
+        let pool = self.pool.get_or_insert_with(Pool::default);
         for job in jobs {
             pool.submit(job);
         }
     }
 }
 
+/// One worker transaction: records finished attempts (false if that failed: they are kept
+/// for the next turn; should the worker stop first, their leases run out and they are made
+/// again) and, when asked (busy webhooks, deliveries in flight each, room), claims due
+/// deliveries — each part in a subtransaction of its own.
+fn exchange(done: &[Done], ask: Option<(Vec<i64>, Vec<i32>, i32)>) -> (bool, Option<Claimed>) {
+    BackgroundWorker::transaction(|| {
+        if Spi::run(PIN_SEARCH_PATH).is_err() || Spi::run(NO_FLUSH_WAIT).is_err() {
+            return (false, None);
+        }
+        let recorded = done.is_empty() || record(done);
+        let claimed = ask.and_then(|(ids, n, room)| {
+            guarded("keypal worker: claiming webhook deliveries", || {
+                claim(ids, n, room)
+            })
+            .flatten()
+        });
+        let _ = Spi::run(BEFORE_COMMIT);
+        (recorded, claimed)
+    })
+}
+
+fn claim(busy_ids: Vec<i64>, busy_n: Vec<i32>, room: i32) -> Option<Claimed> {
+    let args: [pgrx::datum::DatumWithOid; 3] = [busy_ids.into(), busy_n.into(), room.into()];
+    Spi::connect(|c| {
+        c.select(CLAIM, None, &args).map(|rows| {
+            let mut jobs = Vec::new();
+            let mut due = None;
+            for r in rows {
+                let Some(webhook_id) = r.get::<i64>(1).ok().flatten() else {
+                    due = r
+                        .get::<TimestampWithTimeZone>(9)
+                        .ok()
+                        .flatten()
+                        .and_then(ts_us);
+                    continue;
+                };
+                jobs.push(Job {
+                    webhook_id,
+                    event_id: r.get::<i64>(2).ok().flatten().unwrap_or_default(),
+                    attempt: r.get::<i32>(3).ok().flatten().unwrap_or(1),
+                    url: r.get::<String>(4).ok().flatten().unwrap_or_default(),
+                    secret: r.get::<String>(5).ok().flatten().unwrap_or_default(),
+                    body: r.get::<String>(6).ok().flatten().unwrap_or_default(),
+                    timeout: Duration::from_millis(
+                        r.get::<i64>(7).ok().flatten().unwrap_or(5000).max(1) as u64,
+                    ),
+                    allow_private: r.get::<bool>(8).ok().flatten().unwrap_or(false),
+                });
+            }
+            (jobs, due)
+        })
+    })
+    .ok()
+}
+
+/// What a claim handed out, and when the next delivery not handed out falls due (µs).
+type Claimed = (Vec<Job>, Option<i64>);
+
 fn ts_us(t: TimestampWithTimeZone) -> Option<i64> {
     t.into_datum().map(|d| d.value() as i64)
 }
 
-/// Records finished attempts; false if that failed (kept for the next turn; should the
-/// worker stop first, their leases run out and they are made again).
+/// Records finished attempts, in a subtransaction of the current transaction; false if
+/// that failed.
 fn record(done: &[Done]) -> bool {
     let hooks: Vec<i64> = done.iter().map(|d| d.webhook_id).collect();
     let events: Vec<i64> = done.iter().map(|d| d.event_id).collect();
     let attempts: Vec<i32> = done.iter().map(|d| d.attempt).collect();
     let codes: Vec<Option<i32>> = done.iter().map(|d| d.status).collect();
     let errors: Vec<Option<String>> = done.iter().map(|d| d.error.clone()).collect();
-    BackgroundWorker::transaction(|| {
-        guarded("keypal worker: recording webhook deliveries", || {
-            Spi::run(PIN_SEARCH_PATH).ok()?;
-            Spi::run(NO_FLUSH_WAIT).ok()?;
-            let args: [pgrx::datum::DatumWithOid; 5] = [
-                hooks.into(),
-                events.into(),
-                attempts.into(),
-                codes.into(),
-                errors.into(),
-            ];
-            Spi::connect_mut(|c| c.update(FINISH, None, &args).map(|_| ())).ok()?;
-            Spi::run(BEFORE_COMMIT).ok()
-        })
-        .flatten()
-        .is_some()
+    guarded("keypal worker: recording webhook deliveries", || {
+        let args: [pgrx::datum::DatumWithOid; 5] = [
+            hooks.into(),
+            events.into(),
+            attempts.into(),
+            codes.into(),
+            errors.into(),
+        ];
+        Spi::connect_mut(|c| c.update(FINISH, None, &args).map(|_| ())).ok()
     })
+    .flatten()
+    .is_some()
 }
 
 /// Up to STEPS_PER_TURN maintenance batches (for at most MAINTENANCE_TURN_US), each its own
