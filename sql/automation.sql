@@ -192,8 +192,14 @@ BEGIN
         RAISE EXCEPTION 'EVENT_NOT_FOUND: no event with id %', keypal_redeliver.event_id
             USING ERRCODE = 'P0002', DETAIL = 'EVENT_NOT_FOUND';
     END IF;
+    -- Behind a pending delivery of the same key to the same webhook it waits as long (a
+    -- key's events arrive in order).
     UPDATE keypal.webhook_queue q
-       SET dead_at = NULL, attempts = 0, next_at = clock_timestamp(), leased_until = NULL
+       SET dead_at = NULL, attempts = 0, leased_until = NULL,
+           next_at = greatest(clock_timestamp(),
+                              (SELECT max(p.next_at) FROM keypal.webhook_queue p
+                                WHERE p.webhook_id = q.webhook_id AND p.key_id = q.key_id
+                                  AND p.event_id < q.event_id AND p.dead_at IS NULL))
      WHERE q.event_id = keypal_redeliver.event_id AND q.dead_at IS NOT NULL
        AND (keypal_redeliver.webhook_id IS NULL OR q.webhook_id = keypal_redeliver.webhook_id);
     GET DIAGNOSTICS n = ROW_COUNT;
@@ -257,7 +263,7 @@ BEGIN
                          WHERE p.webhook_id = q.webhook_id AND p.key_id = q.key_id
                            AND p.event_id < q.event_id AND p.dead_at IS NULL))
                ORDER BY q.next_at, q.event_id
-               LIMIT greatest(r.slots, 0)
+               LIMIT least(greatest(r.slots, 0), greatest(room, 0))
                FOR UPDATE OF q SKIP LOCKED) c
          WHERE r.slots > 0
     ), first_turns AS (
@@ -312,50 +318,69 @@ DECLARE
     cfg keypal.settings := keypal.config();
     t0 timestamptz := clock_timestamp();
     d record;
+BEGIN
+    -- All in one subtransaction; only if that fails, each on its own (one that cannot be
+    -- recorded now — its row held by a redelivery, a removal, a prune — is left to its
+    -- lease, and made again). One subtransaction per answer only then: many at once would
+    -- overflow the backend's subtransaction cache, which slows every other session.
+    BEGIN
+        FOR d IN SELECT * FROM unnest(hook_ids, event_ids, attempt_nos, codes, errors)
+                            AS x(hook, ev, att, code, err) LOOP
+            PERFORM keypal.finish_delivery(cfg, t0, d.hook, d.ev, d.att, d.code, d.err);
+        END LOOP;
+    EXCEPTION WHEN OTHERS THEN
+        FOR d IN SELECT * FROM unnest(hook_ids, event_ids, attempt_nos, codes, errors)
+                            AS x(hook, ev, att, code, err) LOOP
+            BEGIN
+                PERFORM keypal.finish_delivery(cfg, t0, d.hook, d.ev, d.att, d.code, d.err);
+            EXCEPTION WHEN OTHERS THEN
+                RAISE WARNING 'keypal worker: delivery % of event % not recorded (%); it will be made again',
+                    d.hook, d.ev, SQLERRM;
+            END;
+        END LOOP;
+    END;
+END $$;
+
+CREATE FUNCTION keypal.finish_delivery(cfg keypal.settings, t0 timestamptz, hook bigint, ev bigint,
+                                       att integer, code integer, err text)
+RETURNS void LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
     k uuid;
     retry_at timestamptz;
 BEGIN
-    FOR d IN SELECT * FROM unnest(hook_ids, event_ids, attempt_nos, codes, errors)
-                        AS x(hook, ev, att, code, err) LOOP
-        -- Each on its own: one that cannot be recorded now (its row held by a redelivery,
-        -- a removal, a prune) is left to its lease, and made again.
-        BEGIN
-            -- The delivery may be gone meanwhile (its webhook removed, its event pruned).
-            SELECT q.key_id INTO k FROM keypal.webhook_queue q
-             WHERE q.webhook_id = d.hook AND q.event_id = d.ev FOR UPDATE SKIP LOCKED;
-            CONTINUE WHEN NOT FOUND;
-            INSERT INTO keypal.webhook_deliveries (event_id, webhook_id, attempt, status_code, error, at)
-            VALUES (d.ev, d.hook, d.att, d.code, left(d.err, 500), t0);
-            IF d.code BETWEEN 200 AND 299 OR d.att >= cfg.webhook_max_attempts THEN
-                IF d.code BETWEEN 200 AND 299 THEN
-                    DELETE FROM keypal.webhook_queue q WHERE q.webhook_id = d.hook AND q.event_id = d.ev;
-                ELSE
-                    UPDATE keypal.webhook_queue q
-                       SET attempts = d.att, dead_at = t0, next_at = t0, leased_until = NULL
-                     WHERE q.webhook_id = d.hook AND q.event_id = d.ev;
-                END IF;
-                -- Its key's later deliveries, held back behind it, may go now.
-                UPDATE keypal.webhook_queue q SET next_at = t0
-                 WHERE q.webhook_id = d.hook AND q.key_id = k AND q.event_id > d.ev
-                   AND q.dead_at IS NULL AND q.leased_until IS NULL AND q.attempts = 0
-                   AND (q.next_at > t0) IS TRUE;
-            ELSE
-                -- webhook_backoff * 2^(attempt-1), at most 6 hours, times 0.5 to 1.5.
-                retry_at := t0 + make_interval(secs => least(extract(epoch FROM cfg.webhook_backoff)
-                                                             * power(2, least(d.att - 1, 30)), 21600)
-                                                       * (0.5 + random()));
-                UPDATE keypal.webhook_queue q
-                   SET attempts = d.att, next_at = retry_at, leased_until = NULL
-                 WHERE q.webhook_id = d.hook AND q.event_id = d.ev;
-                UPDATE keypal.webhook_queue q SET next_at = retry_at
-                 WHERE q.webhook_id = d.hook AND q.key_id = k AND q.event_id > d.ev
-                   AND q.dead_at IS NULL AND q.leased_until IS NULL AND (q.next_at < retry_at) IS TRUE;
-            END IF;
-        EXCEPTION WHEN OTHERS THEN
-            RAISE WARNING 'keypal worker: delivery % of event % not recorded (%); it will be made again',
-                d.hook, d.ev, SQLERRM;
-        END;
-    END LOOP;
+    -- The delivery may be gone meanwhile (its webhook removed, its event pruned).
+    SELECT q.key_id INTO k FROM keypal.webhook_queue q
+     WHERE q.webhook_id = hook AND q.event_id = ev FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    INSERT INTO keypal.webhook_deliveries (event_id, webhook_id, attempt, status_code, error, at)
+    VALUES (ev, hook, att, code, left(err, 500), t0);
+    IF code BETWEEN 200 AND 299 OR att >= cfg.webhook_max_attempts THEN
+        IF code BETWEEN 200 AND 299 THEN
+            DELETE FROM keypal.webhook_queue q WHERE q.webhook_id = hook AND q.event_id = ev;
+        ELSE
+            UPDATE keypal.webhook_queue q
+               SET attempts = att, dead_at = t0, next_at = t0, leased_until = NULL
+             WHERE q.webhook_id = hook AND q.event_id = ev;
+        END IF;
+        -- Its key's later deliveries, held back behind it, may go now.
+        UPDATE keypal.webhook_queue q SET next_at = t0
+         WHERE q.webhook_id = hook AND q.key_id = k AND q.event_id > ev
+           AND q.dead_at IS NULL AND q.leased_until IS NULL AND q.attempts = 0
+           AND (q.next_at > t0) IS TRUE;
+    ELSE
+        -- webhook_backoff * 2^(attempt-1), at most 6 hours, times 0.5 to 1.5.
+        retry_at := t0 + make_interval(secs => least(extract(epoch FROM cfg.webhook_backoff)
+                                                     * power(2, least(att - 1, 30)), 21600)
+                                               * (0.5 + random()));
+        UPDATE keypal.webhook_queue q
+           SET attempts = att, next_at = retry_at, leased_until = NULL
+         WHERE q.webhook_id = hook AND q.event_id = ev;
+        UPDATE keypal.webhook_queue q SET next_at = retry_at
+         WHERE q.webhook_id = hook AND q.key_id = k AND q.event_id > ev
+           AND q.dead_at IS NULL AND q.leased_until IS NULL AND (q.next_at < retry_at) IS TRUE;
+    END IF;
 END $$;
 
 -- At a worker's start: what an earlier worker had in flight is tried again now.
@@ -494,6 +519,28 @@ BEGIN
     RETURN NULL;
 END $$;
 
+-- A due timer whose key this transaction holds: fired on the key as it is now (an earlier
+-- timer of this batch may have changed it: a parent's revocation cascading to it), if the
+-- timer is still there and due; then spent (deleted) or armed again.
+CREATE FUNCTION keypal.fire_due(key uuid, which text, t0 timestamptz)
+RETURNS void LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    k keypal.keys;
+    again timestamptz;
+BEGIN
+    SELECT * INTO k FROM keypal.keys WHERE id = key;
+    IF NOT FOUND OR NOT EXISTS (SELECT 1 FROM keypal.key_timers x
+                                 WHERE x.key_id = key AND x.kind = which AND x.due_at <= t0) THEN
+        RETURN;
+    END IF;
+    again := keypal.fire_timer(k, which, t0);
+    IF again IS NULL THEN
+        DELETE FROM keypal.key_timers x WHERE x.key_id = key AND x.kind = which;
+    ELSE
+        UPDATE keypal.key_timers x SET due_at = again WHERE x.key_id = key AND x.kind = which;
+    END IF;
+END $$;
+
 -- One batch of maintenance, at most batch_size rows of work, in the caller's transaction:
 -- due timers first, then quota periods that rolled over, then pruning per retention. True
 -- when it used its whole budget (more may be left). Rows another transaction holds are
@@ -533,38 +580,46 @@ CREATE FUNCTION keypal.maintenance_batch(batch_size integer, t0 timestamptz, cfg
 RETURNS boolean LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     budget integer := batch_size;
-    t record;
-    again timestamptz;
+    t_keys uuid[];
+    t_kinds text[];
     n integer;
     age interval;
     tbl text;
 BEGIN
     -- 1. Due timers, earliest first, each with its key locked; a timer whose key another
-    -- transaction holds is skipped (SKIP LOCKED on both), and comes first in a later run.
-    FOR t IN SELECT x.key_id, x.kind, kk AS k
-               FROM keypal.key_timers x JOIN keypal.keys kk ON kk.id = x.key_id
-              WHERE x.due_at <= t0
-              ORDER BY x.due_at
-              LIMIT budget
-                FOR UPDATE OF x SKIP LOCKED
-                FOR NO KEY UPDATE OF kk SKIP LOCKED LOOP
-        budget := budget - 1;
-        -- Each timer on its own: one that fails (a child key held by another transaction
-        -- past lock_timeout, a deadlock with another run) is tried again in a minute, and
-        -- holds up no other.
-        BEGIN
-            again := keypal.fire_timer(t.k, t.kind, t0);
-            IF again IS NULL THEN
-                DELETE FROM keypal.key_timers x WHERE x.key_id = t.key_id AND x.kind = t.kind;
-            ELSE
-                UPDATE keypal.key_timers x SET due_at = again WHERE x.key_id = t.key_id AND x.kind = t.kind;
-            END IF;
-        EXCEPTION WHEN OTHERS THEN
-            RAISE WARNING 'keypal maintenance: % of key % failed (%); tried again in a minute', t.kind, t.key_id, SQLERRM;
-            UPDATE keypal.key_timers x SET due_at = t0 + interval '1 minute'
-             WHERE x.key_id = t.key_id AND x.kind = t.kind;
-        END;
-    END LOOP;
+    -- transaction holds is skipped (SKIP LOCKED on both, the key's first), and comes first
+    -- in a later run.
+    SELECT array_agg(x.key_id ORDER BY x.due_at), array_agg(x.kind ORDER BY x.due_at)
+      INTO t_keys, t_kinds
+      FROM (SELECT y.key_id, y.kind, y.due_at
+              FROM keypal.key_timers y JOIN keypal.keys kk ON kk.id = y.key_id
+             WHERE y.due_at <= t0
+             ORDER BY y.due_at
+             LIMIT budget
+               FOR NO KEY UPDATE OF kk SKIP LOCKED
+               FOR UPDATE OF y SKIP LOCKED) x;
+    n := coalesce(cardinality(t_keys), 0);
+    budget := budget - n;
+    -- All in one subtransaction; only if one fails (a child key held by another
+    -- transaction past lock_timeout, a deadlock with another run), each on its own: the
+    -- failing one is tried again in a minute and holds up no other. (One subtransaction
+    -- per timer only then: see finish_deliveries.)
+    BEGIN
+        FOR i IN 1..n LOOP
+            PERFORM keypal.fire_due(t_keys[i], t_kinds[i], t0);
+        END LOOP;
+    EXCEPTION WHEN OTHERS THEN
+        FOR i IN 1..n LOOP
+            BEGIN
+                PERFORM keypal.fire_due(t_keys[i], t_kinds[i], t0);
+            EXCEPTION WHEN OTHERS THEN
+                RAISE WARNING 'keypal maintenance: % of key % failed (%); tried again in a minute',
+                    t_kinds[i], t_keys[i], SQLERRM;
+                UPDATE keypal.key_timers x SET due_at = t0 + interval '1 minute'
+                 WHERE x.key_id = t_keys[i] AND x.kind = t_kinds[i];
+            END;
+        END LOOP;
+    END;
     IF budget <= 0 THEN
         RETURN true;
     END IF;

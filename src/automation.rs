@@ -254,7 +254,7 @@ fn record(done: &[Done]) -> bool {
 fn maintain() -> bool {
     let until = now_us() + MAINTENANCE_TURN_US;
     for _ in 0..STEPS_PER_TURN {
-        if now_us() >= until || BackgroundWorker::sigterm_received() {
+        if now_us() >= until || crate::bgtx::stopping() {
             return true;
         }
         let more = BackgroundWorker::transaction(|| {

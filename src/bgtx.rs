@@ -51,6 +51,13 @@ pub fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> Option<T> {
     }
 }
 
+/// Whether the worker was told to stop (SIGTERM). Unlike pgrx's `sigterm_received`, reading
+/// it does not clear it: every place that looks sees it.
+pub fn stopping() -> bool {
+    // SAFETY: a flag the SIGTERM handler sets; read volatile.
+    unsafe { (&raw const pg_sys::ShutdownRequestPending).read_volatile() != 0 }
+}
+
 /// One statement in its own guarded worker transaction (search_path pinned first).
 pub fn run(what: &str, sql: &str) -> Option<()> {
     pgrx::bgworkers::BackgroundWorker::transaction(|| {

@@ -88,6 +88,12 @@ impl Pool {
             let done = self.done_tx.clone();
             if spawn_without_signals(move || run(&queue, &done)).is_ok() {
                 self.threads += 1;
+            } else if self.threads == 0 {
+                // No thread to take it: answered at once as failed (retried later).
+                let _ = self
+                    .done_tx
+                    .send(failed(&job, "no delivery thread could be started".into()));
+                return;
             }
         }
         if let Err(mpsc::SendError(job)) = self.jobs.send(job) {

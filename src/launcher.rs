@@ -43,16 +43,20 @@ pub extern "C-unwind" fn keypal_launcher_main(_arg: pg_sys::Datum) {
             if crate::limits::shmem::worker_running_for(db) {
                 continue;
             }
-            if let Err(e) = crate::worker::start(db) {
+            // In a transaction: what starting a worker allocates goes with it.
+            let started = BackgroundWorker::transaction(|| crate::worker::start(db));
+            if let Err(e) = started {
                 pgrx::warning!("keypal launcher: database {db}: {e}");
             }
             // One at a time: a worker with nothing to do there leaves within moments, and
             // max_worker_processes is shared with everything else.
-            if !BackgroundWorker::wait_latch(Some(Duration::from_millis(200))) {
+            if !BackgroundWorker::wait_latch(Some(Duration::from_millis(200)))
+                || crate::bgtx::stopping()
+            {
                 return;
             }
         }
-        if !BackgroundWorker::wait_latch(Some(RESCAN)) {
+        if !BackgroundWorker::wait_latch(Some(RESCAN)) || crate::bgtx::stopping() {
             return;
         }
     }
@@ -78,7 +82,9 @@ fn databases() -> Vec<u32> {
             let header = (*tuple).t_data;
             let form = (header as *const u8).add((*header).t_hoff as usize)
                 as *const pg_sys::FormData_pg_database;
-            if (*form).datallowconn && !(*form).datistemplate {
+            // Not a template, accepting connections, and not left invalid by an interrupted
+            // DROP DATABASE (datconnlimit -2).
+            if (*form).datallowconn && !(*form).datistemplate && (*form).datconnlimit != -2 {
                 found.push((*form).oid.to_u32());
             }
         }

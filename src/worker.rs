@@ -141,9 +141,20 @@ fn wait(us: i64) -> (bool, bool) {
         pg_sys::ResetLatch(pg_sys::MyLatch);
         rc
     };
-    let alive = rc & pg_sys::WL_POSTMASTER_DEATH as i32 == 0;
+    if rc & pg_sys::WL_POSTMASTER_DEATH as i32 != 0 {
+        // Nothing to flush to: the server is gone.
+        // SAFETY: exits this process, as WL_EXIT_ON_PM_DEATH would.
+        unsafe { pg_sys::proc_exit(1) };
+    }
+    // Barriers (DROP DATABASE's, say) are absorbed here, not only at the next statement.
+    // SAFETY: the check PostgreSQL's own loops make between waits.
+    unsafe {
+        if (&raw const pg_sys::ProcSignalBarrierPending).read_volatile() != 0 {
+            pg_sys::ProcessProcSignalBarrier();
+        }
+    }
     (
-        alive && !BackgroundWorker::sigterm_received(),
+        !crate::bgtx::stopping(),
         rc & pg_sys::WL_LATCH_SET as i32 != 0,
     )
 }
@@ -195,9 +206,15 @@ pub extern "C-unwind" fn keypal_flush_worker_main(arg: pg_sys::Datum) {
         } else {
             (last_flush + flush_us - now).clamp(0, flush_us)
         };
-        let wait = automation
-            .wait_us(now)
-            .map_or(flush_in, |w| w.min(flush_in));
+        // SAFETY: reads a shared flag.
+        let standby = unsafe { pg_sys::RecoveryInProgress() };
+        let wait = if standby {
+            flush_in
+        } else {
+            automation
+                .wait_us(now)
+                .map_or(flush_in, |w| w.min(flush_in))
+        };
         // The latch is set by a commit that queued webhook deliveries, and by each answer
         // of a delivery thread.
         let (go_on, woken) = self::wait(wait);
@@ -220,13 +237,13 @@ pub extern "C-unwind" fn keypal_flush_worker_main(arg: pg_sys::Datum) {
                 return;
             }
         }
-        // SAFETY: reads a shared flag.
-        if !unsafe { pg_sys::RecoveryInProgress() } {
+        // On a standby: no deliveries, no maintenance (nothing can be written).
+        if !standby {
             automation.turn(woken, flush_us);
         }
         // SAFETY: reads the clock.
         let now = unsafe { pg_sys::GetCurrentTimestamp() };
-        if state.remaining > 0 || state.full_batch || automation.busy() {
+        if state.remaining > 0 || state.full_batch || (!standby && automation.busy()) {
             state.empty_since = None;
             continue;
         }

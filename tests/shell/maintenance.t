@@ -44,6 +44,7 @@ q -c "SELECT count(*) FROM generate_series(1, 100) g,
         LATERAL keypal_create(owner_id => 'fam' || g, scopes => '{read}', parent_id => p.id, revoke_at => now() + interval '1 day')" >/dev/null
 read -r held < <(q -c "SELECT id FROM keypal_create(owner_id => 'held', revoke_at => now() + interval '1 day')")
 q -c "UPDATE keypal.keys SET revoke_at = clock_timestamp() - interval '1 second' WHERE owner_id LIKE 'fam%' OR owner_id = 'held'" >/dev/null
+au0=$(q -c "SELECT max(id) FROM keypal.audit_log")
 psql -X -q -c "BEGIN" -c "SELECT 1 FROM keypal.keys WHERE id = '$held' FOR UPDATE" -c "SELECT pg_sleep(3)" -c "COMMIT" >/dev/null &
 holder=$!
 sleep 0.5
@@ -54,6 +55,10 @@ is "$ra $rb" "0 0" "two runs over parents and children both due: no deadlock, no
 is "$(q -c "SELECT count(*) FROM keypal.keys WHERE owner_id LIKE 'fam%' AND revoked_at IS NOT NULL")" 200 "every parent and child revoked"
 is "$(q -c "SELECT count(*), count(DISTINCT a.key_id) FROM keypal.audit_log a JOIN keypal.keys k ON k.id = a.key_id WHERE k.owner_id LIKE 'fam%' AND a.action = 'revoked'" | tr '|' ' ')" "200 200" \
    "each once in the audit log"
+is "$(q -c "SELECT count(*) FROM keypal.audit_log a JOIN keypal.keys k ON k.id = a.key_id WHERE k.owner_id LIKE 'fam%' AND a.id > $au0 AND a.action <> 'revoked'")" 0 \
+   "and nothing else: no child revoked by cascade is touched again by its own timer"
+is "$(q -c "SELECT count(*) FROM keypal.keys WHERE owner_id LIKE 'fam%' AND revoked_at > revoke_at")" 0 \
+   "no revocation moved later"
 is "$(q -c "SELECT revoked_at IS NULL FROM keypal.keys WHERE id = '$held'")" t "the key another transaction held is left for later"
 wait $holder
 sleep 5
