@@ -21,7 +21,8 @@ CREATE TYPE keypal.rotated_key AS (
     id         uuid,
     old_id     uuid,
     expires_at timestamptz,
-    env        text
+    env        text,
+    signing_secret text
 );
 COMMENT ON TYPE keypal.rotated_key IS 'What keypal_rotate returns: the new plaintext key (once), its id, and the old id.';
 
@@ -283,15 +284,15 @@ DECLARE
     v_exp    timestamptz;
     v_key    text;
     v_id     uuid := gen_random_uuid();
+    v_secret text;
 BEGIN
     IF v_env IS NOT NULL AND jsonb_typeof(cfg.environments) = 'object' AND NOT cfg.environments ? v_env THEN
         RAISE EXCEPTION 'invalid %env: no environment named % (configured: %)', arg_prefix,
             quote_literal(v_env), (SELECT string_agg(e, ', ') FROM jsonb_object_keys(cfg.environments) e)
             USING ERRCODE = '22023';
     END IF;
-    IF coalesce((o->>'signing')::boolean, false) THEN
-        RAISE EXCEPTION 'signing keys are not available yet' USING ERRCODE = '0A000';
-    END IF;
+    -- A signing key's secret (derived, never stored; 55000 without keypal.signing_secret).
+    v_secret := CASE WHEN coalesce((o->>'signing')::boolean, false) THEN keypal.signing_secret_for(v_id) END;
     IF o ? 'expires_in' THEN
         v_exp := now() + keypal.parse_duration(o->>'expires_in', arg_prefix || 'expires_in');
     ELSE
@@ -324,7 +325,7 @@ BEGIN
     INSERT INTO keypal.keys (id, key_hash, algorithm, owner_id, org_id, env, name, description, scopes,
                              resources, tags, metadata, enabled, expires_at, parent_id, policy,
                              rate_limit, quota, allowed_ips, blocked_ips, allowed_regions,
-                             blocked_regions, disable_at, revoke_at, notify_before, rotated_from)
+                             blocked_regions, disable_at, revoke_at, notify_before, rotated_from, signing)
     VALUES (v_id, keypal.hash_key(v_key, cfg.algorithm), cfg.algorithm, o->>'owner_id', o->>'org_id',
             v_env, o->>'name', o->>'description', v_scopes, v_res, keypal.text_array(o->'tags'),
             coalesce(o->'metadata', '{}'), coalesce((o->>'enabled')::boolean, true), v_exp,
@@ -334,9 +335,9 @@ BEGIN
             keypal.parse_timestamp(o->>'disable_at', arg_prefix || 'disable_at'),
             keypal.parse_timestamp(o->>'revoke_at', arg_prefix || 'revoke_at'),
             keypal.parse_duration(o->>'notify_before', arg_prefix || 'notify_before'),
-            (extra->>'rotated_from')::uuid);
+            (extra->>'rotated_from')::uuid, v_secret IS NOT NULL);
     PERFORM keypal.end_change();
-    RETURN ROW(v_key, v_id, v_exp, v_env, NULL)::keypal.created_key;
+    RETURN ROW(v_key, v_id, v_exp, v_env, v_secret)::keypal.created_key;
 END $$;
 
 --------------------------------------------------------------------------------
@@ -529,6 +530,30 @@ LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 
                 THEN keypal.key_holds($1, $2, $3, true) ELSE false END
 $$;
 
+-- Request signing (SPEC §3): true only when the signature signs this request with the
+-- key's signing secret, is dated within max_age (at most a minute ahead), was not seen
+-- before within max_age, and the key is a signing key that would verify now. Any role may
+-- call it; every failure is the same false.
+CREATE FUNCTION keypal_verify_signature(key_id uuid DEFAULT NULL, method text DEFAULT NULL, path text DEFAULT NULL,
+                                        body text DEFAULT NULL, signature text DEFAULT NULL,
+                                        max_age text DEFAULT '5m')
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    age interval := keypal.parse_duration(coalesce(max_age, '5m'), 'max_age');
+BEGIN
+    IF key_id IS NULL OR method IS NULL OR path IS NULL OR signature IS NULL THEN
+        RETURN false;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM keypal.keys k WHERE k.id = keypal_verify_signature.key_id AND k.signing)
+       OR keypal.key_state(key_id) IS NOT NULL THEN
+        RETURN false;
+    END IF;
+    RETURN keypal.accept_signature(key_id, keypal.signing_secret_for(key_id), method, path,
+                                   coalesce(body, ''), signature,
+                                   (extract(epoch FROM age) * 1000000)::bigint);
+END $$;
+
 --------------------------------------------------------------------------------
 -- Lifecycle
 --------------------------------------------------------------------------------
@@ -639,13 +664,13 @@ RETURNS jsonb LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
         ARRAY['owner_id', 'name', 'description', 'scopes', 'resources', 'tags', 'metadata', 'env',
               'org_id', 'parent_id', 'policy', 'rate_limit', 'quota', 'allowed_ips', 'blocked_ips',
               'allowed_regions', 'blocked_regions', 'disable_at', 'revoke_at', 'notify_before',
-              'enabled'],
+              'enabled', 'signing'],
         ARRAY[to_jsonb(k.owner_id), to_jsonb(k.name), to_jsonb(k.description), to_jsonb(k.scopes),
               k.resources, to_jsonb(k.tags), k.metadata, to_jsonb(k.env), to_jsonb(k.org_id),
               to_jsonb(k.parent_id), to_jsonb(k.policy), k.rate_limit, k.quota,
               to_jsonb(k.allowed_ips), to_jsonb(k.blocked_ips), to_jsonb(k.allowed_regions),
               to_jsonb(k.blocked_regions), to_jsonb(k.disable_at), to_jsonb(k.revoke_at),
-              to_jsonb(k.notify_before::text), to_jsonb(k.enabled)])
+              to_jsonb(k.notify_before::text), to_jsonb(k.enabled), to_jsonb(k.signing)])
 $$;
 
 CREATE FUNCTION keypal_rotate(
@@ -699,7 +724,7 @@ BEGIN
        SET rotated_to = made.id, revoked_at = now() + v_grace, revoke_reason = 'rotated', revoked_by = who
      WHERE keys.id = old.id;
     PERFORM keypal.end_change();
-    RETURN NEXT ROW(made.key, made.id, old.id, made.expires_at, made.env)::keypal.rotated_key;
+    RETURN NEXT ROW(made.key, made.id, old.id, made.expires_at, made.env, made.signing_secret)::keypal.rotated_key;
 END $$;
 
 CREATE FUNCTION keypal_update(
@@ -1514,6 +1539,8 @@ BEGIN
         ('keypal_analyze', 'A deterministic report on a key: suggested_name, usage_pattern, security_score (0-100), recommendations, peak hours and top endpoints, from its settings and the last 30 days of usage.'),
         ('keypal_audit', 'Audit log entries, newest first, filtered by key, owner, org, action and time.'),
         ('keypal_audit_stats', 'Audit totals: count, count per action and last activity, for an owner and time range.'),
+        ('keypal_sign', 'Signs a request: ''t=<unix seconds>,v1=<hex hmac-sha256(secret, METHOD || E''\\n'' || path || E''\\n'' || t || E''\\n'' || lower-hex(sha256(body)))>''. For clients holding a signing_secret.'),
+        ('keypal_verify_signature', 'Whether signature signs this request (method, path, body) with the key''s signing secret, is at most max_age old (default 5m; at most a minute ahead), was not seen before within max_age, and the key is a signing key that would verify now.'),
         ('keypal_add_webhook', 'Adds a webhook: every event named in events (default: all, ''*'') is POSTed to url, signed with secret (Keypal-Signature: t=<unix>,v1=<hex hmac-sha256(secret, t.body)>), by the flush worker, at least once. Returns its id. The secret is write-only.'),
         ('keypal_update_webhook', 'Changes a webhook''s url, secret or events (NULL leaves each as it is). Returns whether it exists.'),
         ('keypal_list_webhooks', 'The webhooks (never their secrets), with their pending and dead deliveries and their last attempt.'),
@@ -1551,7 +1578,8 @@ BEGIN
                                    'keypal_authenticate_request', 'keypal_current_key_id',
                                    'keypal_current_owner', 'keypal_current_org',
                                    'keypal_current_scopes', 'keypal_current_has_scope',
-                                   'keypal_has_scope', 'keypal_has_any_scope', 'keypal_has_all_scopes') LOOP
+                                   'keypal_has_scope', 'keypal_has_any_scope', 'keypal_has_all_scopes',
+                                   'keypal_sign', 'keypal_verify_signature') LOOP
         EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO PUBLIC', fn);
     END LOOP;
 END $$;

@@ -123,6 +123,9 @@ CREATE TABLE keypal.keys (
     disable_at       timestamptz,
     revoke_at        timestamptz,
     notify_before    interval,
+    -- Requests may be signed with this key's signing secret (derived from the server's
+    -- keypal.signing_secret and the id: no table holds it).
+    signing          boolean NOT NULL DEFAULT false,
     CHECK (parent_id IS DISTINCT FROM id),
     CHECK (jsonb_typeof(resources) = 'object'),
     CHECK (jsonb_typeof(metadata) = 'object')

@@ -150,6 +150,46 @@ fn authenticate_inner(key: Option<&str>, req: &Request) -> VerifyResult {
     row
 }
 
+/// Signs a request (SPEC §3): `t=<unix seconds>,v1=<hex hmac-sha256(secret, canonical)>`,
+/// canonical = `METHOD\npath\nt\nlower-hex(sha256(body))` (src/signature.rs).
+#[pg_extern(volatile, parallel_safe)]
+fn keypal_sign(
+    secret: default!(Option<&str>, "NULL"),
+    method: default!(Option<&str>, "NULL"),
+    path: default!(Option<&str>, "NULL"),
+    body: default!(Option<&str>, "''"),
+    ts: default!(Option<TimestampWithTimeZone>, "now()"),
+) -> String {
+    let need = |v: Option<&str>, name: &str| match v {
+        Some(v) if !v.is_empty() => v.to_string(),
+        _ => bad_argument(name, "required"),
+    };
+    let (secret, method, path) = (
+        need(secret, "secret"),
+        need(method, "method"),
+        need(path, "path"),
+    );
+    let t = ts.map_or_else(unix_now, |t| unix_of(t) / 1_000_000);
+    crate::signature::sign_request(&secret, &method, &path, body.unwrap_or("").as_bytes(), t)
+}
+
+/// Unix seconds now.
+fn unix_now() -> i64 {
+    // SAFETY: reads the clock.
+    unix_of_us(unsafe { pg_sys::GetCurrentTimestamp() }) / 1_000_000
+}
+
+/// Unix microseconds of a timestamptz.
+fn unix_of(t: TimestampWithTimeZone) -> i64 {
+    use pgrx::IntoDatum;
+    unix_of_us(t.into_datum().map_or(0, |d| d.value() as i64))
+}
+
+/// PostgreSQL's epoch (2000-01-01) to unix, in microseconds.
+fn unix_of_us(pg_us: i64) -> i64 {
+    pg_us + 946_684_800_000_000
+}
+
 /// This server's counters (SPEC §3): verifies since server start by outcome (`valid` and
 /// each SPEC §4 code), how long ago this database's flush worker last flushed, the shared
 /// entries in use and their bytes. Reads shared memory only: no table writes.
@@ -510,6 +550,65 @@ mod keypal {
     #[pg_extern(volatile, parallel_unsafe)]
     fn wake_worker() {
         crate::worker::wake_at_commit();
+    }
+
+    /// A key's request-signing secret, derived from the server's `keypal.signing_secret`
+    /// (55000 while that is not set). Never stored.
+    #[pg_extern(stable, parallel_safe)]
+    fn signing_secret_for(key_id: Uuid) -> String {
+        let Some(server) = gucs::SIGNING_SECRET.get().filter(|s| !s.is_empty()) else {
+            raise(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                "signing keys need a server secret: ALTER SYSTEM SET keypal.signing_secret = \
+                 '<long random string>'; SELECT pg_reload_conf(); (superuser)"
+                    .into(),
+            );
+        };
+        crate::signature::derive_signing_secret(&server.to_string_lossy(), &key_id.to_string())
+    }
+
+    /// keypal_verify_signature's check, once the key is known usable and `secret` is its
+    /// signing secret: the signature signs this request, is dated within `max_age_us` of
+    /// now (and at most a minute ahead), and has not been presented before within that
+    /// time (shared memory: exact across sessions, not undone by a rollback).
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn accept_signature(
+        key_id: Uuid,
+        secret: &str,
+        method: &str,
+        path: &str,
+        body: &str,
+        signature: &str,
+        max_age_us: i64,
+    ) -> bool {
+        const SKEW_US: i64 = 60_000_000;
+        let Some(t) =
+            crate::signature::check_request(secret, method, path, body.as_bytes(), signature)
+        else {
+            return false;
+        };
+        // SAFETY: reads the clock.
+        let now = unsafe { pg_sys::GetCurrentTimestamp() };
+        let t_us = t
+            .saturating_mul(1_000_000)
+            .saturating_sub(946_684_800_000_000);
+        if now.saturating_sub(t_us) > max_age_us || t_us.saturating_sub(now) > SKEW_US {
+            return false;
+        }
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(key_id.as_bytes());
+        h.update(signature.trim().to_ascii_lowercase().as_bytes());
+        let mut digest = [0u8; 16];
+        digest.copy_from_slice(&h.finalize()[..16]);
+        let until = t_us.saturating_add(max_age_us).max(now) + 1_000_000;
+        match crate::limits::shmem::first_sighting(digest, t_us, until) {
+            Ok(first) => first,
+            Err(e) => {
+                pgrx::warning!("{e}; signatures are refused until some expire");
+                false
+            }
+        }
     }
 
     /// Makes sure, before the current transaction commits, that this database has a

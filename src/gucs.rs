@@ -13,6 +13,10 @@ use std::ffi::CString;
 
 pub static SALT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
+/// The server secret every key's request-signing secret is derived from (superuser-only,
+/// like the salt; never in a table).
+pub static SIGNING_SECRET: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
 /// The most memory (MB) the shared entries may take (keys in use: limits/shmem.rs).
 pub static SHARED_MEMORY_MB: GucSetting<i32> = GucSetting::<i32>::new(1024);
 
@@ -59,6 +63,15 @@ pub fn init() {
         60_000,
         GucContext::Sighup,
         GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_string_guc(
+        c"keypal.signing_secret",
+        c"Server secret each key's request-signing secret is derived from (superuser only).",
+        c"signing_secret = 'kps_' || hex(hmac-sha256(this, 'keypal signing secret:' || key id)). \
+          Set it with ALTER SYSTEM and reload; changing it changes every key's signing secret.",
+        &SIGNING_SECRET,
+        GucContext::Suset,
+        GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL | GucFlags::NO_RESET_ALL,
     );
     GucRegistry::define_string_guc(
         c"keypal.salt",

@@ -1,7 +1,10 @@
-//! HMAC-SHA256 signatures, pure Rust: the `Keypal-Signature` header of webhook deliveries.
+//! HMAC-SHA256 signatures, pure Rust: the `Keypal-Signature` header of webhook deliveries,
+//! and request signing (`keypal_sign`, `keypal_verify_signature`) with per-key secrets
+//! derived from the server's `keypal.signing_secret`.
 
+use crate::keys::{constant_time_eq, to_hex};
 use hmac::{Hmac, Mac};
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 
 /// Lower-hex HMAC-SHA256 of `message` under `secret`.
 pub fn hmac_sha256_hex(secret: &[u8], message: &[u8]) -> String {
@@ -24,9 +27,166 @@ pub fn webhook_signature(secret: &str, t: u64, body: &str) -> String {
     )
 }
 
+/// The string a request signature covers: the method (upper case), the path, the unix time
+/// and the lower-hex SHA-256 of the body, one per line.
+pub fn canonical_request(method: &str, path: &str, t: i64, body: &[u8]) -> String {
+    format!(
+        "{}\n{}\n{}\n{}",
+        method.to_ascii_uppercase(),
+        path,
+        t,
+        to_hex(&Sha256::digest(body))
+    )
+}
+
+/// `t=<t>,v1=<hex hmac-sha256(secret, canonical_request)>`: what `keypal_sign` returns.
+pub fn sign_request(secret: &str, method: &str, path: &str, body: &[u8], t: i64) -> String {
+    let signed = canonical_request(method, path, t, body);
+    format!(
+        "t={t},v1={}",
+        hmac_sha256_hex(secret.as_bytes(), signed.as_bytes())
+    )
+}
+
+/// The `t` and `v1` of a signature, if it has that shape (`t=<digits>,v1=<64 hex>`, in
+/// either order, nothing else).
+pub fn parse_signature(sig: &str) -> Option<(i64, &str)> {
+    let (mut t, mut v1) = (None, None);
+    for part in sig.trim().split(',') {
+        match part.trim().split_once('=')? {
+            ("t", v)
+                if t.is_none()
+                    && !v.is_empty()
+                    && v.bytes().all(|b| b.is_ascii_digit())
+                    && v.len() <= 12 =>
+            {
+                t = v.parse().ok()
+            }
+            ("v1", v)
+                if v1.is_none() && v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()) =>
+            {
+                v1 = Some(v)
+            }
+            _ => return None,
+        }
+    }
+    Some((t?, v1?))
+}
+
+/// Whether `sig` signs this request with `secret` (constant-time); its `t` too.
+pub fn check_request(
+    secret: &str,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    sig: &str,
+) -> Option<i64> {
+    let (t, v1) = parse_signature(sig)?;
+    let expected = sign_request(secret, method, path, body, t);
+    let expected_v1 = &expected[expected.len() - 64..];
+    constant_time_eq(expected_v1.as_bytes(), v1.to_ascii_lowercase().as_bytes()).then_some(t)
+}
+
+/// A key's signing secret: `kps_` and the lower-hex HMAC-SHA256, under the server's
+/// `keypal.signing_secret`, of `keypal signing secret:<key id>` (the id in its usual text
+/// form). Not stored anywhere: derived again when needed.
+pub fn derive_signing_secret(server_secret: &str, key_id: &str) -> String {
+    format!(
+        "kps_{}",
+        hmac_sha256_hex(
+            server_secret.as_bytes(),
+            format!("keypal signing secret:{key_id}").as_bytes()
+        )
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_signatures_round_trip() {
+        let sig = sign_request(
+            "s3cret",
+            "post",
+            "/v1/items?a=1",
+            b"{\"x\":1}",
+            1_700_000_000,
+        );
+        assert!(sig.starts_with("t=1700000000,v1="));
+        assert_eq!(
+            check_request("s3cret", "POST", "/v1/items?a=1", b"{\"x\":1}", &sig),
+            Some(1_700_000_000)
+        );
+        assert_eq!(
+            check_request("other", "POST", "/v1/items?a=1", b"{\"x\":1}", &sig),
+            None
+        );
+        assert_eq!(
+            check_request("s3cret", "GET", "/v1/items?a=1", b"{\"x\":1}", &sig),
+            None
+        );
+        assert_eq!(
+            check_request("s3cret", "POST", "/v1/items?a=2", b"{\"x\":1}", &sig),
+            None
+        );
+        assert_eq!(
+            check_request("s3cret", "POST", "/v1/items?a=1", b"{\"x\":2}", &sig),
+            None
+        );
+        let other_t = sig.replace("t=1700000000", "t=1700000001");
+        assert_eq!(
+            check_request("s3cret", "POST", "/v1/items?a=1", b"{\"x\":1}", &other_t),
+            None
+        );
+    }
+
+    #[test]
+    fn canonical_request_is_documented_shape() {
+        assert_eq!(
+            canonical_request("get", "/a", 5, b""),
+            "GET\n/a\n5\ne3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+    }
+
+    #[test]
+    fn malformed_signatures_are_refused() {
+        let v = "a".repeat(64);
+        for bad in [
+            "",
+            "t=1",
+            &format!("v1={v}"),
+            &format!("t=x,v1={v}"),
+            &format!("t=1,v1={v},x=2"),
+            &format!("t=1,v1={}", "a".repeat(63)),
+            &format!("t=1,t=2,v1={v}"),
+            &format!("t=-1,v1={v}"),
+        ] {
+            assert!(parse_signature(bad).is_none(), "{bad}");
+        }
+        assert_eq!(
+            parse_signature(&format!("v1={v}, t=12")),
+            Some((12, v.as_str()))
+        );
+    }
+
+    #[test]
+    fn signing_secrets_differ_per_key_and_server_secret() {
+        let a = derive_signing_secret("server", "1b4e28ba-2fa1-11d2-883f-0016d3cca427");
+        assert!(a.starts_with("kps_") && a.len() == 68);
+        assert_ne!(
+            a,
+            derive_signing_secret("server", "1b4e28ba-2fa1-11d2-883f-0016d3cca428")
+        );
+        assert_ne!(
+            a,
+            derive_signing_secret("server2", "1b4e28ba-2fa1-11d2-883f-0016d3cca427")
+        );
+        assert_eq!(
+            a,
+            derive_signing_secret("server", "1b4e28ba-2fa1-11d2-883f-0016d3cca427")
+        );
+    }
 
     #[test]
     fn rfc4231_case_2() {

@@ -52,6 +52,12 @@ struct Root {
     /// The flush worker's queue: a second table of the keys whose entries have changes to
     /// write, so a flush visits those, not every entry.
     queue: pg_sys::dsa_pointer,
+    /// Request signatures seen (keypal_verify_signature's replay check), until they expire.
+    seen: pg_sys::dsa_pointer,
+    seen_count: AtomicI64,
+    /// When the tables were made (µs): a signature dated before may have been seen by the
+    /// tables of a server run before this one, and is refused.
+    made_at: i64,
     entries: AtomicI64,
     queued: AtomicI64,
     seq: AtomicU64,
@@ -72,20 +78,28 @@ struct Local {
     root: *mut Root,
     table: *mut DshashTable,
     queue: *mut DshashTable,
+    seen: *mut DshashTable,
 }
 
 static ROOT: AtomicPtr<Root> = AtomicPtr::new(std::ptr::null_mut());
 static TABLE: AtomicPtr<DshashTable> = AtomicPtr::new(std::ptr::null_mut());
 static QUEUE: AtomicPtr<DshashTable> = AtomicPtr::new(std::ptr::null_mut());
+static SEEN: AtomicPtr<DshashTable> = AtomicPtr::new(std::ptr::null_mut());
 
 fn local() -> Local {
-    let (root, table, queue) = (
+    let (root, table, queue, seen) = (
         ROOT.load(Ordering::Relaxed),
         TABLE.load(Ordering::Relaxed),
         QUEUE.load(Ordering::Relaxed),
+        SEEN.load(Ordering::Relaxed),
     );
-    if !root.is_null() && !table.is_null() && !queue.is_null() {
-        return Local { root, table, queue };
+    if !root.is_null() && !table.is_null() && !queue.is_null() && !seen.is_null() {
+        return Local {
+            root,
+            table,
+            queue,
+            seen,
+        };
     }
     // SAFETY: called inside a transaction or from the flush worker; errors (no memory for a
     // segment) leave nothing half set: the pointers are stored once everything is attached.
@@ -96,10 +110,16 @@ fn local() -> Local {
             root
         };
         ROOT.store(root, Ordering::Relaxed);
-        let (table, queue) = attach_tables(root);
+        let (table, queue, seen) = attach_tables(root);
         TABLE.store(table, Ordering::Relaxed);
         QUEUE.store(queue, Ordering::Relaxed);
-        Local { root, table, queue }
+        SEEN.store(seen, Ordering::Relaxed);
+        Local {
+            root,
+            table,
+            queue,
+            seen,
+        }
     }
 }
 
@@ -171,7 +191,7 @@ fn key_hash(k: &EntryKey) -> u32 {
 }
 
 /// Attaches this backend to the root's area, table and queue, making them on first use.
-unsafe fn attach_tables(root: *mut Root) -> (*mut DshashTable, *mut DshashTable) {
+unsafe fn attach_tables(root: *mut Root) -> (*mut DshashTable, *mut DshashTable, *mut DshashTable) {
     unsafe {
         register_tranches(root);
         // The area and table descriptors live as long as the backend.
@@ -179,12 +199,14 @@ unsafe fn attach_tables(root: *mut Root) -> (*mut DshashTable, *mut DshashTable)
         pg_sys::LWLockAcquire(root_lock(root), pg_sys::LWLockMode::LW_EXCLUSIVE);
         let entries = params(root, std::mem::size_of::<Entry>());
         let keys = params(root, std::mem::size_of::<EntryKey>());
+        let seen = params(root, std::mem::size_of::<Seen>());
         let tables = if (*root).ready {
             let area = pg_sys::dsa_attach((*root).area);
             pg_sys::dsa_pin_mapping(area);
             (
                 dshash::dshash_attach(area, &entries, (*root).table, std::ptr::null_mut()),
                 dshash::dshash_attach(area, &keys, (*root).queue, std::ptr::null_mut()),
+                dshash::dshash_attach(area, &seen, (*root).seen, std::ptr::null_mut()),
             )
         } else {
             let area = pg_sys::dsa_create((*root).area_tranche);
@@ -192,11 +214,14 @@ unsafe fn attach_tables(root: *mut Root) -> (*mut DshashTable, *mut DshashTable)
             pg_sys::dsa_pin_mapping(area);
             let table = dshash::dshash_create(area, &entries, std::ptr::null_mut());
             let queue = dshash::dshash_create(area, &keys, std::ptr::null_mut());
+            let seen_table = dshash::dshash_create(area, &seen, std::ptr::null_mut());
             (*root).area = pg_sys::dsa_get_handle(area);
             (*root).table = dshash::dshash_get_hash_table_handle(table);
             (*root).queue = dshash::dshash_get_hash_table_handle(queue);
+            (*root).seen = dshash::dshash_get_hash_table_handle(seen_table);
+            (*root).made_at = pg_sys::GetCurrentTimestamp();
             (*root).ready = true;
-            (table, queue)
+            (table, queue, seen_table)
         };
         pg_sys::LWLockRelease(root_lock(root));
         pg_sys::MemoryContextSwitchTo(old);
@@ -764,6 +789,7 @@ pub fn sweep(s: &Sweep, mut db_exists: impl FnMut(u32) -> bool) -> usize {
         remaining += 1;
         Visit::Keep
     });
+    sweep_seen(s.now);
     if !gone.is_empty() {
         drop_queued(&l, |k| gone.contains(&k.db));
     }
@@ -794,6 +820,80 @@ pub fn purge(db: u32) {
         }
     });
     drop_queued(&l, |k| k.db == db);
+}
+
+/// A request signature seen: (database, 16 bytes of its digest), until when it counts.
+#[repr(C)]
+struct Seen {
+    k: EntryKey,
+    until: i64,
+}
+
+/// Signatures remembered at most: an eighth of `keypal.shared_memory`, 64 bytes each.
+fn max_seen() -> i64 {
+    crate::gucs::SHARED_MEMORY_MB.get().max(1) as i64 * 1024 * 1024 / 8 / 64
+}
+
+/// keypal_verify_signature's replay check, exact across sessions: true the first time a
+/// signature (`digest`, dated `signed_at`) is presented, until `until` (µs); false when it
+/// was seen before, or is dated before these tables were made (a server run before this
+/// one may have seen it). Err when the memory for it is used up (then nothing verifies:
+/// refusing is the safe answer).
+pub fn first_sighting(digest: [u8; 16], signed_at: i64, until: i64) -> Result<bool, String> {
+    let l = local();
+    // SAFETY: the root is attached.
+    let root = unsafe { &*l.root };
+    // (Signatures carry whole seconds: one dated in the second the tables were made counts
+    // as after it.)
+    if signed_at < root.made_at - root.made_at.rem_euclid(1_000_000) {
+        return Ok(false);
+    }
+    // SAFETY: reads the clock.
+    let now = unsafe { pg_sys::GetCurrentTimestamp() };
+    let k = EntryKey {
+        db: my_db(),
+        key: digest,
+    };
+    if root.seen_count.load(Ordering::Relaxed) >= max_seen() {
+        // Make room from what has expired, once, before refusing.
+        sweep_seen(now);
+        if root.seen_count.load(Ordering::Relaxed) >= max_seen() {
+            return Err(format!(
+                "keypal: {} request signatures remembered within their max_age fill the memory \
+                 for them (an eighth of keypal.shared_memory)",
+                max_seen()
+            ));
+        }
+    }
+    // SAFETY: the table is attached; the entry stays locked until released below, and
+    // nothing between can raise an error.
+    unsafe {
+        let mut found = false;
+        let e =
+            dshash::dshash_find_or_insert(l.seen, (&raw const k).cast(), &mut found).cast::<Seen>();
+        let first = !found || (*e).until <= now;
+        if !found {
+            root.seen_count.fetch_add(1, Ordering::Relaxed);
+        }
+        if first {
+            e.write(Seen { k, until });
+        }
+        dshash::dshash_release_lock(l.seen, e.cast());
+        Ok(first)
+    }
+}
+
+/// Drops the request signatures whose time is over (the flush worker's sweep).
+pub fn sweep_seen(now: i64) {
+    let l = local();
+    // SAFETY: the root is attached.
+    scan::<Seen>(l.seen, true, unsafe { &(*l.root).seen_count }, |e| {
+        if e.until <= now {
+            Visit::Delete
+        } else {
+            Visit::Keep
+        }
+    });
 }
 
 /// Whether the entries fill `keypal.shared_memory` past nine tenths (the worker then sweeps

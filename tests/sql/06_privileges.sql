@@ -16,8 +16,8 @@ SELECT set_eq($$SELECT proname::text FROM ext_functions WHERE has_function_privi
     ARRAY['keypal_verify', 'keypal_verify_many', 'keypal_verify_headers', 'keypal_check', 'keypal_require',
           'keypal_authenticate', 'keypal_authenticate_request', 'keypal_current_key_id', 'keypal_current_owner',
           'keypal_current_org', 'keypal_current_scopes', 'keypal_current_has_scope', 'keypal_has_scope',
-          'keypal_has_any_scope', 'keypal_has_all_scopes'],
-    'PUBLIC may execute the verify family only');
+          'keypal_has_any_scope', 'keypal_has_all_scopes', 'keypal_sign', 'keypal_verify_signature'],
+    'PUBLIC may execute the verify family and request signing only');
 SELECT is((SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
             WHERE n.nspname = 'keypal' AND c.relkind IN ('r', 'v', 'S')
               AND (has_table_privilege('keypal_plain', c.oid, 'SELECT') OR has_table_privilege('keypal_plain', c.oid, 'INSERT')

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Request-signing bench: keypal (release) in a private cluster at PostgreSQL's default
+# durability; pgbench -M prepared, BENCH_CLIENTS (2) clients, BENCH_SECONDS (10) s each, one
+# run of each, one after the other:
+#   verify     SELECT keypal_verify(key, 'read') on one key (the baseline)
+#   sign       SELECT keypal_sign(secret, 'POST', path, body) (what a client computes)
+#   sign_verify SELECT keypal_verify_signature(id, 'POST', path, body, keypal_sign(...)): a
+#              fresh signature each call (a repeated one is a replay), so it includes a sign
+# and prints tps and the ratios to verify.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+CLIENTS=${BENCH_CLIENTS:-2}
+SECONDS_EACH=${BENCH_SECONDS:-10}
+DIR=/tmp/keypal-bench-signing
+PORT=${BENCH_PORT:-55444}
+bash scripts/setup.sh
+cargo pgrx install --release --pg-config /usr/lib/postgresql/15/bin/pg_config >/dev/null
+export PGHOST=$DIR PGPORT=$PORT PGUSER=postgres PGDATABASE=keypal_sign_bench
+bash scripts/cluster.sh stop "$DIR" 2>/dev/null || true
+rm -rf "$DIR"
+bash scripts/cluster.sh start "$DIR" "$PORT" "fsync = on" "synchronous_commit = on" \
+    "keypal.signing_secret = 'bench server secret'"
+work=$(mktemp -d)
+trap 'bash scripts/cluster.sh stop "$DIR"; rm -rf "$work"' EXIT
+psql -X -q -d postgres -c "CREATE DATABASE keypal_sign_bench"
+psql -X -q -c "CREATE EXTENSION keypal"
+read -r key id secret < <(psql -X -q -At -F ' ' -c "SELECT key, id, signing_secret FROM keypal_create(owner_id => 'bench', scopes => '{read}', signing => true)")
+echo "SELECT keypal_verify('$key', 'read');" > "$work/verify.sql"
+echo "SELECT keypal_sign('$secret', 'POST', '/v1/orders/' || (random() * 1e9)::bigint, '{\"qty\": 2}');" > "$work/sign.sql"
+cat > "$work/sign_verify.sql" <<SQL
+\\set n random(1, 1000000000000)
+SELECT keypal_verify_signature('$id', 'POST', '/v1/orders/' || :n, '{"qty": 2}',
+                               keypal_sign('$secret', 'POST', '/v1/orders/' || :n, '{"qty": 2}'));
+SQL
+declare -A tps
+for s in verify sign sign_verify; do
+    tps[$s]=$(pgbench -n -M prepared -c "$CLIENTS" -j "$CLIENTS" -T "$SECONDS_EACH" -f "$work/$s.sql" 2>&1 |
+              sed -n 's/^tps = \([0-9.]*\).*/\1/p')
+done
+accepted=$(psql -X -q -At -c "SELECT keypal_verify_signature('$id', 'GET', '/check', '', keypal_sign('$secret', 'GET', '/check', ''))")
+for s in verify sign sign_verify; do
+    awk -v s="$s" -v t="${tps[$s]}" -v v="${tps[verify]}" 'BEGIN { printf "%-12s %10.0f tps  %5.2fx verify\n", s, t, t / v }'
+done
+echo "(a fresh signature verifies: $accepted)"
