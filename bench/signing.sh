@@ -9,21 +9,13 @@
 # and prints tps and the ratios to verify.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PATH="$HOME/.cargo/bin:$PATH"
+source bench/lib.sh
 CLIENTS=${BENCH_CLIENTS:-2}
 SECONDS_EACH=${BENCH_SECONDS:-10}
 DIR=/tmp/keypal-bench-signing
-PORT=${BENCH_PORT:-55444}
-bash scripts/setup.sh
-cargo pgrx install --release --pg-config /usr/lib/postgresql/15/bin/pg_config >/dev/null
-export PGHOST=$DIR PGPORT=$PORT PGUSER=postgres PGDATABASE=keypal_sign_bench
-bash scripts/cluster.sh stop "$DIR" 2>/dev/null || true
-rm -rf "$DIR"
-bash scripts/cluster.sh start "$DIR" "$PORT" "fsync = on" "synchronous_commit = on" \
-    "keypal.signing_secret = 'bench server secret'"
+bench_cluster "$DIR" "${BENCH_PORT:-55444}" keypal_sign_bench "keypal.signing_secret = 'bench server secret'"
 work=$(mktemp -d)
 trap 'bash scripts/cluster.sh stop "$DIR"; rm -rf "$work"' EXIT
-psql -X -q -d postgres -c "CREATE DATABASE keypal_sign_bench"
 psql -X -q -c "CREATE EXTENSION keypal"
 read -r key id secret < <(psql -X -q -At -F ' ' -c "SELECT key, id, signing_secret FROM keypal_create(owner_id => 'bench', scopes => '{read}', signing => true)")
 echo "SELECT keypal_verify('$key', 'read');" > "$work/verify.sql"

@@ -11,25 +11,17 @@
 #               the POST's arrival at the receiver: median, 95th percentile and max
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PATH="$HOME/.cargo/bin:$PATH"
+source bench/lib.sh
 N=${HOOK_EVENTS:-20000}
 DELAYS=${HOOK_DELAYS:-200}
 DIR=/tmp/keypal-bench-hooks
-PORT=${BENCH_PORT:-55443}
 work=$(mktemp -d)
-
-bash scripts/setup.sh
-cargo pgrx install --release --pg-config /usr/lib/postgresql/15/bin/pg_config >/dev/null
-export PGHOST=$DIR PGPORT=$PORT PGUSER=postgres PGDATABASE=keypal_hooks_bench
-bash scripts/cluster.sh stop "$DIR" 2>/dev/null || true
-rm -rf "$DIR"
-bash scripts/cluster.sh start "$DIR" "$PORT" "fsync = on" "synchronous_commit = on"
+bench_cluster "$DIR" "${BENCH_PORT:-55443}" keypal_hooks_bench
 rport=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 python3 tests/shell/receiver.py "$rport" whsec_bench "$work/log" &
 receiver=$!
 trap 'kill $receiver 2>/dev/null; bash scripts/cluster.sh stop "$DIR"; rm -rf "$work"' EXIT
 q() { psql -X -q -At -v ON_ERROR_STOP=1 "$@"; }
-q -d postgres -c "CREATE DATABASE keypal_hooks_bench"
 q -c "CREATE EXTENSION keypal" -c "SELECT keypal_configure(webhook_allow_private => true)" >/dev/null
 q -c "SELECT keypal_add_webhook('http://127.0.0.1:$rport/ok', 'whsec_bench', '{key.revoked}')" >/dev/null
 sleep 0.5

@@ -114,31 +114,26 @@ mod tests {
             1_700_000_000,
         );
         assert!(sig.starts_with("t=1700000000,v1="));
+        let other_t = sig.replace("t=1700000000", "t=1700000001");
+        let body: &[u8] = b"{\"x\":1}";
         assert_eq!(
-            check_request("s3cret", "POST", "/v1/items?a=1", b"{\"x\":1}", &sig),
+            check_request("s3cret", "POST", "/v1/items?a=1", body, &sig),
             Some(1_700_000_000)
         );
-        assert_eq!(
-            check_request("other", "POST", "/v1/items?a=1", b"{\"x\":1}", &sig),
-            None
-        );
-        assert_eq!(
-            check_request("s3cret", "GET", "/v1/items?a=1", b"{\"x\":1}", &sig),
-            None
-        );
-        assert_eq!(
-            check_request("s3cret", "POST", "/v1/items?a=2", b"{\"x\":1}", &sig),
-            None
-        );
-        assert_eq!(
-            check_request("s3cret", "POST", "/v1/items?a=1", b"{\"x\":2}", &sig),
-            None
-        );
-        let other_t = sig.replace("t=1700000000", "t=1700000001");
-        assert_eq!(
-            check_request("s3cret", "POST", "/v1/items?a=1", b"{\"x\":1}", &other_t),
-            None
-        );
+        // Any one part changed: refused.
+        for (secret, method, path, body, sig) in [
+            ("other", "POST", "/v1/items?a=1", body, &sig),
+            ("s3cret", "GET", "/v1/items?a=1", body, &sig),
+            ("s3cret", "POST", "/v1/items?a=2", body, &sig),
+            ("s3cret", "POST", "/v1/items?a=1", &b"{\"x\":2}"[..], &sig),
+            ("s3cret", "POST", "/v1/items?a=1", body, &other_t),
+        ] {
+            assert_eq!(
+                check_request(secret, method, path, body, sig),
+                None,
+                "{secret} {method} {path}"
+            );
+        }
     }
 
     #[test]
