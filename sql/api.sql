@@ -542,7 +542,17 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 DECLARE
     age interval := keypal.parse_duration(coalesce(max_age, '5m'), 'max_age');
 BEGIN
+    -- Bounded: every signature accepted is remembered for max_age.
+    IF age > interval '1 hour' THEN
+        RAISE EXCEPTION 'invalid max_age: at most 1 hour, got %', max_age USING ERRCODE = '22023';
+    END IF;
     IF key_id IS NULL OR method IS NULL OR path IS NULL OR signature IS NULL THEN
+        RETURN false;
+    END IF;
+    -- No server secret here (a standby whose postgresql.auto.conf lacks it, say): the same
+    -- false as every failure, and a warning for the DBA.
+    IF coalesce(current_setting('keypal.signing_secret', true), '') = '' THEN
+        RAISE WARNING 'keypal: keypal.signing_secret is not set on this server: no signature verifies';
         RETURN false;
     END IF;
     IF NOT EXISTS (SELECT 1 FROM keypal.keys k WHERE k.id = keypal_verify_signature.key_id AND k.signing)

@@ -169,7 +169,18 @@ fn keypal_sign(
         need(method, "method"),
         need(path, "path"),
     );
-    let t = ts.map_or_else(unix_now, |t| unix_of(t) / 1_000_000);
+    if !crate::signature::signable(&method, &path) {
+        bad_argument(
+            "method/path",
+            "a method is letters only, and a path has no line breaks",
+        );
+    }
+    let t = match ts {
+        None => unix_now(),
+        Some(t) => {
+            unix_of(t).unwrap_or_else(|| bad_argument("ts", "must be a finite time")) / 1_000_000
+        }
+    };
     crate::signature::sign_request(&secret, &method, &path, body.unwrap_or("").as_bytes(), t)
 }
 
@@ -179,10 +190,14 @@ fn unix_now() -> i64 {
     unix_of_us(unsafe { pg_sys::GetCurrentTimestamp() }) / 1_000_000
 }
 
-/// Unix microseconds of a timestamptz.
-fn unix_of(t: TimestampWithTimeZone) -> i64 {
+/// Unix microseconds of a timestamptz (None for ±infinity).
+fn unix_of(t: TimestampWithTimeZone) -> Option<i64> {
     use pgrx::IntoDatum;
-    unix_of_us(t.into_datum().map_or(0, |d| d.value() as i64))
+    let us = t.into_datum().map_or(0, |d| d.value() as i64);
+    if us == i64::MAX || us == i64::MIN {
+        return None;
+    }
+    us.checked_add(946_684_800_000_000)
 }
 
 /// PostgreSQL's epoch (2000-01-01) to unix, in microseconds.
@@ -581,7 +596,7 @@ mod keypal {
         signature: &str,
         max_age_us: i64,
     ) -> bool {
-        const SKEW_US: i64 = 60_000_000;
+        use crate::limits::shmem::SIGNATURE_SKEW_US as SKEW_US;
         let Some(t) =
             crate::signature::check_request(secret, method, path, body.as_bytes(), signature)
         else {
@@ -598,10 +613,14 @@ mod keypal {
         use sha2::{Digest, Sha256};
         let mut h = Sha256::new();
         h.update(key_id.as_bytes());
-        h.update(signature.trim().to_ascii_lowercase().as_bytes());
+        // The key, and the signature in its one spelling (parse_signature accepts no other).
+        h.update(signature.as_bytes());
         let mut digest = [0u8; 16];
         digest.copy_from_slice(&h.finalize()[..16]);
-        let until = t_us.saturating_add(max_age_us).max(now) + 1_000_000;
+        let until = t_us
+            .saturating_add(max_age_us)
+            .max(now)
+            .saturating_add(1_000_000);
         match crate::limits::shmem::first_sighting(digest, t_us, until) {
             Ok(first) => first,
             Err(e) => {

@@ -48,29 +48,29 @@ pub fn sign_request(secret: &str, method: &str, path: &str, body: &[u8], t: i64)
     )
 }
 
-/// The `t` and `v1` of a signature, if it has that shape (`t=<digits>,v1=<64 hex>`, in
-/// either order, nothing else).
+/// The `t` and `v1` of a signature in its one spelling, `t=<unix seconds>,v1=<64 lower-hex>`
+/// (what keypal_sign makes): no other order, spaces, leading zeros or upper case, so that a
+/// signature cannot be presented again as a different string.
 pub fn parse_signature(sig: &str) -> Option<(i64, &str)> {
-    let (mut t, mut v1) = (None, None);
-    for part in sig.trim().split(',') {
-        match part.trim().split_once('=')? {
-            ("t", v)
-                if t.is_none()
-                    && !v.is_empty()
-                    && v.bytes().all(|b| b.is_ascii_digit())
-                    && v.len() <= 12 =>
-            {
-                t = v.parse().ok()
-            }
-            ("v1", v)
-                if v1.is_none() && v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()) =>
-            {
-                v1 = Some(v)
-            }
-            _ => return None,
-        }
+    let (t, v1) = sig.strip_prefix("t=")?.split_once(",v1=")?;
+    let digits = !t.is_empty() && t.len() <= 12 && t.bytes().all(|b| b.is_ascii_digit());
+    let hex = v1.len() == 64
+        && v1
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if !(digits && (t == "0" || !t.starts_with('0')) && hex) {
+        return None;
     }
-    Some((t?, v1?))
+    Some((t.parse().ok()?, v1))
+}
+
+/// Whether a method and path can be signed: a method is an HTTP token (letters), a path has
+/// no line breaks (either would make two requests share one canonical string).
+pub fn signable(method: &str, path: &str) -> bool {
+    !method.is_empty()
+        && method.bytes().all(|b| b.is_ascii_alphabetic())
+        && !path.is_empty()
+        && !path.bytes().any(|b| b == b'\n' || b == b'\r')
 }
 
 /// Whether `sig` signs this request with `secret` (constant-time); its `t` too.
@@ -82,9 +82,12 @@ pub fn check_request(
     sig: &str,
 ) -> Option<i64> {
     let (t, v1) = parse_signature(sig)?;
+    if !signable(method, path) {
+        return None;
+    }
     let expected = sign_request(secret, method, path, body, t);
     let expected_v1 = &expected[expected.len() - 64..];
-    constant_time_eq(expected_v1.as_bytes(), v1.to_ascii_lowercase().as_bytes()).then_some(t)
+    constant_time_eq(expected_v1.as_bytes(), v1.as_bytes()).then_some(t)
 }
 
 /// A key's signing secret: `kps_` and the lower-hex HMAC-SHA256, under the server's
@@ -147,22 +150,46 @@ mod tests {
     #[test]
     fn malformed_signatures_are_refused() {
         let v = "a".repeat(64);
+        let upper = "A".repeat(64);
         for bad in [
-            "",
-            "t=1",
-            &format!("v1={v}"),
-            &format!("t=x,v1={v}"),
-            &format!("t=1,v1={v},x=2"),
-            &format!("t=1,v1={}", "a".repeat(63)),
-            &format!("t=1,t=2,v1={v}"),
-            &format!("t=-1,v1={v}"),
+            "".to_string(),
+            "t=1".into(),
+            format!("v1={v}"),
+            format!("t=x,v1={v}"),
+            format!("t=1,v1={v},x=2"),
+            format!("t=1,v1={}", "a".repeat(63)),
+            format!("t=1,t=2,v1={v}"),
+            format!("t=-1,v1={v}"),
+            format!("v1={v},t=12"),
+            format!("t=12, v1={v}"),
+            format!(" t=12,v1={v}"),
+            format!("t=012,v1={v}"),
+            format!("t=12,v1={upper}"),
+            format!("t=12,v1={v} "),
         ] {
-            assert!(parse_signature(bad).is_none(), "{bad}");
+            assert!(parse_signature(&bad).is_none(), "{bad}");
         }
         assert_eq!(
-            parse_signature(&format!("v1={v}, t=12")),
+            parse_signature(&format!("t=12,v1={v}")),
             Some((12, v.as_str()))
         );
+    }
+
+    #[test]
+    fn only_signable_requests() {
+        assert!(signable("GET", "/a?b=1"));
+        for (m, p) in [
+            ("", "/"),
+            ("GE T", "/"),
+            ("GET\n/a", "b"),
+            ("GET", "/a\nb"),
+            ("GET", "/a\r"),
+            ("GET", ""),
+        ] {
+            assert!(!signable(m, p), "{m:?} {p:?}");
+        }
+        let sig = sign_request("s", "GET", "/a\nb", b"", 1);
+        assert_eq!(check_request("s", "GET", "/a\nb", b"", &sig), None);
     }
 
     #[test]

@@ -19,7 +19,9 @@ use pgrx::pg_sys;
 use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
 use std::ffi::{c_void, CStr};
-use std::sync::atomic::{AtomicI32, AtomicI64, AtomicPtr, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{
+    AtomicBool, AtomicI32, AtomicI64, AtomicPtr, AtomicU32, AtomicU64, Ordering,
+};
 
 /// Databases whose flush workers the root can track at once.
 pub const MAX_WORKERS: usize = 64;
@@ -42,6 +44,9 @@ struct WorkerSlot {
 #[repr(C)]
 struct Root {
     nonce: u64,
+    /// This build's layout of the root (ROOT_LAYOUT): a root made by another build is not
+    /// used (its fields may lie elsewhere).
+    layout: u64,
     lock: pg_sys::LWLock,
     lock_tranche: i32,
     area_tranche: i32,
@@ -55,9 +60,14 @@ struct Root {
     /// Request signatures seen (keypal_verify_signature's replay check), until they expire.
     seen: pg_sys::dsa_pointer,
     seen_count: AtomicI64,
-    /// When the tables were made (µs): a signature dated before may have been seen by the
-    /// tables of a server run before this one, and is refused.
-    made_at: i64,
+    /// When the replay memory began (µs): a signature dated before it (plus the skew
+    /// allowed) may have been accepted by a server run before this one, and is refused. Set
+    /// when the tables are made, and again when a standby that made them is promoted (its
+    /// memory never saw what the old primary accepted).
+    made_at: AtomicI64,
+    made_in_recovery: AtomicBool,
+    /// When the replay memory was last swept inline (µs).
+    seen_swept_at: AtomicI64,
     entries: AtomicI64,
     queued: AtomicI64,
     seq: AtomicU64,
@@ -67,6 +77,14 @@ struct Root {
     verifies: [AtomicU64; 13],
     workers: [WorkerSlot; MAX_WORKERS],
 }
+
+/// Changes whenever the shared layout changes: the sizes of the root and of the tables'
+/// items, and a version bumped with any other change.
+const ROOT_LAYOUT: u64 = ((std::mem::size_of::<Root>() as u64) << 40)
+    ^ ((std::mem::size_of::<Entry>() as u64) << 24)
+    ^ ((std::mem::size_of::<Seen>() as u64) << 12)
+    ^ ((std::mem::size_of::<EntryKey>() as u64) << 4)
+    ^ 3;
 
 const LOCK_NAME: &CStr = c"keypal shared state";
 const AREA_NAME: &CStr = c"keypal shared area";
@@ -141,6 +159,7 @@ unsafe fn init_root(root: *mut Root) {
     unsafe {
         std::ptr::write_bytes(root.cast::<u8>(), 0, std::mem::size_of::<Root>());
         (*root).nonce = rand::random::<u64>() | 1;
+        (*root).layout = ROOT_LAYOUT;
         (*root).lock_tranche = pg_sys::LWLockNewTrancheId();
         (*root).area_tranche = pg_sys::LWLockNewTrancheId();
         (*root).table_tranche = pg_sys::LWLockNewTrancheId();
@@ -219,7 +238,12 @@ unsafe fn attach_tables(root: *mut Root) -> (*mut DshashTable, *mut DshashTable,
             (*root).table = dshash::dshash_get_hash_table_handle(table);
             (*root).queue = dshash::dshash_get_hash_table_handle(queue);
             (*root).seen = dshash::dshash_get_hash_table_handle(seen_table);
-            (*root).made_at = pg_sys::GetCurrentTimestamp();
+            (*root)
+                .made_at
+                .store(pg_sys::GetCurrentTimestamp(), Ordering::Relaxed);
+            (*root)
+                .made_in_recovery
+                .store(pg_sys::RecoveryInProgress(), Ordering::Relaxed);
             (*root).ready = true;
             (table, queue, seen_table)
         };
@@ -233,7 +257,7 @@ unsafe fn attach_tables(root: *mut Root) -> (*mut DshashTable, *mut DshashTable,
 /// server's life, found through a file in the data directory; creators serialise on
 /// AddinShmemInitLock.
 mod dynamic {
-    use super::{init_root, Root};
+    use super::{init_root, Root, ROOT_LAYOUT};
     use pgrx::pg_sys;
 
     const FILE: &str = "keypal_shared.dsm";
@@ -266,9 +290,19 @@ mod dynamic {
             }
             let root = pg_sys::dsm_segment_address(seg).cast::<Root>();
             let len = pg_sys::dsm_segment_map_length(seg);
-            if len < std::mem::size_of::<Root>() || (*root).nonce != nonce {
+            if len < 2 * std::mem::size_of::<u64>() || (*root).nonce != nonce {
                 pg_sys::dsm_detach(seg);
                 return None;
+            }
+            // The server's live root, made by another keypal build (the library was replaced
+            // while the server ran): its fields may lie elsewhere. Using it would corrupt it;
+            // making a second would split every count. Refuse, loudly, until a restart.
+            if len < std::mem::size_of::<Root>() || (*root).layout != ROOT_LAYOUT {
+                pg_sys::dsm_detach(seg);
+                pgrx::error!(
+                    "keypal: this server's shared state was made by another build of keypal; \
+                     restart PostgreSQL to use the one now installed"
+                );
             }
             pg_sys::dsm_pin_mapping(seg);
             Some(root)
@@ -834,36 +868,50 @@ fn max_seen() -> i64 {
     crate::gucs::SHARED_MEMORY_MB.get().max(1) as i64 * 1024 * 1024 / 8 / 64
 }
 
-/// keypal_verify_signature's replay check, exact across sessions: true the first time a
-/// signature (`digest`, dated `signed_at`) is presented, until `until` (µs); false when it
-/// was seen before, or is dated before these tables were made (a server run before this
-/// one may have seen it). Err when the memory for it is used up (then nothing verifies:
+/// How far ahead of this server's clock a signature may be dated (µs).
+pub const SIGNATURE_SKEW_US: i64 = 5_000_000;
+
+/// keypal_verify_signature's replay check, exact across sessions of this server: true the
+/// first time a signature (`digest`, dated `signed_at`) is presented, until `until` (µs);
+/// false when it was seen before, or is dated no later than the start of this replay memory
+/// plus the skew allowed (a server run before this one — or the primary, before a promotion
+/// — may have accepted it). Err when the memory for it is used up (then nothing verifies:
 /// refusing is the safe answer).
 pub fn first_sighting(digest: [u8; 16], signed_at: i64, until: i64) -> Result<bool, String> {
     let l = local();
     // SAFETY: the root is attached.
     let root = unsafe { &*l.root };
-    // (Signatures carry whole seconds: one dated in the second the tables were made counts
-    // as after it.)
-    if signed_at < root.made_at - root.made_at.rem_euclid(1_000_000) {
+    // SAFETY: reads the clock and a shared flag.
+    let (now, recovery) = unsafe { (pg_sys::GetCurrentTimestamp(), pg_sys::RecoveryInProgress()) };
+    if !recovery && root.made_in_recovery.swap(false, Ordering::Relaxed) {
+        root.made_at.store(now, Ordering::Relaxed);
+    }
+    // (Signatures carry whole seconds: the memory's start counts from its second.)
+    let made_at = root.made_at.load(Ordering::Relaxed);
+    if signed_at <= made_at - made_at.rem_euclid(1_000_000) + SIGNATURE_SKEW_US {
         return Ok(false);
     }
-    // SAFETY: reads the clock.
-    let now = unsafe { pg_sys::GetCurrentTimestamp() };
     let k = EntryKey {
         db: my_db(),
         key: digest,
     };
-    if root.seen_count.load(Ordering::Relaxed) >= max_seen() {
-        // Make room from what has expired, once, before refusing.
+    // What has expired goes now and then (a minute apart; a second apart when full).
+    let full = root.seen_count.load(Ordering::Relaxed) >= max_seen();
+    let swept = root.seen_swept_at.load(Ordering::Relaxed);
+    if now - swept >= if full { 1_000_000 } else { 60_000_000 }
+        && root
+            .seen_swept_at
+            .compare_exchange(swept, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
         sweep_seen(now);
-        if root.seen_count.load(Ordering::Relaxed) >= max_seen() {
-            return Err(format!(
-                "keypal: {} request signatures remembered within their max_age fill the memory \
-                 for them (an eighth of keypal.shared_memory)",
-                max_seen()
-            ));
-        }
+    }
+    if root.seen_count.load(Ordering::Relaxed) >= max_seen() {
+        return Err(format!(
+            "keypal: {} request signatures remembered within their max_age fill the memory \
+             for them (an eighth of keypal.shared_memory)",
+            max_seen()
+        ));
     }
     // SAFETY: the table is attached; the entry stays locked until released below, and
     // nothing between can raise an error.

@@ -115,7 +115,7 @@ SELECT ok((SELECT key LIKE 'sk_live_%' AND env = 'live' FROM keypal_create(owner
 SELECT ok((SELECT key LIKE 'sk_test_%' AND env = 'test' FROM keypal_create(owner_id => 'e', env => 'test')), 'test key has the test prefix');
 SELECT throws_ok($$SELECT * FROM keypal_create(owner_id => 'e', env => 'staging')$$, '22023', NULL, 'unknown environment refused');
 
--- Signing is not built yet: asking for it is refused, not ignored.
+
 SELECT throws_ok($$SELECT * FROM keypal_create(owner_id => 's', signing => true)$$, '55000', NULL, 'signing => true needs keypal.signing_secret');
 
 SELECT * FROM finish();
