@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Backups restore: a plain pg_dump / pg_restore round trip (custom format, and a plain SQL
 # script through psql), with no special flags, brings back every key (children, rotation
-# chains), the settings, policies, templates and the audit log and events identical, and
-# every key verifies exactly as before. Rows written afterwards get fresh ids.
+# chains), the settings, policies, templates, the audit log, events, usage, webhooks (their
+# secrets and queued deliveries) and key schedules identical, and every key verifies
+# exactly as before. Rows written afterwards get fresh ids.
 source "$(dirname "$0")/lib.sh"
 
 PGBIN=/usr/lib/postgresql/15/bin
@@ -37,6 +38,13 @@ INSERT INTO plain_keys SELECT 'rot1', key, id FROM keypal_rotate((SELECT id FROM
 INSERT INTO plain_keys SELECT 'rot2', key, id FROM keypal_rotate((SELECT id FROM plain_keys WHERE label = 'rot1'), grace => '1h');
 SELECT keypal_update((SELECT id FROM plain_keys WHERE label = 'child'), name => 'renamed');
 SELECT keypal_track_usage((SELECT id FROM plain_keys WHERE label = 'policy'), endpoint => '/x', tokens => 3);
+-- Webhooks (one disabled, with deliveries queued; the other to a target refused as private,
+-- so that neither copy delivers anything), schedules and their timers.
+SELECT keypal_configure(retention => '{"audit_log": "5y"}', webhook_max_attempts => 3);
+SELECT keypal_add_webhook('http://127.0.0.1:9/hook', 'whsec_dump', '{key.revoked,key.updated}');
+SELECT keypal_disable_webhook(keypal_add_webhook('https://hooks.example.com/dump', 'whsec_dump2'));
+INSERT INTO plain_keys SELECT 'scheduled', key, id FROM keypal_create(owner_id => 'd', expires_in => '30d', notify_before => '7d', revoke_at => now() + interval '20 days');
+SELECT keypal_update((SELECT id FROM plain_keys WHERE label = 'scheduled'), name => 'queued for the webhooks');
 SQL
 
 # A fingerprint of everything a restore must bring back, identical.
@@ -48,7 +56,10 @@ fingerprint() {
         UNION ALL SELECT 's' || s::text FROM keypal.settings s
         UNION ALL SELECT 'p' || p::text FROM keypal.policies p
         UNION ALL SELECT 't' || t::text FROM keypal.templates t
-        UNION ALL SELECT 'u' || u::text FROM keypal.usage u) x"
+        UNION ALL SELECT 'u' || u::text FROM keypal.usage u
+        UNION ALL SELECT 'w' || (w.id, w.url, w.secret, w.events, w.enabled)::text FROM keypal.webhooks w
+        UNION ALL SELECT 'q' || (q.webhook_id, q.event_id, q.key_id)::text FROM keypal.webhook_queue q
+        UNION ALL SELECT 'm' || m::text FROM keypal.key_timers m) x"
 }
 verdicts() {
     q -d "$1" -c "SELECT string_agg(p.label || '=' || coalesce(v.error_code, 'VALID'), ' ' ORDER BY p.label)
