@@ -196,10 +196,7 @@ BEGIN
     -- key's events arrive in order).
     UPDATE keypal.webhook_queue q
        SET dead_at = NULL, attempts = 0, leased_until = NULL,
-           next_at = greatest(clock_timestamp(),
-                              (SELECT max(p.next_at) FROM keypal.webhook_queue p
-                                WHERE p.webhook_id = q.webhook_id AND p.key_id = q.key_id
-                                  AND p.event_id < q.event_id AND p.dead_at IS NULL))
+           next_at = keypal.queued_behind(q.webhook_id, q.key_id, q.event_id)
      WHERE q.event_id = keypal_redeliver.event_id AND q.dead_at IS NOT NULL
        AND (keypal_redeliver.webhook_id IS NULL OR q.webhook_id = keypal_redeliver.webhook_id);
     GET DIAGNOSTICS n = ROW_COUNT;
@@ -209,6 +206,17 @@ BEGIN
     RETURN n;
 END $$;
 
+-- When a delivery of event ev (of key k) to webhook hook may go, at the earliest: now, or as
+-- late as a pending earlier delivery of the same key to that webhook (in flight, or waiting
+-- for a retry): a key's events arrive in order. (For a new event, every queued one is earlier.)
+CREATE FUNCTION keypal.queued_behind(hook bigint, k uuid, ev bigint)
+RETURNS timestamptz LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT greatest(clock_timestamp(),
+                    (SELECT max(p.next_at) FROM keypal.webhook_queue p
+                      WHERE p.webhook_id = hook AND p.key_id = k AND p.event_id < ev
+                        AND p.dead_at IS NULL))
+$$;
+
 -- Called by emit_event for each event, in its transaction: one pending delivery per enabled
 -- webhook whose events match. Behind a pending delivery of the same key to the same webhook
 -- (in flight, or waiting for a retry) it waits as long (events of a key arrive in order).
@@ -216,10 +224,7 @@ CREATE FUNCTION keypal.enqueue_deliveries(ev_id bigint, ev text, ev_key uuid)
 RETURNS void LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     INSERT INTO keypal.webhook_queue (webhook_id, event_id, key_id, next_at)
-    SELECT w.id, ev_id, ev_key,
-           greatest(clock_timestamp(),
-                    (SELECT max(p.next_at) FROM keypal.webhook_queue p
-                      WHERE p.webhook_id = w.id AND p.key_id = ev_key AND p.dead_at IS NULL))
+    SELECT w.id, ev_id, ev_key, keypal.queued_behind(w.id, ev_key, ev_id)
       FROM keypal.webhooks w
      WHERE w.enabled
        AND w.events && ARRAY[ev, '*', split_part(ev, '.', 1) || '.*'];
@@ -584,7 +589,7 @@ DECLARE
     t_kinds text[];
     n integer;
     age interval;
-    tbl text;
+    p record;
 BEGIN
     -- 1. Due timers, earliest first, each with its key locked; a timer whose key another
     -- transaction holds is skipped (SKIP LOCKED on both, the key's first), and comes first
@@ -646,30 +651,22 @@ BEGIN
         RETURN true;
     END IF;
 
-    -- 3. Pruning, per retention (the audit log only when a retention names it).
-    FOREACH tbl IN ARRAY ARRAY['webhook_deliveries', 'events', 'usage', 'audit_log'] LOOP
-        age := keypal.parse_duration(cfg.retention->>tbl, 'retention.' || tbl);
+    -- 3. Pruning, per retention (the audit log only when a retention names it): the
+    -- oldest rows of each table, by its time column.
+    FOR p IN SELECT * FROM (VALUES
+            ('webhook_deliveries', 'at', ''),
+            -- an event a webhook has yet to get (disabled for long, say) stays
+            ('events', 'at', 'AND NOT EXISTS (SELECT 1 FROM keypal.webhook_queue q
+                                               WHERE q.event_id = x.id AND q.dead_at IS NULL)'),
+            ('usage', 'hour', ''),
+            ('audit_log', 'at', '')) AS v(tbl, col, keep) LOOP
+        age := keypal.parse_duration(cfg.retention->>p.tbl, 'retention.' || p.tbl);
         CONTINUE WHEN age IS NULL;
-        IF tbl = 'events' THEN
-            DELETE FROM keypal.events WHERE ctid = ANY (ARRAY(
-                SELECT e.ctid FROM keypal.events e WHERE e.at < t0 - age
-                   -- an event a webhook has yet to get (disabled for long, say) stays
-                   AND NOT EXISTS (SELECT 1 FROM keypal.webhook_queue q
-                                    WHERE q.event_id = e.id AND q.dead_at IS NULL)
-                 ORDER BY e.at LIMIT budget FOR UPDATE SKIP LOCKED));
-        ELSIF tbl = 'webhook_deliveries' THEN
-            DELETE FROM keypal.webhook_deliveries WHERE ctid = ANY (ARRAY(
-                SELECT d.ctid FROM keypal.webhook_deliveries d WHERE d.at < t0 - age ORDER BY d.at
-                 LIMIT budget FOR UPDATE SKIP LOCKED));
-        ELSIF tbl = 'usage' THEN
-            DELETE FROM keypal.usage WHERE ctid = ANY (ARRAY(
-                SELECT u.ctid FROM keypal.usage u WHERE u.hour < t0 - age ORDER BY u.hour
-                 LIMIT budget FOR UPDATE SKIP LOCKED));
-        ELSE
-            DELETE FROM keypal.audit_log WHERE ctid = ANY (ARRAY(
-                SELECT a.ctid FROM keypal.audit_log a WHERE a.at < t0 - age ORDER BY a.at
-                 LIMIT budget FOR UPDATE SKIP LOCKED));
-        END IF;
+        EXECUTE format('DELETE FROM keypal.%1$I WHERE ctid = ANY (ARRAY(
+                            SELECT x.ctid FROM keypal.%1$I x WHERE x.%2$I < $1 %3$s
+                             ORDER BY x.%2$I LIMIT $2 FOR UPDATE SKIP LOCKED))',
+                       p.tbl, p.col, p.keep)
+            USING t0 - age, budget;
         GET DIAGNOSTICS n = ROW_COUNT;
         budget := budget - n;
         IF budget <= 0 THEN

@@ -197,12 +197,15 @@ fn unix_of(t: TimestampWithTimeZone) -> Option<i64> {
     if us == i64::MAX || us == i64::MIN {
         return None;
     }
-    us.checked_add(946_684_800_000_000)
+    us.checked_add(UNIX_MINUS_PG_EPOCH_US)
 }
+
+/// How much later PostgreSQL's epoch (2000-01-01) is than unix's (µs).
+const UNIX_MINUS_PG_EPOCH_US: i64 = 946_684_800_000_000;
 
 /// PostgreSQL's epoch (2000-01-01) to unix, in microseconds.
 fn unix_of_us(pg_us: i64) -> i64 {
-    pg_us + 946_684_800_000_000
+    pg_us + UNIX_MINUS_PG_EPOCH_US
 }
 
 /// This server's counters (SPEC §3): verifies since server start by outcome (`valid` and
@@ -606,7 +609,7 @@ mod keypal {
         let now = unsafe { pg_sys::GetCurrentTimestamp() };
         let t_us = t
             .saturating_mul(1_000_000)
-            .saturating_sub(946_684_800_000_000);
+            .saturating_sub(UNIX_MINUS_PG_EPOCH_US);
         if now.saturating_sub(t_us) > max_age_us || t_us.saturating_sub(now) > SKEW_US {
             return false;
         }

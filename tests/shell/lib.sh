@@ -29,14 +29,19 @@ done_testing() {
     [ "$TAP_FAILED" = 0 ]
 }
 
-wait_for() {  # wait_for SQL WANT: polls (up to 15 s) until SQL returns WANT; prints the last answer
-    local got=""
-    for _ in $(seq 150); do
-        got=$(q -c "$1")
-        [ "$got" = "$2" ] && break
+poll() {  # poll TRIES WANT CMD...: runs CMD every 0.1 s, at most TRIES times, until it prints WANT; prints its last answer
+    local tries=$1 want=$2 got=""
+    shift 2
+    for _ in $(seq "$tries"); do
+        got=$("$@")
+        [ "$got" = "$want" ] && break
         sleep 0.1
     done
     echo "$got"
+}
+
+wait_for() {  # wait_for SQL WANT: polls (up to 15 s) until SQL returns WANT; prints the last answer
+    poll 150 "$2" q -c "$1"
 }
 
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}

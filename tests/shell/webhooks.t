@@ -30,13 +30,7 @@ print(eval(sys.argv[2], {"rows": rows}))
 EOF
 }
 wait_received() {  # wait_received EXPR WANT: polls (up to 20 s) until EXPR over the log gives WANT
-    local got=""
-    for _ in $(seq 200); do
-        got=$(received "$1")
-        [ "$got" = "$2" ] && break
-        sleep 0.1
-    done
-    echo "$got"
+    poll 200 "$2" received "$1"
 }
 
 # 1. Signed, with its event id, the event's payload as body
