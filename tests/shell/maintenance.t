@@ -65,6 +65,10 @@ sleep 5
 q -c "CALL keypal_run_maintenance()" >/dev/null
 is "$(q -c "SELECT revoked_at IS NOT NULL FROM keypal.keys WHERE id = '$held'")" t "and revoked once it is free"
 
+# Maintenance shares its work by SKIP LOCKED, which needs READ COMMITTED: refused otherwise.
+is "$(PGOPTIONS='-c default_transaction_isolation=repeatable\ read' psql -X -q -At -c "CALL keypal_run_maintenance()" 2>&1 | grep -c 'runs at READ COMMITTED')" 1 \
+   "at REPEATABLE READ it refuses, naming the isolation it needs"
+
 # The worker, every keypal.maintenance_interval
 q -d postgres -c "ALTER SYSTEM SET keypal.maintenance_interval = '1s'" -c "SELECT pg_reload_conf()" >/dev/null
 sleep 0.5

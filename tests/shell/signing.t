@@ -42,6 +42,16 @@ else
     ok 1 "node is not installed (scripts/setup.sh installs nodejs)"
 fi
 
+# The replay check writes no table: it works in a READ ONLY transaction, and a rollback
+# does not undo it.
+sig=$(python3 "$ex/sign.py" "$secret" GET /v1/ro '')
+is "$(q -v s="$sig" <<< "BEGIN READ ONLY; SELECT keypal_verify_signature('$id', 'GET', '/v1/ro', '', :'s'); ROLLBACK;")" t \
+   "accepted inside a READ ONLY transaction"
+is "$(verify GET /v1/ro '' "$sig")" f "and still seen after that transaction rolled back (a replay)"
+sig=$(python3 "$ex/sign.py" "$secret" GET /v1/rr '')
+is "$(q -v s="$sig" <<< "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 1 FROM keypal.keys LIMIT 1; SELECT keypal_verify_signature('$id', 'GET', '/v1/rr', '', :'s'); COMMIT;" | tail -1)" t \
+   "accepted inside an older REPEATABLE READ transaction"
+
 # Eight sessions present one signature at once: exactly one is accepted.
 sig=$(python3 "$ex/sign.py" "$secret" DELETE /v1/orders/7 '')
 work=$(mktemp -d)
