@@ -1377,6 +1377,8 @@ BEGIN
             RETURN NULL;
         END IF;
         act := CASE
+            -- keypal_import's overwrite (not a cascade it set off, one trigger level down)
+            WHEN act = 'imported' AND pg_trigger_depth() = 1 THEN 'imported'
             WHEN NEW.rotated_to IS NOT NULL AND OLD.rotated_to IS NULL THEN 'rotated'
             WHEN NEW.revoked_at IS NOT NULL AND (OLD.revoked_at IS NULL OR NEW.revoked_at < OLD.revoked_at) THEN 'revoked'
             WHEN NEW.enabled AND NOT OLD.enabled THEN 'enabled'
@@ -1551,6 +1553,9 @@ BEGIN
         ('keypal_audit_stats', 'Audit totals: count, count per action and last activity, for an owner and time range.'),
         ('keypal_sign', 'Signs a request: ''t=<unix seconds>,v1=<hex hmac-sha256(secret, METHOD || E''\\n'' || path || E''\\n'' || t || E''\\n'' || lower-hex(sha256(body)))>''. For clients holding a signing_secret.'),
         ('keypal_verify_signature', 'Whether signature signs this request (method, path, body) with the key''s signing secret, is at most max_age old (default 5m; at most a minute ahead), was not seen before within max_age, and the key is a signing key that would verify now.'),
+        ('keypal_export', 'Every key of an owner and/or org (NULL: all) as a JSON array of records: each key''s settings, state, links and hash (key_hash as hex; never a plaintext). keypal_import reads it back.'),
+        ('keypal_export_records', 'keypal_export one record per row, for exports too large for one jsonb value (COPY (SELECT ...) TO ...).'),
+        ('keypal_import', 'Imports key records (keypal_export''s, or the TypeScript keypal''s {id, keyHash, metadata}) in one transaction: all checked first (a bad one raises naming data[i].field; nothing is written), then written and audited as imported. on_conflict: error (default), skip or overwrite (never un-revokes). Returns imported, skipped, overwritten.'),
         ('keypal_add_webhook', 'Adds a webhook: every event named in events (default: all, ''*'') is POSTed to url, signed with secret (Keypal-Signature: t=<unix>,v1=<hex hmac-sha256(secret, t.body)>), by the flush worker, at least once. Returns its id. The secret is write-only.'),
         ('keypal_update_webhook', 'Changes a webhook''s url, secret or events (NULL leaves each as it is). Returns whether it exists.'),
         ('keypal_list_webhooks', 'The webhooks (never their secrets), with their pending and dead deliveries and their last attempt.'),

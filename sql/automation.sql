@@ -438,6 +438,11 @@ BEGIN
     FOREACH which IN ARRAY ARRAY['disable', 'revoke', 'expiring', 'expired'] LOOP
         CONTINUE WHEN NOT ins AND keypal.timer_due(OLD, which) IS NOT DISTINCT FROM keypal.timer_due(NEW, which);
         due := keypal.timer_due(NEW, which);
+        -- keypal_import: a moment that passed before the key came here was the source's
+        -- to act on (its state says what came of it); only what is still ahead is armed.
+        IF due <= now() AND current_setting('keypal._action', true) = 'imported' THEN
+            due := NULL;
+        END IF;
         IF due IS NULL THEN
             IF NOT ins THEN
                 DELETE FROM keypal.key_timers t WHERE t.key_id = NEW.id AND t.kind = which;

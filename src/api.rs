@@ -353,6 +353,25 @@ mod keypal {
         }
     }
 
+    /// Checks record `index` of keypal_import's data (keypal's or the TypeScript keypal's)
+    /// and returns it as keypal.keys columns, plus `_source`; raises 22023 naming the
+    /// record and field (`data[3].owner_id`).
+    #[pg_extern(immutable, parallel_safe)]
+    fn import_record(rec: JsonB, index: i32) -> JsonB {
+        match crate::import::record(&rec.0, usize::try_from(index).unwrap_or(0)) {
+            Ok((mut m, src)) => {
+                let src = match src {
+                    crate::import::Source::Keypal => "keypal",
+                    crate::import::Source::TypeScript => "typescript",
+                };
+                m.insert("_source".into(), src.into());
+                JsonB(serde_json::Value::Object(m))
+            }
+            Err(e) if e.is_duration => bad_duration(&e.arg, &e.why),
+            Err(e) => bad_argument(&e.arg, &e.why),
+        }
+    }
+
     /// Checks a rate limit object (`{"requests": n, "window": "1m"}`); JSON null passes.
     #[pg_extern(immutable, parallel_safe)]
     fn check_rate_limit(value: Option<JsonB>, arg: &str) -> Option<JsonB> {

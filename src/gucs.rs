@@ -1,5 +1,5 @@
 //! Every keypal setting that lives in postgresql.conf rather than in keypal.settings:
-//! `keypal.salt`, `keypal.shared_memory`, `keypal.flush_interval` and
+//! `keypal.salt` (and `keypal.previous_salt`), `keypal.shared_memory`, `keypal.flush_interval` and
 //! `keypal.maintenance_interval`.
 //!
 //! `keypal.salt` is the server secret mixed into every key hash. It is superuser-only
@@ -12,6 +12,10 @@ use std::cell::RefCell;
 use std::ffi::CString;
 
 pub static SALT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
+/// The salt before the current one, while keys hashed under it are moved over: verify tries
+/// it when the current salt finds nothing. Unset: none; '' : keys made with no salt.
+pub static PREVIOUS_SALT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 /// The server secret every key's request-signing secret is derived from (superuser-only,
 /// like the salt; never in a table).
@@ -74,6 +78,15 @@ pub fn init() {
         GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL | GucFlags::NO_RESET_ALL,
     );
     GucRegistry::define_string_guc(
+        c"keypal.previous_salt",
+        c"The salt keys were hashed under before keypal.salt changed (superuser only).",
+        c"Verify tries it when the current salt finds no key, so a salt can be rotated: set \
+          this to the old salt and keypal.salt to the new one. Empty: keys made with no salt.",
+        &PREVIOUS_SALT,
+        GucContext::Suset,
+        GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL | GucFlags::NO_RESET_ALL,
+    );
+    GucRegistry::define_string_guc(
         c"keypal.salt",
         c"Server secret mixed into every API-key hash (superuser only).",
         c"hash = ALG(key || lower-hex(sha256(salt))). Set it with ALTER SYSTEM and reload; \
@@ -84,15 +97,21 @@ pub fn init() {
     );
 }
 
+type SuffixCache = RefCell<(Option<CString>, String)>;
+
 thread_local! {
-    /// (salt, lower-hex(sha256(salt))): recomputed only when the salt changes.
-    static SUFFIX: RefCell<(Option<CString>, String)> = const { RefCell::new((None, String::new())) };
+    /// (salt, lower-hex(sha256(salt))): recomputed only when the salt changes; one for
+    /// keypal.salt, one for keypal.previous_salt.
+    static SUFFIX: SuffixCache = const { RefCell::new((None, String::new())) };
+    static PREVIOUS_SUFFIX: SuffixCache = const { RefCell::new((None, String::new())) };
 }
 
-/// Calls `f` with the hash suffix `S` for the current salt.
-pub fn with_salt_suffix<R>(f: impl FnOnce(&str) -> R) -> R {
-    let salt = SALT.get();
-    SUFFIX.with(|cell| {
+fn with_suffix<R>(
+    salt: Option<CString>,
+    cache: &'static std::thread::LocalKey<SuffixCache>,
+    f: impl FnOnce(&str) -> R,
+) -> R {
+    cache.with(|cell| {
         let mut cached = cell.borrow_mut();
         if cached.0 != salt {
             let text = salt
@@ -103,4 +122,17 @@ pub fn with_salt_suffix<R>(f: impl FnOnce(&str) -> R) -> R {
         }
         f(&cached.1)
     })
+}
+
+/// Calls `f` with the hash suffix `S` for the current salt.
+pub fn with_salt_suffix<R>(f: impl FnOnce(&str) -> R) -> R {
+    with_suffix(SALT.get(), &SUFFIX, f)
+}
+
+/// Calls `f` with the suffix for keypal.previous_salt, when it is set to a salt other than
+/// the current one.
+pub fn with_previous_salt_suffix<R>(f: impl FnOnce(&str) -> R) -> Option<R> {
+    let previous = PREVIOUS_SALT.get()?;
+    let current = SALT.get().unwrap_or_default();
+    (previous != current).then(|| with_suffix(Some(previous), &PREVIOUS_SUFFIX, f))
 }

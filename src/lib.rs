@@ -17,6 +17,7 @@ pub mod duration;
 pub mod errors;
 pub mod gucs;
 pub mod identity;
+pub mod import;
 pub mod insight;
 pub mod keys;
 pub mod launcher;
@@ -32,6 +33,7 @@ pub mod worker;
 
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
 extension_sql_file!("../sql/automation.sql", name = "automation");
+extension_sql_file!("../sql/transfer.sql", name = "transfer");
 extension_sql_file!("../sql/api.sql", name = "api", finalize);
 
 #[pg_guard]

@@ -82,6 +82,22 @@ const OPTIONS: &[(&str, &str, Kind, bool)] = &[
     ("enabled", "enabled", Kind::Bool, false),
 ];
 
+fn find(k: &str) -> Option<&'static (&'static str, &'static str, Kind, bool)> {
+    OPTIONS
+        .iter()
+        .find(|(s, c, _, _)| k == *s || k.eq_ignore_ascii_case(c))
+}
+
+/// Whether `k` names an option (snake_case, or camelCase in any letter case).
+pub fn is_option(k: &str) -> bool {
+    find(k).is_some()
+}
+
+/// The snake_case name of option `k` (or `k` itself if it names none).
+pub fn canonical(k: &str) -> &str {
+    find(k).map_or(k, |o| o.0)
+}
+
 /// Checks and normalises `opts`. `prefix` names where the object came from in messages
 /// (`specs[2].`); `required_owner` is false for updates and overrides.
 pub fn normalize(opts: &Value, prefix: &str, required_owner: bool) -> Res<Map<String, Value>> {
@@ -92,10 +108,7 @@ pub fn normalize(opts: &Value, prefix: &str, required_owner: bool) -> Res<Map<St
     };
     let mut out = Map::new();
     for (k, v) in obj {
-        let Some(&(name, _, kind, nullable)) = OPTIONS
-            .iter()
-            .find(|(s, c, _, _)| k == s || k.eq_ignore_ascii_case(c))
-        else {
+        let Some(&(name, _, kind, nullable)) = find(k) else {
             return err(&format!("{prefix}{k}"), "unknown option");
         };
         let arg = format!("{prefix}{name}");

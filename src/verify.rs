@@ -267,14 +267,21 @@ fn judge(catalog: &Catalog, snapshot: &Fresh, key: &str, req: &Request) -> Resul
     Ok(row)
 }
 
-/// Looks the key up under the last-matching algorithm, then the other one.
+/// Looks the key up under the last-matching algorithm, then the other one; under the
+/// current salt, then keypal.previous_salt (when set).
 fn find(catalog: &Catalog, snapshot: &Fresh, key: &str) -> Option<(Row, Vec<u8>)> {
     let first = LAST_ALGORITHM.get();
-    for alg in [first, first.other()] {
-        let hash = gucs::with_salt_suffix(|s| keys::hash_key(key, s, alg));
-        if let Some(row) = Row::by_hash(catalog, snapshot, &hash) {
-            LAST_ALGORITHM.set(alg);
-            return Some((row, hash));
+    for previous_salt in [false, true] {
+        for alg in [first, first.other()] {
+            let hash = if previous_salt {
+                gucs::with_previous_salt_suffix(|s| keys::hash_key(key, s, alg))?
+            } else {
+                gucs::with_salt_suffix(|s| keys::hash_key(key, s, alg))
+            };
+            if let Some(row) = Row::by_hash(catalog, snapshot, &hash) {
+                LAST_ALGORITHM.set(alg);
+                return Some((row, hash));
+            }
         }
     }
     None

@@ -1,0 +1,317 @@
+-- keypal 0.1.0 -> 0.2.0 (ALTER EXTENSION keypal UPDATE).
+-- New: keypal_export, keypal_export_records, keypal_import (and keypal.import_record,
+-- keypal.export_record); the audit trigger records an import's overwrite as imported;
+-- key timers are not armed for moments that passed before a key was imported.
+-- (keypal.previous_salt is a server setting: nothing to change in the database.)
+-- tests/shell/upgrade.t checks that this leaves the schema a fresh 0.2.0 install makes.
+
+CREATE FUNCTION keypal."import_record"(
+	"rec" jsonb, /* JsonB */
+	"index" INT /* i32 */
+) RETURNS jsonb /* JsonB */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'import_record_wrapper';
+
+CREATE OR REPLACE FUNCTION keypal.arm_timers()
+RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    ins boolean := TG_OP = 'INSERT';
+    which text;
+    due timestamptz;
+    armed boolean := false;
+BEGIN
+    -- Restoring a dump: the timers are restored alongside, as they were.
+    IF ins AND coalesce(current_setting('keypal._actor', true), '') = '' AND keypal.copying_into(TG_RELID) THEN
+        RETURN NULL;
+    END IF;
+    IF NEW.revoked_at <= now() THEN
+        IF NOT ins THEN
+            DELETE FROM keypal.key_timers t WHERE t.key_id = NEW.id;
+        END IF;
+        RETURN NULL;
+    END IF;
+    FOREACH which IN ARRAY ARRAY['disable', 'revoke', 'expiring', 'expired'] LOOP
+        CONTINUE WHEN NOT ins AND keypal.timer_due(OLD, which) IS NOT DISTINCT FROM keypal.timer_due(NEW, which);
+        due := keypal.timer_due(NEW, which);
+        -- keypal_import: a moment that passed before the key came here was the source's
+        -- to act on (its state says what came of it); only what is still ahead is armed.
+        IF due <= now() AND current_setting('keypal._action', true) = 'imported' THEN
+            due := NULL;
+        END IF;
+        IF due IS NULL THEN
+            IF NOT ins THEN
+                DELETE FROM keypal.key_timers t WHERE t.key_id = NEW.id AND t.kind = which;
+            END IF;
+        ELSE
+            INSERT INTO keypal.key_timers AS t (key_id, kind, due_at) VALUES (NEW.id, which, due)
+                ON CONFLICT (key_id, kind) DO UPDATE SET due_at = EXCLUDED.due_at;
+            armed := true;
+        END IF;
+    END LOOP;
+    -- The worker applies timers (when it runs maintenance): make sure one runs.
+    IF armed AND current_setting('keypal.maintenance_interval', true) IS DISTINCT FROM '0' THEN
+        PERFORM keypal.ensure_worker();
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE OR REPLACE FUNCTION keypal.audit_key_change()
+RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    act     text := nullif(current_setting('keypal._action', true), '');
+    ctx     jsonb := coalesce(nullif(current_setting('keypal._context', true), '')::jsonb, '{}');
+    who     text := keypal.actor(current_setting('keypal._actor', true));
+    changes jsonb;
+    r       keypal.keys;
+BEGIN
+    -- Restoring a dump (a COPY into keypal.keys, outside any keypal function): the rows bring
+    -- their own audit history and events, restored alongside.
+    IF TG_OP = 'INSERT' AND coalesce(current_setting('keypal._actor', true), '') = ''
+       AND keypal.copying_into(TG_RELID) THEN
+        RETURN NULL;
+    END IF;
+    IF TG_OP = 'INSERT' THEN
+        r := NEW;
+        act := coalesce(act, 'created');
+    ELSIF TG_OP = 'DELETE' THEN
+        r := OLD;
+        act := 'deleted';
+    ELSE
+        r := NEW;
+        changes := keypal.row_changes(to_jsonb(OLD), to_jsonb(NEW));
+        IF changes = '{}' THEN
+            RETURN NULL;
+        END IF;
+        act := CASE
+            -- keypal_import's overwrite (not a cascade it set off, one trigger level down)
+            WHEN act = 'imported' AND pg_trigger_depth() = 1 THEN 'imported'
+            WHEN NEW.rotated_to IS NOT NULL AND OLD.rotated_to IS NULL THEN 'rotated'
+            WHEN NEW.revoked_at IS NOT NULL AND (OLD.revoked_at IS NULL OR NEW.revoked_at < OLD.revoked_at) THEN 'revoked'
+            WHEN NEW.enabled AND NOT OLD.enabled THEN 'enabled'
+            WHEN OLD.enabled AND NOT NEW.enabled THEN 'disabled'
+            ELSE 'updated' END;
+        IF act = 'revoked' AND NEW.revoke_reason = 'parent revoked' THEN
+            ctx := ctx || jsonb_build_object('cascade_from', NEW.parent_id);
+        END IF;
+    END IF;
+    INSERT INTO keypal.audit_log (action, key_id, owner_id, org_id, actor, role, context, changes)
+    VALUES (act, r.id, r.owner_id, r.org_id, who, session_user, ctx, changes);
+
+    IF act IN ('created', 'updated', 'enabled', 'disabled', 'revoked', 'rotated') THEN
+        PERFORM keypal.emit_event('key.' || act, r.id, jsonb_strip_nulls(jsonb_build_object(
+            'keyId', r.id, 'ownerId', r.owner_id, 'orgId', r.org_id, 'env', r.env, 'name', r.name,
+            'revokedBy', CASE WHEN act = 'revoked' THEN r.revoked_by END,
+            'reason', CASE WHEN act = 'revoked' THEN r.revoke_reason END,
+            'rotatedTo', CASE WHEN act = 'rotated' THEN r.rotated_to END,
+            'actor', who)));
+    END IF;
+    RETURN NULL;
+END $$;
+
+-- One key as an export record: every column (key_hash as lower-case hex, last_used_at as
+-- of now); a column that is NULL is left out. keypal_import reads it back.
+CREATE FUNCTION keypal.export_record(k keypal.keys, last_used timestamptz)
+RETURNS jsonb LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN (SELECT jsonb_object_agg(e.key, e.value)
+              FROM jsonb_each(to_jsonb(k) - 'key_hash' - 'last_used_at') AS e
+             WHERE e.value <> 'null')
+        || jsonb_build_object('key_hash', encode(k.key_hash, 'hex'))
+        || CASE WHEN last_used IS NULL THEN '{}' ELSE jsonb_build_object('last_used_at', last_used) END;
+END $$;
+
+CREATE FUNCTION keypal_export_records(owner_id text DEFAULT NULL, org_id text DEFAULT NULL)
+RETURNS SETOF jsonb
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN QUERY
+    SELECT keypal.export_record(k, i.last_used_at)
+      FROM keypal.keys k JOIN keypal.key_info i ON i.id = k.id
+     WHERE (keypal_export_records.owner_id IS NULL OR k.owner_id = keypal_export_records.owner_id)
+       AND (keypal_export_records.org_id IS NULL OR k.org_id = keypal_export_records.org_id)
+     ORDER BY k.created_at, k.id;   -- a parent or a rotation's old key before the key it made
+END $$;
+
+CREATE FUNCTION keypal_export(owner_id text DEFAULT NULL, org_id text DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN (SELECT coalesce(jsonb_agg(r), '[]')
+              FROM @extschema@.keypal_export_records(keypal_export.owner_id, keypal_export.org_id) AS r);
+END $$;
+
+CREATE FUNCTION keypal_import(data jsonb DEFAULT NULL, on_conflict text DEFAULT 'error', actor text DEFAULT NULL)
+RETURNS TABLE (imported bigint, skipped bigint, overwritten bigint)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    mode   text := lower(on_conflict);
+    cfg    keypal.settings := keypal.config();
+    bad    record;
+    n_new  bigint := 0;
+    n_skip bigint := 0;
+    n_over bigint := 0;
+BEGIN
+    IF mode IS NULL OR mode NOT IN ('skip', 'overwrite', 'error') THEN
+        RAISE EXCEPTION 'invalid on_conflict: %, must be skip, overwrite or error', quote_nullable(on_conflict)
+            USING ERRCODE = '22023';
+    END IF;
+    IF jsonb_typeof(data) IS DISTINCT FROM 'array' THEN
+        RAISE EXCEPTION 'invalid data: must be a JSON array of key records (keypal_export''s, or the TypeScript keypal''s {id, keyHash, metadata})'
+            USING ERRCODE = '22023';
+    END IF;
+
+    -- Every record is checked and converted before anything is written; the first bad one
+    -- raises, naming its index and field. (Dropped at the end; an error rolls it back.)
+    CREATE TEMP TABLE "keypal import" ON COMMIT DROP AS
+    SELECT (e.n - 1)::integer AS n, 'i'::"char" AS act, x.obj->>'_source' AS source, r.*,
+           keypal.parse_duration(x.obj->>'notify_before', format('data[%s].notify_before', e.n - 1)) AS notify
+      FROM jsonb_array_elements(data) WITH ORDINALITY AS e(v, n)
+     CROSS JOIN LATERAL keypal.import_record(e.v, (e.n - 1)::integer) AS x(obj)
+     CROSS JOIN LATERAL jsonb_populate_record(NULL::keypal.keys, x.obj - 'notify_before') AS r;
+    ANALYZE pg_temp."keypal import";
+
+    SELECT d.n, d.field, d.first INTO bad FROM (
+        SELECT t.n, 'id' AS field, min(t.n) OVER (PARTITION BY t.id) AS first FROM pg_temp."keypal import" t
+        UNION ALL
+        SELECT t.n, 'key_hash', min(t.n) OVER (PARTITION BY t.key_hash) FROM pg_temp."keypal import" t) d
+     WHERE d.n <> d.first ORDER BY d.n LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'invalid data[%].%: the same % as data[%] (a key appears once)', bad.n, bad.field,
+            bad.field, bad.first USING ERRCODE = '22023';
+    END IF;
+    IF jsonb_typeof(cfg.environments) = 'object' THEN
+        SELECT t.n, t.env INTO bad FROM pg_temp."keypal import" t
+         WHERE t.env IS NOT NULL AND NOT cfg.environments ? t.env ORDER BY t.n LIMIT 1;
+        IF FOUND THEN
+            RAISE EXCEPTION 'invalid data[%].env: no environment named % (configured: %)', bad.n,
+                quote_literal(bad.env), (SELECT string_agg(e, ', ') FROM jsonb_object_keys(cfg.environments) e)
+                USING ERRCODE = '22023';
+        END IF;
+    END IF;
+    SELECT t.n, t.policy INTO bad FROM pg_temp."keypal import" t
+     WHERE t.policy IS NOT NULL AND NOT EXISTS (SELECT 1 FROM keypal.policies p WHERE p.name = t.policy)
+     ORDER BY t.n LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'invalid data[%].policy: no policy named % (define it first: keypal_define_policy)',
+            bad.n, quote_literal(bad.policy) USING ERRCODE = '22023';
+    END IF;
+    -- Links name keys in the data or in this database.
+    SELECT t.n, l.field, l.ref, l.ref = t.id AS self INTO bad
+      FROM pg_temp."keypal import" t,
+           LATERAL (VALUES ('parent_id', t.parent_id), ('rotated_from', t.rotated_from),
+                           ('rotated_to', t.rotated_to)) AS l(field, ref)
+     WHERE l.ref IS NOT NULL
+       AND (l.ref = t.id
+            OR NOT EXISTS (SELECT 1 FROM pg_temp."keypal import" o WHERE o.id = l.ref)
+               AND NOT EXISTS (SELECT 1 FROM keypal.keys k WHERE k.id = l.ref))
+     ORDER BY t.n LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'invalid data[%].%: %', bad.n, bad.field,
+            CASE WHEN bad.self THEN 'a key cannot name itself'
+                 ELSE format('no key %s in the data or in this database', bad.ref) END
+            USING ERRCODE = CASE WHEN bad.self THEN '22023' ELSE '23503' END;
+    END IF;
+
+    -- Conflicts with keys already here: by id (on_conflict decides), and a hash that another
+    -- key holds (never overwritten: it is another key; skipped with skip).
+    IF mode = 'error' THEN
+        SELECT t.n, t.id INTO bad FROM pg_temp."keypal import" t JOIN keypal.keys k ON k.id = t.id
+         ORDER BY t.n LIMIT 1;
+        IF FOUND THEN
+            RAISE EXCEPTION 'invalid data[%].id: a key with id % exists', bad.n, bad.id
+                USING ERRCODE = '23505',
+                      HINT = 'on_conflict => ''skip'' leaves existing keys as they are; ''overwrite'' replaces them';
+        END IF;
+    END IF;
+    IF mode <> 'skip' THEN
+        SELECT t.n, k.id INTO bad FROM pg_temp."keypal import" t JOIN keypal.keys k ON k.key_hash = t.key_hash
+         WHERE k.id <> t.id ORDER BY t.n LIMIT 1;
+        IF FOUND THEN
+            RAISE EXCEPTION 'invalid data[%].key_hash: key % already has this hash', bad.n, bad.id
+                USING ERRCODE = '23505';
+        END IF;
+    END IF;
+    UPDATE pg_temp."keypal import" t SET act = CASE WHEN mode = 'skip' THEN 's' ELSE 'o' END
+     WHERE EXISTS (SELECT 1 FROM keypal.keys k WHERE k.id = t.id)
+        OR mode = 'skip' AND EXISTS (SELECT 1 FROM keypal.keys k WHERE k.key_hash = t.key_hash);
+    GET DIAGNOSTICS n_skip = ROW_COUNT;
+    IF mode = 'overwrite' THEN
+        n_skip := 0;
+    END IF;
+
+    -- Written as one change: the audit log says imported for every key written.
+    PERFORM keypal.begin_change(keypal.actor(actor), 'imported', jsonb_build_object('on_conflict', mode));
+    INSERT INTO keypal.keys (id, key_hash, algorithm, owner_id, org_id, env, name, description, scopes,
+                             resources, tags, metadata, enabled, created_at, updated_at, expires_at,
+                             last_used_at, revoked_at, revoke_reason, revoked_by, rotated_from, rotated_to,
+                             parent_id, policy, rate_limit, quota, allowed_ips, blocked_ips, allowed_regions,
+                             blocked_regions, disable_at, revoke_at, notify_before, signing)
+    SELECT t.id, t.key_hash, t.algorithm, t.owner_id, t.org_id, t.env, t.name, t.description,
+           coalesce(t.scopes, '{}'), coalesce(t.resources, '{}'), coalesce(t.tags, '{}'),
+           coalesce(t.metadata, '{}'), coalesce(t.enabled, true), coalesce(t.created_at, now()),
+           coalesce(t.updated_at, t.created_at, now()), t.expires_at, t.last_used_at, t.revoked_at,
+           t.revoke_reason, t.revoked_by, t.rotated_from, t.rotated_to, t.parent_id, t.policy,
+           t.rate_limit, t.quota, coalesce(t.allowed_ips, '{}'), coalesce(t.blocked_ips, '{}'),
+           coalesce(t.allowed_regions, '{}'), coalesce(t.blocked_regions, '{}'), t.disable_at,
+           t.revoke_at, t.notify, coalesce(t.signing, false)
+      FROM pg_temp."keypal import" t
+     WHERE t.act = 'i'
+     ORDER BY t.n;
+    GET DIAGNOSTICS n_new = ROW_COUNT;
+    -- Overwriting never brings a revoked key back: one revoked here stays revoked as it was.
+    UPDATE keypal.keys k
+       SET key_hash = t.key_hash, algorithm = t.algorithm, owner_id = t.owner_id, org_id = t.org_id,
+           env = t.env, name = t.name, description = t.description, scopes = coalesce(t.scopes, '{}'),
+           resources = coalesce(t.resources, '{}'), tags = coalesce(t.tags, '{}'),
+           metadata = coalesce(t.metadata, '{}'), enabled = coalesce(t.enabled, true),
+           created_at = coalesce(t.created_at, k.created_at), expires_at = t.expires_at,
+           last_used_at = greatest(k.last_used_at, t.last_used_at),
+           revoked_at = CASE WHEN gone THEN k.revoked_at ELSE t.revoked_at END,
+           revoke_reason = CASE WHEN gone THEN k.revoke_reason ELSE t.revoke_reason END,
+           revoked_by = CASE WHEN gone THEN k.revoked_by ELSE t.revoked_by END,
+           revoke_at = CASE WHEN gone THEN k.revoke_at ELSE t.revoke_at END,
+           rotated_from = t.rotated_from, rotated_to = t.rotated_to, parent_id = t.parent_id,
+           policy = t.policy, rate_limit = t.rate_limit, quota = t.quota,
+           allowed_ips = coalesce(t.allowed_ips, '{}'), blocked_ips = coalesce(t.blocked_ips, '{}'),
+           allowed_regions = coalesce(t.allowed_regions, '{}'),
+           blocked_regions = coalesce(t.blocked_regions, '{}'), disable_at = t.disable_at,
+           notify_before = t.notify, signing = coalesce(t.signing, false)
+      FROM (SELECT t.*, (o.revoked_at <= clock_timestamp() OR o.revoke_at <= clock_timestamp()) IS TRUE AS gone
+              FROM pg_temp."keypal import" t JOIN keypal.keys o ON o.id = t.id
+             WHERE t.act = 'o') AS t
+     WHERE k.id = t.id;
+    GET DIAGNOSTICS n_over = ROW_COUNT;
+
+    -- What only the whole picture shows (an error here undoes all of the above).
+    SELECT t.n, t.parent_id INTO bad
+      FROM pg_temp."keypal import" t
+      JOIN keypal.keys c ON c.id = t.id
+      JOIN keypal.keys p ON p.id = c.parent_id
+     WHERE t.act <> 's' AND p.revoked_at <= clock_timestamp()
+       AND (c.revoked_at IS NULL OR c.revoked_at > clock_timestamp())
+     ORDER BY t.n LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'CANNOT_MODIFY_REVOKED: data[%].parent_id: parent key % is revoked, so its children must be',
+            bad.n, bad.parent_id USING ERRCODE = '55000', DETAIL = 'CANNOT_MODIFY_REVOKED';
+    END IF;
+    SELECT t.n INTO bad FROM pg_temp."keypal import" t
+     WHERE t.act <> 's' AND t.parent_id IS NOT NULL AND keypal.depth_of(t.id) > keypal.max_hierarchy_depth()
+     ORDER BY t.n LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'invalid data[%].parent_id: a key hierarchy is at most % levels deep, and has no cycles',
+            bad.n, keypal.max_hierarchy_depth() USING ERRCODE = '22023';
+    END IF;
+
+    PERFORM keypal.end_change();
+    DROP TABLE pg_temp."keypal import";
+    RETURN QUERY SELECT n_new, n_skip, n_over;
+END $$;
+
+COMMENT ON FUNCTION keypal_export(text, text) IS 'Every key of an owner and/or org (NULL: all) as a JSON array of records: each key''s settings, state, links and hash (key_hash as hex; never a plaintext). keypal_import reads it back.';
+COMMENT ON FUNCTION keypal_export_records(text, text) IS 'keypal_export one record per row, for exports too large for one jsonb value (COPY (SELECT ...) TO ...).';
+COMMENT ON FUNCTION keypal_import(jsonb, text, text) IS 'Imports key records (keypal_export''s, or the TypeScript keypal''s {id, keyHash, metadata}) in one transaction: all checked first (a bad one raises naming data[i].field; nothing is written), then written and audited as imported. on_conflict: error (default), skip or overwrite (never un-revokes). Returns imported, skipped, overwritten.';
+
+-- Management only (SPEC §6): PUBLIC runs none of them.
+REVOKE ALL ON FUNCTION keypal.import_record(jsonb, integer), keypal.export_record(keypal.keys, timestamptz),
+    keypal_export(text, text), keypal_export_records(text, text), keypal_import(jsonb, text, text) FROM PUBLIC;
