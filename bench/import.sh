@@ -4,8 +4,8 @@
 # with a salt) are imported by one keypal_import call, each into a fresh database:
 #   import       keypal_import(records): checks every record, writes keys, audit rows, timers
 #   create_many  the baseline: as many new keys made by keypal_create_many (1000 per call)
-#   raw_insert   the floor: the same rows put straight into keypal.keys by one INSERT
-#                (with keypal's triggers: audit, timers), no checks
+#   raw_insert   the same rows put straight into keypal.keys by one INSERT ... SELECT
+#                (keypal's triggers run: audit, timers; no checks)
 # and prints keys/s and the ratios to create_many. Then the imported keys' verify speed
 # next to created keys' (pgbench -M prepared, 2 clients, 10 s each).
 set -euo pipefail
@@ -27,7 +27,7 @@ fresh() {
 # seconds a statement takes (wall clock, in one session, committed)
 timed() {
     local db=$1 sql=$2
-    psql -X -q -At -d "$db" <<SQL | tail -1
+    psql -X -q -At -v ON_ERROR_STOP=1 -d "$db" <<SQL | tail -1
 SET statement_timeout = 0;
 CREATE TEMP TABLE t0 AS SELECT clock_timestamp() AS t;
 $sql
@@ -41,7 +41,7 @@ got=$(psql -X -q -At -d bench_import -c "SELECT count(*) FROM keypal.keys")
 [ "$got" = "$N" ] || { echo "imported $got keys, not $N" >&2; exit 1; }
 fresh bench_create
 secs[create_many]=$(timed bench_create "DO \$\$ BEGIN FOR i IN 1..$N / 1000 LOOP
-    PERFORM keypal_create_many((SELECT jsonb_agg(jsonb_build_object('owner_id', 'u' || j % 100, 'scopes', '[\"read\"]'))
+    PERFORM keypal_create_many((SELECT jsonb_agg(jsonb_build_object('owner_id', 'u' || j % 100, 'scopes', '[\"read\"]'::jsonb))
                                   FROM generate_series(1, 1000) j));
 END LOOP; END \$\$;")
 fresh bench_raw

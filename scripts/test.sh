@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every keypal test, as root on a fresh Debian 12 machine:
 #   1. cargo fmt/clippy, 2. pure Rust unit tests + #[pg_test]s (cargo pgrx test),
-#   3. the SQL contract suite (pgTAP, pg_prove) and the multi-session shell tests (prove)
+#   3. the release package (scripts/package.sh), 4. the SQL contract suite (pgTAP, pg_prove) and the multi-session shell tests (prove)
 #      against the installed extension, in one cluster.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +20,8 @@ rm -rf "$PGRX_TEST_DIR"
 cargo pgrx test pg15 --runas postgres --pgdata "$PGRX_TEST_DIR"
 
 cargo pgrx install --pg-config "$PG_CONFIG" >/dev/null
+echo "== package (release build; tests/shell/package.t installs it)"
+bash scripts/package.sh
 export PGUSER=postgres
 echo "== SQL contract suite and multi-session tests"
 # One cluster, as a user would start it (keypal not preloaded: shell tests that need the

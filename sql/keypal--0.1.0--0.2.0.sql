@@ -2,7 +2,8 @@
 -- New: keypal_export, keypal_export_records, keypal_import (and keypal.import_record,
 -- keypal.export_record); the audit trigger records an import's overwrite as imported;
 -- key timers are not armed for moments that passed before a key was imported.
--- (keypal.previous_salt is a server setting: nothing to change in the database.)
+-- (keypal.previous_salt and keypal.typescript_salt are server settings: nothing to change in
+-- the database.)
 -- tests/shell/upgrade.t checks that this leaves the schema a fresh 0.2.0 install makes.
 
 CREATE FUNCTION keypal."import_record"(

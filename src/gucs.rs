@@ -1,5 +1,5 @@
 //! Every keypal setting that lives in postgresql.conf rather than in keypal.settings:
-//! `keypal.salt` (and `keypal.previous_salt`), `keypal.shared_memory`, `keypal.flush_interval` and
+//! `keypal.salt` (and `keypal.previous_salt`, `keypal.typescript_salt`), `keypal.shared_memory`, `keypal.flush_interval` and
 //! `keypal.maintenance_interval`.
 //!
 //! `keypal.salt` is the server secret mixed into every key hash. It is superuser-only
@@ -12,6 +12,10 @@ use std::cell::RefCell;
 use std::ffi::CString;
 
 pub static SALT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
+/// The TypeScript keypal's salt, which it appends to a key as it is (not hashed): verify
+/// tries `ALG(key || this)` last, so keys imported from it keep their plaintext.
+pub static TYPESCRIPT_SALT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 /// The salt before the current one, while keys hashed under it are moved over: verify tries
 /// it when the current salt finds nothing. Unset: none; '' : keys made with no salt.
@@ -87,6 +91,15 @@ pub fn init() {
         GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL | GucFlags::NO_RESET_ALL,
     );
     GucRegistry::define_string_guc(
+        c"keypal.typescript_salt",
+        c"The salt the TypeScript keypal was configured with (superuser only).",
+        c"It appends its salt to a key as it is: verify tries ALG(key || this) when \
+          keypal.salt and keypal.previous_salt find no key, so keys imported from it verify.",
+        &TYPESCRIPT_SALT,
+        GucContext::Suset,
+        GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL | GucFlags::NO_RESET_ALL,
+    );
+    GucRegistry::define_string_guc(
         c"keypal.salt",
         c"Server secret mixed into every API-key hash (superuser only).",
         c"hash = ALG(key || lower-hex(sha256(salt))). Set it with ALTER SYSTEM and reload; \
@@ -129,10 +142,19 @@ pub fn with_salt_suffix<R>(f: impl FnOnce(&str) -> R) -> R {
     with_suffix(SALT.get(), &SUFFIX, f)
 }
 
-/// Calls `f` with the suffix for keypal.previous_salt, when it is set to a salt other than
-/// the current one.
-pub fn with_previous_salt_suffix<R>(f: impl FnOnce(&str) -> R) -> Option<R> {
-    let previous = PREVIOUS_SALT.get()?;
-    let current = SALT.get().unwrap_or_default();
-    (previous != current).then(|| with_suffix(Some(previous), &PREVIOUS_SUFFIX, f))
+/// The suffixes verify tries when the current salt finds nothing, in order: 1, for
+/// keypal.previous_salt (when set to a salt other than the current one); 2, keypal.typescript_salt
+/// as it is. Calls `f` with suffix `which`, or answers None when that one is not set.
+pub fn with_fallback_suffix<R>(which: usize, f: impl FnOnce(&str) -> R) -> Option<R> {
+    match which {
+        1 => {
+            let previous = PREVIOUS_SALT.get()?;
+            let current = SALT.get().unwrap_or_default();
+            (previous != current).then(|| with_suffix(Some(previous), &PREVIOUS_SUFFIX, f))
+        }
+        _ => {
+            let raw = TYPESCRIPT_SALT.get().filter(|s| !s.is_empty())?;
+            Some(f(&raw.to_string_lossy()))
+        }
+    }
 }

@@ -268,15 +268,18 @@ fn judge(catalog: &Catalog, snapshot: &Fresh, key: &str, req: &Request) -> Resul
 }
 
 /// Looks the key up under the last-matching algorithm, then the other one; under the
-/// current salt, then keypal.previous_salt (when set).
+/// current salt, then keypal.previous_salt and keypal.typescript_salt (when set).
 fn find(catalog: &Catalog, snapshot: &Fresh, key: &str) -> Option<(Row, Vec<u8>)> {
     let first = LAST_ALGORITHM.get();
-    for previous_salt in [false, true] {
+    for salt in 0..3 {
         for alg in [first, first.other()] {
-            let hash = if previous_salt {
-                gucs::with_previous_salt_suffix(|s| keys::hash_key(key, s, alg))?
-            } else {
+            let hash = if salt == 0 {
                 gucs::with_salt_suffix(|s| keys::hash_key(key, s, alg))
+            } else {
+                match gucs::with_fallback_suffix(salt, |s| keys::hash_key(key, s, alg)) {
+                    Some(h) => h,
+                    None => break,
+                }
             };
             if let Some(row) = Row::by_hash(catalog, snapshot, &hash) {
                 LAST_ALGORITHM.set(alg);

@@ -45,6 +45,12 @@ SELECT keypal_add_webhook('http://127.0.0.1:9/hook', 'whsec_dump', '{key.revoked
 SELECT keypal_disable_webhook(keypal_add_webhook('https://hooks.example.com/dump', 'whsec_dump2'));
 INSERT INTO plain_keys SELECT 'scheduled', key, id FROM keypal_create(owner_id => 'd', expires_in => '30d', notify_before => '7d', revoke_at => now() + interval '20 days');
 SELECT keypal_update((SELECT id FROM plain_keys WHERE label = 'scheduled'), name => 'queued for the webhooks');
+-- Keys hashed under a salt (for the restore into a fresh cluster configured with it).
+SET keypal.salt = 'dump salt';
+CREATE TABLE salted_keys (label text PRIMARY KEY, key text, id uuid);
+INSERT INTO salted_keys SELECT 'salted', key, id FROM keypal_create(owner_id => 'salted', scopes => '{read}');
+INSERT INTO salted_keys SELECT 'salted_revoked', key, id FROM keypal_create(owner_id => 'salted');
+SELECT keypal_revoke((SELECT id FROM salted_keys WHERE label = 'salted_revoked'));
 SQL
 
 # A fingerprint of everything a restore must bring back, identical.
@@ -99,6 +105,26 @@ for kind in fc sql; do
     is "$(q -d "$db" -c "SELECT coalesce(error_code, 'VALID') FROM keypal_verify((SELECT key FROM plain_keys WHERE label = 'grandchild'))")" \
        REVOKED "$kind: and cascades as before"
 done
+
+# A fresh cluster whose keypal.salt is the same: the custom-format dump restores into it
+# with the audit log intact, and the salted keys verify there with no session setting
+# (the unsalted ones do not: the salt is part of every hash).
+fresh=$work/fresh
+bash "$(dirname "$0")/../../scripts/cluster.sh" start "$fresh" 55462 "keypal.salt = 'dump salt'" >/dev/null
+trap 'bash "$(dirname "$0")/../../scripts/cluster.sh" stop "$fresh" >/dev/null 2>&1 || true; rm -rf "$work"; q -d postgres -c "DROP DATABASE IF EXISTS $src WITH (FORCE)" -c "DROP DATABASE IF EXISTS ${src}_fc WITH (FORCE)" -c "DROP DATABASE IF EXISTS ${src}_sql WITH (FORCE)" >/dev/null 2>&1' EXIT
+fq() { q -h "$fresh" -p 55462 "$@"; }
+fq -d postgres -c "CREATE DATABASE restored" >/dev/null
+rc=0
+as_pg "$PGBIN/pg_restore" -h "$fresh" -p 55462 -d restored "$work/keypal.dump" >"$work/restore_fresh.out" 2>&1 || rc=$?
+is "$rc" 0 "fresh cluster: the restore ran without an error"
+is "$(fq -d restored -c "SELECT (SELECT count(*) FROM keypal.keys) || ' ' || (SELECT count(*) FROM keypal.audit_log)")" \
+   "$want_counts" "fresh cluster: every key and audit row is back"
+is "$(PGHOST=$fresh PGPORT=55462 fingerprint restored)" "$want_fp" "fresh cluster: keys, audit log, events, settings, policies, templates, usage identical"
+is "$(fq -d restored -c "SELECT string_agg(s.label || '=' || coalesce(v.error_code, 'VALID'), ' ' ORDER BY s.label)
+                          FROM salted_keys s, keypal_verify(s.key, scope => 'read') v")" \
+   "salted=VALID salted_revoked=REVOKED" "fresh cluster: keys made under the same salt verify as before, with no session setting"
+is "$(fq -d restored -c "SELECT (keypal_verify((SELECT key FROM plain_keys WHERE label = 'policy'))).valid")" f \
+   "fresh cluster: (keys hashed under another salt do not)"
 
 # Rate windows belong to a database: the restored copies hold the same key ids, and each
 # counts its own.

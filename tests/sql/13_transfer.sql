@@ -73,6 +73,15 @@ SELECT is((SELECT count(*) FROM keypal_import(jsonb_build_array(jsonb_build_obje
               'keyHash', encode(sha256('sk_made_without_salt'), 'hex'), 'metadata', '{"ownerId": "ts-nosalt"}'::jsonb)))), 1::bigint,
           'a key made with no salt imports');
 SELECT is((keypal_verify('sk_made_without_salt')).valid, true, 'and verifies with previous_salt ''''');
+-- keypal.typescript_salt: the TypeScript keypal appends its salt as it is.
+SELECT is((SELECT count(*) FROM keypal_import(jsonb_build_array(jsonb_build_object('id', 'rawsalt',
+              'keyHash', encode(sha256(convert_to('sk_ts_raw_salted' || 'ts raw salt', 'UTF8')), 'hex'), 'metadata', '{"ownerId": "ts-raw"}'::jsonb)))), 1::bigint,
+          'a key the TypeScript keypal hashed with its salt as it is imports');
+SELECT is((keypal_verify('sk_ts_raw_salted')).valid, false, 'but verifies under no keypal salt');
+SET LOCAL keypal.typescript_salt = 'ts raw salt';
+SELECT is((keypal_verify('sk_ts_raw_salted')).valid, true, 'until keypal.typescript_salt names that salt');
+SELECT is((keypal_verify('sk_ts_nothing_raw')).valid, false, '(and nothing else verifies for it)');
+RESET keypal.typescript_salt;
 SET LOCAL keypal.salt = 'pepper';
 RESET keypal.previous_salt;
 
