@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Import bench: keypal (release) in a private cluster at PostgreSQL's default durability.
 # BENCH_KEYS (100 000) TypeScript keypal records (written by docs/examples/ts_records.js,
-# with a salt) are imported by one keypal_import call, each into a fresh database:
+# with its salt: keypal.typescript_salt) are imported by one keypal_import call, each into a fresh database:
 #   import       keypal_import(records): checks every record, writes keys, audit rows, timers
 #   create_many  the baseline: as many new keys made by keypal_create_many (1000 per call)
 #   raw_insert   the same rows put straight into keypal.keys by one INSERT ... SELECT
@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 source bench/lib.sh
 N=${BENCH_KEYS:-100000}
 DIR=/tmp/keypal-bench-import
-bench_cluster "$DIR" "${BENCH_PORT:-55445}" keypal_import_bench "keypal.salt = 'bench salt'"
+bench_cluster "$DIR" "${BENCH_PORT:-55445}" keypal_import_bench "keypal.typescript_salt = 'bench salt'"
 work=$(mktemp -d)
 chmod 755 "$work"
 trap 'bash scripts/cluster.sh stop "$DIR"; rm -rf "$work"' EXIT

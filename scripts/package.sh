@@ -7,6 +7,7 @@
 # and the upgrade scripts keypal--<old>--<version>.sql.
 # Prints the two paths. PG_CONFIG picks another pg_config (default: Debian's 15).
 set -euo pipefail
+umask 022   # the package's files and DEBIAN/ are world-readable, whatever the caller's umask
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
@@ -24,6 +25,8 @@ so=$(find "$stage" -name keypal.so)
 [ -n "$so" ] && [ -e "$stage/$("$PG_CONFIG" --sharedir)/extension/keypal--$version.sql" ] ||
     { echo "package: cargo pgrx package did not produce keypal.so and keypal--$version.sql" >&2; exit 1; }
 strip --strip-unneeded "$so"
+# The newest glibc symbol version the library uses: the package's libc6 dependency.
+glibc=$(objdump -T "$so" | grep -o 'GLIBC_[0-9.]*' | sed 's/GLIBC_//' | sort -V | tail -1)
 
 tarball=$out/keypal-$version-pg$major-$arch.tar.gz
 tar -czf "$tarball" --owner=0 --group=0 -C "$stage" usr
@@ -35,7 +38,7 @@ Package: $pkg
 Version: $version
 Architecture: $arch
 Maintainer: keypal developers <keypal@localhost>
-Depends: postgresql-$major, libc6 (>= 2.34)
+Depends: postgresql-$major, libc6 (>= $glibc)
 Section: database
 Priority: optional
 Homepage: https://pgxn.org/dist/keypal/

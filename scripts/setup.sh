@@ -9,7 +9,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 
 packages=(postgresql-15 postgresql-server-dev-15 libclang-dev clang pkg-config sudo
           postgresql-15-pgtap libtap-parser-sourcehandler-pgtap-perl
-          postgresql-15-cron python3 nodejs)
+          postgresql-15-cron python3 nodejs binutils)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

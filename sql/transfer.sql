@@ -13,6 +13,8 @@ BEGIN
               FROM jsonb_each(to_jsonb(k) - 'key_hash' - 'last_used_at') AS e
              WHERE e.value <> 'null')
         || jsonb_build_object('key_hash', encode(k.key_hash, 'hex'))
+        -- a rate_limit of JSON null (no limit, over any default) is a setting, not "none"
+        || CASE WHEN k.rate_limit = 'null' THEN '{"rate_limit": null}'::jsonb ELSE '{}'::jsonb END
         || CASE WHEN last_used IS NULL THEN '{}' ELSE jsonb_build_object('last_used_at', last_used) END;
 END $$;
 
@@ -43,9 +45,10 @@ DECLARE
     mode   text := lower(on_conflict);
     cfg    keypal.settings := keypal.config();
     bad    record;
+    n_all  bigint;
     n_new  bigint := 0;
-    n_skip bigint := 0;
     n_over bigint := 0;
+    ctx    jsonb;
 BEGIN
     IF mode IS NULL OR mode NOT IN ('skip', 'overwrite', 'error') THEN
         RAISE EXCEPTION 'invalid on_conflict: %, must be skip, overwrite or error', quote_nullable(on_conflict)
@@ -56,14 +59,19 @@ BEGIN
             USING ERRCODE = '22023';
     END IF;
 
-    -- Every record is checked and converted before anything is written; the first bad one
-    -- raises, naming its index and field. (Dropped at the end; an error rolls it back.)
+    -- 1. Every record is checked and converted before anything is written; the first bad
+    -- one raises, naming its index and field. (Dropped at the end; an error rolls it back.)
+    -- A keypal record's metadata is taken as it came (no number rounded on the way);
+    -- rate_limit keeps a JSON null (no limit, over any default), which is not SQL NULL.
     CREATE TEMP TABLE "keypal import" ON COMMIT DROP AS
     SELECT (e.n - 1)::integer AS n, 'i'::"char" AS act, x.obj->>'_source' AS source, r.*,
-           keypal.parse_duration(x.obj->>'notify_before', format('data[%s].notify_before', e.n - 1)) AS notify
+           keypal.parse_duration(x.obj->>'notify_before', format('data[%s].notify_before', e.n - 1)) AS notify,
+           CASE WHEN x.obj->>'_source' = 'keypal' AND e.v ? 'metadata' THEN e.v->'metadata' ELSE r.metadata END AS meta,
+           x.obj->'rate_limit' AS limits
       FROM jsonb_array_elements(data) WITH ORDINALITY AS e(v, n)
-     CROSS JOIN LATERAL keypal.import_record(e.v, (e.n - 1)::integer) AS x(obj)
+     CROSS JOIN LATERAL keypal.import_record(e.v::text, (e.n - 1)::integer) AS x(obj)
      CROSS JOIN LATERAL jsonb_populate_record(NULL::keypal.keys, x.obj - 'notify_before') AS r;
+    GET DIAGNOSTICS n_all = ROW_COUNT;
     ANALYZE pg_temp."keypal import";
 
     SELECT d.n, d.field, d.first INTO bad FROM (
@@ -91,25 +99,22 @@ BEGIN
         RAISE EXCEPTION 'invalid data[%].policy: no policy named % (define it first: keypal_define_policy)',
             bad.n, quote_literal(bad.policy) USING ERRCODE = '22023';
     END IF;
-    -- Links name keys in the data or in this database.
-    SELECT t.n, l.field, l.ref, l.ref = t.id AS self INTO bad
-      FROM pg_temp."keypal import" t,
-           LATERAL (VALUES ('parent_id', t.parent_id), ('rotated_from', t.rotated_from),
-                           ('rotated_to', t.rotated_to)) AS l(field, ref)
-     WHERE l.ref IS NOT NULL
-       AND (l.ref = t.id
-            OR NOT EXISTS (SELECT 1 FROM pg_temp."keypal import" o WHERE o.id = l.ref)
-               AND NOT EXISTS (SELECT 1 FROM keypal.keys k WHERE k.id = l.ref))
-     ORDER BY t.n LIMIT 1;
-    IF FOUND THEN
-        RAISE EXCEPTION 'invalid data[%].%: %', bad.n, bad.field,
-            CASE WHEN bad.self THEN 'a key cannot name itself'
-                 ELSE format('no key %s in the data or in this database', bad.ref) END
-            USING ERRCODE = CASE WHEN bad.self THEN '22023' ELSE '23503' END;
-    END IF;
+    -- A live key must keep its policy's rules, as keypal_create would make it.
+    FOR bad IN SELECT t.n, t.policy, t.scopes, t.resources, t.expires_at, t.allowed_ips FROM pg_temp."keypal import" t
+                WHERE t.policy IS NOT NULL AND t.revoked_at IS NULL AND t.revoke_at IS NULL
+                  AND (t.expires_at IS NULL OR t.expires_at > now())
+                ORDER BY t.n LOOP
+        BEGIN
+            PERFORM keypal.enforce_policy(bad.policy, coalesce(bad.scopes, '{}'), coalesce(bad.resources, '{}'),
+                                          bad.expires_at, coalesce(bad.allowed_ips, '{}'), format('data[%s].', bad.n));
+        EXCEPTION WHEN invalid_parameter_value THEN
+            RAISE EXCEPTION 'invalid data[%].policy: %', bad.n, SQLERRM USING ERRCODE = '22023';
+        END;
+    END LOOP;
 
     -- Conflicts with keys already here: by id (on_conflict decides), and a hash that another
-    -- key holds (never overwritten: it is another key; skipped with skip).
+    -- key holds (never taken: it is another key; skipped with skip). An existing key's hash
+    -- never changes: a record with another hash is another key, under another id.
     IF mode = 'error' THEN
         SELECT t.n, t.id INTO bad FROM pg_temp."keypal import" t JOIN keypal.keys k ON k.id = t.id
          ORDER BY t.n LIMIT 1;
@@ -126,69 +131,134 @@ BEGIN
             RAISE EXCEPTION 'invalid data[%].key_hash: key % already has this hash', bad.n, bad.id
                 USING ERRCODE = '23505';
         END IF;
+        SELECT t.n, k.id INTO bad FROM pg_temp."keypal import" t JOIN keypal.keys k ON k.id = t.id
+         WHERE k.key_hash <> t.key_hash ORDER BY t.n LIMIT 1;
+        IF FOUND THEN
+            RAISE EXCEPTION 'invalid data[%].key_hash: key % has another hash (a key''s hash never changes: import a new key under a new id)',
+                bad.n, bad.id USING ERRCODE = '22023';
+        END IF;
     END IF;
     UPDATE pg_temp."keypal import" t SET act = CASE WHEN mode = 'skip' THEN 's' ELSE 'o' END
      WHERE EXISTS (SELECT 1 FROM keypal.keys k WHERE k.id = t.id)
         OR mode = 'skip' AND EXISTS (SELECT 1 FROM keypal.keys k WHERE k.key_hash = t.key_hash);
-    GET DIAGNOSTICS n_skip = ROW_COUNT;
-    IF mode = 'overwrite' THEN
-        n_skip := 0;
-    END IF;
 
-    -- Written as one change: the audit log says imported for every key written.
-    PERFORM keypal.begin_change(keypal.actor(actor), 'imported', jsonb_build_object('on_conflict', mode));
-    INSERT INTO keypal.keys (id, key_hash, algorithm, owner_id, org_id, env, name, description, scopes,
-                             resources, tags, metadata, enabled, created_at, updated_at, expires_at,
-                             last_used_at, revoked_at, revoke_reason, revoked_by, rotated_from, rotated_to,
-                             parent_id, policy, rate_limit, quota, allowed_ips, blocked_ips, allowed_regions,
-                             blocked_regions, disable_at, revoke_at, notify_before, signing)
-    SELECT t.id, t.key_hash, t.algorithm, t.owner_id, t.org_id, t.env, t.name, t.description,
-           coalesce(t.scopes, '{}'), coalesce(t.resources, '{}'), coalesce(t.tags, '{}'),
-           coalesce(t.metadata, '{}'), coalesce(t.enabled, true), coalesce(t.created_at, now()),
-           coalesce(t.updated_at, t.created_at, now()), t.expires_at, t.last_used_at, t.revoked_at,
-           t.revoke_reason, t.revoked_by, t.rotated_from, t.rotated_to, t.parent_id, t.policy,
-           t.rate_limit, t.quota, coalesce(t.allowed_ips, '{}'), coalesce(t.blocked_ips, '{}'),
-           coalesce(t.allowed_regions, '{}'), coalesce(t.blocked_regions, '{}'), t.disable_at,
-           t.revoke_at, t.notify, coalesce(t.signing, false)
-      FROM pg_temp."keypal import" t
-     WHERE t.act = 'i'
-     ORDER BY t.n;
-    GET DIAGNOSTICS n_new = ROW_COUNT;
-    -- Overwriting never brings a revoked key back: one revoked here stays revoked as it was.
+    -- Links name keys written by this import or already here. Existing parents are locked
+    -- FOR SHARE (as keypal_create locks its parent): a revoke of one waits for this
+    -- transaction, then cascades to the children it wrote. Keys to overwrite are locked in
+    -- id order (two overwrites of the same keys wait in turn rather than deadlock), and
+    -- what they are then is what the overwrite keeps (a revocation).
+    SELECT t.n, l.field, l.ref, l.ref = t.id AS self INTO bad
+      FROM pg_temp."keypal import" t,
+           LATERAL (VALUES ('parent_id', t.parent_id), ('rotated_from', t.rotated_from),
+                           ('rotated_to', t.rotated_to)) AS l(field, ref)
+     WHERE t.act <> 's' AND l.ref IS NOT NULL
+       AND (l.ref = t.id
+            OR NOT EXISTS (SELECT 1 FROM pg_temp."keypal import" o WHERE o.id = l.ref AND o.act <> 's')
+               AND NOT EXISTS (SELECT 1 FROM keypal.keys k WHERE k.id = l.ref))
+     ORDER BY t.n LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'invalid data[%].%: %', bad.n, bad.field,
+            CASE WHEN bad.self THEN 'a key cannot name itself'
+                 ELSE format('no key %s in the data or in this database', bad.ref) END
+            USING ERRCODE = CASE WHEN bad.self THEN '22023' ELSE '23503' END;
+    END IF;
+    PERFORM 1 FROM keypal.keys p
+     WHERE p.id IN (SELECT t.parent_id FROM pg_temp."keypal import" t WHERE t.act <> 's')
+     ORDER BY p.id FOR SHARE;
+    PERFORM 1 FROM keypal.keys k
+     WHERE k.id IN (SELECT t.id FROM pg_temp."keypal import" t WHERE t.act = 'o')
+     ORDER BY k.id FOR NO KEY UPDATE;
+
+    -- 2. Written as one change: the audit log says imported for every key written.
+    ctx := jsonb_build_object('on_conflict', mode, 'records',
+               (SELECT jsonb_object_agg(c.source, c.n) FROM (SELECT t.source, count(*) AS n
+                                                              FROM pg_temp."keypal import" t GROUP BY 1) c));
+    PERFORM keypal.begin_change(keypal.actor(actor), 'imported', ctx);
+    BEGIN
+        INSERT INTO keypal.keys (id, key_hash, algorithm, owner_id, org_id, env, name, description, scopes,
+                                 resources, tags, metadata, enabled, created_at, updated_at, expires_at,
+                                 last_used_at, revoked_at, revoke_reason, revoked_by, rotated_from, rotated_to,
+                                 parent_id, policy, rate_limit, quota, allowed_ips, blocked_ips, allowed_regions,
+                                 blocked_regions, disable_at, revoke_at, notify_before, signing)
+        SELECT t.id, t.key_hash, t.algorithm, t.owner_id, t.org_id, t.env, t.name, t.description,
+               coalesce(t.scopes, '{}'), coalesce(t.resources, '{}'), coalesce(t.tags, '{}'),
+               coalesce(t.meta, '{}'), coalesce(t.enabled, true), coalesce(t.created_at, now()),
+               coalesce(t.updated_at, t.created_at, now()), t.expires_at, t.last_used_at, t.revoked_at,
+               t.revoke_reason, t.revoked_by, t.rotated_from, t.rotated_to, t.parent_id, t.policy,
+               t.limits, t.quota, coalesce(t.allowed_ips, '{}'), coalesce(t.blocked_ips, '{}'),
+               coalesce(t.allowed_regions, '{}'), coalesce(t.blocked_regions, '{}'), t.disable_at,
+               t.revoke_at, t.notify, coalesce(t.signing, false)
+          FROM pg_temp."keypal import" t
+         WHERE t.act = 'i'
+         ORDER BY t.n
+            ON CONFLICT DO NOTHING;   -- only a key another transaction wrote meanwhile (see below)
+        GET DIAGNOSTICS n_new = ROW_COUNT;
+    EXCEPTION WHEN foreign_key_violation THEN
+        RAISE EXCEPTION 'invalid data: a key it links to was removed or skipped meanwhile: %', SQLERRM
+            USING ERRCODE = '23503';
+    END;
+    IF n_new < (SELECT count(*) FROM pg_temp."keypal import" t WHERE t.act = 'i') AND mode <> 'skip' THEN
+        RAISE EXCEPTION 'a key with the same id or hash as one in the data was created meanwhile (by another transaction); nothing imported'
+            USING ERRCODE = '23505', HINT = 'run the import again';
+    END IF;
+    -- Overwriting never brings a revoked key back, nor one whose revocation is pending (a
+    -- rotation's grace, a revoke_at): what it has of that is kept, or made earlier by the
+    -- record. Its rotation link stays. last_used_at is written apart below (an update of it
+    -- alone is the worker's kind, neither audited nor touching updated_at).
     UPDATE keypal.keys k
-       SET key_hash = t.key_hash, algorithm = t.algorithm, owner_id = t.owner_id, org_id = t.org_id,
+       SET algorithm = t.algorithm, owner_id = t.owner_id, org_id = t.org_id,
            env = t.env, name = t.name, description = t.description, scopes = coalesce(t.scopes, '{}'),
            resources = coalesce(t.resources, '{}'), tags = coalesce(t.tags, '{}'),
-           metadata = coalesce(t.metadata, '{}'), enabled = coalesce(t.enabled, true),
+           metadata = coalesce(t.meta, '{}'), enabled = coalesce(t.enabled, true),
            created_at = coalesce(t.created_at, k.created_at), expires_at = t.expires_at,
-           last_used_at = greatest(k.last_used_at, t.last_used_at),
-           revoked_at = CASE WHEN gone THEN k.revoked_at ELSE t.revoked_at END,
-           revoke_reason = CASE WHEN gone THEN k.revoke_reason ELSE t.revoke_reason END,
-           revoked_by = CASE WHEN gone THEN k.revoked_by ELSE t.revoked_by END,
-           revoke_at = CASE WHEN gone THEN k.revoke_at ELSE t.revoke_at END,
-           rotated_from = t.rotated_from, rotated_to = t.rotated_to, parent_id = t.parent_id,
-           policy = t.policy, rate_limit = t.rate_limit, quota = t.quota,
+           revoked_at = CASE WHEN k.revoked_at IS NULL THEN t.revoked_at ELSE least(k.revoked_at, t.revoked_at) END,
+           revoke_reason = CASE WHEN k.revoked_at IS NULL THEN t.revoke_reason ELSE k.revoke_reason END,
+           revoked_by = CASE WHEN k.revoked_at IS NULL THEN t.revoked_by ELSE k.revoked_by END,
+           revoke_at = CASE WHEN k.revoke_at IS NULL THEN t.revoke_at ELSE least(k.revoke_at, t.revoke_at) END,
+           rotated_from = t.rotated_from, rotated_to = coalesce(k.rotated_to, t.rotated_to), parent_id = t.parent_id,
+           policy = t.policy, rate_limit = t.limits, quota = t.quota,
            allowed_ips = coalesce(t.allowed_ips, '{}'), blocked_ips = coalesce(t.blocked_ips, '{}'),
            allowed_regions = coalesce(t.allowed_regions, '{}'),
            blocked_regions = coalesce(t.blocked_regions, '{}'), disable_at = t.disable_at,
            notify_before = t.notify, signing = coalesce(t.signing, false)
-      FROM (SELECT t.*, (o.revoked_at <= clock_timestamp() OR o.revoke_at <= clock_timestamp()) IS TRUE AS gone
-              FROM pg_temp."keypal import" t JOIN keypal.keys o ON o.id = t.id
-             WHERE t.act = 'o') AS t
-     WHERE k.id = t.id;
+      FROM pg_temp."keypal import" t
+     WHERE t.act = 'o' AND k.id = t.id;
     GET DIAGNOSTICS n_over = ROW_COUNT;
+    UPDATE keypal.keys k SET last_used_at = t.last_used_at
+      FROM pg_temp."keypal import" t
+     WHERE t.act = 'o' AND k.id = t.id AND t.last_used_at > k.last_used_at IS NOT FALSE AND t.last_used_at IS NOT NULL;
 
-    -- What only the whole picture shows (an error here undoes all of the above).
+    -- 3. What only the whole picture shows (an error here undoes all of the above): live
+    -- keys under revoked parents; live children outside their parent's scopes or lifetime
+    -- (those written, and those already here under a parent overwritten); depth and cycles.
     SELECT t.n, t.parent_id INTO bad
       FROM pg_temp."keypal import" t
       JOIN keypal.keys c ON c.id = t.id
       JOIN keypal.keys p ON p.id = c.parent_id
-     WHERE t.act <> 's' AND p.revoked_at <= clock_timestamp()
+     WHERE t.act <> 's' AND (p.revoked_at <= clock_timestamp() OR p.revoke_at <= clock_timestamp())
        AND (c.revoked_at IS NULL OR c.revoked_at > clock_timestamp())
      ORDER BY t.n LIMIT 1;
     IF FOUND THEN
         RAISE EXCEPTION 'CANNOT_MODIFY_REVOKED: data[%].parent_id: parent key % is revoked, so its children must be',
             bad.n, bad.parent_id USING ERRCODE = '55000', DETAIL = 'CANNOT_MODIFY_REVOKED';
+    END IF;
+    SELECT x.n, c.id, c.id = x.id AS own, (c.expires_at > p.expires_at) IS TRUE AS outlives INTO bad
+      FROM (SELECT t.n, t.id, t.id AS child FROM pg_temp."keypal import" t
+             WHERE t.act <> 's' AND t.parent_id IS NOT NULL
+            UNION ALL
+            SELECT t.n, t.id, c.id FROM pg_temp."keypal import" t JOIN keypal.keys c ON c.parent_id = t.id
+             WHERE t.act = 'o') AS x
+      JOIN keypal.keys c ON c.id = x.child
+      JOIN keypal.keys p ON p.id = c.parent_id
+     WHERE (c.revoked_at IS NULL OR c.revoked_at > clock_timestamp())
+       AND (NOT keypal.scopes_within(c.scopes, c.resources, p.scopes, p.resources) OR c.expires_at > p.expires_at)
+     ORDER BY x.n LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'invalid data[%].%: %', bad.n, CASE WHEN bad.own THEN 'parent_id' ELSE 'scopes' END,
+            CASE WHEN bad.own AND bad.outlives THEN 'a child key cannot outlive its parent'
+                 WHEN bad.own THEN 'a child key''s scopes must be within its parent''s'
+                 ELSE format('key %s, a child of this one, would hold scopes or a lifetime outside it', bad.id) END
+            USING ERRCODE = '22023';
     END IF;
     SELECT t.n INTO bad FROM pg_temp."keypal import" t
      WHERE t.act <> 's' AND t.parent_id IS NOT NULL AND keypal.depth_of(t.id) > keypal.max_hierarchy_depth()
@@ -200,5 +270,5 @@ BEGIN
 
     PERFORM keypal.end_change();
     DROP TABLE pg_temp."keypal import";
-    RETURN QUERY SELECT n_new, n_skip, n_over;
+    RETURN QUERY SELECT n_new, n_all - n_new - n_over, n_over;
 END $$;

@@ -48,6 +48,22 @@ const STATE: &[(&str, &str, State)] = &[
     ("rotated_to", "rotatedTo", State::Link),
 ];
 
+/// The TypeScript keypal's metadata fields that are keypal settings, spelled as it spells
+/// them; any other field is the application's own and stays in `metadata` (a field named
+/// like a keypal setting in another case, `Quota` or `environment`, included).
+const TS_SETTINGS: &[&str] = &[
+    "ownerId",
+    "orgId",
+    "name",
+    "description",
+    "scopes",
+    "resources",
+    "tags",
+    "expiresAt",
+    "enabled",
+    "metadata",
+];
+
 /// Settings a record may not carry: they describe a call, not a key.
 const NOT_IN_RECORDS: &[&str] = &["expires_in", "actor"];
 
@@ -59,6 +75,14 @@ const SETTING_TIMESTAMPS: &[&str] = &["expires_at", "disable_at", "revoke_at"];
 pub enum Source {
     Keypal,
     TypeScript,
+}
+
+/// `record` of a record's JSON text.
+pub fn record_text(text: &str, index: usize) -> Res<(Map<String, Value>, Source)> {
+    match serde_json::from_str::<Value>(text) {
+        Ok(v) => record(&v, index),
+        Err(e) => err(&format!("data[{index}]"), format!("cannot be read: {e}")),
+    }
 }
 
 /// Checks record `index` of the data and returns its columns.
@@ -142,7 +166,7 @@ fn typescript(obj: &Map<String, Value>, at: &str) -> Res<Map<String, Value>> {
     for (k, v) in meta {
         if let Some(&(name, _, kind)) = STATE.iter().find(|(n, c, _)| k == n || k == c) {
             state(name, kind, v, &meta_at, true, &mut out)?;
-        } else if options::is_option(k) && !NOT_IN_RECORDS.contains(&options::canonical(k)) {
+        } else if TS_SETTINGS.contains(&k.as_str()) {
             settings.insert(k.clone(), v.clone());
         } else {
             custom.insert(k.clone(), v.clone());
@@ -311,28 +335,38 @@ fn check_timestamp(s: &str, arg: &str) -> Res<()> {
 }
 
 pub fn is_timestamp(s: &str) -> bool {
-    let b = s.as_bytes();
+    if matches!(s, "infinity" | "-infinity") {
+        return true; // as keypal_export writes a key that never expires
+    }
+    // The year: 4 to 6 digits (PostgreSQL's timestamps reach 294276).
+    let year_len = s.bytes().take_while(u8::is_ascii_digit).count();
+    if !(4..=6).contains(&year_len) {
+        return false;
+    }
+    let (year, rest) = s.split_at(year_len);
+    let b = rest.as_bytes();
     let num = |from: usize, to: usize| -> Option<u32> {
         let d = b.get(from..to)?;
         d.iter()
             .all(u8::is_ascii_digit)
             .then(|| d.iter().fold(0, |n, c| n * 10 + u32::from(c - b'0')))
     };
-    let (Some(y), Some(mo), Some(d), Some(h), Some(mi), Some(sec)) = (
-        num(0, 4),
-        num(5, 7),
-        num(8, 10),
-        num(11, 13),
-        num(14, 16),
-        num(17, 19),
+    // -MM-DDTHH:MM:SS
+    let (Ok(y), Some(mo), Some(d), Some(h), Some(mi), Some(sec)) = (
+        year.parse::<u32>(),
+        num(1, 3),
+        num(4, 6),
+        num(7, 9),
+        num(10, 12),
+        num(13, 15),
     ) else {
         return false;
     };
-    if b[4] != b'-'
-        || b[7] != b'-'
-        || !matches!(b[10], b'T' | b't' | b' ')
-        || b[13] != b':'
-        || b[16] != b':'
+    if b[0] != b'-'
+        || b[3] != b'-'
+        || !matches!(b[6], b'T' | b't' | b' ')
+        || b[9] != b':'
+        || b[12] != b':'
     {
         return false;
     }
@@ -352,6 +386,7 @@ pub fn is_timestamp(s: &str) -> bool {
         31,
     ];
     if y == 0
+        || y > 294_276
         || !(1..=12).contains(&mo)
         || d == 0
         || d > days[mo as usize - 1]
@@ -361,7 +396,7 @@ pub fn is_timestamp(s: &str) -> bool {
     {
         return false;
     }
-    let mut rest = &s[19..];
+    let mut rest = &rest[15..];
     if let Some(frac) = rest.strip_prefix('.') {
         let n = frac.bytes().take_while(u8::is_ascii_digit).count();
         if n == 0 || n > 9 {
@@ -369,21 +404,25 @@ pub fn is_timestamp(s: &str) -> bool {
         }
         rest = &frac[n..];
     }
-    match rest {
-        "Z" | "z" => true,
-        _ => {
-            let z = rest.as_bytes();
-            let hh = |i: usize| z.get(i..i + 2).filter(|d| d.iter().all(u8::is_ascii_digit));
-            matches!(z.first(), Some(b'+' | b'-'))
-                && hh(1).is_some()
-                && match z.len() {
-                    3 => true,
-                    5 => hh(3).is_some(),
-                    6 => z[3] == b':' && hh(4).is_some(),
-                    _ => false,
-                }
-        }
+    if matches!(rest, "Z" | "z") {
+        return true;
     }
+    // ±HH, ±HHMM or ±HH:MM, within what PostgreSQL takes (15:59).
+    let z = rest.as_bytes();
+    let two = |i: usize| {
+        z.get(i..i + 2)
+            .filter(|d| d.iter().all(u8::is_ascii_digit))
+            .map(|d| (d[0] - b'0') * 10 + (d[1] - b'0'))
+    };
+    let minutes = match z.len() {
+        3 => Some(0),
+        5 => two(3),
+        6 if z[3] == b':' => two(4),
+        _ => None,
+    };
+    matches!(z.first(), Some(b'+' | b'-'))
+        && two(1).is_some_and(|hh| hh <= 15)
+        && minutes.is_some_and(|mm| mm <= 59)
 }
 
 #[cfg(test)]
@@ -509,12 +548,38 @@ mod tests {
     }
 
     #[test]
+    fn unreadable_records_name_the_record() {
+        assert_eq!(record_text("{\"x\": 1e400}", 2).unwrap_err().arg, "data[2]");
+        let deep = "[".repeat(200) + &"]".repeat(200);
+        assert_eq!(record_text(&deep, 0).unwrap_err().arg, "data[0]");
+    }
+
+    #[test]
+    fn typescript_fields_not_its_own_stay_metadata() {
+        let (m, _) = record(
+            &json!({"id": "k", "keyHash": H256, "metadata": {
+                "ownerId": "u", "environment": "prod", "Quota": 5, "policy": "x", "parentId": "p"}}),
+            0,
+        )
+        .unwrap();
+        assert!(!m.contains_key("env") && !m.contains_key("quota") && !m.contains_key("policy"));
+        assert_eq!(
+            m["metadata"],
+            json!({"environment": "prod", "Quota": 5, "policy": "x", "parentId": "p", "imported_id": "k"})
+        );
+    }
+
+    #[test]
     fn timestamps_need_a_zone() {
         for ok in [
             "2025-01-15T10:30:00Z",
             "2024-02-29 23:59:59.123456+00:00",
             "2025-01-15T10:30:00-0530",
             "2025-01-15t10:30:00+05",
+            "10000-01-01T00:00:00+00:00",
+            "2025-01-15T10:30:00+15:59",
+            "infinity",
+            "-infinity",
         ] {
             assert!(is_timestamp(ok), "{ok}");
         }
@@ -528,6 +593,12 @@ mod tests {
             "2025-01-15T10:30:00+5",
             "",
             "2025-01-15T10:30:00Z ",
+            "2025-01-15T10:30:00+16",
+            "2025-01-15T10:30:00+05:60",
+            "2025-01-15T10:30:00+99",
+            "294277-01-01T00:00:00Z",
+            "025-01-15T10:30:00Z",
+            "Infinity",
         ] {
             assert!(!is_timestamp(no), "{no}");
         }

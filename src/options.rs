@@ -88,16 +88,6 @@ fn find(k: &str) -> Option<&'static (&'static str, &'static str, Kind, bool)> {
         .find(|(s, c, _, _)| k == *s || k.eq_ignore_ascii_case(c))
 }
 
-/// Whether `k` names an option (snake_case, or camelCase in any letter case).
-pub fn is_option(k: &str) -> bool {
-    find(k).is_some()
-}
-
-/// The snake_case name of option `k` (or `k` itself if it names none).
-pub fn canonical(k: &str) -> &str {
-    find(k).map_or(k, |o| o.0)
-}
-
 /// Checks and normalises `opts`. `prefix` names where the object came from in messages
 /// (`specs[2].`); `required_owner` is false for updates and overrides.
 pub fn normalize(opts: &Value, prefix: &str, required_owner: bool) -> Res<Map<String, Value>> {

@@ -2,12 +2,13 @@
 // their plaintexts alongside, for keypal_import. Run: node ts_records.js COUNT [SALT]
 // Prints {"records": [...], "keys": {"<id>": "<plaintext>"}} on stdout.
 //
-// The hash is SPEC §2's: hex(ALG(key || S)), S = hex(sha256(salt)), or '' with no salt.
+// The hash is the TypeScript keypal's: hex(ALG(key + salt)), its salt appended as it is
+// given (keypal verifies such keys with keypal.typescript_salt set to that salt), or
+// hex(ALG(key)) with no salt.
 const crypto = require("node:crypto");
 
 const count = Number(process.argv[2] || 3);
-const salt = process.argv[3] || "";
-const suffix = salt ? crypto.createHash("sha256").update(salt).digest("hex") : "";
+const suffix = process.argv[3] || "";
 const alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
 
 function randomString(n) {

@@ -89,11 +89,12 @@ is "$(q -d $dst -c "SELECT (imported, skipped, overwritten)::text FROM keypal_im
    "(0,14,0)" "importing the same file again with skip writes nothing"
 is "$(q -d $dst -c "SELECT count(*) FROM keypal.audit_log")" "14" "(and audits nothing)"
 
-# The TypeScript keypal's records, made by JavaScript, with a salt.
+# The TypeScript keypal's records, made by JavaScript, with its own salt (appended as it is:
+# keypal.typescript_salt), and with a keypal salt set as well.
 node "$(dirname "$0")/../../docs/examples/ts_records.js" 50 'ts salt' >"$work/ts.json"
-q -d $dst -c "SET keypal.salt = 'ts salt'; SELECT (imported, skipped, overwritten)::text FROM keypal_import(pg_read_file('$work/ts.json')::jsonb -> 'records')" >"$work/ts.out"
+q -d $dst -c "SET keypal.typescript_salt = 'ts salt'; SELECT (imported, skipped, overwritten)::text FROM keypal_import(pg_read_file('$work/ts.json')::jsonb -> 'records')" >"$work/ts.out"
 is "$(tail -1 "$work/ts.out")" "(50,0,0)" "50 TypeScript keypal records import"
-verdict_ts="SET keypal.salt = 'ts salt';
+verdict_ts="SET keypal.salt = 'another salt'; SET keypal.typescript_salt = 'ts salt';
     SELECT string_agg(CASE WHEN (v.error_code IS NULL) = (r->'metadata'->>'revokedAt' IS NULL AND coalesce(r->'metadata'->>'enabled', 'true') = 'true'
                                                             AND coalesce((r->'metadata'->>'expiresAt')::timestamptz > now(), true))
                            AND coalesce(v.error_code, 'REVOKED') IN ('REVOKED', 'DISABLED', 'EXPIRED')
@@ -101,9 +102,52 @@ verdict_ts="SET keypal.salt = 'ts salt';
       FROM jsonb_array_elements(pg_read_file('$work/ts.json')::jsonb -> 'records') r,
            keypal_verify(pg_read_file('$work/ts.json')::jsonb -> 'keys' ->> (r->>'id')) v"
 is "$(q -d $dst -c "$verdict_ts" | tail -1 | tr ' ' '\n' | sort -u | tr '\n' ' ')" "ok " \
-   "each verifies with its plaintext: valid, or revoked/disabled/expired as its record says"
-is "$(q -d $dst -c "SET keypal.salt = 'ts salt'; SELECT count(*) FROM jsonb_array_elements(pg_read_file('$work/ts.json')::jsonb -> 'records') r,
+   "each verifies with its plaintext (keypal.typescript_salt): valid, or revoked/disabled/expired as its record says"
+is "$(q -d $dst -c "SELECT count(*) FROM jsonb_array_elements(pg_read_file('$work/ts.json')::jsonb -> 'records') r,
+        keypal_verify(pg_read_file('$work/ts.json')::jsonb -> 'keys' ->> (r->>'id')) v WHERE v.valid OR v.error_code NOT IN ('INVALID_KEY', 'INVALID_FORMAT')")" "0" \
+   "without keypal.typescript_salt none does"
+is "$(q -d $dst -c "SET keypal.typescript_salt = 'ts salt'; SELECT count(*) FROM jsonb_array_elements(pg_read_file('$work/ts.json')::jsonb -> 'records') r,
         keypal_verify(pg_read_file('$work/ts.json')::jsonb -> 'keys' ->> (r->>'id'), scope => 'write') v
         WHERE v.valid AND NOT r->'metadata'->'scopes' ? 'write'" | tail -1)" "0" "and holds only its scopes"
+
+# Races. A revoke that commits while an overwrite of the same key waits for it stays: the
+# overwrite sees the revoked row it locked.
+read -r race_id race_key < <(q -d $dst -F ' ' -c "SELECT id, key FROM keypal_create(owner_id => 'race')")
+race_export=$(q -d $dst -c "SELECT keypal_export('race')")
+{ echo "BEGIN; SELECT keypal_revoke('$race_id');"; sleep 1.5; echo "COMMIT;"; } | PGAPPNAME=revoker q -d $dst >/dev/null &
+poll 100 "idle in transaction" q -d $dst -c "SELECT state FROM pg_stat_activity WHERE application_name = 'revoker'" >/dev/null
+q -d $dst -c "SELECT keypal_import('$race_export', 'overwrite')" >/dev/null
+wait
+is "$(q -d $dst -c "SELECT coalesce(error_code, 'VALID') FROM keypal_verify('$race_key')")" "REVOKED" \
+   "a revoke committed while an overwrite of the key waited is kept"
+# An import of a child under an existing parent holds the parent FOR SHARE: a revoke of the
+# parent waits for the import to commit, then cascades to the child it wrote.
+read -r par_id < <(q -d $dst -c "SELECT id FROM keypal_create(owner_id => 'race', scopes => '{read}')")
+child=$(q -d $dst -c "SELECT jsonb_build_array(jsonb_build_object('id', gen_random_uuid(), 'key_hash', encode(sha256('sk_race_child'), 'hex'),
+                      'owner_id', 'race', 'parent_id', '$par_id', 'scopes', '[\"read\"]'::jsonb))")
+{ echo "BEGIN; SELECT keypal_import('$child');"; sleep 1.5; echo "COMMIT;"; } | PGAPPNAME=importer q -d $dst >/dev/null &
+poll 100 "idle in transaction" q -d $dst -c "SELECT state FROM pg_stat_activity WHERE application_name = 'importer'" >/dev/null
+q -d $dst -c "SELECT keypal_revoke('$par_id')" >/dev/null
+wait
+is "$(q -d $dst -c "SELECT coalesce(error_code, 'VALID') || ' ' || (SELECT revoke_reason FROM keypal.keys WHERE parent_id = '$par_id')
+                     FROM keypal_verify('sk_race_child')")" "REVOKED parent revoked" \
+   "a revoke of the parent waits for the import, then cascades to the child it wrote"
+
+# Exports too large for one value: one record per row, written as JSON lines by psql, read
+# back with COPY in a form that leaves JSON's backslashes alone.
+q -d $src -c "SELECT keypal_update((SELECT id FROM plain_keys WHERE label = 'root'), name => E'quote\" back\\\\slash new\\nline')" >/dev/null
+q -d $src -c "SELECT keypal_export_records()" >"$work/keys.jsonl"
+q -d postgres -c "DROP DATABASE IF EXISTS ${dst}_lines" -c "CREATE DATABASE ${dst}_lines" >/dev/null 2>&1
+q -d ${dst}_lines -c "$settings" >/dev/null
+q -d ${dst}_lines >/dev/null <<SQL
+CREATE TEMP TABLE lines (rec jsonb);
+\copy lines FROM '$work/keys.jsonl' WITH (FORMAT csv, QUOTE E'\x01', DELIMITER E'\x02')
+CREATE TABLE result AS SELECT * FROM keypal_import((SELECT jsonb_agg(rec) FROM lines));
+SQL
+is "$(q -d ${dst}_lines -c "SELECT (imported, skipped, overwritten)::text FROM result")" "(14,0,0)" "JSON lines from keypal_export_records import"
+is "$(q -d ${dst}_lines -c "SELECT name FROM keypal.keys WHERE id = (SELECT (rec->>'id')::uuid FROM jsonb_array_elements(keypal_export()) rec WHERE rec->>'name' LIKE 'quote%')")" \
+   "$(q -d $src -c "SELECT name FROM keypal.keys WHERE id = (SELECT id FROM plain_keys WHERE label = 'root')")" \
+   "with quotes, backslashes and newlines intact"
+q -d postgres -c "DROP DATABASE IF EXISTS ${dst}_lines WITH (FORCE)" >/dev/null 2>&1
 
 done_testing

@@ -31,6 +31,26 @@ schema() {
                 -e 'pg_catalog.setval(' -e 'relfrozenxid' -e "^WHERE oid = '[0-9]*';$" -e '^\\restrict ' -e '^\\unrestrict ' |
         sed -e 's/,$//' | sort
 }
+# What a sorted dump cannot show: each function's whole definition (its lines in order),
+# comment and privileges; the tables pg_dump saves the rows of (extconfig, and their
+# conditions); each table's columns in order (dropped ones left out).
+catalog() {
+    q -d "$1" -c "SELECT x FROM (
+        SELECT 'function ' || p.oid::regprocedure::text || ' ' || md5(pg_get_functiondef(p.oid)) || ' '
+               || md5(coalesce(obj_description(p.oid, 'pg_proc'), '')) || ' ' || coalesce(p.proacl::text, '') AS x
+          FROM pg_proc p
+          JOIN pg_depend d ON d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e'
+          JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'keypal'
+        UNION ALL
+        SELECT 'dumped ' || c.x::regclass::text || ' ' || coalesce(e.extcondition[c.n], '')
+          FROM pg_extension e, unnest(e.extconfig) WITH ORDINALITY AS c(x, n) WHERE e.extname = 'keypal'
+        UNION ALL
+        SELECT 'columns ' || c.oid::regclass::text || ' '
+               || string_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod), ', ' ORDER BY a.attnum)
+          FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid
+         WHERE c.relnamespace = 'keypal'::regnamespace AND a.attnum > 0 AND NOT a.attisdropped
+         GROUP BY c.oid) t ORDER BY x"
+}
 verdicts() {
     q -d "$1" -c "SELECT string_agg(p.label || '=' || coalesce(v.error_code, 'VALID'), ' ' ORDER BY p.label)
                     FROM plain_keys p, keypal_verify(p.key, scope => 'read') v"
@@ -86,6 +106,14 @@ SQL
     else
         ok 1 "$old: the upgraded schema equals a fresh $current install's"
         sed 's/^/#   /' "$work/diff" | head -40
+    fi
+    catalog keypal_up_old >"$work/upgraded.cat"
+    catalog keypal_up_fresh >"$work/fresh.cat"
+    if diff "$work/fresh.cat" "$work/upgraded.cat" >"$work/diff"; then
+        ok 0 "$old: every function's definition (in order), comment and grants, the dumped tables and column orders equal a fresh install's ($(wc -l <"$work/fresh.cat") items)"
+    else
+        ok 1 "$old: every function's definition (in order), comment and grants, the dumped tables and column orders equal a fresh install's"
+        sed 's/^/#   /' "$work/diff" | head -20
     fi
     # What the new version added works in the upgraded database.
     is "$(q -d keypal_up_old -c "SELECT (imported, skipped, overwritten)::text FROM keypal_import(keypal_export('u'), 'skip')")" "(0,8,0)" \

@@ -6,7 +6,8 @@ BEGIN;
 SELECT no_plan();
 SET LOCAL keypal.salt = 'pepper';
 
--- The TypeScript keypal's hash of a key under this salt (SPEC §2: ALG(key || hex(sha256(salt)))).
+-- A key's hash under this salt, SPEC §2's: ALG(key || hex(sha256(salt))). (The TypeScript
+-- keypal's own salted hash, ALG(key || salt), is tested below with keypal.typescript_salt.)
 CREATE FUNCTION pg_temp.ts_hash(key text, alg text DEFAULT 'sha256') RETURNS text LANGUAGE sql AS $$
     SELECT encode(CASE alg WHEN 'sha256' THEN sha256(convert_to(key || encode(sha256('pepper'), 'hex'), 'UTF8'))
                            ELSE sha512(convert_to(key || encode(sha256('pepper'), 'hex'), 'UTF8')) END, 'hex')
@@ -53,6 +54,8 @@ SELECT is((SELECT o.rotated_to = n.id FROM keypal.keys o, keypal.keys n
           true, 'rotatedTo links to the mapped id');
 SELECT is((SELECT count(*) FROM keypal.audit_log WHERE action = 'imported' AND owner_id IN ('ts-user', 'ts-other')),
           5::bigint, 'every imported key is audited as imported');
+SELECT is((SELECT context FROM keypal.audit_log WHERE action = 'imported' AND owner_id = 'ts-other'),
+          '{"records": {"typescript": 5}, "on_conflict": "error"}'::jsonb, 'with what was imported in the context');
 SELECT is((SELECT count(*) FROM keypal.events WHERE event = 'key.created'
             AND (payload->>'ownerId') IN ('ts-user', 'ts-other')), 0::bigint, 'an import is not a key.created event');
 SELECT results_eq($$SELECT * FROM keypal_import((SELECT data FROM ts), on_conflict => 'skip')$$,
@@ -129,7 +132,38 @@ SELECT is(tap.err(format($$SELECT keypal_import(%L, 'overwrite')$$, jsonb_build_
               (SELECT r FROM ex, jsonb_array_elements(ex.e) r WHERE r->>'name' = 'parent') || jsonb_build_object('id', gen_random_uuid())))),
           '23505', 'overwrite never takes another key''s hash');
 
+-- An overwrite is audited even when the record carries last_used_at (an update of that
+-- alone is the worker's kind, unaudited), and never changes a key's hash.
+SELECT keypal_verify((SELECT key FROM made LIMIT 1));
+CREATE TEMP TABLE used AS SELECT r || jsonb_build_object('last_used_at', '2030-01-01T00:00:00Z', 'name', 'used') AS r
+  FROM jsonb_array_elements(keypal_export('exp', 'acme')) r WHERE r->>'id' = (SELECT id::text FROM made LIMIT 1);
+SELECT lives_ok(format($$SELECT keypal_import(%L, 'overwrite')$$, (SELECT jsonb_agg(r) FROM used)), 'an overwrite with last_used_at');
+SELECT is((SELECT (action, changes->'name'->>'new') FROM keypal.audit_log WHERE key_id = (SELECT id FROM made LIMIT 1) ORDER BY id DESC LIMIT 1),
+          ('imported'::text, 'used'::text), 'is audited as imported, with its changes');
+SELECT is((SELECT last_used_at FROM keypal.keys WHERE id = (SELECT id FROM made LIMIT 1)), '2030-01-01 00:00:00+00'::timestamptz,
+          'and keeps the later last use');
+SELECT matches(tap.err(format($$SELECT keypal_import(%L, 'overwrite')$$,
+                   (SELECT jsonb_agg(r || jsonb_build_object('key_hash', pg_temp.ts_hash('sk_some_other_key'))) FROM used))),
+               '^22023', 'an overwrite that would change the hash is refused (a key''s hash never changes)');
+
+-- rate_limit JSON null (no limit, over the default) survives export and import.
+SELECT keypal_update((SELECT id FROM made OFFSET 1 LIMIT 1), rate_limit => 'null');
+SELECT is((SELECT r->'rate_limit' FROM jsonb_array_elements(keypal_export('exp')) r WHERE r->>'id' = (SELECT id::text FROM made OFFSET 1 LIMIT 1)),
+          'null'::jsonb, 'a rate_limit of JSON null is exported');
+SELECT lives_ok($$SELECT keypal_import(keypal_export('exp'), 'overwrite')$$, 'and re-imported');
+SELECT is((SELECT rate_limit FROM keypal.keys WHERE id = (SELECT id FROM made OFFSET 1 LIMIT 1)), 'null'::jsonb, 'as JSON null, not SQL NULL');
+
+-- A pending revocation (a rotation's grace) is kept by an overwrite from an older record.
+CREATE TEMP TABLE graced AS SELECT keypal_export('grace') AS before, k.* FROM keypal_create(owner_id => 'grace') k;
+UPDATE graced SET before = keypal_export('grace');
+SELECT keypal_rotate((SELECT id FROM graced), grace => '1h');
+SELECT lives_ok($$SELECT keypal_import((SELECT before FROM graced), 'skip')$$, 'skip leaves it');
+SELECT lives_ok($$SELECT keypal_import((SELECT before FROM graced), 'overwrite')$$, 'an overwrite from before the rotation');
+SELECT is((SELECT (revoked_at > now(), rotated_to IS NOT NULL, revoke_reason) FROM keypal.keys WHERE id = (SELECT id FROM graced)),
+          (true, true, 'rotated'::text), 'keeps the pending revocation and the rotation link');
+
 -- Validation: the first bad record raises naming data[i].field; nothing is written.
+SELECT keypal_define_policy('xfer:ro2', scopes => '{read}');
 CREATE TEMP TABLE before AS SELECT pg_temp.keys() AS k, pg_temp.audits() AS a;
 CREATE FUNCTION pg_temp.bad(data jsonb, conflict text DEFAULT 'error') RETURNS text LANGUAGE plpgsql AS $$
 DECLARE msg text; st text;
@@ -173,6 +207,21 @@ SELECT matches(pg_temp.bad(jsonb_build_array(pg_temp.rec((SELECT a::text FROM u)
 SELECT matches(pg_temp.bad(jsonb_build_array(pg_temp.rec((SELECT a::text FROM u), 'sk_bad_1',
                    jsonb_build_object('parent_id', (SELECT id FROM made OFFSET 2 LIMIT 1))))),
                '^55000 CANNOT_MODIFY_REVOKED: data\[0\]\.parent_id: parent key .* is revoked', 'a live child of a revoked key: 55000');
+SELECT matches(pg_temp.bad(jsonb_build_array(pg_temp.rec((SELECT a::text FROM u), 'sk_bad_1', '{"created_at": "2025-01-15T10:30:00+16"}'))),
+               '^22023 invalid data\[0\]\.created_at: ', 'a zone offset PostgreSQL refuses: data[0].created_at');
+SELECT matches(pg_temp.bad(jsonb_build_array(pg_temp.rec((SELECT a::text FROM u), 'sk_bad_1', '{"metadata": {"x": 1e400}}'))),
+               '^22023 invalid data\[0\]: cannot be read', 'a number beyond a double: data[0]');
+SELECT matches(pg_temp.bad(jsonb_build_array(pg_temp.rec((SELECT a::text FROM u), 'sk_bad_1', '{"policy": "xfer:ro2", "scopes": ["write"]}'))),
+               '^22023 invalid data\[0\]\.policy: key violates policy', 'a live key outside its policy: data[0].policy');
+SELECT matches(pg_temp.bad(jsonb_build_array(pg_temp.rec((SELECT a::text FROM u), 'sk_bad_1',
+                   jsonb_build_object('parent_id', (SELECT id FROM made OFFSET 1 LIMIT 1), 'scopes', '["admin"]'::jsonb)))),
+               '^22023 invalid data\[0\]\.parent_id: a child key''s scopes must be within', 'a child outside its parent''s scopes');
+SELECT matches(pg_temp.bad(jsonb_build_array(
+                   (SELECT r || '{"scopes": []}' FROM jsonb_array_elements(keypal_export('exp')) r WHERE r->>'id' = (SELECT id::text FROM made LIMIT 1))), 'overwrite'),
+               '^22023 invalid data\[0\]\.scopes: key .*, a child of this one', 'an overwrite that narrows a parent below its live child');
+SELECT matches(pg_temp.bad(jsonb_build_array(pg_temp.rec((SELECT a::text FROM u), 'sk_ts_live_one'),
+                   pg_temp.rec((SELECT b::text FROM u), 'sk_bad_2', jsonb_build_object('parent_id', (SELECT a FROM u)))), 'skip'),
+               '^23503 invalid data\[1\]\.parent_id: no key', 'skip: a link to a record skipped (its hash is another key''s) is named');
 SELECT matches(pg_temp.bad('{"keys": []}'), '^22023 invalid data: must be a JSON array', 'data must be an array');
 SELECT matches(pg_temp.bad('[]', 'merge'), '^22023 invalid on_conflict: ''merge''', 'on_conflict is skip, overwrite or error');
 SELECT matches(pg_temp.bad(jsonb_build_array(pg_temp.rec((SELECT a::text FROM u), 'sk_bad_1'), pg_temp.rec((SELECT b::text FROM u), 'sk_ts_live_one'))),
