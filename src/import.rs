@@ -64,6 +64,10 @@ const TS_SETTINGS: &[&str] = &[
     "metadata",
 ];
 
+/// The TypeScript keypal's own state fields (any other is the application's, kept in
+/// `metadata`, even one named like a keypal column).
+const TS_STATE: &[&str] = &["createdAt", "lastUsedAt", "revokedAt", "rotatedTo"];
+
 /// Settings a record may not carry: they describe a call, not a key.
 const NOT_IN_RECORDS: &[&str] = &["expires_in", "actor"];
 
@@ -164,7 +168,10 @@ fn typescript(obj: &Map<String, Value>, at: &str) -> Res<Map<String, Value>> {
     // Fields neither keypal setting nor state: the application's own, kept in metadata.
     let mut custom = Map::new();
     for (k, v) in meta {
-        if let Some(&(name, _, kind)) = STATE.iter().find(|(n, c, _)| k == n || k == c) {
+        if let Some(&(name, _, kind)) = STATE
+            .iter()
+            .find(|(_, c, _)| k == c && TS_STATE.contains(c))
+        {
             state(name, kind, v, &meta_at, true, &mut out)?;
         } else if TS_SETTINGS.contains(&k.as_str()) {
             settings.insert(k.clone(), v.clone());
@@ -338,7 +345,10 @@ pub fn is_timestamp(s: &str) -> bool {
     if matches!(s, "infinity" | "-infinity") {
         return true; // as keypal_export writes a key that never expires
     }
-    // The year: 4 to 6 digits (PostgreSQL's timestamps reach 294276).
+    // A date before the common era, as PostgreSQL writes it.
+    let s = s.strip_suffix(" BC").unwrap_or(s);
+    // The year: 4 to 6 digits (PostgreSQL's timestamps reach 294276; the last year is left
+    // out, where an offset could carry a time past the end).
     let year_len = s.bytes().take_while(u8::is_ascii_digit).count();
     if !(4..=6).contains(&year_len) {
         return false;
@@ -386,7 +396,7 @@ pub fn is_timestamp(s: &str) -> bool {
         31,
     ];
     if y == 0
-        || y > 294_276
+        || y > 294_275
         || !(1..=12).contains(&mo)
         || d == 0
         || d > days[mo as usize - 1]
@@ -407,22 +417,25 @@ pub fn is_timestamp(s: &str) -> bool {
     if matches!(rest, "Z" | "z") {
         return true;
     }
-    // ±HH, ±HHMM or ±HH:MM, within what PostgreSQL takes (15:59).
+    // ±HH, ±HHMM, ±HH:MM or ±HH:MM:SS (a zone's local mean time, as PostgreSQL writes old
+    // dates), within what PostgreSQL takes (15:59:59).
     let z = rest.as_bytes();
     let two = |i: usize| {
         z.get(i..i + 2)
             .filter(|d| d.iter().all(u8::is_ascii_digit))
             .map(|d| (d[0] - b'0') * 10 + (d[1] - b'0'))
     };
-    let minutes = match z.len() {
-        3 => Some(0),
-        5 => two(3),
-        6 if z[3] == b':' => two(4),
-        _ => None,
+    let (minutes, seconds) = match z.len() {
+        3 => (Some(0), Some(0)),
+        5 => (two(3), Some(0)),
+        6 if z[3] == b':' => (two(4), Some(0)),
+        9 if z[3] == b':' && z[6] == b':' => (two(4), two(7)),
+        _ => (None, None),
     };
     matches!(z.first(), Some(b'+' | b'-'))
         && two(1).is_some_and(|hh| hh <= 15)
         && minutes.is_some_and(|mm| mm <= 59)
+        && seconds.is_some_and(|ss| ss <= 59)
 }
 
 #[cfg(test)]
@@ -558,14 +571,17 @@ mod tests {
     fn typescript_fields_not_its_own_stay_metadata() {
         let (m, _) = record(
             &json!({"id": "k", "keyHash": H256, "metadata": {
-                "ownerId": "u", "environment": "prod", "Quota": 5, "policy": "x", "parentId": "p"}}),
+                "ownerId": "u", "environment": "prod", "Quota": 5, "policy": "x", "parentId": "p",
+                "revoked_at": "2025-01-01T00:00:00Z"}}),
             0,
         )
         .unwrap();
         assert!(!m.contains_key("env") && !m.contains_key("quota") && !m.contains_key("policy"));
+        assert!(!m.contains_key("revoked_at"));
         assert_eq!(
             m["metadata"],
-            json!({"environment": "prod", "Quota": 5, "policy": "x", "parentId": "p", "imported_id": "k"})
+            json!({"environment": "prod", "Quota": 5, "policy": "x", "parentId": "p",
+                   "revoked_at": "2025-01-01T00:00:00Z", "imported_id": "k"})
         );
     }
 
@@ -577,6 +593,8 @@ mod tests {
             "2025-01-15T10:30:00-0530",
             "2025-01-15t10:30:00+05",
             "10000-01-01T00:00:00+00:00",
+            "1970-01-01T00:00:00-00:44:30",
+            "0044-03-15T12:00:00+00:00 BC",
             "2025-01-15T10:30:00+15:59",
             "infinity",
             "-infinity",
@@ -597,6 +615,8 @@ mod tests {
             "2025-01-15T10:30:00+05:60",
             "2025-01-15T10:30:00+99",
             "294277-01-01T00:00:00Z",
+            "294276-12-31T23:00:00-05:00",
+            "1970-01-01T00:00:00-00:44:60",
             "025-01-15T10:30:00Z",
             "Infinity",
         ] {

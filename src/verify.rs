@@ -199,8 +199,10 @@ mod col {
 }
 
 thread_local! {
-    /// The algorithm that matched last: tried first next time.
-    static LAST_ALGORITHM: Cell<Algorithm> = const { Cell::new(Algorithm::Sha256) };
+    /// The salt (0: keypal.salt, 1: previous, 2: TypeScript) and algorithm that matched
+    /// last: tried first next time (a backend that serves keys hashed one way pays one
+    /// lookup each).
+    static LAST_MATCH: Cell<(usize, Algorithm)> = const { Cell::new((0, Algorithm::Sha256)) };
 }
 
 /// Verifies `raw_key` for `req`. Returns the `verify_result` row and, on failure, why.
@@ -267,24 +269,26 @@ fn judge(catalog: &Catalog, snapshot: &Fresh, key: &str, req: &Request) -> Resul
     Ok(row)
 }
 
-/// Looks the key up under the last-matching algorithm, then the other one; under the
-/// current salt, then keypal.previous_salt and keypal.typescript_salt (when set).
+/// Looks the key up under the salt and algorithm that matched last, then the others: under
+/// the current salt, keypal.previous_salt and keypal.typescript_salt (those set), each with
+/// either algorithm.
 fn find(catalog: &Catalog, snapshot: &Fresh, key: &str) -> Option<(Row, Vec<u8>)> {
-    let first = LAST_ALGORITHM.get();
-    for salt in 0..3 {
-        for alg in [first, first.other()] {
-            let hash = if salt == 0 {
-                gucs::with_salt_suffix(|s| keys::hash_key(key, s, alg))
-            } else {
-                match gucs::with_fallback_suffix(salt, |s| keys::hash_key(key, s, alg)) {
-                    Some(h) => h,
-                    None => break,
-                }
-            };
-            if let Some(row) = Row::by_hash(catalog, snapshot, &hash) {
-                LAST_ALGORITHM.set(alg);
-                return Some((row, hash));
+    let last = LAST_MATCH.get();
+    let rest = (0..3usize)
+        .flat_map(|salt| [Algorithm::Sha256, Algorithm::Sha512].map(move |alg| (salt, alg)))
+        .filter(move |&tried| tried != last);
+    for (salt, alg) in std::iter::once(last).chain(rest) {
+        let hash = if salt == 0 {
+            gucs::with_salt_suffix(|s| keys::hash_key(key, s, alg))
+        } else {
+            match gucs::with_fallback_suffix(salt, |s| keys::hash_key(key, s, alg)) {
+                Some(h) => h,
+                None => continue, // that salt is not set
             }
+        };
+        if let Some(row) = Row::by_hash(catalog, snapshot, &hash) {
+            LAST_MATCH.set((salt, alg));
+            return Some((row, hash));
         }
     }
     None

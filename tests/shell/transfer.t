@@ -120,6 +120,15 @@ q -d $dst -c "SELECT keypal_import('$race_export', 'overwrite')" >/dev/null
 wait
 is "$(q -d $dst -c "SELECT coalesce(error_code, 'VALID') FROM keypal_verify('$race_key')")" "REVOKED" \
    "a revoke committed while an overwrite of the key waited is kept"
+# Two imports overwriting the same parent and child at once wait in turn (no deadlock).
+family=$(q -d $dst -c "SELECT keypal_export('x', 'acme') || (SELECT jsonb_agg(r) FROM jsonb_array_elements(keypal_export('x')) r
+                        WHERE r->>'parent_id' IS NOT NULL)")
+for i in 1 2 3 4; do
+    q -d $dst -c "SELECT keypal_import('$family', 'overwrite')" >"$work/family.$i" 2>&1 &
+done
+wait
+is "$(cat "$work"/family.* | grep -c -e ERROR -e deadlock) $(cat "$work"/family.* | grep -c '^(')" "0 4" \
+   "four concurrent overwrites of a parent and its child all succeed, with no deadlock"
 # An import of a child under an existing parent holds the parent FOR SHARE: a revoke of the
 # parent waits for the import to commit, then cascades to the child it wrote.
 read -r par_id < <(q -d $dst -c "SELECT id FROM keypal_create(owner_id => 'race', scopes => '{read}')")

@@ -109,7 +109,7 @@ SQL
     fi
     catalog keypal_up_old >"$work/upgraded.cat"
     catalog keypal_up_fresh >"$work/fresh.cat"
-    if diff "$work/fresh.cat" "$work/upgraded.cat" >"$work/diff"; then
+    if [ "$(wc -l <"$work/fresh.cat")" -gt 100 ] && diff "$work/fresh.cat" "$work/upgraded.cat" >"$work/diff"; then
         ok 0 "$old: every function's definition (in order), comment and grants, the dumped tables and column orders equal a fresh install's ($(wc -l <"$work/fresh.cat") items)"
     else
         ok 1 "$old: every function's definition (in order), comment and grants, the dumped tables and column orders equal a fresh install's"
