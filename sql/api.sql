@@ -58,6 +58,11 @@ BEGIN
         RETURN NULL;
     END IF;
     v := keypal.parse_short_duration(value, arg);
+    -- A bare number would be read as seconds: say which unit instead (zero needs none).
+    IF v IS NULL AND value ~ '^\s*[+-]?[0-9]+(\.[0-9]*)?\s*$' AND value::numeric <> 0 THEN
+        RAISE EXCEPTION 'invalid duration for %: % has no unit', arg, quote_literal(value)
+            USING ERRCODE = '22007', HINT = 'add a unit: 30s, 5m, 1h, 7d, 2w or 1y';
+    END IF;
     IF v IS NULL THEN
         BEGIN
             v := value::interval;
@@ -121,6 +126,10 @@ $$;
 CREATE FUNCTION keypal.key_not_found(id uuid, what text DEFAULT 'id')
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+    IF id IS NULL THEN
+        RAISE EXCEPTION 'invalid %: is required', what USING ERRCODE = '22004',
+            HINT = 'pass the key''s id (keypal_create and keypal_verify return it as id / key_id)';
+    END IF;
     RAISE EXCEPTION 'KEY_NOT_FOUND: no API key with % %', what, coalesce(id::text, 'NULL')
         USING ERRCODE = 'P0002', DETAIL = 'KEY_NOT_FOUND';
 END $$;
@@ -270,6 +279,18 @@ BEGIN
     RETURN coalesce(expires_at, p.expires_at);
 END $$;
 
+-- Refuses an environment this database has not configured (22023); NULL passes.
+CREATE FUNCTION keypal.check_env(env text, arg text)
+RETURNS void LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    envs jsonb := (keypal.config()).environments;
+BEGIN
+    IF env IS NOT NULL AND jsonb_typeof(envs) = 'object' AND NOT envs ? env THEN
+        RAISE EXCEPTION 'invalid %: no environment named % (configured: %)', arg, quote_literal(env),
+            (SELECT string_agg(e, ', ') FROM jsonb_object_keys(envs) e) USING ERRCODE = '22023';
+    END IF;
+END $$;
+
 -- The one place a key is made. opts: key options (see options.rs); extra: rotated_from,
 -- and the audit action/context.
 CREATE FUNCTION keypal.create_key(opts jsonb, arg_prefix text DEFAULT '', extra jsonb DEFAULT '{}')
@@ -286,11 +307,7 @@ DECLARE
     v_id     uuid := gen_random_uuid();
     v_secret text;
 BEGIN
-    IF v_env IS NOT NULL AND jsonb_typeof(cfg.environments) = 'object' AND NOT cfg.environments ? v_env THEN
-        RAISE EXCEPTION 'invalid %env: no environment named % (configured: %)', arg_prefix,
-            quote_literal(v_env), (SELECT string_agg(e, ', ') FROM jsonb_object_keys(cfg.environments) e)
-            USING ERRCODE = '22023';
-    END IF;
+    PERFORM keypal.check_env(v_env, arg_prefix || 'env');
     -- A signing key's secret (derived, never stored; 55000 without keypal.signing_secret).
     v_secret := CASE WHEN coalesce((o->>'signing')::boolean, false) THEN keypal.signing_secret_for(v_id) END;
     IF o ? 'expires_in' THEN
@@ -425,6 +442,17 @@ BEGIN
         RAISE EXCEPTION 'invalid name: a template needs a name' USING ERRCODE = '22023';
     END IF;
     o := keypal.normalize_options(coalesce(options, '{}'), 'options.', false);
+    -- What keypal_create would refuse, refused now rather than when the template is used.
+    PERFORM keypal.parse_duration(o->>'expires_in', 'options.expires_in'),
+            keypal.parse_duration(o->>'notify_before', 'options.notify_before'),
+            keypal.parse_timestamp(o->>'expires_at', 'options.expires_at'),
+            keypal.parse_timestamp(o->>'disable_at', 'options.disable_at'),
+            keypal.parse_timestamp(o->>'revoke_at', 'options.revoke_at');
+    PERFORM keypal.check_env(o->>'env', 'options.env');
+    IF o ? 'policy' AND NOT EXISTS (SELECT 1 FROM keypal.policies p WHERE p.name = o->>'policy') THEN
+        RAISE EXCEPTION 'invalid options.policy: no policy named %', quote_literal(o->>'policy')
+            USING ERRCODE = '22023';
+    END IF;
     INSERT INTO keypal.templates AS t (name, options) VALUES (name, o)
         ON CONFLICT ON CONSTRAINT templates_pkey DO UPDATE SET options = EXCLUDED.options;
     RETURN o;
@@ -903,7 +931,7 @@ BEGIN
     v_used := keypal.quota_used(k.id, v_per, coalesce(v_used, 0));
     RETURN QUERY
         SELECT coalesce(v_used, 0), (k.quota->>'limit')::bigint,
-               greatest((k.quota->>'limit')::bigint - coalesce(v_used, 0), 0),
+               CASE WHEN k.quota IS NOT NULL THEN greatest((k.quota->>'limit')::bigint - coalesce(v_used, 0), 0) END,
                date_trunc(v_per, now() + ('1 ' || v_per)::interval, 'UTC'), v_per,
                coalesce(sum(u.tokens), 0)::bigint, coalesce(sum(u.cost), 0)
           FROM keypal.usage u WHERE u.key_id = k.id AND u.hour >= v_from;
@@ -966,6 +994,7 @@ BEGIN
         'has_ip_rule', cardinality(k.allowed_ips) > 0,
         'has_rate_limit', keypal.has_rate_limit(k.rate_limit, k.policy, k.env),
         'days_since_last_use', extract(epoch FROM now() - (SELECT i.last_used_at FROM keypal.key_info i WHERE i.id = k.id)) / 86400,
+        'age_days', extract(epoch FROM now() - k.created_at) / 86400,
         'by_hour', (SELECT jsonb_agg(coalesce(x.s, 0) ORDER BY h)
                       FROM generate_series(0, 23) h
                       LEFT JOIN (SELECT extract(hour FROM p.hour AT TIME ZONE 'UTC')::int AS hh, sum(p.r) AS s
@@ -997,6 +1026,12 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 DECLARE
     c keypal.settings := keypal.config();
 BEGIN
+    -- No argument: only read.
+    IF num_nonnulls(prefix, length, alphabet, algorithm, last_used_resolution, rate_limit, environments,
+                    default_env, audit_retention, retention, webhook_timeout, webhook_max_attempts,
+                    webhook_backoff, webhook_concurrency, webhook_allow_private) = 0 THEN
+        RETURN to_jsonb(c) - 'singleton';
+    END IF;
     c.prefix := coalesce(prefix, c.prefix);
     c.length := coalesce(length, c.length);
     c.alphabet := coalesce(alphabet, c.alphabet);

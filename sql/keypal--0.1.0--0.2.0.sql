@@ -1,7 +1,10 @@
 -- keypal 0.1.0 -> 0.2.0 (ALTER EXTENSION keypal UPDATE).
 -- New: keypal_export, keypal_export_records, keypal_import (and keypal.import_record,
 -- keypal.export_record); the audit trigger records an import's overwrite as imported;
--- key timers are not armed for moments that passed before a key was imported.
+-- key timers are not armed for moments that passed before a key was imported. Errors that
+-- teach: a NULL id (22004), a duration without a unit, templates checked when defined,
+-- environments checked everywhere (keypal.check_env), keypal_configure() only reads,
+-- keypal_usage without a quota, keypal_analyze's advice on young keys.
 -- (keypal.previous_salt and keypal.typescript_salt are server settings: nothing to change in
 -- the database.)
 -- tests/shell/upgrade.t checks that this leaves the schema a fresh 0.2.0 install makes.
@@ -55,6 +58,293 @@ BEGIN
         PERFORM keypal.ensure_worker();
     END IF;
     RETURN NULL;
+END $$;
+
+CREATE OR REPLACE FUNCTION keypal.parse_duration(value text, arg text, allow_zero boolean DEFAULT false)
+RETURNS interval LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v interval;
+BEGIN
+    IF value IS NULL THEN
+        RETURN NULL;
+    END IF;
+    v := keypal.parse_short_duration(value, arg);
+    -- A bare number would be read as seconds: say which unit instead (zero needs none).
+    IF v IS NULL AND value ~ '^\s*[+-]?[0-9]+(\.[0-9]*)?\s*$' AND value::numeric <> 0 THEN
+        RAISE EXCEPTION 'invalid duration for %: % has no unit', arg, quote_literal(value)
+            USING ERRCODE = '22007', HINT = 'add a unit: 30s, 5m, 1h, 7d, 2w or 1y';
+    END IF;
+    IF v IS NULL THEN
+        BEGIN
+            v := value::interval;
+        EXCEPTION WHEN others THEN
+            RAISE EXCEPTION 'invalid duration for %: % (use e.g. 30s, 5m, 1h, 7d, 2w, 1y or an interval)',
+                arg, quote_literal(value) USING ERRCODE = '22007';
+        END;
+    END IF;
+    IF v < interval '0' OR (v = interval '0' AND NOT allow_zero) THEN
+        RAISE EXCEPTION 'invalid duration for %: % must be positive', arg, quote_literal(value)
+            USING ERRCODE = '22007';
+    END IF;
+    RETURN v;
+END $$;
+
+CREATE OR REPLACE FUNCTION keypal.key_not_found(id uuid, what text DEFAULT 'id')
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF id IS NULL THEN
+        RAISE EXCEPTION 'invalid %: is required', what USING ERRCODE = '22004',
+            HINT = 'pass the key''s id (keypal_create and keypal_verify return it as id / key_id)';
+    END IF;
+    RAISE EXCEPTION 'KEY_NOT_FOUND: no API key with % %', what, coalesce(id::text, 'NULL')
+        USING ERRCODE = 'P0002', DETAIL = 'KEY_NOT_FOUND';
+END $$;
+
+CREATE OR REPLACE FUNCTION keypal.check_env(env text, arg text)
+RETURNS void LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    envs jsonb := (keypal.config()).environments;
+BEGIN
+    IF env IS NOT NULL AND jsonb_typeof(envs) = 'object' AND NOT envs ? env THEN
+        RAISE EXCEPTION 'invalid %: no environment named % (configured: %)', arg, quote_literal(env),
+            (SELECT string_agg(e, ', ') FROM jsonb_object_keys(envs) e) USING ERRCODE = '22023';
+    END IF;
+END $$;
+
+CREATE OR REPLACE FUNCTION keypal.create_key(opts jsonb, arg_prefix text DEFAULT '', extra jsonb DEFAULT '{}')
+RETURNS keypal.created_key LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    o        jsonb := keypal.normalize_options(opts, arg_prefix, true);
+    cfg      keypal.settings := keypal.config();
+    v_env    text := coalesce(o->>'env', cfg.default_env);
+    v_scopes text[] := keypal.text_array(o->'scopes');
+    v_res    jsonb := coalesce(o->'resources', '{}');
+    v_ips    text[] := keypal.text_array(o->'allowed_ips');
+    v_exp    timestamptz;
+    v_key    text;
+    v_id     uuid := gen_random_uuid();
+    v_secret text;
+BEGIN
+    PERFORM keypal.check_env(v_env, arg_prefix || 'env');
+    -- A signing key's secret (derived, never stored; 55000 without keypal.signing_secret).
+    v_secret := CASE WHEN coalesce((o->>'signing')::boolean, false) THEN keypal.signing_secret_for(v_id) END;
+    IF o ? 'expires_in' THEN
+        v_exp := now() + keypal.parse_duration(o->>'expires_in', arg_prefix || 'expires_in');
+    ELSE
+        v_exp := keypal.parse_timestamp(o->>'expires_at', arg_prefix || 'expires_at');
+    END IF;
+    IF v_exp <= now() THEN
+        RAISE EXCEPTION 'invalid %expires_at: % is not in the future', arg_prefix, v_exp USING ERRCODE = '22023';
+    END IF;
+    IF v_exp IS NULL AND o ? 'policy' THEN
+        -- A policy's max_ttl is the default lifetime (capped by a parent's expiry).
+        v_exp := now() + (SELECT p.max_ttl FROM keypal.policies p WHERE p.name = o->>'policy');
+        IF o ? 'parent_id' THEN
+            v_exp := least(v_exp, (SELECT k.expires_at FROM keypal.keys k
+                                    WHERE k.id = (o->>'parent_id')::uuid));
+        END IF;
+    END IF;
+    IF o ? 'parent_id' THEN
+        v_exp := keypal.check_parent((o->>'parent_id')::uuid, v_scopes, v_res, v_exp, arg_prefix);
+        IF keypal.depth_of((o->>'parent_id')::uuid) >= keypal.max_hierarchy_depth() THEN
+            RAISE EXCEPTION 'invalid %parent_id: a key hierarchy is at most % levels deep', arg_prefix,
+                keypal.max_hierarchy_depth() USING ERRCODE = '22023';
+        END IF;
+    END IF;
+    IF o ? 'policy' THEN
+        PERFORM keypal.enforce_policy(o->>'policy', v_scopes, v_res, v_exp, v_ips, arg_prefix);
+    END IF;
+    v_key := keypal.generate_key(coalesce(cfg.environments -> v_env ->> 'prefix', cfg.prefix),
+                                 cfg.length, cfg.alphabet);
+    PERFORM keypal.begin_change(keypal.actor(o->>'actor'), extra->>'action', extra->'context');
+    INSERT INTO keypal.keys (id, key_hash, algorithm, owner_id, org_id, env, name, description, scopes,
+                             resources, tags, metadata, enabled, expires_at, parent_id, policy,
+                             rate_limit, quota, allowed_ips, blocked_ips, allowed_regions,
+                             blocked_regions, disable_at, revoke_at, notify_before, rotated_from, signing)
+    VALUES (v_id, keypal.hash_key(v_key, cfg.algorithm), cfg.algorithm, o->>'owner_id', o->>'org_id',
+            v_env, o->>'name', o->>'description', v_scopes, v_res, keypal.text_array(o->'tags'),
+            coalesce(o->'metadata', '{}'), coalesce((o->>'enabled')::boolean, true), v_exp,
+            (o->>'parent_id')::uuid, o->>'policy', o->'rate_limit',
+            nullif(o->'quota', 'null'), v_ips, keypal.text_array(o->'blocked_ips'),
+            keypal.text_array(o->'allowed_regions'), keypal.text_array(o->'blocked_regions'),
+            keypal.parse_timestamp(o->>'disable_at', arg_prefix || 'disable_at'),
+            keypal.parse_timestamp(o->>'revoke_at', arg_prefix || 'revoke_at'),
+            keypal.parse_duration(o->>'notify_before', arg_prefix || 'notify_before'),
+            (extra->>'rotated_from')::uuid, v_secret IS NOT NULL);
+    PERFORM keypal.end_change();
+    RETURN ROW(v_key, v_id, v_exp, v_env, v_secret)::keypal.created_key;
+END $$;
+
+CREATE OR REPLACE FUNCTION keypal_define_template(name text DEFAULT NULL, options jsonb DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    o jsonb;
+BEGIN
+    IF coalesce(trim(name), '') = '' THEN
+        RAISE EXCEPTION 'invalid name: a template needs a name' USING ERRCODE = '22023';
+    END IF;
+    o := keypal.normalize_options(coalesce(options, '{}'), 'options.', false);
+    -- What keypal_create would refuse, refused now rather than when the template is used.
+    PERFORM keypal.parse_duration(o->>'expires_in', 'options.expires_in'),
+            keypal.parse_duration(o->>'notify_before', 'options.notify_before'),
+            keypal.parse_timestamp(o->>'expires_at', 'options.expires_at'),
+            keypal.parse_timestamp(o->>'disable_at', 'options.disable_at'),
+            keypal.parse_timestamp(o->>'revoke_at', 'options.revoke_at');
+    PERFORM keypal.check_env(o->>'env', 'options.env');
+    IF o ? 'policy' AND NOT EXISTS (SELECT 1 FROM keypal.policies p WHERE p.name = o->>'policy') THEN
+        RAISE EXCEPTION 'invalid options.policy: no policy named %', quote_literal(o->>'policy')
+            USING ERRCODE = '22023';
+    END IF;
+    INSERT INTO keypal.templates AS t (name, options) VALUES (name, o)
+        ON CONFLICT ON CONSTRAINT templates_pkey DO UPDATE SET options = EXCLUDED.options;
+    RETURN o;
+END $$;
+
+CREATE OR REPLACE FUNCTION keypal_usage(key_id uuid DEFAULT NULL)
+RETURNS TABLE (used bigint, "limit" bigint, remaining bigint, resets_at timestamptz, period text,
+               tokens bigint, cost numeric)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    k      keypal.keys;
+    v_per  text;
+    v_from timestamptz;
+    v_used bigint;
+BEGIN
+    k := keypal.find_key(keypal_usage.key_id);
+    v_per := coalesce(k.quota->>'period', 'month');
+    v_from := date_trunc(v_per, now(), 'UTC');
+    SELECT CASE WHEN q.period_start = v_from THEN q.used ELSE 0 END INTO v_used
+      FROM keypal.quota_usage q WHERE q.key_id = k.id;
+    -- With the preload, shared memory holds the exact count (the last moments' counts are
+    -- not in the table yet).
+    v_used := keypal.quota_used(k.id, v_per, coalesce(v_used, 0));
+    RETURN QUERY
+        SELECT coalesce(v_used, 0), (k.quota->>'limit')::bigint,
+               CASE WHEN k.quota IS NOT NULL THEN greatest((k.quota->>'limit')::bigint - coalesce(v_used, 0), 0) END,
+               date_trunc(v_per, now() + ('1 ' || v_per)::interval, 'UTC'), v_per,
+               coalesce(sum(u.tokens), 0)::bigint, coalesce(sum(u.cost), 0)
+          FROM keypal.usage u WHERE u.key_id = k.id AND u.hour >= v_from;
+END $$;
+
+CREATE OR REPLACE FUNCTION keypal_analyze(key_id uuid DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    k     keypal.keys;
+    facts jsonb;
+BEGIN
+    k := keypal.find_key(keypal_analyze.key_id);
+    WITH u AS (
+        SELECT x.hour, x.endpoint, x.requests FROM keypal.hourly_usage x
+         WHERE x.key_id = k.id AND x.hour >= now() - interval '30 days'),
+    per_hour AS (SELECT u.hour, sum(u.requests)::bigint AS r FROM u GROUP BY u.hour)
+    SELECT jsonb_build_object(
+        'env', k.env,
+        'scopes', to_jsonb(k.scopes),
+        'expires_in_days', extract(epoch FROM k.expires_at - now()) / 86400,
+        'has_ip_rule', cardinality(k.allowed_ips) > 0,
+        'has_rate_limit', keypal.has_rate_limit(k.rate_limit, k.policy, k.env),
+        'days_since_last_use', extract(epoch FROM now() - (SELECT i.last_used_at FROM keypal.key_info i WHERE i.id = k.id)) / 86400,
+        'age_days', extract(epoch FROM now() - k.created_at) / 86400,
+        'by_hour', (SELECT jsonb_agg(coalesce(x.s, 0) ORDER BY h)
+                      FROM generate_series(0, 23) h
+                      LEFT JOIN (SELECT extract(hour FROM p.hour AT TIME ZONE 'UTC')::int AS hh, sum(p.r) AS s
+                                   FROM per_hour p GROUP BY 1) x ON x.hh = h),
+        'active_days', (SELECT count(DISTINCT date_trunc('day', p.hour, 'UTC')) FROM per_hour p),
+        'active_hours', (SELECT count(*) FROM per_hour),
+        'busiest_hour', (SELECT coalesce(max(p.r), 0) FROM per_hour p),
+        'endpoints', (SELECT coalesce(jsonb_agg(jsonb_build_array(e.endpoint, e.r) ORDER BY e.r DESC, e.endpoint), '[]')
+                        FROM (SELECT u.endpoint, sum(u.requests) AS r FROM u WHERE u.endpoint <> ''
+                               GROUP BY u.endpoint) e))
+      INTO facts;
+    RETURN keypal.analyze_facts(facts);
+END $$;
+
+CREATE OR REPLACE FUNCTION keypal_configure(prefix text DEFAULT NULL, length integer DEFAULT NULL,
+                                 alphabet text DEFAULT NULL, algorithm text DEFAULT NULL,
+                                 last_used_resolution text DEFAULT NULL, rate_limit jsonb DEFAULT NULL,
+                                 environments jsonb DEFAULT NULL, default_env text DEFAULT NULL,
+                                 audit_retention text DEFAULT NULL, retention jsonb DEFAULT NULL,
+                                 webhook_timeout text DEFAULT NULL, webhook_max_attempts integer DEFAULT NULL,
+                                 webhook_backoff text DEFAULT NULL, webhook_concurrency integer DEFAULT NULL,
+                                 webhook_allow_private boolean DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    c keypal.settings := keypal.config();
+BEGIN
+    -- No argument: only read.
+    IF num_nonnulls(prefix, length, alphabet, algorithm, last_used_resolution, rate_limit, environments,
+                    default_env, audit_retention, retention, webhook_timeout, webhook_max_attempts,
+                    webhook_backoff, webhook_concurrency, webhook_allow_private) = 0 THEN
+        RETURN to_jsonb(c) - 'singleton';
+    END IF;
+    c.prefix := coalesce(prefix, c.prefix);
+    c.length := coalesce(length, c.length);
+    c.alphabet := coalesce(alphabet, c.alphabet);
+    c.algorithm := coalesce(lower(algorithm), c.algorithm);
+    PERFORM keypal.check_format(c.prefix, c.length, c.alphabet, c.algorithm);
+    c.algorithm := CASE WHEN c.algorithm LIKE '%512' THEN 'sha512' ELSE 'sha256' END;
+    IF last_used_resolution IS NOT NULL THEN
+        c.last_used_resolution := keypal.parse_duration(last_used_resolution, 'last_used_resolution', true);
+    END IF;
+    IF rate_limit IS NOT NULL THEN
+        c.rate_limit := nullif(keypal.check_rate_limit(rate_limit, 'rate_limit'), 'null');
+    END IF;
+    IF environments IS NOT NULL THEN
+        c.environments := nullif(keypal.check_environments(environments), 'null');
+    END IF;
+    IF default_env IS NOT NULL THEN
+        c.default_env := nullif(default_env, '');
+    END IF;
+    IF c.default_env IS NOT NULL AND jsonb_typeof(c.environments) = 'object' AND NOT c.environments ? c.default_env THEN
+        RAISE EXCEPTION 'invalid default_env: no environment named %', quote_literal(c.default_env)
+            USING ERRCODE = '22023';
+    END IF;
+    IF retention IS NOT NULL THEN
+        c.retention := keypal.merge_retention(c.retention, retention, 'retention');
+    END IF;
+    -- audit_retention: the audit log's entry of retention ('' keeps the log for good).
+    IF audit_retention IS NOT NULL THEN
+        c.retention := keypal.merge_retention(c.retention,
+            jsonb_build_object('audit_log', CASE WHEN audit_retention = '' THEN 'null'::jsonb
+                                                 ELSE to_jsonb(audit_retention) END), 'audit_retention');
+    END IF;
+    IF webhook_timeout IS NOT NULL THEN
+        c.webhook_timeout := keypal.parse_duration(webhook_timeout, 'webhook_timeout');
+        IF c.webhook_timeout > interval '5 minutes' THEN
+            RAISE EXCEPTION 'invalid webhook_timeout: at most 5 minutes, got %', webhook_timeout USING ERRCODE = '22023';
+        END IF;
+    END IF;
+    IF webhook_backoff IS NOT NULL THEN
+        c.webhook_backoff := keypal.parse_duration(webhook_backoff, 'webhook_backoff');
+    END IF;
+    IF webhook_max_attempts IS NOT NULL THEN
+        IF webhook_max_attempts NOT BETWEEN 1 AND 100 THEN
+            RAISE EXCEPTION 'invalid webhook_max_attempts: between 1 and 100, got %', webhook_max_attempts USING ERRCODE = '22023';
+        END IF;
+        c.webhook_max_attempts := webhook_max_attempts;
+    END IF;
+    IF webhook_concurrency IS NOT NULL THEN
+        IF webhook_concurrency NOT BETWEEN 1 AND 32 THEN
+            RAISE EXCEPTION 'invalid webhook_concurrency: between 1 and 32, got %', webhook_concurrency USING ERRCODE = '22023';
+        END IF;
+        c.webhook_concurrency := webhook_concurrency;
+    END IF;
+    c.webhook_allow_private := coalesce(webhook_allow_private, c.webhook_allow_private);
+    c.updated_at := now();
+    INSERT INTO keypal.settings AS s VALUES (c.*)
+        ON CONFLICT (singleton) DO UPDATE
+        SET prefix = EXCLUDED.prefix, length = EXCLUDED.length, alphabet = EXCLUDED.alphabet,
+            algorithm = EXCLUDED.algorithm, last_used_resolution = EXCLUDED.last_used_resolution,
+            rate_limit = EXCLUDED.rate_limit, environments = EXCLUDED.environments,
+            default_env = EXCLUDED.default_env, retention = EXCLUDED.retention,
+            webhook_timeout = EXCLUDED.webhook_timeout, webhook_max_attempts = EXCLUDED.webhook_max_attempts,
+            webhook_backoff = EXCLUDED.webhook_backoff, webhook_concurrency = EXCLUDED.webhook_concurrency,
+            webhook_allow_private = EXCLUDED.webhook_allow_private,
+            updated_at = EXCLUDED.updated_at;
+    RETURN to_jsonb(c) - 'singleton';
 END $$;
 
 CREATE OR REPLACE FUNCTION keypal.audit_key_change()
@@ -375,4 +665,5 @@ COMMENT ON FUNCTION keypal_import(jsonb, text, text) IS 'Imports key records (ke
 
 -- Management only (SPEC §6): PUBLIC runs none of them.
 REVOKE ALL ON FUNCTION keypal.import_record(text, integer), keypal.export_record(keypal.keys, timestamptz),
-    keypal_export(text, text), keypal_export_records(text, text), keypal_import(jsonb, text, text) FROM PUBLIC;
+    keypal.check_env(text, text), keypal_export(text, text), keypal_export_records(text, text),
+    keypal_import(jsonb, text, text) FROM PUBLIC;

@@ -123,7 +123,7 @@ fn require_inner(key: Option<&str>, req: &Request) -> VerifyResult {
                 .get_by_index::<i64>(NonZeroUsize::new(15).expect("nonzero"))
                 .ok()
                 .flatten();
-            err.raise(retry)
+            err.raise(retry, verify::missing_scope())
         }
     }
 }

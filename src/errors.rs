@@ -86,12 +86,16 @@ impl VerifyError {
         }
     }
 
-    /// Raises this failure as an ERROR: message, DETAIL = the code, HINT = the retry delay.
-    pub fn raise(self, retry_after_ms: Option<i64>) -> ! {
+    /// Raises this failure as an ERROR: message, DETAIL = the code (SPEC §5), HINT = the
+    /// retry delay, or for INSUFFICIENT_SCOPE the scope missing.
+    pub fn raise(self, retry_after_ms: Option<i64>, missing_scope: Option<String>) -> ! {
         let mut report = ErrorReport::new(self.sqlstate(), self.message(), "keypal_require")
             .set_detail(self.code());
         if let Some(ms) = retry_after_ms {
             report = report.set_hint(format!("retry after {ms} ms"));
+        } else if let Some(scope) = missing_scope.filter(|_| self == VerifyError::InsufficientScope)
+        {
+            report = report.set_hint(format!("the key does not hold scope {scope}"));
         }
         report.report(PgLogLevel::ERROR);
         unreachable!("ERROR does not return")

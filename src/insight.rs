@@ -3,8 +3,8 @@
 //!
 //! Score: start at 100 and subtract, each with a recommendation:
 //! never expires −25; expires more than a year out −10; admin or `*` scope −20 (−10 more if
-//! the key saw no traffic in 30 days); no IP allow list −15; no rate limit −10; not used for
-//! 90 days −10. Clamped to 0–100.
+//! the key, older than 30 days, saw no traffic in them); no IP allow list −15; no rate limit
+//! −10; not used for 90 days (a key older than that) −10. Clamped to 0–100.
 //! Usage pattern over the last 30 days: `unused` (no requests); `bursty` (the busiest hour
 //! holds over 10× the mean of the other active hours and over a quarter of all requests);
 //! `business_hours`
@@ -22,6 +22,8 @@ pub struct Facts {
     pub has_ip_rule: bool,
     pub has_rate_limit: bool,
     pub days_since_last_use: Option<f64>,
+    /// Days since the key was created (no advice about N days of disuse before it is N days old).
+    pub age_days: f64,
     /// Requests per hour of day (UTC), last 30 days.
     pub by_hour: [i64; 24],
     /// Days (of the last 30) with any traffic.
@@ -49,7 +51,7 @@ pub fn analyze(f: &Facts) -> Value {
     }
     if admin {
         deduct(20, "Narrow the scopes: admin or * grants everything.");
-        if total == 0 {
+        if total == 0 && f.age_days > 30.0 {
             deduct(10, "Revoke or narrow it: an admin key unused for 30 days.");
         }
     }
@@ -59,7 +61,7 @@ pub fn analyze(f: &Facts) -> Value {
     if !f.has_rate_limit {
         deduct(10, "Set a rate limit.");
     }
-    if f.days_since_last_use.is_none_or(|d| d > 90.0) {
+    if f.age_days > 90.0 && f.days_since_last_use.is_none_or(|d| d > 90.0) {
         deduct(10, "Consider revoking it: not used for 90 days.");
     }
     let mut report = Map::new();
@@ -177,6 +179,7 @@ pub fn facts_from_json(v: &Value) -> Facts {
             .and_then(Value::as_bool)
             .unwrap_or(false),
         days_since_last_use: f64_of("days_since_last_use"),
+        age_days: f64_of("age_days").unwrap_or(0.0),
         by_hour,
         active_days: i64_of("active_days"),
         active_hours: i64_of("active_hours"),
@@ -221,6 +224,7 @@ mod tests {
     fn risks_are_deducted_and_explained() {
         let f = Facts {
             scopes: vec!["admin".into()],
+            age_days: 120.0,
             ..Default::default()
         };
         let r = analyze(&f);
@@ -228,6 +232,21 @@ mod tests {
         assert_eq!(r["security_score"], 10);
         assert_eq!(r["recommendations"].as_array().unwrap().len(), 6);
         assert_eq!(r["usage_pattern"], "unused");
+    }
+
+    #[test]
+    fn no_advice_about_disuse_longer_than_the_key_has_lived() {
+        let young = |age_days| Facts {
+            scopes: vec!["admin".into()],
+            age_days,
+            ..Default::default()
+        };
+        let recs = |f: &Facts| analyze(f)["recommendations"].to_string();
+        assert!(!recs(&young(0.001)).contains("unused for 30 days"));
+        assert!(!recs(&young(0.001)).contains("not used for 90 days"));
+        assert!(recs(&young(45.0)).contains("unused for 30 days"));
+        assert!(!recs(&young(45.0)).contains("not used for 90 days"));
+        assert!(recs(&young(91.0)).contains("not used for 90 days"));
     }
 
     #[test]

@@ -268,7 +268,10 @@ pub fn rate_limit(v: &Value, arg: &str) -> Res<Value> {
         .keys()
         .find(|k| !["requests", "window"].contains(&k.as_str()))
     {
-        return err(arg, format!("unknown field {k:?}"));
+        return err(
+            arg,
+            format!("unknown field {k:?} (a rate limit has requests and window)"),
+        );
     }
     positive_int(obj.get("requests"), &format!("{arg}.requests"))?;
     let Some(window) = obj.get("window").filter(|w| !w.is_null()) else {
@@ -325,7 +328,12 @@ pub fn quota(v: &Value, arg: &str) -> Res<Value> {
                 })?;
                 out.insert("on_exceeded".into(), Value::from(p));
             }
-            other => return err(arg, format!("unknown field {other:?}")),
+            other => {
+                return err(
+                    arg,
+                    format!("unknown field {other:?} (a quota has limit, period and on_exceeded)"),
+                )
+            }
         }
     }
     if !out.contains_key("limit") {

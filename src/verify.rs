@@ -398,9 +398,43 @@ fn check(
         || (req.scope.is_some() || !req.scopes.is_empty())
             && !holds_all(row.get(col::SCOPES), row.get(col::RESOURCES), req)
     {
+        MISSING_SCOPE.set(first_missing(row, req));
         return Err(VerifyError::InsufficientScope);
     }
     Ok(())
+}
+
+thread_local! {
+    /// Which scope the last verify refused for (keypal_require names it in its HINT).
+    static MISSING_SCOPE: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The scope the last verify of this backend found missing, with the resource asked about.
+pub fn missing_scope() -> Option<String> {
+    MISSING_SCOPE.take()
+}
+
+fn first_missing(row: &Row, req: &Request) -> Option<String> {
+    if req.null_scope {
+        return Some("NULL (a NULL among the required scopes is never held)".into());
+    }
+    let wanted = req
+        .scope
+        .into_iter()
+        .chain(req.scopes.iter().map(String::as_str));
+    let missing = wanted.into_iter().find(|s| {
+        !holds(
+            row.get(col::SCOPES),
+            row.get(col::RESOURCES),
+            std::iter::once(*s),
+            req.resource,
+            true,
+        )
+    })?;
+    Some(match req.resource {
+        Some(r) => format!("{missing:?} (globally or on {r:?})"),
+        None => format!("{missing:?}"),
+    })
 }
 
 /// Scope check straight from the row's datums; `resources` is parsed only when a

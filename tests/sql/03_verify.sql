@@ -109,7 +109,7 @@ SELECT is(tap.err(format('SELECT keypal_require(%L)', e.key)), e.want, 'require:
 SELECT is(tap.err(format('SELECT keypal_require(%L, env => %L)', pg_temp.key('test'), 'live')), '42501 ENV_MISMATCH', 'require: 42501 ENV_MISMATCH');
 SELECT is(tap.err(format('SELECT keypal_require(%L)', pg_temp.key('ips'))), '42501 IP_NOT_ALLOWED', 'require: 42501 IP_NOT_ALLOWED');
 SELECT is(tap.err(format('SELECT keypal_require(%L)', pg_temp.key('regions'))), '42501 REGION_NOT_ALLOWED', 'require: 42501 REGION_NOT_ALLOWED');
-SELECT is(tap.err(format('SELECT keypal_require(%L, %L)', pg_temp.key('plain'), 'admin')), '42501 INSUFFICIENT_SCOPE', 'require: 42501 INSUFFICIENT_SCOPE');
+SELECT is(tap.err(format('SELECT keypal_require(%L, %L)', pg_temp.key('plain'), 'admin')), '42501 INSUFFICIENT_SCOPE the key does not hold scope "admin"', 'require: 42501 INSUFFICIENT_SCOPE, the scope missing in HINT');
 SELECT ok(tap.err(format('SELECT keypal_require(%L)', pg_temp.key('revoked'))) NOT LIKE '%' || pg_temp.key('revoked') || '%', 'the error does not echo the key');
 
 -- last_used_at is recorded on a valid verify only (in shared memory: key_info and

@@ -5,8 +5,9 @@ SELECT no_plan();
 CREATE TEMP TABLE k (label text PRIMARY KEY, id uuid);
 CREATE FUNCTION pg_temp.id(l text) RETURNS uuid LANGUAGE sql AS $$ SELECT id FROM k WHERE label = l $$;
 
--- A risky key with no traffic.
+-- A risky key with no traffic, made 120 days ago.
 INSERT INTO k SELECT 'risky', id FROM keypal_create(owner_id => 'an', scopes => '{admin}');
+UPDATE keypal.keys SET created_at = now() - interval '120 days' WHERE id = pg_temp.id('risky');
 SELECT results_eq($$SELECT r->>'usage_pattern', (r->>'security_score')::int, jsonb_array_length(r->'recommendations') FROM keypal_analyze(pg_temp.id('risky')) r$$,
     $$VALUES ('unused', 10, 6)$$, 'admin, never expires, no IP rule, no limit, unused: score 10, six recommendations');
 
