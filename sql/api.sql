@@ -59,7 +59,8 @@ BEGIN
     END IF;
     v := keypal.parse_short_duration(value, arg);
     -- A bare number would be read as seconds: say which unit instead (zero needs none).
-    IF v IS NULL AND value ~ '^\s*[+-]?[0-9]+(\.[0-9]*)?\s*$' AND value::numeric <> 0 THEN
+    IF v IS NULL AND value ~ '^\s*[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)\s*$'
+       AND value !~ '^\s*[+-]?0*(\.0*)?\s*$' THEN
         RAISE EXCEPTION 'invalid duration for %: % has no unit', arg, quote_literal(value)
             USING ERRCODE = '22007', HINT = 'add a unit: 30s, 5m, 1h, 7d, 2w or 1y';
     END IF;
@@ -127,7 +128,7 @@ CREATE FUNCTION keypal.key_not_found(id uuid, what text DEFAULT 'id')
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF id IS NULL THEN
-        RAISE EXCEPTION 'invalid %: is required', what USING ERRCODE = '22004',
+        RAISE EXCEPTION 'invalid %: is required', what USING ERRCODE = '22023',
             HINT = 'pass the key''s id (keypal_create and keypal_verify return it as id / key_id)';
     END IF;
     RAISE EXCEPTION 'KEY_NOT_FOUND: no API key with % %', what, coalesce(id::text, 'NULL')
@@ -338,6 +339,9 @@ BEGIN
     END IF;
     v_key := keypal.generate_key(coalesce(cfg.environments -> v_env ->> 'prefix', cfg.prefix),
                                  cfg.length, cfg.alphabet);
+    IF cfg.checksum THEN
+        v_key := v_key || keypal.key_checksum(v_key, cfg.alphabet);
+    END IF;
     PERFORM keypal.begin_change(keypal.actor(o->>'actor'), extra->>'action', extra->'context');
     INSERT INTO keypal.keys (id, key_hash, algorithm, owner_id, org_id, env, name, description, scopes,
                              resources, tags, metadata, enabled, expires_at, parent_id, policy,
@@ -1020,7 +1024,7 @@ CREATE FUNCTION keypal_configure(prefix text DEFAULT NULL, length integer DEFAUL
                                  audit_retention text DEFAULT NULL, retention jsonb DEFAULT NULL,
                                  webhook_timeout text DEFAULT NULL, webhook_max_attempts integer DEFAULT NULL,
                                  webhook_backoff text DEFAULT NULL, webhook_concurrency integer DEFAULT NULL,
-                                 webhook_allow_private boolean DEFAULT NULL)
+                                 webhook_allow_private boolean DEFAULT NULL, checksum boolean DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -1029,7 +1033,7 @@ BEGIN
     -- No argument: only read.
     IF num_nonnulls(prefix, length, alphabet, algorithm, last_used_resolution, rate_limit, environments,
                     default_env, audit_retention, retention, webhook_timeout, webhook_max_attempts,
-                    webhook_backoff, webhook_concurrency, webhook_allow_private) = 0 THEN
+                    webhook_backoff, webhook_concurrency, webhook_allow_private, checksum) = 0 THEN
         RETURN to_jsonb(c) - 'singleton';
     END IF;
     c.prefix := coalesce(prefix, c.prefix);
@@ -1085,6 +1089,7 @@ BEGIN
         c.webhook_concurrency := webhook_concurrency;
     END IF;
     c.webhook_allow_private := coalesce(webhook_allow_private, c.webhook_allow_private);
+    c.checksum := coalesce(keypal_configure.checksum, c.checksum);
     c.updated_at := now();
     INSERT INTO keypal.settings AS s VALUES (c.*)
         ON CONFLICT (singleton) DO UPDATE
@@ -1094,10 +1099,20 @@ BEGIN
             default_env = EXCLUDED.default_env, retention = EXCLUDED.retention,
             webhook_timeout = EXCLUDED.webhook_timeout, webhook_max_attempts = EXCLUDED.webhook_max_attempts,
             webhook_backoff = EXCLUDED.webhook_backoff, webhook_concurrency = EXCLUDED.webhook_concurrency,
-            webhook_allow_private = EXCLUDED.webhook_allow_private,
+            webhook_allow_private = EXCLUDED.webhook_allow_private, checksum = EXCLUDED.checksum,
             updated_at = EXCLUDED.updated_at;
     RETURN to_jsonb(c) - 'singleton';
 END $$;
+
+CREATE FUNCTION keypal_key_pattern()
+RETURNS text
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT keypal.key_regex(
+               ARRAY[c.prefix] || coalesce((SELECT array_agg(coalesce(e.value->>'prefix', c.prefix))
+                                              FROM jsonb_each(c.environments) e), '{}'),
+               c.length, c.alphabet, c.checksum)
+      FROM keypal.config() c
+$$;
 
 --------------------------------------------------------------------------------
 -- Audit: triggers on keypal.keys, the append-only log, and its queries
@@ -1545,7 +1560,8 @@ DECLARE
     fn regprocedure;
 BEGIN
     FOR doc IN SELECT * FROM (VALUES
-        ('keypal_configure', 'Changes keypal''s settings (prefix, length, alphabet, algorithm, last_used_resolution, rate_limit, environments, default_env, retention (what keypal_run_maintenance prunes: {"events": "30d", "webhook_deliveries": "30d", "usage": "400d", "audit_log": ...}), audit_retention, webhook_timeout, webhook_max_attempts, webhook_backoff, webhook_concurrency, webhook_allow_private); NULL leaves a setting, JSON null clears it. Returns all settings as jsonb.'),
+        ('keypal_configure', 'Changes keypal''s settings (prefix, length, alphabet, algorithm, last_used_resolution, rate_limit, environments, default_env, retention (what keypal_run_maintenance prunes: {"events": "30d", "webhook_deliveries": "30d", "usage": "400d", "audit_log": ...}), audit_retention, webhook_timeout, webhook_max_attempts, webhook_backoff, webhook_concurrency, webhook_allow_private, checksum (new keys end in a checksum verify checks without a lookup)); NULL leaves a setting, JSON null clears it; no argument only reads. Returns all settings as jsonb.'),
+        ('keypal_key_pattern', 'A regular expression matching the keys this database issues (its prefixes, the random part and checksum in its alphabet), for secret scanners (gitleaks, GitHub secret scanning). Not anchored.'),
         ('keypal_create', 'Creates an API key. Returns the plaintext key once (only its hash is stored), its id, expiry and environment.'),
         ('keypal_create_read_only', 'keypal_create with scopes {read}.'),
         ('keypal_create_full_access', 'keypal_create with scopes {read,write,admin}.'),

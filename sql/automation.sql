@@ -48,6 +48,10 @@ END $$;
 CREATE FUNCTION keypal.webhook_not_found(id bigint)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+    IF id IS NULL THEN
+        RAISE EXCEPTION 'invalid id: is required (a webhook''s id, as keypal_add_webhook returned it)'
+            USING ERRCODE = '22023';
+    END IF;
     RAISE EXCEPTION 'WEBHOOK_NOT_FOUND: no webhook with id %', coalesce(id::text, 'NULL')
         USING ERRCODE = 'P0002', DETAIL = 'WEBHOOK_NOT_FOUND';
 END $$;

@@ -3,8 +3,9 @@
 -- keypal.export_record); the audit trigger records an import's overwrite as imported;
 -- key timers are not armed for moments that passed before a key was imported. Errors that
 -- teach: a NULL id (22004), a duration without a unit, templates checked when defined,
--- environments checked everywhere (keypal.check_env), keypal_configure() only reads,
--- keypal_usage without a quota, keypal_analyze's advice on young keys.
+-- environments checked everywhere (keypal.check_env), NULL webhook ids, keypal_configure() only reads,
+-- keypal_usage without a quota, keypal_analyze's advice on young keys. Scannable keys:
+-- keypal_configure(checksum => true), keypal_key_pattern().
 -- (keypal.previous_salt and keypal.typescript_salt are server settings: nothing to change in
 -- the database.)
 -- tests/shell/upgrade.t checks that this leaves the schema a fresh 0.2.0 install makes.
@@ -16,6 +17,148 @@ CREATE FUNCTION keypal."import_record"(
 IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'import_record_wrapper';
+
+CREATE FUNCTION keypal."key_checksum"(
+	"body" TEXT, /* & str */
+	"alphabet" TEXT /* & str */
+) RETURNS TEXT /* String */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'key_checksum_wrapper';
+
+CREATE FUNCTION keypal."key_regex"(
+	"prefixes" TEXT[], /* Vec < String > */
+	"length" INT, /* i32 */
+	"alphabet" TEXT, /* & str */
+	"checksum" bool /* bool */
+) RETURNS TEXT /* String */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'key_regex_wrapper';
+
+-- Scannable keys: the setting (last in the table, as a fresh install makes it).
+ALTER TABLE keypal.settings ADD COLUMN checksum boolean NOT NULL DEFAULT false;
+CREATE OR REPLACE FUNCTION keypal.config() RETURNS keypal.settings
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT s FROM keypal.settings s
+    UNION ALL
+    SELECT ROW(true, '', 32, 'A-Za-z0-9', 'sha256', '60 seconds'::interval, NULL::jsonb, NULL::jsonb,
+               NULL::text, '5 seconds'::interval, 8, '10 seconds'::interval, 4, false,
+               '{"events": "30d", "webhook_deliveries": "30d", "usage": "400d"}'::jsonb, now(), false)::keypal.settings
+    LIMIT 1
+$$;
+
+DROP FUNCTION keypal_configure(text, integer, text, text, text, jsonb, jsonb, text, text, jsonb, text, integer, text, integer, boolean);
+CREATE FUNCTION keypal_configure(prefix text DEFAULT NULL, length integer DEFAULT NULL,
+                                 alphabet text DEFAULT NULL, algorithm text DEFAULT NULL,
+                                 last_used_resolution text DEFAULT NULL, rate_limit jsonb DEFAULT NULL,
+                                 environments jsonb DEFAULT NULL, default_env text DEFAULT NULL,
+                                 audit_retention text DEFAULT NULL, retention jsonb DEFAULT NULL,
+                                 webhook_timeout text DEFAULT NULL, webhook_max_attempts integer DEFAULT NULL,
+                                 webhook_backoff text DEFAULT NULL, webhook_concurrency integer DEFAULT NULL,
+                                 webhook_allow_private boolean DEFAULT NULL, checksum boolean DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    c keypal.settings := keypal.config();
+BEGIN
+    -- No argument: only read.
+    IF num_nonnulls(prefix, length, alphabet, algorithm, last_used_resolution, rate_limit, environments,
+                    default_env, audit_retention, retention, webhook_timeout, webhook_max_attempts,
+                    webhook_backoff, webhook_concurrency, webhook_allow_private, checksum) = 0 THEN
+        RETURN to_jsonb(c) - 'singleton';
+    END IF;
+    c.prefix := coalesce(prefix, c.prefix);
+    c.length := coalesce(length, c.length);
+    c.alphabet := coalesce(alphabet, c.alphabet);
+    c.algorithm := coalesce(lower(algorithm), c.algorithm);
+    PERFORM keypal.check_format(c.prefix, c.length, c.alphabet, c.algorithm);
+    c.algorithm := CASE WHEN c.algorithm LIKE '%512' THEN 'sha512' ELSE 'sha256' END;
+    IF last_used_resolution IS NOT NULL THEN
+        c.last_used_resolution := keypal.parse_duration(last_used_resolution, 'last_used_resolution', true);
+    END IF;
+    IF rate_limit IS NOT NULL THEN
+        c.rate_limit := nullif(keypal.check_rate_limit(rate_limit, 'rate_limit'), 'null');
+    END IF;
+    IF environments IS NOT NULL THEN
+        c.environments := nullif(keypal.check_environments(environments), 'null');
+    END IF;
+    IF default_env IS NOT NULL THEN
+        c.default_env := nullif(default_env, '');
+    END IF;
+    IF c.default_env IS NOT NULL AND jsonb_typeof(c.environments) = 'object' AND NOT c.environments ? c.default_env THEN
+        RAISE EXCEPTION 'invalid default_env: no environment named %', quote_literal(c.default_env)
+            USING ERRCODE = '22023';
+    END IF;
+    IF retention IS NOT NULL THEN
+        c.retention := keypal.merge_retention(c.retention, retention, 'retention');
+    END IF;
+    -- audit_retention: the audit log's entry of retention ('' keeps the log for good).
+    IF audit_retention IS NOT NULL THEN
+        c.retention := keypal.merge_retention(c.retention,
+            jsonb_build_object('audit_log', CASE WHEN audit_retention = '' THEN 'null'::jsonb
+                                                 ELSE to_jsonb(audit_retention) END), 'audit_retention');
+    END IF;
+    IF webhook_timeout IS NOT NULL THEN
+        c.webhook_timeout := keypal.parse_duration(webhook_timeout, 'webhook_timeout');
+        IF c.webhook_timeout > interval '5 minutes' THEN
+            RAISE EXCEPTION 'invalid webhook_timeout: at most 5 minutes, got %', webhook_timeout USING ERRCODE = '22023';
+        END IF;
+    END IF;
+    IF webhook_backoff IS NOT NULL THEN
+        c.webhook_backoff := keypal.parse_duration(webhook_backoff, 'webhook_backoff');
+    END IF;
+    IF webhook_max_attempts IS NOT NULL THEN
+        IF webhook_max_attempts NOT BETWEEN 1 AND 100 THEN
+            RAISE EXCEPTION 'invalid webhook_max_attempts: between 1 and 100, got %', webhook_max_attempts USING ERRCODE = '22023';
+        END IF;
+        c.webhook_max_attempts := webhook_max_attempts;
+    END IF;
+    IF webhook_concurrency IS NOT NULL THEN
+        IF webhook_concurrency NOT BETWEEN 1 AND 32 THEN
+            RAISE EXCEPTION 'invalid webhook_concurrency: between 1 and 32, got %', webhook_concurrency USING ERRCODE = '22023';
+        END IF;
+        c.webhook_concurrency := webhook_concurrency;
+    END IF;
+    c.webhook_allow_private := coalesce(webhook_allow_private, c.webhook_allow_private);
+    c.checksum := coalesce(keypal_configure.checksum, c.checksum);
+    c.updated_at := now();
+    INSERT INTO keypal.settings AS s VALUES (c.*)
+        ON CONFLICT (singleton) DO UPDATE
+        SET prefix = EXCLUDED.prefix, length = EXCLUDED.length, alphabet = EXCLUDED.alphabet,
+            algorithm = EXCLUDED.algorithm, last_used_resolution = EXCLUDED.last_used_resolution,
+            rate_limit = EXCLUDED.rate_limit, environments = EXCLUDED.environments,
+            default_env = EXCLUDED.default_env, retention = EXCLUDED.retention,
+            webhook_timeout = EXCLUDED.webhook_timeout, webhook_max_attempts = EXCLUDED.webhook_max_attempts,
+            webhook_backoff = EXCLUDED.webhook_backoff, webhook_concurrency = EXCLUDED.webhook_concurrency,
+            webhook_allow_private = EXCLUDED.webhook_allow_private, checksum = EXCLUDED.checksum,
+            updated_at = EXCLUDED.updated_at;
+    RETURN to_jsonb(c) - 'singleton';
+END $$;
+
+CREATE OR REPLACE FUNCTION keypal_key_pattern()
+RETURNS text
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT keypal.key_regex(
+               ARRAY[c.prefix] || coalesce((SELECT array_agg(coalesce(e.value->>'prefix', c.prefix))
+                                              FROM jsonb_each(c.environments) e), '{}'),
+               c.length, c.alphabet, c.checksum)
+      FROM keypal.config() c
+$$;
+
+-- Durations stored under 0.1.0 as bare numbers (read as seconds then) get their unit:
+-- 0.2.0 refuses a duration without one, and maintenance and templates read these again.
+UPDATE keypal.settings SET retention = (
+    SELECT jsonb_object_agg(e.key, CASE WHEN jsonb_typeof(e.value) = 'string'
+                                             AND e.value #>> '{}' ~ '^\s*[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)\s*$'
+                                        THEN to_jsonb(trim(e.value #>> '{}') || 's') ELSE e.value END)
+      FROM jsonb_each(retention) e)
+ WHERE retention <> '{}';
+UPDATE keypal.templates t SET options = t.options || (
+    SELECT coalesce(jsonb_object_agg(e.key, to_jsonb(trim(e.value #>> '{}') || 's')), '{}')
+      FROM jsonb_each(t.options) e
+     WHERE e.key IN ('expires_in', 'notify_before') AND jsonb_typeof(e.value) = 'string'
+       AND e.value #>> '{}' ~ '^\s*[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)\s*$');
 
 CREATE OR REPLACE FUNCTION keypal.arm_timers()
 RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
@@ -60,6 +203,17 @@ BEGIN
     RETURN NULL;
 END $$;
 
+CREATE OR REPLACE FUNCTION keypal.webhook_not_found(id bigint)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF id IS NULL THEN
+        RAISE EXCEPTION 'invalid id: is required (a webhook''s id, as keypal_add_webhook returned it)'
+            USING ERRCODE = '22023';
+    END IF;
+    RAISE EXCEPTION 'WEBHOOK_NOT_FOUND: no webhook with id %', coalesce(id::text, 'NULL')
+        USING ERRCODE = 'P0002', DETAIL = 'WEBHOOK_NOT_FOUND';
+END $$;
+
 CREATE OR REPLACE FUNCTION keypal.parse_duration(value text, arg text, allow_zero boolean DEFAULT false)
 RETURNS interval LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -70,7 +224,8 @@ BEGIN
     END IF;
     v := keypal.parse_short_duration(value, arg);
     -- A bare number would be read as seconds: say which unit instead (zero needs none).
-    IF v IS NULL AND value ~ '^\s*[+-]?[0-9]+(\.[0-9]*)?\s*$' AND value::numeric <> 0 THEN
+    IF v IS NULL AND value ~ '^\s*[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)\s*$'
+       AND value !~ '^\s*[+-]?0*(\.0*)?\s*$' THEN
         RAISE EXCEPTION 'invalid duration for %: % has no unit', arg, quote_literal(value)
             USING ERRCODE = '22007', HINT = 'add a unit: 30s, 5m, 1h, 7d, 2w or 1y';
     END IF;
@@ -93,7 +248,7 @@ CREATE OR REPLACE FUNCTION keypal.key_not_found(id uuid, what text DEFAULT 'id')
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF id IS NULL THEN
-        RAISE EXCEPTION 'invalid %: is required', what USING ERRCODE = '22004',
+        RAISE EXCEPTION 'invalid %: is required', what USING ERRCODE = '22023',
             HINT = 'pass the key''s id (keypal_create and keypal_verify return it as id / key_id)';
     END IF;
     RAISE EXCEPTION 'KEY_NOT_FOUND: no API key with % %', what, coalesce(id::text, 'NULL')
@@ -156,6 +311,9 @@ BEGIN
     END IF;
     v_key := keypal.generate_key(coalesce(cfg.environments -> v_env ->> 'prefix', cfg.prefix),
                                  cfg.length, cfg.alphabet);
+    IF cfg.checksum THEN
+        v_key := v_key || keypal.key_checksum(v_key, cfg.alphabet);
+    END IF;
     PERFORM keypal.begin_change(keypal.actor(o->>'actor'), extra->>'action', extra->'context');
     INSERT INTO keypal.keys (id, key_hash, algorithm, owner_id, org_id, env, name, description, scopes,
                              resources, tags, metadata, enabled, expires_at, parent_id, policy,
@@ -259,92 +417,6 @@ BEGIN
                                GROUP BY u.endpoint) e))
       INTO facts;
     RETURN keypal.analyze_facts(facts);
-END $$;
-
-CREATE OR REPLACE FUNCTION keypal_configure(prefix text DEFAULT NULL, length integer DEFAULT NULL,
-                                 alphabet text DEFAULT NULL, algorithm text DEFAULT NULL,
-                                 last_used_resolution text DEFAULT NULL, rate_limit jsonb DEFAULT NULL,
-                                 environments jsonb DEFAULT NULL, default_env text DEFAULT NULL,
-                                 audit_retention text DEFAULT NULL, retention jsonb DEFAULT NULL,
-                                 webhook_timeout text DEFAULT NULL, webhook_max_attempts integer DEFAULT NULL,
-                                 webhook_backoff text DEFAULT NULL, webhook_concurrency integer DEFAULT NULL,
-                                 webhook_allow_private boolean DEFAULT NULL)
-RETURNS jsonb
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    c keypal.settings := keypal.config();
-BEGIN
-    -- No argument: only read.
-    IF num_nonnulls(prefix, length, alphabet, algorithm, last_used_resolution, rate_limit, environments,
-                    default_env, audit_retention, retention, webhook_timeout, webhook_max_attempts,
-                    webhook_backoff, webhook_concurrency, webhook_allow_private) = 0 THEN
-        RETURN to_jsonb(c) - 'singleton';
-    END IF;
-    c.prefix := coalesce(prefix, c.prefix);
-    c.length := coalesce(length, c.length);
-    c.alphabet := coalesce(alphabet, c.alphabet);
-    c.algorithm := coalesce(lower(algorithm), c.algorithm);
-    PERFORM keypal.check_format(c.prefix, c.length, c.alphabet, c.algorithm);
-    c.algorithm := CASE WHEN c.algorithm LIKE '%512' THEN 'sha512' ELSE 'sha256' END;
-    IF last_used_resolution IS NOT NULL THEN
-        c.last_used_resolution := keypal.parse_duration(last_used_resolution, 'last_used_resolution', true);
-    END IF;
-    IF rate_limit IS NOT NULL THEN
-        c.rate_limit := nullif(keypal.check_rate_limit(rate_limit, 'rate_limit'), 'null');
-    END IF;
-    IF environments IS NOT NULL THEN
-        c.environments := nullif(keypal.check_environments(environments), 'null');
-    END IF;
-    IF default_env IS NOT NULL THEN
-        c.default_env := nullif(default_env, '');
-    END IF;
-    IF c.default_env IS NOT NULL AND jsonb_typeof(c.environments) = 'object' AND NOT c.environments ? c.default_env THEN
-        RAISE EXCEPTION 'invalid default_env: no environment named %', quote_literal(c.default_env)
-            USING ERRCODE = '22023';
-    END IF;
-    IF retention IS NOT NULL THEN
-        c.retention := keypal.merge_retention(c.retention, retention, 'retention');
-    END IF;
-    -- audit_retention: the audit log's entry of retention ('' keeps the log for good).
-    IF audit_retention IS NOT NULL THEN
-        c.retention := keypal.merge_retention(c.retention,
-            jsonb_build_object('audit_log', CASE WHEN audit_retention = '' THEN 'null'::jsonb
-                                                 ELSE to_jsonb(audit_retention) END), 'audit_retention');
-    END IF;
-    IF webhook_timeout IS NOT NULL THEN
-        c.webhook_timeout := keypal.parse_duration(webhook_timeout, 'webhook_timeout');
-        IF c.webhook_timeout > interval '5 minutes' THEN
-            RAISE EXCEPTION 'invalid webhook_timeout: at most 5 minutes, got %', webhook_timeout USING ERRCODE = '22023';
-        END IF;
-    END IF;
-    IF webhook_backoff IS NOT NULL THEN
-        c.webhook_backoff := keypal.parse_duration(webhook_backoff, 'webhook_backoff');
-    END IF;
-    IF webhook_max_attempts IS NOT NULL THEN
-        IF webhook_max_attempts NOT BETWEEN 1 AND 100 THEN
-            RAISE EXCEPTION 'invalid webhook_max_attempts: between 1 and 100, got %', webhook_max_attempts USING ERRCODE = '22023';
-        END IF;
-        c.webhook_max_attempts := webhook_max_attempts;
-    END IF;
-    IF webhook_concurrency IS NOT NULL THEN
-        IF webhook_concurrency NOT BETWEEN 1 AND 32 THEN
-            RAISE EXCEPTION 'invalid webhook_concurrency: between 1 and 32, got %', webhook_concurrency USING ERRCODE = '22023';
-        END IF;
-        c.webhook_concurrency := webhook_concurrency;
-    END IF;
-    c.webhook_allow_private := coalesce(webhook_allow_private, c.webhook_allow_private);
-    c.updated_at := now();
-    INSERT INTO keypal.settings AS s VALUES (c.*)
-        ON CONFLICT (singleton) DO UPDATE
-        SET prefix = EXCLUDED.prefix, length = EXCLUDED.length, alphabet = EXCLUDED.alphabet,
-            algorithm = EXCLUDED.algorithm, last_used_resolution = EXCLUDED.last_used_resolution,
-            rate_limit = EXCLUDED.rate_limit, environments = EXCLUDED.environments,
-            default_env = EXCLUDED.default_env, retention = EXCLUDED.retention,
-            webhook_timeout = EXCLUDED.webhook_timeout, webhook_max_attempts = EXCLUDED.webhook_max_attempts,
-            webhook_backoff = EXCLUDED.webhook_backoff, webhook_concurrency = EXCLUDED.webhook_concurrency,
-            webhook_allow_private = EXCLUDED.webhook_allow_private,
-            updated_at = EXCLUDED.updated_at;
-    RETURN to_jsonb(c) - 'singleton';
 END $$;
 
 CREATE OR REPLACE FUNCTION keypal.audit_key_change()
@@ -662,8 +734,12 @@ END $$;
 COMMENT ON FUNCTION keypal_export(text, text) IS 'Every key of an owner and/or org (NULL: all) as a JSON array of records: each key''s settings, state, links and hash (key_hash as hex; never a plaintext). keypal_import reads it back.';
 COMMENT ON FUNCTION keypal_export_records(text, text) IS 'keypal_export one record per row, for exports too large for one jsonb value (COPY (SELECT ...) TO ...).';
 COMMENT ON FUNCTION keypal_import(jsonb, text, text) IS 'Imports key records (keypal_export''s, or the TypeScript keypal''s {id, keyHash, metadata}) in one transaction: all checked first (a bad one raises naming data[i].field; nothing is written), then written and audited as imported. on_conflict: error (default), skip or overwrite (never un-revokes). Returns imported, skipped, overwritten.';
+COMMENT ON FUNCTION keypal_key_pattern() IS 'A regular expression matching the keys this database issues (its prefixes, the random part and checksum in its alphabet), for secret scanners (gitleaks, GitHub secret scanning). Not anchored.';
+COMMENT ON FUNCTION keypal_configure(text, integer, text, text, text, jsonb, jsonb, text, text, jsonb, text, integer, text, integer, boolean, boolean) IS 'Changes keypal''s settings (prefix, length, alphabet, algorithm, last_used_resolution, rate_limit, environments, default_env, retention (what keypal_run_maintenance prunes: {"events": "30d", "webhook_deliveries": "30d", "usage": "400d", "audit_log": ...}), audit_retention, webhook_timeout, webhook_max_attempts, webhook_backoff, webhook_concurrency, webhook_allow_private, checksum (new keys end in a checksum verify checks without a lookup)); NULL leaves a setting, JSON null clears it; no argument only reads. Returns all settings as jsonb.';
 
 -- Management only (SPEC §6): PUBLIC runs none of them.
 REVOKE ALL ON FUNCTION keypal.import_record(text, integer), keypal.export_record(keypal.keys, timestamptz),
     keypal.check_env(text, text), keypal_export(text, text), keypal_export_records(text, text),
-    keypal_import(jsonb, text, text) FROM PUBLIC;
+    keypal_import(jsonb, text, text), keypal.key_checksum(text, text), keypal.key_regex(text[], integer, text, boolean),
+    keypal_key_pattern(), keypal_configure(text, integer, text, text, text, jsonb, jsonb, text, text, jsonb, text, integer, text, integer, boolean, boolean)
+    FROM PUBLIC;

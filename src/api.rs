@@ -318,6 +318,23 @@ mod keypal {
         keys::generate(prefix, length as usize, &alpha)
     }
 
+    /// The checksum a new key ends in (keypal_configure(checksum => true)): CRC-32 of the
+    /// key so far, in its alphabet.
+    #[pg_extern(immutable, strict, parallel_safe)]
+    fn key_checksum(body: &str, alphabet: &str) -> String {
+        let alpha =
+            keys::expand_alphabet(alphabet).unwrap_or_else(|e| bad_argument("alphabet", &e));
+        keys::checksum(body, &alpha)
+    }
+
+    /// The regular expression keypal_key_pattern() answers, for these settings.
+    #[pg_extern(immutable, strict, parallel_safe)]
+    fn key_regex(prefixes: Vec<String>, length: i32, alphabet: &str, checksum: bool) -> String {
+        let alpha =
+            keys::expand_alphabet(alphabet).unwrap_or_else(|e| bad_argument("alphabet", &e));
+        keys::key_regex(&prefixes, length.max(0) as usize, &alpha, checksum)
+    }
+
     /// `ALG(key || S)` under the server's `keypal.salt`.
     #[pg_extern(stable, strict, parallel_safe)]
     fn hash_key(key: &str, algorithm: &str) -> Vec<u8> {

@@ -63,6 +63,8 @@ pub struct Catalog {
     pub length: usize,
     pub alphabet: Vec<u8>,
     pub prefixes: Vec<String>,
+    /// keypal_configure(checksum => true): new keys end in a checksum verify checks first.
+    pub checksum: bool,
     /// keypal_configure(rate_limit => …), environments, and the policies' rate limits
     /// ({"name": limit}).
     pub default_rate_limit: Option<serde_json::Value>,
@@ -107,7 +109,9 @@ static LOAD: Stmt = Stmt::new(
                  AND a.attname OPERATOR(pg_catalog.=) u.name AND NOT a.attisdropped),
              (SELECT i.indexrelid FROM pg_catalog.pg_index i
                WHERE i.indrelid OPERATOR(pg_catalog.=) 'keypal.keys'::pg_catalog.regclass
-                 AND i.indisprimary)
+                 AND i.indisprimary),
+             -- (read by name: a schema not yet updated to one with the column has none)
+             coalesce((pg_catalog.to_jsonb(c) OPERATOR(pg_catalog.->>) 'checksum')::pg_catalog.bool, false)
         FROM keypal.config() c",
     &[pg_sys::TEXTARRAYOID],
 );
@@ -285,6 +289,10 @@ fn load(conn: &Connection) -> Catalog {
                 .get(0, 6)
                 .and_then(|d| Vec::<String>::from_datum(d, false))
                 .unwrap_or_default(),
+            checksum: conn
+                .get(0, 18)
+                .and_then(|d| bool::from_datum(d, false))
+                .unwrap_or(false),
             keys_by_hash: Unique {
                 table: oid(7),
                 index: oid(8),

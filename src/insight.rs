@@ -179,7 +179,8 @@ pub fn facts_from_json(v: &Value) -> Facts {
             .and_then(Value::as_bool)
             .unwrap_or(false),
         days_since_last_use: f64_of("days_since_last_use"),
-        age_days: f64_of("age_days").unwrap_or(0.0),
+        // (unknown: as an old key, whose advice is all given)
+        age_days: f64_of("age_days").unwrap_or(f64::MAX),
         by_hour,
         active_days: i64_of("active_days"),
         active_hours: i64_of("active_hours"),

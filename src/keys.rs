@@ -199,19 +199,223 @@ pub fn strip_bearer(raw: &str) -> &str {
 /// Whether `key` could have been issued under these settings: one of `prefixes`
 /// (an empty list, or an empty prefix, accepts any start), then exactly `length`
 /// characters of `alphabet`.
-pub fn matches_format(key: &str, prefixes: &[String], length: usize, alphabet: &[u8]) -> bool {
+pub fn matches_format(
+    key: &str,
+    prefixes: &[String],
+    length: usize,
+    alphabet: &[u8],
+    checksum: bool,
+) -> bool {
     let body_ok = |body: &str| body.len() == length && body.bytes().all(|c| alphabet.contains(&c));
-    if prefixes.is_empty() {
-        return body_ok(key);
+    let shaped = if prefixes.is_empty() {
+        body_ok(key)
+    } else {
+        prefixes
+            .iter()
+            .any(|p| key.strip_prefix(p.as_str()).is_some_and(body_ok))
+    };
+    shaped || checksum && checksum_verdict(key, prefixes, length, alphabet) == Some(true)
+}
+
+/// CRC-32 (IEEE 802.3, as zlib computes it) of `data`.
+pub fn crc32(data: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &b in data {
+        c ^= u32::from(b);
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                (c >> 1) ^ 0xEDB8_8320
+            } else {
+                c >> 1
+            };
+        }
     }
-    prefixes
-        .iter()
-        .any(|p| key.strip_prefix(p.as_str()).is_some_and(body_ok))
+    !c
+}
+
+/// How many characters of an alphabet of `size` hold a CRC-32: the fewest n with size^n ≥ 2^32
+/// (6 for the default 62 letters and digits).
+pub fn checksum_len(size: usize) -> usize {
+    let (mut n, mut room) = (0, 1u128);
+    while room < 1u128 << 32 && size > 1 {
+        room *= size as u128;
+        n += 1;
+    }
+    n
+}
+
+/// A key's checksum: the CRC-32 of everything before it (prefix and random part), written in
+/// the key's alphabet, most significant digit first, always `checksum_len` characters.
+pub fn checksum(body: &str, alphabet: &[u8]) -> String {
+    let n = checksum_len(alphabet.len());
+    let base = alphabet.len().max(2) as u64;
+    let mut v = u64::from(crc32(body.as_bytes()));
+    let mut out = vec![0u8; n];
+    for slot in out.iter_mut().rev() {
+        *slot = alphabet.get((v % base) as usize).copied().unwrap_or(b'0');
+        v /= base;
+    }
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// For a key of a checksummed key's shape (a known prefix, then `length` + checksum_len
+/// characters of the alphabet): whether its checksum is right. None for any other shape (a
+/// key made before checksums were on, or imported): those are looked up as ever.
+pub fn checksum_verdict(
+    key: &str,
+    prefixes: &[String],
+    length: usize,
+    alphabet: &[u8],
+) -> Option<bool> {
+    let n = checksum_len(alphabet.len());
+    let shaped = |p: &str| {
+        key.strip_prefix(p).is_some_and(|rest| {
+            rest.len() == length + n && rest.bytes().all(|c| alphabet.contains(&c))
+        })
+    };
+    let fits = if prefixes.is_empty() {
+        shaped("")
+    } else {
+        prefixes.iter().any(|p| shaped(p))
+    };
+    fits.then(|| {
+        let (body, sum) = key.split_at(key.len() - n);
+        checksum(body, alphabet) == sum
+    })
+}
+
+/// A regular expression that matches the keys of these settings (for secret scanners):
+/// one of the prefixes, then the random part (and checksum) in the alphabet. Written in the
+/// syntax PostgreSQL, RE2 (gitleaks, GitHub secret scanning) and PCRE share; not anchored.
+pub fn key_regex(prefixes: &[String], length: usize, alphabet: &[u8], checksum: bool) -> String {
+    let escape = |s: &str| {
+        s.chars()
+            .map(|c| {
+                if "\\.^$|?*+()[]{}".contains(c) {
+                    format!("\\{c}")
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect::<String>()
+    };
+    let mut distinct: Vec<&String> = prefixes.iter().filter(|p| !p.is_empty()).collect();
+    distinct.sort();
+    distinct.dedup();
+    let prefix = match (distinct.len(), prefixes.iter().any(|p| p.is_empty())) {
+        (0, _) => String::new(),
+        (_, true) => format!(
+            "(?:{})?",
+            distinct
+                .iter()
+                .map(|p| escape(p))
+                .collect::<Vec<_>>()
+                .join("|")
+        ),
+        (_, false) => format!(
+            "(?:{})",
+            distinct
+                .iter()
+                .map(|p| escape(p))
+                .collect::<Vec<_>>()
+                .join("|")
+        ),
+    };
+    let mut bytes = alphabet.to_vec();
+    bytes.sort_unstable();
+    bytes.dedup();
+    let mut class = String::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        let mut j = i;
+        while j + 1 < bytes.len() && bytes[j + 1] == bytes[j] + 1 {
+            j += 1;
+        }
+        let lit = |b: u8| {
+            let c = b as char;
+            if "\\]^-[".contains(c) {
+                format!("\\{c}")
+            } else {
+                c.to_string()
+            }
+        };
+        if j >= i + 2 {
+            class.push_str(&format!("{}-{}", lit(bytes[i]), lit(bytes[j])));
+        } else {
+            (i..=j).for_each(|k| class.push_str(&lit(bytes[k])));
+        }
+        i = j + 1;
+    }
+    let n = length
+        + if checksum {
+            checksum_len(alphabet.len())
+        } else {
+            0
+        };
+    format!("{prefix}[{class}]{{{n}}}")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn crc32_is_zlibs() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+        assert_eq!(crc32(b""), 0);
+    }
+
+    #[test]
+    fn checksums_catch_typos_and_truncation() {
+        let alpha = expand_alphabet("A-Za-z0-9").unwrap();
+        assert_eq!(checksum_len(62), 6);
+        assert_eq!(checksum_len(16), 8);
+        assert_eq!(checksum_len(2), 32);
+        let prefixes = vec!["sk_live_".to_string()];
+        let body = generate("sk_live_", 32, &alpha);
+        let key = format!("{body}{}", checksum(&body, &alpha));
+        assert_eq!(key.len(), 8 + 32 + 6);
+        assert_eq!(checksum_verdict(&key, &prefixes, 32, &alpha), Some(true));
+        assert!(matches_format(&key, &prefixes, 32, &alpha, true));
+        // one character changed, anywhere: a wrong checksum
+        for i in 8..key.len() {
+            let mut typo = key.clone().into_bytes();
+            typo[i] = if typo[i] == b'a' { b'b' } else { b'a' };
+            let typo = String::from_utf8(typo).unwrap();
+            assert_eq!(
+                checksum_verdict(&typo, &prefixes, 32, &alpha),
+                Some(false),
+                "{typo}"
+            );
+        }
+        // another shape (truncated, or made before checksums): not judged here
+        assert_eq!(
+            checksum_verdict(&key[..key.len() - 1], &prefixes, 32, &alpha),
+            None
+        );
+        assert_eq!(checksum_verdict(&body, &prefixes, 32, &alpha), None);
+        assert!(matches_format(&body, &prefixes, 32, &alpha, true));
+    }
+
+    #[test]
+    fn key_regexes() {
+        let alpha = expand_alphabet("A-Za-z0-9").unwrap();
+        let p = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(key_regex(&p(&[""]), 32, &alpha, false), "[0-9A-Za-z]{32}");
+        assert_eq!(
+            key_regex(&p(&["sk_", "sk_live_", "sk_test_"]), 32, &alpha, true),
+            "(?:sk_|sk_live_|sk_test_)[0-9A-Za-z]{38}"
+        );
+        assert_eq!(
+            key_regex(
+                &p(&["", "k.v+"]),
+                20,
+                &expand_alphabet("-_abc").unwrap(),
+                false
+            ),
+            "(?:k\\.v\\+)?[\\-_a-c]{20}"
+        );
+    }
 
     #[test]
     fn alphabet_ranges_expand() {
@@ -246,9 +450,9 @@ mod tests {
         let k = generate("sk_live_", 32, &alpha);
         assert!(k.starts_with("sk_live_"));
         assert_eq!(k.len(), 40);
-        assert!(matches_format(&k, &["sk_live_".into()], 32, &alpha));
-        assert!(!matches_format(&k, &["sk_test_".into()], 32, &alpha));
-        assert!(!matches_format(&k, &["sk_live_".into()], 31, &alpha));
+        assert!(matches_format(&k, &["sk_live_".into()], 32, &alpha, false));
+        assert!(!matches_format(&k, &["sk_test_".into()], 32, &alpha, false));
+        assert!(!matches_format(&k, &["sk_live_".into()], 31, &alpha, false));
         assert_ne!(k, generate("sk_live_", 32, &alpha));
     }
 

@@ -228,6 +228,14 @@ fn verify_in(catalog: &Catalog, key: &str, req: &Request) -> Result<(Row, Usage)
     if key.len() > 1024 {
         return Err(VerifyError::InvalidFormat.into());
     }
+    // A key of a checksummed key's shape whose checksum is wrong (mistyped, truncated into
+    // another key's shape, made up): refused without a lookup.
+    if catalog.checksum
+        && keys::checksum_verdict(key, &catalog.prefixes, catalog.length, &catalog.alphabet)
+            == Some(false)
+    {
+        return Err(VerifyError::InvalidFormat.into());
+    }
     // The key and its ancestors as of one moment: now.
     let row = Fresh::with(|snapshot| judge(catalog, snapshot, key, req))?;
     let usage = enforce::enforce(catalog, &row.limits(), req.cost);
@@ -245,6 +253,7 @@ fn judge(catalog: &Catalog, snapshot: &Fresh, key: &str, req: &Request) -> Resul
             &catalog.prefixes,
             catalog.length,
             &catalog.alphabet,
+            catalog.checksum,
         ) {
             VerifyError::InvalidKey
         } else {

@@ -6,7 +6,7 @@ in order, in one psql session against a fresh database holding the extension (ps
 variables set by `\\gset` carry over, as in a reader's session). A block is:
 
     ```sql            must run without an error
-    ```sql error      must end in an error (the rest of the block runs before it)
+    ```sql error      one statement that must fail (`sql error 22023`: with that SQLSTATE)
 
 A fenced block right after a `sql` block (only blank lines between) whose info string is
 `output` is what that block prints; it is compared line by line (trailing spaces ignored;
@@ -41,27 +41,50 @@ def blocks(path):
     return out, lines
 
 
+def statements_end(text):
+    """Whether the block's last statement is ended (by `;` or a psql meta-command)."""
+    code = [l.split("--")[0].rstrip() for l in text.split("\n")]
+    code = [l for l in code if l.strip()]
+    return not code or code[-1].endswith(";") or re.search(r"\\[a-z]+", code[-1]) is not None
+
+
 def examples(path):
-    """The sql blocks with what they expect: (line, must_fail, sql, expected output or None)."""
+    """The sql blocks with what they expect: (line, must_fail, sqlstate, sql, expected output
+    or None), and the problems of the file's fences (an output block after no sql block, a
+    block whose statement is not ended, an error block of several statements)."""
     found, lines = blocks(path)
-    result = []
+    result, problems = [], []
     for i, (start, info, text, end) in enumerate(found):
         words = info.split()
-        if not words or words[0] != "sql":
+        if info == "output":
+            prev = found[i - 1] if i else None
+            between = lines[prev[3]:start - 1] if prev else []
+            if not prev or prev[1].split()[:1] != ["sql"] or any(l.strip() for l in between):
+                problems.append(f"{path}:{start}: an output block must follow a sql block directly")
             continue
+        if not words or words[0].lower() not in ("sql", "psql"):
+            continue
+        if words[0] != "sql":
+            problems.append(f"{path}:{start}: write the info string as sql")
+        must_fail = len(words) > 1 and words[1] == "error"
+        sqlstate = words[2] if must_fail and len(words) > 2 else None
+        if not statements_end(text):
+            problems.append(f"{path}:{start}: the block's last statement has no ';'")
+        if must_fail and sum(l.split("--")[0].rstrip().endswith(";") for l in text.split("\n")) != 1:
+            problems.append(f"{path}:{start}: an error block holds exactly one statement")
         expected = None
         if i + 1 < len(found):
             nstart, ninfo, ntext, _ = found[i + 1]
             between = lines[end:nstart - 1]
             if ninfo == "output" and all(not l.strip() for l in between):
                 expected = ntext
-        result.append((start, "error" in words[1:], text, expected))
-    return result
+        result.append((start, must_fail, sqlstate, text, expected))
+    return result, problems
 
 
 def script(exs):
     parts = ["\\set ON_ERROR_STOP 1"]
-    for i, (_, must_fail, text, _) in enumerate(exs):
+    for i, (_, must_fail, _, text, _) in enumerate(exs):
         parts.append(f"\\echo {MARK} {i}")
         if must_fail:
             parts += ["\\set ON_ERROR_STOP 0", "\\set ERROR false", text,
@@ -105,7 +128,8 @@ def main():
                 print("#   " + line)
 
     for path in files:
-        exs = examples(path)
+        exs, problems = examples(path)
+        tap(not problems, f"{path}: its examples are well formed", "\n".join(problems))
         if not exs:
             continue
         db = "keypal_docs_" + re.sub(r"[^a-z0-9]+", "_", os.path.basename(path).lower())
@@ -132,7 +156,9 @@ def main():
             if current not in (None, "end"):
                 printed[int(current)].append(line)
         reached_end = current == "end"
-        for i, (line, must_fail, text, expected) in enumerate(exs):
+        tap(run.returncode == 0 or not reached_end, f"{path}: psql ends cleanly",
+            f"psql exited {run.returncode}\n{run.stderr}")
+        for i, (line, must_fail, sqlstate, text, expected) in enumerate(exs):
             where = f"{path}:{line}"
             if i not in printed:
                 tap(False, f"{where} runs", "not reached: an earlier block failed")
@@ -141,9 +167,10 @@ def main():
             last = i == max(printed) and not reached_end
             if must_fail:
                 err = errors.get(i, ("false", ""))
-                ok = err[0] == "true"
+                ok = err[0] == "true" and (sqlstate is None or err[1] == sqlstate)
                 tap(ok, f"{where} fails as shown (SQLSTATE {err[1] or '-'})",
-                    "the block ran without an error" if not ok else "")
+                    "the block ran without an error" if err[0] != "true"
+                    else f"SQLSTATE {err[1]}, not {sqlstate}")
             else:
                 tap(not last, f"{where} runs", run.stderr if last else "")
                 if last:

@@ -9,7 +9,10 @@ dir=$(mktemp -d)
 chmod 755 "$dir"
 trap 'bash "$root/scripts/cluster.sh" stop "$dir/pg" >/dev/null 2>&1 || true; rm -rf "$dir"' EXIT
 # pg_cron as USAGE.md sets it up (its database is the one run.py makes for USAGE.md).
-bash "$root/scripts/cluster.sh" start "$dir/pg" 55464 "shared_preload_libraries = 'pg_cron'" \
+# keypal preloaded, so that the replay memory of request signing starts with the server: a
+# signature dated within 5 s of its start is refused (USAGE.md says so), so wait that out.
+bash "$root/scripts/cluster.sh" start "$dir/pg" 55464 "shared_preload_libraries = 'pg_cron,keypal'" \
     "cron.database_name = 'keypal_docs_usage_md'" >/dev/null
 export PGHOST=$dir/pg PGPORT=55464 PGUSER=postgres
+sleep 6
 python3 "$root/tests/docs/run.py" "$root/README.md" "$root"/docs/*.md

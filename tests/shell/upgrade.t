@@ -28,6 +28,7 @@ trap cleanup EXIT
 schema() {
     as_pg "$PGBIN/pg_dump" -h "$PGHOST" -p "$PGPORT" --schema-only --binary-upgrade "$1" 2>/dev/null |
         grep -v -e 'binary_upgrade_set_next_' -e 'binary_upgrade_create_empty_extension' -e '^--' -e '^$' \
+                -e 'binary_upgrade_set_missing_value' \
                 -e 'pg_catalog.setval(' -e 'relfrozenxid' -e "^WHERE oid = '[0-9]*';$" -e '^\\restrict ' -e '^\\unrestrict ' |
         sed -e 's/,$//' | sort
 }
@@ -86,6 +87,9 @@ SELECT keypal_revoke((SELECT id FROM plain_keys WHERE label = 'revoked'));
 SELECT keypal_disable((SELECT id FROM plain_keys WHERE label = 'disabled'));
 INSERT INTO plain_keys SELECT 'rotated', key, id FROM keypal_rotate((SELECT id FROM plain_keys WHERE label = 'policy'), grace => '1h');
 SELECT keypal_add_webhook('https://hooks.example.com/up', 'whsec_up');
+-- durations as bare numbers, which the old version took as seconds
+SELECT keypal_configure(retention => '{"usage": "8640000"}');
+SELECT keypal_define_template('up:bare', '{"expires_in": "86400", "scopes": ["read"]}');
 SQL
     before=$(verdicts keypal_up_old)
     audit_before=$(q -d keypal_up_old -c "SELECT count(*) FROM keypal.audit_log")
@@ -115,8 +119,15 @@ SQL
         ok 1 "$old: every function's definition (in order), comment and grants, the dumped tables and column orders equal a fresh install's"
         sed 's/^/#   /' "$work/diff" | head -20
     fi
+    is "$(q -d keypal_up_old -c "SELECT (SELECT retention->>'usage' FROM keypal.settings) || ' ' || (SELECT options->>'expires_in' FROM keypal.templates WHERE name = 'up:bare')")" \
+       "$( [ "$old" = 0.1.0 ] && echo '8640000s 86400s' || q -d keypal_up_old -c "SELECT (SELECT retention->>'usage' FROM keypal.settings) || ' ' || (SELECT options->>'expires_in' FROM keypal.templates WHERE name = 'up:bare')")" \
+       "$old: durations stored as bare numbers get their unit"
+    ok "$(q -d keypal_up_old -c "SELECT count(*) FROM keypal_create_from_template('up:bare', 'u')" >/dev/null && \
+          q -d keypal_up_old -c "CALL keypal_run_maintenance()" >/dev/null; echo $?)" \
+       "$old: the template and maintenance work with them"
     # What the new version added works in the upgraded database.
-    is "$(q -d keypal_up_old -c "SELECT (imported, skipped, overwritten)::text FROM keypal_import(keypal_export('u'), 'skip')")" "(0,8,0)" \
+    is "$(q -d keypal_up_old -c "SELECT (imported, skipped, overwritten)::text FROM keypal_import(keypal_export('u'), 'skip')")" \
+       "(0,$(q -d keypal_up_old -c "SELECT count(*) FROM keypal.keys WHERE owner_id = 'u'"),0)" \
        "$old: the new functions work after the update (export, import)"
     is "$(q -d keypal_up_old -c "SET ROLE keypal_plain; SELECT count(*) FROM pg_proc p WHERE p.proname LIKE 'keypal%' AND has_function_privilege(p.oid, 'EXECUTE')")" \
        "$(q -d keypal_up_fresh -c "SET ROLE keypal_plain; SELECT count(*) FROM pg_proc p WHERE p.proname LIKE 'keypal%' AND has_function_privilege(p.oid, 'EXECUTE')")" \

@@ -18,7 +18,7 @@ SELECT throws_ok(format('SELECT keypal_revoke(%L)', pg_temp.id('a')), '55000', N
 SELECT throws_like(format('SELECT keypal_revoke(%L)', pg_temp.id('a')), 'CANNOT_MODIFY_REVOKED%', 'message names CANNOT_MODIFY_REVOKED');
 SELECT throws_ok($$SELECT keypal_revoke(gen_random_uuid())$$, 'P0002', NULL, 'unknown id: P0002');
 SELECT throws_like($$SELECT keypal_revoke(gen_random_uuid())$$, 'KEY_NOT_FOUND%', 'message names KEY_NOT_FOUND');
-SELECT throws_ok($$SELECT keypal_revoke(NULL)$$, '22004', NULL, 'NULL id: 22004 (id is required)');
+SELECT throws_ok($$SELECT keypal_revoke(NULL)$$, '22023', NULL, 'NULL id: 22023 (id is required)');
 SELECT throws_ok(format('SELECT keypal_enable(%L)', pg_temp.id('a')), '55000', NULL, 'a revoked key can never be enabled');
 SELECT throws_ok(format('SELECT keypal_update(%L, name => %L)', pg_temp.id('a'), 'x'), '55000', NULL, 'a revoked key cannot be updated');
 SELECT throws_ok(format('SELECT * FROM keypal_rotate(%L)', pg_temp.id('a')), '55000', NULL, 'a revoked key cannot be rotated');

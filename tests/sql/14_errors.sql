@@ -30,12 +30,16 @@ SELECT matches(pg_temp.diag($$SELECT keypal_create(owner_id => 'e', rate_limit =
 SELECT matches(pg_temp.diag($$SELECT keypal_create(owner_id => 'e', quota => '{"limit": 5, "reset": "monthly"}')$$),
                '^22023 \| invalid quota: unknown field "reset" \(a quota has limit, period and on_exceeded\)', 'quota: the valid fields');
 
--- A NULL id: 22004, "is required".
-SELECT matches(pg_temp.diag('SELECT keypal_revoke(NULL)'), '^22004 \| invalid id: is required', 'keypal_revoke(NULL): 22004');
-SELECT matches(pg_temp.diag('SELECT keypal_get(NULL)'), '^22004 \| invalid id: is required', 'keypal_get(NULL): 22004');
-SELECT matches(pg_temp.diag('SELECT keypal_rotate(NULL)'), '^22004 \| invalid id: is required', 'keypal_rotate(NULL): 22004');
-SELECT matches(pg_temp.diag('SELECT keypal_usage(NULL)'), '^22004 \| invalid id: is required', 'keypal_usage(NULL): 22004');
+-- A NULL id: a missing field, 22023 (SPEC §5), "is required".
+SELECT matches(pg_temp.diag('SELECT keypal_revoke(NULL)'), '^22023 \| invalid id: is required', 'keypal_revoke(NULL): 22023');
+SELECT matches(pg_temp.diag('SELECT keypal_get(NULL)'), '^22023 \| invalid id: is required', 'keypal_get(NULL): 22023');
+SELECT matches(pg_temp.diag('SELECT keypal_rotate(NULL)'), '^22023 \| invalid id: is required', 'keypal_rotate(NULL): 22023');
+SELECT matches(pg_temp.diag('SELECT keypal_usage(NULL)'), '^22023 \| invalid id: is required', 'keypal_usage(NULL): 22023');
 SELECT matches(pg_temp.diag(format('SELECT keypal_revoke(%L)', gen_random_uuid())), '^P0002 \| KEY_NOT_FOUND', 'an unknown id is still P0002');
+SELECT matches(pg_temp.diag('SELECT keypal_disable_webhook(NULL)'), '^22023 \| invalid id: is required', 'a webhook function with a NULL id: 22023 too');
+SELECT is(pg_temp.diag($$SELECT keypal_create(owner_id => 'e', expires_in => '.5')$$),
+          '22007 | invalid duration for expires_in: ''.5'' has no unit |  | add a unit: 30s, 5m, 1h, 7d, 2w or 1y', 'a bare fraction too');
+SELECT matches(pg_temp.diag($$SELECT keypal_create(owner_id => 'e', expires_in => '$$ || repeat('9', 140000) || $$')$$), '^22007', 'a huge bare number: 22007, not an overflow');
 
 -- Durations: a bare number says to add a unit; templates are checked when defined.
 SELECT is(pg_temp.diag($$SELECT keypal_create(owner_id => 'e', expires_in => '30')$$),
