@@ -1029,6 +1029,7 @@ RETURNS jsonb
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     c keypal.settings := keypal.config();
+    before keypal.settings := c;
 BEGIN
     -- No argument: only read.
     IF num_nonnulls(prefix, length, alphabet, algorithm, last_used_resolution, rate_limit, environments,
@@ -1090,6 +1091,11 @@ BEGIN
     END IF;
     c.webhook_allow_private := coalesce(webhook_allow_private, c.webhook_allow_private);
     c.checksum := coalesce(keypal_configure.checksum, c.checksum);
+    -- Keys issued so far keep their shape: remember it, and the new one.
+    IF (c.length, c.alphabet, c.checksum) IS DISTINCT FROM (before.length, before.alphabet, before.checksum) THEN
+        c.issued := keypal.note_shape(keypal.note_shape(c.issued, before.length, before.alphabet, before.checksum),
+                                      c.length, c.alphabet, c.checksum);
+    END IF;
     c.updated_at := now();
     INSERT INTO keypal.settings AS s VALUES (c.*)
         ON CONFLICT (singleton) DO UPDATE
@@ -1100,9 +1106,17 @@ BEGIN
             webhook_timeout = EXCLUDED.webhook_timeout, webhook_max_attempts = EXCLUDED.webhook_max_attempts,
             webhook_backoff = EXCLUDED.webhook_backoff, webhook_concurrency = EXCLUDED.webhook_concurrency,
             webhook_allow_private = EXCLUDED.webhook_allow_private, checksum = EXCLUDED.checksum,
+            issued = EXCLUDED.issued,
             updated_at = EXCLUDED.updated_at;
     RETURN to_jsonb(c) - 'singleton';
 END $$;
+
+-- issued with the shape of keys made under (length, alphabet, checksum) added, once.
+CREATE FUNCTION keypal.note_shape(issued jsonb, length integer, alphabet text, checksum boolean)
+RETURNS jsonb LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE WHEN issued @> jsonb_build_array(s) THEN issued ELSE issued || jsonb_build_array(s) END
+      FROM jsonb_build_object('length', length, 'alphabet', alphabet, 'checksum', checksum) AS s
+$$;
 
 CREATE FUNCTION keypal_key_pattern()
 RETURNS text
@@ -1110,7 +1124,7 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT keypal.key_regex(
                ARRAY[c.prefix] || coalesce((SELECT array_agg(coalesce(e.value->>'prefix', c.prefix))
                                               FROM jsonb_each(c.environments) e), '{}'),
-               c.length, c.alphabet, c.checksum)
+               c.length, c.alphabet, c.checksum, c.issued)
       FROM keypal.config() c
 $$;
 

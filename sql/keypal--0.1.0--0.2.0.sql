@@ -30,21 +30,23 @@ CREATE FUNCTION keypal."key_regex"(
 	"prefixes" TEXT[], /* Vec < String > */
 	"length" INT, /* i32 */
 	"alphabet" TEXT, /* & str */
-	"checksum" bool /* bool */
+	"checksum" bool, /* bool */
+	"issued" jsonb /* Option < JsonB > */
 ) RETURNS TEXT /* String */
-IMMUTABLE STRICT PARALLEL SAFE
+IMMUTABLE PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'key_regex_wrapper';
 
 -- Scannable keys: the setting (last in the table, as a fresh install makes it).
 ALTER TABLE keypal.settings ADD COLUMN checksum boolean NOT NULL DEFAULT false;
+ALTER TABLE keypal.settings ADD COLUMN issued jsonb NOT NULL DEFAULT '[]';
 CREATE OR REPLACE FUNCTION keypal.config() RETURNS keypal.settings
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT s FROM keypal.settings s
     UNION ALL
     SELECT ROW(true, '', 32, 'A-Za-z0-9', 'sha256', '60 seconds'::interval, NULL::jsonb, NULL::jsonb,
                NULL::text, '5 seconds'::interval, 8, '10 seconds'::interval, 4, false,
-               '{"events": "30d", "webhook_deliveries": "30d", "usage": "400d"}'::jsonb, now(), false)::keypal.settings
+               '{"events": "30d", "webhook_deliveries": "30d", "usage": "400d"}'::jsonb, now(), false, '[]'::jsonb)::keypal.settings
     LIMIT 1
 $$;
 
@@ -61,6 +63,7 @@ RETURNS jsonb
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     c keypal.settings := keypal.config();
+    before keypal.settings := c;
 BEGIN
     -- No argument: only read.
     IF num_nonnulls(prefix, length, alphabet, algorithm, last_used_resolution, rate_limit, environments,
@@ -122,6 +125,11 @@ BEGIN
     END IF;
     c.webhook_allow_private := coalesce(webhook_allow_private, c.webhook_allow_private);
     c.checksum := coalesce(keypal_configure.checksum, c.checksum);
+    -- Keys issued so far keep their shape: remember it, and the new one.
+    IF (c.length, c.alphabet, c.checksum) IS DISTINCT FROM (before.length, before.alphabet, before.checksum) THEN
+        c.issued := keypal.note_shape(keypal.note_shape(c.issued, before.length, before.alphabet, before.checksum),
+                                      c.length, c.alphabet, c.checksum);
+    END IF;
     c.updated_at := now();
     INSERT INTO keypal.settings AS s VALUES (c.*)
         ON CONFLICT (singleton) DO UPDATE
@@ -132,9 +140,16 @@ BEGIN
             webhook_timeout = EXCLUDED.webhook_timeout, webhook_max_attempts = EXCLUDED.webhook_max_attempts,
             webhook_backoff = EXCLUDED.webhook_backoff, webhook_concurrency = EXCLUDED.webhook_concurrency,
             webhook_allow_private = EXCLUDED.webhook_allow_private, checksum = EXCLUDED.checksum,
+            issued = EXCLUDED.issued,
             updated_at = EXCLUDED.updated_at;
     RETURN to_jsonb(c) - 'singleton';
 END $$;
+
+CREATE OR REPLACE FUNCTION keypal.note_shape(issued jsonb, length integer, alphabet text, checksum boolean)
+RETURNS jsonb LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE WHEN issued @> jsonb_build_array(s) THEN issued ELSE issued || jsonb_build_array(s) END
+      FROM jsonb_build_object('length', length, 'alphabet', alphabet, 'checksum', checksum) AS s
+$$;
 
 CREATE OR REPLACE FUNCTION keypal_key_pattern()
 RETURNS text
@@ -142,7 +157,7 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT keypal.key_regex(
                ARRAY[c.prefix] || coalesce((SELECT array_agg(coalesce(e.value->>'prefix', c.prefix))
                                               FROM jsonb_each(c.environments) e), '{}'),
-               c.length, c.alphabet, c.checksum)
+               c.length, c.alphabet, c.checksum, c.issued)
       FROM keypal.config() c
 $$;
 
@@ -726,6 +741,14 @@ BEGIN
             bad.n, keypal.max_hierarchy_depth() USING ERRCODE = '22023';
     END IF;
 
+    -- Keys of shapes nobody recorded are here now: verify stops refusing keys unlooked by
+    -- their checksum (it looks every key up; a wrong checksum is then INVALID_FORMAT).
+    IF n_new + n_over > 0 THEN
+        INSERT INTO keypal.settings AS s (singleton, issued) VALUES (true, '[{"imported": true}]')
+            ON CONFLICT (singleton) DO UPDATE
+            SET issued = CASE WHEN s.issued @> '[{"imported": true}]' THEN s.issued
+                              ELSE s.issued || '[{"imported": true}]' END;
+    END IF;
     PERFORM keypal.end_change();
     DROP TABLE pg_temp."keypal import";
     RETURN QUERY SELECT n_new, n_all - n_new - n_over, n_over;
@@ -740,6 +763,7 @@ COMMENT ON FUNCTION keypal_configure(text, integer, text, text, text, jsonb, jso
 -- Management only (SPEC §6): PUBLIC runs none of them.
 REVOKE ALL ON FUNCTION keypal.import_record(text, integer), keypal.export_record(keypal.keys, timestamptz),
     keypal.check_env(text, text), keypal_export(text, text), keypal_export_records(text, text),
-    keypal_import(jsonb, text, text), keypal.key_checksum(text, text), keypal.key_regex(text[], integer, text, boolean),
+    keypal_import(jsonb, text, text), keypal.key_checksum(text, text), keypal.key_regex(text[], integer, text, boolean, jsonb),
+    keypal.note_shape(jsonb, integer, text, boolean),
     keypal_key_pattern(), keypal_configure(text, integer, text, text, text, jsonb, jsonb, text, text, jsonb, text, integer, text, integer, boolean, boolean)
     FROM PUBLIC;

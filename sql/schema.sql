@@ -55,7 +55,11 @@ CREATE TABLE keypal.settings (
     updated_at           timestamptz NOT NULL DEFAULT now(),
     -- New keys end in a checksum of the rest (CRC-32 in the key's alphabet): verify refuses a
     -- mistyped key without a lookup. (Last: added in 0.2.0, after updated_at on every install.)
-    checksum             boolean NOT NULL DEFAULT false
+    checksum             boolean NOT NULL DEFAULT false,
+    -- The shapes keys have been issued in ({"length", "alphabet", "checksum"}, and
+    -- {"imported": true} once keys came in whose shapes nobody knows): verify refuses a key
+    -- without a lookup only when it can be none of them.
+    issued               jsonb NOT NULL DEFAULT '[]'
 );
 -- No row until keypal_configure() first writes one (so pg_dump's copy of the row restores
 -- cleanly); keypal.config() answers the defaults until then.
@@ -67,7 +71,7 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     UNION ALL
     SELECT ROW(true, '', 32, 'A-Za-z0-9', 'sha256', '60 seconds'::interval, NULL::jsonb, NULL::jsonb,
                NULL::text, '5 seconds'::interval, 8, '10 seconds'::interval, 4, false,
-               '{"events": "30d", "webhook_deliveries": "30d", "usage": "400d"}'::jsonb, now(), false)::keypal.settings
+               '{"events": "30d", "webhook_deliveries": "30d", "usage": "400d"}'::jsonb, now(), false, '[]'::jsonb)::keypal.settings
     LIMIT 1
 $$;
 COMMENT ON FUNCTION keypal.config() IS 'The settings row, or the defaults while none has been written.';

@@ -327,12 +327,25 @@ mod keypal {
         keys::checksum(body, &alpha)
     }
 
-    /// The regular expression keypal_key_pattern() answers, for these settings.
-    #[pg_extern(immutable, strict, parallel_safe)]
-    fn key_regex(prefixes: Vec<String>, length: i32, alphabet: &str, checksum: bool) -> String {
+    /// The regular expression keypal_key_pattern() answers: keys of these prefixes in the
+    /// current shape (length, alphabet, checksum) or one recorded in `issued`.
+    #[pg_extern(immutable, parallel_safe)]
+    fn key_regex(
+        prefixes: Vec<String>,
+        length: i32,
+        alphabet: &str,
+        checksum: bool,
+        issued: Option<JsonB>,
+    ) -> String {
         let alpha =
             keys::expand_alphabet(alphabet).unwrap_or_else(|e| bad_argument("alphabet", &e));
-        keys::key_regex(&prefixes, length.max(0) as usize, &alpha, checksum)
+        let current = keys::Shape {
+            length: length.max(0) as usize,
+            alphabet: alpha,
+            checksum,
+        };
+        let (shapes, _) = keys::issued_shapes(issued.as_ref().map(|j| &j.0), current);
+        keys::key_regex(&prefixes, &shapes)
     }
 
     /// `ALG(key || S)` under the server's `keypal.salt`.

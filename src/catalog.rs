@@ -63,8 +63,12 @@ pub struct Catalog {
     pub length: usize,
     pub alphabet: Vec<u8>,
     pub prefixes: Vec<String>,
-    /// keypal_configure(checksum => true): new keys end in a checksum verify checks first.
+    /// keypal_configure(checksum => true): new keys end in a checksum.
     pub checksum: bool,
+    /// The shapes keys were issued in (settings.issued and the current one): verify refuses
+    /// a key without a lookup only when it can be none of them (keys::refuse_unlooked).
+    /// Empty when that check is off: no shape had a checksum, or keys were imported.
+    pub unlooked_shapes: Vec<keys::Shape>,
     /// keypal_configure(rate_limit => …), environments, and the policies' rate limits
     /// ({"name": limit}).
     pub default_rate_limit: Option<serde_json::Value>,
@@ -110,8 +114,9 @@ static LOAD: Stmt = Stmt::new(
              (SELECT i.indexrelid FROM pg_catalog.pg_index i
                WHERE i.indrelid OPERATOR(pg_catalog.=) 'keypal.keys'::pg_catalog.regclass
                  AND i.indisprimary),
-             -- (read by name: a schema not yet updated to one with the column has none)
-             coalesce((pg_catalog.to_jsonb(c) OPERATOR(pg_catalog.->>) 'checksum')::pg_catalog.bool, false)
+             -- (read by name: a schema not yet updated to one with the columns has none)
+             coalesce((pg_catalog.to_jsonb(c) OPERATOR(pg_catalog.->>) 'checksum')::pg_catalog.bool, false),
+             pg_catalog.to_jsonb(c) OPERATOR(pg_catalog.->) 'issued'
         FROM keypal.config() c",
     &[pg_sys::TEXTARRAYOID],
 );
@@ -273,6 +278,28 @@ fn load(conn: &Connection) -> Catalog {
             .get(0, 5)
             .and_then(|d| String::from_datum(d, false))
             .unwrap_or_default();
+        let checksum = conn
+            .get(0, 18)
+            .and_then(|d| bool::from_datum(d, false))
+            .unwrap_or(false);
+        let length = conn
+            .get(0, 4)
+            .and_then(|d| i32::from_datum(d, false))
+            .unwrap_or(keys::DEFAULT_LENGTH) as usize;
+        let expanded = keys::expand_alphabet(&alphabet).unwrap_or_default();
+        let (shapes, imported) = keys::issued_shapes(
+            json(19).as_ref(),
+            keys::Shape {
+                length,
+                alphabet: expanded.clone(),
+                checksum,
+            },
+        );
+        let unlooked_shapes = if !imported && shapes.iter().any(|s| s.checksum) {
+            shapes
+        } else {
+            Vec::new()
+        };
         Catalog {
             settings_relid: oid(1),
             result_type: oid(2),
@@ -280,19 +307,14 @@ fn load(conn: &Connection) -> Catalog {
                 .get(0, 3)
                 .and_then(|d| i64::from_datum(d, false))
                 .unwrap_or(60_000_000),
-            length: conn
-                .get(0, 4)
-                .and_then(|d| i32::from_datum(d, false))
-                .unwrap_or(keys::DEFAULT_LENGTH) as usize,
-            alphabet: keys::expand_alphabet(&alphabet).unwrap_or_default(),
+            length,
+            alphabet: expanded,
             prefixes: conn
                 .get(0, 6)
                 .and_then(|d| Vec::<String>::from_datum(d, false))
                 .unwrap_or_default(),
-            checksum: conn
-                .get(0, 18)
-                .and_then(|d| bool::from_datum(d, false))
-                .unwrap_or(false),
+            checksum,
+            unlooked_shapes,
             keys_by_hash: Unique {
                 table: oid(7),
                 index: oid(8),

@@ -284,10 +284,89 @@ pub fn checksum_verdict(
     })
 }
 
+/// A shape keys were issued in: the random part's length and alphabet, and whether a
+/// checksum followed it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Shape {
+    pub length: usize,
+    pub alphabet: Vec<u8>,
+    pub checksum: bool,
+}
+
+/// The shapes of settings.issued (`[{"length": 32, "alphabet": "A-Za-z0-9", "checksum":
+/// false}, …]`) and the current one; and whether keys were imported (`{"imported": true}`),
+/// whose shapes nobody recorded.
+pub fn issued_shapes(issued: Option<&serde_json::Value>, current: Shape) -> (Vec<Shape>, bool) {
+    let mut shapes = vec![current];
+    let mut imported = false;
+    for entry in issued.and_then(|v| v.as_array()).into_iter().flatten() {
+        if entry.get("imported").and_then(|v| v.as_bool()) == Some(true) {
+            imported = true;
+            continue;
+        }
+        let length = entry.get("length").and_then(|v| v.as_u64());
+        let alphabet = entry
+            .get("alphabet")
+            .and_then(|v| v.as_str())
+            .and_then(|a| expand_alphabet(a).ok());
+        if let (Some(length), Some(alphabet)) = (length, alphabet) {
+            let checksum = entry
+                .get("checksum")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false);
+            let shape = Shape {
+                length: length as usize,
+                alphabet,
+                checksum,
+            };
+            if !shapes.contains(&shape) {
+                shapes.push(shape);
+            }
+        }
+    }
+    (shapes, imported)
+}
+
+/// Whether verify may refuse `key` as mistyped without looking it up: it has the shape of a
+/// checksummed key of some shape keys were issued in, its checksum is wrong under every such
+/// shape, and it has no shape of keys issued without a checksum (such a key may be any string
+/// of its shape, so only a lookup can tell).
+pub fn refuse_unlooked(key: &str, prefixes: &[String], shapes: &[Shape]) -> bool {
+    let bare = [String::new()];
+    let prefixes = if prefixes.is_empty() {
+        &bare[..]
+    } else {
+        prefixes
+    };
+    let in_alphabet = |rest: &str, a: &[u8]| rest.bytes().all(|c| a.contains(&c));
+    let mut checksummed = false;
+    for rest in prefixes.iter().filter_map(|p| key.strip_prefix(p.as_str())) {
+        for shape in shapes {
+            let n = if shape.checksum {
+                checksum_len(shape.alphabet.len())
+            } else {
+                0
+            };
+            if rest.len() != shape.length + n || !in_alphabet(rest, &shape.alphabet) {
+                continue;
+            }
+            if !shape.checksum {
+                return false;
+            }
+            let (body, sum) = key.split_at(key.len() - n);
+            if checksum(body, &shape.alphabet) == sum {
+                return false;
+            }
+            checksummed = true;
+        }
+    }
+    checksummed
+}
+
 /// A regular expression that matches the keys of these settings (for secret scanners):
 /// one of the prefixes, then the random part (and checksum) in the alphabet. Written in the
 /// syntax PostgreSQL, RE2 (gitleaks, GitHub secret scanning) and PCRE share; not anchored.
-pub fn key_regex(prefixes: &[String], length: usize, alphabet: &[u8], checksum: bool) -> String {
+pub fn key_regex(prefixes: &[String], shapes: &[Shape]) -> String {
     let escape = |s: &str| {
         s.chars()
             .map(|c| {
@@ -299,38 +378,28 @@ pub fn key_regex(prefixes: &[String], length: usize, alphabet: &[u8], checksum: 
             })
             .collect::<String>()
     };
+    // Longest first: a scanner takes the first alternative that matches, and a shorter
+    // prefix of a longer one would cut the key.
     let mut distinct: Vec<&String> = prefixes.iter().filter(|p| !p.is_empty()).collect();
-    distinct.sort();
+    distinct.sort_by(|a, b| b.len().cmp(&a.len()).then(a.cmp(b)));
     distinct.dedup();
-    let prefix = match (distinct.len(), prefixes.iter().any(|p| p.is_empty())) {
+    let alternatives = distinct
+        .iter()
+        .map(|p| escape(p))
+        .collect::<Vec<_>>()
+        .join("|");
+    let prefix = match (
+        distinct.len(),
+        prefixes.is_empty() || prefixes.iter().any(|p| p.is_empty()),
+    ) {
         (0, _) => String::new(),
-        (_, true) => format!(
-            "(?:{})?",
-            distinct
-                .iter()
-                .map(|p| escape(p))
-                .collect::<Vec<_>>()
-                .join("|")
-        ),
-        (_, false) => format!(
-            "(?:{})",
-            distinct
-                .iter()
-                .map(|p| escape(p))
-                .collect::<Vec<_>>()
-                .join("|")
-        ),
+        (_, true) => format!("(?:{alternatives})?"),
+        (_, false) => format!("(?:{alternatives})"),
     };
-    let mut bytes = alphabet.to_vec();
-    bytes.sort_unstable();
-    bytes.dedup();
-    let mut class = String::new();
-    let mut i = 0;
-    while i < bytes.len() {
-        let mut j = i;
-        while j + 1 < bytes.len() && bytes[j + 1] == bytes[j] + 1 {
-            j += 1;
-        }
+    let class = |alphabet: &[u8]| {
+        let mut bytes = alphabet.to_vec();
+        bytes.sort_unstable();
+        bytes.dedup();
         let lit = |b: u8| {
             let c = b as char;
             if "\\]^-[".contains(c) {
@@ -339,20 +408,57 @@ pub fn key_regex(prefixes: &[String], length: usize, alphabet: &[u8], checksum: 
                 c.to_string()
             }
         };
-        if j >= i + 2 {
-            class.push_str(&format!("{}-{}", lit(bytes[i]), lit(bytes[j])));
-        } else {
-            (i..=j).for_each(|k| class.push_str(&lit(bytes[k])));
+        let mut class = String::new();
+        let mut i = 0;
+        while i < bytes.len() {
+            let mut j = i;
+            while j + 1 < bytes.len() && bytes[j + 1] == bytes[j] + 1 {
+                j += 1;
+            }
+            if j >= i + 2 {
+                class.push_str(&format!("{}-{}", lit(bytes[i]), lit(bytes[j])));
+            } else {
+                (i..=j).for_each(|k| class.push_str(&lit(bytes[k])));
+            }
+            i = j + 1;
         }
-        i = j + 1;
-    }
-    let n = length
-        + if checksum {
-            checksum_len(alphabet.len())
-        } else {
-            0
-        };
-    format!("{prefix}[{class}]{{{n}}}")
+        format!("[{class}]")
+    };
+    // n characters of a class, in counts PostgreSQL's regular expressions take (at most 255).
+    let repeat = |c: &str, n: usize| {
+        let mut out = format!("{c}{{255}}").repeat(n / 255);
+        if !n.is_multiple_of(255) || n == 0 {
+            out.push_str(&format!("{c}{{{}}}", n % 255));
+        }
+        out
+    };
+    // Every shape keys were issued in, longest first.
+    let mut bodies: Vec<(usize, String)> = shapes
+        .iter()
+        .map(|s| {
+            let n = s.length
+                + if s.checksum {
+                    checksum_len(s.alphabet.len())
+                } else {
+                    0
+                };
+            (n, repeat(&class(&s.alphabet), n))
+        })
+        .collect();
+    bodies.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    bodies.dedup();
+    let body = match bodies.len() {
+        1 => bodies.remove(0).1,
+        _ => format!(
+            "(?:{})",
+            bodies
+                .into_iter()
+                .map(|b| b.1)
+                .collect::<Vec<_>>()
+                .join("|")
+        ),
+    };
+    format!("{prefix}{body}")
 }
 
 #[cfg(test)]
@@ -401,22 +507,80 @@ mod tests {
     fn key_regexes() {
         let alpha = expand_alphabet("A-Za-z0-9").unwrap();
         let p = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert_eq!(key_regex(&p(&[""]), 32, &alpha, false), "[0-9A-Za-z]{32}");
+        let shape = |length, alphabet: &[u8], checksum| Shape {
+            length,
+            alphabet: alphabet.to_vec(),
+            checksum,
+        };
         assert_eq!(
-            key_regex(&p(&["sk_", "sk_live_", "sk_test_"]), 32, &alpha, true),
-            "(?:sk_|sk_live_|sk_test_)[0-9A-Za-z]{38}"
+            key_regex(&p(&[""]), &[shape(32, &alpha, false)]),
+            "[0-9A-Za-z]{32}"
+        );
+        assert_eq!(
+            key_regex(
+                &p(&["sk_", "sk_live_", "sk_test_"]),
+                &[shape(32, &alpha, true), shape(32, &alpha, false)]
+            ),
+            "(?:sk_live_|sk_test_|sk_)(?:[0-9A-Za-z]{38}|[0-9A-Za-z]{32})"
         );
         assert_eq!(
             key_regex(
                 &p(&["", "k.v+"]),
-                20,
-                &expand_alphabet("-_abc").unwrap(),
-                false
+                &[shape(20, &expand_alphabet("-_abc").unwrap(), false)]
             ),
             "(?:k\\.v\\+)?[\\-_a-c]{20}"
         );
+        assert_eq!(
+            key_regex(&p(&["x"]), &[shape(256, &alpha, false)]),
+            "(?:x)[0-9A-Za-z]{255}[0-9A-Za-z]{1}"
+        );
     }
 
+    #[test]
+    fn only_a_key_no_issued_shape_explains_is_refused_unlooked() {
+        let alnum = expand_alphabet("A-Za-z0-9").unwrap();
+        let p = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let shape = |length, alphabet: &[u8], checksum| Shape {
+            length,
+            alphabet: alphabet.to_vec(),
+            checksum,
+        };
+        let sum = |body: &str, a: &[u8]| format!("{body}{}", checksum(body, a));
+        let flip = |k: &str| {
+            let mut b = k.as_bytes().to_vec();
+            let last = b.len() - 1;
+            b[last] = if b[last] == b'A' { b'B' } else { b'A' };
+            String::from_utf8(b).unwrap()
+        };
+        let good = sum(&generate("sk_", 32, &alnum), &alnum);
+        let shapes = [shape(32, &alnum, false), shape(32, &alnum, true)];
+        assert!(!refuse_unlooked(&good, &p(&["sk_"]), &shapes));
+        assert!(refuse_unlooked(&flip(&good), &p(&["sk_"]), &shapes));
+        // keys issued 38 long before checksums, then length 32 with checksums: looked up
+        let old38 = generate("sk_", 38, &alnum);
+        assert!(!refuse_unlooked(
+            &old38,
+            &p(&["sk_"]),
+            &[shape(38, &alnum, false), shape(32, &alnum, true)]
+        ));
+        assert!(refuse_unlooked(
+            &old38,
+            &p(&["sk_"]),
+            &[shape(32, &alnum, true)]
+        ));
+        // the alphabet changed after checksummed keys were issued: their checksums still count
+        let wider = expand_alphabet("A-Za-z0-9_").unwrap();
+        let both = [shape(32, &alnum, true), shape(32, &wider, true)];
+        assert!(!refuse_unlooked(&good, &p(&["sk_"]), &both));
+        assert!(refuse_unlooked(&flip(&good), &p(&["sk_"]), &both));
+        // overlapping prefixes: a key that is a plain key under one of them is looked up
+        let live = generate("sklive", 32, &alnum);
+        assert!(!refuse_unlooked(
+            &live,
+            &p(&["", "sklive"]),
+            &[shape(32, &alnum, false), shape(32, &alnum, true)]
+        ));
+    }
     #[test]
     fn alphabet_ranges_expand() {
         let a = expand_alphabet("A-Za-z0-9").unwrap();

@@ -228,11 +228,10 @@ fn verify_in(catalog: &Catalog, key: &str, req: &Request) -> Result<(Row, Usage)
     if key.len() > 1024 {
         return Err(VerifyError::InvalidFormat.into());
     }
-    // A key of a checksummed key's shape whose checksum is wrong (mistyped, truncated into
-    // another key's shape, made up): refused without a lookup.
-    if catalog.checksum
-        && keys::checksum_verdict(key, &catalog.prefixes, catalog.length, &catalog.alphabet)
-            == Some(false)
+    // A key of a checksummed key's shape whose checksum is wrong (mistyped, made up), and
+    // that no key issued without a checksum could be: refused without a lookup.
+    if !catalog.unlooked_shapes.is_empty()
+        && keys::refuse_unlooked(key, &catalog.prefixes, &catalog.unlooked_shapes)
     {
         return Err(VerifyError::InvalidFormat.into());
     }

@@ -33,14 +33,37 @@ SELECT is((keypal_verify('sk_live_' || repeat('x', 32) || keypal.key_checksum('s
 SELECT cmp_ok(pg_temp.hash_probes(), '>', (SELECT n FROM p0), '(after a lookup)');
 SELECT is((keypal_verify(left((SELECT key FROM k), -1))).error_code, 'INVALID_FORMAT', 'a truncated key: INVALID_FORMAT');
 
+-- Keys issued in another shape are never refused unlooked: checksummed under an alphabet
+-- since changed; 38 long before checksums, then 32 with them (the same total length).
+SELECT keypal_configure(alphabet => 'A-Za-z0-9_');
+SELECT is((keypal_verify((SELECT key FROM k), 'read')).valid, true, 'a checksummed key still verifies after the alphabet changed');
+CREATE TEMP TABLE p1 AS SELECT pg_temp.hash_probes() AS n;
+SELECT is((keypal_verify(pg_temp.flip((SELECT key FROM k), 20))).error_code, 'INVALID_FORMAT', 'a mistyped one is still refused');
+SELECT is(pg_temp.hash_probes(), (SELECT n FROM p1), 'without a lookup');
+SELECT keypal_configure(alphabet => 'A-Za-z0-9');
+SELECT keypal_configure(checksum => false, length => 38);
+CREATE TEMP TABLE k38 AS SELECT key FROM keypal_create(owner_id => 'sum');
+SELECT keypal_configure(checksum => true, length => 32);
+SELECT is(length((SELECT key FROM k38)), length((SELECT key FROM k)), '(a key issued 38 long has the length of a checksummed one)');
+SELECT is((keypal_verify((SELECT key FROM k38))).valid, true, 'a key issued before under another length still verifies');
+SELECT is(jsonb_array_length((keypal_configure())->'issued'), 4, 'settings.issued remembers each shape keys were issued in');
+
 -- The pattern for secret scanners.
-SELECT is(keypal_key_pattern(), '(?:sk_live_|sk_test_)?[0-9A-Za-z]{38}', 'keypal_key_pattern(): the prefixes, the alphabet, the length with checksum');
+SELECT is(keypal_key_pattern(), '(?:sk_live_|sk_test_)?(?:[0-9A-Z_a-z]{38}|[0-9A-Za-z]{38}|[0-9A-Za-z]{32})',
+          'keypal_key_pattern(): the prefixes, then the shapes keys were issued in (alphabet, length with checksum)');
 SELECT ok((SELECT key FROM k) ~ ('^' || keypal_key_pattern() || '$'), 'a new key matches it whole');
 SELECT ok(('token = "' || (SELECT key FROM k) || '"') ~ keypal_key_pattern(), 'and is found in text');
+SELECT ok((SELECT key FROM before_sum) ~ ('^' || keypal_key_pattern() || '$'), 'as do the keys issued before checksums');
 SELECT keypal_configure(checksum => false);
-SELECT is(keypal_key_pattern(), '(?:sk_live_|sk_test_)?[0-9A-Za-z]{32}', 'without checksums: 32 characters');
-SELECT ok((SELECT key FROM before_sum) ~ ('^' || keypal_key_pattern() || '$'), 'which the keys issued then match');
 SELECT is((keypal_verify((SELECT key FROM k), 'read')).valid, true, 'keys with a checksum keep verifying after it is turned off');
+
+-- After an import (keys of shapes nobody recorded), every key is looked up.
+SELECT keypal_configure(checksum => true);
+SELECT lives_ok($$SELECT keypal_import(jsonb_build_array(jsonb_build_object('id', 'ts1', 'keyHash', encode(sha256('sk_live_imported'), 'hex'),
+                                                       'metadata', '{"ownerId": "sum"}'::jsonb)))$$, 'an import');
+CREATE TEMP TABLE p2 AS SELECT pg_temp.hash_probes() AS n;
+SELECT is((keypal_verify(pg_temp.flip((SELECT key FROM k), 20))).error_code, 'INVALID_FORMAT', 'a mistyped key is still INVALID_FORMAT');
+SELECT cmp_ok(pg_temp.hash_probes(), '>', (SELECT n FROM p2), 'but after a lookup: an imported key could have any shape');
 
 SET LOCAL ROLE keypal_plain;
 SELECT throws_ok($$SELECT keypal_key_pattern()$$, '42501', NULL, 'PUBLIC may not read the pattern (management)');
