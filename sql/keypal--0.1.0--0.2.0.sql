@@ -50,6 +50,9 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     LIMIT 1
 $$;
 
+-- keypal_configure gains an argument: it is replaced (grants made on the old one must be
+-- made again: a grant made by this script would count as the extension's own, which pg_dump
+-- leaves out).
 DROP FUNCTION keypal_configure(text, integer, text, text, text, jsonb, jsonb, text, text, jsonb, text, integer, text, integer, boolean);
 CREATE FUNCTION keypal_configure(prefix text DEFAULT NULL, length integer DEFAULT NULL,
                                  alphabet text DEFAULT NULL, algorithm text DEFAULT NULL,

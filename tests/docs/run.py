@@ -13,7 +13,8 @@ A fenced block right after a `sql` block (only blank lines between) whose info s
 `…` in an expected line stands for any text). For an `sql error` block the output is the
 error, as psql shows it: `ERROR:  <message>`.
 
-Usage: run.py [--keep] FILE.md ...   (PGHOST/PGPORT/PGUSER say where; prints TAP)
+Usage: run.py [--keep] FILE.md|FILE.sql ...   (PGHOST/PGPORT/PGUSER say where; prints TAP;
+a .sql file runs whole, as one block)
 """
 import os
 import re
@@ -52,6 +53,9 @@ def examples(path):
     """The sql blocks with what they expect: (line, must_fail, sqlstate, sql, expected output
     or None), and the problems of the file's fences (an output block after no sql block, a
     block whose statement is not ended, an error block of several statements)."""
+    if path.endswith(".sql"):   # a script (scripts/try.sh's demo): one block, run whole
+        with open(path, encoding="utf-8") as f:
+            return [(1, False, None, f.read(), None)], []
     found, lines = blocks(path)
     result, problems = [], []
     for i, (start, info, text, end) in enumerate(found):

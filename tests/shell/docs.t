@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The documentation runs: every ```sql block of README.md and docs/*.md, in order, in a
+# The documentation runs: every ```sql block of README.md and docs/*.md (and docs/demo.sql,
+# what scripts/try.sh shows), in order, in a
 # fresh database, as a reader pastes them (tests/docs/run.py; an ```output block after one is
 # what it must print). The examples change server settings (the salt) with ALTER SYSTEM, so
 # they run in a cluster of their own, as a new user's would be.
@@ -15,4 +16,4 @@ bash "$root/scripts/cluster.sh" start "$dir/pg" 55464 "shared_preload_libraries 
     "cron.database_name = 'keypal_docs_usage_md'" >/dev/null
 export PGHOST=$dir/pg PGPORT=55464 PGUSER=postgres
 sleep 6
-python3 "$root/tests/docs/run.py" "$root/README.md" "$root"/docs/*.md
+python3 "$root/tests/docs/run.py" "$root/README.md" "$root"/docs/*.md "$root/docs/demo.sql"
