@@ -24,6 +24,7 @@ pub mod launcher;
 pub mod limits;
 pub mod net;
 pub mod options;
+pub mod redact;
 pub mod scan;
 pub mod scopes;
 pub mod signature;
@@ -43,6 +44,7 @@ pub extern "C-unwind" fn _PG_init() {
     catalog::init();
     limits::shmem::init();
     launcher::init();
+    redact::init();
     limits::shmem::init_backend();
 }
 
