@@ -280,11 +280,10 @@ BEGIN
     RETURN coalesce(expires_at, p.expires_at);
 END $$;
 
--- Refuses an environment this database has not configured (22023); NULL passes.
-CREATE FUNCTION keypal.check_env(env text, arg text)
-RETURNS void LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    envs jsonb := (keypal.config()).environments;
+-- Refuses an environment that is not one of envs (the configured environments) with 22023
+-- naming arg; NULL, or no environments configured, passes.
+CREATE FUNCTION keypal.check_env(env text, arg text, envs jsonb)
+RETURNS void LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF env IS NOT NULL AND jsonb_typeof(envs) = 'object' AND NOT envs ? env THEN
         RAISE EXCEPTION 'invalid %: no environment named % (configured: %)', arg, quote_literal(env),
@@ -308,7 +307,7 @@ DECLARE
     v_id     uuid := gen_random_uuid();
     v_secret text;
 BEGIN
-    PERFORM keypal.check_env(v_env, arg_prefix || 'env');
+    PERFORM keypal.check_env(v_env, arg_prefix || 'env', cfg.environments);
     -- A signing key's secret (derived, never stored; 55000 without keypal.signing_secret).
     v_secret := CASE WHEN coalesce((o->>'signing')::boolean, false) THEN keypal.signing_secret_for(v_id) END;
     IF o ? 'expires_in' THEN
@@ -452,7 +451,7 @@ BEGIN
             keypal.parse_timestamp(o->>'expires_at', 'options.expires_at'),
             keypal.parse_timestamp(o->>'disable_at', 'options.disable_at'),
             keypal.parse_timestamp(o->>'revoke_at', 'options.revoke_at');
-    PERFORM keypal.check_env(o->>'env', 'options.env');
+    PERFORM keypal.check_env(o->>'env', 'options.env', (keypal.config()).environments);
     IF o ? 'policy' AND NOT EXISTS (SELECT 1 FROM keypal.policies p WHERE p.name = o->>'policy') THEN
         RAISE EXCEPTION 'invalid options.policy: no policy named %', quote_literal(o->>'policy')
             USING ERRCODE = '22023';
@@ -1055,10 +1054,7 @@ BEGIN
     IF default_env IS NOT NULL THEN
         c.default_env := nullif(default_env, '');
     END IF;
-    IF c.default_env IS NOT NULL AND jsonb_typeof(c.environments) = 'object' AND NOT c.environments ? c.default_env THEN
-        RAISE EXCEPTION 'invalid default_env: no environment named %', quote_literal(c.default_env)
-            USING ERRCODE = '22023';
-    END IF;
+    PERFORM keypal.check_env(c.default_env, 'default_env', c.environments);
     IF retention IS NOT NULL THEN
         c.retention := keypal.merge_retention(c.retention, retention, 'retention');
     END IF;

@@ -92,10 +92,7 @@ BEGIN
     IF default_env IS NOT NULL THEN
         c.default_env := nullif(default_env, '');
     END IF;
-    IF c.default_env IS NOT NULL AND jsonb_typeof(c.environments) = 'object' AND NOT c.environments ? c.default_env THEN
-        RAISE EXCEPTION 'invalid default_env: no environment named %', quote_literal(c.default_env)
-            USING ERRCODE = '22023';
-    END IF;
+    PERFORM keypal.check_env(c.default_env, 'default_env', c.environments);
     IF retention IS NOT NULL THEN
         c.retention := keypal.merge_retention(c.retention, retention, 'retention');
     END IF;
@@ -273,10 +270,8 @@ BEGIN
         USING ERRCODE = 'P0002', DETAIL = 'KEY_NOT_FOUND';
 END $$;
 
-CREATE OR REPLACE FUNCTION keypal.check_env(env text, arg text)
-RETURNS void LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    envs jsonb := (keypal.config()).environments;
+CREATE OR REPLACE FUNCTION keypal.check_env(env text, arg text, envs jsonb)
+RETURNS void LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF env IS NOT NULL AND jsonb_typeof(envs) = 'object' AND NOT envs ? env THEN
         RAISE EXCEPTION 'invalid %: no environment named % (configured: %)', arg, quote_literal(env),
@@ -298,7 +293,7 @@ DECLARE
     v_id     uuid := gen_random_uuid();
     v_secret text;
 BEGIN
-    PERFORM keypal.check_env(v_env, arg_prefix || 'env');
+    PERFORM keypal.check_env(v_env, arg_prefix || 'env', cfg.environments);
     -- A signing key's secret (derived, never stored; 55000 without keypal.signing_secret).
     v_secret := CASE WHEN coalesce((o->>'signing')::boolean, false) THEN keypal.signing_secret_for(v_id) END;
     IF o ? 'expires_in' THEN
@@ -367,7 +362,7 @@ BEGIN
             keypal.parse_timestamp(o->>'expires_at', 'options.expires_at'),
             keypal.parse_timestamp(o->>'disable_at', 'options.disable_at'),
             keypal.parse_timestamp(o->>'revoke_at', 'options.revoke_at');
-    PERFORM keypal.check_env(o->>'env', 'options.env');
+    PERFORM keypal.check_env(o->>'env', 'options.env', (keypal.config()).environments);
     IF o ? 'policy' AND NOT EXISTS (SELECT 1 FROM keypal.policies p WHERE p.name = o->>'policy') THEN
         RAISE EXCEPTION 'invalid options.policy: no policy named %', quote_literal(o->>'policy')
             USING ERRCODE = '22023';
@@ -570,15 +565,8 @@ BEGIN
         RAISE EXCEPTION 'invalid data[%].%: the same % as data[%] (a key appears once)', bad.n, bad.field,
             bad.field, bad.first USING ERRCODE = '22023';
     END IF;
-    IF jsonb_typeof(cfg.environments) = 'object' THEN
-        SELECT t.n, t.env INTO bad FROM pg_temp."keypal import" t
-         WHERE t.env IS NOT NULL AND NOT cfg.environments ? t.env ORDER BY t.n LIMIT 1;
-        IF FOUND THEN
-            RAISE EXCEPTION 'invalid data[%].env: no environment named % (configured: %)', bad.n,
-                quote_literal(bad.env), (SELECT string_agg(e, ', ') FROM jsonb_object_keys(cfg.environments) e)
-                USING ERRCODE = '22023';
-        END IF;
-    END IF;
+    PERFORM keypal.check_env(x.env, format('data[%s].env', x.n), cfg.environments)   -- the first bad record raises
+       FROM (SELECT t.n, t.env FROM pg_temp."keypal import" t WHERE t.env IS NOT NULL ORDER BY t.n OFFSET 0) AS x;
     SELECT t.n, t.policy INTO bad FROM pg_temp."keypal import" t
      WHERE t.policy IS NOT NULL AND NOT EXISTS (SELECT 1 FROM keypal.policies p WHERE p.name = t.policy)
      ORDER BY t.n LIMIT 1;
@@ -765,7 +753,7 @@ COMMENT ON FUNCTION keypal_configure(text, integer, text, text, text, jsonb, jso
 
 -- Management only (SPEC §6): PUBLIC runs none of them.
 REVOKE ALL ON FUNCTION keypal.import_record(text, integer), keypal.export_record(keypal.keys, timestamptz),
-    keypal.check_env(text, text), keypal_export(text, text), keypal_export_records(text, text),
+    keypal.check_env(text, text, jsonb), keypal_export(text, text), keypal_export_records(text, text),
     keypal_import(jsonb, text, text), keypal.key_checksum(text, text), keypal.key_regex(text[], integer, text, boolean, jsonb),
     keypal.note_shape(jsonb, integer, text, boolean),
     keypal_key_pattern(), keypal_configure(text, integer, text, text, text, jsonb, jsonb, text, text, jsonb, text, integer, text, integer, boolean, boolean)

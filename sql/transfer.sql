@@ -84,15 +84,8 @@ BEGIN
         RAISE EXCEPTION 'invalid data[%].%: the same % as data[%] (a key appears once)', bad.n, bad.field,
             bad.field, bad.first USING ERRCODE = '22023';
     END IF;
-    IF jsonb_typeof(cfg.environments) = 'object' THEN
-        SELECT t.n, t.env INTO bad FROM pg_temp."keypal import" t
-         WHERE t.env IS NOT NULL AND NOT cfg.environments ? t.env ORDER BY t.n LIMIT 1;
-        IF FOUND THEN
-            RAISE EXCEPTION 'invalid data[%].env: no environment named % (configured: %)', bad.n,
-                quote_literal(bad.env), (SELECT string_agg(e, ', ') FROM jsonb_object_keys(cfg.environments) e)
-                USING ERRCODE = '22023';
-        END IF;
-    END IF;
+    PERFORM keypal.check_env(x.env, format('data[%s].env', x.n), cfg.environments)   -- the first bad record raises
+       FROM (SELECT t.n, t.env FROM pg_temp."keypal import" t WHERE t.env IS NOT NULL ORDER BY t.n OFFSET 0) AS x;
     SELECT t.n, t.policy INTO bad FROM pg_temp."keypal import" t
      WHERE t.policy IS NOT NULL AND NOT EXISTS (SELECT 1 FROM keypal.policies p WHERE p.name = t.policy)
      ORDER BY t.n LIMIT 1;

@@ -1,7 +1,7 @@
 //! The SQL functions written in Rust: the verify family (callable by every role) and the
 //! helpers the SQL layer (sql/*.sql) builds the management functions from.
 
-use crate::errors::{bad_argument, bad_duration, raise};
+use crate::errors::{bad_argument, bad_duration, raise, refuse_option};
 use crate::keys::{self, Algorithm};
 use crate::verify::{self, Request, VerifyResult};
 use crate::{duration, gucs, identity, options, scopes};
@@ -378,8 +378,7 @@ mod keypal {
         let v = opts.map(|j| j.0).unwrap_or(serde_json::Value::Null);
         match options::normalize(&v, arg_prefix, required_owner) {
             Ok(m) => JsonB(serde_json::Value::Object(m)),
-            Err(e) if e.is_duration => bad_duration(&e.arg, &e.why),
-            Err(e) => bad_argument(&e.arg, &e.why),
+            Err(e) => refuse_option(e),
         }
     }
 
@@ -399,8 +398,7 @@ mod keypal {
                 m.insert("_source".into(), src.into());
                 JsonB(serde_json::Value::Object(m))
             }
-            Err(e) if e.is_duration => bad_duration(&e.arg, &e.why),
-            Err(e) => bad_argument(&e.arg, &e.why),
+            Err(e) => refuse_option(e),
         }
     }
 
@@ -413,8 +411,7 @@ mod keypal {
         }
         match options::rate_limit(&v, arg) {
             Ok(v) => Some(JsonB(v)),
-            Err(e) if e.is_duration => bad_duration(&e.arg, &e.why),
-            Err(e) => bad_argument(&e.arg, &e.why),
+            Err(e) => refuse_option(e),
         }
     }
 

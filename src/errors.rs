@@ -118,6 +118,15 @@ pub fn bad_duration(arg: &str, why: &str) -> ! {
     )
 }
 
+/// Raises an option options.rs refused: 22007 for a duration, else 22023, naming it.
+pub fn refuse_option(e: crate::options::OptionError) -> ! {
+    if e.is_duration {
+        bad_duration(&e.arg, &e.why)
+    } else {
+        bad_argument(&e.arg, &e.why)
+    }
+}
+
 pub fn raise(code: PgSqlErrorCode, message: String) -> ! {
     ErrorReport::new(code, message, "keypal").report(PgLogLevel::ERROR);
     unreachable!("ERROR does not return")

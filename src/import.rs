@@ -14,19 +14,9 @@
 //! error names the record and field: `data[3].owner_id`. Pure Rust.
 
 use crate::keys::to_hex;
-use crate::options::{self, OptionError};
+use crate::options::{self, err, Res};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
-
-type Res<T> = Result<T, OptionError>;
-
-fn err<T>(arg: &str, why: impl Into<String>) -> Res<T> {
-    Err(OptionError {
-        arg: arg.into(),
-        why: why.into(),
-        is_duration: false,
-    })
-}
 
 /// What a record holds besides the settings `options::normalize` checks: the column, its
 /// TypeScript spelling, and its kind.

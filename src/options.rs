@@ -24,9 +24,9 @@ pub struct OptionError {
     pub is_duration: bool,
 }
 
-type Res<T> = Result<T, OptionError>;
+pub(crate) type Res<T> = Result<T, OptionError>;
 
-fn err<T>(arg: &str, why: impl Into<String>) -> Res<T> {
+pub(crate) fn err<T>(arg: &str, why: impl Into<String>) -> Res<T> {
     Err(OptionError {
         arg: arg.into(),
         why: why.into(),

@@ -36,6 +36,15 @@ pub struct Request<'a> {
     pub null_scope: bool,
 }
 
+impl Request<'_> {
+    /// The scopes the request requires: `scope`, then `scopes`.
+    fn wanted_scopes(&self) -> impl Iterator<Item = &str> {
+        self.scope
+            .into_iter()
+            .chain(self.scopes.iter().map(String::as_str))
+    }
+}
+
 /// How deep a key hierarchy may be (a root key is level 1): creation refuses deeper
 /// children, and verify walks at most this many ancestors.
 pub const MAX_DEPTH: usize = 32;
@@ -426,11 +435,7 @@ fn first_missing(row: &Row, req: &Request) -> Option<String> {
     if req.null_scope {
         return Some("NULL (a NULL among the required scopes is never held)".into());
     }
-    let wanted = req
-        .scope
-        .into_iter()
-        .chain(req.scopes.iter().map(String::as_str));
-    let missing = wanted.into_iter().find(|s| {
+    let missing = req.wanted_scopes().find(|s| {
         !holds(
             row.get(col::SCOPES),
             row.get(col::RESOURCES),
@@ -452,11 +457,13 @@ fn holds_all(
     resources_datum: Option<pg_sys::Datum>,
     req: &Request,
 ) -> bool {
-    let wanted = req
-        .scope
-        .into_iter()
-        .chain(req.scopes.iter().map(String::as_str));
-    holds(scopes_datum, resources_datum, wanted, req.resource, true)
+    holds(
+        scopes_datum,
+        resources_datum,
+        req.wanted_scopes(),
+        req.resource,
+        true,
+    )
 }
 
 /// Whether a key with these scopes/resources datums holds every (`all`) or any of

@@ -58,6 +58,11 @@ SELECT matches(pg_temp.diag($$SELECT keypal_create(owner_id => 'e', env => 'stag
                '^22023 \| invalid env: no environment named ''staging'' \(configured: live, test\)', 'create: an unknown env');
 SELECT matches(pg_temp.diag($$SELECT keypal_define_template('staging', '{"env": "staging"}')$$),
                '^22023 \| invalid options.env: no environment named ''staging''', 'a template: an unknown env');
+SELECT matches(pg_temp.diag($$SELECT keypal_import('[{"id": "6f9619ff-8b86-d011-b42d-00c04fc964ff", "owner_id": "e", "env": "live",
+                                                       "key_hash": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"},
+                                                      {"id": "6f9619ff-8b86-d011-b42d-00c04fc964fe", "owner_id": "e", "env": "staging",
+                                                       "key_hash": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a07"}]')$$),
+               '^22023 \| invalid data\[1\]\.env: no environment named ''staging'' \(configured: live, test\)', 'an import: the record with an unknown env');
 SELECT matches(pg_temp.diag($$SELECT keypal_configure(default_env => 'staging')$$),
                '^22023 \| invalid default_env: no environment named', 'configure: an unknown default_env');
 
