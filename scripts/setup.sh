@@ -9,7 +9,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 
 packages=(postgresql-15 postgresql-server-dev-15 libclang-dev clang pkg-config sudo
           postgresql-15-pgtap libtap-parser-sourcehandler-pgtap-perl
-          postgresql-15-cron python3 nodejs binutils)
+          postgresql-15-cron python3 python3-venv nodejs binutils)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -18,6 +18,10 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing ${missing[*]}"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+# Debian's own nodejs ships npm apart (NodeSource's includes it): the Node client needs it.
+if ! command -v npm >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null
 fi
 # The Debian server package starts a cluster of its own; keypal uses private clusters.
 if command -v pg_lsclusters >/dev/null && pg_lsclusters -h 2>/dev/null | grep -q online; then

@@ -2,7 +2,7 @@
 # Runs every keypal test, as root on a fresh Debian 12 machine:
 #   1. cargo fmt/clippy, 2. pure Rust unit tests + #[pg_test]s (cargo pgrx test),
 #   3. the release package (scripts/package.sh), 4. the SQL contract suite (pgTAP, pg_prove) and the multi-session shell tests (prove)
-#      against the installed extension, in one cluster.
+#      against the installed extension, in one cluster, 5. the Node and Python clients (scripts/clients.sh) against that cluster.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -34,3 +34,4 @@ trap 'bash scripts/cluster.sh stop "$PGHOST"' EXIT
 psql -X -q -v ON_ERROR_STOP=1 -d postgres -f tests/setup.sql
 pg_prove -d keypal_test tests/sql/*.sql
 prove tests/shell/
+bash scripts/clients.sh
