@@ -20,7 +20,7 @@ python_tests() {
         python3 -m venv "$venv"
     fi
     "$venv/bin/pip" install --quiet --disable-pip-version-check -e 'clients/python[test]'
-    (cd clients/python && .venv/bin/python -m pytest -q)
+    (cd clients/python && .venv/bin/mypy && .venv/bin/python -m pytest -q)
 }
 
 for which in "${@:-node python}"; do

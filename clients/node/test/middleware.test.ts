@@ -7,7 +7,7 @@ import { after, before, describe, test } from "node:test";
 import express from "express";
 import { Hono } from "hono";
 import { serve } from "@hono/node-server";
-import type { Keypal } from "../src/index.js";
+import { Keypal } from "../src/index.js";
 import { keypalMiddleware as expressKeypal } from "../src/express.js";
 import { keypalMiddleware as honoKeypal, type KeypalVariables } from "../src/hono.js";
 import { withApiKey } from "../src/next.js";
@@ -167,14 +167,23 @@ for (const [framework, start] of Object.entries(apps)) {
 }
 
 describe("a database failure is not a 401", () => {
-  test("express hands it to the error handler (500)", async () => {
-    const broken = new (await import("../src/index.js")).Keypal({ connectionString: "postgres://keypal_web@127.0.0.1:1/none" });
-    const { url, close } = await apps.express(broken);
+  test("express hands it to the app's error handler", async () => {
+    const broken = new Keypal({ connectionString: "postgres://keypal_web@127.0.0.1:1/none" });
+    let seen: unknown;
+    const app = express();
+    app.use("/api", expressKeypal(broken, { scope: "read" }));
+    app.use((err: unknown, _req: express.Request, res: express.Response, _next: express.NextFunction) => {
+      seen = err;
+      res.status(503).end();
+    });
+    const server = app.listen(0, "127.0.0.1");
+    const url = await listen(server);
     try {
       const res = await fetch(`${url}/api/data`, { headers: { "x-api-key": "sk_anything" } });
-      assert.equal(res.status, 500);
+      assert.equal(res.status, 503);
+      assert.equal((seen as { code?: string }).code, "ECONNREFUSED");
     } finally {
-      close();
+      server.close();
       await broken.end();
     }
   });
