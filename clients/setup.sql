@@ -3,6 +3,12 @@
 -- keypal_web is what a web server connects as: granted nothing, so it can run only the
 -- verify family (SPEC §6). keypal_manager is granted the management functions the clients call.
 SET client_min_messages = warning;
+-- It drops the database it is given: only a keypal_* test database.
+SELECT :'db' LIKE 'keypal\_%' AS db_ok \gset
+\if :db_ok
+\else
+    DO $$ BEGIN RAISE EXCEPTION 'clients/setup.sql: the database must be named keypal_* (it is dropped and made again)'; END $$;
+\endif
 DROP DATABASE IF EXISTS :"db" WITH (FORCE);
 CREATE DATABASE :"db";
 DO $$ BEGIN

@@ -57,6 +57,7 @@ function classFor(sqlstate: string): ErrorClass {
 
 interface PgErrorLike {
   message: string;
+  severity?: string;
   code?: string;
   detail?: string;
   hint?: string;
@@ -65,7 +66,8 @@ interface PgErrorLike {
 /** A database error becomes the matching KeypalError; anything else (a lost connection) is kept. */
 export function translate(err: unknown): unknown {
   const e = err as PgErrorLike;
-  if (!e || typeof e.code !== "string" || !/^[0-9A-Z]{5}$/.test(e.code)) return err;
+  // Only the server's errors carry a severity (a socket's EPIPE also has five capitals).
+  if (!e || typeof e.severity !== "string" || typeof e.code !== "string" || !/^[0-9A-Z]{5}$/.test(e.code)) return err;
   const Class = classFor(e.code);
   return new Class(e.message, e.code, e.detail, e.hint, err);
 }

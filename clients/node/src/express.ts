@@ -3,7 +3,7 @@
 
 import type { NextFunction, Request, RequestHandler, Response } from "express";
 import type { Keypal, VerifyResult } from "./index.js";
-import { type Denial, guard, type GuardOptions } from "./http.js";
+import { checkGuard, type Denial, guard, type GuardOptions } from "./http.js";
 
 declare global {
   // eslint-disable-next-line @typescript-eslint/no-namespace
@@ -24,15 +24,22 @@ export interface ExpressOptions extends GuardOptions<Request> {
 const requestIp = (req: Request) => req.ip ?? req.socket.remoteAddress;
 
 export function keypalMiddleware(keys: Keypal, options: ExpressOptions = {}): RequestHandler {
+  checkGuard(options, "keypalMiddleware");
   return (req: Request, res: Response, next: NextFunction) => {
-    guard(keys, req.headers, req, options, requestIp).then(({ result, denied }) => {
-      if (!denied) {
-        req.keypal = result;
-        return next();
-      }
-      if (options.onDenied) return options.onDenied(denied, req, res);
-      res.status(denied.status).set(denied.headers).json(denied.body);
-    }, next);
+    guard(keys, req.headers, req, options, requestIp)
+      .then(({ result, denied }) => {
+        if (!denied) {
+          req.keypal = result;
+          return next();
+        }
+        if (options.onDenied) return options.onDenied(denied, req, res);
+        res.status(denied.status).set(denied.headers).json(denied.body);
+      })
+      // A database error (or a throwing onDenied) goes to Express's error handling, never
+      // to an unhandled rejection; a falsy reason must not read as "carry on".
+      .catch((err: unknown) => {
+        if (!res.headersSent) next(err ?? new Error("keypal: verify failed"));
+      });
   };
 }
 

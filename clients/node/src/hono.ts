@@ -2,7 +2,7 @@
 
 import type { Context, MiddlewareHandler } from "hono";
 import type { Keypal, VerifyResult } from "./index.js";
-import { type Denial, guard, type GuardOptions } from "./http.js";
+import { checkGuard, type Denial, guard, type GuardOptions } from "./http.js";
 
 /** Use as `new Hono<{ Variables: KeypalVariables }>()` to type `c.get("keypal")`. */
 export type KeypalVariables = { keypal: VerifyResult };
@@ -18,6 +18,7 @@ function socketIp(c: Context): string | undefined {
 }
 
 export function keypalMiddleware(keys: Keypal, options: HonoOptions = {}): MiddlewareHandler<{ Variables: KeypalVariables }> {
+  checkGuard(options, "keypalMiddleware");
   return async (c, next) => {
     const { result, denied } = await guard(keys, c.req.raw.headers, c as Context, options, socketIp);
     if (denied) {

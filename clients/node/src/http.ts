@@ -55,6 +55,19 @@ export function denial(result: VerifyResult): Denial | null {
   return { status, code, message, headers, body: { error: message, code } };
 }
 
+const GUARD_OPTIONS = new Set(["scope", "scopes", "resource", "env", "cost", "ip", "country", "onDenied"]);
+
+/** Refuses a misspelt option when the middleware is made: `{ scpoe: "read" }` would drop the scope check. */
+export function checkGuard<O extends object>(options: O, helper: string): O {
+  if (options === null || typeof options !== "object" || Array.isArray(options)) {
+    throw new TypeError(`keypal: the options of ${helper} must be an object`);
+  }
+  for (const key of Object.keys(options)) {
+    if (!GUARD_OPTIONS.has(key)) throw new TypeError(`keypal: unknown option ${key} for ${helper}`);
+  }
+  return options;
+}
+
 function pick<Req, T>(value: PerRequest<Req, T> | undefined, req: Req): T | undefined {
   return typeof value === "function" ? (value as (r: Req) => T | undefined)(req) : value;
 }

@@ -1,9 +1,10 @@
 // keypal-pg: a thin client for the keypal PostgreSQL extension. Each method is one SQL function
 // call with bind parameters; every rule (hashing, scopes, limits, audit) runs in the database.
 
+import { isIP } from "node:net";
 import pg from "pg";
 import { translate } from "./errors.js";
-import { ACTOR, call, type ArgTable, type Call, CREATE, LIST, REVOKE, ROTATE, UPDATE } from "./sql.js";
+import { ACTOR, call, type ArgTable, type Call, checkOptions, CREATE, LIST, REVOKE, ROTATE, UPDATE, VERIFY } from "./sql.js";
 
 export * from "./errors.js";
 
@@ -182,14 +183,30 @@ export type HeaderSource =
   | { get(name: string): string | null | undefined }
   | Record<string, string | string[] | undefined>;
 
+/** What keypal-pg needs of a pool: pg.Pool, pg.native.Pool, or one from another copy of pg. */
+export interface Queryable {
+  query(config: pg.QueryConfig & { types?: pg.CustomTypesConfig }): Promise<pg.QueryResult>;
+  end(): Promise<void>;
+}
+
 export interface KeypalConfig {
   /** A pool of your own (its connections need only EXECUTE on what you call). */
-  pool?: pg.Pool;
+  pool?: Queryable;
   /** Or a connection string (or pg.PoolConfig) for a pool keypal-pg owns. */
   connectionString?: string;
   poolConfig?: pg.PoolConfig;
   /** The schema keypal was installed in, when it is not on the search_path. */
   schema?: string;
+  /**
+   * Verify runs as a named prepared statement (parsed once per connection). Set false behind
+   * a pooler that cannot keep them (PgBouncer before 1.21, transaction-mode poolers).
+   */
+  prepare?: boolean;
+}
+
+function isPool(x: unknown): x is Queryable {
+  const p = x as Partial<Queryable> | null;
+  return typeof p?.query === "function" && typeof p?.end === "function";
 }
 
 // bigint and numeric as numbers (counts, ms, cost all fit), an interval as PostgreSQL's text.
@@ -225,33 +242,47 @@ export function keyHeaders(headers: HeaderSource): Record<string, string> {
   const out: Record<string, string> = {};
   for (const name of ["authorization", "x-api-key"]) {
     const v = read(name);
-    if (v !== undefined) out[name] = v;
+    // JSON cannot carry NUL to PostgreSQL; a value with one is no key (and must not be echoed).
+    if (v !== undefined && !v.includes("\0")) out[name] = v;
   }
   return out;
 }
 
-/** `::ffff:10.0.0.1` (how Node reports IPv4 on a dual-stack socket) → `10.0.0.1`. */
+/**
+ * `::ffff:10.0.0.1` (how Node reports IPv4 on a dual-stack socket) → `10.0.0.1`; anything that is
+ * not one address (a Unix socket, a whole x-forwarded-for list) → undefined: no address, so a
+ * key's allow list refuses.
+ */
 export function plainIp(ip: string | undefined | null): string | undefined {
   if (!ip) return undefined;
-  return ip.startsWith("::ffff:") && ip.includes(".") ? ip.slice(7) : ip;
+  const plain = ip.startsWith("::ffff:") && ip.includes(".") ? ip.slice(7) : ip;
+  return isIP(plain) ? plain : undefined;
 }
 
 export class Keypal {
-  readonly pool: pg.Pool;
+  readonly pool: Queryable;
   private readonly owned: boolean;
   private readonly prefix: string;
+  private readonly prepare: boolean;
 
-  constructor(config: KeypalConfig | pg.Pool) {
-    if (config instanceof pg.Pool) config = { pool: config };
+  constructor(config: KeypalConfig | Queryable) {
+    if (isPool(config)) config = { pool: config };
+    if (config.pool !== undefined && !isPool(config.pool)) throw new TypeError("keypal: pool has no query()/end()");
+    if (!config.pool && !config.connectionString && !config.poolConfig) {
+      throw new TypeError("keypal: give a pool, a connectionString or a poolConfig");
+    }
     this.owned = !config.pool;
     this.pool =
       config.pool ?? new pg.Pool({ connectionString: config.connectionString, ...config.poolConfig });
     this.prefix = config.schema ? `"${config.schema.replace(/"/g, '""')}".` : "";
+    this.prepare = config.prepare ?? true;
   }
 
   private async rows<T>(q: Call, name?: string): Promise<T[]> {
     try {
-      const res = await this.pool.query({ ...q, name, types });
+      // The statement's name carries the schema: one name, one text, on every connection.
+      const named = name && this.prepare ? { name: `${name}${this.prefix}` } : {};
+      const res = await this.pool.query({ ...q, ...named, types });
       return res.rows.map((r) => camelRow<T>(r));
     } catch (err) {
       throw translate(err);
@@ -280,7 +311,7 @@ export class Keypal {
   /** All in one transaction: every key is created, or none. */
   async createMany(specs: CreateOptions[]): Promise<CreatedKey[]> {
     const snake = specs.map((s) =>
-      Object.fromEntries(Object.entries(s).map(([k, v]) => [CREATE[k]?.[0] ?? k, v])),
+      Object.fromEntries(Object.entries(checkOptions(s, CREATE, "keypal_create_many")).map(([k, v]) => [CREATE[k][0], v])),
     );
     return this.rows(call(this.fn("keypal_create_many"), [["specs", "jsonb", snake]], {}));
   }
@@ -292,7 +323,7 @@ export class Keypal {
    * `x-api-key`). Never throws for a bad key: read `valid` and `errorCode`.
    */
   async verify(key: string | null | undefined | HeaderSource, options: VerifyOptions = {}): Promise<VerifyResult> {
-    const o = options;
+    const o = checkOptions(options, VERIFY, "keypal_verify");
     const rest = [o.scope, o.scopes, o.resource, plainIp(o.ip), o.country, o.env, o.cost];
     const args = "$2, $3::text[], $4, $5::inet, $6, $7, $8";
     if (key !== null && typeof key === "object") {
@@ -304,7 +335,7 @@ export class Keypal {
   }
 
   async verifyMany(keys: string[], options: VerifyOptions = {}): Promise<VerifyResult[]> {
-    const o = options;
+    const o = checkOptions(options, VERIFY, "keypal_verify_many");
     return this.rows({
       text: `SELECT * FROM ${this.fn("keypal_verify_many")}($1::text[], $2, $3::text[], $4, $5::inet, $6, $7, $8)`,
       values: [keys, o.scope, o.scopes, o.resource, plainIp(o.ip), o.country, o.env, o.cost],
@@ -321,12 +352,13 @@ export class Keypal {
 
   // ---- lifecycle
 
-  /** Revokes the key and, in the same transaction, every descendant. Returns keys newly revoked. */
+  /** Revokes the key and, in the same transaction (by trigger), every descendant. Returns 1, or 0 if it was already revoked. */
   async revoke(id: string, options: { reason?: string; actor?: string } = {}): Promise<number> {
     const row = await this.one<{ keypalRevoke: number }>(this.byId("keypal_revoke", id, REVOKE, options));
     return row.keypalRevoke;
   }
 
+  /** Returns how many of `ids` were newly revoked (descendants revoked by cascade are not counted). */
   async revokeMany(ids: string[], options: { reason?: string; actor?: string } = {}): Promise<number> {
     const q = call(this.fn("keypal_revoke_many"), [["ids", "uuid[]", ids]], REVOKE, options);
     const row = await this.one<{ keypalRevokeMany: number }>(q);

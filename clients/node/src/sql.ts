@@ -74,6 +74,28 @@ export const LIST: ArgTable = {
 
 export const REVOKE: ArgTable = { reason: ["reason", "text"], ...actor };
 
+/** keypal_verify's options after the key (their order is the function's). */
+export const VERIFY: ArgTable = {
+  scope: ["scope", "text"],
+  scopes: ["scopes", "text[]"],
+  resource: ["resource", "text"],
+  ip: ["ip", "inet"],
+  country: ["country", "text"],
+  env: ["env", "text"],
+  cost: ["cost", "integer"],
+};
+
+/** The options object itself, after refusing anything not in `table` (a typo must not drop a check). */
+export function checkOptions<T extends object>(options: T, table: ArgTable, fn: string): T {
+  if (options === null || typeof options !== "object" || Array.isArray(options)) {
+    throw new TypeError(`keypal: the options of ${fn} must be an object`);
+  }
+  for (const key of Object.keys(options)) {
+    if (!Object.hasOwn(table, key)) throw new TypeError(`keypal: unknown option ${key} for ${fn}`);
+  }
+  return options;
+}
+
 export interface Call {
   text: string;
   values: unknown[];
@@ -103,10 +125,8 @@ export function call(
     args.push(`${name} => $${values.length}::${type}`);
   };
   for (const [name, type, value] of first) add(name, type, value);
-  for (const [key, value] of Object.entries(options)) {
-    const spec = table[key];
-    if (!spec) throw new TypeError(`keypal: unknown option ${key} for ${fn}`);
-    const [name, type] = spec;
+  for (const [key, value] of Object.entries(checkOptions(options, table, fn))) {
+    const [name, type] = table[key];
     if (value === undefined || (value === null && type !== "jsonb")) continue;
     add(name, type, value);
   }

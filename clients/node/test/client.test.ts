@@ -10,7 +10,8 @@ import {
   keyHeaders,
   plainIp,
 } from "../src/index.js";
-import { clients } from "./db.js";
+import { Keypal } from "../src/index.js";
+import { clients, pool } from "./db.js";
 
 const { admin, web, end } = clients();
 after(end);
@@ -181,11 +182,47 @@ describe("errors carry the SQLSTATE and keypal's code", () => {
 
   test("an unknown option is refused before any SQL runs", async () => {
     await assert.rejects(admin.create({ ownerId: owner, colour: "red" } as never), TypeError);
+    await assert.rejects(admin.createMany([{ ownerId: owner }, { ownerId: owner, constructor: 1 } as never]), TypeError);
+    // A misspelt scope must not verify without the scope.
+    const { key } = await admin.create({ ownerId: owner, scopes: ["write"] });
+    await assert.rejects(web.verify(key, { scpoe: "read" } as never), /unknown option scpoe/);
+    await assert.rejects(web.verify(key, "read" as never), TypeError);
+    await assert.rejects(web.verifyMany([key], { Scope: "read" } as never), TypeError);
+  });
+
+  test("a pool is anything with query() and end(), e.g. from another copy of pg", async () => {
+    const inner = pool("keypal_web", 1);
+    const wrapped = new Keypal({ query: (q) => inner.query(q), end: () => inner.end() });
+    const { key } = await admin.create({ ownerId: owner, scopes: ["read"] });
+    assert.equal((await wrapped.verify(key, { scope: "read" })).valid, true);
+    await wrapped.end();
+    assert.equal(inner.ended, false, "a pool given is the caller's to end");
+    await inner.end();
+    assert.throws(() => new Keypal({}), TypeError);
+  });
+
+  test("one pool, two schemas: prepared statements do not collide", async () => {
+    const shared = pool("keypal_web", 1);
+    const plain = new Keypal(shared);
+    const qualified = new Keypal({ pool: shared, schema: "public" });
+    const unprepared = new Keypal({ pool: shared, prepare: false });
+    const { key } = await admin.create({ ownerId: owner, scopes: ["read"] });
+    for (const k of [plain, qualified, unprepared, plain, qualified]) {
+      assert.equal((await k.verify(key, { scope: "read" })).valid, true);
+    }
+    await shared.end();
+  });
+
+  test("a header value with NUL is no key", async () => {
+    const r = await web.verify({ authorization: "Bearer abc\0def" });
+    assert.equal(r.errorCode, "MISSING_KEY");
   });
 
   test("IPv4-mapped addresses are sent as IPv4", () => {
     assert.equal(plainIp("::ffff:10.1.2.3"), "10.1.2.3");
     assert.equal(plainIp("::1"), "::1");
     assert.equal(plainIp(undefined), undefined);
+    assert.equal(plainIp("10.0.0.1, 10.0.0.2"), undefined);
+    assert.equal(plainIp("/run/app.sock"), undefined);
   });
 });

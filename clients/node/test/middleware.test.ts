@@ -167,8 +167,10 @@ for (const [framework, start] of Object.entries(apps)) {
 }
 
 describe("a database failure is not a 401", () => {
+  const broken = new Keypal({ connectionString: "postgres://keypal_web@127.0.0.1:1/none" });
+  after(() => broken.end());
+
   test("express hands it to the app's error handler", async () => {
-    const broken = new Keypal({ connectionString: "postgres://keypal_web@127.0.0.1:1/none" });
     let seen: unknown;
     const app = express();
     app.use("/api", expressKeypal(broken, { scope: "read" }));
@@ -184,7 +186,47 @@ describe("a database failure is not a 401", () => {
       assert.equal((seen as { code?: string }).code, "ECONNREFUSED");
     } finally {
       server.close();
-      await broken.end();
+    }
+  });
+
+  for (const framework of ["hono", "next"]) {
+    test(`${framework} answers 500`, async () => {
+      const { url, close } = await apps[framework](broken);
+      try {
+        const res = await fetch(`${url}/api/data`, { headers: { "x-api-key": "sk_anything" } });
+        assert.equal(res.status, 500);
+      } finally {
+        close();
+      }
+    });
+  }
+});
+
+describe("options", () => {
+  test("a misspelt option is refused when the middleware is made", () => {
+    assert.throws(() => expressKeypal(web, { scpoe: "read" } as never), /unknown option scpoe/);
+    assert.throws(() => honoKeypal(web, { Scope: "read" } as never), TypeError);
+    assert.throws(() => withApiKey(web, async () => new Response(), "read" as never), TypeError);
+  });
+
+  test("onDenied answers a refusal; if it throws, Express's error handler gets it", async () => {
+    const app = express();
+    app.get("/a", expressKeypal(web, { onDenied: (d, _req, res) => { res.status(418).json({ mine: d.code }); } }), (_q, r) => { r.end(); });
+    app.get("/b", expressKeypal(web, { onDenied: () => { throw new Error("boom"); } }), (_q, r) => { r.end(); });
+    app.use((err: Error, _req: express.Request, res: express.Response, _next: express.NextFunction) => {
+      res.status(599).json({ error: err.message });
+    });
+    const server = app.listen(0, "127.0.0.1");
+    const url = await listen(server);
+    try {
+      const a = await fetch(`${url}/a`);
+      assert.equal(a.status, 418);
+      assert.deepEqual(await a.json(), { mine: "MISSING_KEY" });
+      const b = await fetch(`${url}/b`);
+      assert.equal(b.status, 599);
+      assert.deepEqual(await b.json(), { error: "boom" });
+    } finally {
+      server.close();
     }
   });
 });

@@ -9,12 +9,12 @@ from .client import AsyncKeypal, Keypal
 from .errors import (KeypalError, KeypalForbiddenError, KeypalInvalidArgumentError, KeypalLimitError,
                      KeypalNotFoundError, KeypalStateError, KeypalUnauthorizedError)  # fmt: skip
 from .http import Denial, Guard, denial, key_headers, plain_ip
-from .types import (ApiKeyRecord, CreatedKey, CreateOptions, ErrorCode, ListOptions, RotatedKey, RotateOptions,
+from .types import (ApiKeyRecord, CreatedKey, CreateOptions, CreateSpec, ErrorCode, ListOptions, RotatedKey, RotateOptions,
                     UpdateOptions, Usage, VerifyOptions, VerifyResult)  # fmt: skip
 
 __all__ = [
     "AsyncKeypal", "Keypal", "KeypalError", "KeypalForbiddenError", "KeypalInvalidArgumentError", "KeypalLimitError",
     "KeypalNotFoundError", "KeypalStateError", "KeypalUnauthorizedError", "Denial", "Guard", "denial", "key_headers",
     "plain_ip", "ApiKeyRecord", "CreatedKey", "CreateOptions", "ErrorCode", "ListOptions", "RotatedKey",
-    "RotateOptions", "UpdateOptions", "Usage", "VerifyOptions", "VerifyResult",
+    "RotateOptions", "CreateSpec", "UpdateOptions", "Usage", "VerifyOptions", "VerifyResult",
 ]  # fmt: skip

@@ -1,6 +1,7 @@
-"""Pure ASGI middleware (Starlette, FastAPI, Litestar, Quart…): verifies the request's key,
-answers 401/403/429 itself, and puts the verified key in ``scope["state"]["keypal"]``
-(Starlette: ``request.state.keypal``)."""
+"""Pure ASGI middleware (Starlette, FastAPI, Litestar, Quart…): verifies the key of every HTTP
+request and WebSocket handshake, answers a refusal itself (401/403/429; a WebSocket handshake
+gets the same answer where the server supports it, else close code 1008 with the code as reason), and puts the verified key in ``scope["state"]["keypal"]``
+(Starlette: ``request.state.keypal``). Only ``lifespan`` passes unchecked."""
 
 from __future__ import annotations
 
@@ -22,12 +23,12 @@ def client_ip(scope: Scope) -> str | None:
     return client[0] if client else None
 
 
-async def send_denial(d: Denial, send: Send) -> None:
+async def send_denial(d: Denial, send: Send, kind: str = "http.response") -> None:
     body = json.dumps(d.body).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in d.headers.items()]
-    await send({"type": "http.response.start", "status": d.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": f"{kind}.start", "status": d.status, "headers": headers})
+    await send({"type": f"{kind}.body", "body": body})
 
 
 class KeypalMiddleware:
@@ -37,12 +38,20 @@ class KeypalMiddleware:
         self.guard: Guard[Scope] = guard or Guard(**options)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] == "lifespan":
             await self.app(scope, receive, send)
             return
-        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope.get("headers", [])]
         result = await self.keys.verify(headers, **self.guard.options(scope, client_ip))
         refused = denial(result)
+        if refused and scope["type"] == "websocket":
+            # The same HTTP answer where the server can send one before the handshake (the
+            # websocket.http.response extension), else a close: the server refuses the upgrade.
+            if "websocket.http.response" in scope.get("extensions", {}):
+                await send_denial(refused, send, "websocket.http.response")
+            else:
+                await send({"type": "websocket.close", "code": 1008, "reason": refused.code})
+            return
         if refused:
             await send_denial(refused, send)
             return

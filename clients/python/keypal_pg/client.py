@@ -4,21 +4,39 @@ scopes, limits, audit) runs in the database. ``Keypal`` is blocking, ``AsyncKeyp
 from __future__ import annotations
 
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any, AsyncIterator, Iterator, Mapping, TypeVar, Unpack
+from dataclasses import fields
+from typing import Any, AsyncIterator, Iterator, Mapping, NoReturn, TypeVar, Unpack
 
 import psycopg
 from psycopg import sql
-from psycopg.rows import class_row
+from psycopg.rows import BaseRowFactory, kwargs_row
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from . import _sql
 from ._sql import Call
 from .errors import translate
 from .http import Headers, key_headers, plain_ip
-from .types import (ApiKeyRecord, CreatedKey, CreateOptions, Id, ListOptions, RotatedKey, RotateOptions,
+from .types import (ApiKeyRecord, CreatedKey, CreateOptions, CreateSpec, Id, ListOptions, RotatedKey, RotateOptions,
                     UpdateOptions, Usage, VerifyOptions, VerifyResult)  # fmt: skip
 
 T = TypeVar("T")
+
+
+def _rows_of(cls: type[T]) -> BaseRowFactory[T]:
+    """Rows as ``cls``, from the columns it names: a column a later keypal adds is left out."""
+    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+
+    def make(**row: Any) -> T:
+        return cls(**{k: v for k, v in row.items() if k in names})
+
+    return kwargs_row(make)
+
+
+def _raise(err: psycopg.Error) -> NoReturn:
+    translated = translate(err)
+    if translated is err:
+        raise err
+    raise translated from err
 
 
 class _Calls:
@@ -51,7 +69,7 @@ class _Calls:
     def _verify_many(self, keys: list[str], o: VerifyOptions) -> Call:
         return self._call("keypal_verify_many", [("keys", "text[]", keys)], _sql.VERIFY, {**o, "ip": plain_ip(o.get("ip"))})
 
-    def _create_many(self, specs: list[CreateOptions]) -> Call:
+    def _create_many(self, specs: list[CreateSpec]) -> Call:
         for spec in specs:
             unknown = set(spec) - set(_sql.CREATE)
             if unknown:
@@ -74,10 +92,10 @@ class Keypal(_Calls):
     @contextmanager
     def _cursor(self, cls: type[T]) -> Iterator[psycopg.Cursor[T]]:
         try:
-            with self.pool.connection() as conn, conn.cursor(row_factory=class_row(cls)) as cur:
+            with self.pool.connection() as conn, conn.cursor(row_factory=_rows_of(cls)) as cur:
                 yield cur
         except psycopg.Error as err:
-            raise translate(err) from err
+            _raise(err)
 
     def _rows(self, c: Call, cls: type[T]) -> list[T]:
         with self._cursor(cls) as cur:
@@ -92,13 +110,13 @@ class Keypal(_Calls):
             with self.pool.connection() as conn:
                 row = conn.execute(c.query, c.params).fetchone()
         except psycopg.Error as err:
-            raise translate(err) from err
+            _raise(err)
         return row[0] if row else None
 
     def create(self, owner_id: str, **options: Unpack[CreateOptions]) -> CreatedKey:
         return self._one(self._call("keypal_create", [("owner_id", "text", owner_id)], _sql.CREATE, options), CreatedKey)
 
-    def create_many(self, specs: list[CreateOptions]) -> list[CreatedKey]:
+    def create_many(self, specs: list[CreateSpec]) -> list[CreatedKey]:
         """All in one transaction: every key is created, or none."""
         return self._rows(self._create_many(specs), CreatedKey)
 
@@ -110,7 +128,8 @@ class Keypal(_Calls):
         return self._rows(self._verify_many(keys, options), VerifyResult)
 
     def revoke(self, id: Id, *, reason: str | None = None, actor: str | None = None) -> int:
-        """Revokes the key and, in the same transaction, its descendants; returns keys newly revoked."""
+        """Revokes the key and, in the same transaction (by trigger), its descendants; returns 1, or 0
+        if it was already revoked (descendants are not counted)."""
         return int(self._scalar(self._by_id("keypal_revoke", id, _sql.REVOKE, {"reason": reason, "actor": actor})))
 
     def revoke_many(self, ids: list[Id], *, reason: str | None = None, actor: str | None = None) -> int:
@@ -170,10 +189,10 @@ class AsyncKeypal(_Calls):
     @asynccontextmanager
     async def _cursor(self, cls: type[T]) -> AsyncIterator[psycopg.AsyncCursor[T]]:
         try:
-            async with self.pool.connection() as conn, conn.cursor(row_factory=class_row(cls)) as cur:
+            async with self.pool.connection() as conn, conn.cursor(row_factory=_rows_of(cls)) as cur:
                 yield cur
         except psycopg.Error as err:
-            raise translate(err) from err
+            _raise(err)
 
     async def _rows(self, c: Call, cls: type[T]) -> list[T]:
         async with self._cursor(cls) as cur:
@@ -188,13 +207,13 @@ class AsyncKeypal(_Calls):
             async with self.pool.connection() as conn:
                 row = await (await conn.execute(c.query, c.params)).fetchone()
         except psycopg.Error as err:
-            raise translate(err) from err
+            _raise(err)
         return row[0] if row else None
 
     async def create(self, owner_id: str, **options: Unpack[CreateOptions]) -> CreatedKey:
         return await self._one(self._call("keypal_create", [("owner_id", "text", owner_id)], _sql.CREATE, options), CreatedKey)
 
-    async def create_many(self, specs: list[CreateOptions]) -> list[CreatedKey]:
+    async def create_many(self, specs: list[CreateSpec]) -> list[CreatedKey]:
         return await self._rows(self._create_many(specs), CreatedKey)
 
     async def verify(self, key: str | Headers | None, **options: Unpack[VerifyOptions]) -> VerifyResult:

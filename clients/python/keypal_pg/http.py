@@ -3,6 +3,7 @@ becomes. Pure: no I/O."""
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterable, Mapping, TypeVar, cast
 
@@ -56,16 +57,23 @@ def key_headers(headers: Headers) -> dict[str, str]:
     out: dict[str, str] = {}
     for name, value in items:
         lower = name.lower()
-        if lower in KEY_HEADERS and lower not in out:
+        # JSON cannot carry NUL to PostgreSQL: such a value is no key (and must not be echoed).
+        if lower in KEY_HEADERS and lower not in out and "\0" not in value:
             out[lower] = value
     return out
 
 
 def plain_ip(ip: str | None) -> str | None:
-    """``::ffff:10.0.0.1`` (IPv4 on a dual-stack socket) → ``10.0.0.1``."""
-    if ip and ip.startswith("::ffff:") and "." in ip:
-        return ip[7:]
-    return ip or None
+    """``::ffff:10.0.0.1`` (IPv4 on a dual-stack socket) → ``10.0.0.1``; anything that is not an
+    address (a Unix socket, a test client's name) → None: no address, so an allow list refuses."""
+    if not ip:
+        return None
+    if ip.startswith("::ffff:") and "." in ip:
+        ip = ip[7:]
+    try:
+        return str(ipaddress.ip_address(ip))
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True)

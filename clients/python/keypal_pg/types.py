@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, Required, TypedDict
 from uuid import UUID
 
 ErrorCode = Literal[
@@ -64,6 +64,12 @@ class CreateOptions(_Described, _Limits, _Timing, _Schedules, total=False):
     policy: str
     signing: bool
     actor: str
+
+
+class CreateSpec(CreateOptions, total=False):
+    """One key of ``create_many``: the options of ``create`` with its ``owner_id``."""
+
+    owner_id: Required[str]
 
 
 class RotateOptions(_Described, _Limits, _Timing, total=False):

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 from typing import Any, Callable, ContextManager, Iterator
 
+import json
+
 import httpx
 import pytest
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request, WebSocket
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
 from conftest import conninfo, serve_asgi, serve_wsgi, sync_client
 from keypal_pg import AsyncKeypal, Keypal, VerifyResult
@@ -149,3 +153,52 @@ def test_429_past_a_blocking_quota(url: str, admin: Keypal) -> None:
     assert get(url, x_api_key=key).status_code == 200
     r = get(url, x_api_key=key)
     assert r.status_code == 429 and code(r) == "QUOTA_EXCEEDED"
+
+
+def test_websocket_handshake_needs_a_key(keys: dict[str, str]) -> None:
+    web = async_web()
+    app = FastAPI(lifespan=web.lifespan)
+
+    @app.websocket("/ws")
+    async def ws(socket: WebSocket) -> None:
+        await socket.accept()
+        await socket.send_json({"owner": socket.state.keypal.owner_id})
+        await socket.close()
+
+    app.add_middleware(KeypalMiddleware, keys=web, scope="read")
+    with serve_asgi(app) as base:
+        url = base.replace("http://", "ws://") + "/ws"
+        with connect(url, additional_headers={"x-api-key": keys["good"]}) as socket:
+            assert json.loads(socket.recv(timeout=5)) == {"owner": keys["owner"]}
+        refusals = [({}, 401, "MISSING_KEY"), ({"x-api-key": keys["no_scope"]}, 403, "INSUFFICIENT_SCOPE")]
+        for headers, status, expected in refusals:
+            # uvicorn offers the websocket.http.response extension: the upgrade gets the HTTP answer.
+            with pytest.raises(InvalidStatus) as refused:
+                connect(url, additional_headers=headers)
+            assert refused.value.response.status_code == status
+            assert json.loads(refused.value.response.body or b"{}")["code"] == expected
+
+
+def test_websocket_without_the_extension_is_closed_1008() -> None:
+    import asyncio
+
+    async def run() -> list[dict[str, Any]]:
+        web = await async_web().open()
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: Any) -> None:
+            sent.append(dict(message))
+
+        async def receive() -> Any:
+            return {"type": "websocket.connect"}
+
+        async def app(*_: Any) -> None:
+            raise AssertionError("the app was reached without a key")
+
+        try:
+            await KeypalMiddleware(app, web, scope="read")({"type": "websocket", "headers": [], "client": ("127.0.0.1", 1)}, receive, send)
+        finally:
+            await web.close()
+        return sent
+
+    assert asyncio.run(run()) == [{"type": "websocket.close", "code": 1008, "reason": "MISSING_KEY"}]
