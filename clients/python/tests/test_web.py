@@ -202,3 +202,16 @@ def test_websocket_without_the_extension_is_closed_1008() -> None:
         return sent
 
     assert asyncio.run(run()) == [{"type": "websocket.close", "code": 1008, "reason": "MISSING_KEY"}]
+
+
+def test_a_database_failure_is_a_500_not_a_401() -> None:
+    dead = AsyncKeypal("host=127.0.0.1 port=1 dbname=none user=keypal_web connect_timeout=1", min_size=1, timeout=1)
+    app = FastAPI(lifespan=dead.lifespan)
+
+    @app.get("/api/data")
+    async def data(key: VerifyResult = Depends(require_key(dead, scope="read"))) -> dict[str, Any]:
+        return {"owner": key.owner_id}
+
+    with serve_asgi(app) as base:
+        r = httpx.get(f"{base}/api/data", headers={"x-api-key": "sk_anything"}, timeout=10)
+        assert r.status_code == 500
