@@ -82,9 +82,15 @@ END $$;
 CREATE FUNCTION keypal.parse_timestamp(value text, arg text)
 RETURNS timestamptz LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    RETURN value::timestamptz;
-EXCEPTION WHEN others THEN
-    RAISE EXCEPTION 'invalid %: % is not a timestamp', arg, quote_literal(value) USING ERRCODE = '22007';
+    -- (the exception block below costs a subtransaction: not for the common NULL)
+    IF value IS NULL THEN
+        RETURN NULL;
+    END IF;
+    BEGIN
+        RETURN value::timestamptz;
+    EXCEPTION WHEN others THEN
+        RAISE EXCEPTION 'invalid %: % is not a timestamp', arg, quote_literal(value) USING ERRCODE = '22007';
+    END;
 END $$;
 
 CREATE FUNCTION keypal.text_array(j jsonb)
@@ -426,10 +432,6 @@ BEGIN
     IF jsonb_typeof(specs) IS DISTINCT FROM 'array' THEN
         RAISE EXCEPTION 'invalid specs: must be a JSON array of key option objects' USING ERRCODE = '22023';
     END IF;
-    IF jsonb_array_length(specs) > 1000 THEN
-        RAISE EXCEPTION 'invalid specs: at most 1000 keys per call, got %', jsonb_array_length(specs)
-            USING ERRCODE = '22023';
-    END IF;
     FOR i IN 0 .. jsonb_array_length(specs) - 1 LOOP
         RETURN QUERY SELECT * FROM keypal.create_key(specs -> i, format('specs[%s].', i));
     END LOOP;
@@ -696,6 +698,40 @@ CREATE FUNCTION keypal_disable(id uuid DEFAULT NULL, actor text DEFAULT NULL)
 RETURNS boolean
 LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT keypal.set_enabled(id, false, actor)
+$$;
+
+-- Enables or disables, in one statement, every key of an owner (and org) that is not revoked
+-- and not already so; returns how many changed. Enabling clears a disable_at that has passed.
+CREATE FUNCTION keypal.set_enabled_where(owner text, org text, on_off boolean, actor text)
+RETURNS integer LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n integer;
+BEGIN
+    IF coalesce(owner, '') = '' THEN
+        RAISE EXCEPTION 'invalid owner_id: required' USING ERRCODE = '22023';
+    END IF;
+    PERFORM keypal.begin_change(keypal.actor(actor));
+    UPDATE keypal.keys k
+       SET enabled = on_off,
+           disable_at = CASE WHEN on_off AND k.disable_at <= clock_timestamp() THEN NULL ELSE k.disable_at END
+     WHERE k.owner_id = owner AND (org IS NULL OR k.org_id = org)
+       AND (k.revoked_at IS NULL OR k.revoked_at > now())
+       AND (k.enabled <> on_off OR (on_off AND k.disable_at <= clock_timestamp()));
+    GET DIAGNOSTICS n = ROW_COUNT;
+    PERFORM keypal.end_change();
+    RETURN n;
+END $$;
+
+CREATE FUNCTION keypal_disable_all(owner_id text DEFAULT NULL, org_id text DEFAULT NULL, actor text DEFAULT NULL)
+RETURNS integer
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT keypal.set_enabled_where(owner_id, org_id, false, actor)
+$$;
+
+CREATE FUNCTION keypal_enable_all(owner_id text DEFAULT NULL, org_id text DEFAULT NULL, actor text DEFAULT NULL)
+RETURNS integer
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT keypal.set_enabled_where(owner_id, org_id, true, actor)
 $$;
 
 -- A key's settings as create options, for rotation to copy.
@@ -1144,23 +1180,47 @@ RETURNS jsonb LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
        AND n.key NOT IN ('key_hash', 'updated_at', 'last_used_at')
 $$;
 
--- Writes an event to the outbox (payload = the webhook body) and notifies listeners, in
--- the caller's transaction.
-CREATE FUNCTION keypal.emit_event(event text, key_id uuid, data jsonb)
+-- Writes events to the outbox (payload = the webhook body) with their pending webhook
+-- deliveries, and notifies listeners once with the highest id (they read the outbox from the
+-- last id they saw), in the caller's transaction. One call per statement that made events.
+CREATE FUNCTION keypal.emit_events(events text[], key_ids uuid[], data jsonb[])
 RETURNS bigint LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    ev_id bigint;
+    last_id bigint;
+    queued  bigint;
 BEGIN
-    INSERT INTO keypal.events (event, key_id, payload)
-    VALUES (event, key_id, jsonb_build_object(
-        'event', event,
-        'timestamp', to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'),
-        'data', data))
-    RETURNING id INTO ev_id;
-    PERFORM pg_notify('keypal_events', ev_id::text);
-    PERFORM keypal.enqueue_deliveries(ev_id, event, key_id);
-    RETURN ev_id;
+    WITH ev AS (
+        INSERT INTO keypal.events (event, key_id, payload)
+        SELECT e.event, e.key_id, jsonb_build_object(
+                   'event', e.event,
+                   'timestamp', to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'),
+                   'data', e.data)
+          FROM unnest(events, key_ids, data) WITH ORDINALITY AS e(event, key_id, data, n)
+         ORDER BY e.n
+        RETURNING id, event, key_id),
+    q AS (
+        -- One pending delivery per enabled webhook whose events match; behind a pending
+        -- delivery of the same key to the same webhook it waits as long (a key's events
+        -- arrive in order; a statement makes at most one event per key).
+        INSERT INTO keypal.webhook_queue (webhook_id, event_id, key_id, next_at)
+        SELECT w.id, ev.id, ev.key_id, keypal.queued_behind(w.id, ev.key_id, ev.id)
+          FROM ev JOIN keypal.webhooks w
+            ON w.enabled AND w.events && ARRAY[ev.event, '*', split_part(ev.event, '.', 1) || '.*']
+        RETURNING 1)
+    SELECT (SELECT max(id) FROM ev), (SELECT count(*) FROM q) INTO last_id, queued;
+    IF last_id IS NOT NULL THEN
+        PERFORM pg_notify('keypal_events', last_id::text);
+    END IF;
+    IF queued > 0 THEN
+        PERFORM keypal.wake_worker();
+    END IF;
+    RETURN last_id;
 END $$;
+
+CREATE FUNCTION keypal.emit_event(event text, key_id uuid, data jsonb)
+RETURNS bigint LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT keypal.emit_events(ARRAY[event], ARRAY[key_id], ARRAY[data])
+$$;
 
 -- The flush worker's write of what verify recorded in shared memory (src/worker.rs), one
 -- call per flush: last uses, per-hour requests, quota use, quota.exceeded events. It never
@@ -1409,69 +1469,140 @@ EXCEPTION WHEN OTHERS THEN
     RETURN QUERY SELECT 'x'::"char", NULL::uuid, NULL::timestamptz;
 END $$;
 
-CREATE FUNCTION keypal.audit_key_change()
+-- Who acts and why, as the management function set them (keypal.begin_change).
+CREATE FUNCTION keypal.change_actor()
+RETURNS text LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT keypal.actor(current_setting('keypal._actor', true))
+$$;
+
+CREATE FUNCTION keypal.change_context()
+RETURNS jsonb LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce(nullif(current_setting('keypal._context', true), '')::jsonb, '{}')
+$$;
+
+-- A key event's data (the webhook body's "data").
+CREATE FUNCTION keypal.event_data(act text, r keypal.keys, who text)
+RETURNS jsonb LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT jsonb_strip_nulls(jsonb_build_object(
+        'keyId', r.id, 'ownerId', r.owner_id, 'orgId', r.org_id, 'env', r.env, 'name', r.name,
+        'revokedBy', CASE WHEN act = 'revoked' THEN r.revoked_by END,
+        'reason', CASE WHEN act = 'revoked' THEN r.revoke_reason END,
+        'rotatedTo', CASE WHEN act = 'rotated' THEN r.rotated_to END,
+        'actor', who))
+$$;
+
+-- Restoring a dump (a COPY into keypal.keys, outside any keypal function): the rows bring
+-- their own audit history, events and timers, restored alongside.
+CREATE FUNCTION keypal.restoring(relid oid)
+RETURNS boolean LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce(current_setting('keypal._actor', true), '') = '' AND keypal.copying_into(relid)
+$$;
+
+-- The audit rows and events of one statement's changes to keys, from its transition tables:
+-- one audit row per key changed (created, updated, enabled, disabled, revoked, rotated,
+-- deleted, imported), one event per created, updated, enabled, disabled, revoked or rotated
+-- key, one NOTIFY for the statement. Set-based: a statement over 100 000 keys is three
+-- INSERTs here, not 100 000 trigger calls.
+CREATE FUNCTION keypal.audit_inserted_keys()
 RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    act     text := nullif(current_setting('keypal._action', true), '');
-    ctx     jsonb := coalesce(nullif(current_setting('keypal._context', true), '')::jsonb, '{}');
-    who     text := keypal.actor(current_setting('keypal._actor', true));
-    changes jsonb;
-    r       keypal.keys;
+    act text := coalesce(nullif(current_setting('keypal._action', true), ''), 'created');
+    who text := keypal.change_actor();
+    ids uuid[];
+    data jsonb[];
 BEGIN
-    -- Restoring a dump (a COPY into keypal.keys, outside any keypal function): the rows bring
-    -- their own audit history and events, restored alongside.
-    IF TG_OP = 'INSERT' AND coalesce(current_setting('keypal._actor', true), '') = ''
-       AND keypal.copying_into(TG_RELID) THEN
+    IF keypal.restoring(TG_RELID) THEN
         RETURN NULL;
     END IF;
-    IF TG_OP = 'INSERT' THEN
-        r := NEW;
-        act := coalesce(act, 'created');
-    ELSIF TG_OP = 'DELETE' THEN
-        r := OLD;
-        act := 'deleted';
-    ELSE
-        r := NEW;
-        changes := keypal.row_changes(to_jsonb(OLD), to_jsonb(NEW));
-        IF changes = '{}' THEN
-            RETURN NULL;
+    INSERT INTO keypal.audit_log (action, key_id, owner_id, org_id, actor, role, context)
+    SELECT act, n.id, n.owner_id, n.org_id, who, session_user, keypal.change_context()
+      FROM keypal_new n;
+    IF act = 'created' THEN
+        SELECT array_agg(n.id), array_agg(keypal.event_data(act, ROW(n.*)::keypal.keys, who)) INTO ids, data
+          FROM keypal_new n;
+        IF ids IS NOT NULL THEN
+            PERFORM keypal.emit_events(array_fill('key.created'::text, ARRAY[cardinality(ids)]), ids, data);
         END IF;
-        act := CASE
-            -- keypal_import's overwrite (not a cascade it set off, one trigger level down)
-            WHEN act = 'imported' AND pg_trigger_depth() = 1 THEN 'imported'
-            WHEN NEW.rotated_to IS NOT NULL AND OLD.rotated_to IS NULL THEN 'rotated'
-            WHEN NEW.revoked_at IS NOT NULL AND (OLD.revoked_at IS NULL OR NEW.revoked_at < OLD.revoked_at) THEN 'revoked'
-            WHEN NEW.enabled AND NOT OLD.enabled THEN 'enabled'
-            WHEN OLD.enabled AND NOT NEW.enabled THEN 'disabled'
-            ELSE 'updated' END;
-        IF act = 'revoked' AND NEW.revoke_reason = 'parent revoked' THEN
-            ctx := ctx || jsonb_build_object('cascade_from', NEW.parent_id);
-        END IF;
-    END IF;
-    INSERT INTO keypal.audit_log (action, key_id, owner_id, org_id, actor, role, context, changes)
-    VALUES (act, r.id, r.owner_id, r.org_id, who, session_user, ctx, changes);
-
-    IF act IN ('created', 'updated', 'enabled', 'disabled', 'revoked', 'rotated') THEN
-        PERFORM keypal.emit_event('key.' || act, r.id, jsonb_strip_nulls(jsonb_build_object(
-            'keyId', r.id, 'ownerId', r.owner_id, 'orgId', r.org_id, 'env', r.env, 'name', r.name,
-            'revokedBy', CASE WHEN act = 'revoked' THEN r.revoked_by END,
-            'reason', CASE WHEN act = 'revoked' THEN r.revoke_reason END,
-            'rotatedTo', CASE WHEN act = 'rotated' THEN r.rotated_to END,
-            'actor', who)));
     END IF;
     RETURN NULL;
 END $$;
 
--- Revoking a key revokes every descendant in the same transaction.
-CREATE FUNCTION keypal.cascade_revocation()
+CREATE FUNCTION keypal.audit_deleted_keys()
 RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+    INSERT INTO keypal.audit_log (action, key_id, owner_id, org_id, actor, role, context)
+    SELECT 'deleted', o.id, o.owner_id, o.org_id, keypal.change_actor(), session_user, keypal.change_context()
+      FROM keypal_old o;
+    RETURN NULL;
+END $$;
+
+CREATE FUNCTION keypal.audit_updated_keys()
+RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    given text := nullif(current_setting('keypal._action', true), '');
+    who   text := keypal.change_actor();
+    ctx   jsonb := keypal.change_context();
+    acts  text[];
+    ids   uuid[];
+    data  jsonb[];
+BEGIN
+    WITH changed AS (
+        SELECT row_number() OVER () AS n, a.act, c.r, c.changes
+          FROM (SELECT ROW(n.*)::keypal.keys AS r, ROW(o.*)::keypal.keys AS old_r,
+                       keypal.row_changes(to_jsonb(o), to_jsonb(n)) AS changes
+                  FROM keypal_new n JOIN keypal_old o USING (id)
+                 -- A write of last_used_at (the flush worker's) is not a change anyone made.
+                 WHERE o.last_used_at IS NOT DISTINCT FROM n.last_used_at) c
+          CROSS JOIN LATERAL (SELECT CASE
+                -- keypal_import's overwrite (not a cascade it set off, one trigger level down)
+                WHEN given = 'imported' AND pg_trigger_depth() = 1 THEN 'imported'
+                WHEN (c.r).rotated_to IS NOT NULL AND (c.old_r).rotated_to IS NULL THEN 'rotated'
+                WHEN (c.r).revoked_at IS NOT NULL
+                     AND ((c.old_r).revoked_at IS NULL OR (c.r).revoked_at < (c.old_r).revoked_at) THEN 'revoked'
+                WHEN (c.r).enabled AND NOT (c.old_r).enabled THEN 'enabled'
+                WHEN (c.old_r).enabled AND NOT (c.r).enabled THEN 'disabled'
+                ELSE 'updated' END AS act) a
+         WHERE c.changes <> '{}'),
+    audited AS (
+        INSERT INTO keypal.audit_log (action, key_id, owner_id, org_id, actor, role, context, changes)
+        SELECT x.act, (x.r).id, (x.r).owner_id, (x.r).org_id, who, session_user,
+               CASE WHEN x.act = 'revoked' AND (x.r).revoke_reason = 'parent revoked'
+                    THEN ctx || jsonb_build_object('cascade_from', (x.r).parent_id) ELSE ctx END,
+               x.changes
+          FROM changed x ORDER BY x.n)
+    SELECT array_agg('key.' || x.act ORDER BY x.n), array_agg((x.r).id ORDER BY x.n),
+           array_agg(keypal.event_data(x.act, x.r, who) ORDER BY x.n)
+      INTO acts, ids, data
+      FROM changed x WHERE x.act <> 'imported';
+    IF ids IS NOT NULL THEN
+        PERFORM keypal.emit_events(acts, ids, data);
+    END IF;
+    RETURN NULL;
+END $$;
+
+-- Revoking keys revokes every descendant in the same transaction: one UPDATE per level of
+-- the hierarchy (it sets this trigger off again, one level down).
+CREATE FUNCTION keypal.cascade_revocation()
+RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    parents  uuid[];
+    moments  timestamptz[];
+    revokers text[];
+BEGIN
+    SELECT array_agg(p.id), array_agg(p.revoked_at), array_agg(p.revoked_by) INTO parents, moments, revokers
+      FROM keypal_new p JOIN keypal_old o USING (id)
+     WHERE p.revoked_at IS NOT NULL AND (o.revoked_at IS NULL OR p.revoked_at < o.revoked_at);
+    -- (the UPDATE below sets this trigger off again: it ends where no key was newly revoked)
+    IF parents IS NULL THEN
+        RETURN NULL;
+    END IF;
     -- A child already revoked (not merely scheduled to be, as in a rotation's grace) is
     -- left as it is: it was revoked once, and is not again.
     UPDATE keypal.keys c
-       SET revoked_at = NEW.revoked_at, revoke_reason = 'parent revoked', revoked_by = NEW.revoked_by
-     WHERE c.parent_id = NEW.id
-       AND (c.revoked_at IS NULL OR (c.revoked_at > NEW.revoked_at AND c.revoked_at > clock_timestamp()));
+       SET revoked_at = p.revoked_at, revoke_reason = 'parent revoked', revoked_by = p.revoked_by
+      FROM unnest(parents, moments, revokers) AS p(id, revoked_at, revoked_by)
+     WHERE c.parent_id = p.id
+       AND (c.revoked_at IS NULL OR (c.revoked_at > p.revoked_at AND c.revoked_at > clock_timestamp()));
     RETURN NULL;
 END $$;
 
@@ -1501,14 +1632,16 @@ CREATE TRIGGER policies_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON 
 CREATE TRIGGER keys_updated_at BEFORE UPDATE ON keypal.keys
     FOR EACH ROW WHEN (OLD.last_used_at IS NOT DISTINCT FROM NEW.last_used_at)
     EXECUTE FUNCTION keypal.touch_updated_at();
-CREATE TRIGGER keys_audit AFTER INSERT OR DELETE ON keypal.keys
-    FOR EACH ROW EXECUTE FUNCTION keypal.audit_key_change();
+CREATE TRIGGER keys_audit AFTER INSERT ON keypal.keys REFERENCING NEW TABLE AS keypal_new
+    FOR EACH STATEMENT EXECUTE FUNCTION keypal.audit_inserted_keys();
+CREATE TRIGGER keys_audit_delete AFTER DELETE ON keypal.keys REFERENCING OLD TABLE AS keypal_old
+    FOR EACH STATEMENT EXECUTE FUNCTION keypal.audit_deleted_keys();
 CREATE TRIGGER keys_audit_update AFTER UPDATE ON keypal.keys
-    FOR EACH ROW WHEN (OLD.last_used_at IS NOT DISTINCT FROM NEW.last_used_at)
-    EXECUTE FUNCTION keypal.audit_key_change();
-CREATE TRIGGER keys_cascade_revocation AFTER UPDATE OF revoked_at ON keypal.keys
-    FOR EACH ROW WHEN (NEW.revoked_at IS NOT NULL AND (OLD.revoked_at IS NULL OR NEW.revoked_at < OLD.revoked_at))
-    EXECUTE FUNCTION keypal.cascade_revocation();
+    REFERENCING OLD TABLE AS keypal_old NEW TABLE AS keypal_new
+    FOR EACH STATEMENT EXECUTE FUNCTION keypal.audit_updated_keys();
+CREATE TRIGGER keys_cascade_revocation AFTER UPDATE ON keypal.keys
+    REFERENCING OLD TABLE AS keypal_old NEW TABLE AS keypal_new
+    FOR EACH STATEMENT EXECUTE FUNCTION keypal.cascade_revocation();
 CREATE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE ON keypal.audit_log
     FOR EACH ROW EXECUTE FUNCTION keypal.audit_log_guard();
 CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON keypal.audit_log
@@ -1598,6 +1731,8 @@ BEGIN
         ('keypal_revoke', 'Revokes a key for good, and by cascade all its descendant keys, in this transaction. Returns 1.'),
         ('keypal_revoke_many', 'Revokes the given keys; returns how many were newly revoked (already revoked ones are skipped).'),
         ('keypal_revoke_all', 'Revokes every key of an owner; returns how many were newly revoked.'),
+        ('keypal_disable_all', 'Disables every key of an owner (and org_id, if given) that is not revoked, in one statement; returns how many were newly disabled.'),
+        ('keypal_enable_all', 'Enables every disabled key of an owner (and org_id, if given) that is not revoked, in one statement, clearing a passed disable_at; returns how many were newly enabled.'),
         ('keypal_revoke_by_owner_and_org', 'Revokes every key of an owner in an org; returns how many were newly revoked.'),
         ('keypal_enable', 'Enables a disabled key (never a revoked one). Returns whether it changed.'),
         ('keypal_disable', 'Disables a key temporarily (keypal_enable undoes it). Returns whether it changed.'),

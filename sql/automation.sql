@@ -221,22 +221,6 @@ RETURNS timestamptz LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp 
                         AND p.dead_at IS NULL))
 $$;
 
--- Called by emit_event for each event, in its transaction: one pending delivery per enabled
--- webhook whose events match. Behind a pending delivery of the same key to the same webhook
--- (in flight, or waiting for a retry) it waits as long (events of a key arrive in order).
-CREATE FUNCTION keypal.enqueue_deliveries(ev_id bigint, ev text, ev_key uuid)
-RETURNS void LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    INSERT INTO keypal.webhook_queue (webhook_id, event_id, key_id, next_at)
-    SELECT w.id, ev_id, ev_key, keypal.queued_behind(w.id, ev_key, ev_id)
-      FROM keypal.webhooks w
-     WHERE w.enabled
-       AND w.events && ARRAY[ev, '*', split_part(ev, '.', 1) || '.*'];
-    IF FOUND THEN
-        PERFORM keypal.wake_worker();
-    END IF;
-END $$;
-
 -- The flush worker's claim: up to room due deliveries, at most webhook_concurrency in flight
 -- per webhook (busy: what it has in flight now), none behind a pending delivery of the same
 -- key; each leased (next_at moved past the request's timeout) so that a worker gone before
@@ -421,59 +405,83 @@ RETURNS timestamptz LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
     END
 $$;
 
-CREATE FUNCTION keypal.arm_timers()
-RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    ins boolean := TG_OP = 'INSERT';
-    which text;
-    due timestamptz;
-    armed boolean := false;
+-- The moment to arm a key's timer of this kind for (NULL: none). A revoked key has none;
+-- keypal_import: a moment that passed before the key came here was the source's to act on
+-- (its state says what came of it), so only what is still ahead is armed.
+CREATE FUNCTION keypal.timer_to_arm(k keypal.keys, kind text, importing boolean)
+RETURNS timestamptz LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE WHEN k.revoked_at <= now() THEN NULL
+                WHEN importing AND keypal.timer_due(k, kind) <= now() THEN NULL
+                ELSE keypal.timer_due(k, kind) END
+$$;
+
+-- The worker applies timers (when it runs maintenance): make sure one runs once some are set.
+CREATE FUNCTION keypal.timers_armed(n bigint)
+RETURNS void LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    -- Restoring a dump: the timers are restored alongside, as they were.
-    IF ins AND coalesce(current_setting('keypal._actor', true), '') = '' AND keypal.copying_into(TG_RELID) THEN
-        RETURN NULL;
-    END IF;
-    IF NEW.revoked_at <= now() THEN
-        IF NOT ins THEN
-            DELETE FROM keypal.key_timers t WHERE t.key_id = NEW.id;
-        END IF;
-        RETURN NULL;
-    END IF;
-    FOREACH which IN ARRAY ARRAY['disable', 'revoke', 'expiring', 'expired'] LOOP
-        CONTINUE WHEN NOT ins AND keypal.timer_due(OLD, which) IS NOT DISTINCT FROM keypal.timer_due(NEW, which);
-        due := keypal.timer_due(NEW, which);
-        -- keypal_import: a moment that passed before the key came here was the source's
-        -- to act on (its state says what came of it); only what is still ahead is armed.
-        IF due <= now() AND current_setting('keypal._action', true) = 'imported' THEN
-            due := NULL;
-        END IF;
-        IF due IS NULL THEN
-            IF NOT ins THEN
-                DELETE FROM keypal.key_timers t WHERE t.key_id = NEW.id AND t.kind = which;
-            END IF;
-        ELSE
-            INSERT INTO keypal.key_timers AS t (key_id, kind, due_at) VALUES (NEW.id, which, due)
-                ON CONFLICT (key_id, kind) DO UPDATE SET due_at = EXCLUDED.due_at;
-            armed := true;
-        END IF;
-    END LOOP;
-    -- The worker applies timers (when it runs maintenance): make sure one runs.
-    IF armed AND current_setting('keypal.maintenance_interval', true) IS DISTINCT FROM '0' THEN
+    IF n > 0 AND current_setting('keypal.maintenance_interval', true) IS DISTINCT FROM '0' THEN
         PERFORM keypal.ensure_worker();
     END IF;
+END $$;
+
+-- One statement's new keys' timers, from its transition table.
+CREATE FUNCTION keypal.arm_timers_inserted()
+RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    importing boolean := current_setting('keypal._action', true) = 'imported';
+    armed     bigint;
+BEGIN
+    IF keypal.restoring(TG_RELID) THEN
+        RETURN NULL;
+    END IF;
+    WITH set AS (
+        INSERT INTO keypal.key_timers AS t (key_id, kind, due_at)
+        SELECT a.key_id, a.kind, a.due
+          FROM (SELECT n.id AS key_id, w.kind, keypal.timer_to_arm(ROW(n.*)::keypal.keys, w.kind, importing) AS due
+                  FROM keypal_new n CROSS JOIN unnest(ARRAY['disable', 'revoke', 'expiring', 'expired']) AS w(kind)) a
+         WHERE a.due IS NOT NULL
+            ON CONFLICT (key_id, kind) DO UPDATE SET due_at = EXCLUDED.due_at
+        RETURNING 1)
+    SELECT count(*) INTO armed FROM set;
+    PERFORM keypal.timers_armed(armed);
     RETURN NULL;
 END $$;
 
-CREATE TRIGGER keys_timers_insert AFTER INSERT ON keypal.keys
-    FOR EACH ROW WHEN (NEW.disable_at IS NOT NULL OR NEW.revoke_at IS NOT NULL OR NEW.expires_at IS NOT NULL)
-    EXECUTE FUNCTION keypal.arm_timers();
-CREATE TRIGGER keys_timers_update AFTER UPDATE OF disable_at, revoke_at, expires_at, notify_before, enabled, revoked_at
-    ON keypal.keys
-    FOR EACH ROW WHEN (OLD.disable_at IS DISTINCT FROM NEW.disable_at OR OLD.revoke_at IS DISTINCT FROM NEW.revoke_at
-                       OR OLD.expires_at IS DISTINCT FROM NEW.expires_at
-                       OR OLD.notify_before IS DISTINCT FROM NEW.notify_before
-                       OR OLD.enabled IS DISTINCT FROM NEW.enabled OR OLD.revoked_at IS DISTINCT FROM NEW.revoked_at)
-    EXECUTE FUNCTION keypal.arm_timers();
+-- One statement's changed keys' timers, from its transition tables: a timer whose moment
+-- changed is set, moved or dropped; a revoked key's are dropped.
+CREATE FUNCTION keypal.arm_timers()
+RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    importing boolean := current_setting('keypal._action', true) = 'imported';
+    armed     bigint;
+BEGIN
+    WITH wanted AS (
+        SELECT n.id AS key_id, w.kind, keypal.timer_to_arm(ROW(n.*)::keypal.keys, w.kind, importing) AS due
+          FROM keypal_new n JOIN keypal_old o USING (id)
+         CROSS JOIN unnest(ARRAY['disable', 'revoke', 'expiring', 'expired']) AS w(kind)
+         WHERE (o.disable_at, o.revoke_at, o.expires_at, o.notify_before, o.enabled, o.revoked_at)
+               IS DISTINCT FROM (n.disable_at, n.revoke_at, n.expires_at, n.notify_before, n.enabled, n.revoked_at)
+           AND (n.revoked_at <= now()
+                OR keypal.timer_due(ROW(o.*)::keypal.keys, w.kind)
+                   IS DISTINCT FROM keypal.timer_due(ROW(n.*)::keypal.keys, w.kind))),
+    dropped AS (
+        DELETE FROM keypal.key_timers t USING wanted d
+         WHERE d.due IS NULL AND t.key_id = d.key_id AND t.kind = d.kind),
+    set AS (
+        INSERT INTO keypal.key_timers AS t (key_id, kind, due_at)
+        SELECT d.key_id, d.kind, d.due FROM wanted d WHERE d.due IS NOT NULL
+            ON CONFLICT (key_id, kind) DO UPDATE SET due_at = EXCLUDED.due_at
+        RETURNING 1)
+    SELECT count(*) INTO armed FROM set;
+    PERFORM keypal.timers_armed(armed);
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER keys_timers_insert AFTER INSERT ON keypal.keys REFERENCING NEW TABLE AS keypal_new
+    FOR EACH STATEMENT EXECUTE FUNCTION keypal.arm_timers_inserted();
+CREATE TRIGGER keys_timers_update AFTER UPDATE ON keypal.keys
+    REFERENCING OLD TABLE AS keypal_old NEW TABLE AS keypal_new
+    FOR EACH STATEMENT EXECUTE FUNCTION keypal.arm_timers();
 
 -- quota_usage.resets_at: when the row's period ends, by the key's quota period (UTC).
 CREATE FUNCTION keypal.quota_resets_at()

@@ -1,6 +1,6 @@
 //! The flush worker's second job: delivering webhooks and running maintenance.
 //!
-//! Webhooks: deliveries are queued with each event (`keypal.enqueue_deliveries`, same
+//! Webhooks: deliveries are queued with each event (`keypal.emit_events`, same
 //! transaction). The worker claims the due ones (`keypal.claim_deliveries`: FOR UPDATE SKIP
 //! LOCKED, a lease, at most `webhook_concurrency` in flight per webhook, none behind a
 //! pending one of the same key), POSTs them on its delivery threads (src/delivery.rs), and

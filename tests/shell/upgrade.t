@@ -87,9 +87,12 @@ SELECT keypal_revoke((SELECT id FROM plain_keys WHERE label = 'revoked'));
 SELECT keypal_disable((SELECT id FROM plain_keys WHERE label = 'disabled'));
 INSERT INTO plain_keys SELECT 'rotated', key, id FROM keypal_rotate((SELECT id FROM plain_keys WHERE label = 'policy'), grace => '1h');
 SELECT keypal_add_webhook('https://hooks.example.com/up', 'whsec_up');
--- durations as bare numbers, which the old version took as seconds
-SELECT keypal_configure(retention => '{"usage": "8640000"}');
-SELECT keypal_define_template('up:bare', '{"expires_in": "86400", "scopes": ["read"]}');
+SQL
+    # durations as bare numbers, which 0.1.0 took as seconds (later versions refuse them)
+    if [ "$old" = 0.1.0 ]; then bare=''; else bare=s; fi
+    q -d keypal_up_old >/dev/null <<SQL
+SELECT keypal_configure(retention => '{"usage": "8640000$bare"}');
+SELECT keypal_define_template('up:bare', '{"expires_in": "86400$bare", "scopes": ["read"]}');
 SQL
     before=$(verdicts keypal_up_old)
     audit_before=$(q -d keypal_up_old -c "SELECT count(*) FROM keypal.audit_log")

@@ -1,0 +1,96 @@
+-- The management plane in bulk (issue 13): statements over many keys keep the audit and
+-- event contract exact — one audit row and one event per key changed, in one transaction,
+-- one NOTIFY per statement — and a statement that fails part way leaves nothing.
+BEGIN;
+SELECT no_plan();
+
+-- create_many has no 1000-key cap; every key gets its audit row and key.created event.
+CREATE TEMP TABLE made AS SELECT * FROM keypal_create_many(
+    (SELECT jsonb_agg(jsonb_build_object('owner_id', 'bulk', 'scopes', '["read"]'::jsonb, 'name', 'k' || i))
+       FROM generate_series(1, 2500) i));
+SELECT is((SELECT count(*) FROM made), 2500::bigint, 'create_many of 2500 specs: 2500 keys');
+SELECT is((SELECT count(DISTINCT id) FROM made), 2500::bigint, '(each its own)');
+SELECT is((SELECT count(*) FROM keypal.audit_log a JOIN made m ON m.id = a.key_id WHERE a.action = 'created'),
+          2500::bigint, 'one created audit row per key');
+SELECT is((SELECT count(*) FROM keypal.events e JOIN made m ON m.id = e.key_id WHERE e.event = 'key.created'),
+          2500::bigint, 'one key.created event per key');
+SELECT is((SELECT count(*) FROM keypal.events e JOIN made m ON m.id = e.key_id
+            WHERE e.payload->'data'->>'keyId' = m.id::text AND e.payload->'data'->>'ownerId' = 'bulk'),
+          2500::bigint, 'each event carries its own key and owner');
+SELECT is((SELECT count(*) FROM keypal.keys k JOIN made m USING (id) WHERE (keypal_verify(m.key, 'read')).valid),
+          2500::bigint, 'every key verifies');
+
+-- A bad spec at position 2000: nothing of the call is written.
+SELECT throws_like($$SELECT * FROM keypal_create_many((SELECT jsonb_agg(CASE WHEN i = 2000
+        THEN jsonb_build_object('owner_id', 'half', 'expires_in', 'soon')
+        ELSE jsonb_build_object('owner_id', 'half') END) FROM generate_series(1, 2500) i))$$,
+    '%specs[1999].expires_in%', 'a bad spec deep in a big call is named');
+SELECT is((SELECT count(*) FROM keypal.keys WHERE owner_id = 'half'), 0::bigint, 'and nothing of the call is written');
+SELECT is((SELECT count(*) FROM keypal.audit_log WHERE owner_id = 'half'), 0::bigint, '(no audit rows)');
+
+-- A hierarchy three levels deep under 100 roots, revoked by owner in one statement.
+CREATE TEMP TABLE roots AS SELECT id FROM made ORDER BY id LIMIT 100;
+CREATE TEMP TABLE lvl1 AS SELECT c.id, r.id AS parent FROM roots r,
+    LATERAL keypal_create(owner_id => 'bulk', scopes => '{read}', parent_id => r.id) c;
+CREATE TEMP TABLE lvl2 AS SELECT c.id, p.id AS parent FROM lvl1 p,
+    LATERAL keypal_create(owner_id => 'bulk', scopes => '{read}', parent_id => p.id) c;
+CREATE TEMP TABLE lvl3 AS SELECT c.id, c.key, p.id AS parent FROM lvl2 p,
+    LATERAL keypal_create(owner_id => 'other', scopes => '{read}', parent_id => p.id) c;
+CREATE TEMP TABLE seen_events AS SELECT max(id) AS last FROM keypal.events;
+SELECT is(keypal_revoke_all('bulk', reason => 'offboarded'), 2700, 'revoke_all: every key of the owner newly revoked');
+SELECT is((SELECT count(*) FROM keypal.keys WHERE id IN (SELECT id FROM lvl3) AND revoked_at IS NOT NULL), 100::bigint,
+          'great-grandchildren of another owner are revoked by the cascade');
+SELECT is((SELECT count(*) FROM keypal.keys WHERE id IN (SELECT id FROM lvl3) AND revoke_reason = 'parent revoked'), 100::bigint,
+          '(as parent revoked)');
+SELECT is((keypal_verify((SELECT key FROM lvl3 LIMIT 1))).error_code, 'REVOKED', 'and stop verifying');
+SELECT is((SELECT count(*) FROM keypal.audit_log WHERE action = 'revoked'
+            AND key_id IN (SELECT id FROM made UNION ALL SELECT id FROM lvl1 UNION ALL SELECT id FROM lvl2 UNION ALL SELECT id FROM lvl3)),
+          2800::bigint, 'one revoked audit row per key, cascade included');
+SELECT is((SELECT count(*) FROM keypal.audit_log a JOIN lvl3 l ON l.id = a.key_id
+            WHERE a.action = 'revoked' AND a.context->>'cascade_from' = l.parent::text), 100::bigint,
+          'a cascaded revocation names its parent in the audit context');
+SELECT is((SELECT count(*) FROM keypal.events WHERE event = 'key.revoked' AND id > (SELECT last FROM seen_events)),
+          2800::bigint, 'one key.revoked event per key');
+SELECT is((SELECT count(*) FROM keypal.events WHERE event = 'key.revoked' AND id > (SELECT last FROM seen_events)
+            AND payload->'data'->>'reason' = 'offboarded'), 2700::bigint, '(with the reason given)');
+SELECT is(keypal_revoke_all('bulk'), 0, 'a second revoke_all revokes nothing');
+SELECT is((SELECT count(*) FROM keypal.audit_log WHERE action = 'revoked' AND key_id IN (SELECT id FROM made)),
+          2500::bigint, '(and audits nothing)');
+
+-- disable_all / enable_all: one statement, one audit row and event per key changed.
+CREATE TEMP TABLE dis AS SELECT * FROM keypal_create_many(
+    (SELECT jsonb_agg(jsonb_build_object('owner_id', 'dis', 'org_id', CASE WHEN i <= 30 THEN 'o1' ELSE 'o2' END))
+       FROM generate_series(1, 50) i));
+SELECT is(keypal_revoke((SELECT id FROM dis ORDER BY id LIMIT 1)), 1, 'one of them revoked');
+SELECT is(keypal_disable_all('dis', 'o1'), 29, 'disable_all by owner and org: the org''s live keys (a revoked one left)');
+SELECT is(keypal_disable_all('dis'), 20, 'disable_all by owner: the rest');
+SELECT is(keypal_disable_all('dis'), 0, 'again: nothing left to disable');
+SELECT is((keypal_verify((SELECT key FROM dis ORDER BY id OFFSET 1 LIMIT 1))).error_code, 'DISABLED', 'a disabled key is refused');
+SELECT is((SELECT count(*) FROM keypal.audit_log WHERE action = 'disabled' AND owner_id = 'dis'), 49::bigint, 'one disabled audit row per key');
+SELECT is((SELECT count(*) FROM keypal.events WHERE event = 'key.disabled' AND payload->'data'->>'ownerId' = 'dis'), 49::bigint,
+          'one key.disabled event per key');
+UPDATE keypal.keys SET disable_at = now() - interval '1 minute' WHERE owner_id = 'dis' AND enabled AND revoked_at IS NULL;
+SELECT is(keypal_enable_all('dis', actor => 'ops'), 49, 'enable_all: every disabled key, not the revoked one');
+SELECT is((keypal_verify((SELECT key FROM dis ORDER BY id OFFSET 1 LIMIT 1))).valid, true, 'enabled keys verify again');
+SELECT is((SELECT count(*) FROM keypal.audit_log WHERE action = 'enabled' AND owner_id = 'dis' AND actor = 'ops'), 49::bigint,
+          'one enabled audit row per key, with the actor');
+SELECT throws_ok($$SELECT keypal_disable_all(NULL)$$, '22023', 'invalid owner_id: required', 'disable_all needs an owner');
+SELECT throws_ok($$SELECT keypal_enable_all('')$$, '22023', 'invalid owner_id: required', 'enable_all needs an owner');
+
+-- A statement-level trigger over a last_used_at write (the flush worker's) audits nothing.
+CREATE TEMP TABLE audit_before AS SELECT count(*) AS n FROM keypal.audit_log;
+UPDATE keypal.keys SET last_used_at = now() WHERE owner_id = 'dis';
+SELECT is((SELECT count(*) FROM keypal.audit_log), (SELECT n FROM audit_before), 'a last_used_at write is not audited');
+
+-- Timers of many keys set and dropped by one statement.
+CREATE TEMP TABLE timed AS SELECT * FROM keypal_create_many(
+    (SELECT jsonb_agg(jsonb_build_object('owner_id', 'timed', 'expires_in', '30d', 'notify_before', '7d', 'revoke_at', now() + interval '10 days'))
+       FROM generate_series(1, 200) i));
+SELECT is((SELECT count(*) FROM keypal.key_timers WHERE key_id IN (SELECT id FROM timed)), 600::bigint,
+          'three timers per key (expiring, expired, revoke)');
+SELECT is(keypal_revoke_all('timed'), 200, 'revoke them all');
+SELECT is((SELECT count(*) FROM keypal.key_timers WHERE key_id IN (SELECT id FROM timed)), 0::bigint,
+          'a revoked key has no timers');
+
+SELECT * FROM finish();
+ROLLBACK;
