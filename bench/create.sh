@@ -52,7 +52,7 @@ expect "create audit" "$(count bench_create "SELECT count(*) FROM keypal.audit_l
 secs[create_many]=$(timed bench_create "SELECT count(*) FROM keypal_create_many((SELECT jsonb_agg(jsonb_build_object('owner_id', 'm' || i % 1000, 'scopes', '[\"read\"]'::jsonb)) FROM generate_series(1, $N) i));")
 expect create_many "$(count bench_create "SELECT count(*) FROM keypal.keys WHERE owner_id LIKE 'm%'")" "$N"
 fresh bench_import
-psql -X -q -At -d bench_create -c "COPY (SELECT keypal_export_records::text FROM keypal_export_records() r WHERE r->>'owner_id' LIKE 'c%') TO STDOUT" >/tmp/keypal-bench-records.jsonl
+psql -X -q -At -d bench_create -c "COPY (SELECT r::text FROM keypal_export_records() AS r WHERE r->>'owner_id' LIKE 'c%') TO STDOUT" >/tmp/keypal-bench-records.jsonl
 secs[import]=$(timed bench_import "CREATE TEMP TABLE recs (r jsonb);
 \\copy recs FROM '/tmp/keypal-bench-records.jsonl'
 SELECT keypal_import((SELECT jsonb_agg(r) FROM recs));")

@@ -49,8 +49,13 @@ UNION ALL
 SELECT w.key_id, w.hour, '', w.requests, 0, 0::numeric FROM keypal.unwritten_usage() w;
 COMMENT ON VIEW keypal.hourly_usage IS 'Requests, tokens and cost per key, hour and endpoint, as of now (sum rows of the same key, hour and endpoint).';
 
+-- Internal helpers (keypal.*, no EXECUTE for PUBLIC) run only inside keypal's own entry
+-- points — SECURITY DEFINER functions, trigger functions, the worker, Rust's catalog load —
+-- which all pin search_path = pg_catalog, pg_temp. They do not set it again: a function with
+-- a SET clause is never inlined and pays a configuration save and restore on every call,
+-- which was most of what creating a key cost.
 CREATE FUNCTION keypal.parse_duration(value text, arg text, allow_zero boolean DEFAULT false)
-RETURNS interval LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+RETURNS interval LANGUAGE plpgsql STABLE AS $$
 DECLARE
     v interval;
 BEGIN
@@ -80,7 +85,7 @@ BEGIN
 END $$;
 
 CREATE FUNCTION keypal.parse_timestamp(value text, arg text)
-RETURNS timestamptz LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+RETURNS timestamptz LANGUAGE plpgsql STABLE AS $$
 BEGIN
     -- (the exception block below costs a subtransaction: not for the common NULL)
     IF value IS NULL THEN
@@ -94,7 +99,7 @@ BEGIN
 END $$;
 
 CREATE FUNCTION keypal.text_array(j jsonb)
-RETURNS text[] LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+RETURNS text[] LANGUAGE sql IMMUTABLE AS $$
     SELECT coalesce(array_agg(x ORDER BY n), '{}')
       FROM jsonb_array_elements_text(CASE WHEN jsonb_typeof(j) = 'array' THEN j ELSE '[]' END)
            WITH ORDINALITY AS t(x, n)
@@ -103,7 +108,7 @@ $$;
 -- Builds an options object from argument names and values, leaving out SQL NULLs (an
 -- argument not given) but keeping JSON null (a setting to clear).
 CREATE FUNCTION keypal.options(names text[], vals jsonb[])
-RETURNS jsonb LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+RETURNS jsonb LANGUAGE sql IMMUTABLE AS $$
     SELECT coalesce(jsonb_object_agg(n, v), '{}')
       FROM unnest(names, vals) AS t(n, v)
      WHERE v IS NOT NULL
@@ -111,7 +116,7 @@ $$;
 
 -- Who is acting: the function's actor argument, else keypal.actor, else the caller's role.
 CREATE FUNCTION keypal.actor(given text)
-RETURNS text LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+RETURNS text LANGUAGE sql STABLE AS $$
     SELECT coalesce(nullif(given, ''), nullif(current_setting('keypal.actor', true), ''),
                     keypal.invoking_user())
 $$;
@@ -119,14 +124,14 @@ $$;
 -- The audit trigger reads who acts, and why, from these transaction-local settings; the
 -- management functions set them around each write and clear them after.
 CREATE FUNCTION keypal.begin_change(actor text, action text DEFAULT NULL, context jsonb DEFAULT NULL)
-RETURNS void LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+RETURNS void LANGUAGE sql VOLATILE AS $$
     SELECT set_config('keypal._actor', coalesce(actor, ''), true),
            set_config('keypal._action', coalesce(action, ''), true),
            set_config('keypal._context', coalesce(context::text, ''), true);
 $$;
 
 CREATE FUNCTION keypal.end_change()
-RETURNS void LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+RETURNS void LANGUAGE sql VOLATILE AS $$
     SELECT keypal.begin_change(NULL);
 $$;
 
@@ -224,7 +229,7 @@ END $$;
 
 -- The level of a key in its hierarchy (a root key is 1); counting stops past the cap.
 CREATE FUNCTION keypal.depth_of(key_id uuid)
-RETURNS integer LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+RETURNS integer LANGUAGE sql STABLE AS $$
     WITH RECURSIVE up(id, depth) AS (
         SELECT k.parent_id, 1 FROM keypal.keys k WHERE k.id = depth_of.key_id
         UNION ALL
@@ -289,38 +294,22 @@ END $$;
 -- Refuses an environment that is not one of envs (the configured environments) with 22023
 -- naming arg; NULL, or no environments configured, passes.
 CREATE FUNCTION keypal.check_env(env text, arg text, envs jsonb)
-RETURNS void LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+RETURNS boolean LANGUAGE plpgsql IMMUTABLE AS $$
 BEGIN
     IF env IS NOT NULL AND jsonb_typeof(envs) = 'object' AND NOT envs ? env THEN
         RAISE EXCEPTION 'invalid %: no environment named % (configured: %)', arg, quote_literal(env),
             (SELECT string_agg(e, ', ') FROM jsonb_object_keys(envs) e) USING ERRCODE = '22023';
     END IF;
+    RETURN true;
 END $$;
 
--- The one place a key is made. opts: key options (see options.rs); extra: rotated_from,
--- and the audit action/context.
-CREATE FUNCTION keypal.create_key(opts jsonb, arg_prefix text DEFAULT '', extra jsonb DEFAULT '{}')
-RETURNS keypal.created_key LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    o        jsonb := keypal.normalize_options(opts, arg_prefix, true);
-    cfg      keypal.settings := keypal.config();
-    v_env    text := coalesce(o->>'env', cfg.default_env);
-    v_scopes text[] := keypal.text_array(o->'scopes');
-    v_res    jsonb := coalesce(o->'resources', '{}');
-    v_ips    text[] := keypal.text_array(o->'allowed_ips');
-    v_exp    timestamptz;
-    v_key    text;
-    v_id     uuid := gen_random_uuid();
-    v_secret text;
+-- A new key's expiry, checked: from expires_in or expires_at, a policy's max_ttl when it has
+-- none, capped by a parent's; then the parent and policy rules. Called by create_keys only for
+-- a key with a parent, a policy or an expiry not in the future (the rest need no lookup).
+CREATE FUNCTION keypal.key_expiry(o jsonb, arg_prefix text, v_exp timestamptz, v_scopes text[],
+                                  v_res jsonb, v_ips text[])
+RETURNS timestamptz LANGUAGE plpgsql VOLATILE AS $$
 BEGIN
-    PERFORM keypal.check_env(v_env, arg_prefix || 'env', cfg.environments);
-    -- A signing key's secret (derived, never stored; 55000 without keypal.signing_secret).
-    v_secret := CASE WHEN coalesce((o->>'signing')::boolean, false) THEN keypal.signing_secret_for(v_id) END;
-    IF o ? 'expires_in' THEN
-        v_exp := now() + keypal.parse_duration(o->>'expires_in', arg_prefix || 'expires_in');
-    ELSE
-        v_exp := keypal.parse_timestamp(o->>'expires_at', arg_prefix || 'expires_at');
-    END IF;
     IF v_exp <= now() THEN
         RAISE EXCEPTION 'invalid %expires_at: % is not in the future', arg_prefix, v_exp USING ERRCODE = '22023';
     END IF;
@@ -342,29 +331,90 @@ BEGIN
     IF o ? 'policy' THEN
         PERFORM keypal.enforce_policy(o->>'policy', v_scopes, v_res, v_exp, v_ips, arg_prefix);
     END IF;
-    v_key := keypal.generate_key(coalesce(cfg.environments -> v_env ->> 'prefix', cfg.prefix),
-                                 cfg.length, cfg.alphabet);
-    IF cfg.checksum THEN
-        v_key := v_key || keypal.key_checksum(v_key, cfg.alphabet);
-    END IF;
-    PERFORM keypal.begin_change(keypal.actor(o->>'actor'), extra->>'action', extra->'context');
-    INSERT INTO keypal.keys (id, key_hash, algorithm, owner_id, org_id, env, name, description, scopes,
-                             resources, tags, metadata, enabled, expires_at, parent_id, policy,
-                             rate_limit, quota, allowed_ips, blocked_ips, allowed_regions,
-                             blocked_regions, disable_at, revoke_at, notify_before, rotated_from, signing)
-    VALUES (v_id, keypal.hash_key(v_key, cfg.algorithm), cfg.algorithm, o->>'owner_id', o->>'org_id',
-            v_env, o->>'name', o->>'description', v_scopes, v_res, keypal.text_array(o->'tags'),
-            coalesce(o->'metadata', '{}'), coalesce((o->>'enabled')::boolean, true), v_exp,
-            (o->>'parent_id')::uuid, o->>'policy', o->'rate_limit',
-            nullif(o->'quota', 'null'), v_ips, keypal.text_array(o->'blocked_ips'),
-            keypal.text_array(o->'allowed_regions'), keypal.text_array(o->'blocked_regions'),
-            keypal.parse_timestamp(o->>'disable_at', arg_prefix || 'disable_at'),
-            keypal.parse_timestamp(o->>'revoke_at', arg_prefix || 'revoke_at'),
-            keypal.parse_duration(o->>'notify_before', arg_prefix || 'notify_before'),
-            (extra->>'rotated_from')::uuid, v_secret IS NOT NULL);
-    PERFORM keypal.end_change();
-    RETURN ROW(v_key, v_id, v_exp, v_env, v_secret)::keypal.created_key;
+    RETURN v_exp;
 END $$;
+
+-- The one place keys are made: one per element of specs (key options, see options.rs;
+-- prefixes[i] names the element in messages, e.g. 'specs[3].'), returned in order. Set-based:
+-- the options are checked, the keys generated and hashed, and all inserted by one INSERT
+-- (one per distinct actor named), so the audit rows, events and timers are written once per
+-- statement. extra: rotated_from, and the audit action/context.
+CREATE FUNCTION keypal.create_keys(specs jsonb[], prefixes text[], extra jsonb DEFAULT '{}')
+RETURNS SETOF keypal.created_key LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    cfg    keypal.settings := keypal.config();
+    norm   jsonb[];
+    grp    text;
+    made   keypal.created_key[] := '{}';
+    places bigint[] := '{}';
+    m      keypal.created_key[];
+    ix     bigint[];
+BEGIN
+    norm := ARRAY(SELECT keypal.normalize_options(u.s, coalesce(u.p, ''), true)
+                    FROM unnest(specs, prefixes) WITH ORDINALITY AS u(s, p, i) ORDER BY u.i);
+    -- The audit trigger reads the actor per statement: one INSERT per actor named.
+    FOR grp IN SELECT DISTINCT coalesce(o->>'actor', '') FROM unnest(norm) AS o LOOP
+        PERFORM keypal.begin_change(keypal.actor(nullif(grp, '')), extra->>'action', extra->'context');
+        WITH given AS MATERIALIZED (
+            SELECT u.i, u.o, coalesce(u.arg, '') AS arg, gen_random_uuid() AS id,
+                   coalesce(u.o->>'env', cfg.default_env) AS env,
+                   jsonb_populate_record(NULL::keypal.keys, u.o - 'expires_at' - 'disable_at' - 'revoke_at'
+                                                         - 'notify_before' - 'enabled') AS c,
+                   CASE WHEN u.o ? 'expires_in'
+                        THEN now() + keypal.parse_duration(u.o->>'expires_in', coalesce(u.arg, '') || 'expires_in')
+                        ELSE keypal.parse_timestamp(u.o->>'expires_at', coalesce(u.arg, '') || 'expires_at') END AS exp0
+              -- (never norm[i] or prefixes[i]: subscripting a big array of variable-width
+              -- elements walks it from the start, quadratic over a bulk call)
+              FROM unnest(norm, prefixes) WITH ORDINALITY AS u(o, arg, i)
+             WHERE coalesce(u.o->>'actor', '') = grp),
+        checked AS MATERIALIZED (
+            SELECT g.*, coalesce((c).scopes, '{}') AS scopes, coalesce((c).resources, '{}') AS res,
+                   coalesce((c).allowed_ips, '{}') AS ips,
+                   keypal.check_env(g.env, g.arg || 'env', cfg.environments) AS env_ok,
+                   CASE WHEN g.o ? 'policy' OR g.o ? 'parent_id' OR g.exp0 <= now()
+                        THEN keypal.key_expiry(g.o, g.arg, g.exp0, coalesce((c).scopes, '{}'),
+                                               coalesce((c).resources, '{}'), coalesce((c).allowed_ips, '{}'))
+                        ELSE g.exp0 END AS exp,
+                   -- A signing key's secret (derived, never stored; 55000 without keypal.signing_secret).
+                   CASE WHEN coalesce((g.o->>'signing')::boolean, false) THEN keypal.signing_secret_for(g.id) END AS secret,
+                   keypal.generate_key(coalesce(cfg.environments -> g.env ->> 'prefix', cfg.prefix),
+                                       cfg.length, cfg.alphabet) AS body
+              FROM given g),
+        keyed AS MATERIALIZED (
+            SELECT k.*, CASE WHEN cfg.checksum THEN k.body || keypal.key_checksum(k.body, cfg.alphabet)
+                             ELSE k.body END AS key
+              FROM checked k),
+        inserted AS (
+            INSERT INTO keypal.keys (id, key_hash, algorithm, owner_id, org_id, env, name, description, scopes,
+                                     resources, tags, metadata, enabled, expires_at, parent_id, policy,
+                                     rate_limit, quota, allowed_ips, blocked_ips, allowed_regions,
+                                     blocked_regions, disable_at, revoke_at, notify_before, rotated_from, signing)
+            SELECT k.id, keypal.hash_key(k.key, cfg.algorithm), cfg.algorithm, (k.c).owner_id, (k.c).org_id,
+                   k.env, (k.c).name, (k.c).description, k.scopes, k.res, coalesce((k.c).tags, '{}'),
+                   coalesce(k.o->'metadata', '{}'), coalesce((k.o->>'enabled')::boolean, true), k.exp,
+                   (k.c).parent_id, (k.c).policy, k.o->'rate_limit', nullif(k.o->'quota', 'null'), k.ips,
+                   coalesce((k.c).blocked_ips, '{}'), coalesce((k.c).allowed_regions, '{}'),
+                   coalesce((k.c).blocked_regions, '{}'),
+                   keypal.parse_timestamp(k.o->>'disable_at', k.arg || 'disable_at'),
+                   keypal.parse_timestamp(k.o->>'revoke_at', k.arg || 'revoke_at'),
+                   keypal.parse_duration(k.o->>'notify_before', k.arg || 'notify_before'),
+                   (extra->>'rotated_from')::uuid, k.secret IS NOT NULL
+              FROM keyed k WHERE k.env_ok ORDER BY k.i)
+        SELECT array_agg(ROW(k.key, k.id, k.exp, k.env, k.secret)::keypal.created_key ORDER BY k.i),
+               array_agg(k.i ORDER BY k.i)
+          INTO m, ix FROM keyed k;
+        made := made || m;
+        places := places || ix;
+    END LOOP;
+    PERFORM keypal.end_change();
+    RETURN QUERY SELECT x.key, x.id, x.expires_at, x.env, x.signing_secret
+                   FROM unnest(made, places) AS x(key, id, expires_at, env, signing_secret, i) ORDER BY x.i;
+END $$;
+
+CREATE FUNCTION keypal.create_key(opts jsonb, arg_prefix text DEFAULT '', extra jsonb DEFAULT '{}')
+RETURNS keypal.created_key LANGUAGE sql VOLATILE AS $$
+    SELECT * FROM keypal.create_keys(ARRAY[opts], ARRAY[arg_prefix], extra)
+$$;
 
 --------------------------------------------------------------------------------
 -- Create
@@ -432,11 +482,10 @@ BEGIN
     IF jsonb_typeof(specs) IS DISTINCT FROM 'array' THEN
         RAISE EXCEPTION 'invalid specs: must be a JSON array of key option objects' USING ERRCODE = '22023';
     END IF;
-    FOR i IN 0 .. jsonb_array_length(specs) - 1 LOOP
-        RETURN QUERY SELECT * FROM keypal.create_key(specs -> i, format('specs[%s].', i));
-    END LOOP;
+    RETURN QUERY SELECT * FROM keypal.create_keys(
+        ARRAY(SELECT e FROM jsonb_array_elements(specs) WITH ORDINALITY AS t(e, i) ORDER BY i),
+        ARRAY(SELECT format('specs[%s].', i - 1) FROM generate_series(1, jsonb_array_length(specs)) i));
 END $$;
-
 CREATE FUNCTION keypal_define_template(name text DEFAULT NULL, options jsonb DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -1171,13 +1220,44 @@ BEGIN
     RETURN NEW;
 END $$;
 
--- Columns changed between two versions of a row: {"col": {"old": …, "new": …}}.
-CREATE FUNCTION keypal.row_changes(old jsonb, new jsonb)
-RETURNS jsonb LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT coalesce(jsonb_object_agg(n.key, jsonb_build_object('old', o.value, 'new', n.value)), '{}')
-      FROM jsonb_each(new) n JOIN jsonb_each(old) o USING (key)
-     WHERE n.value IS DISTINCT FROM o.value
-       AND n.key NOT IN ('key_hash', 'updated_at', 'last_used_at')
+-- What changed between two versions of a key: {"col": {"old": …, "new": …}} for every column
+-- but key_hash, updated_at and last_used_at (tests/sql/16_bulk.sql checks the list against the
+-- table's columns). Column by column, without turning whole rows into JSON.
+CREATE FUNCTION keypal.key_changes(o keypal.keys, n keypal.keys)
+RETURNS jsonb LANGUAGE sql IMMUTABLE AS $$
+    SELECT coalesce(jsonb_object_agg(c.col, c.change) FILTER (WHERE c.change IS NOT NULL), '{}')
+      FROM (VALUES
+        ('id', CASE WHEN o.id IS DISTINCT FROM n.id THEN jsonb_build_object('old', o.id, 'new', n.id) END),
+        ('algorithm', CASE WHEN o.algorithm IS DISTINCT FROM n.algorithm THEN jsonb_build_object('old', o.algorithm, 'new', n.algorithm) END),
+        ('owner_id', CASE WHEN o.owner_id IS DISTINCT FROM n.owner_id THEN jsonb_build_object('old', o.owner_id, 'new', n.owner_id) END),
+        ('org_id', CASE WHEN o.org_id IS DISTINCT FROM n.org_id THEN jsonb_build_object('old', o.org_id, 'new', n.org_id) END),
+        ('env', CASE WHEN o.env IS DISTINCT FROM n.env THEN jsonb_build_object('old', o.env, 'new', n.env) END),
+        ('name', CASE WHEN o.name IS DISTINCT FROM n.name THEN jsonb_build_object('old', o.name, 'new', n.name) END),
+        ('description', CASE WHEN o.description IS DISTINCT FROM n.description THEN jsonb_build_object('old', o.description, 'new', n.description) END),
+        ('scopes', CASE WHEN o.scopes IS DISTINCT FROM n.scopes THEN jsonb_build_object('old', o.scopes, 'new', n.scopes) END),
+        ('resources', CASE WHEN o.resources IS DISTINCT FROM n.resources THEN jsonb_build_object('old', o.resources, 'new', n.resources) END),
+        ('tags', CASE WHEN o.tags IS DISTINCT FROM n.tags THEN jsonb_build_object('old', o.tags, 'new', n.tags) END),
+        ('metadata', CASE WHEN o.metadata IS DISTINCT FROM n.metadata THEN jsonb_build_object('old', o.metadata, 'new', n.metadata) END),
+        ('enabled', CASE WHEN o.enabled IS DISTINCT FROM n.enabled THEN jsonb_build_object('old', o.enabled, 'new', n.enabled) END),
+        ('created_at', CASE WHEN o.created_at IS DISTINCT FROM n.created_at THEN jsonb_build_object('old', o.created_at, 'new', n.created_at) END),
+        ('expires_at', CASE WHEN o.expires_at IS DISTINCT FROM n.expires_at THEN jsonb_build_object('old', o.expires_at, 'new', n.expires_at) END),
+        ('revoked_at', CASE WHEN o.revoked_at IS DISTINCT FROM n.revoked_at THEN jsonb_build_object('old', o.revoked_at, 'new', n.revoked_at) END),
+        ('revoke_reason', CASE WHEN o.revoke_reason IS DISTINCT FROM n.revoke_reason THEN jsonb_build_object('old', o.revoke_reason, 'new', n.revoke_reason) END),
+        ('revoked_by', CASE WHEN o.revoked_by IS DISTINCT FROM n.revoked_by THEN jsonb_build_object('old', o.revoked_by, 'new', n.revoked_by) END),
+        ('rotated_from', CASE WHEN o.rotated_from IS DISTINCT FROM n.rotated_from THEN jsonb_build_object('old', o.rotated_from, 'new', n.rotated_from) END),
+        ('rotated_to', CASE WHEN o.rotated_to IS DISTINCT FROM n.rotated_to THEN jsonb_build_object('old', o.rotated_to, 'new', n.rotated_to) END),
+        ('parent_id', CASE WHEN o.parent_id IS DISTINCT FROM n.parent_id THEN jsonb_build_object('old', o.parent_id, 'new', n.parent_id) END),
+        ('policy', CASE WHEN o.policy IS DISTINCT FROM n.policy THEN jsonb_build_object('old', o.policy, 'new', n.policy) END),
+        ('rate_limit', CASE WHEN o.rate_limit IS DISTINCT FROM n.rate_limit THEN jsonb_build_object('old', o.rate_limit, 'new', n.rate_limit) END),
+        ('quota', CASE WHEN o.quota IS DISTINCT FROM n.quota THEN jsonb_build_object('old', o.quota, 'new', n.quota) END),
+        ('allowed_ips', CASE WHEN o.allowed_ips IS DISTINCT FROM n.allowed_ips THEN jsonb_build_object('old', o.allowed_ips, 'new', n.allowed_ips) END),
+        ('blocked_ips', CASE WHEN o.blocked_ips IS DISTINCT FROM n.blocked_ips THEN jsonb_build_object('old', o.blocked_ips, 'new', n.blocked_ips) END),
+        ('allowed_regions', CASE WHEN o.allowed_regions IS DISTINCT FROM n.allowed_regions THEN jsonb_build_object('old', o.allowed_regions, 'new', n.allowed_regions) END),
+        ('blocked_regions', CASE WHEN o.blocked_regions IS DISTINCT FROM n.blocked_regions THEN jsonb_build_object('old', o.blocked_regions, 'new', n.blocked_regions) END),
+        ('disable_at', CASE WHEN o.disable_at IS DISTINCT FROM n.disable_at THEN jsonb_build_object('old', o.disable_at, 'new', n.disable_at) END),
+        ('revoke_at', CASE WHEN o.revoke_at IS DISTINCT FROM n.revoke_at THEN jsonb_build_object('old', o.revoke_at, 'new', n.revoke_at) END),
+        ('notify_before', CASE WHEN o.notify_before IS DISTINCT FROM n.notify_before THEN jsonb_build_object('old', o.notify_before, 'new', n.notify_before) END),
+        ('signing', CASE WHEN o.signing IS DISTINCT FROM n.signing THEN jsonb_build_object('old', o.signing, 'new', n.signing) END)) AS c(col, change)
 $$;
 
 -- Writes events to the outbox (payload = the webhook body) with their pending webhook
@@ -1471,18 +1551,18 @@ END $$;
 
 -- Who acts and why, as the management function set them (keypal.begin_change).
 CREATE FUNCTION keypal.change_actor()
-RETURNS text LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+RETURNS text LANGUAGE sql STABLE AS $$
     SELECT keypal.actor(current_setting('keypal._actor', true))
 $$;
 
 CREATE FUNCTION keypal.change_context()
-RETURNS jsonb LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+RETURNS jsonb LANGUAGE sql STABLE AS $$
     SELECT coalesce(nullif(current_setting('keypal._context', true), '')::jsonb, '{}')
 $$;
 
 -- A key event's data (the webhook body's "data").
 CREATE FUNCTION keypal.event_data(act text, r keypal.keys, who text)
-RETURNS jsonb LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+RETURNS jsonb LANGUAGE sql IMMUTABLE AS $$
     SELECT jsonb_strip_nulls(jsonb_build_object(
         'keyId', r.id, 'ownerId', r.owner_id, 'orgId', r.org_id, 'env', r.env, 'name', r.name,
         'revokedBy', CASE WHEN act = 'revoked' THEN r.revoked_by END,
@@ -1494,7 +1574,7 @@ $$;
 -- Restoring a dump (a COPY into keypal.keys, outside any keypal function): the rows bring
 -- their own audit history, events and timers, restored alongside.
 CREATE FUNCTION keypal.restoring(relid oid)
-RETURNS boolean LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+RETURNS boolean LANGUAGE sql VOLATILE AS $$
     SELECT coalesce(current_setting('keypal._actor', true), '') = '' AND keypal.copying_into(relid)
 $$;
 
@@ -1548,11 +1628,12 @@ DECLARE
 BEGIN
     WITH changed AS (
         SELECT row_number() OVER () AS n, a.act, c.r, c.changes
-          FROM (SELECT ROW(n.*)::keypal.keys AS r, ROW(o.*)::keypal.keys AS old_r,
-                       keypal.row_changes(to_jsonb(o), to_jsonb(n)) AS changes
-                  FROM keypal_new n JOIN keypal_old o USING (id)
+          FROM (SELECT x.r, x.old_r, keypal.key_changes(x.old_r, x.r) AS changes
+                  FROM (SELECT ROW(n.*)::keypal.keys AS r, ROW(o.*)::keypal.keys AS old_r, o.last_used_at AS o_used,
+                               n.last_used_at AS n_used
+                          FROM keypal_new n JOIN keypal_old o USING (id)) x
                  -- A write of last_used_at (the flush worker's) is not a change anyone made.
-                 WHERE o.last_used_at IS NOT DISTINCT FROM n.last_used_at) c
+                 WHERE x.o_used IS NOT DISTINCT FROM x.n_used) c
           CROSS JOIN LATERAL (SELECT CASE
                 -- keypal_import's overwrite (not a cascade it set off, one trigger level down)
                 WHEN given = 'imported' AND pg_trigger_depth() = 1 THEN 'imported'

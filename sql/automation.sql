@@ -396,7 +396,7 @@ $$;
 
 -- When a key's timer of this kind falls due (NULL: none).
 CREATE FUNCTION keypal.timer_due(k keypal.keys, kind text)
-RETURNS timestamptz LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+RETURNS timestamptz LANGUAGE sql STABLE AS $$
     SELECT CASE kind
         WHEN 'disable' THEN CASE WHEN k.enabled THEN k.disable_at END
         WHEN 'revoke' THEN k.revoke_at
@@ -409,7 +409,7 @@ $$;
 -- keypal_import: a moment that passed before the key came here was the source's to act on
 -- (its state says what came of it), so only what is still ahead is armed.
 CREATE FUNCTION keypal.timer_to_arm(k keypal.keys, kind text, importing boolean)
-RETURNS timestamptz LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+RETURNS timestamptz LANGUAGE sql STABLE AS $$
     SELECT CASE WHEN k.revoked_at <= now() THEN NULL
                 WHEN importing AND keypal.timer_due(k, kind) <= now() THEN NULL
                 ELSE keypal.timer_due(k, kind) END
@@ -417,7 +417,7 @@ $$;
 
 -- The worker applies timers (when it runs maintenance): make sure one runs once some are set.
 CREATE FUNCTION keypal.timers_armed(n bigint)
-RETURNS void LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+RETURNS void LANGUAGE plpgsql VOLATILE AS $$
 BEGIN
     IF n > 0 AND current_setting('keypal.maintenance_interval', true) IS DISTINCT FROM '0' THEN
         PERFORM keypal.ensure_worker();

@@ -66,7 +66,7 @@ CREATE TABLE keypal.settings (
 COMMENT ON TABLE keypal.settings IS 'keypal settings (at most one row), changed with keypal_configure().';
 
 CREATE FUNCTION keypal.config() RETURNS keypal.settings
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql STABLE AS $$
     SELECT s FROM keypal.settings s
     UNION ALL
     SELECT ROW(true, '', 32, 'A-Za-z0-9', 'sha256', '60 seconds'::interval, NULL::jsonb, NULL::jsonb,

@@ -5,8 +5,8 @@
 //! `hash = ALG(key || S)`, `S = lower-hex(sha256(salt))` or `''` without a salt, which is
 //! what the TypeScript keypal stores, so its exported keys keep verifying here.
 
-use rand::distributions::{Distribution, Uniform};
 use rand::rngs::OsRng;
+use rand::RngCore;
 use sha2::{Digest, Sha256, Sha512};
 
 pub const DEFAULT_ALPHABET: &str = "A-Za-z0-9";
@@ -128,13 +128,44 @@ pub fn check_prefix(prefix: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Draws `length` characters uniformly from `alphabet` (rejection sampling, no modulo bias).
+/// Draws `length` characters uniformly from `alphabet` (rejection sampling, no modulo bias),
+/// from the OS CSPRNG: one read of random bytes per key (not one system call per character,
+/// which was most of the cost of generating a key), more only when rejections use them up.
 pub fn generate(prefix: &str, length: usize, alphabet: &[u8]) -> String {
-    let pick = Uniform::from(0..alphabet.len());
     let mut key = String::with_capacity(prefix.len() + length);
     key.push_str(prefix);
-    key.extend((0..length).map(|_| alphabet[pick.sample(&mut OsRng)] as char));
+    let mut fill = |buf: &mut [u8]| OsRng.fill_bytes(buf);
+    key.extend(pick_uniform(length, alphabet, &mut fill).map(|c| c as char));
     key
+}
+
+/// `n` symbols of `alphabet` (at most 256), uniform given uniform bytes from `fill`: a byte
+/// counts only below the largest multiple of the alphabet's size (the rest are drawn again).
+pub fn pick_uniform<'a>(
+    n: usize,
+    alphabet: &'a [u8],
+    fill: &'a mut dyn FnMut(&mut [u8]),
+) -> impl Iterator<Item = u8> + 'a {
+    let size = alphabet.len();
+    assert!(
+        (1..=256).contains(&size),
+        "an alphabet has 1 to 256 symbols"
+    );
+    let limit = 256 - 256 % size;
+    let mut buf = vec![0u8; n + n / 2 + 16];
+    let mut at = buf.len();
+    std::iter::from_fn(move || loop {
+        if at == buf.len() {
+            fill(&mut buf);
+            at = 0;
+        }
+        let b = usize::from(buf[at]);
+        at += 1;
+        if b < limit {
+            return Some(alphabet[b % size]);
+        }
+    })
+    .take(n)
 }
 
 /// `S`: lower-hex sha256 of the salt, or empty without a salt.
@@ -633,6 +664,37 @@ mod tests {
                 *c as char
             );
         }
+    }
+
+    #[test]
+    fn bytes_past_the_largest_multiple_are_drawn_again() {
+        // 62 symbols: bytes 248..=255 would favour the first 8 symbols; they are skipped.
+        let alpha = expand_alphabet(DEFAULT_ALPHABET).unwrap();
+        let mut script = vec![255u8, 248, 61, 0, 124, 247].into_iter().cycle();
+        let mut fill = |buf: &mut [u8]| buf.iter_mut().for_each(|b| *b = script.next().unwrap());
+        let got: Vec<u8> = pick_uniform(4, &alpha, &mut fill).collect();
+        assert_eq!(got, vec![alpha[61], alpha[0], alpha[0], alpha[247 % 62]]);
+        // A buffer used up by rejections is filled again.
+        let mut all_bad = 0usize;
+        let mut fill = |buf: &mut [u8]| {
+            all_bad += 1;
+            buf.fill(if all_bad < 3 { 250 } else { 1 });
+        };
+        let got: Vec<u8> = pick_uniform(3, &alpha, &mut fill).collect();
+        assert_eq!(got, vec![alpha[1]; 3]);
+        // Every byte value counts for a 256-symbol alphabet.
+        let every: Vec<u8> = (0..=255).collect();
+        let mut n = 0u8;
+        let mut fill = |buf: &mut [u8]| {
+            buf.iter_mut().for_each(|b| {
+                *b = n;
+                n = n.wrapping_add(1)
+            })
+        };
+        assert_eq!(
+            pick_uniform(256, &every, &mut fill).collect::<Vec<_>>(),
+            every
+        );
     }
 
     #[test]

@@ -61,17 +61,17 @@ SELECT is((SELECT count(*) FROM keypal.audit_log WHERE action = 'revoked' AND ke
 CREATE TEMP TABLE dis AS SELECT * FROM keypal_create_many(
     (SELECT jsonb_agg(jsonb_build_object('owner_id', 'dis', 'org_id', CASE WHEN i <= 30 THEN 'o1' ELSE 'o2' END))
        FROM generate_series(1, 50) i));
-SELECT is(keypal_revoke((SELECT id FROM dis ORDER BY id LIMIT 1)), 1, 'one of them revoked');
+SELECT is(keypal_revoke((SELECT d.id FROM dis d JOIN keypal.keys k USING (id) WHERE k.org_id = 'o1' LIMIT 1)), 1, 'one of o1''s revoked');
 SELECT is(keypal_disable_all('dis', 'o1'), 29, 'disable_all by owner and org: the org''s live keys (a revoked one left)');
 SELECT is(keypal_disable_all('dis'), 20, 'disable_all by owner: the rest');
 SELECT is(keypal_disable_all('dis'), 0, 'again: nothing left to disable');
-SELECT is((keypal_verify((SELECT key FROM dis ORDER BY id OFFSET 1 LIMIT 1))).error_code, 'DISABLED', 'a disabled key is refused');
+SELECT is((keypal_verify((SELECT d.key FROM dis d JOIN keypal.keys k USING (id) WHERE k.revoked_at IS NULL LIMIT 1))).error_code, 'DISABLED', 'a disabled key is refused');
 SELECT is((SELECT count(*) FROM keypal.audit_log WHERE action = 'disabled' AND owner_id = 'dis'), 49::bigint, 'one disabled audit row per key');
 SELECT is((SELECT count(*) FROM keypal.events WHERE event = 'key.disabled' AND payload->'data'->>'ownerId' = 'dis'), 49::bigint,
           'one key.disabled event per key');
 UPDATE keypal.keys SET disable_at = now() - interval '1 minute' WHERE owner_id = 'dis' AND enabled AND revoked_at IS NULL;
 SELECT is(keypal_enable_all('dis', actor => 'ops'), 49, 'enable_all: every disabled key, not the revoked one');
-SELECT is((keypal_verify((SELECT key FROM dis ORDER BY id OFFSET 1 LIMIT 1))).valid, true, 'enabled keys verify again');
+SELECT is((keypal_verify((SELECT d.key FROM dis d JOIN keypal.keys k USING (id) WHERE k.revoked_at IS NULL LIMIT 1))).valid, true, 'enabled keys verify again');
 SELECT is((SELECT count(*) FROM keypal.audit_log WHERE action = 'enabled' AND owner_id = 'dis' AND actor = 'ops'), 49::bigint,
           'one enabled audit row per key, with the actor');
 SELECT throws_ok($$SELECT keypal_disable_all(NULL)$$, '22023', 'invalid owner_id: required', 'disable_all needs an owner');
@@ -91,6 +91,19 @@ SELECT is((SELECT count(*) FROM keypal.key_timers WHERE key_id IN (SELECT id FRO
 SELECT is(keypal_revoke_all('timed'), 200, 'revoke them all');
 SELECT is((SELECT count(*) FROM keypal.key_timers WHERE key_id IN (SELECT id FROM timed)), 0::bigint,
           'a revoked key has no timers');
+
+-- The audit diff compares every column of keypal.keys but key_hash, updated_at, last_used_at.
+SELECT is((SELECT string_agg(a.attname, ', ' ORDER BY a.attnum) FROM pg_attribute a
+            WHERE a.attrelid = 'keypal.keys'::regclass AND a.attnum > 0 AND NOT a.attisdropped
+              AND a.attname NOT IN ('key_hash', 'updated_at', 'last_used_at')
+              AND position(format('(%L, CASE WHEN o.%I IS DISTINCT FROM n.%I', a.attname, a.attname, a.attname)
+                           IN (SELECT prosrc FROM pg_proc WHERE oid = 'keypal.key_changes'::regproc)) = 0),
+          NULL, 'keypal.key_changes compares every column a change can touch');
+SELECT is(keypal.key_changes(k, k), '{}'::jsonb, 'a key compared with itself: no change')
+  FROM keypal.keys k LIMIT 1;
+SELECT is(keypal.key_changes(k, jsonb_populate_record(k, '{"name": "renamed", "updated_at": "2000-01-01T00:00:00Z"}')),
+          jsonb_build_object('name', jsonb_build_object('old', k.name, 'new', 'renamed')), 'a rename: only the name (updated_at is not a change)')
+  FROM keypal.keys k WHERE k.name IS DISTINCT FROM 'renamed' LIMIT 1;
 
 SELECT * FROM finish();
 ROLLBACK;
