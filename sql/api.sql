@@ -49,6 +49,13 @@ UNION ALL
 SELECT w.key_id, w.hour, '', w.requests, 0, 0::numeric FROM keypal.unwritten_usage() w;
 COMMENT ON VIEW keypal.hourly_usage IS 'Requests, tokens and cost per key, hour and endpoint, as of now (sum rows of the same key, hour and endpoint).';
 
+-- The functions that write keys in bulk (create_keys, the keys' statement triggers,
+-- emit_events, keypal_import) run with jit = off: their plans' estimates over transition
+-- tables and arrays are large, and compiling their expressions with LLVM took longer than
+-- running them (most of a 20 000-key statement). The triggers that join a statement's old
+-- and new rows do so with nested loops off: a transition table's size is fixed into the
+-- query when PL/pgSQL first parses it, so a plan made for a one-row statement would join a
+-- later 100 000-row one by nested loop (tests/sql/16_bulk.sql runs one after the other).
 -- Internal helpers (keypal.*, no EXECUTE for PUBLIC) run only inside keypal's own entry
 -- points — SECURITY DEFINER functions, trigger functions, the worker, Rust's catalog load —
 -- which all pin search_path = pg_catalog, pg_temp. They do not set it again: a function with
@@ -340,7 +347,7 @@ END $$;
 -- (one per distinct actor named), so the audit rows, events and timers are written once per
 -- statement. extra: rotated_from, and the audit action/context.
 CREATE FUNCTION keypal.create_keys(specs jsonb[], prefixes text[], extra jsonb DEFAULT '{}')
-RETURNS SETOF keypal.created_key LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+RETURNS SETOF keypal.created_key LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp SET jit = off AS $$
 DECLARE
     cfg    keypal.settings := keypal.config();
     norm   jsonb[];
@@ -1220,51 +1227,11 @@ BEGIN
     RETURN NEW;
 END $$;
 
--- What changed between two versions of a key: {"col": {"old": …, "new": …}} for every column
--- but key_hash, updated_at and last_used_at (tests/sql/16_bulk.sql checks the list against the
--- table's columns). Column by column, without turning whole rows into JSON.
-CREATE FUNCTION keypal.key_changes(o keypal.keys, n keypal.keys)
-RETURNS jsonb LANGUAGE sql IMMUTABLE AS $$
-    SELECT coalesce(jsonb_object_agg(c.col, c.change) FILTER (WHERE c.change IS NOT NULL), '{}')
-      FROM (VALUES
-        ('id', CASE WHEN o.id IS DISTINCT FROM n.id THEN jsonb_build_object('old', o.id, 'new', n.id) END),
-        ('algorithm', CASE WHEN o.algorithm IS DISTINCT FROM n.algorithm THEN jsonb_build_object('old', o.algorithm, 'new', n.algorithm) END),
-        ('owner_id', CASE WHEN o.owner_id IS DISTINCT FROM n.owner_id THEN jsonb_build_object('old', o.owner_id, 'new', n.owner_id) END),
-        ('org_id', CASE WHEN o.org_id IS DISTINCT FROM n.org_id THEN jsonb_build_object('old', o.org_id, 'new', n.org_id) END),
-        ('env', CASE WHEN o.env IS DISTINCT FROM n.env THEN jsonb_build_object('old', o.env, 'new', n.env) END),
-        ('name', CASE WHEN o.name IS DISTINCT FROM n.name THEN jsonb_build_object('old', o.name, 'new', n.name) END),
-        ('description', CASE WHEN o.description IS DISTINCT FROM n.description THEN jsonb_build_object('old', o.description, 'new', n.description) END),
-        ('scopes', CASE WHEN o.scopes IS DISTINCT FROM n.scopes THEN jsonb_build_object('old', o.scopes, 'new', n.scopes) END),
-        ('resources', CASE WHEN o.resources IS DISTINCT FROM n.resources THEN jsonb_build_object('old', o.resources, 'new', n.resources) END),
-        ('tags', CASE WHEN o.tags IS DISTINCT FROM n.tags THEN jsonb_build_object('old', o.tags, 'new', n.tags) END),
-        ('metadata', CASE WHEN o.metadata IS DISTINCT FROM n.metadata THEN jsonb_build_object('old', o.metadata, 'new', n.metadata) END),
-        ('enabled', CASE WHEN o.enabled IS DISTINCT FROM n.enabled THEN jsonb_build_object('old', o.enabled, 'new', n.enabled) END),
-        ('created_at', CASE WHEN o.created_at IS DISTINCT FROM n.created_at THEN jsonb_build_object('old', o.created_at, 'new', n.created_at) END),
-        ('expires_at', CASE WHEN o.expires_at IS DISTINCT FROM n.expires_at THEN jsonb_build_object('old', o.expires_at, 'new', n.expires_at) END),
-        ('revoked_at', CASE WHEN o.revoked_at IS DISTINCT FROM n.revoked_at THEN jsonb_build_object('old', o.revoked_at, 'new', n.revoked_at) END),
-        ('revoke_reason', CASE WHEN o.revoke_reason IS DISTINCT FROM n.revoke_reason THEN jsonb_build_object('old', o.revoke_reason, 'new', n.revoke_reason) END),
-        ('revoked_by', CASE WHEN o.revoked_by IS DISTINCT FROM n.revoked_by THEN jsonb_build_object('old', o.revoked_by, 'new', n.revoked_by) END),
-        ('rotated_from', CASE WHEN o.rotated_from IS DISTINCT FROM n.rotated_from THEN jsonb_build_object('old', o.rotated_from, 'new', n.rotated_from) END),
-        ('rotated_to', CASE WHEN o.rotated_to IS DISTINCT FROM n.rotated_to THEN jsonb_build_object('old', o.rotated_to, 'new', n.rotated_to) END),
-        ('parent_id', CASE WHEN o.parent_id IS DISTINCT FROM n.parent_id THEN jsonb_build_object('old', o.parent_id, 'new', n.parent_id) END),
-        ('policy', CASE WHEN o.policy IS DISTINCT FROM n.policy THEN jsonb_build_object('old', o.policy, 'new', n.policy) END),
-        ('rate_limit', CASE WHEN o.rate_limit IS DISTINCT FROM n.rate_limit THEN jsonb_build_object('old', o.rate_limit, 'new', n.rate_limit) END),
-        ('quota', CASE WHEN o.quota IS DISTINCT FROM n.quota THEN jsonb_build_object('old', o.quota, 'new', n.quota) END),
-        ('allowed_ips', CASE WHEN o.allowed_ips IS DISTINCT FROM n.allowed_ips THEN jsonb_build_object('old', o.allowed_ips, 'new', n.allowed_ips) END),
-        ('blocked_ips', CASE WHEN o.blocked_ips IS DISTINCT FROM n.blocked_ips THEN jsonb_build_object('old', o.blocked_ips, 'new', n.blocked_ips) END),
-        ('allowed_regions', CASE WHEN o.allowed_regions IS DISTINCT FROM n.allowed_regions THEN jsonb_build_object('old', o.allowed_regions, 'new', n.allowed_regions) END),
-        ('blocked_regions', CASE WHEN o.blocked_regions IS DISTINCT FROM n.blocked_regions THEN jsonb_build_object('old', o.blocked_regions, 'new', n.blocked_regions) END),
-        ('disable_at', CASE WHEN o.disable_at IS DISTINCT FROM n.disable_at THEN jsonb_build_object('old', o.disable_at, 'new', n.disable_at) END),
-        ('revoke_at', CASE WHEN o.revoke_at IS DISTINCT FROM n.revoke_at THEN jsonb_build_object('old', o.revoke_at, 'new', n.revoke_at) END),
-        ('notify_before', CASE WHEN o.notify_before IS DISTINCT FROM n.notify_before THEN jsonb_build_object('old', o.notify_before, 'new', n.notify_before) END),
-        ('signing', CASE WHEN o.signing IS DISTINCT FROM n.signing THEN jsonb_build_object('old', o.signing, 'new', n.signing) END)) AS c(col, change)
-$$;
-
 -- Writes events to the outbox (payload = the webhook body) with their pending webhook
 -- deliveries, and notifies listeners once with the highest id (they read the outbox from the
 -- last id they saw), in the caller's transaction. One call per statement that made events.
 CREATE FUNCTION keypal.emit_events(events text[], key_ids uuid[], data jsonb[])
-RETURNS bigint LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+RETURNS bigint LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp SET jit = off AS $$
 DECLARE
     last_id bigint;
     queued  bigint;
@@ -1584,7 +1551,7 @@ $$;
 -- key, one NOTIFY for the statement. Set-based: a statement over 100 000 keys is three
 -- INSERTs here, not 100 000 trigger calls.
 CREATE FUNCTION keypal.audit_inserted_keys()
-RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET jit = off AS $$
 DECLARE
     act text := coalesce(nullif(current_setting('keypal._action', true), ''), 'created');
     who text := keypal.change_actor();
@@ -1608,7 +1575,7 @@ BEGIN
 END $$;
 
 CREATE FUNCTION keypal.audit_deleted_keys()
-RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET jit = off AS $$
 BEGIN
     INSERT INTO keypal.audit_log (action, key_id, owner_id, org_id, actor, role, context)
     SELECT 'deleted', o.id, o.owner_id, o.org_id, keypal.change_actor(), session_user, keypal.change_context()
@@ -1616,8 +1583,49 @@ BEGIN
     RETURN NULL;
 END $$;
 
+-- What changed between two versions of a key: {"col": {"old": …, "new": …}} for every column
+-- but key_hash, updated_at and last_used_at (tests/sql/16_bulk.sql checks the list against
+-- the table), column by column rather than whole rows as JSON. PL/pgSQL so that the
+-- expression is planned once per session, not once per statement.
+CREATE FUNCTION keypal.key_changes(o keypal.keys, n keypal.keys)
+RETURNS jsonb LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN '{}'::jsonb
+        || CASE WHEN o.id IS DISTINCT FROM n.id THEN jsonb_build_object('id', jsonb_build_object('old', o.id, 'new', n.id)) ELSE '{}' END
+        || CASE WHEN o.algorithm IS DISTINCT FROM n.algorithm THEN jsonb_build_object('algorithm', jsonb_build_object('old', o.algorithm, 'new', n.algorithm)) ELSE '{}' END
+        || CASE WHEN o.owner_id IS DISTINCT FROM n.owner_id THEN jsonb_build_object('owner_id', jsonb_build_object('old', o.owner_id, 'new', n.owner_id)) ELSE '{}' END
+        || CASE WHEN o.org_id IS DISTINCT FROM n.org_id THEN jsonb_build_object('org_id', jsonb_build_object('old', o.org_id, 'new', n.org_id)) ELSE '{}' END
+        || CASE WHEN o.env IS DISTINCT FROM n.env THEN jsonb_build_object('env', jsonb_build_object('old', o.env, 'new', n.env)) ELSE '{}' END
+        || CASE WHEN o.name IS DISTINCT FROM n.name THEN jsonb_build_object('name', jsonb_build_object('old', o.name, 'new', n.name)) ELSE '{}' END
+        || CASE WHEN o.description IS DISTINCT FROM n.description THEN jsonb_build_object('description', jsonb_build_object('old', o.description, 'new', n.description)) ELSE '{}' END
+        || CASE WHEN o.scopes IS DISTINCT FROM n.scopes THEN jsonb_build_object('scopes', jsonb_build_object('old', o.scopes, 'new', n.scopes)) ELSE '{}' END
+        || CASE WHEN o.resources IS DISTINCT FROM n.resources THEN jsonb_build_object('resources', jsonb_build_object('old', o.resources, 'new', n.resources)) ELSE '{}' END
+        || CASE WHEN o.tags IS DISTINCT FROM n.tags THEN jsonb_build_object('tags', jsonb_build_object('old', o.tags, 'new', n.tags)) ELSE '{}' END
+        || CASE WHEN o.metadata IS DISTINCT FROM n.metadata THEN jsonb_build_object('metadata', jsonb_build_object('old', o.metadata, 'new', n.metadata)) ELSE '{}' END
+        || CASE WHEN o.enabled IS DISTINCT FROM n.enabled THEN jsonb_build_object('enabled', jsonb_build_object('old', o.enabled, 'new', n.enabled)) ELSE '{}' END
+        || CASE WHEN o.created_at IS DISTINCT FROM n.created_at THEN jsonb_build_object('created_at', jsonb_build_object('old', o.created_at, 'new', n.created_at)) ELSE '{}' END
+        || CASE WHEN o.expires_at IS DISTINCT FROM n.expires_at THEN jsonb_build_object('expires_at', jsonb_build_object('old', o.expires_at, 'new', n.expires_at)) ELSE '{}' END
+        || CASE WHEN o.revoked_at IS DISTINCT FROM n.revoked_at THEN jsonb_build_object('revoked_at', jsonb_build_object('old', o.revoked_at, 'new', n.revoked_at)) ELSE '{}' END
+        || CASE WHEN o.revoke_reason IS DISTINCT FROM n.revoke_reason THEN jsonb_build_object('revoke_reason', jsonb_build_object('old', o.revoke_reason, 'new', n.revoke_reason)) ELSE '{}' END
+        || CASE WHEN o.revoked_by IS DISTINCT FROM n.revoked_by THEN jsonb_build_object('revoked_by', jsonb_build_object('old', o.revoked_by, 'new', n.revoked_by)) ELSE '{}' END
+        || CASE WHEN o.rotated_from IS DISTINCT FROM n.rotated_from THEN jsonb_build_object('rotated_from', jsonb_build_object('old', o.rotated_from, 'new', n.rotated_from)) ELSE '{}' END
+        || CASE WHEN o.rotated_to IS DISTINCT FROM n.rotated_to THEN jsonb_build_object('rotated_to', jsonb_build_object('old', o.rotated_to, 'new', n.rotated_to)) ELSE '{}' END
+        || CASE WHEN o.parent_id IS DISTINCT FROM n.parent_id THEN jsonb_build_object('parent_id', jsonb_build_object('old', o.parent_id, 'new', n.parent_id)) ELSE '{}' END
+        || CASE WHEN o.policy IS DISTINCT FROM n.policy THEN jsonb_build_object('policy', jsonb_build_object('old', o.policy, 'new', n.policy)) ELSE '{}' END
+        || CASE WHEN o.rate_limit IS DISTINCT FROM n.rate_limit THEN jsonb_build_object('rate_limit', jsonb_build_object('old', o.rate_limit, 'new', n.rate_limit)) ELSE '{}' END
+        || CASE WHEN o.quota IS DISTINCT FROM n.quota THEN jsonb_build_object('quota', jsonb_build_object('old', o.quota, 'new', n.quota)) ELSE '{}' END
+        || CASE WHEN o.allowed_ips IS DISTINCT FROM n.allowed_ips THEN jsonb_build_object('allowed_ips', jsonb_build_object('old', o.allowed_ips, 'new', n.allowed_ips)) ELSE '{}' END
+        || CASE WHEN o.blocked_ips IS DISTINCT FROM n.blocked_ips THEN jsonb_build_object('blocked_ips', jsonb_build_object('old', o.blocked_ips, 'new', n.blocked_ips)) ELSE '{}' END
+        || CASE WHEN o.allowed_regions IS DISTINCT FROM n.allowed_regions THEN jsonb_build_object('allowed_regions', jsonb_build_object('old', o.allowed_regions, 'new', n.allowed_regions)) ELSE '{}' END
+        || CASE WHEN o.blocked_regions IS DISTINCT FROM n.blocked_regions THEN jsonb_build_object('blocked_regions', jsonb_build_object('old', o.blocked_regions, 'new', n.blocked_regions)) ELSE '{}' END
+        || CASE WHEN o.disable_at IS DISTINCT FROM n.disable_at THEN jsonb_build_object('disable_at', jsonb_build_object('old', o.disable_at, 'new', n.disable_at)) ELSE '{}' END
+        || CASE WHEN o.revoke_at IS DISTINCT FROM n.revoke_at THEN jsonb_build_object('revoke_at', jsonb_build_object('old', o.revoke_at, 'new', n.revoke_at)) ELSE '{}' END
+        || CASE WHEN o.notify_before IS DISTINCT FROM n.notify_before THEN jsonb_build_object('notify_before', jsonb_build_object('old', o.notify_before, 'new', n.notify_before)) ELSE '{}' END
+        || CASE WHEN o.signing IS DISTINCT FROM n.signing THEN jsonb_build_object('signing', jsonb_build_object('old', o.signing, 'new', n.signing)) ELSE '{}' END;
+END $$;
+
 CREATE FUNCTION keypal.audit_updated_keys()
-RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET jit = off SET enable_nestloop = off AS $$
 DECLARE
     given text := nullif(current_setting('keypal._action', true), '');
     who   text := keypal.change_actor();
@@ -1629,11 +1637,11 @@ BEGIN
     WITH changed AS (
         SELECT row_number() OVER () AS n, a.act, c.r, c.changes
           FROM (SELECT x.r, x.old_r, keypal.key_changes(x.old_r, x.r) AS changes
-                  FROM (SELECT ROW(n.*)::keypal.keys AS r, ROW(o.*)::keypal.keys AS old_r, o.last_used_at AS o_used,
-                               n.last_used_at AS n_used
+                  FROM (SELECT ROW(n.*)::keypal.keys AS r, ROW(o.*)::keypal.keys AS old_r,
+                               o.last_used_at AS used_before, n.last_used_at AS used_after
                           FROM keypal_new n JOIN keypal_old o USING (id)) x
                  -- A write of last_used_at (the flush worker's) is not a change anyone made.
-                 WHERE x.o_used IS NOT DISTINCT FROM x.n_used) c
+                 WHERE x.used_before IS NOT DISTINCT FROM x.used_after) c
           CROSS JOIN LATERAL (SELECT CASE
                 -- keypal_import's overwrite (not a cascade it set off, one trigger level down)
                 WHEN given = 'imported' AND pg_trigger_depth() = 1 THEN 'imported'
@@ -1664,7 +1672,7 @@ END $$;
 -- Revoking keys revokes every descendant in the same transaction: one UPDATE per level of
 -- the hierarchy (it sets this trigger off again, one level down).
 CREATE FUNCTION keypal.cascade_revocation()
-RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET jit = off SET enable_nestloop = off AS $$
 DECLARE
     parents  uuid[];
     moments  timestamptz[];
@@ -1673,10 +1681,17 @@ BEGIN
     SELECT array_agg(p.id), array_agg(p.revoked_at), array_agg(p.revoked_by) INTO parents, moments, revokers
       FROM keypal_new p JOIN keypal_old o USING (id)
      WHERE p.revoked_at IS NOT NULL AND (o.revoked_at IS NULL OR p.revoked_at < o.revoked_at);
-    -- (the UPDATE below sets this trigger off again: it ends where no key was newly revoked)
-    IF parents IS NULL THEN
-        RETURN NULL;
+    -- (the UPDATE sets this trigger off again: it ends where no key was newly revoked)
+    IF parents IS NOT NULL THEN
+        PERFORM keypal.revoke_children(parents, moments, revokers);
     END IF;
+    RETURN NULL;
+END $$;
+
+-- The children of these keys, revoked as their parent was (by index on parent_id: nested
+-- loops on again, which the triggers turn off for joining a statement's old and new rows).
+CREATE FUNCTION keypal.revoke_children(parents uuid[], moments timestamptz[], revokers text[])
+RETURNS void LANGUAGE sql VOLATILE SET enable_nestloop = on AS $$
     -- A child already revoked (not merely scheduled to be, as in a rotation's grace) is
     -- left as it is: it was revoked once, and is not again.
     UPDATE keypal.keys c
@@ -1684,9 +1699,7 @@ BEGIN
       FROM unnest(parents, moments, revokers) AS p(id, revoked_at, revoked_by)
      WHERE c.parent_id = p.id
        AND (c.revoked_at IS NULL OR (c.revoked_at > p.revoked_at AND c.revoked_at > clock_timestamp()));
-    RETURN NULL;
-END $$;
-
+$$;
 -- Only the extension's owner may change or remove audit rows.
 CREATE FUNCTION keypal.audit_log_guard()
 RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$

@@ -426,7 +426,7 @@ END $$;
 
 -- One statement's new keys' timers, from its transition table.
 CREATE FUNCTION keypal.arm_timers_inserted()
-RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET jit = off AS $$
 DECLARE
     importing boolean := current_setting('keypal._action', true) = 'imported';
     armed     bigint;
@@ -450,20 +450,33 @@ END $$;
 -- One statement's changed keys' timers, from its transition tables: a timer whose moment
 -- changed is set, moved or dropped; a revoked key's are dropped.
 CREATE FUNCTION keypal.arm_timers()
-RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET jit = off SET enable_nestloop = off AS $$
 DECLARE
     importing boolean := current_setting('keypal._action', true) = 'imported';
-    armed     bigint;
+    ids       uuid[];
+    kinds     text[];
+    dues      timestamptz[];
 BEGIN
+    SELECT array_agg(n.id), array_agg(w.kind), array_agg(keypal.timer_to_arm(ROW(n.*)::keypal.keys, w.kind, importing))
+      INTO ids, kinds, dues
+      FROM keypal_new n JOIN keypal_old o USING (id)
+     CROSS JOIN unnest(ARRAY['disable', 'revoke', 'expiring', 'expired']) AS w(kind)
+     WHERE (o.disable_at, o.revoke_at, o.expires_at, o.notify_before, o.enabled, o.revoked_at)
+           IS DISTINCT FROM (n.disable_at, n.revoke_at, n.expires_at, n.notify_before, n.enabled, n.revoked_at)
+       AND (n.revoked_at <= now()
+            OR keypal.timer_due(ROW(o.*)::keypal.keys, w.kind)
+               IS DISTINCT FROM keypal.timer_due(ROW(n.*)::keypal.keys, w.kind));
+    IF ids IS NOT NULL THEN
+        PERFORM keypal.timers_armed(keypal.set_timers(ids, kinds, dues));
+    END IF;
+    RETURN NULL;
+END $$;
+
+-- Sets (a due moment) or drops (NULL) these timers, by index; returns how many were set.
+CREATE FUNCTION keypal.set_timers(ids uuid[], kinds text[], dues timestamptz[])
+RETURNS bigint LANGUAGE sql VOLATILE SET enable_nestloop = on AS $$
     WITH wanted AS (
-        SELECT n.id AS key_id, w.kind, keypal.timer_to_arm(ROW(n.*)::keypal.keys, w.kind, importing) AS due
-          FROM keypal_new n JOIN keypal_old o USING (id)
-         CROSS JOIN unnest(ARRAY['disable', 'revoke', 'expiring', 'expired']) AS w(kind)
-         WHERE (o.disable_at, o.revoke_at, o.expires_at, o.notify_before, o.enabled, o.revoked_at)
-               IS DISTINCT FROM (n.disable_at, n.revoke_at, n.expires_at, n.notify_before, n.enabled, n.revoked_at)
-           AND (n.revoked_at <= now()
-                OR keypal.timer_due(ROW(o.*)::keypal.keys, w.kind)
-                   IS DISTINCT FROM keypal.timer_due(ROW(n.*)::keypal.keys, w.kind))),
+        SELECT * FROM unnest(ids, kinds, dues) AS d(key_id, kind, due)),
     dropped AS (
         DELETE FROM keypal.key_timers t USING wanted d
          WHERE d.due IS NULL AND t.key_id = d.key_id AND t.kind = d.kind),
@@ -472,11 +485,8 @@ BEGIN
         SELECT d.key_id, d.kind, d.due FROM wanted d WHERE d.due IS NOT NULL
             ON CONFLICT (key_id, kind) DO UPDATE SET due_at = EXCLUDED.due_at
         RETURNING 1)
-    SELECT count(*) INTO armed FROM set;
-    PERFORM keypal.timers_armed(armed);
-    RETURN NULL;
-END $$;
-
+    SELECT count(*) FROM set
+$$;
 CREATE TRIGGER keys_timers_insert AFTER INSERT ON keypal.keys REFERENCING NEW TABLE AS keypal_new
     FOR EACH STATEMENT EXECUTE FUNCTION keypal.arm_timers_inserted();
 CREATE TRIGGER keys_timers_update AFTER UPDATE ON keypal.keys

@@ -40,7 +40,7 @@ END $$;
 
 CREATE FUNCTION keypal_import(data jsonb DEFAULT NULL, on_conflict text DEFAULT 'error', actor text DEFAULT NULL)
 RETURNS TABLE (imported bigint, skipped bigint, overwritten bigint)
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off AS $$
 DECLARE
     mode   text := lower(on_conflict);
     cfg    keypal.settings := keypal.config();
