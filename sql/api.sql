@@ -56,6 +56,8 @@ COMMENT ON VIEW keypal.hourly_usage IS 'Requests, tokens and cost per key, hour 
 -- and new rows do so with nested loops off: a transition table's size is fixed into the
 -- query when PL/pgSQL first parses it, so a plan made for a one-row statement would join a
 -- later 100 000-row one by nested loop (tests/sql/16_bulk.sql runs one after the other).
+-- create_keys and emit_events join no table: their one generic plan serves every call
+-- (force_generic_plan), instead of planning their statements again for each key.
 -- Internal helpers (keypal.*, no EXECUTE for PUBLIC) run only inside keypal's own entry
 -- points — SECURITY DEFINER functions, trigger functions, the worker, Rust's catalog load —
 -- which all pin search_path = pg_catalog, pg_temp. They do not set it again: a function with
@@ -347,7 +349,7 @@ END $$;
 -- (one per distinct actor named), so the audit rows, events and timers are written once per
 -- statement. extra: rotated_from, and the audit action/context.
 CREATE FUNCTION keypal.create_keys(specs jsonb[], prefixes text[], extra jsonb DEFAULT '{}')
-RETURNS SETOF keypal.created_key LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp SET jit = off AS $$
+RETURNS SETOF keypal.created_key LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp SET jit = off SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     cfg    keypal.settings := keypal.config();
     norm   jsonb[];
@@ -1231,7 +1233,7 @@ END $$;
 -- deliveries, and notifies listeners once with the highest id (they read the outbox from the
 -- last id they saw), in the caller's transaction. One call per statement that made events.
 CREATE FUNCTION keypal.emit_events(events text[], key_ids uuid[], data jsonb[])
-RETURNS bigint LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp SET jit = off AS $$
+RETURNS bigint LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp SET jit = off SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     last_id bigint;
     queued  bigint;

@@ -113,7 +113,7 @@ BEGIN
 END $$;
 
 CREATE FUNCTION keypal.create_keys(specs jsonb[], prefixes text[], extra jsonb DEFAULT '{}')
-RETURNS SETOF keypal.created_key LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp SET jit = off AS $$
+RETURNS SETOF keypal.created_key LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp SET jit = off SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     cfg    keypal.settings := keypal.config();
     norm   jsonb[];
@@ -185,7 +185,7 @@ BEGIN
 END $$;
 
 CREATE FUNCTION keypal.emit_events(events text[], key_ids uuid[], data jsonb[])
-RETURNS bigint LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp SET jit = off AS $$
+RETURNS bigint LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp SET jit = off SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     last_id bigint;
     queued  bigint;
