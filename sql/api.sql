@@ -56,7 +56,7 @@ COMMENT ON VIEW keypal.hourly_usage IS 'Requests, tokens and cost per key, hour 
 -- and new rows do so with nested loops off: a transition table's size is fixed into the
 -- query when PL/pgSQL first parses it, so a plan made for a one-row statement would join a
 -- later 100 000-row one by nested loop (tests/sql/16_bulk.sql runs one after the other).
--- create_keys and emit_events join no table: their one generic plan serves every call
+-- create_keys and emit_events join no big table: their one generic plan serves every call
 -- (force_generic_plan), instead of planning their statements again for each key.
 -- Internal helpers (keypal.*, no EXECUTE for PUBLIC) run only inside keypal's own entry
 -- points — SECURITY DEFINER functions, trigger functions, the worker, Rust's catalog load —
@@ -345,54 +345,68 @@ END $$;
 
 -- The one place keys are made: one per element of specs (key options, see options.rs;
 -- prefixes[i] names the element in messages, e.g. 'specs[3].'), returned in order. Set-based:
--- the options are checked, the keys generated and hashed, and all inserted by one INSERT
--- (one per distinct actor named), so the audit rows, events and timers are written once per
--- statement. extra: rotated_from, and the audit action/context.
+-- every spec is checked (in order: the first bad one raises, naming itself), the keys
+-- generated and hashed, and all inserted by one INSERT — one per distinct actor the specs
+-- name, as the audit trigger reads the actor per statement — so the audit rows, events and
+-- timers are written once per statement. extra: rotated_from, and the audit action/context.
 CREATE FUNCTION keypal.create_keys(specs jsonb[], prefixes text[], extra jsonb DEFAULT '{}')
 RETURNS SETOF keypal.created_key LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp SET jit = off SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     cfg    keypal.settings := keypal.config();
     norm   jsonb[];
+    groups bigint;
     grp    text;
-    made   keypal.created_key[] := '{}';
-    places bigint[] := '{}';
+    g_norm jsonb[];
+    g_pref text[];
+    g_idx  bigint[];
     m      keypal.created_key[];
     ix     bigint[];
 BEGIN
     norm := ARRAY(SELECT keypal.normalize_options(u.s, coalesce(u.p, ''), true)
                     FROM unnest(specs, prefixes) WITH ORDINALITY AS u(s, p, i) ORDER BY u.i);
-    -- The audit trigger reads the actor per statement: one INSERT per actor named.
-    FOR grp IN SELECT DISTINCT coalesce(o->>'actor', '') FROM unnest(norm) AS o LOOP
+    SELECT count(DISTINCT coalesce(o->>'actor', '')) INTO groups FROM unnest(norm) AS o;
+    IF groups = 0 THEN
+        RETURN;
+    ELSIF groups > 1 THEN
+        CREATE TEMP TABLE IF NOT EXISTS "keypal created" (i bigint, k keypal.created_key) ON COMMIT DROP;
+        TRUNCATE "keypal created";
+    END IF;
+    FOR grp, g_norm, g_pref, g_idx IN
+        SELECT coalesce(u.o->>'actor', ''), array_agg(u.o ORDER BY u.i), array_agg(coalesce(u.p, '') ORDER BY u.i),
+               array_agg(u.i ORDER BY u.i)
+          FROM unnest(norm, prefixes) WITH ORDINALITY AS u(o, p, i)
+         GROUP BY 1 ORDER BY min(u.i)
+    LOOP
         PERFORM keypal.begin_change(keypal.actor(nullif(grp, '')), extra->>'action', extra->'context');
+        -- (never norm[i] or prefixes[i]: subscripting a big array of variable-width elements
+        -- walks it from the start, quadratic over a bulk call)
         WITH given AS MATERIALIZED (
-            SELECT u.i, u.o, coalesce(u.arg, '') AS arg, gen_random_uuid() AS id,
-                   coalesce(u.o->>'env', cfg.default_env) AS env,
-                   jsonb_populate_record(NULL::keypal.keys, u.o - 'expires_at' - 'disable_at' - 'revoke_at'
-                                                         - 'notify_before' - 'enabled') AS c,
-                   CASE WHEN u.o ? 'expires_in'
-                        THEN now() + keypal.parse_duration(u.o->>'expires_in', coalesce(u.arg, '') || 'expires_in')
-                        ELSE keypal.parse_timestamp(u.o->>'expires_at', coalesce(u.arg, '') || 'expires_at') END AS exp0
-              -- (never norm[i] or prefixes[i]: subscripting a big array of variable-width
-              -- elements walks it from the start, quadratic over a bulk call)
-              FROM unnest(norm, prefixes) WITH ORDINALITY AS u(o, arg, i)
-             WHERE coalesce(u.o->>'actor', '') = grp),
-        checked AS MATERIALIZED (
-            SELECT g.*, coalesce((c).scopes, '{}') AS scopes, coalesce((c).resources, '{}') AS res,
-                   coalesce((c).allowed_ips, '{}') AS ips,
-                   keypal.check_env(g.env, g.arg || 'env', cfg.environments) AS env_ok,
-                   CASE WHEN g.o ? 'policy' OR g.o ? 'parent_id' OR g.exp0 <= now()
-                        THEN keypal.key_expiry(g.o, g.arg, g.exp0, coalesce((c).scopes, '{}'),
-                                               coalesce((c).resources, '{}'), coalesce((c).allowed_ips, '{}'))
-                        ELSE g.exp0 END AS exp,
+            SELECT s.*,
+                   CASE WHEN s.o ? 'policy' OR s.o ? 'parent_id' OR s.exp0 <= now()
+                        THEN keypal.key_expiry(s.o, s.arg, s.exp0, s.scopes, s.res, s.ips) ELSE s.exp0 END AS exp,
                    -- A signing key's secret (derived, never stored; 55000 without keypal.signing_secret).
-                   CASE WHEN coalesce((g.o->>'signing')::boolean, false) THEN keypal.signing_secret_for(g.id) END AS secret,
-                   keypal.generate_key(coalesce(cfg.environments -> g.env ->> 'prefix', cfg.prefix),
+                   CASE WHEN coalesce((s.o->>'signing')::boolean, false) THEN keypal.signing_secret_for(s.id) END AS secret,
+                   keypal.generate_key(coalesce(cfg.environments -> s.env ->> 'prefix', cfg.prefix),
                                        cfg.length, cfg.alphabet) AS body
-              FROM given g),
+              FROM (SELECT u.i, u.o, u.arg, b.id, b.env, b.c,
+                           coalesce((b.c).scopes, '{}') AS scopes, coalesce((b.c).resources, '{}') AS res,
+                           coalesce((b.c).allowed_ips, '{}') AS ips,
+                           keypal.check_env(b.env, u.arg || 'env', cfg.environments) AS env_ok,
+                           CASE WHEN u.o ? 'expires_in'
+                                THEN now() + keypal.parse_duration(u.o->>'expires_in', u.arg || 'expires_in')
+                                ELSE keypal.parse_timestamp(u.o->>'expires_at', u.arg || 'expires_at') END AS exp0,
+                           keypal.parse_timestamp(u.o->>'disable_at', u.arg || 'disable_at') AS disable_at,
+                           keypal.parse_timestamp(u.o->>'revoke_at', u.arg || 'revoke_at') AS revoke_at,
+                           keypal.parse_duration(u.o->>'notify_before', u.arg || 'notify_before') AS notify_before
+                      FROM unnest(g_norm, g_pref, g_idx) AS u(o, arg, i)
+                     CROSS JOIN LATERAL (
+                           SELECT gen_random_uuid() AS id, coalesce(u.o->>'env', cfg.default_env) AS env,
+                                  jsonb_populate_record(NULL::keypal.keys, u.o - 'expires_at' - 'disable_at' - 'revoke_at'
+                                                                        - 'notify_before' - 'enabled') AS c) b) s),
         keyed AS MATERIALIZED (
-            SELECT k.*, CASE WHEN cfg.checksum THEN k.body || keypal.key_checksum(k.body, cfg.alphabet)
-                             ELSE k.body END AS key
-              FROM checked k),
+            SELECT g.*, CASE WHEN cfg.checksum THEN g.body || keypal.key_checksum(g.body, cfg.alphabet)
+                             ELSE g.body END AS key
+              FROM given g),
         inserted AS (
             INSERT INTO keypal.keys (id, key_hash, algorithm, owner_id, org_id, env, name, description, scopes,
                                      resources, tags, metadata, enabled, expires_at, parent_id, policy,
@@ -403,21 +417,25 @@ BEGIN
                    coalesce(k.o->'metadata', '{}'), coalesce((k.o->>'enabled')::boolean, true), k.exp,
                    (k.c).parent_id, (k.c).policy, k.o->'rate_limit', nullif(k.o->'quota', 'null'), k.ips,
                    coalesce((k.c).blocked_ips, '{}'), coalesce((k.c).allowed_regions, '{}'),
-                   coalesce((k.c).blocked_regions, '{}'),
-                   keypal.parse_timestamp(k.o->>'disable_at', k.arg || 'disable_at'),
-                   keypal.parse_timestamp(k.o->>'revoke_at', k.arg || 'revoke_at'),
-                   keypal.parse_duration(k.o->>'notify_before', k.arg || 'notify_before'),
+                   coalesce((k.c).blocked_regions, '{}'), k.disable_at, k.revoke_at, k.notify_before,
                    (extra->>'rotated_from')::uuid, k.secret IS NOT NULL
-              FROM keyed k WHERE k.env_ok ORDER BY k.i)
+              FROM keyed k ORDER BY k.i)
         SELECT array_agg(ROW(k.key, k.id, k.exp, k.env, k.secret)::keypal.created_key ORDER BY k.i),
                array_agg(k.i ORDER BY k.i)
           INTO m, ix FROM keyed k;
-        made := made || m;
-        places := places || ix;
+        IF groups = 1 THEN
+            PERFORM keypal.end_change();
+            RETURN QUERY SELECT x.key, x.id, x.expires_at, x.env, x.signing_secret
+                           FROM unnest(m, ix) AS x(key, id, expires_at, env, signing_secret, i) ORDER BY x.i;
+            RETURN;
+        END IF;
+        INSERT INTO "keypal created"
+        SELECT x.i, ROW(x.key, x.id, x.expires_at, x.env, x.signing_secret)::keypal.created_key
+          FROM unnest(m, ix) AS x(key, id, expires_at, env, signing_secret, i);
     END LOOP;
     PERFORM keypal.end_change();
-    RETURN QUERY SELECT x.key, x.id, x.expires_at, x.env, x.signing_secret
-                   FROM unnest(made, places) AS x(key, id, expires_at, env, signing_secret, i) ORDER BY x.i;
+    RETURN QUERY SELECT (c.k).* FROM "keypal created" c ORDER BY c.i;
+    TRUNCATE "keypal created";
 END $$;
 
 CREATE FUNCTION keypal.create_key(opts jsonb, arg_prefix text DEFAULT '', extra jsonb DEFAULT '{}')
@@ -773,7 +791,9 @@ BEGIN
        SET enabled = on_off,
            disable_at = CASE WHEN on_off AND k.disable_at <= clock_timestamp() THEN NULL ELSE k.disable_at END
      WHERE k.owner_id = owner AND (org IS NULL OR k.org_id = org)
-       AND (k.revoked_at IS NULL OR k.revoked_at > now())
+       -- (not a key verify already calls revoked: lock_key refuses those one at a time)
+       AND (k.revoked_at IS NULL OR k.revoked_at > clock_timestamp())
+       AND (k.revoke_at IS NULL OR k.revoke_at > clock_timestamp())
        AND (k.enabled <> on_off OR (on_off AND k.disable_at <= clock_timestamp()));
     GET DIAGNOSTICS n = ROW_COUNT;
     PERFORM keypal.end_change();
@@ -1531,7 +1551,7 @@ $$;
 
 -- A key event's data (the webhook body's "data").
 CREATE FUNCTION keypal.event_data(act text, r keypal.keys, who text)
-RETURNS jsonb LANGUAGE sql IMMUTABLE AS $$
+RETURNS jsonb LANGUAGE sql STABLE AS $$
     SELECT jsonb_strip_nulls(jsonb_build_object(
         'keyId', r.id, 'ownerId', r.owner_id, 'orgId', r.org_id, 'env', r.env, 'name', r.name,
         'revokedBy', CASE WHEN act = 'revoked' THEN r.revoked_by END,

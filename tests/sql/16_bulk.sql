@@ -28,12 +28,25 @@ SELECT throws_like($$SELECT * FROM keypal_create_many((SELECT jsonb_agg(CASE WHE
 SELECT is((SELECT count(*) FROM keypal.keys WHERE owner_id = 'half'), 0::bigint, 'and nothing of the call is written');
 SELECT is((SELECT count(*) FROM keypal.audit_log WHERE owner_id = 'half'), 0::bigint, '(no audit rows)');
 
+-- Specs naming different actors: one INSERT per actor, results still in spec order, and
+-- each key's audit row carries its own spec's actor.
+CREATE TEMP TABLE mixed AS SELECT row_number() OVER () AS n, c.* FROM keypal_create_many(
+    (SELECT jsonb_agg(jsonb_build_object('owner_id', 'mixed', 'name', 'm' || i, 'actor', 'actor' || (i % 3)) ORDER BY i)
+       FROM generate_series(1, 30) i)) c;
+SELECT is((SELECT string_agg(k.name, ',' ORDER BY m.n) FROM mixed m JOIN keypal.keys k USING (id)),
+          (SELECT string_agg('m' || i, ',' ORDER BY i) FROM generate_series(1, 30) i), 'mixed actors: keys returned in spec order');
+SELECT is((SELECT count(*) FROM mixed m JOIN keypal.keys k USING (id) JOIN keypal.audit_log a ON a.key_id = k.id
+            WHERE a.action = 'created' AND a.actor = 'actor' || (substr(k.name, 2)::int % 3)), 30::bigint,
+          'each key audited with its own spec''s actor');
+SELECT throws_like($$SELECT * FROM keypal_create_many('[{"owner_id": "o"}, {"owner_id": "o", "disable_at": "garbage"}, {"owner_id": "o", "env": "nope"}]')$$,
+    '%specs[1].disable_at%', 'of several bad specs, the first is named');
+
 -- A hierarchy three levels deep under 100 roots, revoked by owner in one statement.
 CREATE TEMP TABLE roots AS SELECT id FROM made ORDER BY id LIMIT 100;
 CREATE TEMP TABLE lvl1 AS SELECT c.id, r.id AS parent FROM roots r,
-    LATERAL keypal_create(owner_id => 'bulk', scopes => '{read}', parent_id => r.id) c;
+    LATERAL keypal_create(owner_id => 'other', scopes => '{read}', parent_id => r.id) c;
 CREATE TEMP TABLE lvl2 AS SELECT c.id, p.id AS parent FROM lvl1 p,
-    LATERAL keypal_create(owner_id => 'bulk', scopes => '{read}', parent_id => p.id) c;
+    LATERAL keypal_create(owner_id => 'other', scopes => '{read}', parent_id => p.id) c;
 CREATE TEMP TABLE lvl3 AS SELECT c.id, c.key, p.id AS parent FROM lvl2 p,
     LATERAL keypal_create(owner_id => 'other', scopes => '{read}', parent_id => p.id) c;
 -- One-row statements first, in this session: the bulk statement after them must not reuse
@@ -41,22 +54,26 @@ CREATE TEMP TABLE lvl3 AS SELECT c.id, c.key, p.id AS parent FROM lvl2 p,
 SELECT lives_ok($$SELECT keypal_update(id, name => 'one at a time') FROM (SELECT id FROM made ORDER BY id DESC LIMIT 8) x$$,
                 'eight one-row updates');
 CREATE TEMP TABLE seen_events AS SELECT max(id) AS last FROM keypal.events;
-SELECT is(keypal_revoke_all('bulk', reason => 'offboarded'), 2700, 'revoke_all: every key of the owner newly revoked');
-SELECT is((SELECT count(*) FROM keypal.keys WHERE id IN (SELECT id FROM lvl3) AND revoked_at IS NOT NULL), 100::bigint,
-          'great-grandchildren of another owner are revoked by the cascade');
-SELECT is((SELECT count(*) FROM keypal.keys WHERE id IN (SELECT id FROM lvl3) AND revoke_reason = 'parent revoked'), 100::bigint,
-          '(as parent revoked)');
+-- (a plan made for one row reused here would take minutes: let it fail instead)
+SET LOCAL statement_timeout = '60s';
+SELECT is(keypal_revoke_all('bulk', reason => 'offboarded'), 2500, 'revoke_all: every key of the owner newly revoked');
+RESET statement_timeout;
+SELECT is((SELECT count(*) FROM keypal.keys
+            WHERE id IN (SELECT id FROM lvl1 UNION ALL SELECT id FROM lvl2 UNION ALL SELECT id FROM lvl3)
+              AND revoked_at IS NOT NULL AND revoke_reason = 'parent revoked'), 300::bigint,
+          'children, grandchildren and great-grandchildren of another owner are revoked by the cascade, level by level');
 SELECT is((keypal_verify((SELECT key FROM lvl3 LIMIT 1))).error_code, 'REVOKED', 'and stop verifying');
 SELECT is((SELECT count(*) FROM keypal.audit_log WHERE action = 'revoked'
             AND key_id IN (SELECT id FROM made UNION ALL SELECT id FROM lvl1 UNION ALL SELECT id FROM lvl2 UNION ALL SELECT id FROM lvl3)),
           2800::bigint, 'one revoked audit row per key, cascade included');
-SELECT is((SELECT count(*) FROM keypal.audit_log a JOIN lvl3 l ON l.id = a.key_id
-            WHERE a.action = 'revoked' AND a.context->>'cascade_from' = l.parent::text), 100::bigint,
-          'a cascaded revocation names its parent in the audit context');
+SELECT is((SELECT count(*) FROM keypal.audit_log a
+             JOIN (SELECT * FROM lvl1 UNION ALL SELECT id, parent FROM lvl2 UNION ALL SELECT id, parent FROM lvl3) l ON l.id = a.key_id
+            WHERE a.action = 'revoked' AND a.context->>'cascade_from' = l.parent::text), 300::bigint,
+          'each cascaded revocation names its own parent in the audit context');
 SELECT is((SELECT count(*) FROM keypal.events WHERE event = 'key.revoked' AND id > (SELECT last FROM seen_events)),
           2800::bigint, 'one key.revoked event per key');
 SELECT is((SELECT count(*) FROM keypal.events WHERE event = 'key.revoked' AND id > (SELECT last FROM seen_events)
-            AND payload->'data'->>'reason' = 'offboarded'), 2700::bigint, '(with the reason given)');
+            AND payload->'data'->>'reason' = 'offboarded'), 2500::bigint, '(with the reason given)');
 SELECT is(keypal_revoke_all('bulk'), 0, 'a second revoke_all revokes nothing');
 SELECT is((SELECT count(*) FROM keypal.audit_log WHERE action = 'revoked' AND key_id IN (SELECT id FROM made)),
           2500::bigint, '(and audits nothing)');
@@ -69,13 +86,23 @@ SELECT is(keypal_revoke((SELECT d.id FROM dis d JOIN keypal.keys k USING (id) WH
 SELECT is(keypal_disable_all('dis', 'o1'), 29, 'disable_all by owner and org: the org''s live keys (a revoked one left)');
 SELECT is(keypal_disable_all('dis'), 20, 'disable_all by owner: the rest');
 SELECT is(keypal_disable_all('dis'), 0, 'again: nothing left to disable');
-SELECT is((keypal_verify((SELECT d.key FROM dis d JOIN keypal.keys k USING (id) WHERE k.revoked_at IS NULL LIMIT 1))).error_code, 'DISABLED', 'a disabled key is refused');
+SELECT is((keypal_verify((SELECT d.key FROM dis d JOIN keypal.keys k USING (id) WHERE k.revoked_at IS NULL AND k.revoke_at IS NULL LIMIT 1))).error_code, 'DISABLED', 'a disabled key is refused');
 SELECT is((SELECT count(*) FROM keypal.audit_log WHERE action = 'disabled' AND owner_id = 'dis'), 49::bigint, 'one disabled audit row per key');
 SELECT is((SELECT count(*) FROM keypal.events WHERE event = 'key.disabled' AND payload->'data'->>'ownerId' = 'dis'), 49::bigint,
           'one key.disabled event per key');
-UPDATE keypal.keys SET disable_at = now() - interval '1 minute' WHERE owner_id = 'dis' AND enabled AND revoked_at IS NULL;
 SELECT is(keypal_enable_all('dis', actor => 'ops'), 49, 'enable_all: every disabled key, not the revoked one');
-SELECT is((keypal_verify((SELECT d.key FROM dis d JOIN keypal.keys k USING (id) WHERE k.revoked_at IS NULL LIMIT 1))).valid, true, 'enabled keys verify again');
+-- A key off by a passed disable_at (enabled, but refused): enable_all turns it on again.
+UPDATE keypal.keys SET disable_at = now() - interval '1 minute'
+ WHERE id IN (SELECT d.id FROM dis d JOIN keypal.keys k USING (id) WHERE k.revoked_at IS NULL LIMIT 3);
+SELECT is((SELECT count(*) FROM dis d, keypal_verify(d.key) v WHERE v.error_code = 'DISABLED'), 3::bigint, 'a passed disable_at disables');
+SELECT is(keypal_enable_all('dis'), 3, 'enable_all enables the keys a passed disable_at turned off');
+SELECT is((SELECT count(*) FROM keypal.keys WHERE owner_id = 'dis' AND disable_at IS NOT NULL), 0::bigint, '(and clears disable_at)');
+-- Nor a key verify already calls revoked (its revoke_at passed): revoked keys stay as they are.
+UPDATE keypal.keys SET revoke_at = now() - interval '1 minute'
+ WHERE id = (SELECT d.id FROM dis d JOIN keypal.keys k USING (id) WHERE k.revoked_at IS NULL LIMIT 1);
+SELECT is(keypal_disable_all('dis'), 48, 'disable_all skips a key past its revoke_at');
+SELECT is(keypal_enable_all('dis'), 48, 'enable_all too: a revoked key is never enabled');
+SELECT is((keypal_verify((SELECT d.key FROM dis d JOIN keypal.keys k USING (id) WHERE k.revoked_at IS NULL AND k.revoke_at IS NULL LIMIT 1))).valid, true, 'enabled keys verify again');
 SELECT is((SELECT count(*) FROM keypal.audit_log WHERE action = 'enabled' AND owner_id = 'dis' AND actor = 'ops'), 49::bigint,
           'one enabled audit row per key, with the actor');
 SELECT throws_ok($$SELECT keypal_disable_all(NULL)$$, '22023', 'invalid owner_id: required', 'disable_all needs an owner');
@@ -103,7 +130,7 @@ SELECT is((SELECT string_agg(a.attname, ', ' ORDER BY a.attnum) FROM pg_attribut
               AND position(format('CASE WHEN o.%I IS DISTINCT FROM n.%I THEN jsonb_build_object(%L', a.attname, a.attname, a.attname)
                            IN (SELECT prosrc FROM pg_proc WHERE oid = 'keypal.key_changes'::regproc)) = 0),
           NULL, 'the audit diff compares every column a change can touch');
-CREATE TEMP TABLE renamed AS SELECT id, name FROM keypal.keys WHERE owner_id = 'dis' AND revoked_at IS NULL LIMIT 1;
+CREATE TEMP TABLE renamed AS SELECT id, name FROM keypal.keys WHERE owner_id = 'dis' AND revoked_at IS NULL AND revoke_at IS NULL LIMIT 1;
 SELECT lives_ok($$SELECT keypal_update((SELECT id FROM renamed), name => 'renamed', tags => '{x}')$$, 'rename and tag a key');
 SELECT is((SELECT changes FROM keypal.audit_log WHERE key_id = (SELECT id FROM renamed) AND action = 'updated'),
           jsonb_build_object('name', jsonb_build_object('old', (SELECT name FROM renamed), 'new', 'renamed'),
