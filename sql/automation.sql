@@ -431,6 +431,9 @@ DECLARE
     importing boolean := current_setting('keypal._action', true) = 'imported';
     armed     bigint;
 BEGIN
+    IF NOT EXISTS (SELECT 1 FROM keypal_new) THEN
+        RETURN NULL;
+    END IF;
     IF keypal.restoring(TG_RELID) THEN
         RETURN NULL;
     END IF;
@@ -457,6 +460,9 @@ DECLARE
     kinds     text[];
     dues      timestamptz[];
 BEGIN
+    IF NOT EXISTS (SELECT 1 FROM keypal_new) THEN
+        RETURN NULL;
+    END IF;
     SELECT array_agg(n.id), array_agg(w.kind), array_agg(keypal.timer_to_arm(ROW(n.*)::keypal.keys, w.kind, importing))
       INTO ids, kinds, dues
       FROM keypal_new n JOIN keypal_old o USING (id)
@@ -479,7 +485,7 @@ RETURNS bigint LANGUAGE sql VOLATILE SET enable_nestloop = on AS $$
         SELECT * FROM unnest(ids, kinds, dues) AS d(key_id, kind, due)),
     dropped AS (
         DELETE FROM keypal.key_timers t USING wanted d
-         WHERE d.due IS NULL AND t.key_id = d.key_id AND t.kind = d.kind),
+         WHERE t.key_id = ANY (ids) AND d.due IS NULL AND t.key_id = d.key_id AND t.kind = d.kind),
     set AS (
         INSERT INTO keypal.key_timers AS t (key_id, kind, due_at)
         SELECT d.key_id, d.kind, d.due FROM wanted d WHERE d.due IS NOT NULL

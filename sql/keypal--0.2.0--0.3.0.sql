@@ -69,7 +69,8 @@ RETURNS void LANGUAGE sql VOLATILE SET enable_nestloop = on AS $$
     UPDATE keypal.keys c
        SET revoked_at = p.revoked_at, revoke_reason = 'parent revoked', revoked_by = p.revoked_by
       FROM unnest(parents, moments, revokers) AS p(id, revoked_at, revoked_by)
-     WHERE c.parent_id = p.id
+     -- (= ANY: the children are found by index whatever the planner guesses of the array)
+     WHERE c.parent_id = ANY (parents) AND c.parent_id = p.id
        AND (c.revoked_at IS NULL OR (c.revoked_at > p.revoked_at AND c.revoked_at > clock_timestamp()));
 $$;
 
@@ -79,7 +80,7 @@ RETURNS bigint LANGUAGE sql VOLATILE SET enable_nestloop = on AS $$
         SELECT * FROM unnest(ids, kinds, dues) AS d(key_id, kind, due)),
     dropped AS (
         DELETE FROM keypal.key_timers t USING wanted d
-         WHERE d.due IS NULL AND t.key_id = d.key_id AND t.kind = d.kind),
+         WHERE t.key_id = ANY (ids) AND d.due IS NULL AND t.key_id = d.key_id AND t.kind = d.kind),
     set AS (
         INSERT INTO keypal.key_timers AS t (key_id, kind, due_at)
         SELECT d.key_id, d.kind, d.due FROM wanted d WHERE d.due IS NOT NULL
@@ -272,6 +273,10 @@ DECLARE
     ids uuid[];
     data jsonb[];
 BEGIN
+    -- A statement that changed no key (the triggers fire for those too) costs nothing more.
+    IF NOT EXISTS (SELECT 1 FROM keypal_new) THEN
+        RETURN NULL;
+    END IF;
     IF keypal.restoring(TG_RELID) THEN
         RETURN NULL;
     END IF;
@@ -291,6 +296,10 @@ END $$;
 CREATE FUNCTION keypal.audit_deleted_keys()
 RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET jit = off AS $$
 BEGIN
+    -- A statement that changed no key (the triggers fire for those too) costs nothing more.
+    IF NOT EXISTS (SELECT 1 FROM keypal_old) THEN
+        RETURN NULL;
+    END IF;
     INSERT INTO keypal.audit_log (action, key_id, owner_id, org_id, actor, role, context)
     SELECT 'deleted', o.id, o.owner_id, o.org_id, keypal.change_actor(), session_user, keypal.change_context()
       FROM keypal_old o;
@@ -307,6 +316,10 @@ DECLARE
     ids   uuid[];
     data  jsonb[];
 BEGIN
+    -- A statement that changed no key (the triggers fire for those too) costs nothing more.
+    IF NOT EXISTS (SELECT 1 FROM keypal_new) THEN
+        RETURN NULL;
+    END IF;
     WITH changed AS (
         SELECT row_number() OVER () AS n, a.act, c.r, c.changes
           FROM (SELECT x.r, x.old_r, keypal.key_changes(x.old_r, x.r) AS changes
@@ -363,6 +376,9 @@ DECLARE
     importing boolean := current_setting('keypal._action', true) = 'imported';
     armed     bigint;
 BEGIN
+    IF NOT EXISTS (SELECT 1 FROM keypal_new) THEN
+        RETURN NULL;
+    END IF;
     IF keypal.restoring(TG_RELID) THEN
         RETURN NULL;
     END IF;
@@ -531,6 +547,10 @@ DECLARE
     moments  timestamptz[];
     revokers text[];
 BEGIN
+    -- A statement that changed no key (the triggers fire for those too) costs nothing more.
+    IF NOT EXISTS (SELECT 1 FROM keypal_new) THEN
+        RETURN NULL;
+    END IF;
     SELECT array_agg(p.id), array_agg(p.revoked_at), array_agg(p.revoked_by) INTO parents, moments, revokers
       FROM keypal_new p JOIN keypal_old o USING (id)
      WHERE p.revoked_at IS NOT NULL AND (o.revoked_at IS NULL OR p.revoked_at < o.revoked_at);
@@ -549,6 +569,9 @@ DECLARE
     kinds     text[];
     dues      timestamptz[];
 BEGIN
+    IF NOT EXISTS (SELECT 1 FROM keypal_new) THEN
+        RETURN NULL;
+    END IF;
     SELECT array_agg(n.id), array_agg(w.kind), array_agg(keypal.timer_to_arm(ROW(n.*)::keypal.keys, w.kind, importing))
       INTO ids, kinds, dues
       FROM keypal_new n JOIN keypal_old o USING (id)
