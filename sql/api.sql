@@ -1726,17 +1726,17 @@ BEGIN
     RETURN NULL;
 END $$;
 
--- The children of these keys, revoked as their parent was (by index on parent_id: nested
--- loops on again, which the triggers turn off for joining a statement's old and new rows).
+-- The children of these keys, revoked as their parent was: one probe of the parent_id index
+-- per parent (a nested loop, whatever the planner guesses of the array's size: one parent or
+-- a hundred thousand; the triggers turn nested loops off for joining old and new rows).
 CREATE FUNCTION keypal.revoke_children(parents uuid[], moments timestamptz[], revokers text[])
-RETURNS void LANGUAGE sql VOLATILE SET enable_nestloop = on AS $$
+RETURNS void LANGUAGE sql VOLATILE SET enable_nestloop = on SET enable_hashjoin = off SET enable_mergejoin = off AS $$
     -- A child already revoked (not merely scheduled to be, as in a rotation's grace) is
     -- left as it is: it was revoked once, and is not again.
     UPDATE keypal.keys c
        SET revoked_at = p.revoked_at, revoke_reason = 'parent revoked', revoked_by = p.revoked_by
       FROM unnest(parents, moments, revokers) AS p(id, revoked_at, revoked_by)
-     -- (= ANY: the children are found by index whatever the planner guesses of the array)
-     WHERE c.parent_id = ANY (parents) AND c.parent_id = p.id
+     WHERE c.parent_id = p.id
        AND (c.revoked_at IS NULL OR (c.revoked_at > p.revoked_at AND c.revoked_at > clock_timestamp()));
 $$;
 -- Only the extension's owner may change or remove audit rows.

@@ -63,24 +63,23 @@ BEGIN
 END $$;
 
 CREATE FUNCTION keypal.revoke_children(parents uuid[], moments timestamptz[], revokers text[])
-RETURNS void LANGUAGE sql VOLATILE SET enable_nestloop = on AS $$
+RETURNS void LANGUAGE sql VOLATILE SET enable_nestloop = on SET enable_hashjoin = off SET enable_mergejoin = off AS $$
     -- A child already revoked (not merely scheduled to be, as in a rotation's grace) is
     -- left as it is: it was revoked once, and is not again.
     UPDATE keypal.keys c
        SET revoked_at = p.revoked_at, revoke_reason = 'parent revoked', revoked_by = p.revoked_by
       FROM unnest(parents, moments, revokers) AS p(id, revoked_at, revoked_by)
-     -- (= ANY: the children are found by index whatever the planner guesses of the array)
-     WHERE c.parent_id = ANY (parents) AND c.parent_id = p.id
+     WHERE c.parent_id = p.id
        AND (c.revoked_at IS NULL OR (c.revoked_at > p.revoked_at AND c.revoked_at > clock_timestamp()));
 $$;
 
 CREATE FUNCTION keypal.set_timers(ids uuid[], kinds text[], dues timestamptz[])
-RETURNS bigint LANGUAGE sql VOLATILE SET enable_nestloop = on AS $$
+RETURNS bigint LANGUAGE sql VOLATILE SET enable_nestloop = on SET enable_hashjoin = off SET enable_mergejoin = off AS $$
     WITH wanted AS (
         SELECT * FROM unnest(ids, kinds, dues) AS d(key_id, kind, due)),
     dropped AS (
         DELETE FROM keypal.key_timers t USING wanted d
-         WHERE t.key_id = ANY (ids) AND d.due IS NULL AND t.key_id = d.key_id AND t.kind = d.kind),
+         WHERE d.due IS NULL AND t.key_id = d.key_id AND t.kind = d.kind),
     set AS (
         INSERT INTO keypal.key_timers AS t (key_id, kind, due_at)
         SELECT d.key_id, d.kind, d.due FROM wanted d WHERE d.due IS NOT NULL
