@@ -633,6 +633,11 @@ BEGIN
       FROM (SELECT y.key_id, y.kind, y.due_at
               FROM keypal.key_timers y JOIN keypal.keys kk ON kk.id = y.key_id
              WHERE y.due_at <= t0
+               -- A key whose parent is due to be revoked is left to that revocation's cascade:
+               -- two runs must not hold a parent and a child each, their cascades waiting on
+               -- each other (a deadlock, or a lock_timeout under load).
+               AND NOT EXISTS (SELECT 1 FROM keypal.key_timers pt
+                                WHERE pt.key_id = kk.parent_id AND pt.kind = 'revoke' AND pt.due_at <= t0)
              ORDER BY y.due_at
              LIMIT budget
                FOR NO KEY UPDATE OF kk SKIP LOCKED

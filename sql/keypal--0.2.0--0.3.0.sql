@@ -586,6 +586,106 @@ BEGIN
     RETURN NULL;
 END $$;
 
+CREATE OR REPLACE FUNCTION keypal.maintenance_batch(batch_size integer, t0 timestamptz, cfg keypal.settings)
+RETURNS boolean LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    budget integer := batch_size;
+    t_keys uuid[];
+    t_kinds text[];
+    n integer;
+    age interval;
+    p record;
+BEGIN
+    -- 1. Due timers, earliest first, each with its key locked; a timer whose key another
+    -- transaction holds is skipped (SKIP LOCKED on both, the key's first), and comes first
+    -- in a later run.
+    SELECT array_agg(x.key_id ORDER BY x.due_at), array_agg(x.kind ORDER BY x.due_at)
+      INTO t_keys, t_kinds
+      FROM (SELECT y.key_id, y.kind, y.due_at
+              FROM keypal.key_timers y JOIN keypal.keys kk ON kk.id = y.key_id
+             WHERE y.due_at <= t0
+               -- A key whose parent is due to be revoked is left to that revocation's cascade:
+               -- two runs must not hold a parent and a child each, their cascades waiting on
+               -- each other (a deadlock, or a lock_timeout under load).
+               AND NOT EXISTS (SELECT 1 FROM keypal.key_timers pt
+                                WHERE pt.key_id = kk.parent_id AND pt.kind = 'revoke' AND pt.due_at <= t0)
+             ORDER BY y.due_at
+             LIMIT budget
+               FOR NO KEY UPDATE OF kk SKIP LOCKED
+               FOR UPDATE OF y SKIP LOCKED) x;
+    n := coalesce(cardinality(t_keys), 0);
+    budget := budget - n;
+    -- All in one subtransaction; only if one fails (a child key held by another
+    -- transaction past lock_timeout, a deadlock with another run), each on its own: the
+    -- failing one is tried again in a minute and holds up no other. (One subtransaction
+    -- per timer only then: see finish_deliveries.)
+    BEGIN
+        FOR i IN 1..n LOOP
+            PERFORM keypal.fire_due(t_keys[i], t_kinds[i], t0);
+        END LOOP;
+    EXCEPTION WHEN OTHERS THEN
+        FOR i IN 1..n LOOP
+            BEGIN
+                PERFORM keypal.fire_due(t_keys[i], t_kinds[i], t0);
+            EXCEPTION WHEN OTHERS THEN
+                RAISE WARNING 'keypal maintenance: % of key % failed (%); tried again in a minute',
+                    t_kinds[i], t_keys[i], SQLERRM;
+                UPDATE keypal.key_timers x SET due_at = t0 + interval '1 minute'
+                 WHERE x.key_id = t_keys[i] AND x.kind = t_kinds[i];
+            END;
+        END LOOP;
+    END;
+    IF budget <= 0 THEN
+        RETURN true;
+    END IF;
+
+    -- 2. Quota periods that rolled over: the count starts again at 0 in the current period
+    -- (a row whose key's period changed meanwhile only gets its resets_at right).
+    WITH due AS (
+        SELECT q.key_id FROM keypal.quota_usage q WHERE q.resets_at <= t0
+         ORDER BY q.resets_at LIMIT budget FOR UPDATE SKIP LOCKED
+    ), cur AS (
+        SELECT d.key_id, date_trunc(coalesce(kk.quota->>'period', 'month'), t0, 'UTC') AS start,
+               coalesce(kk.quota->>'period', 'month') AS period
+          FROM due d JOIN keypal.keys kk ON kk.id = d.key_id
+    )
+    UPDATE keypal.quota_usage q
+       SET used = CASE WHEN q.period_start < c.start THEN 0 ELSE q.used END,
+           period_start = greatest(q.period_start, c.start),
+           resets_at = (greatest(q.period_start, c.start) AT TIME ZONE 'UTC'
+                        + ('1 ' || c.period)::interval) AT TIME ZONE 'UTC'
+      FROM cur c WHERE q.key_id = c.key_id;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    budget := budget - n;
+    IF budget <= 0 THEN
+        RETURN true;
+    END IF;
+
+    -- 3. Pruning, per retention (the audit log only when a retention names it): the
+    -- oldest rows of each table, by its time column.
+    FOR p IN SELECT * FROM (VALUES
+            ('webhook_deliveries', 'at', ''),
+            -- an event a webhook has yet to get (disabled for long, say) stays
+            ('events', 'at', 'AND NOT EXISTS (SELECT 1 FROM keypal.webhook_queue q
+                                               WHERE q.event_id = x.id AND q.dead_at IS NULL)'),
+            ('usage', 'hour', ''),
+            ('audit_log', 'at', '')) AS v(tbl, col, keep) LOOP
+        age := keypal.parse_duration(cfg.retention->>p.tbl, 'retention.' || p.tbl);
+        CONTINUE WHEN age IS NULL;
+        EXECUTE format('DELETE FROM keypal.%1$I WHERE ctid = ANY (ARRAY(
+                            SELECT x.ctid FROM keypal.%1$I x WHERE x.%2$I < $1 %3$s
+                             ORDER BY x.%2$I LIMIT $2 FOR UPDATE SKIP LOCKED))',
+                       p.tbl, p.col, p.keep)
+            USING t0 - age, budget;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        budget := budget - n;
+        IF budget <= 0 THEN
+            RETURN true;
+        END IF;
+    END LOOP;
+    RETURN false;
+END $$;
+
 CREATE OR REPLACE FUNCTION keypal_import(data jsonb DEFAULT NULL, on_conflict text DEFAULT 'error', actor text DEFAULT NULL)
 RETURNS TABLE (imported bigint, skipped bigint, overwritten bigint)
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off AS $$
