@@ -23,35 +23,22 @@ DIR=/tmp/keypal-bench-create
 bench_cluster "$DIR" "${BENCH_PORT:-55448}" keypal_create_bench
 trap 'bash scripts/cluster.sh stop "$DIR"' EXIT
 
-fresh() {
-    psql -X -q -d postgres -c "DROP DATABASE IF EXISTS $1 WITH (FORCE)" -c "CREATE DATABASE $1"
-    psql -X -q -d "$1" -c "CREATE EXTENSION keypal" -c "CREATE EXTENSION IF NOT EXISTS pgcrypto"
-}
-# seconds a statement takes (wall clock, in one session, committed)
-timed() {
-    psql -X -q -At -v ON_ERROR_STOP=1 -d "$1" <<SQL | tail -1
-SET statement_timeout = 0;
-CREATE TEMP TABLE t0 AS SELECT clock_timestamp() AS t;
-$2
-SELECT round(extract(epoch FROM clock_timestamp() - t)::numeric, 3) FROM t0;
-SQL
-}
 count() { psql -X -q -At -d "$1" -c "$2"; }
 expect() { [ "$2" = "$3" ] || { echo "$1: got $2, expected $3" >&2; exit 1; }; }
 
 declare -A secs
-fresh bench_plain
+fresh_db bench_plain pgcrypto
 psql -X -q -d bench_plain -c "CREATE TABLE plain (LIKE keypal.keys INCLUDING DEFAULTS INCLUDING INDEXES)"
 secs[plain_insert]=$(timed bench_plain "INSERT INTO plain (id, key_hash, algorithm, owner_id, scopes, resources, tags, metadata, enabled)
 SELECT gen_random_uuid(), digest('sk_' || md5(random()::text), 'sha256'), 'sha256', 'c' || i % 1000, '{read}', '{}', '{}', '{}', true
   FROM generate_series(1, $N) i;")
-fresh bench_create
+fresh_db bench_create pgcrypto
 secs[create]=$(timed bench_create "SELECT count(*) FROM (SELECT keypal_create(owner_id => 'c' || i % 1000, scopes => '{read}') FROM generate_series(1, $N) i) x;")
 expect create "$(count bench_create "SELECT count(*) FROM keypal.keys")" "$N"
 expect "create audit" "$(count bench_create "SELECT count(*) FROM keypal.audit_log WHERE action = 'created'")" "$N"
 secs[create_many]=$(timed bench_create "SELECT count(*) FROM keypal_create_many((SELECT jsonb_agg(jsonb_build_object('owner_id', 'm' || i % 1000, 'scopes', '[\"read\"]'::jsonb)) FROM generate_series(1, $N) i));")
 expect create_many "$(count bench_create "SELECT count(*) FROM keypal.keys WHERE owner_id LIKE 'm%'")" "$N"
-fresh bench_import
+fresh_db bench_import pgcrypto
 psql -X -q -At -d bench_create -c "COPY (SELECT r::text FROM keypal_export_records() AS r WHERE r->>'owner_id' LIKE 'c%') TO STDOUT" >/tmp/keypal-bench-records.jsonl
 secs[import]=$(timed bench_import "CREATE TEMP TABLE recs (r jsonb);
 \\copy recs FROM '/tmp/keypal-bench-records.jsonl'
@@ -68,7 +55,7 @@ one=$(timed bench_create "DO \$\$ BEGIN FOR i IN 1..$SINGLE LOOP PERFORM keypal_
 awk -v t="$one" -v n="$SINGLE" 'BEGIN { printf "keypal_create server time: %.3f ms per call (%d calls in one DO block)\n", t * 1000 / n, n }'
 
 # Bulk lifecycle: an owner's keys in chains root -> child -> grandchild -> great-grandchild.
-fresh bench_life
+fresh_db bench_life pgcrypto
 roots=$((LIFE / 4))
 psql -X -q -v ON_ERROR_STOP=1 -d bench_life <<SQL
 SELECT count(*) FROM keypal_create_many((SELECT jsonb_agg(jsonb_build_object('owner_id', 'life', 'scopes', '["read"]'::jsonb)) FROM generate_series(1, $roots)));

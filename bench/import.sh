@@ -20,31 +20,17 @@ trap 'bash scripts/cluster.sh stop "$DIR"; rm -rf "$work"' EXIT
 node docs/examples/ts_records.js "$N" 'bench salt' >"$work/ts.json"
 echo "records: $N, $(($(stat -c %s "$work/ts.json") / 1024 / 1024)) MiB of JSON"
 
-fresh() {
-    psql -X -q -d postgres -c "DROP DATABASE IF EXISTS $1 WITH (FORCE)" -c "CREATE DATABASE $1"
-    psql -X -q -d "$1" -c "CREATE EXTENSION keypal"
-}
-# seconds a statement takes (wall clock, in one session, committed)
-timed() {
-    local db=$1 sql=$2
-    psql -X -q -At -v ON_ERROR_STOP=1 -d "$db" <<SQL | tail -1
-SET statement_timeout = 0;
-CREATE TEMP TABLE t0 AS SELECT clock_timestamp() AS t;
-$sql
-SELECT round(extract(epoch FROM clock_timestamp() - t)::numeric, 3) FROM t0;
-SQL
-}
 declare -A secs
-fresh bench_import
+fresh_db bench_import
 secs[import]=$(timed bench_import "SELECT keypal_import(pg_read_file('$work/ts.json')::jsonb -> 'records');")
 got=$(psql -X -q -At -d bench_import -c "SELECT count(*) FROM keypal.keys")
 [ "$got" = "$N" ] || { echo "imported $got keys, not $N" >&2; exit 1; }
-fresh bench_create
+fresh_db bench_create
 secs[create_many]=$(timed bench_create "DO \$\$ BEGIN FOR i IN 1..$N / 1000 LOOP
     PERFORM keypal_create_many((SELECT jsonb_agg(jsonb_build_object('owner_id', 'u' || j % 100, 'scopes', '[\"read\"]'::jsonb))
                                   FROM generate_series(1, 1000) j));
 END LOOP; END \$\$;")
-fresh bench_raw
+fresh_db bench_raw
 secs[raw_insert]=$(timed bench_raw "INSERT INTO keypal.keys (id, key_hash, algorithm, owner_id, name, scopes, resources, enabled, created_at, expires_at, revoked_at, tags)
 SELECT md5(r->>'id')::uuid, decode(r->>'keyHash', 'hex'), CASE WHEN length(r->>'keyHash') = 64 THEN 'sha256' ELSE 'sha512' END,
        m->>'ownerId', m->>'name', ARRAY(SELECT jsonb_array_elements_text(m->'scopes')), coalesce(m->'resources', '{}'),

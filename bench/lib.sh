@@ -16,3 +16,20 @@ bench_cluster() {
     bash scripts/cluster.sh start "$dir" "$port" "fsync = on" "synchronous_commit = on" "$@"
     psql -X -q -d postgres -c "CREATE DATABASE $db"
 }
+# fresh_db NAME [EXTENSION ...]: a new, empty database with keypal (and the extensions named)
+fresh_db() {
+    local db=$1 ext
+    shift
+    psql -X -q -d postgres -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" -c "CREATE DATABASE $db"
+    psql -X -q -d "$db" -c "CREATE EXTENSION keypal"
+    for ext in "$@"; do psql -X -q -d "$db" -c "CREATE EXTENSION IF NOT EXISTS $ext"; done
+}
+# timed DB SQL: seconds the SQL takes (wall clock, in one session, committed)
+timed() {
+    psql -X -q -At -v ON_ERROR_STOP=1 -d "$1" <<SQL | tail -1
+SET statement_timeout = 0;
+CREATE TEMP TABLE t0 AS SELECT clock_timestamp() AS t;
+$2
+SELECT round(extract(epoch FROM clock_timestamp() - t)::numeric, 3) FROM t0;
+SQL
+}
