@@ -62,7 +62,10 @@ COMMENT ON VIEW keypal.hourly_usage IS 'Requests, tokens and cost per key, hour 
 -- points — SECURITY DEFINER functions, trigger functions, the worker, Rust's catalog load —
 -- which all pin search_path = pg_catalog, pg_temp. They do not set it again: a function with
 -- a SET clause is never inlined and pays a configuration save and restore on every call,
--- which was most of what creating a key cost.
+-- which was most of what creating a key cost. What runs once per change and cannot be
+-- inlined (a VOLATILE or SECURITY DEFINER function, one returning a row) is PL/pgSQL, not
+-- SQL: PostgreSQL 15 parses and plans a SQL function's body again on every call, where
+-- PL/pgSQL keeps its plans for the session (keypal_create was a fifth cheaper so).
 CREATE FUNCTION keypal.parse_duration(value text, arg text, allow_zero boolean DEFAULT false)
 RETURNS interval LANGUAGE plpgsql STABLE AS $$
 DECLARE
@@ -117,11 +120,12 @@ $$;
 -- Builds an options object from argument names and values, leaving out SQL NULLs (an
 -- argument not given) but keeping JSON null (a setting to clear).
 CREATE FUNCTION keypal.options(names text[], vals jsonb[])
-RETURNS jsonb LANGUAGE sql IMMUTABLE AS $$
-    SELECT coalesce(jsonb_object_agg(n, v), '{}')
-      FROM unnest(names, vals) AS t(n, v)
-     WHERE v IS NOT NULL
-$$;
+RETURNS jsonb LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    RETURN (SELECT coalesce(jsonb_object_agg(t.n, t.v), '{}')
+              FROM unnest(names, vals) AS t(n, v)
+             WHERE t.v IS NOT NULL);
+END $$;
 
 -- Who is acting: the function's actor argument, else keypal.actor, else the caller's role.
 CREATE FUNCTION keypal.actor(given text)
@@ -133,16 +137,18 @@ $$;
 -- The audit trigger reads who acts, and why, from these transaction-local settings; the
 -- management functions set them around each write and clear them after.
 CREATE FUNCTION keypal.begin_change(actor text, action text DEFAULT NULL, context jsonb DEFAULT NULL)
-RETURNS void LANGUAGE sql VOLATILE AS $$
-    SELECT set_config('keypal._actor', coalesce(actor, ''), true),
-           set_config('keypal._action', coalesce(action, ''), true),
-           set_config('keypal._context', coalesce(context::text, ''), true);
-$$;
+RETURNS void LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    PERFORM set_config('keypal._actor', coalesce(actor, ''), true),
+            set_config('keypal._action', coalesce(action, ''), true),
+            set_config('keypal._context', coalesce(context::text, ''), true);
+END $$;
 
 CREATE FUNCTION keypal.end_change()
-RETURNS void LANGUAGE sql VOLATILE AS $$
-    SELECT keypal.begin_change(NULL);
-$$;
+RETURNS void LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    PERFORM keypal.begin_change(NULL);
+END $$;
 
 CREATE FUNCTION keypal.key_not_found(id uuid, what text DEFAULT 'id')
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
@@ -439,9 +445,13 @@ BEGIN
 END $$;
 
 CREATE FUNCTION keypal.create_key(opts jsonb, arg_prefix text DEFAULT '', extra jsonb DEFAULT '{}')
-RETURNS keypal.created_key LANGUAGE sql VOLATILE AS $$
-    SELECT * FROM keypal.create_keys(ARRAY[opts], ARRAY[arg_prefix], extra)
-$$;
+RETURNS keypal.created_key LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    made keypal.created_key;
+BEGIN
+    SELECT * INTO made FROM keypal.create_keys(ARRAY[opts], ARRAY[arg_prefix], extra);
+    RETURN made;
+END $$;
 
 --------------------------------------------------------------------------------
 -- Create
@@ -458,8 +468,9 @@ CREATE FUNCTION keypal_create(
     disable_at timestamptz DEFAULT NULL, revoke_at timestamptz DEFAULT NULL,
     notify_before text DEFAULT NULL, signing boolean DEFAULT NULL, actor text DEFAULT NULL)
 RETURNS SETOF keypal.created_key
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT * FROM keypal.create_key(keypal.options(
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN QUERY SELECT * FROM keypal.create_keys(ARRAY[keypal.options(
         ARRAY['owner_id', 'name', 'description', 'scopes', 'resources', 'tags', 'metadata',
               'expires_in', 'expires_at', 'env', 'org_id', 'parent_id', 'policy', 'rate_limit',
               'quota', 'allowed_ips', 'blocked_ips', 'allowed_regions', 'blocked_regions',
@@ -469,8 +480,8 @@ LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 
               to_jsonb(env), to_jsonb(org_id), to_jsonb(parent_id), to_jsonb(policy), rate_limit,
               quota, to_jsonb(allowed_ips), to_jsonb(blocked_ips), to_jsonb(allowed_regions),
               to_jsonb(blocked_regions), to_jsonb(disable_at), to_jsonb(revoke_at),
-              to_jsonb(notify_before), to_jsonb(signing), to_jsonb(actor)]))
-$$;
+              to_jsonb(notify_before), to_jsonb(signing), to_jsonb(actor)])], ARRAY['']);
+END $$;
 
 CREATE FUNCTION keypal_create_read_only(
     owner_id text DEFAULT NULL, name text DEFAULT NULL, description text DEFAULT NULL,
@@ -479,13 +490,14 @@ CREATE FUNCTION keypal_create_read_only(
     parent_id uuid DEFAULT NULL, rate_limit jsonb DEFAULT NULL, quota jsonb DEFAULT NULL,
     allowed_ips text[] DEFAULT NULL, actor text DEFAULT NULL)
 RETURNS SETOF keypal.created_key
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT * FROM @extschema@.keypal_create(owner_id => owner_id, name => name,
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN QUERY SELECT * FROM @extschema@.keypal_create(owner_id => owner_id, name => name,
         description => description, scopes => '{read}', tags => tags, metadata => metadata,
         expires_in => expires_in, expires_at => expires_at, env => env, org_id => org_id,
         parent_id => parent_id, rate_limit => rate_limit, quota => quota,
-        allowed_ips => allowed_ips, actor => actor)
-$$;
+        allowed_ips => allowed_ips, actor => actor);
+END $$;
 
 CREATE FUNCTION keypal_create_full_access(
     owner_id text DEFAULT NULL, name text DEFAULT NULL, description text DEFAULT NULL,
@@ -494,13 +506,14 @@ CREATE FUNCTION keypal_create_full_access(
     parent_id uuid DEFAULT NULL, rate_limit jsonb DEFAULT NULL, quota jsonb DEFAULT NULL,
     allowed_ips text[] DEFAULT NULL, actor text DEFAULT NULL)
 RETURNS SETOF keypal.created_key
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT * FROM @extschema@.keypal_create(owner_id => owner_id, name => name,
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN QUERY SELECT * FROM @extschema@.keypal_create(owner_id => owner_id, name => name,
         description => description, scopes => '{read,write,admin}', tags => tags,
         metadata => metadata, expires_in => expires_in, expires_at => expires_at, env => env,
         org_id => org_id, parent_id => parent_id, rate_limit => rate_limit, quota => quota,
-        allowed_ips => allowed_ips, actor => actor)
-$$;
+        allowed_ips => allowed_ips, actor => actor);
+END $$;
 
 CREATE FUNCTION keypal_create_many(specs jsonb DEFAULT NULL)
 RETURNS SETOF keypal.created_key
@@ -1563,9 +1576,10 @@ $$;
 -- Restoring a dump (a COPY into keypal.keys, outside any keypal function): the rows bring
 -- their own audit history, events and timers, restored alongside.
 CREATE FUNCTION keypal.restoring(relid oid)
-RETURNS boolean LANGUAGE sql VOLATILE AS $$
-    SELECT coalesce(current_setting('keypal._actor', true), '') = '' AND keypal.copying_into(relid)
-$$;
+RETURNS boolean LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    RETURN coalesce(current_setting('keypal._actor', true), '') = '' AND keypal.copying_into(relid);
+END $$;
 
 -- The audit rows and events of one statement's changes to keys, from its transition tables:
 -- one audit row per key changed (created, updated, enabled, disabled, revoked, rotated,
@@ -1579,6 +1593,7 @@ DECLARE
     who text := keypal.change_actor();
     ids uuid[];
     data jsonb[];
+    armed bigint;
 BEGIN
     -- A statement that changed no key (the triggers fire for those too) costs nothing more.
     IF NOT EXISTS (SELECT 1 FROM keypal_new) THEN
@@ -1597,6 +1612,18 @@ BEGIN
             PERFORM keypal.emit_events(array_fill('key.created'::text, ARRAY[cardinality(ids)]), ids, data);
         END IF;
     END IF;
+    -- The new keys' timers (one trigger for all of it: each trigger call has its cost).
+    WITH set AS (
+        INSERT INTO keypal.key_timers AS t (key_id, kind, due_at)
+        SELECT a.key_id, a.kind, a.due
+          FROM (SELECT n.id AS key_id, w.kind,
+                       keypal.timer_to_arm(ROW(n.*)::keypal.keys, w.kind, act = 'imported') AS due
+                  FROM keypal_new n CROSS JOIN unnest(ARRAY['disable', 'revoke', 'expiring', 'expired']) AS w(kind)) a
+         WHERE a.due IS NOT NULL
+            ON CONFLICT (key_id, kind) DO UPDATE SET due_at = EXCLUDED.due_at
+        RETURNING 1)
+    SELECT count(*) INTO armed FROM set;
+    PERFORM keypal.timers_armed(armed);
     RETURN NULL;
 END $$;
 

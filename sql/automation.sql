@@ -424,32 +424,6 @@ BEGIN
     END IF;
 END $$;
 
--- One statement's new keys' timers, from its transition table.
-CREATE FUNCTION keypal.arm_timers_inserted()
-RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET jit = off AS $$
-DECLARE
-    importing boolean := current_setting('keypal._action', true) = 'imported';
-    armed     bigint;
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM keypal_new) THEN
-        RETURN NULL;
-    END IF;
-    IF keypal.restoring(TG_RELID) THEN
-        RETURN NULL;
-    END IF;
-    WITH set AS (
-        INSERT INTO keypal.key_timers AS t (key_id, kind, due_at)
-        SELECT a.key_id, a.kind, a.due
-          FROM (SELECT n.id AS key_id, w.kind, keypal.timer_to_arm(ROW(n.*)::keypal.keys, w.kind, importing) AS due
-                  FROM keypal_new n CROSS JOIN unnest(ARRAY['disable', 'revoke', 'expiring', 'expired']) AS w(kind)) a
-         WHERE a.due IS NOT NULL
-            ON CONFLICT (key_id, kind) DO UPDATE SET due_at = EXCLUDED.due_at
-        RETURNING 1)
-    SELECT count(*) INTO armed FROM set;
-    PERFORM keypal.timers_armed(armed);
-    RETURN NULL;
-END $$;
-
 -- One statement's changed keys' timers, from its transition tables: a timer whose moment
 -- changed is set, moved or dropped; a revoked key's are dropped.
 CREATE FUNCTION keypal.arm_timers()
@@ -494,8 +468,6 @@ RETURNS bigint LANGUAGE sql VOLATILE SET enable_nestloop = on SET enable_hashjoi
         RETURNING 1)
     SELECT count(*) FROM set
 $$;
-CREATE TRIGGER keys_timers_insert AFTER INSERT ON keypal.keys REFERENCING NEW TABLE AS keypal_new
-    FOR EACH STATEMENT EXECUTE FUNCTION keypal.arm_timers_inserted();
 CREATE TRIGGER keys_timers_update AFTER UPDATE ON keypal.keys
     REFERENCING OLD TABLE AS keypal_old NEW TABLE AS keypal_new
     FOR EACH STATEMENT EXECUTE FUNCTION keypal.arm_timers();

@@ -66,14 +66,18 @@ CREATE TABLE keypal.settings (
 COMMENT ON TABLE keypal.settings IS 'keypal settings (at most one row), changed with keypal_configure().';
 
 CREATE FUNCTION keypal.config() RETURNS keypal.settings
-LANGUAGE sql STABLE AS $$
-    SELECT s FROM keypal.settings s
-    UNION ALL
-    SELECT ROW(true, '', 32, 'A-Za-z0-9', 'sha256', '60 seconds'::interval, NULL::jsonb, NULL::jsonb,
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    s keypal.settings;
+BEGIN
+    SELECT * INTO s FROM keypal.settings;
+    IF FOUND THEN
+        RETURN s;
+    END IF;
+    RETURN ROW(true, '', 32, 'A-Za-z0-9', 'sha256', '60 seconds'::interval, NULL::jsonb, NULL::jsonb,
                NULL::text, '5 seconds'::interval, 8, '10 seconds'::interval, 4, false,
-               '{"events": "30d", "webhook_deliveries": "30d", "usage": "400d"}'::jsonb, now(), false, '[]'::jsonb)::keypal.settings
-    LIMIT 1
-$$;
+               '{"events": "30d", "webhook_deliveries": "30d", "usage": "400d"}'::jsonb, now(), false, '[]'::jsonb)::keypal.settings;
+END $$;
 COMMENT ON FUNCTION keypal.config() IS 'The settings row, or the defaults while none has been written.';
 
 CREATE TABLE keypal.policies (

@@ -137,5 +137,24 @@ SELECT is((SELECT changes FROM keypal.audit_log WHERE key_id = (SELECT id FROM r
                              'tags', jsonb_build_object('old', '[]'::jsonb, 'new', '["x"]'::jsonb)),
           'an update''s audit row holds exactly the columns it changed, old and new');
 
+-- Creating a key runs no SQL-language function that is not inlined: PostgreSQL 15 parses and
+-- plans such a function's body again on every call (keypal_create was a fifth cheaper
+-- without them). Counted by track_functions, which sees only calls the planner did not inline.
+SET LOCAL track_functions = 'all';
+CREATE TEMP TABLE calls0 AS SELECT funcid, calls FROM pg_stat_xact_user_functions;
+SELECT lives_ok($$SELECT keypal_create(owner_id => 'calls', scopes => '{read}', expires_in => '1d', revoke_at => now() + interval '2d')$$,
+                'a key with timers');
+SELECT lives_ok($$SELECT keypal_create_read_only(owner_id => 'calls')$$, 'a read-only key');
+SELECT lives_ok($$SELECT keypal_create_many('[{"owner_id": "calls"}, {"owner_id": "calls", "actor": "other"}]')$$, 'two keys, two actors');
+SELECT is((SELECT string_agg(p.oid::regprocedure::text, ', ')
+             FROM pg_stat_xact_user_functions f JOIN pg_proc p ON p.oid = f.funcid
+             JOIN pg_language l ON l.oid = p.prolang
+             LEFT JOIN calls0 c ON c.funcid = f.funcid
+            WHERE l.lanname = 'sql' AND f.calls > coalesce(c.calls, 0)),
+          NULL, 'creating keys calls no SQL function that is not inlined');
+SELECT cmp_ok((SELECT count(*) FROM pg_stat_xact_user_functions f LEFT JOIN calls0 c USING (funcid)
+                WHERE f.calls > coalesce(c.calls, 0)), '>', 5::bigint, '(the count sees the calls that were not inlined)');
+RESET track_functions;
+
 SELECT * FROM finish();
 ROLLBACK;
