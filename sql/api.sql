@@ -1591,6 +1591,7 @@ RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET jit =
 DECLARE
     act text := coalesce(nullif(current_setting('keypal._action', true), ''), 'created');
     who text := keypal.change_actor();
+    ctx jsonb := keypal.change_context();
     ids uuid[];
     data jsonb[];
     armed bigint;
@@ -1603,7 +1604,7 @@ BEGIN
         RETURN NULL;
     END IF;
     INSERT INTO keypal.audit_log (action, key_id, owner_id, org_id, actor, role, context)
-    SELECT act, n.id, n.owner_id, n.org_id, who, session_user, keypal.change_context()
+    SELECT act, n.id, n.owner_id, n.org_id, who, session_user, ctx
       FROM keypal_new n;
     IF act = 'created' THEN
         SELECT array_agg(n.id), array_agg(keypal.event_data(act, ROW(n.*)::keypal.keys, who)) INTO ids, data

@@ -142,6 +142,25 @@ is "$(q -d $dst -c "SELECT coalesce(error_code, 'VALID') || ' ' || (SELECT revok
                      FROM keypal_verify('sk_race_child')")" "REVOKED parent revoked" \
    "a revoke of the parent waits for the import, then cascades to the child it wrote"
 
+# Two imports of the same new key at once: the second waits for the first to commit, then
+# refuses with 23505 and writes nothing (on_conflict error), or skips the key (skip).
+twice=$(q -d $dst -c "SELECT jsonb_build_array(jsonb_build_object('id', gen_random_uuid(), 'key_hash', encode(sha256('sk_race_twice'), 'hex'),
+                      'owner_id', 'twice'))")
+race_import() {  # race_import MODE: the second import's answer, or its SQLSTATE and message
+    { echo "BEGIN; SELECT keypal_import('$twice');"; sleep 1.5; echo "COMMIT;"; } | PGAPPNAME=first q -d $dst >/dev/null &
+    poll 100 "idle in transaction" q -d $dst -c "SELECT state FROM pg_stat_activity WHERE application_name = 'first'" >/dev/null
+    q -d $dst -c "\set VERBOSITY verbose" -c "SELECT (keypal_import('$twice', '$1')).*" 2>&1 | sed -n 's/^ERROR:  \([0-9A-Z]*\): \(.*created meanwhile\).*/\1 \2/p; /^[0-9]/p' | sort -u
+    wait
+}
+is "$(race_import error)" \
+   "23505 a key with the same id or hash as one in the data was created meanwhile" \
+   "two imports of one new key at once: the second refuses with 23505"
+is "$(q -d $dst -c "SELECT count(*) FROM keypal.keys WHERE owner_id = 'twice'") $(q -d $dst -c "SELECT count(*) FROM keypal.audit_log WHERE owner_id = 'twice'")" \
+   "1 1" "(the first import's key, audited once)"
+q -d $dst -c "DELETE FROM keypal.keys WHERE owner_id = 'twice'" >/dev/null
+is "$(race_import skip)" "0|1|0" "with skip, the second skips it"
+is "$(q -d $dst -c "SELECT count(*) FROM keypal.keys WHERE owner_id = 'twice'")" "1" "(one key)"
+
 # Exports too large for one value: one record per row, written as JSON lines by psql, read
 # back with COPY in a form that leaves JSON's backslashes alone.
 q -d $src -c "SELECT keypal_update((SELECT id FROM plain_keys WHERE label = 'root'), name => E'quote\" back\\\\slash new\\nline')" >/dev/null
