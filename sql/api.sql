@@ -49,15 +49,16 @@ UNION ALL
 SELECT w.key_id, w.hour, '', w.requests, 0, 0::numeric FROM keypal.unwritten_usage() w;
 COMMENT ON VIEW keypal.hourly_usage IS 'Requests, tokens and cost per key, hour and endpoint, as of now (sum rows of the same key, hour and endpoint).';
 
--- The functions that write keys in bulk (create_keys, the keys' statement triggers,
--- emit_events, keypal_import) run with jit = off: their plans' estimates over transition
+-- The functions that write keys in bulk (the keys' statement triggers, emit_events,
+-- keypal_import) run with jit = off: their plans' estimates over transition
 -- tables and arrays are large, and compiling their expressions with LLVM took longer than
 -- running them (most of a 20 000-key statement). The triggers that join a statement's old
 -- and new rows do so with nested loops off: a transition table's size is fixed into the
 -- query when PL/pgSQL first parses it, so a plan made for a one-row statement would join a
 -- later 100 000-row one by nested loop (tests/sql/16_bulk.sql runs one after the other).
--- create_keys and emit_events join no big table: their one generic plan serves every call
--- (force_generic_plan), instead of planning their statements again for each key.
+-- emit_events joins no big table: its one generic plan serves every call
+-- (force_generic_plan), instead of planning its statements again for each statement; so
+-- does create_keys' INSERT (src/create.rs).
 -- Internal helpers (keypal.*, no EXECUTE for PUBLIC) run only inside keypal's own entry
 -- points — SECURITY DEFINER functions, trigger functions, the worker, Rust's catalog load —
 -- which all pin search_path = pg_catalog, pg_temp. They do not set it again: a function with
@@ -349,100 +350,9 @@ BEGIN
     RETURN v_exp;
 END $$;
 
--- The one place keys are made: one per element of specs (key options, see options.rs;
--- prefixes[i] names the element in messages, e.g. 'specs[3].'), returned in order. Set-based:
--- every spec is checked (in order: the first bad one raises, naming itself), the keys
--- generated and hashed, and all inserted by one INSERT — one per distinct actor the specs
--- name, as the audit trigger reads the actor per statement — so the audit rows, events and
--- timers are written once per statement. extra: rotated_from, and the audit action/context.
-CREATE FUNCTION keypal.create_keys(specs jsonb[], prefixes text[], extra jsonb DEFAULT '{}')
-RETURNS SETOF keypal.created_key LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp SET jit = off SET plan_cache_mode = force_generic_plan AS $$
-DECLARE
-    cfg    keypal.settings := keypal.config();
-    norm   jsonb[];
-    groups bigint;
-    grp    text;
-    g_norm jsonb[];
-    g_pref text[];
-    g_idx  bigint[];
-    m      keypal.created_key[];
-    ix     bigint[];
-BEGIN
-    norm := ARRAY(SELECT keypal.normalize_options(u.s, coalesce(u.p, ''), true)
-                    FROM unnest(specs, prefixes) WITH ORDINALITY AS u(s, p, i) ORDER BY u.i);
-    SELECT count(DISTINCT coalesce(o->>'actor', '')) INTO groups FROM unnest(norm) AS o;
-    IF groups = 0 THEN
-        RETURN;
-    ELSIF groups > 1 THEN
-        CREATE TEMP TABLE IF NOT EXISTS "keypal created" (i bigint, k keypal.created_key) ON COMMIT DROP;
-        TRUNCATE "keypal created";
-    END IF;
-    FOR grp, g_norm, g_pref, g_idx IN
-        SELECT coalesce(u.o->>'actor', ''), array_agg(u.o ORDER BY u.i), array_agg(coalesce(u.p, '') ORDER BY u.i),
-               array_agg(u.i ORDER BY u.i)
-          FROM unnest(norm, prefixes) WITH ORDINALITY AS u(o, p, i)
-         GROUP BY 1 ORDER BY min(u.i)
-    LOOP
-        PERFORM keypal.begin_change(keypal.actor(nullif(grp, '')), extra->>'action', extra->'context');
-        -- (never norm[i] or prefixes[i]: subscripting a big array of variable-width elements
-        -- walks it from the start, quadratic over a bulk call)
-        WITH given AS MATERIALIZED (
-            SELECT s.*,
-                   CASE WHEN s.o ? 'policy' OR s.o ? 'parent_id' OR s.exp0 <= now()
-                        THEN keypal.key_expiry(s.o, s.arg, s.exp0, s.scopes, s.res, s.ips) ELSE s.exp0 END AS exp,
-                   -- A signing key's secret (derived, never stored; 55000 without keypal.signing_secret).
-                   CASE WHEN coalesce((s.o->>'signing')::boolean, false) THEN keypal.signing_secret_for(s.id) END AS secret,
-                   keypal.generate_key(coalesce(cfg.environments -> s.env ->> 'prefix', cfg.prefix),
-                                       cfg.length, cfg.alphabet) AS body
-              FROM (SELECT u.i, u.o, u.arg, b.id, b.env, b.c,
-                           coalesce((b.c).scopes, '{}') AS scopes, coalesce((b.c).resources, '{}') AS res,
-                           coalesce((b.c).allowed_ips, '{}') AS ips,
-                           keypal.check_env(b.env, u.arg || 'env', cfg.environments) AS env_ok,
-                           CASE WHEN u.o ? 'expires_in'
-                                THEN now() + keypal.parse_duration(u.o->>'expires_in', u.arg || 'expires_in')
-                                ELSE keypal.parse_timestamp(u.o->>'expires_at', u.arg || 'expires_at') END AS exp0,
-                           keypal.parse_timestamp(u.o->>'disable_at', u.arg || 'disable_at') AS disable_at,
-                           keypal.parse_timestamp(u.o->>'revoke_at', u.arg || 'revoke_at') AS revoke_at,
-                           keypal.parse_duration(u.o->>'notify_before', u.arg || 'notify_before') AS notify_before
-                      FROM unnest(g_norm, g_pref, g_idx) AS u(o, arg, i)
-                     CROSS JOIN LATERAL (
-                           SELECT gen_random_uuid() AS id, coalesce(u.o->>'env', cfg.default_env) AS env,
-                                  jsonb_populate_record(NULL::keypal.keys, u.o - 'expires_at' - 'disable_at' - 'revoke_at'
-                                                                        - 'notify_before' - 'enabled') AS c) b) s),
-        keyed AS MATERIALIZED (
-            SELECT g.*, CASE WHEN cfg.checksum THEN g.body || keypal.key_checksum(g.body, cfg.alphabet)
-                             ELSE g.body END AS key
-              FROM given g),
-        inserted AS (
-            INSERT INTO keypal.keys (id, key_hash, algorithm, owner_id, org_id, env, name, description, scopes,
-                                     resources, tags, metadata, enabled, expires_at, parent_id, policy,
-                                     rate_limit, quota, allowed_ips, blocked_ips, allowed_regions,
-                                     blocked_regions, disable_at, revoke_at, notify_before, rotated_from, signing)
-            SELECT k.id, keypal.hash_key(k.key, cfg.algorithm), cfg.algorithm, (k.c).owner_id, (k.c).org_id,
-                   k.env, (k.c).name, (k.c).description, k.scopes, k.res, coalesce((k.c).tags, '{}'),
-                   coalesce(k.o->'metadata', '{}'), coalesce((k.o->>'enabled')::boolean, true), k.exp,
-                   (k.c).parent_id, (k.c).policy, k.o->'rate_limit', nullif(k.o->'quota', 'null'), k.ips,
-                   coalesce((k.c).blocked_ips, '{}'), coalesce((k.c).allowed_regions, '{}'),
-                   coalesce((k.c).blocked_regions, '{}'), k.disable_at, k.revoke_at, k.notify_before,
-                   (extra->>'rotated_from')::uuid, k.secret IS NOT NULL
-              FROM keyed k ORDER BY k.i)
-        SELECT array_agg(ROW(k.key, k.id, k.exp, k.env, k.secret)::keypal.created_key ORDER BY k.i),
-               array_agg(k.i ORDER BY k.i)
-          INTO m, ix FROM keyed k;
-        IF groups = 1 THEN
-            PERFORM keypal.end_change();
-            RETURN QUERY SELECT x.key, x.id, x.expires_at, x.env, x.signing_secret
-                           FROM unnest(m, ix) AS x(key, id, expires_at, env, signing_secret, i) ORDER BY x.i;
-            RETURN;
-        END IF;
-        INSERT INTO "keypal created"
-        SELECT x.i, ROW(x.key, x.id, x.expires_at, x.env, x.signing_secret)::keypal.created_key
-          FROM unnest(m, ix) AS x(key, id, expires_at, env, signing_secret, i);
-    END LOOP;
-    PERFORM keypal.end_change();
-    RETURN QUERY SELECT (c.k).* FROM "keypal created" c ORDER BY c.i;
-    TRUNCATE "keypal created";
-END $$;
+-- keypal.create_keys(specs jsonb[], prefixes text[], extra jsonb), the one place keys are
+-- made, is Rust (src/create.rs): it checks each spec, generates and hashes its key, and
+-- writes the rows by one INSERT per distinct actor.
 
 CREATE FUNCTION keypal.create_key(opts jsonb, arg_prefix text DEFAULT '', extra jsonb DEFAULT '{}')
 RETURNS keypal.created_key LANGUAGE plpgsql VOLATILE AS $$

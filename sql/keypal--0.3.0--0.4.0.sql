@@ -2,7 +2,9 @@
 -- Creating keys costs less per call: the functions each change runs once (keypal_create and
 -- its read-only / full-access forms, create_key, options, begin_change, end_change, config,
 -- restoring) are PL/pgSQL, whose plans are kept for the session, where a SQL function's body
--- is parsed and planned again on every call; the new keys' timers are armed by the audit
+-- is parsed and planned again on every call; keypal.create_keys is Rust (it checks each
+-- spec, makes its key and writes the rows by one prepared INSERT per actor, where the
+-- PL/pgSQL version planned a query of a dozen steps); the new keys' timers are armed by the audit
 -- trigger on INSERT (keys_audit), one trigger call where there were two. keypal_import
 -- costs less: statistics only for the columns its checks use, no ON CONFLICT (a speculative
 -- insertion per row) except with on_conflict => 'skip', notify_before parsed only when given.
@@ -54,6 +56,23 @@ RETURNS boolean LANGUAGE plpgsql VOLATILE AS $$
 BEGIN
     RETURN coalesce(current_setting('keypal._actor', true), '') = '' AND keypal.copying_into(relid);
 END $$;
+
+DROP FUNCTION keypal.create_keys(jsonb[], text[], jsonb);
+CREATE FUNCTION keypal."create_keys"(
+	"specs" jsonb[],
+	"prefixes" TEXT[] DEFAULT '{}',
+	"extra" jsonb DEFAULT '{}'
+) RETURNS TABLE (
+	"key" TEXT,
+	"id" uuid,
+	"expires_at" timestamp with time zone,
+	"env" TEXT,
+	"signing_secret" TEXT
+)
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'create_keys_wrapper';
+REVOKE ALL ON FUNCTION keypal.create_keys(jsonb[], text[], jsonb) FROM PUBLIC;
 
 CREATE OR REPLACE FUNCTION keypal.create_key(opts jsonb, arg_prefix text DEFAULT '', extra jsonb DEFAULT '{}')
 RETURNS keypal.created_key LANGUAGE plpgsql VOLATILE AS $$

@@ -301,6 +301,48 @@ fn keypal_current_has_scope(scope: Option<&str>, resource: default!(Option<&str>
     })
 }
 
+/// The alphabet of keys `length` characters long, checked as keypal_configure checks it
+/// (22023 naming what is wrong): a new key's shape.
+pub(crate) fn key_alphabet(length: i32, alphabet: &str) -> Vec<u8> {
+    keys::check_length(length).unwrap_or_else(|e| bad_argument("length", &e));
+    let alpha = keys::expand_alphabet(alphabet).unwrap_or_else(|e| bad_argument("alphabet", &e));
+    keys::check_entropy(length, alpha.len()).unwrap_or_else(|e| {
+        bad_argument("key settings (keypal_configure length and alphabet)", &e)
+    });
+    alpha
+}
+
+/// The role the caller acts as outside any SECURITY DEFINER function (SET ROLE counts).
+pub(crate) fn invoking_user_name() -> String {
+    // SAFETY: GetOuterUserId is always valid in a backend; noerr lookup.
+    unsafe {
+        let name = pg_sys::GetUserNameFromId(pg_sys::GetOuterUserId(), true);
+        if name.is_null() {
+            raise(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+                "current role not found".into(),
+            );
+        }
+        std::ffi::CStr::from_ptr(name)
+            .to_string_lossy()
+            .into_owned()
+    }
+}
+
+/// A key's request-signing secret, derived from the server's `keypal.signing_secret`
+/// (55000 while that is not set). Never stored.
+pub(crate) fn signing_secret(key_id: Uuid) -> String {
+    let Some(server) = gucs::SIGNING_SECRET.get().filter(|s| !s.is_empty()) else {
+        raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "signing keys need a server secret: ALTER SYSTEM SET keypal.signing_secret = \
+             '<long random string>'; SELECT pg_reload_conf(); (superuser)"
+                .into(),
+        );
+    };
+    crate::signature::derive_signing_secret(&server.to_string_lossy(), &key_id.to_string())
+}
+
 #[pg_schema]
 mod keypal {
     use super::*;
@@ -309,12 +351,7 @@ mod keypal {
     #[pg_extern(volatile, parallel_safe)]
     fn generate_key(prefix: &str, length: i32, alphabet: &str) -> String {
         keys::check_prefix(prefix).unwrap_or_else(|e| bad_argument("prefix", &e));
-        keys::check_length(length).unwrap_or_else(|e| bad_argument("length", &e));
-        let alpha =
-            keys::expand_alphabet(alphabet).unwrap_or_else(|e| bad_argument("alphabet", &e));
-        keys::check_entropy(length, alpha.len()).unwrap_or_else(|e| {
-            bad_argument("key settings (keypal_configure length and alphabet)", &e)
-        });
+        let alpha = key_alphabet(length, alphabet);
         keys::generate(prefix, length as usize, &alpha)
     }
 
@@ -526,19 +563,7 @@ mod keypal {
     /// what `current_user` says to the code that called keypal.
     #[pg_extern(stable, parallel_restricted)]
     fn invoking_user() -> String {
-        // SAFETY: GetOuterUserId is always valid in a backend; noerr lookup.
-        unsafe {
-            let name = pg_sys::GetUserNameFromId(pg_sys::GetOuterUserId(), true);
-            if name.is_null() {
-                raise(
-                    PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
-                    "current role not found".into(),
-                );
-            }
-            std::ffi::CStr::from_ptr(name)
-                .to_string_lossy()
-                .into_owned()
-        }
+        invoking_user_name()
     }
 
     /// keypal_analyze's report from the facts it gathered (see insight.rs).
@@ -622,15 +647,7 @@ mod keypal {
     /// (55000 while that is not set). Never stored.
     #[pg_extern(stable, parallel_safe)]
     fn signing_secret_for(key_id: Uuid) -> String {
-        let Some(server) = gucs::SIGNING_SECRET.get().filter(|s| !s.is_empty()) else {
-            raise(
-                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                "signing keys need a server secret: ALTER SYSTEM SET keypal.signing_secret = \
-                 '<long random string>'; SELECT pg_reload_conf(); (superuser)"
-                    .into(),
-            );
-        };
-        crate::signature::derive_signing_secret(&server.to_string_lossy(), &key_id.to_string())
+        signing_secret(key_id)
     }
 
     /// keypal_verify_signature's check, once the key is known usable and `secret` is its

@@ -12,6 +12,7 @@ pub mod api;
 pub mod automation;
 pub mod bgtx;
 pub mod catalog;
+pub mod create;
 pub mod delivery;
 pub mod duration;
 pub mod errors;

@@ -14,6 +14,8 @@ use std::sync::atomic::{AtomicPtr, Ordering};
 pub struct Stmt {
     sql: &'static CStr,
     types: &'static [pg_sys::Oid],
+    /// Always the one generic plan (no custom plans for particular arguments).
+    generic: bool,
     plan: AtomicPtr<pg_sys::_SPI_plan>,
 }
 
@@ -22,6 +24,18 @@ impl Stmt {
         Stmt {
             sql,
             types,
+            generic: false,
+            plan: AtomicPtr::new(std::ptr::null_mut()),
+        }
+    }
+
+    /// A statement always run by its generic plan: for one whose plan does not depend on
+    /// its arguments, where a custom plan for a large one would be compiled by JIT.
+    pub const fn generic(sql: &'static CStr, types: &'static [pg_sys::Oid]) -> Stmt {
+        Stmt {
+            sql,
+            types,
+            generic: true,
             plan: AtomicPtr::new(std::ptr::null_mut()),
         }
     }
@@ -34,10 +48,15 @@ impl Stmt {
         // SAFETY: called inside an SPI connection (Connection::with), with argument types
         // matching the statement's parameters.
         unsafe {
-            let p = pg_sys::SPI_prepare(
+            let p = pg_sys::SPI_prepare_cursor(
                 self.sql.as_ptr(),
                 self.types.len() as i32,
                 self.types.as_ptr().cast_mut(),
+                if self.generic {
+                    pg_sys::CURSOR_OPT_GENERIC_PLAN as i32
+                } else {
+                    0
+                },
             );
             if p.is_null() || pg_sys::SPI_keepplan(p) != 0 {
                 raise(
@@ -87,6 +106,32 @@ impl Stmt {
             pg_sys::SPI_processed
         }
     }
+}
+
+/// Runs `f` (SPI work that may raise an error in PostgreSQL code, e.g. a helper refusing an
+/// argument) and passes such an error on as it was raised: SQLSTATE, message, detail and
+/// hint. (pgrx would otherwise add the Rust backtrace to its DETAIL when the server runs
+/// with RUST_BACKTRACE set.)
+pub fn passing_errors<R>(f: impl FnOnce() -> R) -> R {
+    use pgrx::pg_sys::panic::{CaughtError, ErrorReport};
+    // (Unwind safety: an error ends the transaction; nothing of f's state is used after.)
+    pgrx::PgTryBuilder::new(std::panic::AssertUnwindSafe(f))
+        .catch_others(|e| match e {
+            CaughtError::PostgresError(r) => {
+                let mut fresh =
+                    ErrorReport::new(r.sql_error_code(), r.message().to_owned(), "keypal");
+                if let Some(d) = r.detail() {
+                    fresh = fresh.set_detail(d.to_owned());
+                }
+                if let Some(h) = r.hint() {
+                    fresh = fresh.set_hint(h.to_owned());
+                }
+                fresh.report(pgrx::PgLogLevel::ERROR);
+                unreachable!("ERROR does not return")
+            }
+            other => other.rethrow(),
+        })
+        .execute()
 }
 
 /// An open SPI connection, finished when dropped (but not while an error unwinds: the

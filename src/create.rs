@@ -1,0 +1,492 @@
+//! `keypal.create_keys`: the one place keys are made (keypal_create and its forms,
+//! keypal_create_many, templates, rotation).
+//!
+//! Every spec is checked here, in order (the first bad one raises, naming itself), and its
+//! key generated and hashed; the rows are written by one prepared INSERT per distinct actor
+//! (the audit trigger reads the actor per statement), so the audit rows, events and timers
+//! of a call are written once per statement. What needs PostgreSQL's own input rules or
+//! other rows — a timestamp, an interval in the long form, a parent's or a policy's rules, a
+//! signing secret's prerequisite — goes to the SQL helpers, and only for a spec that has it.
+//! Creating a key this way costs one statement, not a PL/pgSQL function planning a query of
+//! a dozen steps around it.
+
+use crate::errors::{bad_argument, refuse_option};
+use crate::spi::{Connection, Stmt};
+use crate::{api, duration, gucs, keys, options};
+use pgrx::datum::{Interval, TimestampWithTimeZone};
+use pgrx::prelude::*;
+use pgrx::{pg_sys, JsonB, Uuid};
+use serde_json::{Map, Value};
+use std::ffi::CString;
+
+/// The settings a new key's shape comes from.
+static CONFIG: Stmt = Stmt::new(
+    c"SELECT c.prefix, c.length, c.alphabet, c.algorithm, c.checksum, c.environments, c.default_env
+        FROM keypal.config() c",
+    &[],
+);
+static PARSE_TIMESTAMP: Stmt = Stmt::new(
+    c"SELECT keypal.parse_timestamp($1, $2)",
+    &[pg_sys::TEXTOID, pg_sys::TEXTOID],
+);
+static PARSE_DURATION: Stmt = Stmt::new(
+    c"SELECT keypal.parse_duration($1, $2)",
+    &[pg_sys::TEXTOID, pg_sys::TEXTOID],
+);
+static FROM_NOW: Stmt = Stmt::new(
+    c"SELECT now() + keypal.parse_duration($1, $2)",
+    &[pg_sys::TEXTOID, pg_sys::TEXTOID],
+);
+static CHECK_ENV: Stmt = Stmt::new(
+    c"SELECT keypal.check_env($1, $2, $3)",
+    &[pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::JSONBOID],
+);
+static KEY_EXPIRY: Stmt = Stmt::new(
+    c"SELECT keypal.key_expiry($1, $2, $3, $4, $5, $6)",
+    &[
+        pg_sys::JSONBOID,
+        pg_sys::TEXTOID,
+        pg_sys::TIMESTAMPTZOID,
+        pg_sys::TEXTARRAYOID,
+        pg_sys::JSONBOID,
+        pg_sys::TEXTARRAYOID,
+    ],
+);
+/// The rows, in spec order. `$1` holds each spec's key options that jsonb_populate_record
+/// maps onto columns as they are (text, uuid, arrays, jsonb); the rest come computed.
+/// Generic plan: the arrays' sizes do not change its shape, and a custom plan for 100 000
+/// rows would be compiled by JIT.
+static INSERT: Stmt = Stmt::generic(
+    c"INSERT INTO keypal.keys (id, key_hash, algorithm, owner_id, org_id, env, name, description, scopes,
+                              resources, tags, metadata, enabled, expires_at, parent_id, policy,
+                              rate_limit, quota, allowed_ips, blocked_ips, allowed_regions,
+                              blocked_regions, disable_at, revoke_at, notify_before, rotated_from, signing)
+      SELECT u.id, u.hash, $11, c.owner_id, c.org_id, u.env, c.name, c.description,
+             coalesce(c.scopes, '{}'), coalesce(c.resources, '{}'), coalesce(c.tags, '{}'),
+             coalesce(u.o -> 'metadata', '{}'), u.enabled, u.exp, c.parent_id, c.policy,
+             u.o -> 'rate_limit', nullif(u.o -> 'quota', 'null'), coalesce(c.allowed_ips, '{}'),
+             coalesce(c.blocked_ips, '{}'), coalesce(c.allowed_regions, '{}'),
+             coalesce(c.blocked_regions, '{}'), u.dis, u.rev, u.nb, $12, u.signing
+        FROM unnest($1::jsonb[], $2::uuid[], $3::bytea[], $4::text[], $5::timestamptz[],
+                    $6::timestamptz[], $7::timestamptz[], $8::interval[], $9::boolean[], $10::boolean[])
+             WITH ORDINALITY AS u(o, id, hash, env, exp, dis, rev, nb, enabled, signing, i)
+       CROSS JOIN LATERAL jsonb_populate_record(NULL::keypal.keys, u.o) AS c
+       ORDER BY u.i",
+    &[
+        pg_sys::JSONBARRAYOID,
+        pg_sys::UUIDARRAYOID,
+        pg_sys::BYTEAARRAYOID,
+        pg_sys::TEXTARRAYOID,
+        pg_sys::TIMESTAMPTZARRAYOID,
+        pg_sys::TIMESTAMPTZARRAYOID,
+        pg_sys::TIMESTAMPTZARRAYOID,
+        pg_sys::INTERVALARRAYOID,
+        pg_sys::BOOLARRAYOID,
+        pg_sys::BOOLARRAYOID,
+        pg_sys::TEXTOID,
+        pg_sys::UUIDOID,
+    ],
+);
+
+/// Options that are not columns as given: computed (times, env, enabled, signing) or not
+/// the row's at all (actor).
+const COMPUTED: [&str; 9] = [
+    "expires_in",
+    "expires_at",
+    "disable_at",
+    "revoke_at",
+    "notify_before",
+    "enabled",
+    "signing",
+    "env",
+    "actor",
+];
+
+struct Config {
+    prefix: String,
+    length: i32,
+    alphabet: Vec<u8>,
+    algorithm: keys::Algorithm,
+    algorithm_name: String,
+    checksum: bool,
+    environments: Option<Value>,
+    default_env: Option<String>,
+}
+
+fn text_at(conn: &Connection, col: i32) -> Option<String> {
+    // SAFETY: the column is text.
+    conn.get(0, col)
+        .and_then(|d| unsafe { String::from_datum(d, false) })
+}
+
+fn config(conn: &Connection) -> Config {
+    CONFIG.exec(conn, &[], true, 1);
+    let alphabet = text_at(conn, 3).unwrap_or_default();
+    let length = conn
+        .get(0, 2)
+        .and_then(|d| unsafe { i32::from_datum(d, false) })
+        .unwrap_or(0);
+    let algorithm_name = text_at(conn, 4).unwrap_or_default();
+    let algorithm = keys::Algorithm::parse(&algorithm_name)
+        .unwrap_or_else(|| bad_argument("algorithm", "must be sha256 or sha512"));
+    // SAFETY: the column is jsonb.
+    let environments = conn
+        .get(0, 6)
+        .and_then(|d| unsafe { JsonB::from_datum(d, false) })
+        .map(|j| j.0);
+    Config {
+        prefix: text_at(conn, 1).unwrap_or_default(),
+        alphabet: api::key_alphabet(length, &alphabet),
+        length,
+        algorithm,
+        algorithm_name,
+        checksum: conn.get_bool(0, 5),
+        environments,
+        default_env: text_at(conn, 7),
+    }
+}
+
+/// A statement's one value (timestamptz or interval), or None for NULL.
+fn one<T: FromDatum>(conn: &Connection, stmt: &Stmt, args: &[Option<pg_sys::Datum>]) -> Option<T> {
+    stmt.exec(conn, args, false, 1);
+    // SAFETY: the statement's one column is a T.
+    conn.get(0, 1)
+        .and_then(|d| unsafe { T::from_datum(d, false) })
+}
+
+fn text(s: &str) -> Option<pg_sys::Datum> {
+    s.into_datum()
+}
+
+/// now() + a short duration ("30d") exactly, in Rust; a long one ("1 day 2 hours"), or one
+/// that is not positive (to be refused with parse_duration's words), by the SQL helper.
+fn from_now(conn: &Connection, value: &str, arg: &str) -> Option<TimestampWithTimeZone> {
+    if let Some(Ok(span)) = duration::parse_short(value) {
+        if span.days >= 0 && span.micros >= 0 && (span.days > 0 || span.micros > 0) {
+            if let Ok(iv) = Interval::new(0, span.days, span.micros) {
+                // SAFETY: timestamptz + interval, both valid datums.
+                return unsafe {
+                    pgrx::direct_function_call::<TimestampWithTimeZone>(
+                        pg_sys::timestamptz_pl_interval,
+                        &[
+                            pg_sys::GetCurrentTransactionStartTimestamp().into_datum(),
+                            iv.into_datum(),
+                        ],
+                    )
+                };
+            }
+        }
+    }
+    one(conn, &FROM_NOW, &[text(value), text(arg)])
+}
+
+fn string_list(v: Option<&Value>) -> Vec<String> {
+    v.and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Sets the transaction-local settings the audit trigger reads (keypal.begin_change).
+fn set_change(actor: &str, action: &str, context: &str) {
+    for (name, value) in [
+        (c"keypal._actor", actor),
+        (c"keypal._action", action),
+        (c"keypal._context", context),
+    ] {
+        let value = CString::new(value)
+            .unwrap_or_else(|_| bad_argument("actor", "must not contain a NUL character"));
+        // SAFETY: valid C strings; a transaction-local USERSET change, as set_config does.
+        unsafe {
+            pg_sys::set_config_option(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_USERSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_LOCAL,
+                true,
+                0,
+                false,
+            );
+        }
+    }
+}
+
+/// Who acts (keypal.actor): the spec's actor, else the keypal.actor setting, else the role
+/// that called keypal.
+fn actor(given: &str) -> String {
+    if !given.is_empty() {
+        return given.to_owned();
+    }
+    let set = gucs::current_setting("keypal.actor").filter(|s| !s.is_empty());
+    set.unwrap_or_else(api::invoking_user_name)
+}
+
+/// A new random (version 4) uuid, as gen_random_uuid() makes.
+fn random_uuid() -> Uuid {
+    let mut b = [0u8; 16];
+    keys::fill_random(&mut b);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    Uuid::from_bytes(b)
+}
+
+/// The columns of the rows one INSERT writes.
+#[derive(Default)]
+struct Rows {
+    spec: Vec<Option<JsonB>>,
+    id: Vec<Option<Uuid>>,
+    hash: Vec<Option<Vec<u8>>>,
+    env: Vec<Option<String>>,
+    exp: Vec<Option<TimestampWithTimeZone>>,
+    dis: Vec<Option<TimestampWithTimeZone>>,
+    rev: Vec<Option<TimestampWithTimeZone>>,
+    nb: Vec<Option<Interval>>,
+    enabled: Vec<Option<bool>>,
+    signing: Vec<Option<bool>>,
+}
+
+type Made = (
+    String,
+    Uuid,
+    Option<TimestampWithTimeZone>,
+    Option<String>,
+    Option<String>,
+);
+
+/// One spec, checked, into `rows`; returns what the caller gets back. The checks run in
+/// the order a spec's fields were always checked: environment, expiry, disable_at,
+/// revoke_at, notify_before, then the parent and policy rules, then the signing secret.
+fn make(
+    conn: &Connection,
+    cfg: &Config,
+    mut o: Map<String, Value>,
+    arg: &str,
+    rows: &mut Rows,
+) -> Made {
+    let id = random_uuid();
+    let env = o
+        .get("env")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .or_else(|| cfg.default_env.clone());
+    if let (Some(e), Some(envs @ Value::Object(map))) = (&env, &cfg.environments) {
+        if !map.contains_key(e) {
+            // The SQL helper words the refusal, naming the configured environments.
+            let envs = JsonB(envs.clone()).into_datum();
+            CHECK_ENV.exec(conn, &[text(e), text(&format!("{arg}env")), envs], false, 1);
+            bad_argument(&format!("{arg}env"), "no such environment");
+        }
+    }
+    let field = |k: &str| o.get(k).and_then(Value::as_str);
+    let timestamp = |k: &str| -> Option<TimestampWithTimeZone> {
+        let t = field(k)?;
+        one(
+            conn,
+            &PARSE_TIMESTAMP,
+            &[text(t), text(&format!("{arg}{k}"))],
+        )
+    };
+    let mut exp = match field("expires_in") {
+        Some(d) => from_now(conn, d, &format!("{arg}expires_in")),
+        None => timestamp("expires_at"),
+    };
+    let dis = timestamp("disable_at");
+    let rev = timestamp("revoke_at");
+    let nb: Option<Interval> = field("notify_before").and_then(|d| {
+        one(
+            conn,
+            &PARSE_DURATION,
+            &[text(d), text(&format!("{arg}notify_before"))],
+        )
+    });
+    // SAFETY: always valid inside a transaction.
+    let now = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
+    let passed = exp.is_some_and(|t| pg_sys::TimestampTz::from(t) <= now);
+    if o.contains_key("policy") || o.contains_key("parent_id") || passed {
+        let scopes = string_list(o.get("scopes"));
+        let ips = string_list(o.get("allowed_ips"));
+        let res = o
+            .get("resources")
+            .cloned()
+            .unwrap_or_else(|| Value::Object(Map::new()));
+        exp = one(
+            conn,
+            &KEY_EXPIRY,
+            &[
+                JsonB(Value::Object(o.clone())).into_datum(),
+                text(arg),
+                exp.into_datum(),
+                scopes.into_datum(),
+                JsonB(res).into_datum(),
+                ips.into_datum(),
+            ],
+        );
+    }
+    let signing = o.get("signing").and_then(Value::as_bool).unwrap_or(false);
+    let secret = signing.then(|| api::signing_secret(id));
+    let prefix = env
+        .as_ref()
+        .and_then(|e| cfg.environments.as_ref()?.get(e)?.get("prefix")?.as_str())
+        .unwrap_or(&cfg.prefix);
+    keys::check_prefix(prefix).unwrap_or_else(|e| bad_argument("prefix", &e));
+    let mut key = keys::generate(prefix, cfg.length as usize, &cfg.alphabet);
+    if cfg.checksum {
+        let sum = keys::checksum(&key, &cfg.alphabet);
+        key.push_str(&sum);
+    }
+    let hash = gucs::with_salt_suffix(|s| keys::hash_key(&key, s, cfg.algorithm));
+    let enabled = o.get("enabled").and_then(Value::as_bool).unwrap_or(true);
+    for k in COMPUTED {
+        o.remove(k);
+    }
+    rows.spec.push(Some(JsonB(Value::Object(o))));
+    rows.id.push(Some(id));
+    rows.hash.push(Some(hash));
+    rows.env.push(env.clone());
+    rows.exp.push(exp);
+    rows.dis.push(dis);
+    rows.rev.push(rev);
+    rows.nb.push(nb);
+    rows.enabled.push(Some(enabled));
+    rows.signing.push(Some(signing));
+    (key, id, exp, env, secret)
+}
+
+#[pg_schema]
+mod keypal {
+    use super::*;
+
+    /// Makes one key per element of `specs` (key options, see options.rs; `prefixes[i]`
+    /// names the element in messages, e.g. `specs[3].`), returned in order. `extra`:
+    /// `rotated_from`, and the audit `action` and `context`.
+    #[pg_extern(volatile, parallel_unsafe)]
+    #[allow(clippy::type_complexity)] // (pgrx reads the column names from this signature)
+    fn create_keys(
+        specs: Vec<Option<JsonB>>,
+        prefixes: default!(Vec<Option<String>>, "'{}'"),
+        extra: default!(Option<JsonB>, "'{}'"),
+    ) -> TableIterator<
+        'static,
+        (
+            name!(key, String),
+            name!(id, Uuid),
+            name!(expires_at, Option<TimestampWithTimeZone>),
+            name!(env, Option<String>),
+            name!(signing_secret, Option<String>),
+        ),
+    > {
+        // Every spec checked as options first (the first bad one raises).
+        let mut norm = Vec::with_capacity(specs.len());
+        for (i, s) in specs.into_iter().enumerate() {
+            let arg = prefixes.get(i).cloned().flatten().unwrap_or_default();
+            let v = s.map(|j| j.0).unwrap_or(Value::Null);
+            match options::normalize(&v, &arg, true) {
+                Ok(m) => norm.push((m, arg)),
+                Err(e) => refuse_option(e),
+            }
+        }
+        let extra = extra.map(|j| j.0).unwrap_or(Value::Null);
+        let action = extra.get("action").and_then(Value::as_str).unwrap_or("");
+        let context = extra
+            .get("context")
+            .filter(|c| !c.is_null())
+            .map(Value::to_string)
+            .unwrap_or_default();
+        let rotated_from = extra
+            .get("rotated_from")
+            .and_then(Value::as_str)
+            .map(|s| parse_uuid(s).unwrap_or_else(|| bad_argument("rotated_from", "not a uuid")));
+        // Groups by actor, in the order each first appears.
+        let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
+        for (i, (m, _)) in norm.iter().enumerate() {
+            let a = m
+                .get("actor")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned();
+            match groups.iter_mut().find(|(g, _)| *g == a) {
+                Some((_, ix)) => ix.push(i),
+                None => groups.push((a, vec![i])),
+            }
+        }
+        let mut norm: Vec<Option<(Map<String, Value>, String)>> =
+            norm.into_iter().map(Some).collect();
+        let mut made: Vec<Option<Made>> = (0..norm.len()).map(|_| None).collect();
+        crate::spi::passing_errors(|| {
+            Connection::with(|conn| {
+                let cfg = config(conn);
+                for (who, ix) in &groups {
+                    set_change(&actor(who), action, &context);
+                    let mut rows = Rows::default();
+                    for &i in ix {
+                        let (o, arg) = norm[i].take().expect("each spec once");
+                        made[i] = Some(make(conn, &cfg, o, &arg, &mut rows));
+                    }
+                    INSERT.exec(
+                        conn,
+                        &[
+                            rows.spec.into_datum(),
+                            rows.id.into_datum(),
+                            rows.hash.into_datum(),
+                            rows.env.into_datum(),
+                            rows.exp.into_datum(),
+                            rows.dis.into_datum(),
+                            rows.rev.into_datum(),
+                            rows.nb.into_datum(),
+                            rows.enabled.into_datum(),
+                            rows.signing.into_datum(),
+                            text(&cfg.algorithm_name),
+                            rotated_from.into_datum(),
+                        ],
+                        false,
+                        0,
+                    );
+                }
+                set_change("", "", "");
+            })
+        });
+        TableIterator::new(made.into_iter().flatten())
+    }
+}
+
+/// A uuid from its text (as SQL writes it: 32 hex digits, with or without hyphens).
+fn parse_uuid(s: &str) -> Option<Uuid> {
+    let hex: Vec<u8> = s.bytes().filter(|c| *c != b'-').collect();
+    if hex.len() != 32 {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = hex
+        .chunks(2)
+        .map(|p| u8::from_str_radix(std::str::from_utf8(p).ok()?, 16).ok())
+        .collect();
+    Uuid::from_slice(&bytes?).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uuids_parse_as_sql_writes_them() {
+        let u = parse_uuid("6f9619ff-8b86-d011-b42d-00c04fc964aa").unwrap();
+        assert_eq!(u.to_string(), "6f9619ff-8b86-d011-b42d-00c04fc964aa");
+        assert_eq!(parse_uuid("6F9619FF8B86D011B42D00C04FC964AA"), Some(u));
+        assert_eq!(parse_uuid("6f9619ff-8b86-d011-b42d-00c04fc964a"), None);
+        assert_eq!(parse_uuid("zz9619ff-8b86-d011-b42d-00c04fc964aa"), None);
+    }
+
+    #[test]
+    fn random_uuids_are_version_4() {
+        let a = random_uuid();
+        let b = random_uuid();
+        assert_ne!(a, b);
+        for u in [a, b] {
+            assert_eq!(u.as_bytes()[6] >> 4, 4, "version 4");
+            assert_eq!(u.as_bytes()[8] >> 6, 0b10, "RFC 4122 variant");
+        }
+    }
+}
