@@ -1060,7 +1060,8 @@ CREATE FUNCTION keypal_configure(prefix text DEFAULT NULL, length integer DEFAUL
                                  audit_retention text DEFAULT NULL, retention jsonb DEFAULT NULL,
                                  webhook_timeout text DEFAULT NULL, webhook_max_attempts integer DEFAULT NULL,
                                  webhook_backoff text DEFAULT NULL, webhook_concurrency integer DEFAULT NULL,
-                                 webhook_allow_private boolean DEFAULT NULL, checksum boolean DEFAULT NULL)
+                                 webhook_allow_private boolean DEFAULT NULL, checksum boolean DEFAULT NULL,
+                                 limit_split integer DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -1070,7 +1071,7 @@ BEGIN
     -- No argument: only read.
     IF num_nonnulls(prefix, length, alphabet, algorithm, last_used_resolution, rate_limit, environments,
                     default_env, audit_retention, retention, webhook_timeout, webhook_max_attempts,
-                    webhook_backoff, webhook_concurrency, webhook_allow_private, checksum) = 0 THEN
+                    webhook_backoff, webhook_concurrency, webhook_allow_private, checksum, limit_split) = 0 THEN
         RETURN to_jsonb(c) - 'singleton';
     END IF;
     c.prefix := coalesce(prefix, c.prefix);
@@ -1124,6 +1125,13 @@ BEGIN
     END IF;
     c.webhook_allow_private := coalesce(webhook_allow_private, c.webhook_allow_private);
     c.checksum := coalesce(keypal_configure.checksum, c.checksum);
+    IF limit_split IS NOT NULL THEN
+        IF limit_split NOT BETWEEN 1 AND 1000 THEN
+            RAISE EXCEPTION 'invalid limit_split: the number of servers sharing each limit, 1 to 1000, got %',
+                limit_split USING ERRCODE = '22023';
+        END IF;
+        c.limit_split := limit_split;
+    END IF;
     -- Keys issued so far keep their shape: remember it, and the new one.
     IF (c.length, c.alphabet, c.checksum) IS DISTINCT FROM (before.length, before.alphabet, before.checksum) THEN
         c.issued := keypal.note_shape(keypal.note_shape(c.issued, before.length, before.alphabet, before.checksum),
@@ -1139,7 +1147,7 @@ BEGIN
             webhook_timeout = EXCLUDED.webhook_timeout, webhook_max_attempts = EXCLUDED.webhook_max_attempts,
             webhook_backoff = EXCLUDED.webhook_backoff, webhook_concurrency = EXCLUDED.webhook_concurrency,
             webhook_allow_private = EXCLUDED.webhook_allow_private, checksum = EXCLUDED.checksum,
-            issued = EXCLUDED.issued,
+            issued = EXCLUDED.issued, limit_split = EXCLUDED.limit_split,
             updated_at = EXCLUDED.updated_at;
     RETURN to_jsonb(c) - 'singleton';
 END $$;
@@ -1774,7 +1782,7 @@ DECLARE
     fn regprocedure;
 BEGIN
     FOR doc IN SELECT * FROM (VALUES
-        ('keypal_configure', 'Changes keypal''s settings (prefix, length, alphabet, algorithm, last_used_resolution, rate_limit, environments, default_env, retention (what keypal_run_maintenance prunes: {"events": "30d", "webhook_deliveries": "30d", "usage": "400d", "audit_log": ...}), audit_retention, webhook_timeout, webhook_max_attempts, webhook_backoff, webhook_concurrency, webhook_allow_private, checksum (new keys end in a checksum verify checks without a lookup)); NULL leaves a setting, JSON null clears it; no argument only reads. Returns all settings as jsonb.'),
+        ('keypal_configure', 'Changes keypal''s settings (prefix, length, alphabet, algorithm, last_used_resolution, rate_limit, environments, default_env, retention (what keypal_run_maintenance prunes: {"events": "30d", "webhook_deliveries": "30d", "usage": "400d", "audit_log": ...}), audit_retention, webhook_timeout, webhook_max_attempts, webhook_backoff, webhook_concurrency, webhook_allow_private, checksum (new keys end in a checksum verify checks without a lookup), limit_split (n servers each enforce their share of every rate limit and quota: a standby floor(limit / n), the primary the rest)); NULL leaves a setting, JSON null clears it; no argument only reads. Returns all settings as jsonb.'),
         ('keypal_key_pattern', 'A regular expression matching the keys this database issues (its prefixes, the random part and checksum in its alphabet), for secret scanners (gitleaks, GitHub secret scanning). Not anchored.'),
         ('keypal_create', 'Creates an API key. Returns the plaintext key once (only its hash is stored), its id, expiry and environment.'),
         ('keypal_create_read_only', 'keypal_create with scopes {read}.'),

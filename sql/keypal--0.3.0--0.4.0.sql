@@ -8,12 +8,17 @@
 -- trigger on INSERT (keys_audit), one trigger call where there were two. keypal_import
 -- costs less: statistics only for the columns its checks use, no ON CONFLICT (a speculative
 -- insertion per row) except with on_conflict => 'skip', notify_before parsed only when given.
+-- keypal_configure(limit_split => n) (a new settings column): each of n servers, a primary and
+-- its standbys, enforces its share of every rate limit and quota. keypal_configure gains that
+-- argument, so it is replaced: grants made on it must be made again.
 -- It drops a trigger on keypal.keys, which takes an ACCESS EXCLUSIVE lock on the table: verify
 -- waits for it, and it waits for every open transaction that has touched the table. Run it
 -- with a lock_timeout (SET lock_timeout = '5s'; ALTER EXTENSION keypal UPDATE;) and try again
 -- if it times out.
 -- tests/shell/upgrade.t checks that this leaves the schema a fresh 0.4.0 install makes.
 \echo Use "ALTER EXTENSION keypal UPDATE TO '0.4.0'" to load this file. \quit
+
+ALTER TABLE keypal.settings ADD COLUMN limit_split integer NOT NULL DEFAULT 1 CHECK (limit_split BETWEEN 1 AND 1000);
 
 CREATE OR REPLACE FUNCTION keypal.config() RETURNS keypal.settings
 LANGUAGE plpgsql STABLE AS $$
@@ -26,7 +31,8 @@ BEGIN
     END IF;
     RETURN ROW(true, '', 32, 'A-Za-z0-9', 'sha256', '60 seconds'::interval, NULL::jsonb, NULL::jsonb,
                NULL::text, '5 seconds'::interval, 8, '10 seconds'::interval, 4, false,
-               '{"events": "30d", "webhook_deliveries": "30d", "usage": "400d"}'::jsonb, now(), false, '[]'::jsonb)::keypal.settings;
+               '{"events": "30d", "webhook_deliveries": "30d", "usage": "400d"}'::jsonb, now(), false, '[]'::jsonb,
+               1)::keypal.settings;
 END $$;
 
 CREATE OR REPLACE FUNCTION keypal.options(names text[], vals jsonb[])
@@ -419,3 +425,107 @@ END $$;
 
 DROP TRIGGER keys_timers_insert ON keypal.keys;
 DROP FUNCTION keypal.arm_timers_inserted();
+
+-- keypal_configure gains limit_split: replaced (grants made on the old one must be made again).
+DROP FUNCTION keypal_configure(text, integer, text, text, text, jsonb, jsonb, text, text, jsonb, text, integer, text, integer, boolean, boolean);
+
+CREATE OR REPLACE FUNCTION keypal_configure(prefix text DEFAULT NULL, length integer DEFAULT NULL,
+                                 alphabet text DEFAULT NULL, algorithm text DEFAULT NULL,
+                                 last_used_resolution text DEFAULT NULL, rate_limit jsonb DEFAULT NULL,
+                                 environments jsonb DEFAULT NULL, default_env text DEFAULT NULL,
+                                 audit_retention text DEFAULT NULL, retention jsonb DEFAULT NULL,
+                                 webhook_timeout text DEFAULT NULL, webhook_max_attempts integer DEFAULT NULL,
+                                 webhook_backoff text DEFAULT NULL, webhook_concurrency integer DEFAULT NULL,
+                                 webhook_allow_private boolean DEFAULT NULL, checksum boolean DEFAULT NULL,
+                                 limit_split integer DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    c keypal.settings := keypal.config();
+    before keypal.settings := c;
+BEGIN
+    -- No argument: only read.
+    IF num_nonnulls(prefix, length, alphabet, algorithm, last_used_resolution, rate_limit, environments,
+                    default_env, audit_retention, retention, webhook_timeout, webhook_max_attempts,
+                    webhook_backoff, webhook_concurrency, webhook_allow_private, checksum, limit_split) = 0 THEN
+        RETURN to_jsonb(c) - 'singleton';
+    END IF;
+    c.prefix := coalesce(prefix, c.prefix);
+    c.length := coalesce(length, c.length);
+    c.alphabet := coalesce(alphabet, c.alphabet);
+    c.algorithm := coalesce(lower(algorithm), c.algorithm);
+    PERFORM keypal.check_format(c.prefix, c.length, c.alphabet, c.algorithm);
+    c.algorithm := CASE WHEN c.algorithm LIKE '%512' THEN 'sha512' ELSE 'sha256' END;
+    IF last_used_resolution IS NOT NULL THEN
+        c.last_used_resolution := keypal.parse_duration(last_used_resolution, 'last_used_resolution', true);
+    END IF;
+    IF rate_limit IS NOT NULL THEN
+        c.rate_limit := nullif(keypal.check_rate_limit(rate_limit, 'rate_limit'), 'null');
+    END IF;
+    IF environments IS NOT NULL THEN
+        c.environments := nullif(keypal.check_environments(environments), 'null');
+    END IF;
+    IF default_env IS NOT NULL THEN
+        c.default_env := nullif(default_env, '');
+    END IF;
+    PERFORM keypal.check_env(c.default_env, 'default_env', c.environments);
+    IF retention IS NOT NULL THEN
+        c.retention := keypal.merge_retention(c.retention, retention, 'retention');
+    END IF;
+    -- audit_retention: the audit log's entry of retention ('' keeps the log for good).
+    IF audit_retention IS NOT NULL THEN
+        c.retention := keypal.merge_retention(c.retention,
+            jsonb_build_object('audit_log', CASE WHEN audit_retention = '' THEN 'null'::jsonb
+                                                 ELSE to_jsonb(audit_retention) END), 'audit_retention');
+    END IF;
+    IF webhook_timeout IS NOT NULL THEN
+        c.webhook_timeout := keypal.parse_duration(webhook_timeout, 'webhook_timeout');
+        IF c.webhook_timeout > interval '5 minutes' THEN
+            RAISE EXCEPTION 'invalid webhook_timeout: at most 5 minutes, got %', webhook_timeout USING ERRCODE = '22023';
+        END IF;
+    END IF;
+    IF webhook_backoff IS NOT NULL THEN
+        c.webhook_backoff := keypal.parse_duration(webhook_backoff, 'webhook_backoff');
+    END IF;
+    IF webhook_max_attempts IS NOT NULL THEN
+        IF webhook_max_attempts NOT BETWEEN 1 AND 100 THEN
+            RAISE EXCEPTION 'invalid webhook_max_attempts: between 1 and 100, got %', webhook_max_attempts USING ERRCODE = '22023';
+        END IF;
+        c.webhook_max_attempts := webhook_max_attempts;
+    END IF;
+    IF webhook_concurrency IS NOT NULL THEN
+        IF webhook_concurrency NOT BETWEEN 1 AND 32 THEN
+            RAISE EXCEPTION 'invalid webhook_concurrency: between 1 and 32, got %', webhook_concurrency USING ERRCODE = '22023';
+        END IF;
+        c.webhook_concurrency := webhook_concurrency;
+    END IF;
+    c.webhook_allow_private := coalesce(webhook_allow_private, c.webhook_allow_private);
+    c.checksum := coalesce(keypal_configure.checksum, c.checksum);
+    IF limit_split IS NOT NULL THEN
+        IF limit_split NOT BETWEEN 1 AND 1000 THEN
+            RAISE EXCEPTION 'invalid limit_split: the number of servers sharing each limit, 1 to 1000, got %',
+                limit_split USING ERRCODE = '22023';
+        END IF;
+        c.limit_split := limit_split;
+    END IF;
+    -- Keys issued so far keep their shape: remember it, and the new one.
+    IF (c.length, c.alphabet, c.checksum) IS DISTINCT FROM (before.length, before.alphabet, before.checksum) THEN
+        c.issued := keypal.note_shape(keypal.note_shape(c.issued, before.length, before.alphabet, before.checksum),
+                                      c.length, c.alphabet, c.checksum);
+    END IF;
+    c.updated_at := now();
+    INSERT INTO keypal.settings AS s VALUES (c.*)
+        ON CONFLICT (singleton) DO UPDATE
+        SET prefix = EXCLUDED.prefix, length = EXCLUDED.length, alphabet = EXCLUDED.alphabet,
+            algorithm = EXCLUDED.algorithm, last_used_resolution = EXCLUDED.last_used_resolution,
+            rate_limit = EXCLUDED.rate_limit, environments = EXCLUDED.environments,
+            default_env = EXCLUDED.default_env, retention = EXCLUDED.retention,
+            webhook_timeout = EXCLUDED.webhook_timeout, webhook_max_attempts = EXCLUDED.webhook_max_attempts,
+            webhook_backoff = EXCLUDED.webhook_backoff, webhook_concurrency = EXCLUDED.webhook_concurrency,
+            webhook_allow_private = EXCLUDED.webhook_allow_private, checksum = EXCLUDED.checksum,
+            issued = EXCLUDED.issued, limit_split = EXCLUDED.limit_split,
+            updated_at = EXCLUDED.updated_at;
+    RETURN to_jsonb(c) - 'singleton';
+END $$;
+COMMENT ON FUNCTION keypal_configure(text, integer, text, text, text, jsonb, jsonb, text, text, jsonb, text, integer, text, integer, boolean, boolean, integer) IS 'Changes keypal''s settings (prefix, length, alphabet, algorithm, last_used_resolution, rate_limit, environments, default_env, retention (what keypal_run_maintenance prunes: {"events": "30d", "webhook_deliveries": "30d", "usage": "400d", "audit_log": ...}), audit_retention, webhook_timeout, webhook_max_attempts, webhook_backoff, webhook_concurrency, webhook_allow_private, checksum (new keys end in a checksum verify checks without a lookup), limit_split (n servers each enforce their share of every rate limit and quota: a standby floor(limit / n), the primary the rest)); NULL leaves a setting, JSON null clears it; no argument only reads. Returns all settings as jsonb.';
+REVOKE ALL ON FUNCTION keypal_configure(text, integer, text, text, text, jsonb, jsonb, text, text, jsonb, text, integer, text, integer, boolean, boolean, integer) FROM PUBLIC;

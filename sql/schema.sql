@@ -59,7 +59,12 @@ CREATE TABLE keypal.settings (
     -- The shapes keys have been issued in ({"length", "alphabet", "checksum"}, and
     -- {"imported": true} once keys came in whose shapes nobody knows): verify refuses a key
     -- without a lookup only when it can be none of them.
-    issued               jsonb NOT NULL DEFAULT '[]'
+    issued               jsonb NOT NULL DEFAULT '[]',
+    -- keypal_configure(limit_split => n): each of n servers (a primary and its standbys)
+    -- enforces its share of every rate limit and quota, counting only its own traffic: a
+    -- standby floor(limit / n), the primary the rest. 1: one server's whole limit. (Added in
+    -- 0.4.0, last.)
+    limit_split          integer NOT NULL DEFAULT 1 CHECK (limit_split BETWEEN 1 AND 1000)
 );
 -- No row until keypal_configure() first writes one (so pg_dump's copy of the row restores
 -- cleanly); keypal.config() answers the defaults until then.
@@ -76,7 +81,8 @@ BEGIN
     END IF;
     RETURN ROW(true, '', 32, 'A-Za-z0-9', 'sha256', '60 seconds'::interval, NULL::jsonb, NULL::jsonb,
                NULL::text, '5 seconds'::interval, 8, '10 seconds'::interval, 4, false,
-               '{"events": "30d", "webhook_deliveries": "30d", "usage": "400d"}'::jsonb, now(), false, '[]'::jsonb)::keypal.settings;
+               '{"events": "30d", "webhook_deliveries": "30d", "usage": "400d"}'::jsonb, now(), false, '[]'::jsonb,
+               1)::keypal.settings;
 END $$;
 COMMENT ON FUNCTION keypal.config() IS 'The settings row, or the defaults while none has been written.';
 

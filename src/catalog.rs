@@ -75,6 +75,8 @@ pub struct Catalog {
     pub environments: Option<serde_json::Value>,
     pub policy_rate_limits: Option<serde_json::Value>,
     pub policies_relid: pg_sys::Oid,
+    /// keypal_configure(limit_split => n): the servers sharing each limit (1: not shared).
+    pub limit_split: i64,
 }
 
 static LOAD: Stmt = Stmt::new(
@@ -116,7 +118,8 @@ static LOAD: Stmt = Stmt::new(
                  AND i.indisprimary),
              -- (read by name: a schema not yet updated to one with the columns has none)
              coalesce((pg_catalog.to_jsonb(c) OPERATOR(pg_catalog.->>) 'checksum')::pg_catalog.bool, false),
-             pg_catalog.to_jsonb(c) OPERATOR(pg_catalog.->) 'issued'
+             pg_catalog.to_jsonb(c) OPERATOR(pg_catalog.->) 'issued',
+             coalesce((pg_catalog.to_jsonb(c) OPERATOR(pg_catalog.->>) 'limit_split')::pg_catalog.int4, 1)
         FROM keypal.config() c",
     &[pg_sys::TEXTARRAYOID],
 );
@@ -339,6 +342,11 @@ fn load(conn: &Connection) -> Catalog {
             environments: json(11),
             policy_rate_limits: json(12),
             policies_relid: oid(13),
+            limit_split: conn
+                .get(0, 20)
+                .and_then(|d| i32::from_datum(d, false))
+                .unwrap_or(1)
+                .max(1) as i64,
         }
     }
 }

@@ -81,14 +81,31 @@ pub fn rate_limit_of(
 
 /// Decides a fully valid verify against the key's limits and records it in shared memory
 /// (its last use; its rate window, quota count and hour when it has them).
+/// With keypal_configure(limit_split => n), each server enforces its share of every limit
+/// (quota::share) and counts only its own traffic: a standby's quota count starts from
+/// zero, not from the primary's count it replays.
 pub fn enforce(catalog: &Catalog, key: &KeyLimits, cost: i64) -> Result<Usage, Refusal> {
+    let servers = catalog.limit_split;
+    // SAFETY: reads shared recovery state.
+    let primary = servers <= 1 || !unsafe { pg_sys::RecoveryInProgress() };
     let rate = rate_limit_of(
         catalog,
         key.rate_limit.as_deref(),
         key.policy.as_deref(),
         key.env.as_deref(),
-    );
-    let quota = key.quota.as_deref().and_then(quota::parse_quota);
+    )
+    .map(|l| Limit {
+        requests: quota::share(l.requests, servers, primary),
+        ..l
+    });
+    let quota = key
+        .quota
+        .as_deref()
+        .and_then(quota::parse_quota)
+        .map(|q| Quota {
+            limit: quota::share(q.limit, servers, primary),
+            ..q
+        });
     let ask = Ask {
         rate,
         quota: quota.as_ref().map(|q| QuotaAsk {
@@ -98,10 +115,9 @@ pub fn enforce(catalog: &Catalog, key: &KeyLimits, cost: i64) -> Result<Usage, R
         }),
         cost,
     };
-    let load = || {
-        quota
-            .as_ref()
-            .map_or(0, |q| quota_used_now(catalog, key.id, q))
+    let load = || match &quota {
+        Some(q) if primary => quota_used_now(catalog, key.id, q),
+        _ => 0,
     };
     let resolution = catalog.last_used_resolution_us;
     let Ok(answer) = shmem::admit(key_bytes(key.id), &ask, resolution, load) else {

@@ -46,6 +46,21 @@ impl Quota {
     }
 }
 
+/// A server's share of `limit` when `servers` share it (keypal_configure(limit_split)):
+/// a standby floor(limit / servers), the primary the rest, so the shares add up to the
+/// limit exactly. A limit smaller than the number of servers leaves the standbys none.
+pub fn share(limit: i64, servers: i64, primary: bool) -> i64 {
+    if servers <= 1 {
+        return limit;
+    }
+    let each = limit / servers;
+    if primary {
+        limit - each * (servers - 1)
+    } else {
+        each
+    }
+}
+
 const DAY_US: i64 = 86_400_000_000;
 
 /// `date_trunc(period, ts, 'UTC')` for the quota periods (day, week, month, year), `ts` in
@@ -287,5 +302,23 @@ mod tests {
                 window_us: 1_000_000
             }
         );
+    }
+
+    #[test]
+    fn shares_add_up_to_the_limit() {
+        for limit in [0, 1, 2, 5, 10, 99, 100, 1_000_000_007] {
+            for n in 1..=7 {
+                let total = share(limit, n, true) + (n - 1) * share(limit, n, false);
+                assert_eq!(total, limit, "limit {limit}, {n} servers");
+                assert!(share(limit, n, false) <= share(limit, n, true));
+            }
+        }
+        assert_eq!(
+            share(100, 1, false),
+            100,
+            "one server: the whole limit, standby or not"
+        );
+        assert_eq!((share(100, 3, true), share(100, 3, false)), (34, 33));
+        assert_eq!((share(2, 3, true), share(2, 3, false)), (2, 0));
     }
 }
