@@ -190,6 +190,14 @@ RETURNS bigint LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 $$;
 
 -- Locks a key for a change; raises KEY_NOT_FOUND (P0002) or CANNOT_MODIFY_REVOKED (55000).
+-- Whether a key is revoked now, as verify judges it: revoked, or past its revoke_at (at the
+-- current time, not the transaction's start). One definition for every check that must agree
+-- with verify (inlined: a one-expression SQL function).
+CREATE FUNCTION keypal.revoked_now(revoked_at timestamptz, revoke_at timestamptz)
+RETURNS boolean LANGUAGE sql VOLATILE AS $$
+    SELECT coalesce(revoked_at <= clock_timestamp() OR revoke_at <= clock_timestamp(), false)
+$$;
+
 CREATE FUNCTION keypal.lock_key(key_id uuid, action text)
 RETURNS keypal.keys LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -203,7 +211,7 @@ BEGIN
     END IF;
     -- A passed revoke_at revoked the key already (verify says REVOKED), judged as verify
     -- judges: at the current time.
-    IF k.revoked_at <= clock_timestamp() OR k.revoke_at <= clock_timestamp() THEN
+    IF keypal.revoked_now(k.revoked_at, k.revoke_at) THEN
         RAISE EXCEPTION 'CANNOT_MODIFY_REVOKED: key % is revoked and cannot be %', key_id, action
             USING ERRCODE = '55000', DETAIL = 'CANNOT_MODIFY_REVOKED';
     END IF;
@@ -261,8 +269,7 @@ DECLARE
     child uuid;
 BEGIN
     SELECT c.id INTO child FROM keypal.keys c
-     WHERE c.parent_id = check_children.key_id AND (c.revoked_at IS NULL OR c.revoked_at > now())
-       AND (c.revoke_at IS NULL OR c.revoke_at > clock_timestamp())
+     WHERE c.parent_id = check_children.key_id AND NOT keypal.revoked_now(c.revoked_at, c.revoke_at)
        AND NOT keypal.scopes_within(c.scopes, c.resources, check_children.scopes, check_children.resources)
      LIMIT 1;
     IF FOUND THEN
@@ -689,15 +696,17 @@ END $$;
 
 CREATE FUNCTION keypal_enable(id uuid DEFAULT NULL, actor text DEFAULT NULL)
 RETURNS boolean
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT keypal.set_enabled(id, true, actor)
-$$;
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN keypal.set_enabled(id, true, actor);
+END $$;
 
 CREATE FUNCTION keypal_disable(id uuid DEFAULT NULL, actor text DEFAULT NULL)
 RETURNS boolean
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT keypal.set_enabled(id, false, actor)
-$$;
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN keypal.set_enabled(id, false, actor);
+END $$;
 
 -- Enables or disables, in one statement, every key of an owner (and org) that is not revoked
 -- and not already so; returns how many changed. Enabling clears a disable_at that has passed.
@@ -715,8 +724,7 @@ BEGIN
            disable_at = CASE WHEN on_off AND k.disable_at <= clock_timestamp() THEN NULL ELSE k.disable_at END
      WHERE k.owner_id = owner AND (org IS NULL OR k.org_id = org)
        -- (not a key verify already calls revoked: lock_key refuses those one at a time)
-       AND (k.revoked_at IS NULL OR k.revoked_at > clock_timestamp())
-       AND (k.revoke_at IS NULL OR k.revoke_at > clock_timestamp())
+       AND NOT keypal.revoked_now(k.revoked_at, k.revoke_at)
        AND (k.enabled <> on_off OR (on_off AND k.disable_at <= clock_timestamp()));
     GET DIAGNOSTICS n = ROW_COUNT;
     PERFORM keypal.end_change();
@@ -725,15 +733,17 @@ END $$;
 
 CREATE FUNCTION keypal_disable_all(owner_id text DEFAULT NULL, org_id text DEFAULT NULL, actor text DEFAULT NULL)
 RETURNS integer
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT keypal.set_enabled_where(owner_id, org_id, false, actor)
-$$;
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN keypal.set_enabled_where(owner_id, org_id, false, actor);
+END $$;
 
 CREATE FUNCTION keypal_enable_all(owner_id text DEFAULT NULL, org_id text DEFAULT NULL, actor text DEFAULT NULL)
 RETURNS integer
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT keypal.set_enabled_where(owner_id, org_id, true, actor)
-$$;
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN keypal.set_enabled_where(owner_id, org_id, true, actor);
+END $$;
 
 -- A key's settings as create options, for rotation to copy.
 CREATE FUNCTION keypal.settings_of(k keypal.keys)

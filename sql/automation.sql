@@ -146,15 +146,17 @@ END $$;
 
 CREATE FUNCTION keypal_enable_webhook(id bigint DEFAULT NULL)
 RETURNS boolean
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT keypal.set_webhook_enabled(id, true)
-$$;
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN keypal.set_webhook_enabled(id, true);
+END $$;
 
 CREATE FUNCTION keypal_disable_webhook(id bigint DEFAULT NULL)
 RETURNS boolean
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT keypal.set_webhook_enabled(id, false)
-$$;
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN keypal.set_webhook_enabled(id, false);
+END $$;
 
 CREATE FUNCTION keypal_remove_webhook(id bigint DEFAULT NULL)
 RETURNS boolean

@@ -1,13 +1,16 @@
 -- keypal 0.3.0 -> 0.4.0 (ALTER EXTENSION keypal UPDATE).
 -- Creating keys costs less per call: the functions each change runs once (keypal_create and
 -- its read-only / full-access forms, create_key, options, begin_change, end_change, config,
--- restoring) are PL/pgSQL, whose plans are kept for the session, where a SQL function's body
+-- restoring; keypal_enable, keypal_disable, their _all forms and the webhook toggles) are PL/pgSQL, whose plans are kept for the session, where a SQL function's body
 -- is parsed and planned again on every call; keypal.create_keys is Rust (it checks each
 -- spec, makes its key and writes the rows by one prepared INSERT per actor, where the
 -- PL/pgSQL version planned a query of a dozen steps); the new keys' timers are armed by the audit
 -- trigger on INSERT (keys_audit), one trigger call where there were two. keypal_import
 -- costs less: statistics only for the columns its checks use, no ON CONFLICT (a speculative
 -- insertion per row) except with on_conflict => 'skip', notify_before parsed only when given.
+-- keypal.revoked_now: one definition of "revoked now, as verify judges it" for lock_key,
+-- check_children, set_enabled_where and keypal_import (check_children judged a revocation by
+-- the transaction's start, not the current time).
 -- keypal_configure(limit_split => n) (a new settings column): each of n servers, a primary and
 -- its standbys, enforces its share of every rate limit and quota. keypal_configure gains that
 -- argument, so it is replaced: grants made on it must be made again.
@@ -33,6 +36,112 @@ BEGIN
                NULL::text, '5 seconds'::interval, 8, '10 seconds'::interval, 4, false,
                '{"events": "30d", "webhook_deliveries": "30d", "usage": "400d"}'::jsonb, now(), false, '[]'::jsonb,
                1)::keypal.settings;
+END $$;
+
+CREATE OR REPLACE FUNCTION keypal.revoked_now(revoked_at timestamptz, revoke_at timestamptz)
+RETURNS boolean LANGUAGE sql VOLATILE AS $$
+    SELECT coalesce(revoked_at <= clock_timestamp() OR revoke_at <= clock_timestamp(), false)
+$$;
+REVOKE ALL ON FUNCTION keypal.revoked_now(timestamptz, timestamptz) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION keypal.lock_key(key_id uuid, action text)
+RETURNS keypal.keys LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    k keypal.keys;
+BEGIN
+    -- FOR NO KEY UPDATE: the flush worker's foreign-key checks (FOR KEY SHARE) on this key
+    -- must not wait for a management transaction to end.
+    SELECT * INTO k FROM keypal.keys WHERE id = key_id FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        PERFORM keypal.key_not_found(key_id, 'id');
+    END IF;
+    -- A passed revoke_at revoked the key already (verify says REVOKED), judged as verify
+    -- judges: at the current time.
+    IF keypal.revoked_now(k.revoked_at, k.revoke_at) THEN
+        RAISE EXCEPTION 'CANNOT_MODIFY_REVOKED: key % is revoked and cannot be %', key_id, action
+            USING ERRCODE = '55000', DETAIL = 'CANNOT_MODIFY_REVOKED';
+    END IF;
+    RETURN k;
+END $$;
+
+CREATE OR REPLACE FUNCTION keypal.check_children(key_id uuid, scopes text[], resources jsonb)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    child uuid;
+BEGIN
+    SELECT c.id INTO child FROM keypal.keys c
+     WHERE c.parent_id = check_children.key_id AND NOT keypal.revoked_now(c.revoked_at, c.revoke_at)
+       AND NOT keypal.scopes_within(c.scopes, c.resources, check_children.scopes, check_children.resources)
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'invalid scopes: child key % holds scopes outside % (a child''s scopes must be a subset of its parent''s)',
+            child, check_children.scopes
+            USING ERRCODE = '22023',
+                  HINT = 'narrow or revoke the child keys first';
+    END IF;
+END $$;
+
+CREATE OR REPLACE FUNCTION keypal.set_enabled_where(owner text, org text, on_off boolean, actor text)
+RETURNS integer LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n integer;
+BEGIN
+    IF coalesce(owner, '') = '' THEN
+        RAISE EXCEPTION 'invalid owner_id: required' USING ERRCODE = '22023';
+    END IF;
+    PERFORM keypal.begin_change(keypal.actor(actor));
+    UPDATE keypal.keys k
+       SET enabled = on_off,
+           disable_at = CASE WHEN on_off AND k.disable_at <= clock_timestamp() THEN NULL ELSE k.disable_at END
+     WHERE k.owner_id = owner AND (org IS NULL OR k.org_id = org)
+       -- (not a key verify already calls revoked: lock_key refuses those one at a time)
+       AND NOT keypal.revoked_now(k.revoked_at, k.revoke_at)
+       AND (k.enabled <> on_off OR (on_off AND k.disable_at <= clock_timestamp()));
+    GET DIAGNOSTICS n = ROW_COUNT;
+    PERFORM keypal.end_change();
+    RETURN n;
+END $$;
+
+CREATE OR REPLACE FUNCTION keypal_enable(id uuid DEFAULT NULL, actor text DEFAULT NULL)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN keypal.set_enabled(id, true, actor);
+END $$;
+
+CREATE OR REPLACE FUNCTION keypal_disable(id uuid DEFAULT NULL, actor text DEFAULT NULL)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN keypal.set_enabled(id, false, actor);
+END $$;
+
+CREATE OR REPLACE FUNCTION keypal_enable_all(owner_id text DEFAULT NULL, org_id text DEFAULT NULL, actor text DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN keypal.set_enabled_where(owner_id, org_id, true, actor);
+END $$;
+
+CREATE OR REPLACE FUNCTION keypal_disable_all(owner_id text DEFAULT NULL, org_id text DEFAULT NULL, actor text DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN keypal.set_enabled_where(owner_id, org_id, false, actor);
+END $$;
+
+CREATE OR REPLACE FUNCTION keypal_enable_webhook(id bigint DEFAULT NULL)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN keypal.set_webhook_enabled(id, true);
+END $$;
+
+CREATE OR REPLACE FUNCTION keypal_disable_webhook(id bigint DEFAULT NULL)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN keypal.set_webhook_enabled(id, false);
 END $$;
 
 CREATE OR REPLACE FUNCTION keypal.options(names text[], vals jsonb[])
@@ -392,8 +501,7 @@ BEGIN
              WHERE t.act = 'o') AS x
       JOIN keypal.keys c ON c.id = x.child
       JOIN keypal.keys p ON p.id = c.parent_id
-     WHERE (c.revoked_at IS NULL OR c.revoked_at > clock_timestamp())
-       AND (c.revoke_at IS NULL OR c.revoke_at > clock_timestamp())
+     WHERE NOT keypal.revoked_now(c.revoked_at, c.revoke_at)
        AND NOT keypal.scopes_within(c.scopes, c.resources, p.scopes, p.resources)
      ORDER BY x.n LIMIT 1;
     IF FOUND THEN

@@ -241,8 +241,7 @@ BEGIN
              WHERE t.act = 'o') AS x
       JOIN keypal.keys c ON c.id = x.child
       JOIN keypal.keys p ON p.id = c.parent_id
-     WHERE (c.revoked_at IS NULL OR c.revoked_at > clock_timestamp())
-       AND (c.revoke_at IS NULL OR c.revoke_at > clock_timestamp())
+     WHERE NOT keypal.revoked_now(c.revoked_at, c.revoke_at)
        AND NOT keypal.scopes_within(c.scopes, c.resources, p.scopes, p.resources)
      ORDER BY x.n LIMIT 1;
     IF FOUND THEN

@@ -146,12 +146,13 @@ SELECT lives_ok($$SELECT keypal_create(owner_id => 'calls', scopes => '{read}', 
                 'a key with timers');
 SELECT lives_ok($$SELECT keypal_create_read_only(owner_id => 'calls')$$, 'a read-only key');
 SELECT lives_ok($$SELECT keypal_create_many('[{"owner_id": "calls"}, {"owner_id": "calls", "actor": "other"}]')$$, 'two keys, two actors');
+SELECT is(keypal_disable_all('calls'), 4, 'and disabling them all (keypal.revoked_now is inlined too)');
 SELECT is((SELECT string_agg(p.oid::regprocedure::text, ', ')
              FROM pg_stat_xact_user_functions f JOIN pg_proc p ON p.oid = f.funcid
              JOIN pg_language l ON l.oid = p.prolang
              LEFT JOIN calls0 c ON c.funcid = f.funcid
             WHERE l.lanname = 'sql' AND f.calls > coalesce(c.calls, 0)),
-          NULL, 'creating keys calls no SQL function that is not inlined');
+          NULL, 'creating and disabling keys calls no SQL function that is not inlined');
 SELECT cmp_ok((SELECT count(*) FROM pg_stat_xact_user_functions f LEFT JOIN calls0 c USING (funcid)
                 WHERE f.calls > coalesce(c.calls, 0)), '>', 5::bigint, '(the count sees the calls that were not inlined)');
 RESET track_functions;
