@@ -29,7 +29,10 @@ echo "== SQL contract suite and multi-session tests"
 export PGHOST=/tmp/keypal-sql-test PGPORT=55439
 bash scripts/cluster.sh stop "$PGHOST" 2>/dev/null || true
 rm -rf "$PGHOST"
-bash scripts/cluster.sh start "$PGHOST" "$PGPORT" "keypal.flush_interval = 200"
+# RUST_BACKTRACE=1 in the server's environment: pgrx would then add a Rust backtrace to the
+# DETAIL of a PostgreSQL error that crosses Rust code; 14_errors.sql checks the DETAILs of
+# errors raised inside keypal.create_keys (spi::passing_errors) hold none.
+RUST_BACKTRACE=1 bash scripts/cluster.sh start "$PGHOST" "$PGPORT" "keypal.flush_interval = 200"
 trap 'bash scripts/cluster.sh stop "$PGHOST"' EXIT
 psql -X -q -v ON_ERROR_STOP=1 -d postgres -f tests/setup.sql
 pg_prove -d keypal_test tests/sql/*.sql

@@ -189,7 +189,6 @@ RETURNS bigint LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
     RETURNING q.used
 $$;
 
--- Locks a key for a change; raises KEY_NOT_FOUND (P0002) or CANNOT_MODIFY_REVOKED (55000).
 -- Whether a key is revoked now, as verify judges it: revoked, or past its revoke_at (at the
 -- current time, not the transaction's start). One definition for every check that must agree
 -- with verify (inlined: a one-expression SQL function).
@@ -198,6 +197,7 @@ RETURNS boolean LANGUAGE sql VOLATILE AS $$
     SELECT coalesce(revoked_at <= clock_timestamp() OR revoke_at <= clock_timestamp(), false)
 $$;
 
+-- Locks a key for a change; raises KEY_NOT_FOUND (P0002) or CANNOT_MODIFY_REVOKED (55000).
 CREATE FUNCTION keypal.lock_key(key_id uuid, action text)
 RETURNS keypal.keys LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -253,14 +253,15 @@ END $$;
 
 -- The level of a key in its hierarchy (a root key is 1); counting stops past the cap.
 CREATE FUNCTION keypal.depth_of(key_id uuid)
-RETURNS integer LANGUAGE sql STABLE AS $$
-    WITH RECURSIVE up(id, depth) AS (
-        SELECT k.parent_id, 1 FROM keypal.keys k WHERE k.id = depth_of.key_id
-        UNION ALL
-        SELECT k.parent_id, up.depth + 1 FROM keypal.keys k JOIN up ON k.id = up.id
-         WHERE up.depth <= keypal.max_hierarchy_depth())
-    SELECT max(depth) FROM up
-$$;
+RETURNS integer LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (WITH RECURSIVE up(id, depth) AS (
+                SELECT k.parent_id, 1 FROM keypal.keys k WHERE k.id = depth_of.key_id
+                UNION ALL
+                SELECT k.parent_id, up.depth + 1 FROM keypal.keys k JOIN up ON k.id = up.id
+                 WHERE up.depth <= keypal.max_hierarchy_depth())
+            SELECT max(up.depth) FROM up);
+END $$;
 
 -- Refuses new scopes/resources for a key that its live children would exceed.
 CREATE FUNCTION keypal.check_children(key_id uuid, scopes text[], resources jsonb)
@@ -1519,7 +1520,7 @@ RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET jit =
 DECLARE
     act text := coalesce(nullif(current_setting('keypal._action', true), ''), 'created');
     who text := keypal.change_actor();
-    ctx jsonb := keypal.change_context();
+    ctx jsonb;
     ids uuid[];
     data jsonb[];
     armed bigint;
@@ -1531,6 +1532,7 @@ BEGIN
     IF keypal.restoring(TG_RELID) THEN
         RETURN NULL;
     END IF;
+    ctx := keypal.change_context();   -- (once, not per row)
     INSERT INTO keypal.audit_log (action, key_id, owner_id, org_id, actor, role, context)
     SELECT act, n.id, n.owner_id, n.org_id, who, session_user, ctx
       FROM keypal_new n;

@@ -1,7 +1,7 @@
 -- keypal 0.3.0 -> 0.4.0 (ALTER EXTENSION keypal UPDATE).
 -- Creating keys costs less per call: the functions each change runs once (keypal_create and
 -- its read-only / full-access forms, create_key, options, begin_change, end_change, config,
--- restoring; keypal_enable, keypal_disable, their _all forms and the webhook toggles) are PL/pgSQL, whose plans are kept for the session, where a SQL function's body
+-- restoring, depth_of; keypal_enable, keypal_disable, their _all forms and the webhook toggles) are PL/pgSQL, whose plans are kept for the session, where a SQL function's body
 -- is parsed and planned again on every call; keypal.create_keys is Rust (it checks each
 -- spec, makes its key and writes the rows by one prepared INSERT per actor, where the
 -- PL/pgSQL version planned a query of a dozen steps); the new keys' timers are armed by the audit
@@ -62,6 +62,17 @@ BEGIN
             USING ERRCODE = '55000', DETAIL = 'CANNOT_MODIFY_REVOKED';
     END IF;
     RETURN k;
+END $$;
+
+CREATE OR REPLACE FUNCTION keypal.depth_of(key_id uuid)
+RETURNS integer LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (WITH RECURSIVE up(id, depth) AS (
+                SELECT k.parent_id, 1 FROM keypal.keys k WHERE k.id = depth_of.key_id
+                UNION ALL
+                SELECT k.parent_id, up.depth + 1 FROM keypal.keys k JOIN up ON k.id = up.id
+                 WHERE up.depth <= keypal.max_hierarchy_depth())
+            SELECT max(up.depth) FROM up);
 END $$;
 
 CREATE OR REPLACE FUNCTION keypal.check_children(key_id uuid, scopes text[], resources jsonb)
@@ -261,7 +272,7 @@ RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET jit =
 DECLARE
     act text := coalesce(nullif(current_setting('keypal._action', true), ''), 'created');
     who text := keypal.change_actor();
-    ctx jsonb := keypal.change_context();
+    ctx jsonb;
     ids uuid[];
     data jsonb[];
     armed bigint;
@@ -273,6 +284,7 @@ BEGIN
     IF keypal.restoring(TG_RELID) THEN
         RETURN NULL;
     END IF;
+    ctx := keypal.change_context();   -- (once, not per row)
     INSERT INTO keypal.audit_log (action, key_id, owner_id, org_id, actor, role, context)
     SELECT act, n.id, n.owner_id, n.org_id, who, session_user, ctx
       FROM keypal_new n;
@@ -309,6 +321,7 @@ DECLARE
     n_new  bigint := 0;
     n_over bigint := 0;
     ctx    jsonb;
+    conflict text;
 BEGIN
     IF mode IS NULL OR mode NOT IN ('skip', 'overwrite', 'error') THEN
         RAISE EXCEPTION 'invalid on_conflict: %, must be skip, overwrite or error', quote_nullable(on_conflict)
@@ -454,6 +467,10 @@ BEGIN
             RAISE EXCEPTION 'invalid data: a key it links to was removed or skipped meanwhile: %', SQLERRM
                 USING ERRCODE = '23503';
         WHEN unique_violation THEN
+            GET STACKED DIAGNOSTICS conflict = CONSTRAINT_NAME;
+            IF conflict NOT IN ('keys_pkey', 'keys_key_hash_key') THEN
+                RAISE;   -- not a key's id or hash: as it came
+            END IF;
             RAISE EXCEPTION 'a key with the same id or hash as one in the data was created meanwhile (by another transaction); nothing imported'
                 USING ERRCODE = '23505', HINT = 'run the import again';
     END;

@@ -49,6 +49,7 @@ DECLARE
     n_new  bigint := 0;
     n_over bigint := 0;
     ctx    jsonb;
+    conflict text;
 BEGIN
     IF mode IS NULL OR mode NOT IN ('skip', 'overwrite', 'error') THEN
         RAISE EXCEPTION 'invalid on_conflict: %, must be skip, overwrite or error', quote_nullable(on_conflict)
@@ -194,6 +195,10 @@ BEGIN
             RAISE EXCEPTION 'invalid data: a key it links to was removed or skipped meanwhile: %', SQLERRM
                 USING ERRCODE = '23503';
         WHEN unique_violation THEN
+            GET STACKED DIAGNOSTICS conflict = CONSTRAINT_NAME;
+            IF conflict NOT IN ('keys_pkey', 'keys_key_hash_key') THEN
+                RAISE;   -- not a key's id or hash: as it came
+            END IF;
             RAISE EXCEPTION 'a key with the same id or hash as one in the data was created meanwhile (by another transaction); nothing imported'
                 USING ERRCODE = '23505', HINT = 'run the import again';
     END;

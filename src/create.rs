@@ -1,8 +1,9 @@
 //! `keypal.create_keys`: the one place keys are made (keypal_create and its forms,
 //! keypal_create_many, templates, rotation).
 //!
-//! Every spec is checked here, in order (the first bad one raises, naming itself), and its
-//! key generated and hashed; the rows are written by one prepared INSERT per distinct actor
+//! Every spec is checked here, in order (the first bad one raises, naming itself, before
+//! anything is written), and its key generated and hashed; then the rows are written by one
+//! prepared INSERT per distinct actor
 //! (the audit trigger reads the actor per statement), so the audit rows, events and timers
 //! of a call are written once per statement. What needs PostgreSQL's own input rules or
 //! other rows — a timestamp, an interval in the long form, a parent's or a policy's rules, a
@@ -15,7 +16,7 @@ use crate::spi::{Connection, Stmt};
 use crate::{api, duration, gucs, keys, options};
 use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
-use pgrx::{pg_sys, JsonB, Uuid};
+use pgrx::{pg_sys, JsonB, PgMemoryContexts, Uuid};
 use serde_json::{Map, Value};
 use std::ffi::CString;
 
@@ -147,11 +148,16 @@ fn config(conn: &Connection) -> Config {
 }
 
 /// A statement's one value (timestamptz or interval), or None for NULL.
+/// (T is a by-value type or copied out: the result's tuple table is freed here, so a call
+/// with 100 000 specs does not keep 100 000 of them until SPI_finish.)
 fn one<T: FromDatum>(conn: &Connection, stmt: &Stmt, args: &[Option<pg_sys::Datum>]) -> Option<T> {
     stmt.exec(conn, args, false, 1);
-    // SAFETY: the statement's one column is a T.
-    conn.get(0, 1)
-        .and_then(|d| unsafe { T::from_datum(d, false) })
+    // SAFETY: the statement's one column is a T; the tuple table is the last statement's.
+    unsafe {
+        let v = conn.get(0, 1).and_then(|d| T::from_datum(d, false));
+        pg_sys::SPI_freetuptable(pg_sys::SPI_tuptable);
+        v
+    }
 }
 
 fn text(s: &str) -> Option<pg_sys::Datum> {
@@ -278,6 +284,7 @@ fn make(
             // The SQL helper words the refusal, naming the configured environments.
             let envs = JsonB(envs.clone()).into_datum();
             CHECK_ENV.exec(conn, &[text(e), text(&format!("{arg}env")), envs], false, 1);
+            // (it raised: an environment not configured)
             bad_argument(&format!("{arg}env"), "no such environment");
         }
     }
@@ -400,32 +407,40 @@ mod keypal {
             .get("rotated_from")
             .and_then(Value::as_str)
             .map(|s| parse_uuid(s).unwrap_or_else(|| bad_argument("rotated_from", "not a uuid")));
-        // Groups by actor, in the order each first appears.
-        let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
-        for (i, (m, _)) in norm.iter().enumerate() {
-            let a = m
-                .get("actor")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_owned();
-            match groups.iter_mut().find(|(g, _)| *g == a) {
-                Some((_, ix)) => ix.push(i),
-                None => groups.push((a, vec![i])),
-            }
+        if norm.is_empty() {
+            return TableIterator::new(Vec::new());
         }
-        let mut norm: Vec<Option<(Map<String, Value>, String)>> =
-            norm.into_iter().map(Some).collect();
-        let mut made: Vec<Option<Made>> = (0..norm.len()).map(|_| None).collect();
-        crate::spi::passing_errors(|| {
+        // Groups by actor, in the order each first appears (the audit trigger reads the
+        // actor per statement: one INSERT per group).
+        let mut groups: Vec<String> = Vec::new();
+        let mut group_of = Vec::with_capacity(norm.len());
+        for (m, _) in &norm {
+            let a = m.get("actor").and_then(Value::as_str).unwrap_or("");
+            let g = groups.iter().position(|g| g == a).unwrap_or_else(|| {
+                groups.push(a.to_owned());
+                groups.len() - 1
+            });
+            group_of.push(g);
+        }
+        let made = crate::spi::passing_errors(|| {
             Connection::with(|conn| {
                 let cfg = config(conn);
-                for (who, ix) in &groups {
+                // Every spec checked and its key made, in spec order (the first bad one
+                // raises, whatever its actor), each in a memory context of its own: what
+                // make returns is Rust's, what PostgreSQL allocated for it is freed.
+                let mut rows: Vec<Rows> = groups.iter().map(|_| Rows::default()).collect();
+                let mut scratch = PgMemoryContexts::new("keypal create_keys spec");
+                let mut made = Vec::with_capacity(norm.len());
+                for ((o, arg), g) in norm.into_iter().zip(&group_of) {
+                    // SAFETY: nothing allocated in scratch outlives the reset below.
+                    made.push(unsafe {
+                        let m = scratch.switch_to(|_| make(conn, &cfg, o, &arg, &mut rows[*g]));
+                        scratch.reset();
+                        m
+                    });
+                }
+                for (who, rows) in groups.iter().zip(rows) {
                     set_change(&actor(who), action, &context);
-                    let mut rows = Rows::default();
-                    for &i in ix {
-                        let (o, arg) = norm[i].take().expect("each spec once");
-                        made[i] = Some(make(conn, &cfg, o, &arg, &mut rows));
-                    }
                     INSERT.exec(
                         conn,
                         &[
@@ -447,9 +462,10 @@ mod keypal {
                     );
                 }
                 set_change("", "", "");
+                made
             })
         });
-        TableIterator::new(made.into_iter().flatten())
+        TableIterator::new(made)
     }
 }
 

@@ -128,14 +128,14 @@ pub fn check_prefix(prefix: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Draws `length` characters uniformly from `alphabet` (rejection sampling, no modulo bias),
-/// from the OS CSPRNG: one read of random bytes per key (not one system call per character,
-/// which was most of the cost of generating a key), more only when rejections use them up.
 /// Fills `buf` from the OS CSPRNG.
 pub fn fill_random(buf: &mut [u8]) {
     OsRng.fill_bytes(buf);
 }
 
+/// Draws `length` characters uniformly from `alphabet` (rejection sampling, no modulo bias),
+/// from the OS CSPRNG: one read of random bytes per key (not one system call per character,
+/// which was most of the cost of generating a key), more only when rejections use them up.
 pub fn generate(prefix: &str, length: usize, alphabet: &[u8]) -> String {
     let mut key = String::with_capacity(prefix.len() + length);
     key.push_str(prefix);

@@ -407,6 +407,7 @@ fn flush_once(db: u32, state: &mut State) -> Option<()> {
             now,
             resolution_us,
             idle_us: idle_us(),
+            standby,
         };
         let remaining = sweep_due.then(|| shmem::sweep(&sweep, db_exists));
         let batch = shmem::take(&sweep, MAX_BATCH);

@@ -407,6 +407,15 @@ pub fn evictable(e: &Entry, now: i64, idle_us: i64, resolution_us: i64) -> bool 
         && e.warn_inflight == 0
 }
 
+/// Whether `e` holds a quota count no table will ever hold: on a standby, whose counts are
+/// never written, a count in the current period lives only here (under limit_split it is the
+/// whole of that server's count). Such an entry is kept (for at most a year from its period's
+/// start, the longest period), or its next verify would start the count afresh.
+pub fn holds_local_count(e: &Entry, now: i64) -> bool {
+    const YEAR_US: i64 = 366 * 86_400_000_000;
+    e.quota.loaded && e.quota.total() > 0 && now.saturating_sub(e.quota.period_start) < YEAR_US
+}
+
 /// Requests of `e` per hour not yet in the table (pending or in flight).
 pub fn unwritten_hours(e: &Entry) -> impl Iterator<Item = Hour> + '_ {
     e.hours
@@ -589,6 +598,27 @@ mod tests {
         confirm(&mut e, &t, &all(&t), 3);
         assert!(!evictable(&e, T + 1, idle, 0), "used just now");
         assert!(evictable(&e, T + idle, idle, 0));
+    }
+
+    #[test]
+    fn a_standby_keeps_a_quota_count_for_its_period() {
+        let mut e = Entry::new(K, 1);
+        assert!(!holds_local_count(&e, T), "no quota");
+        decide(&mut e, &quota_ask(10, 1000, 2), Some(0), T);
+        let t = take(&mut e, 0, 2).unwrap();
+        confirm(&mut e, &t, &all(&t), 3);
+        assert!(
+            evictable(&e, T + HOUR, 1, 0),
+            "written, as a standby's worker calls it"
+        );
+        assert!(
+            holds_local_count(&e, T + HOUR),
+            "yet the count is only here"
+        );
+        assert!(
+            !holds_local_count(&e, T + 367 * 24 * HOUR),
+            "not past a year"
+        );
     }
 
     #[test]

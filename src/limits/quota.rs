@@ -145,8 +145,13 @@ pub fn parse_quota(v: &Value) -> Option<Quota> {
 /// limit (at least one request per window), or one request per second without one.
 pub fn throttled(rate: Option<Limit>) -> Limit {
     match rate {
+        // (A share of nothing, under limit_split, stays nothing.)
         Some(l) => Limit {
-            requests: (l.requests / 10).max(1),
+            requests: if l.requests == 0 {
+                0
+            } else {
+                (l.requests / 10).max(1)
+            },
             window_us: l.window_us,
         },
         None => Limit {

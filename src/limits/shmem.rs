@@ -762,6 +762,8 @@ pub struct Sweep {
     pub now: i64,
     pub resolution_us: i64,
     pub idle_us: i64,
+    /// On a standby: entries holding a quota count only they hold are kept.
+    pub standby: bool,
 }
 
 /// The flush worker's batch: up to `max` queued entries of its database, their changes
@@ -815,7 +817,9 @@ pub fn sweep(s: &Sweep, mut db_exists: impl FnMut(u32) -> bool) -> usize {
                 Visit::Keep
             };
         }
-        if entry::evictable(e, s.now, s.idle_us, s.resolution_us) {
+        if entry::evictable(e, s.now, s.idle_us, s.resolution_us)
+            && !(s.standby && entry::holds_local_count(e, s.now))
+        {
             return Visit::Delete;
         }
         // Left out of the queue (a key missing from the table, a failed queue insert).

@@ -146,19 +146,24 @@ is "$(q -d $dst -c "SELECT coalesce(error_code, 'VALID') || ' ' || (SELECT revok
 # refuses with 23505 and writes nothing (on_conflict error), or skips the key (skip).
 twice=$(q -d $dst -c "SELECT jsonb_build_array(jsonb_build_object('id', gen_random_uuid(), 'key_hash', encode(sha256('sk_race_twice'), 'hex'),
                       'owner_id', 'twice'))")
-race_import() {  # race_import MODE: the second import's answer, or its SQLSTATE and message
-    { echo "BEGIN; SELECT keypal_import('$twice');"; sleep 1.5; echo "COMMIT;"; } | PGAPPNAME=first q -d $dst >/dev/null &
+race_import() {  # race_import MODE: "Lock" if the second import waited on a lock, then its answer (or SQLSTATE and message)
+    # The first holds its import open until the second waits for it on the key's row.
+    { echo "BEGIN; SELECT keypal_import('$twice');"
+      poll 100 Lock q -d $dst -c "SELECT coalesce(wait_event_type, '') FROM pg_stat_activity WHERE application_name = 'second'" >"$work/waited"
+      echo "COMMIT;"; } | PGAPPNAME=first q -d $dst >/dev/null &
     poll 100 "idle in transaction" q -d $dst -c "SELECT state FROM pg_stat_activity WHERE application_name = 'first'" >/dev/null
-    q -d $dst -c "\set VERBOSITY verbose" -c "SELECT (keypal_import('$twice', '$1')).*" 2>&1 | sed -n 's/^ERROR:  \([0-9A-Z]*\): \(.*created meanwhile\).*/\1 \2/p; /^[0-9]/p' | sort -u
+    PGAPPNAME=second q -d $dst -c "\set VERBOSITY verbose" -c "SELECT (keypal_import('$twice', '$1')).*" 2>&1 |
+        sed -n 's/^ERROR:  \([0-9A-Z]*\): \(.*created meanwhile\).*/\1 \2/p; /^[0-9]/p' | sort -u >"$work/second"
     wait
+    echo "$(cat "$work/waited"): $(cat "$work/second")"
 }
 is "$(race_import error)" \
-   "23505 a key with the same id or hash as one in the data was created meanwhile" \
-   "two imports of one new key at once: the second refuses with 23505"
+   "Lock: 23505 a key with the same id or hash as one in the data was created meanwhile" \
+   "two imports of one new key at once: the second waits for the first, then refuses with 23505"
 is "$(q -d $dst -c "SELECT count(*) FROM keypal.keys WHERE owner_id = 'twice'") $(q -d $dst -c "SELECT count(*) FROM keypal.audit_log WHERE owner_id = 'twice'")" \
    "1 1" "(the first import's key, audited once)"
 q -d $dst -c "DELETE FROM keypal.keys WHERE owner_id = 'twice'" >/dev/null
-is "$(race_import skip)" "0|1|0" "with skip, the second skips it"
+is "$(race_import skip)" "Lock: 0|1|0" "with skip, the second waits, then skips it"
 is "$(q -d $dst -c "SELECT count(*) FROM keypal.keys WHERE owner_id = 'twice'")" "1" "(one key)"
 
 # Exports too large for one value: one record per row, written as JSON lines by psql, read

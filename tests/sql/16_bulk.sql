@@ -141,12 +141,17 @@ SELECT is((SELECT changes FROM keypal.audit_log WHERE key_id = (SELECT id FROM r
 -- plans such a function's body again on every call (keypal_create was a fifth cheaper
 -- without them). Counted by track_functions, which sees only calls the planner did not inline.
 SET LOCAL track_functions = 'all';
+CREATE TEMP TABLE calls_parent AS SELECT id FROM keypal_create(owner_id => 'calls', scopes => '{read,write}');
+SELECT lives_ok($$SELECT keypal_define_policy('calls_policy', scopes => '{read}')$$, 'a policy');
 CREATE TEMP TABLE calls0 AS SELECT funcid, calls FROM pg_stat_xact_user_functions;
+SELECT lives_ok($$SELECT keypal_create(owner_id => 'calls', parent_id => (SELECT id FROM calls_parent), scopes => '{read}')$$,
+                'a child key (its parent''s rules, its depth)');
+SELECT lives_ok($$SELECT keypal_create(owner_id => 'calls', policy => 'calls_policy', scopes => '{read}')$$, 'a key under a policy');
 SELECT lives_ok($$SELECT keypal_create(owner_id => 'calls', scopes => '{read}', expires_in => '1d', revoke_at => now() + interval '2d')$$,
                 'a key with timers');
 SELECT lives_ok($$SELECT keypal_create_read_only(owner_id => 'calls')$$, 'a read-only key');
 SELECT lives_ok($$SELECT keypal_create_many('[{"owner_id": "calls"}, {"owner_id": "calls", "actor": "other"}]')$$, 'two keys, two actors');
-SELECT is(keypal_disable_all('calls'), 4, 'and disabling them all (keypal.revoked_now is inlined too)');
+SELECT is(keypal_disable_all('calls'), 7, 'and disabling them all (keypal.revoked_now is inlined too)');
 SELECT is((SELECT string_agg(p.oid::regprocedure::text, ', ')
              FROM pg_stat_xact_user_functions f JOIN pg_proc p ON p.oid = f.funcid
              JOIN pg_language l ON l.oid = p.prolang

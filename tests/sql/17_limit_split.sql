@@ -1,7 +1,7 @@
 -- keypal_configure(limit_split => n): n servers (a primary and its standbys) each enforce
 -- their share of every rate limit and quota, counting only their own traffic. Here, on the
 -- primary: its share is the limit less the standbys' floor(limit / n) each, so the shares
--- add up to the limit. (tests/shell/standby.t and replicas.t check the standbys' shares.)
+-- add up to the limit. (tests/shell/replicas.t checks the standbys' shares.)
 BEGIN;
 SELECT plan(12);
 
