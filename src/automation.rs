@@ -12,7 +12,7 @@
 //! Maintenance: `keypal.maintenance_step` every `keypal.maintenance_interval` (0: never),
 //! batch after batch in transactions of their own, a bounded number per turn of the loop.
 
-use crate::bgtx::{guarded, PIN_SEARCH_PATH};
+use crate::bgtx::guarded;
 use crate::delivery::{Done, Job, Pool, MAX_IN_FLIGHT};
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::datum::TimestampWithTimeZone;
@@ -171,7 +171,7 @@ impl Automation {
 /// deliveries — each part in a subtransaction of its own.
 fn exchange(done: &[Done], ask: Option<(Vec<i64>, Vec<i32>, i32)>) -> (bool, Option<Claimed>) {
     BackgroundWorker::transaction(|| {
-        if Spi::run(PIN_SEARCH_PATH).is_err() || Spi::run(NO_FLUSH_WAIT).is_err() {
+        if crate::bgtx::pin_search_path().is_err() || Spi::run(NO_FLUSH_WAIT).is_err() {
             return (false, None);
         }
         let recorded = done.is_empty() || record(done);
@@ -259,7 +259,7 @@ fn maintain() -> bool {
         }
         let more = BackgroundWorker::transaction(|| {
             guarded("keypal worker: maintenance", || {
-                Spi::run(PIN_SEARCH_PATH).ok()?;
+                crate::bgtx::pin_search_path().ok()?;
                 let more = Spi::get_one_with_args::<bool>(STEP, &[STEP_ROWS.into()])
                     .ok()
                     .flatten();

@@ -10,6 +10,21 @@ pub const PIN_SEARCH_PATH: &str =
     "SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true),
             pg_catalog.set_config('lock_timeout', '1s', true)";
 
+/// The first column of a query's first row, read without marking the transaction as one
+/// that writes: pgrx's `Spi::run` and `Spi::get_one` first assign the transaction an id,
+/// which a standby refuses ("cannot assign TransactionIds during recovery") — the worker
+/// there died at its first flush, and nothing it counted was ever swept.
+pub fn read_one<A: pgrx::FromDatum + pgrx::IntoDatum>(
+    query: &str,
+) -> Result<Option<A>, pgrx::spi::SpiError> {
+    Spi::connect(|client| client.select(query, Some(1), &[])?.first().get_one())
+}
+
+/// PIN_SEARCH_PATH, read-only (so on a standby too).
+pub fn pin_search_path() -> Result<(), pgrx::spi::SpiError> {
+    read_one::<String>(PIN_SEARCH_PATH).map(|_| ())
+}
+
 /// Runs `f` in an internal subtransaction of the current transaction: an error inside (a
 /// lock not granted within lock_timeout, a table dropped meanwhile, a failed statement) is
 /// reported as a warning prefixed by `what`, rolled back, and gives None; the transaction
@@ -62,7 +77,7 @@ pub fn stopping() -> bool {
 pub fn run(what: &str, sql: &str) -> Option<()> {
     pgrx::bgworkers::BackgroundWorker::transaction(|| {
         guarded(what, || {
-            Spi::run(PIN_SEARCH_PATH)?;
+            pin_search_path()?;
             Spi::run(sql)
         })
         .and_then(|r: Result<(), pgrx::spi::SpiError>| r.ok())

@@ -363,8 +363,6 @@ fn pin_session() {
     }
 }
 
-use crate::bgtx::PIN_SEARCH_PATH;
-
 const INSTALLED: &str = "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension
                                           WHERE extname OPERATOR(pg_catalog.=) 'keypal')";
 
@@ -387,10 +385,10 @@ fn flush_once(db: u32, state: &mut State) -> Option<()> {
     let standby = unsafe { pg_sys::RecoveryInProgress() };
     let sweep_due = now - state.swept_at >= SWEEP_EVERY_US || shmem::nearly_full();
     let result = BackgroundWorker::transaction(|| {
-        if Spi::run(PIN_SEARCH_PATH).is_err() {
+        if crate::bgtx::pin_search_path().is_err() {
             return Some(None);
         }
-        if !Spi::get_one::<bool>(INSTALLED)
+        if !crate::bgtx::read_one::<bool>(INSTALLED)
             .ok()
             .flatten()
             .unwrap_or(false)
@@ -473,7 +471,7 @@ fn report_stats() {
 /// usable.
 fn resolution() -> Result<i64, ()> {
     crate::bgtx::guarded("", || {
-        Spi::get_one::<i64>(RESOLUTION)
+        crate::bgtx::read_one::<i64>(RESOLUTION)
             .ok()
             .flatten()
             .unwrap_or(60_000_000)

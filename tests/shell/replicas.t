@@ -37,7 +37,7 @@ stop_standbys
 for s in "$S1:$P1" "$S2:$P2"; do
     dir=${s%:*} port=${s#*:}
     as_pg "$PGBIN/pg_basebackup" -h "$PGHOST" -p "$PGPORT" -U postgres -D "$dir" -R -X stream -c fast >/dev/null
-    printf "port = %s\nunix_socket_directories = '%s'\nhot_standby = on\nwal_retrieve_retry_interval = '500ms'\n" \
+    printf "port = %s\nunix_socket_directories = '%s'\nhot_standby = on\nwal_retrieve_retry_interval = '500ms'\nkeypal.flush_interval = 200\n" \
         "$port" "$dir" >> "$dir/postgresql.conf"
     as_pg "$PGBIN/pg_ctl" -D "$dir" -l "$dir/server.log" -w start >/dev/null
 done
@@ -69,6 +69,14 @@ is "$(( $(cat "$work/pq") + $(cat "$work/s1") + $(cat "$work/s2") ))" 30 "30 in 
 is "$(s1 -c "SELECT (keypal_verify('$rkey')).error_code")" RATE_LIMITED "a standby past its share refuses"
 is "$(hammer pq "$qkey" 7) $(hammer s1 "$qkey" 7) $(hammer s2 "$qkey" 7)" "3 2 2" \
    "a quota of 7 a day split 3 ways: the primary 3, each standby 2 (its own count, not the primary's it replays)"
+# A standby's count is in its shared memory only: an idle entry is not dropped (past the
+# worker's idle time, 10 s at this flush interval, and its sweep, every 5 s), or the next
+# verify would count afresh.
+sleep 17
+is "$(s1 -c "SELECT value FROM keypal_stats() WHERE name = 'flush_workers'")" 1 \
+   "the standby runs its flush worker (reading only: it died at its first flush before 0.4.0)"
+is "$(s1 -c "SELECT (keypal_verify('$qkey')).error_code")" QUOTA_EXCEEDED \
+   "idle for longer than the worker keeps an entry, a standby still counts its quota use"
 
 # Revocation: as fast as replay.
 read -r vid vkey < <(pq -F ' ' -c "SELECT id, key FROM keypal_create(owner_id => 'rep')")
