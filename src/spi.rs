@@ -109,9 +109,13 @@ impl Stmt {
 }
 
 /// Runs `f` (SPI work that may raise an error in PostgreSQL code, e.g. a helper refusing an
-/// argument) and passes such an error on as it was raised: SQLSTATE, message, detail and
-/// hint. (pgrx would otherwise add the Rust backtrace to its DETAIL when the server runs
-/// with RUST_BACKTRACE set.)
+/// argument) and passes such an error on with its SQLSTATE, message, detail and hint. (pgrx
+/// would otherwise add the Rust backtrace to its DETAIL when the server runs with
+/// RUST_BACKTRACE set.) What is not passed on: its CONTEXT, the names of the objects it
+/// names (schema, table, column, constraint) and its source location — fine for keypal's
+/// own helpers' refusals, which say everything in the message; not for errors a caller must
+/// tell apart by constraint name. FATAL and PANIC never reach here (they do not return).
+/// A cancel or a timeout stays the ERROR it was, with its SQLSTATE.
 pub fn passing_errors<R>(f: impl FnOnce() -> R) -> R {
     use pgrx::pg_sys::panic::{CaughtError, ErrorReport};
     // (Unwind safety: an error ends the transaction; nothing of f's state is used after.)
