@@ -6,6 +6,8 @@
 #                     pending key in turn (about a millisecond a round) and notes when each
 #                     first answers REVOKED. Delay = that moment - the moment the revoke's
 #                     COMMIT returned on the primary (same machine, same clock): median, p99, max.
+#   over-admission    one key limited to LIMIT (100) an hour, verified LIMIT times through
+#                     each server at once: admitted in all, without and with limit_split => 2.
 #   verify tps        pgbench -M prepared, 2 clients, BENCH_SECONDS (10) each: one key's
 #                     keypal_verify on the standby and on the primary, and the ratio.
 set -euo pipefail
@@ -76,6 +78,30 @@ join <(sort -k1,1 "$work/committed") <(sort -k1,1 "$work/seen.txt") |
 awk '{d[NR] = $1} END {
     printf "revocation delay, commit on the primary to REVOKED on the standby (ms): median %.2f  p99 %.2f  max %.2f  min %.2f\n",
         d[int((NR + 1) / 2)], d[int(NR * 0.99 + 0.999)], d[NR], d[1] }' "$work/delays"
+
+# Over-admission: one key limited to LIMIT (100) an hour, verified LIMIT times through each
+# of the two servers at once, without and with limit_split => 2.
+L=${LIMIT:-100}
+admitted() {  # admitted KEY: valid answers of L verifies on each server, at once: "primary standby"
+    for s in p s; do
+        for _ in $(seq "$L"); do echo "SELECT (keypal_verify('$1')).valid;"; done |
+            if [ $s = p ]; then psql -X -q -At; else sq; fi | grep -c '^t$' >"$work/adm.$s" &
+    done
+    wait
+    echo "$(cat "$work/adm.p") $(cat "$work/adm.s")"
+}
+over() {  # over SPLIT: creates a key, waits for the standby, prints what each server admitted
+    psql -X -q -At -c "SELECT keypal_configure(limit_split => $1)" >/dev/null
+    local k lsn
+    k=$(psql -X -q -At -c "SELECT key FROM keypal_create(owner_id => 'over', rate_limit => '{\"requests\": $L, \"window\": \"1h\"}')")
+    lsn=$(psql -X -q -At -c "SELECT pg_current_wal_lsn()")
+    until [ "$(sq -c "SELECT pg_last_wal_replay_lsn() >= '$lsn'")" = t ]; do sleep 0.1; done
+    admitted "$k"
+}
+read -r p1 s1 < <(over 1)
+read -r p2 s2 < <(over 2)
+echo "a key limited to $L an hour, verified $L times through each server at once: without limit_split $p1 + $s1 = $((p1 + s1)) admitted ($(awk -v a=$((p1 + s1)) -v l="$L" 'BEGIN { printf "%.1f", a / l }')x the limit); with limit_split => 2, $p2 + $s2 = $((p2 + s2))"
+psql -X -q -At -c "SELECT keypal_configure(limit_split => 1)" >/dev/null
 
 echo "SELECT keypal_verify('$vkey', 'read');" >"$work/verify.sql"
 chmod 644 "$work/verify.sql"
