@@ -21,7 +21,7 @@ PORT=${BENCH_PORT:-55450}
 SPORT=$((PORT + 1))
 bench_cluster "$DIR" "$PORT" keypal_replicas_bench
 stop_all() {
-    runuser -u postgres -- /usr/lib/postgresql/15/bin/pg_ctl -D "$SDIR" -m immediate stop >/dev/null 2>&1 || true
+    bash scripts/cluster.sh stop "$SDIR" 2>/dev/null || true
     rm -rf "$SDIR"
     bash scripts/cluster.sh stop "$DIR"
 }
@@ -32,16 +32,17 @@ psql -X -q -c "CREATE EXTENSION keypal"
 psql -X -q -At -c "SELECT id, key FROM keypal_create_many((SELECT jsonb_agg(jsonb_build_object('owner_id', 'r' || i))
                                                               FROM generate_series(1, $N) i))" -F ' ' >"$work/keys"
 vkey=$(psql -X -q -At -c "SELECT key FROM keypal_create(owner_id => 'bench', scopes => '{read}')")
-runuser -u postgres -- rm -rf "$SDIR"
-runuser -u postgres -- /usr/lib/postgresql/15/bin/pg_basebackup -h "$DIR" -p "$PORT" -U postgres -D "$SDIR" -R -X stream -c fast 2>/dev/null
 # hot_standby_feedback: the watcher below is one long transaction; without it, the primary's
 # cleanup of old row versions conflicts with it and replay waits for it (up to
 # max_standby_streaming_delay, 30 s) before cancelling it.
-printf "port = %s\nunix_socket_directories = '%s'\nhot_standby = on\nhot_standby_feedback = on\n" "$SPORT" "$SDIR" >> "$SDIR/postgresql.conf"
-runuser -u postgres -- /usr/lib/postgresql/15/bin/pg_ctl -D "$SDIR" -l "$SDIR/server.log" -w start >/dev/null
+bash scripts/cluster.sh standby "$SDIR" "$SPORT" "$DIR" "$PORT" "hot_standby_feedback = on"
 sq() { psql -X -q -At -h "$SDIR" -p "$SPORT" "$@"; }
-lsn=$(psql -X -q -At -c "SELECT pg_current_wal_lsn()")
-until [ "$(sq -c "SELECT pg_last_wal_replay_lsn() >= '$lsn'")" = t ]; do sleep 0.1; done
+replayed() {  # waits until the standby replayed the primary's WAL so far
+    local lsn
+    lsn=$(psql -X -q -At -c "SELECT pg_current_wal_lsn()")
+    until [ "$(sq -c "SELECT pg_last_wal_replay_lsn() >= '$lsn'")" = t ]; do sleep 0.1; done
+}
+replayed
 
 # The watcher: every pending key verified in turn until each answers REVOKED (or 120 s).
 keys_array="ARRAY[$(awk '{printf "%s'\''%s'\''", (NR > 1 ? "," : ""), $2}' "$work/keys")]"
@@ -92,10 +93,9 @@ admitted() {  # admitted KEY: valid answers of L verifies on each server, at onc
 }
 over() {  # over SPLIT: creates a key, waits for the standby, prints what each server admitted
     psql -X -q -At -c "SELECT keypal_configure(limit_split => $1)" >/dev/null
-    local k lsn
+    local k
     k=$(psql -X -q -At -c "SELECT key FROM keypal_create(owner_id => 'over', rate_limit => '{\"requests\": $L, \"window\": \"1h\"}')")
-    lsn=$(psql -X -q -At -c "SELECT pg_current_wal_lsn()")
-    until [ "$(sq -c "SELECT pg_last_wal_replay_lsn() >= '$lsn'")" = t ]; do sleep 0.1; done
+    replayed
     admitted "$k"
 }
 read -r p1 s1 < <(over 1)

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # A private PostgreSQL 15 cluster run by an unprivileged user (PostgreSQL refuses root).
 #   cluster.sh start DIR PORT [extra postgresql.conf line ...]
+#   cluster.sh standby DIR PORT PRIMARY_DIR PRIMARY_PORT [extra postgresql.conf line ...]
+#       a fresh streaming standby of that primary (pg_basebackup -R, hot_standby), started
 #   cluster.sh stop DIR
 # Clients connect over the Unix socket in DIR: psql -h DIR -p PORT -U postgres
 set -euo pipefail
@@ -36,13 +38,32 @@ start)
         as_user "$PGBIN/pg_ctl" -D "$dir" -l "$dir/server.log" -w start >/dev/null
     fi
     ;;
+standby)
+    port=${3:?port}
+    primary=${4:?primary directory}
+    primary_port=${5:?primary port}
+    shift 5
+    as_user "$PGBIN/pg_ctl" -D "$dir" -m immediate stop >/dev/null 2>&1 || true
+    rm -rf "$dir"
+    # pg_basebackup makes the directory itself, with the permissions the server wants;
+    # -c fast: not waiting minutes for a spread checkpoint.
+    as_user "$PGBIN/pg_basebackup" -h "$primary" -p "$primary_port" -U postgres -D "$dir" -R -X stream -c fast \
+        2>/dev/null
+    {
+        echo "port = $port"
+        echo "unix_socket_directories = '$dir'"
+        echo "hot_standby = on"
+        for line in "$@"; do echo "$line"; done
+    } >> "$dir/postgresql.conf"
+    as_user "$PGBIN/pg_ctl" -D "$dir" -l "$dir/server.log" -w start >/dev/null
+    ;;
 stop)
     if [ -f "$dir/postmaster.pid" ]; then
         as_user "$PGBIN/pg_ctl" -D "$dir" -m fast -w stop >/dev/null
     fi
     ;;
 *)
-    echo "usage: $0 start DIR PORT | stop DIR" >&2
+    echo "usage: $0 start DIR PORT | standby DIR PORT PRIMARY_DIR PRIMARY_PORT | stop DIR" >&2
     exit 2
     ;;
 esac

@@ -258,13 +258,7 @@ fn keypal_authenticate_request(
 
 /// PostgREST's `request.headers` (a JSON object), if set and valid.
 fn request_headers() -> Option<serde_json::Value> {
-    // SAFETY: GetConfigOption with missing_ok returns NULL or a NUL-terminated string
-    // that stays valid until the setting changes; it is copied at once.
-    let raw = unsafe {
-        let p = pg_sys::GetConfigOption(c"request.headers".as_ptr(), true, false);
-        (!p.is_null()).then(|| std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned())
-    }?;
-    serde_json::from_str(&raw).ok()
+    serde_json::from_str(&gucs::current_setting("request.headers")?).ok()
 }
 
 /// The id of the key authenticated in this transaction, or NULL.

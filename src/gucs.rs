@@ -162,8 +162,8 @@ pub fn with_fallback_suffix<R>(which: usize, f: impl FnOnce(&str) -> R) -> Optio
 /// A setting's current value (current_setting(name, true)): None when it does not exist.
 pub fn current_setting(name: &str) -> Option<String> {
     let name = std::ffi::CString::new(name).ok()?;
-    // SAFETY: a valid C string; missing_ok, so no error for an unknown name. The value is
-    // copied before anything else can change it.
+    // SAFETY: a valid C string; missing_ok, so no error for an unknown name (NULL). The value
+    // stays valid until the setting changes; it is copied at once.
     unsafe {
         let v = pgrx::pg_sys::GetConfigOption(name.as_ptr(), true, false);
         (!v.is_null()).then(|| std::ffi::CStr::from_ptr(v).to_string_lossy().into_owned())

@@ -46,6 +46,15 @@ wait_for() {  # wait_for SQL WANT: polls (up to 15 s) until SQL returns WANT; pr
 
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+CLUSTER="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/scripts/cluster.sh"
+wait_replay() {  # wait_replay DIR PORT ...: until (at most 15 s each) every standby named by its socket directory and port replayed the primary's WAL so far
+    local lsn
+    lsn=$(q -c "SELECT pg_current_wal_lsn()")
+    while [ $# -ge 2 ]; do
+        poll 150 t psql -X -q -At -h "$1" -p "$2" -d postgres -c "SELECT pg_last_wal_replay_lsn() >= '$lsn'" >/dev/null
+        shift 2
+    done
+}
 restart() {  # restart [-m MODE]: stops (fast unless told) and starts the test cluster
     local mode=${1:-fast}
     as_pg "$PGBIN/pg_ctl" -D "$PGHOST" -m "$mode" -w stop >/dev/null

@@ -18,7 +18,7 @@ s1() { on "$S1" "$P1" "$@"; }
 s2() { on "$S2" "$P2" "$@"; }
 stop_standbys() {
     for d in "$S1" "$S2"; do
-        as_pg "$PGBIN/pg_ctl" -D "$d" -m immediate stop >/dev/null 2>&1 || true
+        bash "$CLUSTER" stop "$d" 2>/dev/null || true
         rm -rf "$d"
     done
 }
@@ -33,21 +33,11 @@ trap cleanup EXIT
 
 q -d postgres -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" -c "CREATE DATABASE $DB" >/dev/null 2>&1
 pq -c "CREATE EXTENSION keypal" >/dev/null
-stop_standbys
 for s in "$S1:$P1" "$S2:$P2"; do
-    dir=${s%:*} port=${s#*:}
-    as_pg "$PGBIN/pg_basebackup" -h "$PGHOST" -p "$PGPORT" -U postgres -D "$dir" -R -X stream -c fast >/dev/null
-    printf "port = %s\nunix_socket_directories = '%s'\nhot_standby = on\nwal_retrieve_retry_interval = '500ms'\nkeypal.flush_interval = 200\n" \
-        "$port" "$dir" >> "$dir/postgresql.conf"
-    as_pg "$PGBIN/pg_ctl" -D "$dir" -l "$dir/server.log" -w start >/dev/null
+    bash "$CLUSTER" standby "${s%:*}" "${s#*:}" "$PGHOST" "$PGPORT" \
+        "wal_retrieve_retry_interval = '500ms'" "keypal.flush_interval = 200"
 done
-replayed() {  # replayed: waits (up to 15 s) until both standbys replayed the primary's WAL so far
-    local lsn
-    lsn=$(pq -c "SELECT pg_current_wal_lsn()")
-    for f in s1 s2; do
-        poll 150 t "$f" -c "SELECT pg_last_wal_replay_lsn() >= '$lsn'" >/dev/null
-    done
-}
+replayed() { wait_replay "$S1" "$P1" "$S2" "$P2"; }  # both standbys replayed the primary's WAL so far
 is "$(s1 -c "SELECT pg_is_in_recovery()") $(s2 -c "SELECT pg_is_in_recovery()")" "t t" "two streaming standbys"
 
 # Shared limits: 30 an hour, split 3 ways: 10 each (the primary 30 - 2 x 10).
