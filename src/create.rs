@@ -235,9 +235,7 @@ fn actor(given: &str) -> String {
 fn random_uuid() -> Uuid {
     let mut b = [0u8; 16];
     keys::fill_random(&mut b);
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    Uuid::from_bytes(b)
+    Uuid::from_bytes(keys::uuid_stamped(b, 4))
 }
 
 /// The columns of the rows one INSERT writes.

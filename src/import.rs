@@ -298,12 +298,10 @@ pub fn ts_id(id: &str) -> (String, bool) {
     if options::is_uuid(id) {
         return (id.to_ascii_lowercase(), false);
     }
-    let mut b: [u8; 16] = Sha256::digest(format!("keypal import id:{id}").as_bytes())[..16]
+    let b: [u8; 16] = Sha256::digest(format!("keypal import id:{id}").as_bytes())[..16]
         .try_into()
         .unwrap_or([0; 16]);
-    b[6] = (b[6] & 0x0f) | 0x80;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h = to_hex(&b);
+    let h = to_hex(&crate::keys::uuid_stamped(b, 8));
     (
         format!(
             "{}-{}-{}-{}-{}",

@@ -128,6 +128,13 @@ pub fn check_prefix(prefix: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// 16 bytes stamped as an RFC 9562 uuid of `version` (its version nibble and variant bits).
+pub fn uuid_stamped(mut b: [u8; 16], version: u8) -> [u8; 16] {
+    b[6] = (b[6] & 0x0f) | (version << 4);
+    b[8] = (b[8] & 0x3f) | 0x80;
+    b
+}
+
 /// Fills `buf` from the OS CSPRNG.
 pub fn fill_random(buf: &mut [u8]) {
     OsRng.fill_bytes(buf);
