@@ -72,7 +72,21 @@ is "$(s1 -c "SELECT (keypal_verify('$qkey')).error_code")" QUOTA_EXCEEDED \
 read -r vid vkey < <(pq -F ' ' -c "SELECT id, key FROM keypal_create(owner_id => 'rep')")
 replayed
 is "$(s1 -c "SELECT (keypal_verify('$vkey')).valid") $(s2 -c "SELECT (keypal_verify('$vkey')).valid")" "t t" "a new key verifies on both standbys"
+# A standby session in an older REPEATABLE READ, READ ONLY transaction, open across the
+# revoke, answers REVOKED once the standby replayed it.
+rm -f "$work/go"
+{ echo "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;"
+  echo "SELECT coalesce((keypal_verify('$vkey')).error_code, 'VALID');"
+  poll 100 yes sh -c "[ -e '$work/go' ] && echo yes || true" >/dev/null
+  echo "SELECT coalesce((keypal_verify('$vkey')).error_code, 'VALID');"
+  echo "COMMIT;"; } | PGAPPNAME=older s1 >"$work/older" &
+poll 100 "idle in transaction" s1 -c "SELECT state FROM pg_stat_activity WHERE application_name = 'older'" >/dev/null
 pq -c "SELECT keypal_revoke('$vid')" >/dev/null
+replayed
+touch "$work/go"
+wait
+is "$(tr '\n' ' ' <"$work/older")" "VALID REVOKED " \
+   "a standby transaction (REPEATABLE READ, READ ONLY) begun before the revoke answers REVOKED once it is replayed"
 is "$(poll 100 REVOKED s1 -c "SELECT (keypal_verify('$vkey')).error_code") $(poll 100 REVOKED s2 -c "SELECT (keypal_verify('$vkey')).error_code")" \
    "REVOKED REVOKED" "revoked on the primary: REVOKED on both standbys within 10 s (as soon as they replay it)"
 
