@@ -1888,3 +1888,5 @@ END $$;
 REVOKE ALL ON ALL TABLES IN SCHEMA keypal FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA keypal FROM PUBLIC;
 
+
+COMMENT ON FUNCTION keypal.replica_counts(text, bigint, text) IS 'On the primary: takes a standby worker''s batch of counts (last uses, hours, quota counts, rate-window admissions) into the shared state, once per batch number, and answers with each key''s global count. Grant EXECUTE only to the role standbys ship as (keypal.primary_conninfo, else primary_conninfo).';

@@ -193,6 +193,15 @@ CREATE TABLE keypal.usage (
 CREATE INDEX usage_hour_idx ON keypal.usage (hour);   -- pruning by age
 COMMENT ON TABLE keypal.usage IS 'Usage per key, hour and endpoint, recorded by keypal_track_usage() and, behind verify, by the flush worker (for keys with a quota).';
 
+-- The last batch of counts taken from each standby's worker (keypal.replica_counts): a
+-- batch sent again, its answer lost, is answered and not counted twice.
+CREATE TABLE keypal.replica_batches (
+    replica text PRIMARY KEY,
+    batch   bigint NOT NULL,
+    at      timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE keypal.replica_batches IS 'The last batch number keypal.replica_counts took from each standby worker (rows unheard of for a week are dropped).';
+
 CREATE TABLE keypal.audit_log (
     id       bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     at       timestamptz NOT NULL DEFAULT clock_timestamp(),

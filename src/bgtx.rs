@@ -73,6 +73,25 @@ pub fn stopping() -> bool {
     unsafe { (&raw const pg_sys::ShutdownRequestPending).read_volatile() != 0 }
 }
 
+/// What the worker does after each wait on its latch (`rc`: what the wait returned): exits
+/// if the postmaster died (nothing to flush to: the server is gone), resets the latch, and
+/// absorbs barriers (DROP DATABASE's, say) here, not only at the next statement.
+pub fn after_wait(rc: i32) {
+    if rc & pg_sys::WL_POSTMASTER_DEATH as i32 != 0 {
+        // SAFETY: exits this process, as WL_EXIT_ON_PM_DEATH would.
+        unsafe { pg_sys::proc_exit(1) };
+    }
+    // SAFETY: this process's own latch; the check PostgreSQL's own loops make between waits.
+    unsafe {
+        if rc & pg_sys::WL_LATCH_SET as i32 != 0 {
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+        if (&raw const pg_sys::ProcSignalBarrierPending).read_volatile() != 0 {
+            pg_sys::ProcessProcSignalBarrier();
+        }
+    }
+}
+
 /// One statement in its own guarded worker transaction (search_path pinned first).
 pub fn run(what: &str, sql: &str) -> Option<()> {
     pgrx::bgworkers::BackgroundWorker::transaction(|| {

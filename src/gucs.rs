@@ -1,6 +1,6 @@
 //! Every keypal setting that lives in postgresql.conf rather than in keypal.settings:
-//! `keypal.salt` (and `keypal.previous_salt`, `keypal.typescript_salt`), `keypal.shared_memory`, `keypal.flush_interval` and
-//! `keypal.maintenance_interval`.
+//! `keypal.salt` (and `keypal.previous_salt`, `keypal.typescript_salt`), `keypal.shared_memory`, `keypal.flush_interval`,
+//! `keypal.maintenance_interval` and `keypal.primary_conninfo`.
 //!
 //! `keypal.salt` is the server secret mixed into every key hash. It is superuser-only
 //! (PGC_SUSET, hidden from SHOW for others) and lives in the server's configuration, never
@@ -33,6 +33,10 @@ pub static SHARED_MEMORY_MB: GucSetting<i32> = GucSetting::<i32>::new(1024);
 /// since the last, so a longer interval writes a busy key once for more requests; at 1 s,
 /// 100 000 busy quota'd keys cost the worker most of a core (docs/DESIGN.md).
 pub static FLUSH_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
+
+/// Where a standby's flush worker ships its counts (a libpq connection string); empty: the
+/// standby's own `primary_conninfo`.
+pub static PRIMARY_CONNINFO: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 /// How often (ms) the worker runs keypal_run_maintenance's batches; 0: never (pg_cron's
 /// `CALL keypal_run_maintenance()` instead). While it is on, a database's worker stays.
@@ -71,6 +75,16 @@ pub fn init() {
         60_000,
         GucContext::Sighup,
         GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_string_guc(
+        c"keypal.primary_conninfo",
+        c"Where a standby's keypal worker ships what verify counted there (superuser only).",
+        c"A libpq connection string to the primary; its database is the worker's own. Empty: \
+          the standby's primary_conninfo. The role it names needs EXECUTE on \
+          keypal.replica_counts(text, bigint, text) in each database that uses keypal.",
+        &PRIMARY_CONNINFO,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
     );
     GucRegistry::define_string_guc(
         c"keypal.signing_secret",

@@ -10,7 +10,8 @@
 //! while, when keypal is dropped there, or when told to
 //! stop — then, at a clean shutdown, only after the database's other sessions have gone,
 //! writing everything they counted. A flush that fails (an error in SQL) keeps its batch for
-//! the next one. On a standby it writes nothing: counts stay local to that server.
+//! the next one. On a standby it writes nothing: it ships what verify counted there to the
+//! primary (replica.rs), or, with nowhere to ship to, keeps it local to that server.
 
 use crate::limits::entry::{Outcome, Taken, NEVER};
 use crate::limits::shmem::{self, Sweep};
@@ -112,7 +113,7 @@ fn at_commit(wake: bool) {
 }
 
 /// Sets the latch of the process `pid`, if it is one of the server's (0: none).
-fn set_latch_of(pid: i32) {
+pub fn set_latch_of(pid: i32) {
     if pid == 0 {
         return;
     }
@@ -132,27 +133,14 @@ fn wait(us: i64) -> (bool, bool) {
     let ms = (us.max(0) + 999) / 1000;
     // SAFETY: this process's own latch, as every worker waits on it.
     let rc = unsafe {
-        let rc = pg_sys::WaitLatch(
+        pg_sys::WaitLatch(
             pg_sys::MyLatch,
             (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_POSTMASTER_DEATH) as i32,
             ms as std::ffi::c_long,
             pg_sys::PG_WAIT_EXTENSION,
-        );
-        pg_sys::ResetLatch(pg_sys::MyLatch);
-        rc
+        )
     };
-    if rc & pg_sys::WL_POSTMASTER_DEATH as i32 != 0 {
-        // Nothing to flush to: the server is gone.
-        // SAFETY: exits this process, as WL_EXIT_ON_PM_DEATH would.
-        unsafe { pg_sys::proc_exit(1) };
-    }
-    // Barriers (DROP DATABASE's, say) are absorbed here, not only at the next statement.
-    // SAFETY: the check PostgreSQL's own loops make between waits.
-    unsafe {
-        if (&raw const pg_sys::ProcSignalBarrierPending).read_volatile() != 0 {
-            pg_sys::ProcessProcSignalBarrier();
-        }
-    }
+    crate::bgtx::after_wait(rc);
     (
         !crate::bgtx::stopping(),
         rc & pg_sys::WL_LATCH_SET as i32 != 0,
@@ -228,7 +216,8 @@ pub extern "C-unwind" fn keypal_flush_worker_main(arg: pg_sys::Datum) {
         }
         // SAFETY: reads the clock.
         let now = unsafe { pg_sys::GetCurrentTimestamp() };
-        if state.full_batch || now - last_flush >= flush_us {
+        // On a standby, the latch is set by a verify waiting for a key's global count.
+        if state.full_batch || now - last_flush >= flush_us || (standby && woken) {
             last_flush = now;
             if flush_once(db, &mut state).is_none() {
                 // keypal is not installed here (any more): what it counted here has nowhere to go.
@@ -270,6 +259,10 @@ struct State {
     /// The last flush took as many entries as a batch holds.
     full_batch: bool,
     empty_since: Option<i64>,
+    /// On a standby: what it ships to the primary.
+    shipper: crate::replica::Shipper,
+    /// This database's name (known after the first flush).
+    db_name: String,
 }
 
 /// Entries one flush transaction writes at most (more wait for the next, at once).
@@ -370,6 +363,8 @@ const RESOLUTION: &str = "SELECT (pg_catalog.date_part('epoch', s.last_used_reso
                                   OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8
                             FROM keypal.settings s LIMIT 1";
 
+const SPLIT: &str = "SELECT s.limit_split FROM keypal.settings s LIMIT 1";
+
 /// Writes one batch (keypal.flush_usage, which catches its own errors: then nothing of it
 /// is written and it all stays for the next flush). Rows back: what was written.
 const FLUSH: &str = "SELECT f.kind::pg_catalog.text, f.key_id, f.at
@@ -384,6 +379,8 @@ fn flush_once(db: u32, state: &mut State) -> Option<()> {
     let now = unsafe { pg_sys::GetCurrentTimestamp() };
     let standby = unsafe { pg_sys::RecoveryInProgress() };
     let sweep_due = now - state.swept_at >= SWEEP_EVERY_US || shmem::nearly_full();
+    let held = state.shipper.held_batch();
+    let name_wanted = state.db_name.is_empty();
     let result = BackgroundWorker::transaction(|| {
         if crate::bgtx::pin_search_path().is_err() {
             return Some(None);
@@ -408,7 +405,25 @@ fn flush_once(db: u32, state: &mut State) -> Option<()> {
             standby,
         };
         let remaining = sweep_due.then(|| shmem::sweep(&sweep, db_exists));
-        let batch = shmem::take(&sweep, MAX_BATCH);
+        // SAFETY: a catalog lookup of this database, inside the transaction.
+        let name = name_wanted.then(|| unsafe {
+            let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
+            if name.is_null() {
+                String::new()
+            } else {
+                std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned()
+            }
+        });
+        // A standby ships a batch not answered before anything new; a promoted one writes it.
+        let batch = match held {
+            Some(b) => b,
+            None => shmem::take(&sweep, MAX_BATCH),
+        };
+        let split = if standby {
+            crate::bgtx::read_one::<i32>(SPLIT).ok().flatten().unwrap_or(1)
+        } else {
+            1
+        };
         let written = if batch.is_empty() || standby {
             Some(Written {
                 everything: true,
@@ -417,12 +432,18 @@ fn flush_once(db: u32, state: &mut State) -> Option<()> {
         } else {
             write(&batch, sweep.resolution_us)
         };
-        Some(Some((sweep, batch, remaining, written)))
+        Some(Some((sweep, batch, remaining, written, split, name)))
     });
-    let Some((sweep, batch, remaining, written)) = result? else {
+    let Some((sweep, batch, remaining, written, split, name)) = result? else {
         state.full_batch = false;
         return Some(());
     };
+    if let Some(name) = name {
+        state.db_name = name;
+    }
+    if !standby {
+        state.shipper.forget_held();
+    }
     if let Some(n) = remaining {
         state.remaining = n;
         state.swept_at = now;
@@ -430,6 +451,22 @@ fn flush_once(db: u32, state: &mut State) -> Option<()> {
     // More waits at once only if this batch was written (not on a failing flush).
     state.full_batch = batch.len() >= MAX_BATCH && written.is_some();
     if batch.is_empty() {
+        return Some(());
+    }
+    if standby {
+        // Shipped outside any transaction: no snapshot is held while the primary answers.
+        let deadline = crate::replica::ship_deadline();
+        let shipped = state
+            .shipper
+            .ship(batch.clone(), &state.db_name, split <= 1, deadline);
+        let answered = matches!(shipped, crate::replica::Shipped::Answered(_));
+        shmem::set_ship_failing(db, !answered);
+        if matches!(shipped, crate::replica::Shipped::Held) {
+            state.full_batch = false;
+            return Some(());
+        }
+        let outcome = |t: &Taken| crate::replica::outcome(&shipped, t);
+        shmem::confirm(&sweep, &batch, outcome, &HashSet::new(), MISSING_GRACE_US);
         return Some(());
     }
     // Nothing is known written unless the flush transaction committed (it did, if we are
@@ -447,6 +484,8 @@ fn flush_once(db: u32, state: &mut State) -> Option<()> {
                 .map(|h| h.start)
                 .filter(|h| !w.hours.contains(&(t.key, *h)))
                 .collect(),
+            window: true,
+            global: None,
         },
     };
     let missing = written

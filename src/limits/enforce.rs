@@ -5,7 +5,7 @@
 //! on a standby alike. Nothing is written to a table by verify and nothing is rolled back
 //! with the caller's transaction; the flush worker (worker.rs) writes behind.
 
-use super::entry::{Ask, QuotaAsk};
+use super::entry::{Ask, QuotaAsk, Scope};
 use super::quota::{self, Quota};
 use super::shmem;
 use super::window::Limit;
@@ -87,7 +87,15 @@ pub fn rate_limit_of(
 pub fn enforce(catalog: &Catalog, key: &KeyLimits, cost: i64) -> Result<Usage, Refusal> {
     let servers = catalog.limit_split;
     // SAFETY: reads shared recovery state.
-    let primary = servers <= 1 || !unsafe { pg_sys::RecoveryInProgress() };
+    let standby = unsafe { pg_sys::RecoveryInProgress() };
+    let primary = servers <= 1 || !standby;
+    // A standby's admissions are shipped to the primary (worker.rs); unless limits are split,
+    // every server decides on the global count.
+    let scope = Scope {
+        replica: standby,
+        global: servers <= 1,
+        stale_us: 2 * i64::from(crate::gucs::FLUSH_INTERVAL_MS.get()) * 1000,
+    };
     let rate = rate_limit_of(
         catalog,
         key.rate_limit.as_deref(),
@@ -120,7 +128,7 @@ pub fn enforce(catalog: &Catalog, key: &KeyLimits, cost: i64) -> Result<Usage, R
         _ => 0,
     };
     let resolution = catalog.last_used_resolution_us;
-    let Ok(answer) = shmem::admit(key_bytes(key.id), &ask, resolution, load) else {
+    let Ok(answer) = shmem::admit(key_bytes(key.id), &ask, scope, resolution, load) else {
         if rate.is_none() && quota.is_none() {
             // Nothing to enforce: the key verifies; only its use goes unrecorded.
             shmem::note_dropped();

@@ -10,6 +10,13 @@
 //! `seq` changes whenever the worker takes or confirms counts, and a re-created entry gets a
 //! new one: a table read is used as `base` only if no flush of the key began or ended while
 //! it ran and nothing was in flight (so the read saw exactly the counts in `base`).
+//!
+//! Across servers (a primary and its streaming standbys): a standby's worker ships what its
+//! entries counted to the primary (`take`, then `confirm` with the primary's answer), where
+//! `absorb` adds it to the primary's entry, whose worker writes it. The answer is the key's
+//! global count — quota use and rate-window buckets — which the standby decides on, plus what
+//! it counted since: `others` holds, per bucket, what the other servers admitted as last
+//! heard (on the primary: what standbys shipped).
 
 use super::quota::{self, OnExceeded};
 use super::window::{Decision, Limit, Window, BUCKETS};
@@ -76,6 +83,18 @@ pub struct Entry {
     /// In the flush worker's queue (shmem.rs): set with the first change to write, cleared
     /// when the worker takes the entry's changes.
     pub queued: bool,
+    /// What other servers admitted in the buckets of `window`, as last heard.
+    pub others: Window,
+    /// On a standby: its own admissions not yet shipped to the primary; whether a batch
+    /// with some is under way (the batch holds them: a worker that dies with it loses them).
+    pub unshipped: Window,
+    pub shipping: bool,
+    /// On a standby: a limited verify since the last batch (the next one fetches the key's
+    /// global count, even with nothing to ship).
+    pub fetch: bool,
+    /// On a standby: when the flush that last brought the key's global count began (NEVER:
+    /// not yet).
+    pub heard_at: i64,
 }
 
 impl Entry {
@@ -99,8 +118,34 @@ impl Entry {
             warn_inflight: 0,
             missing_since: 0,
             queued: false,
+            others: Window::default(),
+            unshipped: Window::default(),
+            shipping: false,
+            fetch: false,
+            heard_at: NEVER,
         }
     }
+}
+
+/// Where a verify is decided: on a standby that ships its counts (`replica`), and whether
+/// limits are global (every server's admissions count against them) rather than split into
+/// per-server shares (keypal_configure(limit_split => n)).
+/// `stale_us`: how old a standby's global count may be before a verify asks for news.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Scope {
+    pub replica: bool,
+    pub global: bool,
+    pub stale_us: i64,
+}
+
+/// Whether a standby must hear the key's global count before deciding: it has limits that
+/// count across servers and has not heard it within `stale_us`.
+pub fn wants_news(e: &Entry, ask: &Ask, scope: Scope, now: i64) -> bool {
+    scope.replica
+        && scope.global
+        && scope.stale_us > 0
+        && (ask.rate.is_some() || ask.quota.is_some())
+        && (e.heard_at == NEVER || now.saturating_sub(e.heard_at) > scope.stale_us)
 }
 
 /// What verify asks of the limits for one request.
@@ -132,41 +177,65 @@ impl Answer {
     }
 }
 
-/// Whether the entry must read the key's quota use from the table before deciding.
-pub fn needs_load(e: &Entry, ask: &Ask) -> bool {
-    ask.quota
-        .as_ref()
-        .is_some_and(|q| !(e.quota.loaded && e.quota.period_start >= q.period_start))
+/// Whether the entry must read the key's use in the quota period starting `period_start`
+/// from the table before counting in it.
+pub fn needs_base(e: &Entry, period_start: Option<i64>) -> bool {
+    period_start.is_some_and(|p| !(e.quota.loaded && e.quota.period_start >= p))
+}
+
+/// Marks the entry for its worker to fetch the key's global count (its window of the length
+/// asked, its quota use in the period asked), even before its first verify is decided.
+pub fn ask_news(e: &mut Entry, ask: &Ask) {
+    if let Some(limit) = ask.rate.filter(|l| l.window_us != e.window_us) {
+        reset_windows(e, limit.window_us);
+    }
+    if let Some(q) = &ask.quota {
+        use_period(e, q.period_start, None);
+    }
+    e.fetch = true;
+}
+
+/// Moves the entry's quota to the period starting `period_start` when that is newer (periods
+/// only move forward), starting from `loaded` (the table's count) or zero; or takes `loaded`
+/// as base after a direct write to the table (counts not yet flushed stay).
+fn use_period(e: &mut Entry, period_start: i64, loaded: Option<i64>) {
+    if e.quota.period_start < period_start {
+        // Counts of the old period not yet written are dropped from the quota (its use is
+        // about to restart anyway; the hours keep them); one in flight is written to its own
+        // period, not added to this one.
+        e.quota = QuotaCount {
+            loaded: loaded.is_some(),
+            period_start,
+            base: loaded.unwrap_or(0),
+            seq: e.quota.seq,
+            ..QuotaCount::default()
+        };
+    } else if let Some(base) =
+        loaded.filter(|_| !e.quota.loaded && e.quota.period_start == period_start)
+    {
+        e.quota.base = base;
+        e.quota.loaded = true;
+    }
+}
+
+/// Forgets every window count (the key's rate window changed length).
+fn reset_windows(e: &mut Entry, window_us: i64) {
+    e.window = Window::default();
+    e.others = Window::default();
+    e.unshipped = Window::default();
+    e.window_us = window_us;
 }
 
 /// Decides a request against the key's rate limit and quota and, when both admit it,
 /// counts it (window, quota, hour, last use). `loaded` is the key's quota use as just read
 /// from the table, when that read may serve as base.
-pub fn decide(e: &mut Entry, ask: &Ask, loaded: Option<i64>, now: i64) -> Answer {
+pub fn decide(e: &mut Entry, ask: &Ask, loaded: Option<i64>, now: i64, scope: Scope) -> Answer {
     let mut answer = Answer::default();
     let mut rate = ask.rate;
     if let Some(q) = &ask.quota {
         // Periods only move forward: a transaction begun before a period's turn (its
         // `now()` decides the period asked about) counts in the newer one.
-        if e.quota.period_start < q.period_start {
-            // A new period (or the entry's first quota): start from the table's count, or
-            // from zero until one can be read. Counts of the old period not yet written are
-            // dropped from the quota (its use is about to restart anyway; the hours keep
-            // them); one in flight is written to its own period, not added to this one.
-            e.quota = QuotaCount {
-                loaded: loaded.is_some(),
-                period_start: q.period_start,
-                base: loaded.unwrap_or(0),
-                seq: e.quota.seq,
-                ..QuotaCount::default()
-            };
-        } else if let Some(base) =
-            loaded.filter(|_| !e.quota.loaded && e.quota.period_start == q.period_start)
-        {
-            // Re-read after a direct write to the table: counts not yet flushed stay.
-            e.quota.base = base;
-            e.quota.loaded = true;
-        }
+        use_period(e, q.period_start, loaded);
         let used = e.quota.total();
         let judged = quota::judge(q.limit, q.on_exceeded, used, ask.cost);
         answer.quota_used = Some(used);
@@ -180,11 +249,22 @@ pub fn decide(e: &mut Entry, ask: &Ask, loaded: Option<i64>, now: i64) -> Answer
     }
     if let Some(limit) = rate {
         if e.window_us != limit.window_us {
-            e.window = Window::default();
-            e.window_us = limit.window_us;
+            reset_windows(e, limit.window_us);
         }
-        let d = e.window.admit(now, limit, ask.cost, !answer.quota.blocked);
+        let record = !answer.quota.blocked;
+        let d = if scope.global {
+            e.window
+                .admit_beside(&e.others, now, limit, ask.cost, record)
+        } else {
+            e.window.admit(now, limit, ask.cost, record)
+        };
+        if scope.replica && scope.global && d.allowed && record {
+            e.unshipped.record(now, limit, ask.cost);
+        }
         answer.rate = Some(d);
+    }
+    if scope.replica && scope.global && (rate.is_some() || ask.quota.is_some()) {
+        e.fetch = true;
     }
     if answer.admitted() {
         if ask.quota.is_some() {
@@ -231,6 +311,8 @@ pub fn dirty(e: &Entry, resolution_us: i64) -> bool {
         || e.hours.iter().any(|h| h.n > 0)
         || e.quota.pending > 0
         || e.warn_used > 0
+        || e.fetch
+        || !e.unshipped.is_empty()
 }
 
 /// What the flush worker took from one entry to write.
@@ -243,6 +325,9 @@ pub struct Taken {
     pub quota: Option<(i64, i64)>,
     /// The use that crossed a warning quota.
     pub warn: Option<i64>,
+    /// A standby's admissions to ship: the window's length and (bucket, count) pairs (maybe
+    /// none: the batch then only fetches the key's global window).
+    pub window: Option<(i64, Vec<(i64, i64)>)>,
 }
 
 impl Taken {
@@ -251,7 +336,16 @@ impl Taken {
             && self.hours.is_empty()
             && self.quota.is_none()
             && self.warn.is_none()
+            && self.window.is_none()
     }
+}
+
+/// A key's count over every server, as the primary holds it: its quota period and use, its
+/// rate window's length and buckets.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Global {
+    pub quota: Option<(i64, i64)>,
+    pub window: Option<(i64, Vec<(i64, i64)>)>,
 }
 
 /// Moves what is to be written to the tables into flight: the last use (when the table's is
@@ -275,7 +369,9 @@ pub fn take(e: &mut Entry, resolution_us: i64, seq: u64) -> Option<Taken> {
             .filter(|h| h.n > 0)
             .collect();
     }
-    if e.quota.inflight == 0 && e.quota.pending > 0 {
+    // (A standby asking for news ships its quota count even when it is 0: the answer is the
+    // key's global use.)
+    if e.quota.inflight == 0 && (e.quota.pending > 0 || (e.fetch && e.quota.period_start > 0)) {
         e.quota.inflight = e.quota.pending;
         e.quota.pending = 0;
         e.quota.seq = seq;
@@ -284,6 +380,13 @@ pub fn take(e: &mut Entry, resolution_us: i64, seq: u64) -> Option<Taken> {
     if e.warn_inflight == 0 && e.warn_used > 0 {
         e.warn_inflight = std::mem::take(&mut e.warn_used);
         t.warn = Some(e.warn_inflight);
+    }
+    if !e.shipping && ((e.fetch && e.window_us > 0) || !e.unshipped.is_empty()) {
+        e.shipping = true;
+        t.window = Some((e.window_us, std::mem::take(&mut e.unshipped).buckets()));
+    }
+    if !e.shipping || t.window.is_some() {
+        e.fetch = false;
     }
     (!t.is_empty()).then_some(t)
 }
@@ -304,6 +407,10 @@ pub struct Outcome {
     pub warn: bool,
     /// The hours (their starts) whose requests were not written.
     pub hours_unwritten: Vec<i64>,
+    /// The window's admissions were shipped.
+    pub window: bool,
+    /// The primary's answer to a shipped batch.
+    pub global: Option<Global>,
 }
 
 impl Outcome {
@@ -318,6 +425,16 @@ impl Outcome {
             } else {
                 t.hours.iter().map(|h| h.start).collect()
             },
+            window: written,
+            global: None,
+        }
+    }
+
+    /// A batch the primary took, with its answer for the key.
+    pub fn shipped(t: &Taken, global: Option<Global>) -> Outcome {
+        Outcome {
+            global,
+            ..Outcome::all(true, t)
         }
     }
 }
@@ -338,11 +455,19 @@ pub fn confirm(e: &mut Entry, t: &Taken, o: &Outcome, seq: u64) {
             }
         }
     }
+    let global = o.global.as_ref();
     if let Some((period, _)) = t.quota {
         if o.quota {
             // Written to its own period: part of this period's base only if it is the same.
+            // Shipped: the primary's count for the period, which holds it, becomes the base.
             if period == e.quota.period_start {
-                e.quota.base = e.quota.base.saturating_add(e.quota.inflight);
+                e.quota.base = match global.and_then(|g| g.quota) {
+                    Some((p, total)) if p == period => {
+                        e.quota.loaded = true;
+                        total
+                    }
+                    _ => e.quota.base.saturating_add(e.quota.inflight),
+                };
             }
         } else {
             e.quota.pending = e.quota.pending.saturating_add(e.quota.inflight);
@@ -356,6 +481,73 @@ pub fn confirm(e: &mut Entry, t: &Taken, o: &Outcome, seq: u64) {
             e.warn_used = w;
         }
     }
+    if let Some((us, sent)) = &t.window {
+        e.shipping = false;
+        if !o.window {
+            for &(idx, n) in sent.iter().filter(|_| *us == e.window_us) {
+                e.unshipped.add_at(idx, n);
+            }
+            e.fetch = true;
+        } else if let Some((_, buckets)) = global
+            .and_then(|g| g.window.as_ref())
+            .filter(|(us, _)| *us == e.window_us)
+        {
+            // The global count holds this server's shipped admissions: the rest is the
+            // others'.
+            let mut others = Window::default();
+            for &(idx, n) in buckets {
+                let own = e.window.count_at(idx) - e.unshipped.count_at(idx);
+                others.add_at(idx, n.saturating_sub(own).max(0));
+            }
+            e.others = others;
+        }
+    }
+}
+
+/// On the primary: adds what a standby shipped for this key (`t`) to its entry — its last use,
+/// hours, quota count (in the entry's period; `loaded` as in `decide`), a warning crossed and
+/// its admissions, among the others' — unless `fresh` is false (a batch taken before: then
+/// only the answer is made). Answers with the key's global count.
+pub fn absorb(e: &mut Entry, t: &Taken, loaded: Option<i64>, fresh: bool) -> Global {
+    if fresh {
+        if let Some(at) = t.last_used {
+            e.last_seen = e.last_seen.max(at);
+        }
+        for h in &t.hours {
+            add_hour(&mut e.hours, h.start, h.n);
+        }
+        if let Some(w) = t.warn.filter(|_| e.warn_used == 0 && e.warn_inflight == 0) {
+            e.warn_used = w;
+        }
+    }
+    let quota = t.quota.map(|(period, n)| {
+        use_period(e, period, loaded);
+        if fresh && period == e.quota.period_start {
+            e.quota.pending = e.quota.pending.saturating_add(n);
+        }
+        (e.quota.period_start, e.quota.total())
+    });
+    let window = t.window.as_ref().and_then(|(us, buckets)| {
+        if e.window_us == 0 {
+            reset_windows(e, *us);
+        }
+        // A window of another length: the limit changed and the standby has not replayed
+        // the change yet; its buckets do not fit.
+        if e.window_us != *us {
+            return None;
+        }
+        if fresh {
+            for &(idx, n) in buckets {
+                e.others.add_at(idx, n);
+            }
+        }
+        let mut all = e.window.clone();
+        for (idx, n) in e.others.buckets() {
+            all.add_at(idx, n);
+        }
+        Some((*us, all.buckets()))
+    });
+    Global { quota, window }
 }
 
 /// A new worker found counts in flight (its predecessor died mid-flush): pending again.
@@ -370,6 +562,7 @@ pub fn requeue(e: &mut Entry, seq: u64) {
             .collect(),
         quota: (e.quota.inflight > 0).then_some((e.quota.period_start, e.quota.inflight)),
         warn: (e.warn_inflight > 0).then_some(e.warn_inflight),
+        window: e.shipping.then(|| (e.window_us, Vec::new())),
         key: e.k.key,
     };
     if !t.is_empty() {
@@ -392,8 +585,8 @@ pub fn forget_unwritten(e: &mut Entry) {
 /// new entry from the tables, which then hold everything it had.)
 pub fn evictable(e: &Entry, now: i64, idle_us: i64, resolution_us: i64) -> bool {
     let w = (e.window_us + BUCKETS as i64 - 1) / BUCKETS as i64;
-    let window_over =
-        w <= 0 || now.div_euclid(w).saturating_sub(e.window.head) > BUCKETS as i64 + 1;
+    let head = e.window.head.max(e.others.head);
+    let window_over = w <= 0 || now.div_euclid(w).saturating_sub(head) > BUCKETS as i64 + 1;
     let idle = e.last_seen == NEVER || now.saturating_sub(e.last_seen) >= idle_us;
     window_over
         && idle
@@ -405,6 +598,9 @@ pub fn evictable(e: &Entry, now: i64, idle_us: i64, resolution_us: i64) -> bool 
         && e.quota.inflight == 0
         && e.warn_used == 0
         && e.warn_inflight == 0
+        && !e.fetch
+        && e.unshipped.is_empty()
+        && !e.shipping
 }
 
 /// Whether `e` holds a quota count no table will ever hold: on a standby, whose counts are
@@ -468,22 +664,22 @@ mod tests {
     fn decide_counts_on_the_base_it_is_given_and_keeps_unflushed_counts() {
         let mut e = Entry::new(K, 1);
         // First use: the table said 100.
-        let a = decide(&mut e, &quota_ask(10, 1000, 1), Some(100), T);
+        let a = decide(&mut e, &quota_ask(10, 1000, 1), Some(100), T, Scope::default());
         assert_eq!((a.quota_used, e.quota.total()), (Some(100), 101));
         let t = take(&mut e, 0, 2).unwrap();
         assert_eq!(t.quota, Some((10, 1)));
         e.quota.loaded = false; // a direct table write marks it for reload
                                 // No usable table read (a flush was under way): the base stays, the count goes on.
-        let a = decide(&mut e, &quota_ask(10, 1000, 2), None, T);
+        let a = decide(&mut e, &quota_ask(10, 1000, 2), None, T, Scope::default());
         assert_eq!((a.quota_used, e.quota.total()), (Some(101), 103));
         confirm(&mut e, &t, &all(&t), 3);
         assert_eq!(e.quota.total(), 103);
         // A usable read (the table now says 150): pending counts stay on top of it.
-        let a = decide(&mut e, &quota_ask(10, 1000, 1), Some(150), T);
+        let a = decide(&mut e, &quota_ask(10, 1000, 1), Some(150), T, Scope::default());
         assert_eq!((a.quota_used, e.quota.total()), (Some(152), 153));
         // A blocking quota refuses without counting anything.
         let before = e.hours;
-        let a = decide(&mut e, &quota_ask(10, 1000, 900), None, T);
+        let a = decide(&mut e, &quota_ask(10, 1000, 900), None, T, Scope::default());
         assert!(a.quota.blocked && !a.admitted());
         assert_eq!((e.quota.total(), e.hours), (153, before));
     }
@@ -492,14 +688,14 @@ mod tests {
     fn a_failed_flush_gives_everything_back_and_a_written_one_keeps_nothing() {
         let mut e = Entry::new(K, 1);
         for _ in 0..3 {
-            decide(&mut e, &quota_ask(10, 1000, 1), Some(0), T + 5);
+            decide(&mut e, &quota_ask(10, 1000, 1), Some(0), T + 5, Scope::default());
         }
         let t = take(&mut e, 60_000_000, 2).unwrap();
         assert_eq!(t.last_used, Some(T + 5));
         assert_eq!(t.hours, vec![Hour { start: T, n: 3 }]);
         assert_eq!(t.quota, Some((10, 3)));
         assert!(take(&mut e, 0, 3).is_none(), "nothing new to take");
-        decide(&mut e, &quota_ask(10, 1000, 1), None, T + 6);
+        decide(&mut e, &quota_ask(10, 1000, 1), None, T + 6, Scope::default());
         confirm(&mut e, &t, &none(&t), 4);
         assert_eq!(e.quota.pending, 4);
         assert_eq!(e.hours[0], Hour { start: T, n: 4 });
@@ -513,7 +709,7 @@ mod tests {
         );
         assert!(unwritten_hours(&e).next().is_none());
         // Written within the resolution: nothing to write until it has passed.
-        decide(&mut e, &plain(1), None, T + 10);
+        decide(&mut e, &plain(1), None, T + 10, Scope::default());
         assert_eq!(take(&mut e, 60_000_000, 7), None);
         assert!(take(&mut e, 1, 8).is_some_and(|t| t.last_used == Some(T + 10)));
     }
@@ -522,14 +718,14 @@ mod tests {
     fn dirty_means_something_to_write() {
         let mut e = Entry::new(K, 1);
         assert!(!dirty(&e, 0));
-        decide(&mut e, &plain(1), None, T);
+        decide(&mut e, &plain(1), None, T, Scope::default());
         assert!(dirty(&e, 60_000_000), "a first use");
         let t = take(&mut e, 60_000_000, 2).unwrap();
         assert!(!dirty(&e, 60_000_000), "in flight");
         confirm(&mut e, &t, &all(&t), 3);
-        decide(&mut e, &plain(1), None, T + 1);
+        decide(&mut e, &plain(1), None, T + 1, Scope::default());
         assert!(!dirty(&e, 60_000_000), "within the resolution");
-        decide(&mut e, &quota_ask(10, 100, 1), Some(0), T + 2);
+        decide(&mut e, &quota_ask(10, 100, 1), Some(0), T + 2, Scope::default());
         assert!(dirty(&e, 60_000_000), "a quota count");
         // A partly failed flush leaves the rest dirty.
         let t = take(&mut e, 60_000_000, 4).unwrap();
@@ -543,11 +739,11 @@ mod tests {
     #[test]
     fn a_quota_period_only_moves_forward() {
         let mut e = Entry::new(K, 1);
-        decide(&mut e, &quota_ask(20, 100, 3), Some(10), T);
+        decide(&mut e, &quota_ask(20, 100, 3), Some(10), T, Scope::default());
         // A transaction begun before the turn asks about period 10: counted in period 20.
-        let a = decide(&mut e, &quota_ask(10, 100, 1), Some(99), T);
+        let a = decide(&mut e, &quota_ask(10, 100, 1), Some(99), T, Scope::default());
         assert_eq!((a.quota_used, e.quota.period_start), (Some(13), 20));
-        assert!(!needs_load(&e, &quota_ask(10, 100, 1)));
+        assert!(!needs_base(&e, Some(10)));
         assert_eq!(e.quota.total(), 14);
     }
 
@@ -584,7 +780,7 @@ mod tests {
             quota: None,
             cost: 1,
         };
-        assert!(decide(&mut e, &rate, None, T).admitted());
+        assert!(decide(&mut e, &rate, None, T, Scope::default()).admitted());
         let idle = 10_000_000;
         assert!(!evictable(&e, T + 100_000_000, idle, 0), "unwritten use");
         let t = take(&mut e, 0, 2).unwrap();
@@ -593,7 +789,7 @@ mod tests {
         assert!(!evictable(&e, T + 30_000_000, idle, 0), "window still live");
         assert!(evictable(&e, T + 100_000_000, idle, 0));
         let mut e = Entry::new(K, 1);
-        decide(&mut e, &plain(1), None, T);
+        decide(&mut e, &plain(1), None, T, Scope::default());
         let t = take(&mut e, 0, 2).unwrap();
         confirm(&mut e, &t, &all(&t), 3);
         assert!(!evictable(&e, T + 1, idle, 0), "used just now");
@@ -604,7 +800,7 @@ mod tests {
     fn a_standby_keeps_a_quota_count_for_its_period() {
         let mut e = Entry::new(K, 1);
         assert!(!holds_local_count(&e, T), "no quota");
-        decide(&mut e, &quota_ask(10, 1000, 2), Some(0), T);
+        decide(&mut e, &quota_ask(10, 1000, 2), Some(0), T, Scope::default());
         let t = take(&mut e, 0, 2).unwrap();
         confirm(&mut e, &t, &all(&t), 3);
         assert!(
@@ -624,13 +820,164 @@ mod tests {
     #[test]
     fn a_gone_key_pins_nothing_and_a_requeue_keeps_everything() {
         let mut e = Entry::new(K, 1);
-        decide(&mut e, &quota_ask(10, 1000, 2), Some(0), T);
+        decide(&mut e, &quota_ask(10, 1000, 2), Some(0), T, Scope::default());
         let _ = take(&mut e, 0, 2).unwrap();
         requeue(&mut e, 3);
         assert_eq!((e.quota.pending, e.quota.inflight), (2, 0));
         assert_eq!(unwritten_hours(&e).map(|h| h.n).sum::<i64>(), 2);
         forget_unwritten(&mut e);
         assert!(evictable(&e, T + HOUR, 1, 0));
+    }
+
+    #[test]
+    fn a_standby_ships_its_counts_and_decides_on_the_global_ones() {
+        let ask = |cost| Ask {
+            rate: Some(Limit {
+                requests: 10,
+                window_us: 60_000_000,
+            }),
+            quota: Some(QuotaAsk {
+                limit: 100,
+                period_start: 10,
+                on_exceeded: OnExceeded::Block,
+            }),
+            cost,
+        };
+        let standby = Scope {
+            replica: true,
+            global: true,
+            ..Scope::default()
+        };
+        let primary = Scope {
+            replica: false,
+            global: true,
+            ..Scope::default()
+        };
+        let (mut p, mut s) = (Entry::new(K, 1), Entry::new(K, 1));
+        for _ in 0..4 {
+            assert!(decide(&mut p, &ask(1), Some(0), T, primary).admitted());
+        }
+        for _ in 0..3 {
+            assert!(decide(&mut s, &ask(1), Some(0), T, standby).admitted());
+        }
+        let tp = take(&mut p, 0, 2).unwrap();
+        assert!(tp.window.is_none(), "a primary ships nothing");
+        confirm(&mut p, &tp, &Outcome::all(true, &tp), 3);
+        let t = take(&mut s, 0, 2).unwrap();
+        let shipped: i64 = t.window.as_ref().unwrap().1.iter().map(|b| b.1).sum();
+        assert_eq!((shipped, t.quota), (3, Some((10, 3))));
+        // One more on the standby while the batch is under way.
+        assert!(decide(&mut s, &ask(1), None, T, standby).admitted());
+        let g = absorb(&mut p, &t, None, true);
+        assert_eq!(g.quota, Some((10, 7)));
+        assert_eq!(
+            absorb(&mut p, &t, None, false),
+            g,
+            "a batch sent again adds nothing"
+        );
+        confirm(&mut s, &t, &Outcome::shipped(&t, Some(g)), 3);
+        // The standby: 7 everywhere + its 1 not shipped yet = 8; two more, then refused.
+        assert_eq!(s.quota.total(), 8);
+        assert!(decide(&mut s, &ask(1), None, T, standby).admitted());
+        assert!(decide(&mut s, &ask(1), None, T, standby).admitted());
+        let d = decide(&mut s, &ask(1), None, T, standby);
+        assert!(!d.admitted() && d.rate.unwrap().remaining == 0);
+        // The primary: its 4 + the 3 shipped; three more, then refused.
+        for _ in 0..3 {
+            assert!(decide(&mut p, &ask(1), None, T, primary).admitted());
+        }
+        assert!(!decide(&mut p, &ask(1), None, T, primary).admitted());
+        // Its worker writes the standby's 3 with its own 3 since its last flush.
+        let tp = take(&mut p, 0, 4).unwrap();
+        assert_eq!(tp.quota, Some((10, 6)));
+        assert_eq!(tp.hours.iter().map(|h| h.n).sum::<i64>(), 6);
+        // Split limits: each server its own window, nothing of the others'.
+        let mut alone = Entry::new(K, 1);
+        alone.others.add_at(T.div_euclid(3_000_000), 9);
+        let split = Scope {
+            replica: true,
+            global: false,
+            ..Scope::default()
+        };
+        assert!(decide(&mut alone, &ask(5), Some(0), T, split).admitted());
+        assert!(alone.unshipped.is_empty() && !alone.fetch);
+    }
+
+    #[test]
+    fn a_standby_asks_for_news_it_has_not_heard_lately() {
+        let ask = Ask {
+            rate: Some(Limit {
+                requests: 10,
+                window_us: 60_000_000,
+            }),
+            quota: Some(QuotaAsk {
+                limit: 100,
+                period_start: 10,
+                on_exceeded: OnExceeded::Block,
+            }),
+            cost: 1,
+        };
+        let scope = Scope {
+            replica: true,
+            global: true,
+            stale_us: 1_000_000,
+        };
+        let mut e = Entry::new(K, 1);
+        assert!(wants_news(&e, &ask, scope, T), "never heard");
+        assert!(!wants_news(&e, &ask, Scope { replica: false, ..scope }, T));
+        assert!(!wants_news(&e, &ask, Scope { global: false, ..scope }, T));
+        ask_news(&mut e, &ask);
+        // Before any verify was decided, the batch asks for the window and the quota use.
+        let t = take(&mut e, 0, 2).unwrap();
+        assert_eq!(t.window, Some((60_000_000, vec![])));
+        assert_eq!(t.quota, Some((10, 0)));
+        let g = Global {
+            quota: Some((10, 42)),
+            window: Some((60_000_000, vec![(T.div_euclid(3_000_000), 9)])),
+        };
+        confirm(&mut e, &t, &Outcome::shipped(&t, Some(g)), 3);
+        e.heard_at = T;
+        assert!(!wants_news(&e, &ask, scope, T + 1_000_000));
+        assert!(wants_news(&e, &ask, scope, T + 1_000_001), "heard too long ago");
+        let a = decide(&mut e, &ask, None, T, scope);
+        assert_eq!(a.quota_used, Some(42), "the primary's count");
+        assert_eq!(a.rate.unwrap().remaining, 0, "9 elsewhere + this one");
+        assert!(!decide(&mut e, &ask, None, T, scope).admitted());
+    }
+
+    #[test]
+    fn a_batch_not_taken_is_shipped_again_and_pins_its_entry() {
+        let ask = Ask {
+            rate: Some(Limit {
+                requests: 10,
+                window_us: 60_000_000,
+            }),
+            quota: None,
+            cost: 2,
+        };
+        let standby = Scope {
+            replica: true,
+            global: true,
+            ..Scope::default()
+        };
+        let mut s = Entry::new(K, 1);
+        assert!(decide(&mut s, &ask, None, T, standby).admitted());
+        let t = take(&mut s, 0, 2).unwrap();
+        assert!(
+            take(&mut s, 0, 3).is_none_or(|t| t.window.is_none()),
+            "one batch of a key at a time"
+        );
+        assert!(!evictable(&s, T + 3_600_000_000, 1, 0), "counts in flight");
+        confirm(&mut s, &t, &Outcome::all(false, &t), 4);
+        assert_eq!(s.unshipped.buckets().iter().map(|b| b.1).sum::<i64>(), 2);
+        assert!(dirty(&s, i64::MAX) && !evictable(&s, T + 3_600_000_000, 1, 0));
+        let t = take(&mut s, i64::MAX, 5).unwrap();
+        assert_eq!(t.window.as_ref().unwrap().1.iter().map(|b| b.1).sum::<i64>(), 2);
+        // Answered with nothing of the window (the primary's limit differs): own counts
+        // only; the entry can go once its window is over.
+        confirm(&mut s, &t, &Outcome::shipped(&t, None), 6);
+        assert!(s.others.is_empty() && !s.shipping);
+        assert!(evictable(&s, T + 3_600_000_000, 1, 0));
     }
 
     #[test]
@@ -645,14 +992,14 @@ mod tests {
             }),
             cost,
         };
-        decide(&mut e, &warn(2), Some(0), T);
+        decide(&mut e, &warn(2), Some(0), T, Scope::default());
         assert_eq!(e.warn_used, 0);
-        assert!(decide(&mut e, &warn(1), None, T).admitted());
+        assert!(decide(&mut e, &warn(1), None, T, Scope::default()).admitted());
         assert_eq!(e.warn_used, 3);
         let t = take(&mut e, 0, 2).unwrap();
         assert_eq!(t.warn, Some(3));
         confirm(&mut e, &t, &all(&t), 3);
-        decide(&mut e, &warn(1), None, T);
+        decide(&mut e, &warn(1), None, T, Scope::default());
         assert_eq!(e.warn_used, 0, "crossed once");
     }
 }

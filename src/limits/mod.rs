@@ -2,6 +2,7 @@
 //! shared state verify records into (shmem.rs over dshash.rs) and the verify-time
 //! enforcement (enforce.rs).
 
+pub mod batch;
 pub mod dshash;
 pub mod enforce;
 pub mod entry;

@@ -14,7 +14,7 @@
 //! writes a table, takes a row lock or writes WAL. The flush worker writes entries behind.
 
 use super::dshash::{self, DshashTable, Parameters, SeqStatus};
-use super::entry::{self, Answer, Ask, Entry, EntryKey, Outcome, Taken, NEVER};
+use super::entry::{self, Answer, Ask, Entry, EntryKey, Outcome, Scope, Taken, NEVER};
 use pgrx::pg_sys;
 use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
@@ -39,6 +39,9 @@ struct WorkerSlot {
     requested_at: AtomicI64,
     /// When the worker last finished a flush (µs).
     flushed_at: AtomicI64,
+    /// On a standby: the worker could not ship its last batch to the primary (or has nowhere
+    /// to): verify does not wait for news it would not bring.
+    ship_failing: AtomicBool,
 }
 
 #[repr(C)]
@@ -76,6 +79,9 @@ struct Root {
     /// Verifies since server start: [valid, then each error in SPEC §4 order].
     verifies: [AtomicU64; 13],
     workers: [WorkerSlot; MAX_WORKERS],
+    /// Broadcast by a standby's worker when a batch brought keys' global counts (verify
+    /// waits on it for news: `admit`).
+    news: pg_sys::ConditionVariable,
 }
 
 /// Changes whenever the shared layout changes: the sizes of the root and of the tables'
@@ -165,6 +171,7 @@ unsafe fn init_root(root: *mut Root) {
         (*root).table_tranche = pg_sys::LWLockNewTrancheId();
         pg_sys::LWLockInitialize(root_lock(root), (*root).lock_tranche);
         (*root).seq.store(1, Ordering::Relaxed);
+        pg_sys::ConditionVariableInit(&raw mut (*root).news);
     }
 }
 
@@ -478,36 +485,135 @@ pub struct Full;
 pub fn admit(
     key: [u8; 16],
     ask: &Ask,
+    scope: Scope,
     resolution_us: i64,
-    mut load_used: impl FnMut() -> i64,
+    load_used: impl FnMut() -> i64,
 ) -> Result<Answer, Full> {
-    let l = local();
-    let k = EntryKey { db: my_db(), key };
     // SAFETY: reads the clock.
     let now = unsafe { pg_sys::GetCurrentTimestamp() };
-    // One lock hold decides, unless the key's quota use must first be read from the table
-    // (with the lock released: that read may raise an error).
+    if scope.replica && scope.global {
+        await_news(key, ask, scope, resolution_us, now);
+    }
+    let period = ask.quota.as_ref().map(|q| q.period_start);
+    with_base(key, period, resolution_us, load_used, |e, usable| {
+        entry::decide(e, ask, usable, now, scope)
+    })
+}
+
+/// How long a verify on a standby waits for a key's global count (a round trip to the
+/// primary: about a millisecond) before deciding on what it has.
+const NEWS_WAIT_MS: i64 = 100;
+
+/// On a standby, before deciding a key whose global count it has not heard within
+/// `scope.stale_us`: asks its worker to fetch it (at once) and waits for it, NEWS_WAIT_MS at
+/// most — not at all while the worker cannot reach the primary.
+fn await_news(key: [u8; 16], ask: &Ask, scope: Scope, resolution_us: i64, now: i64) {
+    let l = local();
+    let k = EntryKey { db: my_db(), key };
+    let Some(mut locked) = find_or_make(&l, &k) else {
+        return;
+    };
+    let e = locked.get();
+    if !entry::wants_news(e, ask, scope, now) {
+        return;
+    }
+    entry::ask_news(e, ask);
+    queue_if_dirty(&l, e, resolution_us);
+    drop(locked);
+    // SAFETY: the root is attached.
+    let root = unsafe { &*l.root };
+    match root
+        .workers
+        .iter()
+        .find(|s| s.db.load(Ordering::Relaxed) == k.db && s.pid.load(Ordering::Relaxed) != 0)
+    {
+        // No worker yet: one is started, and its first flush (at once) brings the news.
+        None => crate::worker::ensure(),
+        Some(slot) if slot.ship_failing.load(Ordering::Relaxed) => return,
+        Some(slot) => crate::worker::set_latch_of(slot.pid.load(Ordering::Relaxed)),
+    }
+    let cv = (&raw const root.news).cast_mut();
+    // SAFETY: the condition variable lives in the attached root; a sleep is cancelled before
+    // returning, and an error inside (a cancel) is cleaned up by the transaction's abort.
+    unsafe {
+        pg_sys::ConditionVariablePrepareToSleep(cv);
+        loop {
+            let heard = find(&l, &k, false).is_none_or(|mut e| e.get().heard_at >= now);
+            let left = NEWS_WAIT_MS - (pg_sys::GetCurrentTimestamp() - now) / 1000;
+            if heard
+                || left <= 0
+                || pg_sys::ConditionVariableTimedSleep(cv, left, pg_sys::PG_WAIT_EXTENSION)
+            {
+                break;
+            }
+        }
+        pg_sys::ConditionVariableCancelSleep();
+    }
+}
+
+/// The standby's worker could (not) ship its last batch.
+pub fn set_ship_failing(db: u32, failing: bool) {
+    let l = local();
+    // SAFETY: the root is attached; atomics.
+    for w in unsafe { &*l.root }.workers.iter() {
+        if w.db.load(Ordering::Relaxed) == db {
+            w.ship_failing.store(failing, Ordering::Relaxed);
+        }
+    }
+}
+
+/// On the primary: adds what a standby shipped for one key (`t`; only the answer when not
+/// `fresh`) to its entry, for the worker to write; answers with the key's global count.
+/// `load_used(period)` reads the key's quota use in a period from the table.
+pub fn absorb(
+    t: &Taken,
+    fresh: bool,
+    resolution_us: i64,
+    mut load_used: impl FnMut(i64) -> i64,
+) -> Result<entry::Global, Full> {
+    let period = t.quota.map(|(p, _)| p);
+    with_base(
+        t.key,
+        period,
+        resolution_us,
+        || period.map_or(0, &mut load_used),
+        |e, usable| entry::absorb(e, t, usable, fresh),
+    )
+}
+
+/// Runs `f` on the key's entry (made if need be), locked, with the key's quota use in the
+/// period starting `period` as read from the table when the entry does not hold it yet and
+/// the read may serve as base. The read is made with the lock released (it may raise an
+/// error). What `f` leaves to write is queued.
+fn with_base<R>(
+    key: [u8; 16],
+    period: Option<i64>,
+    resolution_us: i64,
+    mut load_used: impl FnMut() -> i64,
+    f: impl FnOnce(&mut Entry, Option<i64>) -> R,
+) -> Result<R, Full> {
+    let l = local();
+    let k = EntryKey { db: my_db(), key };
     let mut loaded: Option<(u64, i64)> = None;
     let mut tries = 0;
-    let answer = loop {
+    loop {
         let mut locked = find_or_make(&l, &k).ok_or(Full)?;
         let e = locked.get();
         let quiet = e.quota.inflight == 0;
         let usable = loaded
             .filter(|(seq, _)| quiet && *seq == e.quota.seq)
             .map(|(_, used)| used);
-        if entry::needs_load(e, ask) && usable.is_none() && quiet && tries < LOAD_TRIES {
+        if entry::needs_base(e, period) && usable.is_none() && quiet && tries < LOAD_TRIES {
             let seq = e.quota.seq;
             drop(locked);
             tries += 1;
             loaded = Some((seq, load_used()));
             continue;
         }
-        let answer = entry::decide(e, ask, usable, now);
+        let r = f(e, usable);
         queue_if_dirty(&l, e, resolution_us);
-        break answer;
-    };
-    Ok(answer)
+        return Ok(r);
+    }
 }
 
 /// Puts a locked entry with changes to write in the flush worker's queue, once.
@@ -655,6 +761,7 @@ pub fn claim_worker(db: u32) -> bool {
             Some(s) if s.pid.load(Ordering::Relaxed) == 0 => {
                 s.db.store(db, Ordering::Relaxed);
                 s.pid.store(me, Ordering::Relaxed);
+                s.ship_failing.store(false, Ordering::Relaxed);
                 true
             }
             _ => false,
@@ -969,6 +1076,7 @@ pub fn confirm(
     let l = local();
     // SAFETY: the root is attached.
     let root = unsafe { &*l.root };
+    let mut heard = false;
     for t in batch {
         let k = EntryKey {
             db: s.db,
@@ -976,7 +1084,12 @@ pub fn confirm(
         };
         if let Some(mut locked) = find(&l, &k, true) {
             let e = locked.get();
-            entry::confirm(e, t, &outcome(t), next_seq(root));
+            let o = outcome(t);
+            if o.global.is_some() {
+                e.heard_at = e.heard_at.max(s.now);
+                heard = true;
+            }
+            entry::confirm(e, t, &o, next_seq(root));
             if missing.contains(&t.key) {
                 // Not queued again at once: the sweep does (every few seconds), so keys that
                 // cannot be written do not crowd out the rest.
@@ -990,6 +1103,10 @@ pub fn confirm(
                 queue_if_dirty(&l, e, s.resolution_us);
             }
         }
+    }
+    if heard {
+        // SAFETY: the condition variable lives in the attached root.
+        unsafe { pg_sys::ConditionVariableBroadcast((&raw const root.news).cast_mut()) };
     }
     let me = unsafe { pg_sys::MyProcPid };
     for w in root.workers.iter() {
@@ -1223,6 +1340,6 @@ mod tests {
         );
     }
 
-    /// An entry stays a few hundred bytes (docs/DESIGN.md states the figure).
-    const _: () = assert!(BYTES_PER_ENTRY <= 512);
+    /// An entry stays under a kilobyte (docs/DESIGN.md states the figure).
+    const _: () = assert!(BYTES_PER_ENTRY <= 1024);
 }

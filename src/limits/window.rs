@@ -92,6 +92,78 @@ impl Window {
         }
     }
 
+    /// Decides as `admit` does, with `others` — what other servers counted in the same
+    /// buckets, as last heard — added to this window's own counts; a request admitted is
+    /// counted here only.
+    pub fn admit_beside(
+        &mut self,
+        others: &Window,
+        now_us: i64,
+        limit: Limit,
+        cost: i64,
+        record: bool,
+    ) -> Decision {
+        if others.is_empty() {
+            return self.admit(now_us, limit, cost, record);
+        }
+        let mut all = self.clone();
+        for (idx, n) in others.buckets() {
+            all.add_at(idx, n);
+        }
+        let mut d = all.admit(now_us, limit, cost, false);
+        if d.allowed && record {
+            self.record(now_us, limit, cost);
+            d.remaining = (d.remaining - cost).max(0);
+        }
+        d
+    }
+
+    /// Counts `cost` at `now_us`, whatever the limit.
+    pub fn record(&mut self, now_us: i64, limit: Limit, cost: i64) {
+        self.advance(now_us.div_euclid(limit.bucket_us()));
+        let slot = self.head.rem_euclid(SLOTS as i64) as usize;
+        self.counts[slot] = self.counts[slot].saturating_add(cost);
+    }
+
+    /// Whether no bucket holds a count.
+    pub fn is_empty(&self) -> bool {
+        self.counts.iter().all(|c| *c == 0)
+    }
+
+    /// What bucket `idx` holds (0 for a bucket the window no longer or not yet reaches).
+    pub fn count_at(&self, idx: i64) -> i64 {
+        if self.head == i64::MIN || idx > self.head || self.head - idx > BUCKETS as i64 {
+            return 0;
+        }
+        self.counts[idx.rem_euclid(SLOTS as i64) as usize]
+    }
+
+    /// Adds `n` to bucket `idx`, moving the window forward to it when it is newer; a bucket
+    /// already out of the window is dropped.
+    pub fn add_at(&mut self, idx: i64, n: i64) {
+        if n == 0 {
+            return;
+        }
+        if self.head == i64::MIN || idx > self.head {
+            self.advance(idx);
+        }
+        if self.head - idx <= BUCKETS as i64 {
+            let slot = idx.rem_euclid(SLOTS as i64) as usize;
+            self.counts[slot] = self.counts[slot].saturating_add(n);
+        }
+    }
+
+    /// The buckets holding a count, oldest first: (absolute index, count).
+    pub fn buckets(&self) -> Vec<(i64, i64)> {
+        if self.head == i64::MIN {
+            return Vec::new();
+        }
+        (self.head - BUCKETS as i64..=self.head)
+            .map(|i| (i, self.count_at(i)))
+            .filter(|(_, n)| *n != 0)
+            .collect()
+    }
+
     /// How long until enough old buckets leave the window for `cost` to fit.
     fn retry_after(&self, now_us: i64, limit: Limit, cost: i64) -> i64 {
         let w = limit.bucket_us();
@@ -190,6 +262,34 @@ mod tests {
             assert!(w.admit(5 * SEC, L, 1, false).allowed);
         }
         assert_eq!(w.admit(5 * SEC, L, 1, true).remaining, 9);
+    }
+
+    #[test]
+    fn other_servers_counts_share_the_limit_and_age_out_with_their_buckets() {
+        let mut mine = Window::default();
+        let mut others = Window::default();
+        let now = 100 * SEC;
+        let idx = now.div_euclid(L.bucket_us());
+        others.add_at(idx - 2, 4);
+        others.add_at(idx, 3);
+        assert_eq!(others.buckets(), vec![(idx - 2, 4), (idx, 3)]);
+        for i in 0..3 {
+            let d = mine.admit_beside(&others, now, L, 1, true);
+            assert!(d.allowed, "request {i}");
+            assert_eq!(d.remaining, 2 - i);
+        }
+        assert!(!mine.admit_beside(&others, now, L, 1, true).allowed);
+        assert_eq!(mine.buckets(), vec![(idx, 3)], "only its own counts are kept here");
+        // Once the others' buckets leave the window, their counts no longer take a share.
+        let later = now + L.window_us + 3 * L.bucket_us();
+        assert!(mine.admit_beside(&others, later, L, 7, true).allowed);
+        // A bucket older than the window is dropped; a newer one moves the window on.
+        let mut w = Window::default();
+        w.add_at(50, 2);
+        w.add_at(50 - BUCKETS as i64 - 1, 9);
+        w.add_at(50 + SLOTS as i64, 1);
+        assert_eq!(w.buckets(), vec![(50 + SLOTS as i64, 1)]);
+        assert_eq!((w.count_at(50), w.count_at(99_999)), (0, 0));
     }
 
     #[test]

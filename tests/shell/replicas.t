@@ -2,8 +2,14 @@
 # Beyond one server: a primary and two streaming standbys on this machine (pg_basebackup).
 #   - keypal_configure(limit_split => 3): one limited key verified through all three at once
 #     is admitted exactly its limit in all, each server at most its share;
+#   - global limits (no split): each standby ships what it counted to the primary (as a role
+#     granted only keypal.replica_counts); every server decides on the key's global count:
+#     one server's admissions are refused on the others, a standby's quota use and last use
+#     reach the primary's tables within two flush intervals, and three servers verifying at
+#     once over-admit no more than the others admitted within an interval;
 #   - a revoke on the primary is REVOKED on both standbys as soon as they replay it;
-#   - a standby cut off from its primary keeps verifying, and catches up when it is back.
+#   - a standby cut off from its primary keeps verifying, and catches up when it is back:
+#     it replays what it missed and ships what it counted meanwhile.
 # Its own database (keypal_replicas), so its settings touch no other test.
 source "$(dirname "$0")/lib.sh"
 
@@ -27,15 +33,19 @@ cleanup() {
     as_pg "$PGBIN/pg_ctl" -D "$PGHOST" status >/dev/null 2>&1 ||
         as_pg "$PGBIN/pg_ctl" -D "$PGHOST" -l "$PGHOST/server.log" -w start >/dev/null
     stop_standbys
-    q -d postgres -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1 || true
+    q -d postgres -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" -c "DROP ROLE IF EXISTS keypal_ship" >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
 
 q -d postgres -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" -c "CREATE DATABASE $DB" >/dev/null 2>&1
 pq -c "CREATE EXTENSION keypal" >/dev/null
+# The standbys ship their counts as a role that may do nothing else.
+q -d postgres -c "DROP ROLE IF EXISTS keypal_ship" -c "CREATE ROLE keypal_ship LOGIN" >/dev/null
+pq -c "GRANT EXECUTE ON FUNCTION keypal.replica_counts(text, bigint, text) TO keypal_ship" >/dev/null
 for s in "$S1:$P1" "$S2:$P2"; do
     bash "$CLUSTER" standby "${s%:*}" "${s#*:}" "$PGHOST" "$PGPORT" \
-        "wal_retrieve_retry_interval = '500ms'" "keypal.flush_interval = 200"
+        "wal_retrieve_retry_interval = '500ms'" "keypal.flush_interval = 200" \
+        "keypal.primary_conninfo = 'host=$PGHOST port=$PGPORT user=keypal_ship'"
 done
 replayed() { wait_replay "$S1" "$P1" "$S2" "$P2"; }  # both standbys replayed the primary's WAL so far
 is "$(s1 -c "SELECT pg_is_in_recovery()") $(s2 -c "SELECT pg_is_in_recovery()")" "t t" "two streaming standbys"
@@ -68,6 +78,41 @@ is "$(s1 -c "SELECT value FROM keypal_stats() WHERE name = 'flush_workers'")" 1 
 is "$(s1 -c "SELECT (keypal_verify('$qkey')).error_code")" QUOTA_EXCEEDED \
    "idle for longer than the worker keeps an entry, a standby still counts its quota use"
 
+# Global limits: every server decides on the key's count over all three.
+pq -c "SELECT keypal_configure(limit_split => 1)" >/dev/null
+is "$(pq -F ' ' -c "SELECT has_function_privilege('keypal_ship', 'keypal.replica_counts(text, bigint, text)', 'EXECUTE'),
+                    has_function_privilege('public', 'keypal.replica_counts(text, bigint, text)', 'EXECUTE'),
+                    has_table_privilege('keypal_ship', 'keypal.keys', 'SELECT')")" \
+   "t f f" "the shipping role may call keypal.replica_counts (and read no key); PUBLIC may not"
+read -r gid gkey < <(pq -F ' ' -c "SELECT id, key FROM keypal_create(owner_id => 'rep', rate_limit => '{\"requests\": 30, \"window\": \"1h\"}', quota => '{\"limit\": 1000, \"period\": \"day\"}')")
+replayed
+is "$(hammer s1 "$gkey" 10)" 10 "a standby admits 10 of a key limited to 30 an hour"
+start=$(date +%s%N)
+is "$(poll 100 "10 t" pq -F ' ' -c "SELECT (SELECT used FROM keypal.quota_usage WHERE key_id = '$gid'),
+                                          (SELECT last_used_at IS NOT NULL FROM keypal.key_usage WHERE key_id = '$gid')")" "10 t" \
+   "the standby's quota use and last use reach the primary's tables"
+took=$(( ($(date +%s%N) - start) / 1000000 ))
+ok "$( [ "$took" -le 1000 ]; echo $?)" "within two flush intervals (200 ms each, on the standby then the primary; took $took ms, allowed 1 s with scheduling)"
+is "$(hammer s2 "$gkey" 25)" 20 "the other standby, verifying the key for the first time, admits only the 20 left (it asks for the key's global count before deciding)"
+poll 100 30 pq -c "SELECT used FROM keypal.quota_usage WHERE key_id = '$gid'" >/dev/null
+is "$(hammer pq "$gkey" 5)" 0 "the primary, with 30 admitted on the standbys, admits none"
+is "$(s1 -c "SELECT (keypal_verify('$gkey')).error_code")" RATE_LIMITED "nor the first standby"
+# Three servers at once, each client pacing one verify per 50 ms (4 per 200 ms interval): a
+# server learns of the others' admissions at most an interval late, so the three admit at most
+# the limit plus what the other two admitted within an interval, each (3 x 2 x 4 = 24).
+read -r bid bkey < <(pq -F ' ' -c "SELECT id, key FROM keypal_create(owner_id => 'rep', rate_limit => '{\"requests\": 30, \"window\": \"1h\"}')")
+replayed
+paced() {  # paced SERVER KEY N: N verifies 50 ms apart; prints how many were valid
+    local f=$1 key=$2 n=$3
+    for _ in $(seq "$n"); do echo "SELECT (keypal_verify('$key')).valid; SELECT pg_sleep(0.05);"; done | "$f" | grep -c '^t$' || true
+}
+for f in pq s1 s2; do paced "$f" "$bkey" 40 >"$work/$f" & done
+wait
+total=$(( $(cat "$work/pq") + $(cat "$work/s1") + $(cat "$work/s2") ))
+ok "$( [ "$total" -ge 30 ] && [ "$total" -le 54 ]; echo $?)" \
+   "three servers verifying one key at once (40 each, 50 ms apart) admit $total ($(cat "$work/pq") + $(cat "$work/s1") + $(cat "$work/s2")): at least the limit, 30, and within the bound, 30 + 24"
+echo "# over-admission with global limits: $((total - 30)) over a limit of 30"
+
 # Revocation: as fast as replay.
 read -r vid vkey < <(pq -F ' ' -c "SELECT id, key FROM keypal_create(owner_id => 'rep')")
 replayed
@@ -98,7 +143,10 @@ is "$(s1 -c "SELECT coalesce((keypal_verify('$ckey')).error_code, 'VALID')") $(s
    "VALID REVOKED" "with the primary down, a standby still verifies: valid keys valid, revoked ones revoked"
 is "$(s2 -c "SELECT count(*) FROM generate_series(1, 50) i, keypal_verify('$ckey') v WHERE v.valid")" 50 \
    "and keeps answering (50 verifies on the other standby)"
+is "$(hammer s2 "$gkey" 3)" 0 "a standby cut off still refuses a key the others used up (the global count it last heard)"
 as_pg "$PGBIN/pg_ctl" -D "$PGHOST" -l "$PGHOST/server.log" -w start >/dev/null
+is "$(poll 100 t pq -c "SELECT last_used_at > now() - interval '1 minute' FROM keypal.key_usage WHERE key_id = '$cid'")" t \
+   "once the primary is back, the counts the standby made meanwhile reach it (the key's last use)"
 pq -c "SELECT keypal_revoke('$cid')" >/dev/null
 is "$(poll 300 REVOKED s1 -c "SELECT (keypal_verify('$ckey')).error_code") $(poll 300 REVOKED s2 -c "SELECT (keypal_verify('$ckey')).error_code")" \
    "REVOKED REVOKED" "once the primary is back, both standbys reconnect and replay a revoke made after"
