@@ -7,9 +7,11 @@
 #                     first answers REVOKED. Delay = that moment - the moment the revoke's
 #                     COMMIT returned on the primary (same machine, same clock): median, p99, max.
 #   over-admission    one key limited to LIMIT (100) an hour, verified LIMIT times through
-#                     each server at once: admitted in all, without and with limit_split => 2.
+#                     each server at once: admitted in all, with global limits (the standby
+#                     ships its counts to the primary) and with limit_split => 2.
 #   verify tps        pgbench -M prepared, 2 clients, BENCH_SECONDS (10) each: one key's
-#                     keypal_verify on the standby and on the primary, and the ratio.
+#                     keypal_verify on the standby and on the primary, and the ratio; a key
+#                     without limits, then one with a rate limit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
@@ -100,13 +102,23 @@ over() {  # over SPLIT: creates a key, waits for the standby, prints what each s
 }
 read -r p1 s1 < <(over 1)
 read -r p2 s2 < <(over 2)
-echo "a key limited to $L an hour, verified $L times through each server at once: without limit_split $p1 + $s1 = $((p1 + s1)) admitted ($(awk -v a=$((p1 + s1)) -v l="$L" 'BEGIN { printf "%.1f", a / l }')x the limit); with limit_split => 2, $p2 + $s2 = $((p2 + s2))"
+echo "a key limited to $L an hour, verified $L times through each server at once: global limits $p1 + $s1 = $((p1 + s1)) admitted ($(awk -v a=$((p1 + s1)) -v l="$L" 'BEGIN { printf "%.2f", a / l }')x the limit; the bound: what the other server admitted within one flush interval, $(psql -X -q -At -c "LOAD 'keypal'" -c "SHOW keypal.flush_interval"), here all of it); with limit_split => 2, $p2 + $s2 = $((p2 + s2))"
 psql -X -q -At -c "SELECT keypal_configure(limit_split => 1)" >/dev/null
 
-echo "SELECT keypal_verify('$vkey', 'read');" >"$work/verify.sql"
-chmod 644 "$work/verify.sql"
-tps() { pgbench -n -M prepared -c 2 -j 2 -T "${BENCH_SECONDS:-10}" -f "$work/verify.sql" "$@" 2>&1 | sed -n 's/^tps = \([0-9.]*\).*/\1/p'; }
-standby=$(tps -h "$SDIR" -p "$SPORT" keypal_replicas_bench)
-primary=$(tps keypal_replicas_bench)
-awk -v s="$standby" -v p="$primary" 'BEGIN { printf "verify tps: standby %.0f, primary %.0f, standby/primary %.2fx\n", s, p, s / p }'
+# Verify tps on each server: a key without limits, then one with a rate limit (on the
+# standby, its admissions are shipped to the primary every flush interval meanwhile).
+rkey=$(psql -X -q -At -c "SELECT key FROM keypal_create(owner_id => 'bench', scopes => '{read}', rate_limit => '{\"requests\": 1000000000000, \"window\": \"1h\"}')")
+replayed
+tps() {  # tps KEY [pgbench connection options]
+    local f=$work/verify-$1.sql
+    echo "SELECT keypal_verify('$1', 'read');" >"$f"
+    chmod 644 "$f"
+    shift
+    pgbench -n -M prepared -c 2 -j 2 -T "${BENCH_SECONDS:-10}" -f "$f" "$@" 2>&1 | sed -n 's/^tps = \([0-9.]*\).*/\1/p'
+}
+for k in "$vkey:no limits" "$rkey:a rate limit"; do
+    standby=$(tps "${k%%:*}" -h "$SDIR" -p "$SPORT" keypal_replicas_bench)
+    primary=$(tps "${k%%:*}" keypal_replicas_bench)
+    awk -v s="$standby" -v p="$primary" -v w="${k#*:}" 'BEGIN { printf "verify tps, one key with %s: standby %.0f, primary %.0f, standby/primary %.2fx\n", w, s, p, s / p }'
+done
 rm -rf "$work"

@@ -132,7 +132,6 @@ impl Shipper {
             .ok_or("no answer")?;
         batch::decode_answer(&text)
     }
-
 }
 
 /// How long a standby's worker waits for the primary at each flush.
@@ -178,8 +177,7 @@ fn take_batch(replica: &str, number: i64, counts: &str) -> String {
     if replica.is_empty() || replica.len() > 64 || number < 1 {
         crate::errors::raise(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            "keypal.replica_counts: replica must be 1 to 64 characters and batch at least 1"
-                .into(),
+            "keypal.replica_counts: replica must be 1 to 64 characters and batch at least 1".into(),
         );
     }
     let items = batch::decode(counts).unwrap_or_else(|e| {
@@ -193,7 +191,9 @@ fn take_batch(replica: &str, number: i64, counts: &str) -> String {
     let resolution = catalog.last_used_resolution_us;
     let mut answer = Vec::with_capacity(items.len());
     for t in &items {
-        let id = pgrx::Uuid::from_bytes(t.key).into_datum().unwrap_or(pg_sys::Datum::from(0));
+        let id = pgrx::Uuid::from_bytes(t.key)
+            .into_datum()
+            .unwrap_or(pg_sys::Datum::from(0));
         let load = |start| crate::limits::enforce::quota_used_at(&catalog, id, start);
         match shmem::absorb(t, fresh, resolution, load) {
             Ok(global) => answer.push((t.key, global)),

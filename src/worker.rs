@@ -411,7 +411,9 @@ fn flush_once(db: u32, state: &mut State) -> Option<()> {
             if name.is_null() {
                 String::new()
             } else {
-                std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned()
+                std::ffi::CStr::from_ptr(name)
+                    .to_string_lossy()
+                    .into_owned()
             }
         });
         // A standby ships a batch not answered before anything new; a promoted one writes it.
@@ -420,7 +422,10 @@ fn flush_once(db: u32, state: &mut State) -> Option<()> {
             None => shmem::take(&sweep, MAX_BATCH),
         };
         let split = if standby {
-            crate::bgtx::read_one::<i32>(SPLIT).ok().flatten().unwrap_or(1)
+            crate::bgtx::read_one::<i32>(SPLIT)
+                .ok()
+                .flatten()
+                .unwrap_or(1)
         } else {
             1
         };

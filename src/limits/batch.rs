@@ -66,12 +66,11 @@ pub fn decode(text: &str) -> Result<Vec<Taken>, String> {
         .map(|i| {
             let key = unhex(&i.k)?;
             // (A quota count may be 0: a standby asking for the key's global use.)
-            let counts = i
-                .h
-                .iter()
-                .map(|h| h.1)
-                .chain(i.w)
-                .chain(i.r.iter().flat_map(|r| r.1.iter().map(|b| b.1)));
+            let counts =
+                i.h.iter()
+                    .map(|h| h.1)
+                    .chain(i.w)
+                    .chain(i.r.iter().flat_map(|r| r.1.iter().map(|b| b.1)));
             if counts.into_iter().any(|n| n <= 0)
                 || i.q.is_some_and(|q| q.1 < 0)
                 || i.r.as_ref().is_some_and(|r| r.0 <= 0)
@@ -140,8 +139,11 @@ mod tests {
     #[test]
     fn a_batch_and_its_answer_round_trip() {
         let t = taken();
-        assert_eq!(decode(&encode(&[t.clone()], true)).unwrap(), vec![t.clone()]);
-        let local = decode(&encode(&[t.clone()], false)).unwrap();
+        assert_eq!(
+            decode(&encode(std::slice::from_ref(&t), true)).unwrap(),
+            vec![t.clone()]
+        );
+        let local = decode(&encode(std::slice::from_ref(&t), false)).unwrap();
         assert_eq!((local[0].quota, local[0].warn), (None, None));
         assert_eq!(local[0].hours, t.hours);
         let answer = vec![
@@ -165,15 +167,28 @@ mod tests {
         for (text, says) in [
             ("{}", "invalid type"),
             (r#"[{"k":"zz"}]"#, "not a key id"),
-            (r#"[{"k":"abababababababababababababababab","q":[1,-1]}]"#, "not positive"),
-            (r#"[{"k":"abababababababababababababababab","r":[0,[]]}]"#, "not positive"),
-            (r#"[{"k":"abababababababababababababababab","h":[[1,-3]]}]"#, "not positive"),
+            (
+                r#"[{"k":"abababababababababababababababab","q":[1,-1]}]"#,
+                "not positive",
+            ),
+            (
+                r#"[{"k":"abababababababababababababababab","r":[0,[]]}]"#,
+                "not positive",
+            ),
+            (
+                r#"[{"k":"abababababababababababababababab","h":[[1,-3]]}]"#,
+                "not positive",
+            ),
         ] {
             let e = decode(text).unwrap_err();
             assert!(e.contains(says), "{text}: {e}");
         }
         assert_eq!(decode("[]").unwrap(), vec![]);
         let asking = decode(r#"[{"k":"abababababababababababababababab","q":[1,0]}]"#);
-        assert_eq!(asking.unwrap()[0].quota, Some((1, 0)), "a quota count of 0 asks for news");
+        assert_eq!(
+            asking.unwrap()[0].quota,
+            Some((1, 0)),
+            "a quota count of 0 asks for news"
+        );
     }
 }

@@ -664,7 +664,13 @@ mod tests {
     fn decide_counts_on_the_base_it_is_given_and_keeps_unflushed_counts() {
         let mut e = Entry::new(K, 1);
         // First use: the table said 100.
-        let a = decide(&mut e, &quota_ask(10, 1000, 1), Some(100), T, Scope::default());
+        let a = decide(
+            &mut e,
+            &quota_ask(10, 1000, 1),
+            Some(100),
+            T,
+            Scope::default(),
+        );
         assert_eq!((a.quota_used, e.quota.total()), (Some(100), 101));
         let t = take(&mut e, 0, 2).unwrap();
         assert_eq!(t.quota, Some((10, 1)));
@@ -675,7 +681,13 @@ mod tests {
         confirm(&mut e, &t, &all(&t), 3);
         assert_eq!(e.quota.total(), 103);
         // A usable read (the table now says 150): pending counts stay on top of it.
-        let a = decide(&mut e, &quota_ask(10, 1000, 1), Some(150), T, Scope::default());
+        let a = decide(
+            &mut e,
+            &quota_ask(10, 1000, 1),
+            Some(150),
+            T,
+            Scope::default(),
+        );
         assert_eq!((a.quota_used, e.quota.total()), (Some(152), 153));
         // A blocking quota refuses without counting anything.
         let before = e.hours;
@@ -688,14 +700,26 @@ mod tests {
     fn a_failed_flush_gives_everything_back_and_a_written_one_keeps_nothing() {
         let mut e = Entry::new(K, 1);
         for _ in 0..3 {
-            decide(&mut e, &quota_ask(10, 1000, 1), Some(0), T + 5, Scope::default());
+            decide(
+                &mut e,
+                &quota_ask(10, 1000, 1),
+                Some(0),
+                T + 5,
+                Scope::default(),
+            );
         }
         let t = take(&mut e, 60_000_000, 2).unwrap();
         assert_eq!(t.last_used, Some(T + 5));
         assert_eq!(t.hours, vec![Hour { start: T, n: 3 }]);
         assert_eq!(t.quota, Some((10, 3)));
         assert!(take(&mut e, 0, 3).is_none(), "nothing new to take");
-        decide(&mut e, &quota_ask(10, 1000, 1), None, T + 6, Scope::default());
+        decide(
+            &mut e,
+            &quota_ask(10, 1000, 1),
+            None,
+            T + 6,
+            Scope::default(),
+        );
         confirm(&mut e, &t, &none(&t), 4);
         assert_eq!(e.quota.pending, 4);
         assert_eq!(e.hours[0], Hour { start: T, n: 4 });
@@ -725,7 +749,13 @@ mod tests {
         confirm(&mut e, &t, &all(&t), 3);
         decide(&mut e, &plain(1), None, T + 1, Scope::default());
         assert!(!dirty(&e, 60_000_000), "within the resolution");
-        decide(&mut e, &quota_ask(10, 100, 1), Some(0), T + 2, Scope::default());
+        decide(
+            &mut e,
+            &quota_ask(10, 100, 1),
+            Some(0),
+            T + 2,
+            Scope::default(),
+        );
         assert!(dirty(&e, 60_000_000), "a quota count");
         // A partly failed flush leaves the rest dirty.
         let t = take(&mut e, 60_000_000, 4).unwrap();
@@ -739,9 +769,21 @@ mod tests {
     #[test]
     fn a_quota_period_only_moves_forward() {
         let mut e = Entry::new(K, 1);
-        decide(&mut e, &quota_ask(20, 100, 3), Some(10), T, Scope::default());
+        decide(
+            &mut e,
+            &quota_ask(20, 100, 3),
+            Some(10),
+            T,
+            Scope::default(),
+        );
         // A transaction begun before the turn asks about period 10: counted in period 20.
-        let a = decide(&mut e, &quota_ask(10, 100, 1), Some(99), T, Scope::default());
+        let a = decide(
+            &mut e,
+            &quota_ask(10, 100, 1),
+            Some(99),
+            T,
+            Scope::default(),
+        );
         assert_eq!((a.quota_used, e.quota.period_start), (Some(13), 20));
         assert!(!needs_base(&e, Some(10)));
         assert_eq!(e.quota.total(), 14);
@@ -800,7 +842,13 @@ mod tests {
     fn a_standby_keeps_a_quota_count_for_its_period() {
         let mut e = Entry::new(K, 1);
         assert!(!holds_local_count(&e, T), "no quota");
-        decide(&mut e, &quota_ask(10, 1000, 2), Some(0), T, Scope::default());
+        decide(
+            &mut e,
+            &quota_ask(10, 1000, 2),
+            Some(0),
+            T,
+            Scope::default(),
+        );
         let t = take(&mut e, 0, 2).unwrap();
         confirm(&mut e, &t, &all(&t), 3);
         assert!(
@@ -820,7 +868,13 @@ mod tests {
     #[test]
     fn a_gone_key_pins_nothing_and_a_requeue_keeps_everything() {
         let mut e = Entry::new(K, 1);
-        decide(&mut e, &quota_ask(10, 1000, 2), Some(0), T, Scope::default());
+        decide(
+            &mut e,
+            &quota_ask(10, 1000, 2),
+            Some(0),
+            T,
+            Scope::default(),
+        );
         let _ = take(&mut e, 0, 2).unwrap();
         requeue(&mut e, 3);
         assert_eq!((e.quota.pending, e.quota.inflight), (2, 0));
@@ -924,8 +978,24 @@ mod tests {
         };
         let mut e = Entry::new(K, 1);
         assert!(wants_news(&e, &ask, scope, T), "never heard");
-        assert!(!wants_news(&e, &ask, Scope { replica: false, ..scope }, T));
-        assert!(!wants_news(&e, &ask, Scope { global: false, ..scope }, T));
+        assert!(!wants_news(
+            &e,
+            &ask,
+            Scope {
+                replica: false,
+                ..scope
+            },
+            T
+        ));
+        assert!(!wants_news(
+            &e,
+            &ask,
+            Scope {
+                global: false,
+                ..scope
+            },
+            T
+        ));
         ask_news(&mut e, &ask);
         // Before any verify was decided, the batch asks for the window and the quota use.
         let t = take(&mut e, 0, 2).unwrap();
@@ -938,7 +1008,10 @@ mod tests {
         confirm(&mut e, &t, &Outcome::shipped(&t, Some(g)), 3);
         e.heard_at = T;
         assert!(!wants_news(&e, &ask, scope, T + 1_000_000));
-        assert!(wants_news(&e, &ask, scope, T + 1_000_001), "heard too long ago");
+        assert!(
+            wants_news(&e, &ask, scope, T + 1_000_001),
+            "heard too long ago"
+        );
         let a = decide(&mut e, &ask, None, T, scope);
         assert_eq!(a.quota_used, Some(42), "the primary's count");
         assert_eq!(a.rate.unwrap().remaining, 0, "9 elsewhere + this one");
@@ -972,7 +1045,16 @@ mod tests {
         assert_eq!(s.unshipped.buckets().iter().map(|b| b.1).sum::<i64>(), 2);
         assert!(dirty(&s, i64::MAX) && !evictable(&s, T + 3_600_000_000, 1, 0));
         let t = take(&mut s, i64::MAX, 5).unwrap();
-        assert_eq!(t.window.as_ref().unwrap().1.iter().map(|b| b.1).sum::<i64>(), 2);
+        assert_eq!(
+            t.window
+                .as_ref()
+                .unwrap()
+                .1
+                .iter()
+                .map(|b| b.1)
+                .sum::<i64>(),
+            2
+        );
         // Answered with nothing of the window (the primary's limit differs): own counts
         // only; the entry can go once its window is over.
         confirm(&mut s, &t, &Outcome::shipped(&t, None), 6);

@@ -279,7 +279,11 @@ mod tests {
             assert_eq!(d.remaining, 2 - i);
         }
         assert!(!mine.admit_beside(&others, now, L, 1, true).allowed);
-        assert_eq!(mine.buckets(), vec![(idx, 3)], "only its own counts are kept here");
+        assert_eq!(
+            mine.buckets(),
+            vec![(idx, 3)],
+            "only its own counts are kept here"
+        );
         // Once the others' buckets leave the window, their counts no longer take a share.
         let later = now + L.window_us + 3 * L.bucket_us();
         assert!(mine.admit_beside(&others, later, L, 7, true).allowed);
