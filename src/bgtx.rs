@@ -73,6 +73,17 @@ pub fn stopping() -> bool {
     unsafe { (&raw const pg_sys::ShutdownRequestPending).read_volatile() != 0 }
 }
 
+thread_local! {
+    /// The latch was set since `latched` last looked (a wait that was not the main loop's —
+    /// shipping counts — takes the wakeup, and the main loop must still see it).
+    static LATCHED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the latch was set since the last call.
+pub fn latched() -> bool {
+    LATCHED.replace(false)
+}
+
 /// What the worker does after each wait on its latch (`rc`: what the wait returned): exits
 /// if the postmaster died (nothing to flush to: the server is gone), resets the latch, and
 /// absorbs barriers (DROP DATABASE's, say) here, not only at the next statement.
@@ -85,6 +96,7 @@ pub fn after_wait(rc: i32) {
     unsafe {
         if rc & pg_sys::WL_LATCH_SET as i32 != 0 {
             pg_sys::ResetLatch(pg_sys::MyLatch);
+            LATCHED.set(true);
         }
         if (&raw const pg_sys::ProcSignalBarrierPending).read_volatile() != 0 {
             pg_sys::ProcessProcSignalBarrier();

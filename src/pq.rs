@@ -121,7 +121,8 @@ impl Conn {
             match poll {
                 POLLING_OK => break,
                 POLLING_FAILED => return Err(conn.error()),
-                _ => conn.wait(poll == POLLING_READING, deadline)?,
+                POLLING_READING => conn.wait(pg_sys::WL_SOCKET_READABLE, deadline)?,
+                _ => conn.wait(pg_sys::WL_SOCKET_WRITEABLE, deadline)?,
             }
             // SAFETY: a live connection handle.
             poll = unsafe { PQconnectPoll(raw) };
@@ -144,19 +145,21 @@ impl Conn {
         text(unsafe { PQerrorMessage(self.raw) })
     }
 
-    /// Waits until the socket can be read (or written), the latch is set (then it goes on
-    /// waiting), or the deadline passes (Err).
-    fn wait(&self, read: bool, deadline: Instant) -> Result<(), String> {
+    /// Waits until the socket can be read (or written, or either), or the deadline passes
+    /// (Err). A latch set meanwhile is noted (bgtx::after_wait) and the wait goes on; once
+    /// the worker is told to stop, it waits a second more at most. Interrupts (a recovery
+    /// conflict's) are served.
+    fn wait(&self, socket_event: u32, deadline: Instant) -> Result<(), String> {
+        let mut deadline = deadline;
         loop {
+            if crate::bgtx::stopping() {
+                deadline = deadline.min(Instant::now() + std::time::Duration::from_secs(1));
+            }
+            pgrx::check_for_interrupts!();
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err("timed out".into());
             }
-            let socket_event = if read {
-                pg_sys::WL_SOCKET_READABLE
-            } else {
-                pg_sys::WL_SOCKET_WRITEABLE
-            };
             // SAFETY: this process's latch and the connection's socket (asked for anew each
             // time: libpq may change it while connecting).
             let rc = unsafe {
@@ -172,7 +175,7 @@ impl Conn {
                 )
             };
             crate::bgtx::after_wait(rc);
-            if rc & socket_event as i32 != 0 {
+            if rc & (pg_sys::WL_SOCKET_READABLE | pg_sys::WL_SOCKET_WRITEABLE) as i32 != 0 {
                 return Ok(());
             }
         }
@@ -214,7 +217,11 @@ impl Conn {
             match unsafe { PQflush(self.raw) } {
                 0 => break,
                 1 => {
-                    self.wait(false, deadline)?;
+                    // (libpq: wait to write or to read, and read what came.)
+                    self.wait(
+                        pg_sys::WL_SOCKET_WRITEABLE | pg_sys::WL_SOCKET_READABLE,
+                        deadline,
+                    )?;
                     if unsafe { PQconsumeInput(self.raw) } == 0 {
                         return Err(self.error());
                     }
@@ -226,7 +233,7 @@ impl Conn {
         let mut failure = None;
         loop {
             while unsafe { PQisBusy(self.raw) } != 0 {
-                self.wait(true, deadline)?;
+                self.wait(pg_sys::WL_SOCKET_READABLE, deadline)?;
                 if unsafe { PQconsumeInput(self.raw) } == 0 {
                     return Err(self.error());
                 }

@@ -22,12 +22,15 @@ use std::time::{Duration, Instant};
 /// What a standby's worker keeps between flushes to ship its counts.
 pub struct Shipper {
     /// This worker's name for itself on the primary (random: a new worker's batches count
-    /// afresh, and the counts in flight of one that died are lost with it).
+    /// afresh; of a batch in flight when a worker dies, the rate-window admissions are lost
+    /// and the quota counts and hours shipped again, under the next worker's name).
     id: String,
     next: i64,
     /// A batch sent and not answered, with its number: sent again as it is.
     held: Option<(i64, Vec<Taken>)>,
     conn: Option<pq::Conn>,
+    /// The connection string `conn` was opened with (a new one is used at once).
+    conninfo: String,
     /// When it last warned that shipping failed (µs).
     warned_at: i64,
 }
@@ -39,6 +42,7 @@ impl Default for Shipper {
             next: 1,
             held: None,
             conn: None,
+            conninfo: String::new(),
             warned_at: i64::MIN,
         }
     }
@@ -82,6 +86,10 @@ impl Shipper {
     ) -> Shipped {
         let number = self.held.take().map_or(self.next, |(n, _)| n);
         let Some(conninfo) = conninfo() else {
+            // Counted here only; its number is never used again (the primary may have taken
+            // a batch under it whose answer was lost).
+            self.next = self.next.max(number + 1);
+            self.conn = None;
             return Shipped::Local;
         };
         let counts = batch::encode(&batch, with_quota);
@@ -115,8 +123,9 @@ impl Shipper {
         counts: &str,
         deadline: Instant,
     ) -> Result<Vec<([u8; 16], Global)>, String> {
-        if self.conn.as_ref().is_none_or(|c| !c.ok()) {
+        if self.conn.as_ref().is_none_or(|c| !c.ok()) || self.conninfo != conninfo {
             self.conn = None;
+            self.conninfo = conninfo.to_string();
             let params = [
                 ("dbname", conninfo),
                 ("dbname", db),
@@ -138,6 +147,11 @@ impl Shipper {
 pub fn ship_deadline() -> Instant {
     let interval = crate::gucs::FLUSH_INTERVAL_MS.get().max(10) as u64;
     Instant::now() + Duration::from_millis(interval.clamp(2_000, 10_000))
+}
+
+/// Whether this standby has somewhere to ship its counts.
+pub fn configured() -> bool {
+    conninfo().is_some()
 }
 
 /// The connection string to ship by: keypal.primary_conninfo, else the server's
@@ -180,22 +194,30 @@ fn take_batch(replica: &str, number: i64, counts: &str) -> String {
             "keypal.replica_counts: replica must be 1 to 64 characters and batch at least 1".into(),
         );
     }
-    let items = batch::decode(counts).unwrap_or_else(|e| {
-        crate::errors::raise(
-            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            format!("keypal.replica_counts: counts is not a batch of counts: {e}"),
-        )
-    });
+    // SAFETY: reads the clock.
+    let now = unsafe { pg_sys::GetCurrentTimestamp() };
+    let items: Vec<Taken> = batch::decode(counts)
+        .unwrap_or_else(|e| {
+            crate::errors::raise(
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("keypal.replica_counts: counts is not a batch of counts: {e}"),
+            )
+        })
+        .into_iter()
+        .map(|t| batch::fit(t, now))
+        .collect();
     let fresh = record_number(replica, number);
     let catalog = crate::catalog::get();
     let resolution = catalog.last_used_resolution_us;
+    // First every key is prepared (what may fail, fails here, with nothing added), then the
+    // batch is added whole: a batch whose transaction fails is not left half counted.
     let mut answer = Vec::with_capacity(items.len());
     for t in &items {
         let id = pgrx::Uuid::from_bytes(t.key)
             .into_datum()
             .unwrap_or(pg_sys::Datum::from(0));
         let load = |start| crate::limits::enforce::quota_used_at(&catalog, id, start);
-        match shmem::absorb(t, fresh, resolution, load) {
+        match shmem::absorb_prepare(t, fresh, resolution, load) {
             Ok(global) => answer.push((t.key, global)),
             Err(shmem::Full) => crate::errors::raise(
                 PgSqlErrorCode::ERRCODE_OUT_OF_MEMORY,
@@ -209,6 +231,7 @@ fn take_batch(replica: &str, number: i64, counts: &str) -> String {
     }
     if fresh && !items.is_empty() {
         crate::worker::ensure();
+        shmem::absorb_commit(&items, resolution);
     }
     batch::encode_answer(&answer)
 }

@@ -141,10 +141,7 @@ fn wait(us: i64) -> (bool, bool) {
         )
     };
     crate::bgtx::after_wait(rc);
-    (
-        !crate::bgtx::stopping(),
-        rc & pg_sys::WL_LATCH_SET as i32 != 0,
-    )
+    (!crate::bgtx::stopping(), crate::bgtx::latched())
 }
 
 /// Asks the postmaster to start `db`'s worker; Err says why it could not.
@@ -397,12 +394,24 @@ fn flush_once(db: u32, state: &mut State) -> Option<()> {
         let Ok(resolution_us) = resolution() else {
             return Some(None);
         };
+        // (Not known: no flush now. Shipping quota counts under limit_split would add them to
+        // the primary's own.)
+        let split = if standby {
+            match crate::bgtx::read_one::<i32>(SPLIT) {
+                Ok(n) => n.unwrap_or(1),
+                Err(_) => return Some(None),
+            }
+        } else {
+            1
+        };
+        // A standby keeps the quota counts only it holds: under limit_split, or with nowhere
+        // to ship them.
         let sweep = Sweep {
             db,
             now,
             resolution_us,
             idle_us: idle_us(),
-            standby,
+            standby: standby && (split > 1 || !crate::replica::configured()),
         };
         let remaining = sweep_due.then(|| shmem::sweep(&sweep, db_exists));
         // SAFETY: a catalog lookup of this database, inside the transaction.
@@ -420,14 +429,6 @@ fn flush_once(db: u32, state: &mut State) -> Option<()> {
         let batch = match held {
             Some(b) => b,
             None => shmem::take(&sweep, MAX_BATCH),
-        };
-        let split = if standby {
-            crate::bgtx::read_one::<i32>(SPLIT)
-                .ok()
-                .flatten()
-                .unwrap_or(1)
-        } else {
-            1
         };
         let written = if batch.is_empty() || standby {
             Some(Written {
@@ -467,6 +468,8 @@ fn flush_once(db: u32, state: &mut State) -> Option<()> {
         let answered = matches!(shipped, crate::replica::Shipped::Answered(_));
         shmem::set_ship_failing(db, !answered);
         if matches!(shipped, crate::replica::Shipped::Held) {
+            // (The database may have been renamed: its name is read again.)
+            state.db_name.clear();
             state.full_batch = false;
             return Some(());
         }

@@ -6,7 +6,8 @@
 //! times are timestamptz microseconds. The answer is an array of `{k, q, r}`: the key's
 //! global quota use and window buckets, for the keys whose batch entry had `q` or `r`.
 
-use super::entry::{Global, Hour, Taken};
+use super::entry::{hour_start, Global, Hour, Taken};
+use super::window::BUCKETS;
 use serde::{Deserialize, Serialize};
 
 #[derive(Serialize, Deserialize, Default)]
@@ -57,10 +58,22 @@ pub fn encode(batch: &[Taken], with_quota: bool) -> String {
     serde_json::to_string(&items).unwrap_or_else(|_| "[]".into())
 }
 
-/// A shipped batch, as the primary reads it. Counts must be positive, windows positive in
-/// length; an error names what is wrong.
+/// Keys a batch holds at most (a standby's worker takes up to 10 000 entries per flush).
+pub const MAX_ITEMS: usize = 10_000;
+/// The largest count an item may carry (no server admits this much of one key in a flush).
+const MAX_COUNT: i64 = 1_000_000_000_000;
+/// Rate windows from a millisecond to a year long.
+const WINDOW_US: std::ops::RangeInclusive<i64> = 1_000..=366 * 86_400_000_000;
+const DAY_US: i64 = 86_400_000_000;
+
+/// A shipped batch, as the primary reads it: at most MAX_ITEMS keys; counts positive (a
+/// quota count may be 0) and at most MAX_COUNT, windows a millisecond to a year long; an
+/// error names what is wrong.
 pub fn decode(text: &str) -> Result<Vec<Taken>, String> {
     let items: Vec<Item> = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    if items.len() > MAX_ITEMS {
+        return Err(format!("{} keys, at most {MAX_ITEMS} a batch", items.len()));
+    }
     items
         .into_iter()
         .map(|i| {
@@ -77,6 +90,19 @@ pub fn decode(text: &str) -> Result<Vec<Taken>, String> {
             {
                 return Err(format!("a count that is not positive for key {}", i.k));
             }
+            let all = i.h.iter().map(|h| h.1).chain(i.q.map(|q| q.1)).chain(i.w);
+            if all
+                .chain(i.r.iter().flat_map(|r| r.1.iter().map(|b| b.1)))
+                .any(|n| n > MAX_COUNT)
+            {
+                return Err(format!("a count over {MAX_COUNT} for key {}", i.k));
+            }
+            if i.r.as_ref().is_some_and(|r| !WINDOW_US.contains(&r.0)) {
+                return Err(format!(
+                    "a rate window not 1 ms to a year long for key {}",
+                    i.k
+                ));
+            }
             Ok(Taken {
                 key,
                 last_used: i.l,
@@ -87,6 +113,36 @@ pub fn decode(text: &str) -> Result<Vec<Taken>, String> {
             })
         })
         .collect()
+}
+
+/// What of `t` the primary takes, judged by its own clock (`now`): nothing dated after now
+/// (a last use is taken as now, a window's newer buckets as its current one: the standby's
+/// clock runs ahead), no hour not on the hour or older than a week, no quota period older
+/// than a year, no window bucket already out of the window. (A standby's clock may differ a
+/// little; a batch from one whose clock is far off loses what does not fit, rather than
+/// moving the primary's windows and periods where its own verify would never find them.)
+pub fn fit(mut t: Taken, now: i64) -> Taken {
+    t.last_used = t.last_used.map(|l| l.min(now));
+    let this_hour = hour_start(now);
+    t.hours.retain(|h| {
+        h.start.rem_euclid(3_600_000_000) == 0
+            && (this_hour - 7 * DAY_US..=this_hour).contains(&h.start)
+    });
+    if t.quota
+        .is_some_and(|(p, _)| !(now - 366 * DAY_US..=now).contains(&p))
+    {
+        t.quota = None;
+        t.warn = None;
+    }
+    if let Some((us, buckets)) = &mut t.window {
+        let width = (*us + BUCKETS as i64 - 1) / BUCKETS as i64;
+        let current = now.div_euclid(width);
+        for b in buckets.iter_mut() {
+            b.0 = b.0.min(current);
+        }
+        buckets.retain(|b| b.0 >= current - BUCKETS as i64);
+    }
+    t
 }
 
 /// The primary's answer: each key's global count.
@@ -163,6 +219,60 @@ mod tests {
     }
 
     #[test]
+    fn the_primary_takes_only_what_fits_its_clock() {
+        let now = 1_000 * 3_600_000_000 + 5;
+        let hour = hour_start(now);
+        let width = 3_000_000; // a minute's window
+        let current = now.div_euclid(width);
+        let t = Taken {
+            key: [1; 16],
+            last_used: Some(now + 10_000_000),
+            hours: vec![
+                Hour { start: hour, n: 1 },
+                Hour {
+                    start: hour + 3_600_000_000,
+                    n: 2,
+                },
+                Hour {
+                    start: hour - 8 * DAY_US,
+                    n: 3,
+                },
+                Hour {
+                    start: hour + 7,
+                    n: 4,
+                },
+            ],
+            quota: Some((now + 1, 5)),
+            warn: Some(5),
+            window: Some((
+                60_000_000,
+                vec![
+                    (current - 25, 1),
+                    (current - 3, 2),
+                    (current + 9, 3),
+                    (i64::MAX, 4),
+                ],
+            )),
+        };
+        let f = fit(t, now);
+        assert_eq!(f.last_used, Some(now));
+        assert_eq!(f.hours, vec![Hour { start: hour, n: 1 }]);
+        assert_eq!((f.quota, f.warn), (None, None), "a period not begun yet");
+        assert_eq!(
+            f.window.unwrap().1,
+            vec![(current - 3, 2), (current, 3), (current, 4)]
+        );
+        let ok = fit(
+            Taken {
+                quota: Some((now - DAY_US, 1)),
+                ..Taken::default()
+            },
+            now,
+        );
+        assert_eq!(ok.quota, Some((now - DAY_US, 1)));
+    }
+
+    #[test]
     fn a_bad_batch_is_refused_with_a_reason() {
         for (text, says) in [
             ("{}", "invalid type"),
@@ -179,11 +289,24 @@ mod tests {
                 r#"[{"k":"abababababababababababababababab","h":[[1,-3]]}]"#,
                 "not positive",
             ),
+            (
+                r#"[{"k":"abababababababababababababababab","h":[[1,1000000000001]]}]"#,
+                "a count over",
+            ),
+            (
+                r#"[{"k":"abababababababababababababababab","r":[999,[]]}]"#,
+                "1 ms to a year",
+            ),
         ] {
             let e = decode(text).unwrap_err();
             assert!(e.contains(says), "{text}: {e}");
         }
         assert_eq!(decode("[]").unwrap(), vec![]);
+        let many = format!(
+            "[{}]",
+            vec![r#"{"k":"abababababababababababababababab"}"#; MAX_ITEMS + 1].join(",")
+        );
+        assert!(decode(&many).unwrap_err().contains("at most"));
         let asking = decode(r#"[{"k":"abababababababababababababababab","q":[1,0]}]"#);
         assert_eq!(
             asking.unwrap()[0].quota,

@@ -61,6 +61,7 @@ impl QuotaCount {
 }
 
 #[repr(C)]
+#[derive(Clone)]
 pub struct Entry {
     pub k: EntryKey,
     /// The newest admitted verify (NEVER: none yet).

@@ -504,6 +504,12 @@ pub fn admit(
 /// primary: about a millisecond) before deciding on what it has.
 const NEWS_WAIT_MS: i64 = 100;
 
+thread_local! {
+    /// When this backend last waited NEWS_WAIT_MS for news in vain (a statement verifying
+    /// many keys does not wait that long for each).
+    static NEWS_GAVE_UP: Cell<i64> = const { Cell::new(i64::MIN / 2) };
+}
+
 /// On a standby, before deciding a key whose global count it has not heard within
 /// `scope.stale_us`: asks its worker to fetch it (at once) and waits for it, NEWS_WAIT_MS at
 /// most — not at all while the worker cannot reach the primary.
@@ -522,15 +528,20 @@ fn await_news(key: [u8; 16], ask: &Ask, scope: Scope, resolution_us: i64, now: i
     drop(locked);
     // SAFETY: the root is attached.
     let root = unsafe { &*l.root };
-    match root
+    // SAFETY: reads the clock.
+    if NEWS_GAVE_UP.get() > unsafe { pg_sys::GetCurrentTimestamp() } - 1_000_000 {
+        return; // a wait timed out within the last second: do not pile waits up
+    }
+    let slot = root
         .workers
         .iter()
-        .find(|s| s.db.load(Ordering::Relaxed) == k.db && s.pid.load(Ordering::Relaxed) != 0)
-    {
+        .find(|s| s.db.load(Ordering::Relaxed) == k.db && s.pid.load(Ordering::Relaxed) != 0);
+    let failing = || slot.is_some_and(|s| s.ship_failing.load(Ordering::Relaxed));
+    match slot {
         // No worker yet: one is started, and its first flush (at once) brings the news.
         None => crate::worker::ensure(),
-        Some(slot) if slot.ship_failing.load(Ordering::Relaxed) => return,
-        Some(slot) => crate::worker::set_latch_of(slot.pid.load(Ordering::Relaxed)),
+        Some(_) if failing() => return,
+        Some(s) => crate::worker::set_latch_of(s.pid.load(Ordering::Relaxed)),
     }
     let cv = (&raw const root.news).cast_mut();
     // SAFETY: the condition variable lives in the attached root; a sleep is cancelled before
@@ -540,10 +551,12 @@ fn await_news(key: [u8; 16], ask: &Ask, scope: Scope, resolution_us: i64, now: i
         loop {
             let heard = find(&l, &k, false).is_none_or(|mut e| e.get().heard_at >= now);
             let left = NEWS_WAIT_MS - (pg_sys::GetCurrentTimestamp() - now) / 1000;
-            if heard
-                || left <= 0
-                || pg_sys::ConditionVariableTimedSleep(cv, left, pg_sys::PG_WAIT_EXTENSION)
+            if heard || failing() {
+                break;
+            }
+            if left <= 0 || pg_sys::ConditionVariableTimedSleep(cv, left, pg_sys::PG_WAIT_EXTENSION)
             {
+                NEWS_GAVE_UP.set(pg_sys::GetCurrentTimestamp());
                 break;
             }
         }
@@ -551,21 +564,29 @@ fn await_news(key: [u8; 16], ask: &Ask, scope: Scope, resolution_us: i64, now: i
     }
 }
 
-/// The standby's worker could (not) ship its last batch.
+/// The standby's worker could (not) ship its last batch. Verifies waiting for news stop
+/// waiting when it could not.
 pub fn set_ship_failing(db: u32, failing: bool) {
     let l = local();
     // SAFETY: the root is attached; atomics.
-    for w in unsafe { &*l.root }.workers.iter() {
+    let root = unsafe { &*l.root };
+    for w in root.workers.iter() {
         if w.db.load(Ordering::Relaxed) == db {
             w.ship_failing.store(failing, Ordering::Relaxed);
         }
     }
+    if failing {
+        // SAFETY: the condition variable lives in the attached root.
+        unsafe { pg_sys::ConditionVariableBroadcast((&raw const root.news).cast_mut()) };
+    }
 }
 
-/// On the primary: adds what a standby shipped for one key (`t`; only the answer when not
-/// `fresh`) to its entry, for the worker to write; answers with the key's global count.
-/// `load_used(period)` reads the key's quota use in a period from the table.
-pub fn absorb(
+/// On the primary, first of two steps taking what a standby shipped for one key (`t`): makes
+/// the key's entry and reads its quota use from the table if need be — this may raise an
+/// error, and adds nothing — and answers with the key's global count as it will be once `t`
+/// is added (`fresh`; else as it is). `load_used(period)` reads the key's quota use in a
+/// period from the table.
+pub fn absorb_prepare(
     t: &Taken,
     fresh: bool,
     resolution_us: i64,
@@ -577,8 +598,30 @@ pub fn absorb(
         period,
         resolution_us,
         || period.map_or(0, &mut load_used),
-        |e, usable| entry::absorb(e, t, usable, fresh),
+        |e, usable| {
+            entry::absorb(e, t, usable, false);
+            entry::absorb(&mut e.clone(), t, None, fresh)
+        },
     )
+}
+
+/// The second step, once every key of the batch is prepared: adds each to its entry, for
+/// the worker to write. Nothing here reads a table: an error cannot leave a batch half
+/// added (a batch is added whole, or — its number then not recorded — not at all).
+pub fn absorb_commit(batch: &[Taken], resolution_us: i64) {
+    let l = local();
+    for t in batch {
+        let k = EntryKey {
+            db: my_db(),
+            key: t.key,
+        };
+        // (An entry swept away since it was prepared is made again, from no base.)
+        if let Some(mut locked) = find_or_make(&l, &k) {
+            let e = locked.get();
+            entry::absorb(e, t, None, true);
+            queue_if_dirty(&l, e, resolution_us);
+        }
+    }
 }
 
 /// Runs `f` on the key's entry (made if need be), locked, with the key's quota use in the

@@ -56,7 +56,7 @@ impl Window {
     fn advance(&mut self, idx: i64) {
         if self.head == i64::MIN || idx.saturating_sub(self.head) >= SLOTS as i64 {
             self.counts = [0; SLOTS];
-        } else {
+        } else if idx > self.head {
             for i in (self.head + 1)..=idx {
                 self.counts[i.rem_euclid(SLOTS as i64) as usize] = 0;
             }
@@ -132,7 +132,10 @@ impl Window {
 
     /// What bucket `idx` holds (0 for a bucket the window no longer or not yet reaches).
     pub fn count_at(&self, idx: i64) -> i64 {
-        if self.head == i64::MIN || idx > self.head || self.head - idx > BUCKETS as i64 {
+        if self.head == i64::MIN
+            || idx > self.head
+            || self.head.saturating_sub(idx) > BUCKETS as i64
+        {
             return 0;
         }
         self.counts[idx.rem_euclid(SLOTS as i64) as usize]
@@ -147,7 +150,7 @@ impl Window {
         if self.head == i64::MIN || idx > self.head {
             self.advance(idx);
         }
-        if self.head - idx <= BUCKETS as i64 {
+        if self.head.saturating_sub(idx) <= BUCKETS as i64 {
             let slot = idx.rem_euclid(SLOTS as i64) as usize;
             self.counts[slot] = self.counts[slot].saturating_add(n);
         }
@@ -158,7 +161,7 @@ impl Window {
         if self.head == i64::MIN {
             return Vec::new();
         }
-        (self.head - BUCKETS as i64..=self.head)
+        (self.head.saturating_sub(BUCKETS as i64)..=self.head)
             .map(|i| (i, self.count_at(i)))
             .filter(|(_, n)| *n != 0)
             .collect()

@@ -2,7 +2,7 @@
 -- each numbered batch is added once, and the answer is each key's global count, which the
 -- primary's own verify decides on too. (tests/shell/replicas.t ships from real standbys.)
 BEGIN;
-SELECT plan(16);
+SELECT plan(18);
 
 CREATE ROLE rc_nobody;
 SELECT ok(NOT has_function_privilege('public', 'keypal.replica_counts(text, bigint, text)', 'EXECUTE'),
@@ -43,6 +43,12 @@ SELECT is((SELECT (keypal_verify(key)).error_code FROM k), 'RATE_LIMITED', 'then
 SELECT is(pg_temp.ship('s1', 3, 1, 1, 3600000000) -> 0 -> 'r', NULL,
           'a window of another length (a limit the standby has not replayed yet) is not added, nor answered');
 
+SELECT is((SELECT keypal.replica_counts('s3', 1, format('[{"k":"%s","q":[%s,5]}]', hex, day + 2 * 86400000000))::jsonb FROM k),
+          '[]'::jsonb, 'a quota period after the primary''s clock (a standby''s clock far ahead) is not taken');
+SELECT throws_ok(format($$SELECT keypal.replica_counts('s1', 4, '[%s]')$$,
+                        (SELECT string_agg('{"k":"00000000000000000000000000000000"}', ',') FROM generate_series(1, 10001))),
+                 '22023', 'keypal.replica_counts: counts is not a batch of counts: 10001 keys, at most 10000 a batch',
+                 'a batch of more than 10 000 keys is refused');
 SELECT throws_ok($$SELECT keypal.replica_counts('s1', 4, '{}')$$, '22023', NULL, 'counts that are not a batch are refused (22023)');
 SELECT throws_ok($$SELECT keypal.replica_counts('s1', 4, '[{"k":"00000000000000000000000000000000","h":[[1,-1]]}]')$$,
                  '22023', NULL, 'so is a negative count');
