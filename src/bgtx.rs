@@ -84,6 +84,11 @@ pub fn latched() -> bool {
     LATCHED.replace(false)
 }
 
+/// Whether the latch was set since `latched` last looked (without clearing it).
+pub fn latched_unseen() -> bool {
+    LATCHED.get()
+}
+
 /// What the worker does after each wait on its latch (`rc`: what the wait returned): exits
 /// if the postmaster died (nothing to flush to: the server is gone), resets the latch, and
 /// absorbs barriers (DROP DATABASE's, say) here, not only at the next statement.

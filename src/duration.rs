@@ -11,7 +11,7 @@ pub struct Span {
     pub micros: i64,
 }
 
-const MAX_DAYS: i64 = 1_000_000; // ~2700 years: far beyond any key's life
+pub const MAX_DAYS: i64 = 1_000_000; // ~2700 years: far beyond any key's life
 const MICROS_PER_SEC: i64 = 1_000_000;
 
 /// Parses the short form. `None` when `s` is not in it (the caller then tries `interval`

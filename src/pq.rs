@@ -47,6 +47,7 @@ extern "C" {
     fn PQgetResult(conn: *mut PGconn) -> *mut PGresult;
     fn PQresultStatus(res: *const PGresult) -> c_int;
     fn PQresultErrorMessage(res: *const PGresult) -> *const c_char;
+    fn PQresultErrorField(res: *const PGresult, field: c_int) -> *const c_char;
     fn PQntuples(res: *const PGresult) -> c_int;
     fn PQgetisnull(res: *const PGresult, row: c_int, col: c_int) -> c_int;
     fn PQgetvalue(res: *const PGresult, row: c_int, col: c_int) -> *const c_char;
@@ -58,6 +59,30 @@ const POLLING_FAILED: c_int = 0;
 const POLLING_READING: c_int = 1;
 const POLLING_OK: c_int = 3;
 const PGRES_TUPLES_OK: c_int = 2;
+
+/// Why a query gave no answer.
+#[derive(Debug)]
+pub enum Failure {
+    /// The server answered with an error (its SQLSTATE and message).
+    Refused { sqlstate: String, message: String },
+    /// No answer: the connection failed, or the deadline passed.
+    Lost(String),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Refused { sqlstate, message } => write!(f, "{message} (SQLSTATE {sqlstate})"),
+            Failure::Lost(why) => f.write_str(why),
+        }
+    }
+}
+
+impl From<String> for Failure {
+    fn from(why: String) -> Failure {
+        Failure::Lost(why)
+    }
+}
 
 /// An open connection; closed when dropped.
 pub struct Conn {
@@ -147,15 +172,20 @@ impl Conn {
 
     /// Waits until the socket can be read (or written, or either), or the deadline passes
     /// (Err). A latch set meanwhile is noted (bgtx::after_wait) and the wait goes on; once
-    /// the worker is told to stop, it waits a second more at most. Interrupts (a recovery
-    /// conflict's) are served.
+    /// the worker is told to stop, it waits a second more at most. A termination (a recovery
+    /// conflict's) is served.
     fn wait(&self, socket_event: u32, deadline: Instant) -> Result<(), String> {
         let mut deadline = deadline;
         loop {
             if crate::bgtx::stopping() {
                 deadline = deadline.min(Instant::now() + std::time::Duration::from_secs(1));
             }
-            pgrx::check_for_interrupts!();
+            // (Only a termination — a recovery conflict's, DROP DATABASE's — is served here: a
+            // cancel would end the worker, which runs no statement to cancel.)
+            // SAFETY: reads a flag the signal handlers set.
+            if unsafe { (&raw const pg_sys::ProcDiePending).read_volatile() } != 0 {
+                pgrx::check_for_interrupts!();
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err("timed out".into());
@@ -182,19 +212,19 @@ impl Conn {
     }
 
     /// Runs `sql` with text parameters; the first row's first value (None: no row, or
-    /// NULL). Err carries the server's error message, or why the connection failed.
+    /// NULL). Err says whether the server refused (its error), or why there is no answer.
     pub fn query(
         &self,
         sql: &str,
         params: &[&str],
         deadline: Instant,
-    ) -> Result<Option<String>, String> {
-        let sql = CString::new(sql).map_err(|_| "a query holds a NUL byte")?;
+    ) -> Result<Option<String>, Failure> {
+        let sql = CString::new(sql).map_err(|_| "a query holds a NUL byte".to_string())?;
         let owned: Vec<CString> = params
             .iter()
             .map(|p| CString::new(*p))
             .collect::<Result<_, _>>()
-            .map_err(|_| "a parameter holds a NUL byte")?;
+            .map_err(|_| "a parameter holds a NUL byte".to_string())?;
         let values: Vec<*const c_char> = owned.iter().map(|p| p.as_ptr()).collect();
         // SAFETY: the strings outlive the call; NULL types, lengths and formats mean text.
         let sent = unsafe {
@@ -210,7 +240,7 @@ impl Conn {
             )
         };
         if sent == 0 {
-            return Err(self.error());
+            return Err(self.error().into());
         }
         // SAFETY (each call below): a live connection handle in non-blocking mode.
         loop {
@@ -223,10 +253,10 @@ impl Conn {
                         deadline,
                     )?;
                     if unsafe { PQconsumeInput(self.raw) } == 0 {
-                        return Err(self.error());
+                        return Err(self.error().into());
                     }
                 }
-                _ => return Err(self.error()),
+                _ => return Err(self.error().into()),
             }
         }
         let mut value = None;
@@ -235,7 +265,7 @@ impl Conn {
             while unsafe { PQisBusy(self.raw) } != 0 {
                 self.wait(pg_sys::WL_SOCKET_READABLE, deadline)?;
                 if unsafe { PQconsumeInput(self.raw) } == 0 {
-                    return Err(self.error());
+                    return Err(self.error().into());
                 }
             }
             let res = unsafe { PQgetResult(self.raw) };
@@ -245,7 +275,10 @@ impl Conn {
             // SAFETY: a result libpq handed over, cleared once.
             unsafe {
                 if PQresultStatus(res) != PGRES_TUPLES_OK {
-                    failure.get_or_insert_with(|| text(PQresultErrorMessage(res)));
+                    failure.get_or_insert_with(|| Failure::Refused {
+                        sqlstate: text(PQresultErrorField(res, b'C' as c_int)),
+                        message: text(PQresultErrorMessage(res)),
+                    });
                 } else if PQntuples(res) > 0 && PQgetisnull(res, 0, 0) == 0 {
                     value = Some(text(PQgetvalue(res, 0, 0)));
                 }

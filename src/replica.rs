@@ -49,10 +49,13 @@ impl Default for Shipper {
 }
 
 /// What became of a batch.
+#[derive(PartialEq, Eq)]
 pub enum Shipped {
     /// The primary took it: each key's global count.
     Answered(HashMap<[u8; 16], Global>),
-    /// Nowhere to ship to (no connection string): the counts stay local.
+    /// Nowhere to ship to (no connection string), or the primary refused the batch (it
+    /// would refuse it again: a missing grant, a batch it cannot read): the counts stay
+    /// local.
     Local,
     /// Not answered: the batch is held, in flight, to be sent again.
     Held,
@@ -93,28 +96,46 @@ impl Shipper {
             return Shipped::Local;
         };
         let counts = batch::encode(&batch, with_quota);
-        match self.send(&conninfo, db, number, &counts, deadline) {
-            Ok(answer) => {
-                self.next = self.next.max(number + 1);
-                Shipped::Answered(answer.into_iter().collect())
-            }
-            Err(e) => {
-                self.conn = None;
-                self.held = Some((number, batch));
-                // SAFETY: reads the clock.
-                let now = unsafe { pg_sys::GetCurrentTimestamp() };
-                if now.saturating_sub(self.warned_at) >= 60_000_000 {
-                    self.warned_at = now;
-                    pgrx::warning!(
-                        "keypal: could not ship this standby's counts to the primary ({e}); \
-                         they are kept and sent again"
-                    );
-                }
-                Shipped::Held
+        let result = self.send(&conninfo, db, number, &counts, deadline);
+        let shipped = match &result {
+            Ok(answer) => Shipped::Answered(answer.iter().cloned().collect()),
+            Err(pq::Failure::Refused { sqlstate, .. }) if !transient(sqlstate) => Shipped::Local,
+            Err(_) => Shipped::Held,
+        };
+        if shipped == Shipped::Held {
+            self.held = Some((number, batch));
+        } else {
+            self.next = self.next.max(number + 1);
+        }
+        if let Err(e) = result {
+            self.conn = None;
+            // SAFETY: reads the clock.
+            let now = unsafe { pg_sys::GetCurrentTimestamp() };
+            if now.saturating_sub(self.warned_at) >= 60_000_000 {
+                self.warned_at = now;
+                let what = if shipped == Shipped::Held {
+                    "they are kept and sent again"
+                } else {
+                    "they are counted on this standby only"
+                };
+                pgrx::warning!(
+                    "keypal: could not ship this standby's counts to the primary ({e}); {what}"
+                );
             }
         }
+        shipped
     }
+}
 
+/// Whether the primary's error may pass (a cancel, a timeout, a lock, a lack of resources, a
+/// conflict, a lost connection): then the batch is sent again, else it is given up.
+fn transient(sqlstate: &str) -> bool {
+    ["08", "40", "53", "55", "57"]
+        .iter()
+        .any(|class| sqlstate.starts_with(class))
+}
+
+impl Shipper {
     fn send(
         &mut self,
         conninfo: &str,
@@ -122,7 +143,7 @@ impl Shipper {
         number: i64,
         counts: &str,
         deadline: Instant,
-    ) -> Result<Vec<([u8; 16], Global)>, String> {
+    ) -> Result<Vec<([u8; 16], Global)>, pq::Failure> {
         if self.conn.as_ref().is_none_or(|c| !c.ok()) || self.conninfo != conninfo {
             self.conn = None;
             self.conninfo = conninfo.to_string();
@@ -134,12 +155,15 @@ impl Shipper {
             ];
             self.conn = Some(pq::Conn::open(&params, deadline)?);
         }
-        let conn = self.conn.as_ref().ok_or("no connection")?;
+        let conn = self
+            .conn
+            .as_ref()
+            .ok_or_else(|| "no connection".to_string())?;
         let number = number.to_string();
         let text = conn
             .query(SHIP, &[&self.id, &number, counts], deadline)?
-            .ok_or("no answer")?;
-        batch::decode_answer(&text)
+            .ok_or_else(|| "no answer".to_string())?;
+        Ok(batch::decode_answer(&text)?)
     }
 }
 
@@ -206,11 +230,23 @@ fn take_batch(replica: &str, number: i64, counts: &str) -> String {
         .into_iter()
         .map(|t| batch::fit(t, now))
         .collect();
+    // SAFETY: reads the transaction's nesting level.
+    if unsafe { pg_sys::GetCurrentTransactionNestLevel() } > 1 {
+        // (The batch is added when the transaction commits: a subtransaction rolled back
+        // would take its number back, not the batch.)
+        crate::errors::raise(
+            PgSqlErrorCode::ERRCODE_INVALID_TRANSACTION_STATE,
+            "keypal.replica_counts: call it in a transaction of its own, not in a subtransaction"
+                .into(),
+        );
+    }
     let fresh = record_number(replica, number);
     let catalog = crate::catalog::get();
     let resolution = catalog.last_used_resolution_us;
-    // First every key is prepared (what may fail, fails here, with nothing added), then the
-    // batch is added whole: a batch whose transaction fails is not left half counted.
+    // First every key is prepared (what may fail, fails here, with nothing added); the batch
+    // is added whole as the transaction commits, with its number (interrupts are held from
+    // just after): a batch whose transaction fails — an error, a cancel, a timeout, a lost
+    // connection — is not counted at all, and its number stays free.
     let mut answer = Vec::with_capacity(items.len());
     for t in &items {
         let id = pgrx::Uuid::from_bytes(t.key)
@@ -231,7 +267,9 @@ fn take_batch(replica: &str, number: i64, counts: &str) -> String {
     }
     if fresh && !items.is_empty() {
         crate::worker::ensure();
-        shmem::absorb_commit(&items, resolution);
+        pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::PreCommit, move || {
+            shmem::absorb_commit(&items, resolution)
+        });
     }
     batch::encode_answer(&answer)
 }

@@ -201,7 +201,12 @@ pub extern "C-unwind" fn keypal_flush_worker_main(arg: pg_sys::Datum) {
                 .map_or(flush_in, |w| w.min(flush_in))
         };
         // The latch is set by a commit that queued webhook deliveries, and by each answer
-        // of a delivery thread.
+        // of a delivery thread. (Set while the worker shipped counts: no sleep.)
+        let wait = if crate::bgtx::latched_unseen() {
+            0
+        } else {
+            wait
+        };
         let (go_on, woken) = self::wait(wait);
         if !go_on {
             last_flushes(db, &mut state);

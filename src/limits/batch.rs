@@ -60,24 +60,32 @@ pub fn encode(batch: &[Taken], with_quota: bool) -> String {
 
 /// Keys a batch holds at most (a standby's worker takes up to 10 000 entries per flush).
 pub const MAX_ITEMS: usize = 10_000;
-/// The largest count an item may carry (no server admits this much of one key in a flush).
-const MAX_COUNT: i64 = 1_000_000_000_000;
-/// Rate windows from a millisecond to a year long.
-const WINDOW_US: std::ops::RangeInclusive<i64> = 1_000..=366 * 86_400_000_000;
+/// The largest count an item may carry: 2^53 (a quota or limit is at most 10^15, a cost at
+/// most 2^31: no server counts this much of one key between two batches).
+const MAX_COUNT: i64 = 1 << 53;
+/// Rate windows from a millisecond to the longest duration keypal takes.
+const WINDOW_US: std::ops::RangeInclusive<i64> = 1_000..=crate::duration::MAX_DAYS * DAY_US;
 const DAY_US: i64 = 86_400_000_000;
+/// How far ahead of the primary's clock a standby's may run: a quota period or an hour
+/// begun that much after the primary's now is taken.
+const SKEW_US: i64 = 300_000_000;
 
-/// A shipped batch, as the primary reads it: at most MAX_ITEMS keys; counts positive (a
-/// quota count may be 0) and at most MAX_COUNT, windows a millisecond to a year long; an
-/// error names what is wrong.
+/// A shipped batch, as the primary reads it: at most MAX_ITEMS keys, each once; counts
+/// positive (a quota count may be 0) and at most MAX_COUNT, windows a millisecond to the
+/// longest duration long; an error names what is wrong.
 pub fn decode(text: &str) -> Result<Vec<Taken>, String> {
     let items: Vec<Item> = serde_json::from_str(text).map_err(|e| e.to_string())?;
     if items.len() > MAX_ITEMS {
         return Err(format!("{} keys, at most {MAX_ITEMS} a batch", items.len()));
     }
+    let mut seen = std::collections::HashSet::new();
     items
         .into_iter()
         .map(|i| {
             let key = unhex(&i.k)?;
+            if !seen.insert(key) {
+                return Err(format!("key {} appears twice", i.k));
+            }
             // (A quota count may be 0: a standby asking for the key's global use.)
             let counts =
                 i.h.iter()
@@ -98,10 +106,7 @@ pub fn decode(text: &str) -> Result<Vec<Taken>, String> {
                 return Err(format!("a count over {MAX_COUNT} for key {}", i.k));
             }
             if i.r.as_ref().is_some_and(|r| !WINDOW_US.contains(&r.0)) {
-                return Err(format!(
-                    "a rate window not 1 ms to a year long for key {}",
-                    i.k
-                ));
+                return Err(format!("a rate window out of range for key {}", i.k));
             }
             Ok(Taken {
                 key,
@@ -115,21 +120,22 @@ pub fn decode(text: &str) -> Result<Vec<Taken>, String> {
         .collect()
 }
 
-/// What of `t` the primary takes, judged by its own clock (`now`): nothing dated after now
-/// (a last use is taken as now, a window's newer buckets as its current one: the standby's
-/// clock runs ahead), no hour not on the hour or older than a week, no quota period older
-/// than a year, no window bucket already out of the window. (A standby's clock may differ a
-/// little; a batch from one whose clock is far off loses what does not fit, rather than
-/// moving the primary's windows and periods where its own verify would never find them.)
+/// What of `t` the primary takes, judged by its own clock (`now`): a last use is taken as
+/// now at the latest, a window's newer buckets as its current one; an hour or a quota period
+/// begun more than SKEW_US after now is not taken, nor an hour not on the hour or older than
+/// a week, a period older than a year, a bucket already out of the window. (A standby's
+/// clock may differ a little; a batch from one whose clock is far off loses what does not
+/// fit, rather than moving the primary's windows and periods where its own verify would
+/// never find them.)
 pub fn fit(mut t: Taken, now: i64) -> Taken {
     t.last_used = t.last_used.map(|l| l.min(now));
-    let this_hour = hour_start(now);
+    let latest_hour = hour_start(now + SKEW_US);
     t.hours.retain(|h| {
         h.start.rem_euclid(3_600_000_000) == 0
-            && (this_hour - 7 * DAY_US..=this_hour).contains(&h.start)
+            && (latest_hour - 7 * DAY_US..=latest_hour).contains(&h.start)
     });
     if t.quota
-        .is_some_and(|(p, _)| !(now - 366 * DAY_US..=now).contains(&p))
+        .is_some_and(|(p, _)| !(now - 366 * DAY_US..=now + SKEW_US).contains(&p))
     {
         t.quota = None;
         t.warn = None;
@@ -242,7 +248,7 @@ mod tests {
                     n: 4,
                 },
             ],
-            quota: Some((now + 1, 5)),
+            quota: Some((now + SKEW_US + 1, 5)),
             warn: Some(5),
             window: Some((
                 60_000_000,
@@ -290,18 +296,20 @@ mod tests {
                 "not positive",
             ),
             (
-                r#"[{"k":"abababababababababababababababab","h":[[1,1000000000001]]}]"#,
+                r#"[{"k":"abababababababababababababababab","h":[[1,9007199254740993]]}]"#,
                 "a count over",
             ),
             (
                 r#"[{"k":"abababababababababababababababab","r":[999,[]]}]"#,
-                "1 ms to a year",
+                "a rate window out of range",
             ),
         ] {
             let e = decode(text).unwrap_err();
             assert!(e.contains(says), "{text}: {e}");
         }
         assert_eq!(decode("[]").unwrap(), vec![]);
+        let twice = r#"[{"k":"abababababababababababababababab"},{"k":"abababababababababababababababab"}]"#;
+        assert!(decode(twice).unwrap_err().contains("appears twice"));
         let many = format!(
             "[{}]",
             vec![r#"{"k":"abababababababababababababababab"}"#; MAX_ITEMS + 1].join(",")

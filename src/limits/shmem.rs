@@ -605,9 +605,8 @@ pub fn absorb_prepare(
     )
 }
 
-/// The second step, once every key of the batch is prepared: adds each to its entry, for
-/// the worker to write. Nothing here reads a table: an error cannot leave a batch half
-/// added (a batch is added whole, or — its number then not recorded — not at all).
+/// The second step, as the transaction that prepared every key of the batch commits: adds
+/// each to its entry, for the worker to write. Nothing here reads a table.
 pub fn absorb_commit(batch: &[Taken], resolution_us: i64) {
     let l = local();
     for t in batch {

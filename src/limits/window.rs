@@ -65,7 +65,7 @@ impl Window {
     }
 
     fn total(&self) -> i64 {
-        self.counts.iter().sum()
+        self.counts.iter().fold(0i64, |a, c| a.saturating_add(*c))
     }
 
     /// Decides a request of `cost` at `now_us`, counting it when `record` and admitted.
