@@ -102,7 +102,7 @@ over() {  # over SPLIT: creates a key, waits for the standby, prints what each s
 }
 read -r p1 s1 < <(over 1)
 read -r p2 s2 < <(over 2)
-echo "a key limited to $L an hour, verified $L times through each server at once: global limits $p1 + $s1 = $((p1 + s1)) admitted ($(awk -v a=$((p1 + s1)) -v l="$L" 'BEGIN { printf "%.2f", a / l }')x the limit; the bound: what the other server admitted within one flush interval, $(psql -X -q -At -c "LOAD 'keypal'" -c "SHOW keypal.flush_interval"), here all of it); with limit_split => 2, $p2 + $s2 = $((p2 + s2))"
+echo "a key limited to $L an hour, verified $L times through each server at once: global limits $p1 + $s1 = $((p1 + s1)) admitted ($(awk -v a=$((p1 + s1)) -v l="$L" 'BEGIN { printf "%.2f", a / l }')x the limit; the bound: what the servers admitted within two flush intervals of $(psql -X -q -At -c "LOAD 'keypal'" -c "SHOW keypal.flush_interval") each, here all of it); with limit_split => 2, $p2 + $s2 = $((p2 + s2))"
 psql -X -q -At -c "SELECT keypal_configure(limit_split => 1)" >/dev/null
 
 # Verify tps on each server: a key without limits, then one with a rate limit (on the
