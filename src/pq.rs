@@ -58,6 +58,7 @@ const CONNECTION_OK: c_int = 0;
 const POLLING_FAILED: c_int = 0;
 const POLLING_READING: c_int = 1;
 const POLLING_OK: c_int = 3;
+const PGRES_COMMAND_OK: c_int = 1;
 const PGRES_TUPLES_OK: c_int = 2;
 
 /// Why a query gave no answer.
@@ -274,7 +275,8 @@ impl Conn {
             }
             // SAFETY: a result libpq handed over, cleared once.
             unsafe {
-                if PQresultStatus(res) != PGRES_TUPLES_OK {
+                let status = PQresultStatus(res);
+                if status != PGRES_TUPLES_OK && status != PGRES_COMMAND_OK {
                     failure.get_or_insert_with(|| Failure::Refused {
                         sqlstate: text(PQresultErrorField(res, b'C' as c_int)),
                         message: text(PQresultErrorMessage(res)),

@@ -31,6 +31,8 @@ pub struct Shipper {
     conn: Option<pq::Conn>,
     /// The connection string `conn` was opened with (a new one is used at once).
     conninfo: String,
+    /// Since when the primary has refused its batches (µs; None: it took the last one).
+    refused_since: Option<i64>,
     /// When it last warned that shipping failed (µs).
     warned_at: i64,
 }
@@ -43,6 +45,7 @@ impl Default for Shipper {
             held: None,
             conn: None,
             conninfo: String::new(),
+            refused_since: None,
             warned_at: i64::MIN,
         }
     }
@@ -53,9 +56,10 @@ impl Default for Shipper {
 pub enum Shipped {
     /// The primary took it: each key's global count.
     Answered(HashMap<[u8; 16], Global>),
-    /// Nowhere to ship to (no connection string), or the primary refused the batch (it
-    /// would refuse it again: a missing grant, a batch it cannot read): the counts stay
-    /// local.
+    /// Nowhere to ship to (no connection string), or the primary refused the batch for good
+    /// (a batch it cannot read, or a refusal that lasted give_up_us — a missing grant, say):
+    /// the batch is given up, its counts kept in this standby's entries only (until the
+    /// next answer for the key replaces them).
     Local,
     /// Not answered: the batch is held, in flight, to be sent again.
     Held,
@@ -97,9 +101,21 @@ impl Shipper {
         };
         let counts = batch::encode(&batch, with_quota);
         let result = self.send(&conninfo, db, number, &counts, deadline);
+        // SAFETY: reads the clock.
+        let now = unsafe { pg_sys::GetCurrentTimestamp() };
         let shipped = match &result {
-            Ok(answer) => Shipped::Answered(answer.iter().cloned().collect()),
-            Err(pq::Failure::Refused { sqlstate, .. }) if !transient(sqlstate) => Shipped::Local,
+            Ok(answer) => {
+                self.refused_since = None;
+                Shipped::Answered(answer.iter().cloned().collect())
+            }
+            Err(pq::Failure::Refused { sqlstate, .. }) if !transient(sqlstate) => {
+                let since = *self.refused_since.get_or_insert(now);
+                if sqlstate.starts_with("22") || now - since >= give_up_us() {
+                    Shipped::Local
+                } else {
+                    Shipped::Held
+                }
+            }
             Err(_) => Shipped::Held,
         };
         if shipped == Shipped::Held {
@@ -109,8 +125,6 @@ impl Shipper {
         }
         if let Err(e) = result {
             self.conn = None;
-            // SAFETY: reads the clock.
-            let now = unsafe { pg_sys::GetCurrentTimestamp() };
             if now.saturating_sub(self.warned_at) >= 60_000_000 {
                 self.warned_at = now;
                 let what = if shipped == Shipped::Held {
@@ -127,12 +141,23 @@ impl Shipper {
     }
 }
 
-/// Whether the primary's error may pass (a cancel, a timeout, a lock, a lack of resources, a
-/// conflict, a lost connection): then the batch is sent again, else it is given up.
+/// Whether the primary's error passes by itself (a cancel, a timeout, a lock, a lack of
+/// resources, a conflict, a lost connection, a server read-only for now, or an error libpq
+/// made, with no SQLSTATE): the batch is sent again. Any other refusal (a missing grant, a
+/// function being replaced) is given up after give_up_us; a batch the primary cannot read
+/// (class 22) at once.
 fn transient(sqlstate: &str) -> bool {
-    ["08", "40", "53", "55", "57"]
-        .iter()
-        .any(|class| sqlstate.starts_with(class))
+    sqlstate.is_empty()
+        || ["08", "25", "40", "53", "55", "57"]
+            .iter()
+            .any(|class| sqlstate.starts_with(class))
+}
+
+/// How long the primary may refuse batches before they are given up: ten flush intervals,
+/// from 2 s to a minute (a GRANT made again, an extension update, pass within it; a batch
+/// held longer pins its entries in this standby's memory).
+fn give_up_us() -> i64 {
+    (i64::from(crate::gucs::FLUSH_INTERVAL_MS.get()) * 10_000).clamp(2_000_000, 60_000_000)
 }
 
 impl Shipper {
@@ -153,7 +178,15 @@ impl Shipper {
                 ("target_session_attrs", "read-write"),
                 ("fallback_application_name", "keypal standby worker"),
             ];
-            self.conn = Some(pq::Conn::open(&params, deadline)?);
+            let conn = pq::Conn::open(&params, deadline)?;
+            // Whatever the primary's default: a serializable commit could fail its check
+            // after the batch was added (replica_counts refuses to run so).
+            conn.query(
+                "SET default_transaction_isolation TO 'read committed'",
+                &[],
+                deadline,
+            )?;
+            self.conn = Some(conn);
         }
         let conn = self
             .conn
@@ -230,6 +263,15 @@ fn take_batch(replica: &str, number: i64, counts: &str) -> String {
         .into_iter()
         .map(|t| batch::fit(t, now))
         .collect();
+    // SAFETY: reads the transaction's isolation level.
+    if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_SERIALIZABLE as i32 {
+        // (Its commit may fail a serialization check after the batch was added.)
+        crate::errors::raise(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            "keypal.replica_counts: call it in a READ COMMITTED or REPEATABLE READ transaction"
+                .into(),
+        );
+    }
     // SAFETY: reads the transaction's nesting level.
     if unsafe { pg_sys::GetCurrentTransactionNestLevel() } > 1 {
         // (The batch is added when the transaction commits: a subtransaction rolled back
@@ -268,7 +310,14 @@ fn take_batch(replica: &str, number: i64, counts: &str) -> String {
     if fresh && !items.is_empty() {
         crate::worker::ensure();
         pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::PreCommit, move || {
-            shmem::absorb_commit(&items, resolution)
+            shmem::absorb_commit(&items)
+        });
+        // (A prepared transaction would carry the batch past its number.)
+        pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::PrePrepare, || {
+            crate::errors::raise(
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                "keypal.replica_counts cannot be part of a prepared transaction".into(),
+            )
         });
     }
     batch::encode_answer(&answer)

@@ -600,25 +600,29 @@ pub fn absorb_prepare(
         || period.map_or(0, &mut load_used),
         |e, usable| {
             entry::absorb(e, t, usable, false);
+            // Queued now, so that adding it at commit allocates nothing.
+            if fresh {
+                enqueue(&local(), e);
+            }
             entry::absorb(&mut e.clone(), t, None, fresh)
         },
     )
 }
 
 /// The second step, as the transaction that prepared every key of the batch commits: adds
-/// each to its entry, for the worker to write. Nothing here reads a table.
-pub fn absorb_commit(batch: &[Taken], resolution_us: i64) {
+/// each to its entry, for the worker to write. Nothing here reads a table or allocates
+/// (nothing can fail halfway): an entry the worker took from the queue meanwhile is queued
+/// again by its sweep, and one swept away since it was prepared (not used, nothing to
+/// write, within a few milliseconds) loses that key's counts.
+pub fn absorb_commit(batch: &[Taken]) {
     let l = local();
     for t in batch {
         let k = EntryKey {
             db: my_db(),
             key: t.key,
         };
-        // (An entry swept away since it was prepared is made again, from no base.)
-        if let Some(mut locked) = find_or_make(&l, &k) {
-            let e = locked.get();
-            entry::absorb(e, t, None, true);
-            queue_if_dirty(&l, e, resolution_us);
+        if let Some(mut locked) = find(&l, &k, true) {
+            entry::absorb(locked.get(), t, None, true);
         }
     }
 }
@@ -661,6 +665,14 @@ fn with_base<R>(
 /// Puts a locked entry with changes to write in the flush worker's queue, once.
 fn queue_if_dirty(l: &Local, e: &mut Entry, resolution_us: i64) {
     if e.queued || !entry::dirty(e, resolution_us) {
+        return;
+    }
+    enqueue(l, e);
+}
+
+/// Puts a locked entry in the flush worker's queue (if it is not there).
+fn enqueue(l: &Local, e: &mut Entry) {
+    if e.queued {
         return;
     }
     let mut found = false;

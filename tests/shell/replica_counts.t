@@ -27,6 +27,8 @@ is "$(ship s2 1 2 2)" 9 "another standby's batches are numbered apart"
 is "$(ship s1 1 5 5)" 9 "an older number adds nothing"
 is "$(d -c "BEGIN" -c "SELECT keypal.replica_counts('s1', 3, '[{\"k\":\"$hex\",\"q\":[$day,50]}]') IS NOT NULL" -c "ROLLBACK")" t "a batch in a transaction that rolls back"
 is "$(ship s1 3 1 0)" 10 "adds nothing, and its number is free for the batch sent again"
+is "$(d -v VERBOSITY=verbose -c "BEGIN ISOLATION LEVEL SERIALIZABLE" -c "SELECT keypal.replica_counts('s1', 4, '[]')" 2>&1 | grep -o '0A000' | head -1)" 0A000 \
+   "a SERIALIZABLE transaction is refused (its commit could fail after the batch was added)"
 is "$(d -c "SELECT string_agg(replica || '=' || batch, ' ' ORDER BY replica) FROM keypal.replica_batches")" "s1=3 s2=1" \
    "the last batch of each standby is recorded"
 is "$(d -c "SELECT (v.rate_limit_remaining, v.quota_remaining)::text FROM keypal_verify('$key') v")" "(0,89)" \
