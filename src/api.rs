@@ -209,8 +209,9 @@ fn unix_of_us(pg_us: i64) -> i64 {
 }
 
 /// This server's counters (SPEC §3): verifies since server start by outcome (`valid` and
-/// each SPEC §4 code), how long ago this database's flush worker last flushed, the shared
-/// entries in use and their bytes. Reads shared memory only: no table writes.
+/// each SPEC §4 code), how long ago this database's flush worker last flushed (on a standby:
+/// last shipped), the shared entries in use and their bytes, and on a standby whether its
+/// worker cannot ship. Reads shared memory only: no table writes.
 #[pg_extern(volatile, parallel_restricted)]
 fn keypal_stats() -> TableIterator<'static, (name!(name, String), name!(value, Option<i64>))> {
     let counts = crate::limits::shmem::verify_counts();
@@ -231,6 +232,13 @@ fn keypal_stats() -> TableIterator<'static, (name!(name, String), name!(value, O
         ("shared_queued", Some(s.queued)),
         ("dropped_uses", Some(s.dropped as i64)),
         ("flush_workers", Some(s.workers)),
+        // (A standby: 1 while its worker cannot ship to the primary; flush_lag_ms then grows.)
+        (
+            "ship_failing",
+            s.ship_failing
+                .filter(|_| unsafe { pg_sys::RecoveryInProgress() })
+                .map(i64::from),
+        ),
     ];
     rows.extend(more.map(|(n, v)| (n.to_string(), v)));
     TableIterator::new(rows)

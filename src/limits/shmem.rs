@@ -1331,6 +1331,8 @@ pub struct Stats {
     pub workers: i64,
     /// Microseconds since this database's worker last flushed (None: it has not).
     pub flush_age_us: Option<i64>,
+    /// On a standby: this database's worker could not ship its last batch (None: no worker).
+    pub ship_failing: Option<bool>,
 }
 
 pub fn stats() -> Stats {
@@ -1357,6 +1359,9 @@ pub fn stats() -> Stats {
             .map(|s| s.flushed_at.load(Ordering::Relaxed))
             .filter(|&t| t > 0)
             .map(|t| now - t),
+        ship_failing: mine
+            .filter(|s| s.pid.load(Ordering::Relaxed) != 0)
+            .map(|s| s.ship_failing.load(Ordering::Relaxed)),
     }
 }
 

@@ -132,10 +132,13 @@ read -r xid xkey < <(pq -F ' ' -c "SELECT id, key FROM keypal_create(owner_id =>
 replayed
 is "$(hammer s1 "$xkey" 3)" 3 "a standby verifies a key while the primary refuses its batches"
 sleep 3   # past the give-up time: ten flush intervals, 2 s at least
+is "$(s1 -c "SELECT value FROM keypal_stats() WHERE name = 'ship_failing'")" 1 "keypal_stats on the standby says its worker cannot ship"
 pq -c "GRANT EXECUTE ON FUNCTION keypal.replica_counts(text, bigint, text) TO keypal_ship" >/dev/null
 is "$(hammer s1 "$xkey" 2)" 2 "and after the grant is back"
 is "$(poll 100 2 pq -c "SELECT used FROM keypal.quota_usage WHERE key_id = '$xid'")" 2 \
-   "the batches after the grant reach the primary (2); the refused one was given up, not sent again (its 3 stay on the standby)"
+   "the batches after the grant reach the primary (2); the refused one was given up, not sent again"
+is "$(s1 -c "SELECT value FROM keypal_stats() WHERE name = 'ship_failing'") $(pq -c "SELECT value IS NULL FROM keypal_stats() WHERE name = 'ship_failing'")" "0 t" \
+   "then it says it ships again (and on the primary, ship_failing is NULL)"
 
 # Revocation: as fast as replay.
 read -r vid vkey < <(pq -F ' ' -c "SELECT id, key FROM keypal_create(owner_id => 'rep')")
