@@ -38,7 +38,7 @@ Package: $pkg
 Version: $version
 Architecture: $arch
 Maintainer: keypal developers <keypal@localhost>
-Depends: postgresql-$major, libc6 (>= $glibc)
+Depends: postgresql-$major, libpq5, libc6 (>= $glibc)
 Section: database
 Priority: optional
 Homepage: https://pgxn.org/dist/keypal/

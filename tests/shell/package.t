@@ -14,8 +14,8 @@ ok "$( [ -s "$deb" ] && [ -s "$tarball" ]; echo $?)" "the package and tarball ex
 [ -s "$deb" ] || { echo "# run: bash scripts/package.sh"; done_testing; exit 1; }
 
 is "$(dpkg-deb -f "$deb" Package Version | tr '\n' ' ')" "Package: postgresql-15-keypal Version: $version " "its name and version"
-ok "$(dpkg-deb -f "$deb" Depends | grep -Eq '^postgresql-15, libc6 \(>= 2\.[0-9]+\)$'; echo $?)" \
-   "it depends on PostgreSQL 15 and the glibc its library needs ($(dpkg-deb -f "$deb" Depends))"
+ok "$(dpkg-deb -f "$deb" Depends | grep -Eq '^postgresql-15, libpq5, libc6 \(>= 2\.[0-9]+\)$'; echo $?)" \
+   "it depends on PostgreSQL 15, libpq (a standby's worker ships through it) and the glibc its library needs ($(dpkg-deb -f "$deb" Depends))"
 is "$(python3 -c "import json; print(json.load(open('$root/META.json'))['version'])")" "$version" "META.json names the same version"
 files=$(dpkg-deb -c "$deb" | awk '{print $6}' | grep -v '/$' | sort | tr '\n' ' ')
 want=$(printf '%s\n' ./usr/lib/postgresql/15/lib/keypal.so ./usr/share/postgresql/15/extension/keypal.control \
