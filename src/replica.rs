@@ -297,14 +297,7 @@ fn take_batch(replica: &str, number: i64, counts: &str) -> String {
         let load = |start| crate::limits::enforce::quota_used_at(&catalog, id, start);
         match shmem::absorb_prepare(t, fresh, resolution, load) {
             Ok(global) => answer.push((t.key, global)),
-            Err(shmem::Full) => crate::errors::raise(
-                PgSqlErrorCode::ERRCODE_OUT_OF_MEMORY,
-                format!(
-                    "keypal: shared memory for usage is full ({} entries, keypal.shared_memory = {} MB): a standby's counts cannot be taken",
-                    shmem::max_entries(),
-                    crate::gucs::SHARED_MEMORY_MB.get()
-                ),
-            ),
+            Err(full) => full.raise("a standby's counts cannot be taken"),
         }
     }
     if fresh && !items.is_empty() {

@@ -416,7 +416,7 @@ fn flush_once(db: u32, state: &mut State) -> Option<()> {
             now,
             resolution_us,
             idle_us: idle_us(),
-            standby: standby && (split > 1 || !crate::replica::configured()),
+            keep_local_counts: standby && (split > 1 || !crate::replica::configured()),
         };
         let remaining = sweep_due.then(|| shmem::sweep(&sweep, db_exists));
         // SAFETY: a catalog lookup of this database, inside the transaction.
@@ -435,11 +435,9 @@ fn flush_once(db: u32, state: &mut State) -> Option<()> {
             Some(b) => b,
             None => shmem::take(&sweep, MAX_BATCH),
         };
+        // (Nothing to write: no batch, or a standby, which ships it below instead.)
         let written = if batch.is_empty() || standby {
-            Some(Written {
-                everything: true,
-                ..Written::default()
-            })
+            Some(Written::default())
         } else {
             write(&batch, sweep.resolution_us)
         };
@@ -483,10 +481,9 @@ fn flush_once(db: u32, state: &mut State) -> Option<()> {
         return Some(());
     }
     // Nothing is known written unless the flush transaction committed (it did, if we are
-    // here with its answer); on a standby, counts stay local: "written".
+    // here with its answer).
     let outcome = |t: &Taken| match &written {
         None => Outcome::all(false, t),
-        Some(w) if w.everything => Outcome::all(true, t),
         Some(w) => Outcome {
             last_used: w.last_used.get(&t.key).copied(),
             quota: w.quota.contains(&t.key),
@@ -550,11 +547,9 @@ fn db_exists(db: u32) -> bool {
     }
 }
 
-/// What a committed flush wrote (`everything`: on a standby, where counts stay local), and
-/// the keys it found missing from the table.
+/// What a committed flush wrote, and the keys it found missing from the table.
 #[derive(Default)]
 struct Written {
-    everything: bool,
     missing: HashSet<[u8; 16]>,
     /// Each key's last_used_at as the table holds it after the flush.
     last_used: std::collections::HashMap<[u8; 16], i64>,

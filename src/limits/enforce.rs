@@ -134,14 +134,7 @@ pub fn enforce(catalog: &Catalog, key: &KeyLimits, cost: i64) -> Result<Usage, R
             shmem::note_dropped();
             return Ok(Usage::default());
         }
-        crate::errors::raise(
-            pgrx::PgSqlErrorCode::ERRCODE_OUT_OF_MEMORY,
-            format!(
-                "keypal: shared memory for usage is full ({} entries, keypal.shared_memory = {} MB): a key with limits cannot be checked",
-                shmem::max_entries(),
-                crate::gucs::SHARED_MEMORY_MB.get()
-            ),
-        );
+        shmem::Full.raise("a key with limits cannot be checked");
     };
     if let Some(d) = answer.rate.filter(|d| !d.allowed) {
         return Err(Refusal::rate_limited(d.retry_after_ms));

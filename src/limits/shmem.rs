@@ -478,6 +478,27 @@ fn my_db() -> u32 {
 /// Memory for shared entries is used up (`keypal.shared_memory`).
 pub struct Full;
 
+impl Full {
+    /// Raises out_of_memory (53200), saying what could not be done (`cannot`).
+    pub fn raise(self, cannot: &str) -> ! {
+        crate::errors::raise(
+            pgrx::PgSqlErrorCode::ERRCODE_OUT_OF_MEMORY,
+            format!(
+                "keypal: shared memory for usage is full ({} entries, keypal.shared_memory = {} MB): {cannot}",
+                max_entries(),
+                crate::gucs::SHARED_MEMORY_MB.get()
+            ),
+        )
+    }
+}
+
+/// The registry slot of `db`'s flush worker (a database has one at most), if it has one.
+fn slot_of(root: &Root, db: u32) -> Option<&WorkerSlot> {
+    root.workers
+        .iter()
+        .find(|s| s.db.load(Ordering::Relaxed) == db)
+}
+
 /// Decides a fully valid verify against the key's limits and records it: its last use
 /// always, its window, quota and hour when it has them. `load_used` reads the key's quota use
 /// from the table when shared memory does not hold it yet. Err(Full) when the key has no
@@ -532,10 +553,7 @@ fn await_news(key: [u8; 16], ask: &Ask, scope: Scope, resolution_us: i64, now: i
     if NEWS_GAVE_UP.get() > unsafe { pg_sys::GetCurrentTimestamp() } - 1_000_000 {
         return; // a wait timed out within the last second: do not pile waits up
     }
-    let slot = root
-        .workers
-        .iter()
-        .find(|s| s.db.load(Ordering::Relaxed) == k.db && s.pid.load(Ordering::Relaxed) != 0);
+    let slot = slot_of(root, k.db).filter(|s| s.pid.load(Ordering::Relaxed) != 0);
     let failing = || slot.is_some_and(|s| s.ship_failing.load(Ordering::Relaxed));
     match slot {
         // No worker yet: one is started, and its first flush (at once) brings the news.
@@ -570,10 +588,8 @@ pub fn set_ship_failing(db: u32, failing: bool) {
     let l = local();
     // SAFETY: the root is attached; atomics.
     let root = unsafe { &*l.root };
-    for w in root.workers.iter() {
-        if w.db.load(Ordering::Relaxed) == db {
-            w.ship_failing.store(failing, Ordering::Relaxed);
-        }
+    if let Some(w) = slot_of(root, db) {
+        w.ship_failing.store(failing, Ordering::Relaxed);
     }
     if failing {
         // SAFETY: the condition variable lives in the attached root.
@@ -758,10 +774,7 @@ pub fn worker_wanted_now() -> Result<bool, String> {
 /// Under the root lock: whether this backend is to start `db`'s worker (none runs and none
 /// was asked for in the last 10 s), claiming a registry slot for it.
 fn request_worker(root: &Root, db: u32, now: i64) -> Result<bool, String> {
-    let slot = root
-        .workers
-        .iter()
-        .find(|s| s.db.load(Ordering::Relaxed) == db)
+    let slot = slot_of(root, db)
         .or_else(|| {
             // A free slot, or else one whose worker is gone and was not asked for lately
             // (its database dropped, or its worker stopped): that database asks again when
@@ -802,15 +815,11 @@ pub fn claim_worker(db: u32) -> bool {
         let root = &*l.root;
         pg_sys::LWLockAcquire(root_lock(l.root), pg_sys::LWLockMode::LW_EXCLUSIVE);
         let me = pg_sys::MyProcPid;
-        let slot = root
-            .workers
-            .iter()
-            .find(|s| s.db.load(Ordering::Relaxed) == db)
-            .or_else(|| {
-                root.workers.iter().find(|s| {
-                    s.db.load(Ordering::Relaxed) == 0 && s.pid.load(Ordering::Relaxed) == 0
-                })
-            });
+        let slot = slot_of(root, db).or_else(|| {
+            root.workers
+                .iter()
+                .find(|s| s.db.load(Ordering::Relaxed) == 0 && s.pid.load(Ordering::Relaxed) == 0)
+        });
         let claimed = match slot {
             Some(s) if s.pid.load(Ordering::Relaxed) == 0 => {
                 s.db.store(db, Ordering::Relaxed);
@@ -923,8 +932,9 @@ pub struct Sweep {
     pub now: i64,
     pub resolution_us: i64,
     pub idle_us: i64,
-    /// On a standby: entries holding a quota count only they hold are kept.
-    pub standby: bool,
+    /// Entries holding a quota count no table will hold are kept: on a standby under
+    /// limit_split, or with nowhere to ship its counts.
+    pub keep_local_counts: bool,
 }
 
 /// The flush worker's batch: up to `max` queued entries of its database, their changes
@@ -979,7 +989,7 @@ pub fn sweep(s: &Sweep, mut db_exists: impl FnMut(u32) -> bool) -> usize {
             };
         }
         if entry::evictable(e, s.now, s.idle_us, s.resolution_us)
-            && !(s.standby && entry::holds_local_count(e, s.now))
+            && !(s.keep_local_counts && entry::holds_local_count(e, s.now))
         {
             return Visit::Delete;
         }
@@ -1163,10 +1173,8 @@ pub fn confirm(
         unsafe { pg_sys::ConditionVariableBroadcast((&raw const root.news).cast_mut()) };
     }
     let me = unsafe { pg_sys::MyProcPid };
-    for w in root.workers.iter() {
-        if w.db.load(Ordering::Relaxed) == s.db && w.pid.load(Ordering::Relaxed) == me {
-            w.flushed_at.store(s.now, Ordering::Relaxed);
-        }
+    if let Some(w) = slot_of(root, s.db).filter(|w| w.pid.load(Ordering::Relaxed) == me) {
+        w.flushed_at.store(s.now, Ordering::Relaxed);
     }
 }
 
@@ -1341,10 +1349,7 @@ pub fn stats() -> Stats {
     let root = unsafe { &*l.root };
     let db = my_db();
     let now = unsafe { pg_sys::GetCurrentTimestamp() };
-    let mine = root
-        .workers
-        .iter()
-        .find(|s| s.db.load(Ordering::Relaxed) == db);
+    let mine = slot_of(root, db);
     Stats {
         entries: root.entries.load(Ordering::Relaxed),
         queued: root.queued.load(Ordering::Relaxed),
@@ -1370,10 +1375,7 @@ pub fn worker_pid() -> Option<i32> {
     let l = local();
     let db = my_db();
     // SAFETY: the root is attached; reads of atomics.
-    unsafe { &*l.root }
-        .workers
-        .iter()
-        .find(|s| s.db.load(Ordering::Relaxed) == db)
+    slot_of(unsafe { &*l.root }, db)
         .map(|s| s.pid.load(Ordering::Relaxed))
         .filter(|&p| p != 0)
 }
