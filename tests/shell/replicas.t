@@ -8,6 +8,7 @@
 #     reach the primary's tables within two flush intervals, and three servers verifying at
 #     once over-admit no more than the others admitted within two intervals;
 #   - a revoke on the primary is REVOKED on both standbys as soon as they replay it;
+#   - two databases: each ships to its own, a key both hold (same id) counted apart;
 #   - a batch the primary refuses for good is given up (its counts stay on the standby), not
 #     sent again forever;
 #   - a standby cut off from its primary keeps verifying, and catches up when it is back:
@@ -35,7 +36,8 @@ cleanup() {
     as_pg "$PGBIN/pg_ctl" -D "$PGHOST" status >/dev/null 2>&1 ||
         as_pg "$PGBIN/pg_ctl" -D "$PGHOST" -l "$PGHOST/server.log" -w start >/dev/null
     stop_standbys
-    q -d postgres -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" -c "DROP ROLE IF EXISTS keypal_ship" >/dev/null 2>&1 || true
+    q -d postgres -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" -c "DROP DATABASE IF EXISTS ${DB}2 WITH (FORCE)" \
+        -c "DROP ROLE IF EXISTS keypal_ship" >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
 
@@ -123,6 +125,25 @@ ok "$( [ "$most" -lt 30 ]; echo $?)" "each server admits less than the limit (th
 ok "$( [ "$total" -ge 30 ] && [ "$total" -le 78 ]; echo $?)" \
    "three servers verifying one key at once (40 each, 50 ms apart) admit $total ($(cat "$work/pq") + $(cat "$work/s1") + $(cat "$work/s2")): at least the limit, 30, and within the bound, 30 + 48"
 echo "# over-admission with global limits: $((total - 30)) over a limit of 30"
+
+# Two databases on one server: each standby worker ships to its own database on the primary,
+# even for a key both databases hold (a copy restored under the same id).
+DB2=${DB}2
+q -d postgres -c "DROP DATABASE IF EXISTS $DB2 WITH (FORCE)" -c "CREATE DATABASE $DB2" >/dev/null 2>&1
+q -d $DB2 -c "CREATE EXTENSION keypal" \
+  -c "GRANT EXECUTE ON FUNCTION keypal.replica_counts(text, bigint, text) TO keypal_ship" >/dev/null
+read -r did dkey < <(pq -F ' ' -c "SELECT id, key FROM keypal_create(owner_id => 'twin', quota => '{\"limit\": 1000, \"period\": \"day\"}')")
+twin=$(pq -c "SELECT keypal_export(owner_id => 'twin')")
+echo "SELECT imported FROM keypal_import(:'data'::jsonb);" | q -d $DB2 -v data="$twin" >/dev/null
+replayed
+s1db2() { psql -X -q -At -v ON_ERROR_STOP=1 -h "$S1" -p "$P1" -d $DB2 "$@"; }
+is "$(for _ in 1 2 3; do echo "SELECT (keypal_verify('$dkey')).valid;"; done | s1db2 | grep -c '^t$')" 3 \
+   "a standby verifies a key in a second database (a copy of one in the first, same id)"
+is "$(hammer s1 "$dkey" 2)" 2 "and the same key twice in the first database"
+twin_used() { echo "$(q -d $DB2 -c "SELECT used FROM keypal.quota_usage WHERE key_id = '$did'") $(pq -c "SELECT used FROM keypal.quota_usage WHERE key_id = '$did'")"; }
+is "$(poll 100 "3 2" twin_used)" "3 2" \
+   "each database on the primary counts its own: 3 in the second, 2 in the first"
+q -d postgres -c "DROP DATABASE $DB2 WITH (FORCE)" >/dev/null
 
 # A primary that refuses batches for longer than ten flush intervals (the grant taken away)
 # does not get them again and again: they are given up (a batch held forever would pin its
