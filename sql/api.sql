@@ -49,16 +49,14 @@ UNION ALL
 SELECT w.key_id, w.hour, '', w.requests, 0, 0::numeric FROM keypal.unwritten_usage() w;
 COMMENT ON VIEW keypal.hourly_usage IS 'Requests, tokens and cost per key, hour and endpoint, as of now (sum rows of the same key, hour and endpoint).';
 
--- The functions that write keys in bulk (the keys' statement triggers, emit_events,
--- keypal_import) run with jit = off: their plans' estimates over transition
+-- The functions that write keys in bulk (the keys' statement triggers, keypal_import) run with jit = off: their plans' estimates over transition
 -- tables and arrays are large, and compiling their expressions with LLVM took longer than
 -- running them (most of a 20 000-key statement). The triggers that join a statement's old
 -- and new rows do so with nested loops off: a transition table's size is fixed into the
 -- query when PL/pgSQL first parses it, so a plan made for a one-row statement would join a
 -- later 100 000-row one by nested loop (tests/sql/16_bulk.sql runs one after the other).
--- emit_events joins no big table: its one generic plan serves every call
--- (force_generic_plan), instead of planning its statements again for each statement; so
--- does create_keys' INSERT (src/create.rs).
+-- The Rust writers (create_keys' INSERT, its audit rows, emit_events) run one generic plan
+-- each, never planned again per call, never compiled by JIT (src/spi.rs Stmt::generic).
 -- Internal helpers (keypal.*, no EXECUTE for PUBLIC) run only inside keypal's own entry
 -- points — SECURITY DEFINER functions, trigger functions, the worker, Rust's catalog load —
 -- which all pin search_path = pg_catalog, pg_temp. They do not set it again: a function with
@@ -360,7 +358,7 @@ END $$;
 
 -- keypal.create_keys(specs jsonb[], prefixes text[], extra jsonb), the one place keys are
 -- made, is Rust (src/create.rs): it checks each spec, generates and hashes its key, and
--- writes the rows by one INSERT per distinct actor.
+-- writes the rows by one INSERT, then their audit rows, events and timers (src/audit.rs).
 
 CREATE FUNCTION keypal.create_key(opts jsonb, arg_prefix text DEFAULT '', extra jsonb DEFAULT '{}')
 RETURNS keypal.created_key LANGUAGE plpgsql VOLATILE AS $$
@@ -375,6 +373,7 @@ END $$;
 -- Create
 --------------------------------------------------------------------------------
 
+-- Rust (src/create.rs keypal_create_c): the arguments given become the key's options.
 CREATE FUNCTION keypal_create(
     owner_id text DEFAULT NULL, name text DEFAULT NULL, description text DEFAULT NULL,
     scopes text[] DEFAULT NULL, resources jsonb DEFAULT NULL, tags text[] DEFAULT NULL,
@@ -386,20 +385,8 @@ CREATE FUNCTION keypal_create(
     disable_at timestamptz DEFAULT NULL, revoke_at timestamptz DEFAULT NULL,
     notify_before text DEFAULT NULL, signing boolean DEFAULT NULL, actor text DEFAULT NULL)
 RETURNS SETOF keypal.created_key
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    RETURN QUERY SELECT * FROM keypal.create_keys(ARRAY[keypal.options(
-        ARRAY['owner_id', 'name', 'description', 'scopes', 'resources', 'tags', 'metadata',
-              'expires_in', 'expires_at', 'env', 'org_id', 'parent_id', 'policy', 'rate_limit',
-              'quota', 'allowed_ips', 'blocked_ips', 'allowed_regions', 'blocked_regions',
-              'disable_at', 'revoke_at', 'notify_before', 'signing', 'actor'],
-        ARRAY[to_jsonb(owner_id), to_jsonb(name), to_jsonb(description), to_jsonb(scopes),
-              resources, to_jsonb(tags), metadata, to_jsonb(expires_in), to_jsonb(expires_at),
-              to_jsonb(env), to_jsonb(org_id), to_jsonb(parent_id), to_jsonb(policy), rate_limit,
-              quota, to_jsonb(allowed_ips), to_jsonb(blocked_ips), to_jsonb(allowed_regions),
-              to_jsonb(blocked_regions), to_jsonb(disable_at), to_jsonb(revoke_at),
-              to_jsonb(notify_before), to_jsonb(signing), to_jsonb(actor)])], ARRAY['']);
-END $$;
+LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'keypal_create_c_wrapper';
 
 CREATE FUNCTION keypal_create_read_only(
     owner_id text DEFAULT NULL, name text DEFAULT NULL, description text DEFAULT NULL,
@@ -1191,42 +1178,8 @@ BEGIN
     RETURN NEW;
 END $$;
 
--- Writes events to the outbox (payload = the webhook body) with their pending webhook
--- deliveries, and notifies listeners once with the highest id (they read the outbox from the
--- last id they saw), in the caller's transaction. One call per statement that made events.
-CREATE FUNCTION keypal.emit_events(events text[], key_ids uuid[], data jsonb[])
-RETURNS bigint LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp SET jit = off SET plan_cache_mode = force_generic_plan AS $$
-DECLARE
-    last_id bigint;
-    queued  bigint;
-BEGIN
-    WITH ev AS (
-        INSERT INTO keypal.events (event, key_id, payload)
-        SELECT e.event, e.key_id, jsonb_build_object(
-                   'event', e.event,
-                   'timestamp', to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'),
-                   'data', e.data)
-          FROM unnest(events, key_ids, data) WITH ORDINALITY AS e(event, key_id, data, n)
-         ORDER BY e.n
-        RETURNING id, event, key_id),
-    q AS (
-        -- One pending delivery per enabled webhook whose events match; behind a pending
-        -- delivery of the same key to the same webhook it waits as long (a key's events
-        -- arrive in order; a statement makes at most one event per key).
-        INSERT INTO keypal.webhook_queue (webhook_id, event_id, key_id, next_at)
-        SELECT w.id, ev.id, ev.key_id, keypal.queued_behind(w.id, ev.key_id, ev.id)
-          FROM ev JOIN keypal.webhooks w
-            ON w.enabled AND w.events && ARRAY[ev.event, '*', split_part(ev.event, '.', 1) || '.*']
-        RETURNING 1)
-    SELECT (SELECT max(id) FROM ev), (SELECT count(*) FROM q) INTO last_id, queued;
-    IF last_id IS NOT NULL THEN
-        PERFORM pg_notify('keypal_events', last_id::text);
-    END IF;
-    IF queued > 0 THEN
-        PERFORM keypal.wake_worker();
-    END IF;
-    RETURN last_id;
-END $$;
+-- keypal.emit_events(events text[], key_ids uuid[], data jsonb[]), the outbox's writer, is
+-- Rust (src/events.rs).
 
 CREATE FUNCTION keypal.emit_event(event text, key_id uuid, data jsonb)
 RETURNS bigint LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
@@ -1723,8 +1676,10 @@ CREATE TRIGGER policies_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON 
 CREATE TRIGGER keys_updated_at BEFORE UPDATE ON keypal.keys
     FOR EACH ROW WHEN (OLD.last_used_at IS NOT DISTINCT FROM NEW.last_used_at)
     EXECUTE FUNCTION keypal.touch_updated_at();
+-- (keypal.create_keys records its own rows: src/audit.rs)
 CREATE TRIGGER keys_audit AFTER INSERT ON keypal.keys REFERENCING NEW TABLE AS keypal_new
-    FOR EACH STATEMENT EXECUTE FUNCTION keypal.audit_inserted_keys();
+    FOR EACH STATEMENT WHEN (NOT keypal.audit_written())
+    EXECUTE FUNCTION keypal.audit_inserted_keys();
 CREATE TRIGGER keys_audit_delete AFTER DELETE ON keypal.keys REFERENCING OLD TABLE AS keypal_old
     FOR EACH STATEMENT EXECUTE FUNCTION keypal.audit_deleted_keys();
 CREATE TRIGGER keys_audit_update AFTER UPDATE ON keypal.keys

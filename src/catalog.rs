@@ -62,6 +62,11 @@ pub struct Catalog {
     pub last_used_resolution_us: i64,
     pub length: usize,
     pub alphabet: Vec<u8>,
+    /// The alphabet as configured (ranges not expanded), the hash algorithm of new keys and
+    /// the default environment: what keypal.create_keys makes a key with.
+    pub alphabet_spec: String,
+    pub algorithm: String,
+    pub default_env: Option<String>,
     pub prefixes: Vec<String>,
     /// keypal_configure(checksum => true): new keys end in a checksum.
     pub checksum: bool,
@@ -119,7 +124,8 @@ static LOAD: Stmt = Stmt::new(
              -- (read by name: a schema not yet updated to one with the columns has none)
              coalesce((pg_catalog.to_jsonb(c) OPERATOR(pg_catalog.->>) 'checksum')::pg_catalog.bool, false),
              pg_catalog.to_jsonb(c) OPERATOR(pg_catalog.->) 'issued',
-             coalesce((pg_catalog.to_jsonb(c) OPERATOR(pg_catalog.->>) 'limit_split')::pg_catalog.int4, 1)
+             coalesce((pg_catalog.to_jsonb(c) OPERATOR(pg_catalog.->>) 'limit_split')::pg_catalog.int4, 1),
+             c.algorithm, c.default_env
         FROM keypal.config() c",
     &[pg_sys::TEXTARRAYOID],
 );
@@ -200,15 +206,7 @@ fn as_owner<R>(f: impl FnOnce() -> R) -> R {
 /// Runs a load with LOADING set, cleared again even if the load raises (a guard, since an
 /// ERROR unwinds through here).
 fn loading<R>(f: impl FnOnce() -> R) -> R {
-    struct Clear;
-    impl Drop for Clear {
-        fn drop(&mut self) {
-            LOADING.set(false);
-        }
-    }
-    LOADING.set(true);
-    let _clear = Clear;
-    f()
+    crate::scoped::while_set(&LOADING, f)
 }
 
 /// Loads under a snapshot taken now, not the caller's (an old REPEATABLE READ snapshot
@@ -312,6 +310,12 @@ fn load(conn: &Connection) -> Catalog {
                 .unwrap_or(60_000_000),
             length,
             alphabet: expanded,
+            alphabet_spec: alphabet,
+            algorithm: conn
+                .get(0, 21)
+                .and_then(|d| String::from_datum(d, false))
+                .unwrap_or_default(),
+            default_env: conn.get(0, 22).and_then(|d| String::from_datum(d, false)),
             prefixes: conn
                 .get(0, 6)
                 .and_then(|d| Vec::<String>::from_datum(d, false))

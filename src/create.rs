@@ -3,29 +3,21 @@
 //!
 //! Every spec is checked here, in order (the first bad one raises, naming itself, before
 //! anything is written), and its key generated and hashed; then the rows are written by one
-//! prepared INSERT per distinct actor
-//! (the audit trigger reads the actor per statement), so the audit rows, events and timers
-//! of a call are written once per statement. What needs PostgreSQL's own input rules or
+//! prepared INSERT (a one-key call by a simpler one), and their audit rows, events and timers
+//! by src/audit.rs, a statement each for the whole call. What needs PostgreSQL's own input rules or
 //! other rows — a timestamp, an interval in the long form, a parent's or a policy's rules, a
 //! signing secret's prerequisite — goes to the SQL helpers, and only for a spec that has it.
-//! Creating a key this way costs one statement, not a PL/pgSQL function planning a query of
-//! a dozen steps around it.
+//! `keypal_create` itself is Rust too (`keypal_create_c`): its arguments become one spec.
 
 use crate::errors::{bad_argument, refuse_option};
 use crate::spi::{Connection, Stmt};
-use crate::{api, duration, gucs, keys, options};
+use crate::{api, audit, duration, gucs, keys, options};
 use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
 use pgrx::{pg_sys, JsonB, PgMemoryContexts, Uuid};
 use serde_json::{Map, Value};
-use std::ffi::CString;
+use std::ffi::CStr;
 
-/// The settings a new key's shape comes from.
-static CONFIG: Stmt = Stmt::new(
-    c"SELECT c.prefix, c.length, c.alphabet, c.algorithm, c.checksum, c.environments, c.default_env
-        FROM keypal.config() c",
-    &[],
-);
 static PARSE_TIMESTAMP: Stmt = Stmt::new(
     c"SELECT keypal.parse_timestamp($1, $2)",
     &[pg_sys::TEXTOID, pg_sys::TEXTOID],
@@ -53,12 +45,14 @@ static KEY_EXPIRY: Stmt = Stmt::new(
         pg_sys::TEXTARRAYOID,
     ],
 );
-/// The rows, in spec order. `$1` holds each spec's key options that jsonb_populate_record
-/// maps onto columns as they are (text, uuid, arrays, jsonb); the rest come computed.
-/// Generic plan: the arrays' sizes do not change its shape, and a custom plan for 100 000
-/// rows would be compiled by JIT.
-static INSERT: Stmt = Stmt::generic(
-    c"INSERT INTO keypal.keys (id, key_hash, algorithm, owner_id, org_id, env, name, description, scopes,
+/// The INSERT of new keys from `$source`, a relation u(o, id, hash, env, exp, dis, rev, nb,
+/// enabled, signing, i) of one row per spec (i: its place): `o` holds the spec's key options
+/// that jsonb_populate_record maps onto columns as they are (text, uuid, arrays, jsonb);
+/// the rest come computed. The rows are written, and returned, in spec order.
+macro_rules! insert_keys {
+    ($source:literal) => {
+        match CStr::from_bytes_with_nul(concat!(
+            "INSERT INTO keypal.keys (id, key_hash, algorithm, owner_id, org_id, env, name, description, scopes,
                               resources, tags, metadata, enabled, expires_at, parent_id, policy,
                               rate_limit, quota, allowed_ips, blocked_ips, allowed_regions,
                               blocked_regions, disable_at, revoke_at, notify_before, rotated_from, signing)
@@ -68,11 +62,28 @@ static INSERT: Stmt = Stmt::generic(
              u.o -> 'rate_limit', nullif(u.o -> 'quota', 'null'), coalesce(c.allowed_ips, '{}'),
              coalesce(c.blocked_ips, '{}'), coalesce(c.allowed_regions, '{}'),
              coalesce(c.blocked_regions, '{}'), u.dis, u.rev, u.nb, $12, u.signing
-        FROM unnest($1::jsonb[], $2::uuid[], $3::bytea[], $4::text[], $5::timestamptz[],
-                    $6::timestamptz[], $7::timestamptz[], $8::interval[], $9::boolean[], $10::boolean[])
-             WITH ORDINALITY AS u(o, id, hash, env, exp, dis, rev, nb, enabled, signing, i)
+        FROM ",
+            $source,
+            "
        CROSS JOIN LATERAL jsonb_populate_record(NULL::keypal.keys, u.o) AS c
-       ORDER BY u.i",
+       ORDER BY u.i
+      RETURNING id, owner_id, org_id, env, name, enabled, expires_at, disable_at, revoke_at, notify_before\0"
+        )
+        .as_bytes())
+        {
+            Ok(sql) => sql,
+            Err(_) => panic!("a NUL inside the statement"),
+        }
+    };
+}
+/// Many keys: the columns come as arrays. Generic plan: the arrays' sizes do not change its
+/// shape, and a custom plan for 100 000 rows would be compiled by JIT.
+static INSERT: Stmt = Stmt::generic(
+    insert_keys!(
+        "unnest($1::jsonb[], $2::uuid[], $3::bytea[], $4::text[], $5::timestamptz[],
+                    $6::timestamptz[], $7::timestamptz[], $8::interval[], $9::boolean[], $10::boolean[])
+             WITH ORDINALITY AS u(o, id, hash, env, exp, dis, rev, nb, enabled, signing, i)"
+    ),
     &[
         pg_sys::JSONBARRAYOID,
         pg_sys::UUIDARRAYOID,
@@ -84,6 +95,29 @@ static INSERT: Stmt = Stmt::generic(
         pg_sys::INTERVALARRAYOID,
         pg_sys::BOOLARRAYOID,
         pg_sys::BOOLARRAYOID,
+        pg_sys::TEXTOID,
+        pg_sys::UUIDOID,
+    ],
+);
+/// One key (keypal_create): the same from one row of values, which the planner folds into
+/// the statement (no unnest to start, no sort).
+static INSERT_ONE: Stmt = Stmt::generic(
+    insert_keys!(
+        "(VALUES ($1::jsonb, $2::uuid, $3::bytea, $4::text, $5::timestamptz, $6::timestamptz,
+                  $7::timestamptz, $8::interval, $9::boolean, $10::boolean, 1))
+             AS u(o, id, hash, env, exp, dis, rev, nb, enabled, signing, i)"
+    ),
+    &[
+        pg_sys::JSONBOID,
+        pg_sys::UUIDOID,
+        pg_sys::BYTEAOID,
+        pg_sys::TEXTOID,
+        pg_sys::TIMESTAMPTZOID,
+        pg_sys::TIMESTAMPTZOID,
+        pg_sys::TIMESTAMPTZOID,
+        pg_sys::INTERVALOID,
+        pg_sys::BOOLOID,
+        pg_sys::BOOLOID,
         pg_sys::TEXTOID,
         pg_sys::UUIDOID,
     ],
@@ -114,36 +148,21 @@ struct Config {
     default_env: Option<String>,
 }
 
-fn text_at(conn: &Connection, col: i32) -> Option<String> {
-    // SAFETY: the column is text.
-    conn.get(0, col)
-        .and_then(|d| unsafe { String::from_datum(d, false) })
-}
-
-fn config(conn: &Connection) -> Config {
-    CONFIG.exec(conn, &[], true, 1);
-    let alphabet = text_at(conn, 3).unwrap_or_default();
-    let length = conn
-        .get(0, 2)
-        .and_then(|d| unsafe { i32::from_datum(d, false) })
-        .unwrap_or(0);
-    let algorithm_name = text_at(conn, 4).unwrap_or_default();
-    let algorithm = keys::Algorithm::parse(&algorithm_name)
+/// The settings a new key's shape comes from, as the catalog cache holds them (read under
+/// the latest snapshot, reloaded when keypal.settings changes: see catalog.rs).
+fn config() -> Config {
+    let cat = crate::catalog::get();
+    let algorithm = keys::Algorithm::parse(&cat.algorithm)
         .unwrap_or_else(|| bad_argument("algorithm", "must be sha256 or sha512"));
-    // SAFETY: the column is jsonb.
-    let environments = conn
-        .get(0, 6)
-        .and_then(|d| unsafe { JsonB::from_datum(d, false) })
-        .map(|j| j.0);
     Config {
-        prefix: text_at(conn, 1).unwrap_or_default(),
-        alphabet: api::key_alphabet(length, &alphabet),
-        length,
+        prefix: cat.prefixes.first().cloned().unwrap_or_default(),
+        alphabet: api::key_alphabet(cat.length as i32, &cat.alphabet_spec),
+        length: cat.length as i32,
         algorithm,
-        algorithm_name,
-        checksum: conn.get_bool(0, 5),
-        environments,
-        default_env: text_at(conn, 7),
+        algorithm_name: cat.algorithm.clone(),
+        checksum: cat.checksum,
+        environments: cat.environments.clone(),
+        default_env: cat.default_env.clone(),
     }
 }
 
@@ -196,31 +215,6 @@ fn string_list(v: Option<&Value>) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Sets the transaction-local settings the audit trigger reads (keypal.begin_change).
-fn set_change(actor: &str, action: &str, context: &str) {
-    for (name, value) in [
-        (c"keypal._actor", actor),
-        (c"keypal._action", action),
-        (c"keypal._context", context),
-    ] {
-        let value = CString::new(value)
-            .unwrap_or_else(|_| bad_argument("actor", "must not contain a NUL character"));
-        // SAFETY: valid C strings; a transaction-local USERSET change, as set_config does.
-        unsafe {
-            pg_sys::set_config_option(
-                name.as_ptr(),
-                value.as_ptr(),
-                pg_sys::GucContext::PGC_USERSET,
-                pg_sys::GucSource::PGC_S_SESSION,
-                pg_sys::GucAction::GUC_ACTION_LOCAL,
-                true,
-                0,
-                false,
-            );
-        }
-    }
-}
-
 /// Who acts (keypal.actor): the spec's actor, else the keypal.actor setting, else the role
 /// that called keypal.
 fn actor(given: &str) -> String {
@@ -229,6 +223,11 @@ fn actor(given: &str) -> String {
     }
     let set = gucs::current_setting("keypal.actor").filter(|s| !s.is_empty());
     set.unwrap_or_else(api::invoking_user_name)
+}
+
+/// The one element of a one-spec call's column.
+fn only<T>(v: Vec<Option<T>>) -> Option<T> {
+    v.into_iter().next().flatten()
 }
 
 /// A new random (version 4) uuid, as gen_random_uuid() makes.
@@ -361,13 +360,117 @@ fn make(
     (key, id, exp, env, secret)
 }
 
+/// Makes one key per spec (key options, see options.rs; `prefixes[i]` names spec i in
+/// messages, e.g. `specs[3].`), returned in order. `extra`: `rotated_from`, and the audit
+/// `action` and `context`.
+pub fn create(specs: Vec<Value>, prefixes: &[Option<String>], extra: Value) -> Vec<Made> {
+    // Every spec checked as options first (the first bad one raises).
+    let mut norm = Vec::with_capacity(specs.len());
+    for (i, v) in specs.into_iter().enumerate() {
+        let arg = prefixes.get(i).cloned().flatten().unwrap_or_default();
+        match options::normalize(&v, &arg, true) {
+            Ok(m) => norm.push((m, arg)),
+            Err(e) => refuse_option(e),
+        }
+    }
+    let action = extra.get("action").and_then(Value::as_str).unwrap_or("");
+    let context = extra
+        .get("context")
+        .filter(|c| !c.is_null())
+        .map(Value::to_string)
+        .unwrap_or_default();
+    let rotated_from = extra
+        .get("rotated_from")
+        .and_then(Value::as_str)
+        .map(|s| parse_uuid(s).unwrap_or_else(|| bad_argument("rotated_from", "not a uuid")));
+    if norm.is_empty() {
+        return Vec::new();
+    }
+    // Who acts on each (the spec's actor, else keypal.actor, else the caller's role).
+    let mut anyone = None;
+    let actors: Vec<String> = norm
+        .iter()
+        .map(|(m, _)| match m.get("actor").and_then(Value::as_str) {
+            Some(a) if !a.is_empty() => a.to_owned(),
+            _ => anyone.get_or_insert_with(|| actor("")).clone(),
+        })
+        .collect();
+    crate::spi::passing_errors(|| {
+        Connection::with(|conn| {
+            let cfg = config();
+            // Every spec checked and its key made, in spec order (the first bad one
+            // raises, whatever its actor), each in a memory context of its own: what
+            // make returns is Rust's, what PostgreSQL allocated for it is freed.
+            let mut rows = Rows::default();
+            let mut scratch = PgMemoryContexts::new("keypal create_keys spec");
+            let mut made = Vec::with_capacity(norm.len());
+            for (o, arg) in norm {
+                // SAFETY: nothing allocated in scratch outlives the reset below.
+                made.push(unsafe {
+                    let m = scratch.switch_to(|_| make(conn, &cfg, o, &arg, &mut rows));
+                    scratch.reset();
+                    m
+                });
+            }
+            let n = audit::writing(|| {
+                let algorithm = text(&cfg.algorithm_name);
+                if rows.id.len() == 1 {
+                    INSERT_ONE.exec(
+                        conn,
+                        &[
+                            only(rows.spec).into_datum(),
+                            only(rows.id).into_datum(),
+                            only(rows.hash).into_datum(),
+                            only(rows.env).into_datum(),
+                            only(rows.exp).into_datum(),
+                            only(rows.dis).into_datum(),
+                            only(rows.rev).into_datum(),
+                            only(rows.nb).into_datum(),
+                            only(rows.enabled).into_datum(),
+                            only(rows.signing).into_datum(),
+                            algorithm,
+                            rotated_from.into_datum(),
+                        ],
+                        false,
+                        0,
+                    )
+                } else {
+                    INSERT.exec(
+                        conn,
+                        &[
+                            rows.spec.into_datum(),
+                            rows.id.into_datum(),
+                            rows.hash.into_datum(),
+                            rows.env.into_datum(),
+                            rows.exp.into_datum(),
+                            rows.dis.into_datum(),
+                            rows.rev.into_datum(),
+                            rows.nb.into_datum(),
+                            rows.enabled.into_datum(),
+                            rows.signing.into_datum(),
+                            algorithm,
+                            rotated_from.into_datum(),
+                        ],
+                        false,
+                        0,
+                    )
+                }
+            });
+            // (RETURNING gives the rows in spec order, as the INSERT wrote them)
+            let new: Vec<audit::NewKey> = (0..n as usize)
+                .map(|r| audit::NewKey::read(conn, r))
+                .collect();
+            audit::record(conn, &new, &actors, action, &context);
+            made
+        })
+    })
+}
+
 #[pg_schema]
 mod keypal {
     use super::*;
 
-    /// Makes one key per element of `specs` (key options, see options.rs; `prefixes[i]`
-    /// names the element in messages, e.g. `specs[3].`), returned in order. `extra`:
-    /// `rotated_from`, and the audit `action` and `context`.
+    /// Makes one key per element of `specs`: see `create`.
     #[pg_extern(volatile, parallel_unsafe)]
     #[allow(clippy::type_complexity)] // (pgrx reads the column names from this signature)
     fn create_keys(
@@ -384,87 +487,91 @@ mod keypal {
             name!(signing_secret, Option<String>),
         ),
     > {
-        // Every spec checked as options first (the first bad one raises).
-        let mut norm = Vec::with_capacity(specs.len());
-        for (i, s) in specs.into_iter().enumerate() {
-            let arg = prefixes.get(i).cloned().flatten().unwrap_or_default();
-            let v = s.map(|j| j.0).unwrap_or(Value::Null);
-            match options::normalize(&v, &arg, true) {
-                Ok(m) => norm.push((m, arg)),
-                Err(e) => refuse_option(e),
-            }
-        }
+        let specs = specs
+            .into_iter()
+            .map(|s| s.map(|j| j.0).unwrap_or(Value::Null))
+            .collect();
         let extra = extra.map(|j| j.0).unwrap_or(Value::Null);
-        let action = extra.get("action").and_then(Value::as_str).unwrap_or("");
-        let context = extra
-            .get("context")
-            .filter(|c| !c.is_null())
-            .map(Value::to_string)
-            .unwrap_or_default();
-        let rotated_from = extra
-            .get("rotated_from")
-            .and_then(Value::as_str)
-            .map(|s| parse_uuid(s).unwrap_or_else(|| bad_argument("rotated_from", "not a uuid")));
-        if norm.is_empty() {
-            return TableIterator::new(Vec::new());
-        }
-        // Groups by actor, in the order each first appears (the audit trigger reads the
-        // actor per statement: one INSERT per group).
-        let mut groups: Vec<String> = Vec::new();
-        let mut group_of = Vec::with_capacity(norm.len());
-        for (m, _) in &norm {
-            let a = m.get("actor").and_then(Value::as_str).unwrap_or("");
-            let g = groups.iter().position(|g| g == a).unwrap_or_else(|| {
-                groups.push(a.to_owned());
-                groups.len() - 1
-            });
-            group_of.push(g);
-        }
-        let made = crate::spi::passing_errors(|| {
-            Connection::with(|conn| {
-                let cfg = config(conn);
-                // Every spec checked and its key made, in spec order (the first bad one
-                // raises, whatever its actor), each in a memory context of its own: what
-                // make returns is Rust's, what PostgreSQL allocated for it is freed.
-                let mut rows: Vec<Rows> = groups.iter().map(|_| Rows::default()).collect();
-                let mut scratch = PgMemoryContexts::new("keypal create_keys spec");
-                let mut made = Vec::with_capacity(norm.len());
-                for ((o, arg), g) in norm.into_iter().zip(&group_of) {
-                    // SAFETY: nothing allocated in scratch outlives the reset below.
-                    made.push(unsafe {
-                        let m = scratch.switch_to(|_| make(conn, &cfg, o, &arg, &mut rows[*g]));
-                        scratch.reset();
-                        m
-                    });
-                }
-                for (who, rows) in groups.iter().zip(rows) {
-                    set_change(&actor(who), action, &context);
-                    INSERT.exec(
-                        conn,
-                        &[
-                            rows.spec.into_datum(),
-                            rows.id.into_datum(),
-                            rows.hash.into_datum(),
-                            rows.env.into_datum(),
-                            rows.exp.into_datum(),
-                            rows.dis.into_datum(),
-                            rows.rev.into_datum(),
-                            rows.nb.into_datum(),
-                            rows.enabled.into_datum(),
-                            rows.signing.into_datum(),
-                            text(&cfg.algorithm_name),
-                            rotated_from.into_datum(),
-                        ],
-                        false,
-                        0,
-                    );
-                }
-                set_change("", "", "");
-                made
-            })
-        });
-        TableIterator::new(made)
+        TableIterator::new(create(specs, &prefixes, extra))
     }
+}
+
+/// keypal_create, declared in api.sql (SECURITY DEFINER, search_path pinned, RETURNS SETOF
+/// keypal.created_key; the arguments in this order): the arguments given (not SQL NULL)
+/// become the key's options, as keypal_create_many's spec would give them.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+#[pg_extern(sql = false, volatile, parallel_unsafe)]
+fn keypal_create_c(
+    owner_id: Option<String>,
+    name: Option<String>,
+    description: Option<String>,
+    scopes: Option<Vec<Option<String>>>,
+    resources: Option<JsonB>,
+    tags: Option<Vec<Option<String>>>,
+    metadata: Option<JsonB>,
+    expires_in: Option<String>,
+    expires_at: Option<TimestampWithTimeZone>,
+    env: Option<String>,
+    org_id: Option<String>,
+    parent_id: Option<Uuid>,
+    policy: Option<String>,
+    rate_limit: Option<JsonB>,
+    quota: Option<JsonB>,
+    allowed_ips: Option<Vec<Option<String>>>,
+    blocked_ips: Option<Vec<Option<String>>>,
+    allowed_regions: Option<Vec<Option<String>>>,
+    blocked_regions: Option<Vec<Option<String>>>,
+    disable_at: Option<TimestampWithTimeZone>,
+    revoke_at: Option<TimestampWithTimeZone>,
+    notify_before: Option<String>,
+    signing: Option<bool>,
+    actor: Option<String>,
+) -> TableIterator<
+    'static,
+    (
+        name!(key, String),
+        name!(id, Uuid),
+        name!(expires_at, Option<TimestampWithTimeZone>),
+        name!(env, Option<String>),
+        name!(signing_secret, Option<String>),
+    ),
+> {
+    let mut o = Map::new();
+    let mut put = |k: &str, v: Option<Value>| {
+        if let Some(v) = v {
+            o.insert(k.to_owned(), v);
+        }
+    };
+    let list = |l: Option<Vec<Option<String>>>| {
+        l.map(|l| Value::from(l.into_iter().map(Value::from).collect::<Vec<_>>()))
+    };
+    // (a timestamp as its text, which the spec's own parsing reads back exactly)
+    let time = |t: Option<TimestampWithTimeZone>| t.map(|t| Value::from(t.to_string()));
+    put("owner_id", owner_id.map(Value::from));
+    put("name", name.map(Value::from));
+    put("description", description.map(Value::from));
+    put("scopes", list(scopes));
+    put("resources", resources.map(|j| j.0));
+    put("tags", list(tags));
+    put("metadata", metadata.map(|j| j.0));
+    put("expires_in", expires_in.map(Value::from));
+    put("expires_at", time(expires_at));
+    put("env", env.map(Value::from));
+    put("org_id", org_id.map(Value::from));
+    put("parent_id", parent_id.map(|u| Value::from(u.to_string())));
+    put("policy", policy.map(Value::from));
+    put("rate_limit", rate_limit.map(|j| j.0));
+    put("quota", quota.map(|j| j.0));
+    put("allowed_ips", list(allowed_ips));
+    put("blocked_ips", list(blocked_ips));
+    put("allowed_regions", list(allowed_regions));
+    put("blocked_regions", list(blocked_regions));
+    put("disable_at", time(disable_at));
+    put("revoke_at", time(revoke_at));
+    put("notify_before", notify_before.map(Value::from));
+    put("signing", signing.map(Value::from));
+    put("actor", actor.map(Value::from));
+    TableIterator::new(create(vec![Value::Object(o)], &[], Value::Null))
 }
 
 /// A uuid from its text (as SQL writes it: 32 hex digits, with or without hyphens).

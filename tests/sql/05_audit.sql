@@ -40,6 +40,22 @@ SELECT is((SELECT count(*) FROM keypal.events WHERE key_id = pg_temp.id()), 5::b
 SELECT results_eq($$SELECT payload->>'event', payload->'data'->>'ownerId', payload ? 'timestamp' FROM keypal.events WHERE key_id = pg_temp.id() ORDER BY id LIMIT 1$$,
     $$VALUES ('key.created', 'aud', true)$$, 'event payload');
 
+-- keypal_create records its own keys (src/audit.rs); the INSERT trigger records every other
+-- INSERT, such as the owner's own: the same audit row and event.
+SELECT is(keypal.audit_written(), false, 'outside keypal.create_keys, the INSERT trigger records');
+INSERT INTO keypal.keys (id, key_hash, algorithm, owner_id, name, org_id, env)
+VALUES ('00000000-0000-4000-8000-00000000a0d1', '\x01', 'sha256', 'direct', 'by hand', 'o1', 'live');
+SELECT results_eq($$SELECT action, owner_id, org_id, actor = current_user FROM keypal.audit_log WHERE key_id = '00000000-0000-4000-8000-00000000a0d1'$$,
+    $$VALUES ('created', 'direct', 'o1', true)$$, 'a direct INSERT is audited by the trigger');
+CREATE TEMP TABLE made_here AS SELECT * FROM keypal_create(owner_id => 'direct', name => 'by hand', org_id => 'o1', env => 'live');
+SELECT results_eq($$SELECT a.action, a.owner_id, a.org_id, a.actor, a.role, a.context FROM keypal.audit_log a WHERE a.key_id = (SELECT id FROM made_here)$$,
+    $$SELECT a.action, a.owner_id, a.org_id, a.actor, a.role, a.context FROM keypal.audit_log a WHERE a.key_id = '00000000-0000-4000-8000-00000000a0d1'$$,
+    'keypal_create writes the audit row the trigger writes');
+SELECT results_eq($$SELECT e.event, (e.payload->'data') - 'keyId' FROM keypal.events e WHERE e.key_id = (SELECT id FROM made_here)$$,
+    $$SELECT e.event, (e.payload->'data') - 'keyId' FROM keypal.events e WHERE e.key_id = '00000000-0000-4000-8000-00000000a0d1'$$,
+    'and the event the trigger writes');
+DELETE FROM keypal.keys WHERE owner_id = 'direct';
+
 -- Direct writes to keypal.keys (by the owner) are audited too; DELETE is 'deleted'.
 CREATE TEMP TABLE gone AS SELECT id FROM k WHERE id <> pg_temp.id();
 DELETE FROM keypal.keys WHERE id = (SELECT id FROM gone);

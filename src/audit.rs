@@ -1,0 +1,216 @@
+//! What making keys leaves besides their rows: one audit row per key, one `key.created`
+//! event per key (when the action is `created`) and the keys' timers.
+//!
+//! `keypal.create_keys` writes them here, right after its INSERT, from the rows that INSERT
+//! returned. Its INSERT does not fire the INSERT trigger (`keys_audit` runs only `WHEN NOT
+//! keypal.audit_written()`, which is true only while such an INSERT runs); every other
+//! INSERT into keypal.keys (keypal_import, a restore) is still recorded by that trigger, from
+//! its transition table. The two write the same rows: `tests/sql/05_audit.sql` and
+//! `10_webhooks.sql` check the content, `16_bulk.sql` the counts.
+//!
+//! Writing them here rather than in the trigger saves, on every call, the trigger's call
+//! and its transition table; its statements are prepared once per backend.
+
+use crate::spi::{Connection, Stmt};
+use pgrx::datum::{Interval, TimestampWithTimeZone};
+use pgrx::prelude::*;
+use pgrx::{pg_sys, JsonB, Uuid};
+use serde_json::{json, Map, Value};
+use std::cell::Cell;
+
+thread_local! {
+    /// Set while keypal.create_keys' INSERT runs: its rows are recorded here, not by the
+    /// trigger.
+    static WRITING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// A key as it was inserted.
+pub struct NewKey {
+    pub id: Uuid,
+    pub owner_id: Option<String>,
+    pub org_id: Option<String>,
+    pub env: Option<String>,
+    pub name: Option<String>,
+    pub enabled: bool,
+    pub expires_at: Option<TimestampWithTimeZone>,
+    pub disable_at: Option<TimestampWithTimeZone>,
+    pub revoke_at: Option<TimestampWithTimeZone>,
+    pub notify_before: Option<Interval>,
+}
+
+impl NewKey {
+    /// Row `row` of the last statement's result, whose columns are `id, owner_id, org_id,
+    /// env, name, enabled, expires_at, disable_at, revoke_at, notify_before` (what
+    /// keypal.create_keys' INSERT returns).
+    pub fn read(conn: &Connection, row: usize) -> NewKey {
+        // SAFETY: each column is read with the type RETURNING gives it.
+        unsafe {
+            let text = |c| conn.get(row, c).and_then(|d| String::from_datum(d, false));
+            let time = |c| {
+                conn.get(row, c)
+                    .and_then(|d| TimestampWithTimeZone::from_datum(d, false))
+            };
+            NewKey {
+                id: conn
+                    .get(row, 1)
+                    .and_then(|d| Uuid::from_datum(d, false))
+                    .expect("a key's id is not null"),
+                owner_id: text(2),
+                org_id: text(3),
+                env: text(4),
+                name: text(5),
+                enabled: conn.get_bool(row, 6),
+                expires_at: time(7),
+                disable_at: time(8),
+                revoke_at: time(9),
+                notify_before: conn
+                    .get(row, 10)
+                    .and_then(|d| Interval::from_datum(d, false)),
+            }
+        }
+    }
+
+    /// The webhook body's "data" of its key.created event (keypal.event_data).
+    fn event_data(&self, actor: &str) -> Value {
+        let mut m = Map::new();
+        m.insert("keyId".into(), json!(self.id.to_string()));
+        for (k, v) in [
+            ("ownerId", &self.owner_id),
+            ("orgId", &self.org_id),
+            ("env", &self.env),
+            ("name", &self.name),
+        ] {
+            if let Some(v) = v {
+                m.insert(k.into(), json!(v));
+            }
+        }
+        m.insert("actor".into(), json!(actor));
+        Value::Object(m)
+    }
+
+    /// Its timers as keypal.timer_to_arm arms a new key's: (kind, moment).
+    fn timers(&self) -> impl Iterator<Item = (&'static str, TimestampWithTimeZone)> {
+        let expiring = match (self.expires_at, self.notify_before) {
+            // SAFETY: timestamptz - interval, both valid datums (calendar arithmetic in the
+            // session's time zone, as SQL's).
+            (Some(t), Some(nb)) => unsafe {
+                pgrx::direct_function_call::<TimestampWithTimeZone>(
+                    pg_sys::timestamptz_mi_interval,
+                    &[t.into_datum(), nb.into_datum()],
+                )
+            },
+            _ => None,
+        };
+        [
+            ("disable", self.disable_at.filter(|_| self.enabled)),
+            ("revoke", self.revoke_at),
+            ("expiring", expiring),
+            ("expired", self.expires_at),
+        ]
+        .into_iter()
+        .filter_map(|(kind, due)| due.map(|d| (kind, d)))
+    }
+}
+
+/// Whether keypal.create_keys' INSERT is running (its rows are recorded by it, not by the
+/// INSERT trigger, whose WHEN clause asks this).
+#[pg_schema]
+mod keypal {
+    use pgrx::prelude::*;
+
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn audit_written() -> bool {
+        super::WRITING.get()
+    }
+}
+
+/// Runs `f` (the INSERT) with the INSERT trigger off for it; on, again, however `f` ends.
+pub fn writing<R>(f: impl FnOnce() -> R) -> R {
+    crate::scoped::while_set(&WRITING, f)
+}
+
+static AUDIT: Stmt = Stmt::generic(
+    c"INSERT INTO keypal.audit_log (action, key_id, owner_id, org_id, actor, role, context)
+      SELECT $1, u.id, u.owner_id, u.org_id, u.actor, session_user, $2
+        FROM unnest($3::uuid[], $4::text[], $5::text[], $6::text[]) AS u(id, owner_id, org_id, actor)",
+    &[
+        pg_sys::TEXTOID,
+        pg_sys::JSONBOID,
+        pg_sys::UUIDARRAYOID,
+        pg_sys::TEXTARRAYOID,
+        pg_sys::TEXTARRAYOID,
+        pg_sys::TEXTARRAYOID,
+    ],
+);
+static TIMERS: Stmt = Stmt::generic(
+    c"WITH set AS (
+          INSERT INTO keypal.key_timers AS t (key_id, kind, due_at)
+          SELECT * FROM unnest($1::uuid[], $2::text[], $3::timestamptz[])
+              ON CONFLICT (key_id, kind) DO UPDATE SET due_at = EXCLUDED.due_at
+          RETURNING 1)
+      SELECT keypal.timers_armed(count(*)) FROM set",
+    &[
+        pg_sys::UUIDARRAYOID,
+        pg_sys::TEXTARRAYOID,
+        pg_sys::TIMESTAMPTZARRAYOID,
+    ],
+);
+
+/// Records `keys`, made by one statement, `actors[i]` acting on `keys[i]`: `action` (audit),
+/// `context` (jsonb text, "" for none) as keypal.audit_inserted_keys records them.
+pub fn record(conn: &Connection, keys: &[NewKey], actors: &[String], action: &str, context: &str) {
+    if keys.is_empty() {
+        return;
+    }
+    let act = if action.is_empty() { "created" } else { action };
+    let ctx = if context.is_empty() {
+        Value::Object(Map::new())
+    } else {
+        serde_json::from_str(context).unwrap_or_else(|_| Value::Object(Map::new()))
+    };
+    let ids: Vec<Option<Uuid>> = keys.iter().map(|k| Some(k.id)).collect();
+    AUDIT.exec(
+        conn,
+        &[
+            act.into_datum(),
+            JsonB(ctx).into_datum(),
+            ids.clone().into_datum(),
+            keys.iter()
+                .map(|k| k.owner_id.clone())
+                .collect::<Vec<_>>()
+                .into_datum(),
+            keys.iter()
+                .map(|k| k.org_id.clone())
+                .collect::<Vec<_>>()
+                .into_datum(),
+            actors.to_vec().into_datum(),
+        ],
+        false,
+        0,
+    );
+    if act == "created" {
+        let events: Vec<Option<String>> = vec![Some("key.created".into()); keys.len()];
+        let data: Vec<Option<JsonB>> = keys
+            .iter()
+            .zip(actors)
+            .map(|(k, a)| Some(JsonB(k.event_data(a))))
+            .collect();
+        crate::events::emit(conn, events, ids, data);
+    }
+    let (mut tid, mut kind, mut due) = (Vec::new(), Vec::new(), Vec::new());
+    for k in keys {
+        for (w, d) in k.timers() {
+            tid.push(Some(k.id));
+            kind.push(Some(w.to_owned()));
+            due.push(Some(d));
+        }
+    }
+    if !tid.is_empty() {
+        TIMERS.exec(
+            conn,
+            &[tid.into_datum(), kind.into_datum(), due.into_datum()],
+            false,
+            0,
+        );
+    }
+}
