@@ -1502,7 +1502,9 @@ BEGIN
         SELECT a.key_id, a.kind, a.due
           FROM (SELECT n.id AS key_id, w.kind,
                        keypal.timer_to_arm(ROW(n.*)::keypal.keys, w.kind, act = 'imported') AS due
-                  FROM keypal_new n CROSS JOIN unnest(ARRAY['disable', 'revoke', 'expiring', 'expired']) AS w(kind)) a
+                  FROM keypal_new n CROSS JOIN unnest(ARRAY['disable', 'revoke', 'expiring', 'expired']) AS w(kind)
+                 -- (only keys with a moment: most have none, and each row built costs)
+                 WHERE n.disable_at IS NOT NULL OR n.revoke_at IS NOT NULL OR n.expires_at IS NOT NULL) a
          WHERE a.due IS NOT NULL
             ON CONFLICT (key_id, kind) DO UPDATE SET due_at = EXCLUDED.due_at
         RETURNING 1)

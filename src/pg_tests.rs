@@ -14,6 +14,29 @@ mod tests {
     }
 
     #[pg_test]
+    fn new_key_ids_are_version_7_and_carry_the_time() {
+        let (_, a) = create("owner_id => 'v7'");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let (_, b) = create("owner_id => 'v7'");
+        for u in [a, b] {
+            assert_eq!(u.as_bytes()[6] >> 4, 7, "version 7");
+            assert_eq!(u.as_bytes()[8] >> 6, 0b10, "RFC 9562 variant");
+        }
+        assert!(b.as_bytes() > a.as_bytes(), "a later key's id sorts after");
+        // The id's milliseconds are the clock's when the key was made.
+        let ms = |u: pgrx::Uuid| {
+            u.as_bytes()[..6]
+                .iter()
+                .fold(0i64, |n, b| (n << 8) | i64::from(*b))
+        };
+        let now =
+            Spi::get_one::<i64>("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::int8")
+                .unwrap()
+                .unwrap();
+        assert!((0..60_000).contains(&(now - ms(b))), "{now} vs {}", ms(b));
+    }
+
+    #[pg_test]
     fn quota_periods_agree_with_date_trunc() {
         // Timestamps across leap years, month ends, week starts and before 2000.
         let sql = "SELECT array_agg((extract(epoch FROM t - '2000-01-01 UTC') * 1000000)::int8 ORDER BY t),
