@@ -356,6 +356,15 @@ BEGIN
     RETURN v_exp;
 END $$;
 
+-- The one CHECK of keypal.keys (src/create.rs keypal_key_row_ok: one function call, where
+-- four CHECK expressions were parsed and planned again for every statement writing keys).
+CREATE FUNCTION keypal.key_row_ok(algorithm text, id uuid, parent_id uuid, resources jsonb, metadata jsonb)
+RETURNS boolean LANGUAGE c IMMUTABLE PARALLEL SAFE AS 'MODULE_PATHNAME', 'keypal_key_row_ok';
+COMMENT ON FUNCTION keypal.key_row_ok(text, uuid, uuid, jsonb, jsonb) IS
+    'The CHECK of keypal.keys: algorithm sha256 or sha512, parent_id not the key itself, resources and metadata JSON objects.';
+ALTER TABLE keypal.keys ADD CONSTRAINT keys_row_check
+    CHECK (keypal.key_row_ok(algorithm, id, parent_id, resources, metadata));
+
 -- keypal.create_keys(specs jsonb[], prefixes text[], extra jsonb), the one place keys are
 -- made, is Rust (src/create.rs): it checks each spec, generates and hashes its key, and
 -- writes the rows by one INSERT, then their audit rows, events and timers (src/audit.rs).

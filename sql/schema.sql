@@ -108,7 +108,7 @@ COMMENT ON TABLE keypal.templates IS 'Named option sets for keypal_create_from_t
 CREATE TABLE keypal.keys (
     id               uuid PRIMARY KEY DEFAULT gen_random_uuid(),
     key_hash         bytea NOT NULL UNIQUE,
-    algorithm        text NOT NULL CHECK (algorithm IN ('sha256', 'sha512')),
+    algorithm        text NOT NULL,
     owner_id         text NOT NULL,
     org_id           text,
     env              text,
@@ -142,10 +142,9 @@ CREATE TABLE keypal.keys (
     notify_before    interval,
     -- Requests may be signed with this key's signing secret (derived from the server's
     -- keypal.signing_secret and the id: no table holds it).
-    signing          boolean NOT NULL DEFAULT false,
-    CHECK (parent_id IS DISTINCT FROM id),
-    CHECK (jsonb_typeof(resources) = 'object'),
-    CHECK (jsonb_typeof(metadata) = 'object')
+    signing          boolean NOT NULL DEFAULT false
+    -- (its one CHECK, keypal.key_row_ok: a known algorithm, not its own parent, resources
+    -- and metadata objects, is added in api.sql, once the function exists)
 );
 CREATE INDEX keys_owner_idx ON keypal.keys (owner_id, created_at);
 CREATE INDEX keys_org_idx ON keypal.keys (org_id, created_at) WHERE org_id IS NOT NULL;

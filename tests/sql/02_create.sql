@@ -118,5 +118,19 @@ SELECT throws_ok($$SELECT * FROM keypal_create(owner_id => 'e', env => 'staging'
 
 SELECT throws_ok($$SELECT * FROM keypal_create(owner_id => 's', signing => true)$$, '55000', NULL, 'signing => true needs keypal.signing_secret');
 
+-- The table's own check (keypal.key_row_ok) stops what keypal's functions refuse first,
+-- when the owner writes rows directly.
+SELECT throws_ok($$INSERT INTO keypal.keys (id, key_hash, algorithm, owner_id) VALUES (gen_random_uuid(), '\x01', 'md5', 'x')$$,
+    '23514', NULL, 'a row with an unknown algorithm is refused');
+SELECT throws_ok($$INSERT INTO keypal.keys (id, key_hash, algorithm, owner_id, metadata) VALUES (gen_random_uuid(), '\x02', 'sha256', 'x', '[]')$$,
+    '23514', NULL, 'metadata that is not an object is refused');
+SELECT throws_ok($$INSERT INTO keypal.keys (id, key_hash, algorithm, owner_id, resources) VALUES (gen_random_uuid(), '\x03', 'sha512', 'x', '"read"')$$,
+    '23514', NULL, 'resources that are not an object are refused');
+SELECT throws_ok($$UPDATE keypal.keys SET parent_id = id WHERE id = (SELECT id FROM k)$$,
+    '23514', NULL, 'a key cannot be its own parent');
+SELECT lives_ok($$INSERT INTO keypal.keys (id, key_hash, algorithm, owner_id, parent_id) VALUES (gen_random_uuid(), '\x04', 'sha512', 'x', (SELECT id FROM k))$$,
+    'a well-formed row passes');
+SELECT is(keypal.key_row_ok('sha256', gen_random_uuid(), NULL, '{}', NULL), false, 'NULL metadata does not pass');
+
 SELECT * FROM finish();
 ROLLBACK;
