@@ -142,6 +142,19 @@ static AUDIT: Stmt = Stmt::generic(
         pg_sys::TEXTARRAYOID,
     ],
 );
+/// One key's (creating one key): the same from values.
+static AUDIT_ONE: Stmt = Stmt::generic(
+    c"INSERT INTO keypal.audit_log (action, key_id, owner_id, org_id, actor, role, context)
+      VALUES ($1, $3, $4, $5, $6, session_user, $2)",
+    &[
+        pg_sys::TEXTOID,
+        pg_sys::JSONBOID,
+        pg_sys::UUIDOID,
+        pg_sys::TEXTOID,
+        pg_sys::TEXTOID,
+        pg_sys::TEXTOID,
+    ],
+);
 static TIMERS: Stmt = Stmt::generic(
     c"WITH set AS (
           INSERT INTO keypal.key_timers AS t (key_id, kind, due_at)
@@ -169,25 +182,41 @@ pub fn record(conn: &Connection, keys: &[NewKey], actors: &[String], action: &st
         serde_json::from_str(context).unwrap_or_else(|_| Value::Object(Map::new()))
     };
     let ids: Vec<Option<Uuid>> = keys.iter().map(|k| Some(k.id)).collect();
-    AUDIT.exec(
-        conn,
-        &[
-            act.into_datum(),
-            JsonB(ctx).into_datum(),
-            ids.clone().into_datum(),
-            keys.iter()
-                .map(|k| k.owner_id.clone())
-                .collect::<Vec<_>>()
-                .into_datum(),
-            keys.iter()
-                .map(|k| k.org_id.clone())
-                .collect::<Vec<_>>()
-                .into_datum(),
-            actors.to_vec().into_datum(),
-        ],
-        false,
-        0,
-    );
+    if let ([k], [who]) = (keys, actors) {
+        AUDIT_ONE.exec(
+            conn,
+            &[
+                act.into_datum(),
+                JsonB(ctx).into_datum(),
+                k.id.into_datum(),
+                k.owner_id.clone().into_datum(),
+                k.org_id.clone().into_datum(),
+                who.clone().into_datum(),
+            ],
+            false,
+            0,
+        );
+    } else {
+        AUDIT.exec(
+            conn,
+            &[
+                act.into_datum(),
+                JsonB(ctx).into_datum(),
+                ids.clone().into_datum(),
+                keys.iter()
+                    .map(|k| k.owner_id.clone())
+                    .collect::<Vec<_>>()
+                    .into_datum(),
+                keys.iter()
+                    .map(|k| k.org_id.clone())
+                    .collect::<Vec<_>>()
+                    .into_datum(),
+                actors.to_vec().into_datum(),
+            ],
+            false,
+            0,
+        );
+    }
     if act == "created" {
         let events: Vec<Option<String>> = vec![Some("key.created".into()); keys.len()];
         let data: Vec<Option<JsonB>> = keys

@@ -46,11 +46,11 @@ static KEY_EXPIRY: Stmt = Stmt::new(
     ],
 );
 /// The INSERT of new keys from `$source`, a relation u(o, id, hash, env, exp, dis, rev, nb,
-/// enabled, signing, i) of one row per spec (i: its place): `o` holds the spec's key options
+/// enabled, signing, i) of one row per spec (i: its place), `$order` its ORDER BY: `o` holds the spec's key options
 /// that jsonb_populate_record maps onto columns as they are (text, uuid, arrays, jsonb);
 /// the rest come computed. The rows are written, and returned, in spec order.
 macro_rules! insert_keys {
-    ($source:literal) => {
+    ($source:literal, $order:literal) => {
         match CStr::from_bytes_with_nul(concat!(
             "INSERT INTO keypal.keys (id, key_hash, algorithm, owner_id, org_id, env, name, description, scopes,
                               resources, tags, metadata, enabled, expires_at, parent_id, policy,
@@ -66,7 +66,9 @@ macro_rules! insert_keys {
             $source,
             "
        CROSS JOIN LATERAL jsonb_populate_record(NULL::keypal.keys, u.o) AS c
-       ORDER BY u.i
+       ",
+            $order,
+            "
       RETURNING id, owner_id, org_id, env, name, enabled, expires_at, disable_at, revoke_at, notify_before\0"
         )
         .as_bytes())
@@ -82,7 +84,8 @@ static INSERT: Stmt = Stmt::generic(
     insert_keys!(
         "unnest($1::jsonb[], $2::uuid[], $3::bytea[], $4::text[], $5::timestamptz[],
                     $6::timestamptz[], $7::timestamptz[], $8::interval[], $9::boolean[], $10::boolean[])
-             WITH ORDINALITY AS u(o, id, hash, env, exp, dis, rev, nb, enabled, signing, i)"
+             WITH ORDINALITY AS u(o, id, hash, env, exp, dis, rev, nb, enabled, signing, i)",
+        "ORDER BY u.i"
     ),
     &[
         pg_sys::JSONBARRAYOID,
@@ -100,12 +103,13 @@ static INSERT: Stmt = Stmt::generic(
     ],
 );
 /// One key (keypal_create): the same from one row of values, which the planner folds into
-/// the statement (no unnest to start, no sort).
+/// the statement (no unnest to start; no sort, so no subquery to scan either).
 static INSERT_ONE: Stmt = Stmt::generic(
     insert_keys!(
         "(VALUES ($1::jsonb, $2::uuid, $3::bytea, $4::text, $5::timestamptz, $6::timestamptz,
                   $7::timestamptz, $8::interval, $9::boolean, $10::boolean, 1))
-             AS u(o, id, hash, env, exp, dis, rev, nb, enabled, signing, i)"
+             AS u(o, id, hash, env, exp, dis, rev, nb, enabled, signing, i)",
+        ""
     ),
     &[
         pg_sys::JSONBOID,

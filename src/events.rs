@@ -10,25 +10,56 @@ use crate::spi::{Connection, Stmt};
 use pgrx::prelude::*;
 use pgrx::{pg_sys, JsonB, Uuid};
 
+/// An event's payload, the webhook body: its name, when, and its data.
+macro_rules! payload {
+    ($event:literal, $data:literal) => {
+        concat!(
+            "pg_catalog.jsonb_build_object('event', ",
+            $event,
+            ", 'timestamp', pg_catalog.to_char(pg_catalog.timezone('UTC', pg_catalog.clock_timestamp()),
+                                            'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
+             'data', ",
+            $data,
+            ")"
+        )
+    };
+}
+/// `CStr` of a statement built by concat!.
+macro_rules! sql {
+    ($($part:expr),+ $(,)?) => {
+        match std::ffi::CStr::from_bytes_with_nul(concat!($($part),+, "\0").as_bytes()) {
+            Ok(sql) => sql,
+            Err(_) => panic!("a NUL inside the statement"),
+        }
+    };
+}
 /// The events, in order. Names are qualified (callers pin search_path, but a plan made
 /// under theirs may be re-planned under another), but for unnest: with several arrays it is
 /// syntax, not a function to qualify.
 static EVENTS: Stmt = Stmt::generic(
-    c"INSERT INTO keypal.events (event, key_id, payload)
-      SELECT e.event, e.key_id, pg_catalog.jsonb_build_object(
-                 'event', e.event,
-                 'timestamp', pg_catalog.to_char(pg_catalog.timezone('UTC', pg_catalog.clock_timestamp()),
-                                                 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
-                 'data', e.data)
-        FROM unnest($1::pg_catalog.text[], $2::pg_catalog.uuid[], $3::pg_catalog.jsonb[])
-             WITH ORDINALITY AS e(event, key_id, data, n)
-       ORDER BY e.n
-      RETURNING id",
+    sql!(
+        "INSERT INTO keypal.events (event, key_id, payload)
+         SELECT e.event, e.key_id, ",
+        payload!("e.event", "e.data"),
+        " FROM unnest($1::pg_catalog.text[], $2::pg_catalog.uuid[], $3::pg_catalog.jsonb[])
+               WITH ORDINALITY AS e(event, key_id, data, n)
+          ORDER BY e.n
+         RETURNING id"
+    ),
     &[
         pg_sys::TEXTARRAYOID,
         pg_sys::UUIDARRAYOID,
         pg_sys::JSONBARRAYOID,
     ],
+);
+/// One event (creating one key): the same from values (no unnest to start, no sort).
+static EVENT: Stmt = Stmt::generic(
+    sql!(
+        "INSERT INTO keypal.events (event, key_id, payload) VALUES ($1, $2, ",
+        payload!("$1", "$3"),
+        ") RETURNING id"
+    ),
+    &[pg_sys::TEXTOID, pg_sys::UUIDOID, pg_sys::JSONBOID],
 );
 /// Whether any webhook is enabled (most databases have none: then nothing is queued).
 static ANY_WEBHOOK: Stmt = Stmt::new(
@@ -63,16 +94,29 @@ pub fn emit(
     if names.is_empty() {
         return None;
     }
-    let n = EVENTS.exec(
-        conn,
-        &[
-            names.clone().into_datum(),
-            key_ids.clone().into_datum(),
-            data.into_datum(),
-        ],
-        false,
-        0,
-    );
+    let n = if names.len() == 1 {
+        EVENT.exec(
+            conn,
+            &[
+                names[0].clone().into_datum(),
+                key_ids[0].into_datum(),
+                data.into_iter().next().flatten().into_datum(),
+            ],
+            false,
+            0,
+        )
+    } else {
+        EVENTS.exec(
+            conn,
+            &[
+                names.clone().into_datum(),
+                key_ids.clone().into_datum(),
+                data.into_datum(),
+            ],
+            false,
+            0,
+        )
+    };
     // SAFETY: the statement's one column is a bigint, never NULL.
     let ids: Vec<Option<i64>> = (0..n as usize)
         .map(|r| unsafe { conn.get(r, 1).and_then(|d| i64::from_datum(d, false)) })
