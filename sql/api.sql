@@ -1187,8 +1187,9 @@ BEGIN
     RETURN NEW;
 END $$;
 
--- keypal.emit_events(events text[], key_ids uuid[], data jsonb[]), the outbox's writer, is
--- Rust (src/events.rs).
+-- The outbox's writer (src/events.rs): the events, their webhook deliveries, one NOTIFY.
+CREATE FUNCTION keypal.emit_events(events text[], key_ids uuid[], data jsonb[])
+RETURNS bigint LANGUAGE c STRICT VOLATILE AS 'MODULE_PATHNAME', 'keypal_emit_events';
 
 CREATE FUNCTION keypal.emit_event(event text, key_id uuid, data jsonb)
 RETURNS bigint LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$

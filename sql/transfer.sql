@@ -38,6 +38,13 @@ BEGIN
               FROM @extschema@.keypal_export_records(keypal_export.owner_id, keypal_export.org_id) AS r);
 END $$;
 
+-- One record of keypal_import's data, checked, as a keypal.keys row (src/import_row.rs).
+CREATE FUNCTION keypal.import_row(rec text, index integer,
+    OUT source text, OUT notify text, OUT limits jsonb, OUT k keypal.keys)
+RETURNS record LANGUAGE c STRICT STABLE PARALLEL SAFE AS 'MODULE_PATHNAME', 'keypal_import_row';
+COMMENT ON FUNCTION keypal.import_row(text, integer) IS
+    'keypal_import: one record checked (errors name data[index].field) and made a keypal.keys row, with its kind (keypal or typescript), its notify_before as written and its rate_limit (a JSON null kept).';
+
 CREATE FUNCTION keypal_import(data jsonb DEFAULT NULL, on_conflict text DEFAULT 'error', actor text DEFAULT NULL)
 RETURNS TABLE (imported bigint, skipped bigint, overwritten bigint)
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off AS $$
@@ -64,17 +71,16 @@ BEGIN
     -- one raises, naming its index and field. (Dropped at the end; an error rolls it back.)
     -- A keypal record's metadata is taken as it came (no number rounded on the way);
     -- rate_limit keeps a JSON null (no limit, over any default), which is not SQL NULL.
+    -- (keypal.import_row, src/import_row.rs, makes each record's row)
     CREATE TEMP TABLE "keypal import" ON COMMIT DROP AS
-    SELECT (e.n - 1)::integer AS n, 'i'::"char" AS act, x.obj->>'_source' AS source, r.*,
-           CASE WHEN x.obj ? 'notify_before'
-                THEN keypal.parse_duration(x.obj->>'notify_before', format('data[%s].notify_before', e.n - 1)) END AS notify,
-           CASE WHEN x.obj->>'_source' = 'keypal' AND jsonb_typeof(e.v->'metadata') = 'object' THEN e.v->'metadata'
-                ELSE r.metadata END AS meta,
-           x.obj->'rate_limit' AS limits
+    SELECT (e.n - 1)::integer AS n, 'i'::"char" AS act, x.source, (x.k).*,
+           CASE WHEN x.notify IS NOT NULL
+                THEN keypal.parse_duration(x.notify, format('data[%s].notify_before', e.n - 1)) END AS notify,
+           CASE WHEN x.source = 'keypal' AND jsonb_typeof(e.v->'metadata') = 'object' THEN e.v->'metadata'
+                ELSE (x.k).metadata END AS meta,
+           x.limits
       FROM jsonb_array_elements(data) WITH ORDINALITY AS e(v, n)
-     CROSS JOIN LATERAL keypal.import_record(e.v::text, (e.n - 1)::integer) AS x(obj)
-     CROSS JOIN LATERAL jsonb_populate_record(NULL::keypal.keys, CASE WHEN x.obj ? 'notify_before'
-                                                                     THEN x.obj - 'notify_before' ELSE x.obj END) AS r;
+     CROSS JOIN LATERAL keypal.import_row(e.v::text, (e.n - 1)::integer) AS x;
     GET DIAGNOSTICS n_all = ROW_COUNT;
     -- Statistics for the columns the checks below join and filter on (all of them: a
     -- twentieth of the import's time, sorting metadata and scopes for nothing).

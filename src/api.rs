@@ -421,26 +421,6 @@ mod keypal {
         }
     }
 
-    /// Checks record `index` of keypal_import's data (keypal's or the TypeScript keypal's)
-    /// and returns it as keypal.keys columns, plus `_source`; raises 22023 naming the
-    /// record and field (`data[3].owner_id`).
-    /// Takes the record as text: serde_json then refuses what it cannot hold (numbers out
-    /// of range, nesting past 128 levels) with an error naming the record.
-    #[pg_extern(immutable, parallel_safe)]
-    fn import_record(rec: &str, index: i32) -> JsonB {
-        match crate::import::record_text(rec, usize::try_from(index).unwrap_or(0)) {
-            Ok((mut m, src)) => {
-                let src = match src {
-                    crate::import::Source::Keypal => "keypal",
-                    crate::import::Source::TypeScript => "typescript",
-                };
-                m.insert("_source".into(), src.into());
-                JsonB(serde_json::Value::Object(m))
-            }
-            Err(e) => refuse_option(e),
-        }
-    }
-
     /// Checks a rate limit object (`{"requests": n, "window": "1m"}`); JSON null passes.
     #[pg_extern(immutable, parallel_safe)]
     fn check_rate_limit(value: Option<JsonB>, arg: &str) -> Option<JsonB> {

@@ -67,6 +67,9 @@ pub struct Catalog {
     pub alphabet_spec: String,
     pub algorithm: String,
     pub default_env: Option<String>,
+    /// The INSERT trigger on keypal.keys runs WHEN NOT keypal.audit_written() (0.6.0 on):
+    /// keypal.create_keys records its keys itself. An older schema's trigger records them.
+    pub audited_by_create: bool,
     pub prefixes: Vec<String>,
     /// keypal_configure(checksum => true): new keys end in a checksum.
     pub checksum: bool,
@@ -125,7 +128,11 @@ static LOAD: Stmt = Stmt::new(
              coalesce((pg_catalog.to_jsonb(c) OPERATOR(pg_catalog.->>) 'checksum')::pg_catalog.bool, false),
              pg_catalog.to_jsonb(c) OPERATOR(pg_catalog.->) 'issued',
              coalesce((pg_catalog.to_jsonb(c) OPERATOR(pg_catalog.->>) 'limit_split')::pg_catalog.int4, 1),
-             c.algorithm, c.default_env
+             c.algorithm, c.default_env,
+             -- (0.6.0 on: the INSERT trigger leaves keypal.create_keys' keys to it)
+             EXISTS (SELECT FROM pg_catalog.pg_trigger t
+                      WHERE t.tgrelid OPERATOR(pg_catalog.=) 'keypal.keys'::pg_catalog.regclass
+                        AND t.tgname OPERATOR(pg_catalog.=) 'keys_audit' AND t.tgqual IS NOT NULL)
         FROM keypal.config() c",
     &[pg_sys::TEXTARRAYOID],
 );
@@ -238,7 +245,10 @@ fn keep_unless_overtaken(c: Rc<Catalog>, generation: u64) -> Rc<Catalog> {
         c.policies_relid,
         c.quota_by_key.table,
     ]);
-    if GENERATION.get() == generation {
+    // (a load inside a parallel operation read the caller's snapshot, maybe an old one:
+    // it serves this call only)
+    // SAFETY: reads a backend-local flag.
+    if GENERATION.get() == generation && !unsafe { pg_sys::IsInParallelMode() } {
         CACHE.with(|cell| *cell.borrow_mut() = Some(c.clone()));
     }
     c
@@ -316,6 +326,7 @@ fn load(conn: &Connection) -> Catalog {
                 .and_then(|d| String::from_datum(d, false))
                 .unwrap_or_default(),
             default_env: conn.get(0, 22).and_then(|d| String::from_datum(d, false)),
+            audited_by_create: conn.get_bool(0, 23),
             prefixes: conn
                 .get(0, 6)
                 .and_then(|d| Vec::<String>::from_datum(d, false))

@@ -150,6 +150,8 @@ struct Config {
     checksum: bool,
     environments: Option<Value>,
     default_env: Option<String>,
+    /// The schema's INSERT trigger leaves keys made here to `audit::record` (0.6.0 on).
+    audited_here: bool,
 }
 
 /// The settings a new key's shape comes from, as the catalog cache holds them (read under
@@ -167,6 +169,7 @@ fn config() -> Config {
         checksum: cat.checksum,
         environments: cat.environments.clone(),
         default_env: cat.default_env.clone(),
+        audited_here: cat.audited_by_create,
     }
 }
 
@@ -261,6 +264,100 @@ struct Rows {
     nb: Vec<Option<Interval>>,
     enabled: Vec<Option<bool>>,
     signing: Vec<Option<bool>>,
+}
+
+impl Rows {
+    /// One Rows per row.
+    fn each(self) -> Vec<Rows> {
+        let n = self.id.len();
+        let mut out: Vec<Rows> = (0..n).map(|_| Rows::default()).collect();
+        for (i, r) in out.iter_mut().enumerate() {
+            r.spec
+                .push(self.spec[i].as_ref().map(|j| JsonB(j.0.clone())));
+            r.id.push(self.id[i]);
+            r.hash.push(self.hash[i].clone());
+            r.env.push(self.env[i].clone());
+            r.exp.push(self.exp[i]);
+            r.dis.push(self.dis[i]);
+            r.rev.push(self.rev[i]);
+            r.nb.push(self.nb[i]);
+            r.enabled.push(self.enabled[i]);
+            r.signing.push(self.signing[i]);
+        }
+        out
+    }
+}
+
+/// Writes `rows` (one INSERT; a single row by the simpler one); returns how many, their
+/// RETURNING columns in the last result.
+fn insert(conn: &Connection, rows: Rows, algorithm: &str, rotated_from: Option<Uuid>) -> u64 {
+    if rows.id.len() == 1 {
+        INSERT_ONE.exec(
+            conn,
+            &[
+                only(rows.spec).into_datum(),
+                only(rows.id).into_datum(),
+                only(rows.hash).into_datum(),
+                only(rows.env).into_datum(),
+                only(rows.exp).into_datum(),
+                only(rows.dis).into_datum(),
+                only(rows.rev).into_datum(),
+                only(rows.nb).into_datum(),
+                only(rows.enabled).into_datum(),
+                only(rows.signing).into_datum(),
+                text(algorithm),
+                rotated_from.into_datum(),
+            ],
+            false,
+            0,
+        )
+    } else {
+        INSERT.exec(
+            conn,
+            &[
+                rows.spec.into_datum(),
+                rows.id.into_datum(),
+                rows.hash.into_datum(),
+                rows.env.into_datum(),
+                rows.exp.into_datum(),
+                rows.dis.into_datum(),
+                rows.rev.into_datum(),
+                rows.nb.into_datum(),
+                rows.enabled.into_datum(),
+                rows.signing.into_datum(),
+                text(algorithm),
+                rotated_from.into_datum(),
+            ],
+            false,
+            0,
+        )
+    }
+}
+
+/// Sets the transaction-local settings an older schema's INSERT trigger reads
+/// (keypal.begin_change's).
+fn set_change(actor: &str, action: &str, context: &str) {
+    for (name, value) in [
+        (c"keypal._actor", actor),
+        (c"keypal._action", action),
+        (c"keypal._context", context),
+    ] {
+        let value = std::ffi::CString::new(value)
+            .unwrap_or_else(|_| bad_argument("actor", "must not contain a NUL character"));
+        // SAFETY: valid C strings; a transaction-local USERSET change, as set_config does.
+        unsafe {
+            pg_sys::set_config_option(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_USERSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_LOCAL,
+                true,
+                0,
+                false,
+            );
+        }
+    }
 }
 
 type Made = (
@@ -423,55 +520,26 @@ pub fn create(specs: Vec<Value>, prefixes: &[Option<String>], extra: Value) -> V
                     m
                 });
             }
-            let n = audit::writing(|| {
-                let algorithm = text(&cfg.algorithm_name);
-                if rows.id.len() == 1 {
-                    INSERT_ONE.exec(
-                        conn,
-                        &[
-                            only(rows.spec).into_datum(),
-                            only(rows.id).into_datum(),
-                            only(rows.hash).into_datum(),
-                            only(rows.env).into_datum(),
-                            only(rows.exp).into_datum(),
-                            only(rows.dis).into_datum(),
-                            only(rows.rev).into_datum(),
-                            only(rows.nb).into_datum(),
-                            only(rows.enabled).into_datum(),
-                            only(rows.signing).into_datum(),
-                            algorithm,
-                            rotated_from.into_datum(),
-                        ],
-                        false,
-                        0,
-                    )
-                } else {
-                    INSERT.exec(
-                        conn,
-                        &[
-                            rows.spec.into_datum(),
-                            rows.id.into_datum(),
-                            rows.hash.into_datum(),
-                            rows.env.into_datum(),
-                            rows.exp.into_datum(),
-                            rows.dis.into_datum(),
-                            rows.rev.into_datum(),
-                            rows.nb.into_datum(),
-                            rows.enabled.into_datum(),
-                            rows.signing.into_datum(),
-                            algorithm,
-                            rotated_from.into_datum(),
-                        ],
-                        false,
-                        0,
-                    )
+            if cfg.audited_here {
+                let n = audit::writing(|| insert(conn, rows, &cfg.algorithm_name, rotated_from));
+                // (RETURNING gives the rows in spec order, as the INSERT wrote them)
+                let new: Vec<audit::NewKey> = (0..n as usize)
+                    .map(|r| audit::NewKey::read(conn, r))
+                    .collect();
+                // SAFETY: the INSERT's result, read above, is not used again.
+                unsafe { pg_sys::SPI_freetuptable(pg_sys::SPI_tuptable) };
+                audit::record(conn, &new, &actors, action, &context);
+            } else {
+                // The schema is older than this library (between a package upgrade and
+                // ALTER EXTENSION UPDATE): its INSERT trigger records every INSERT, reading
+                // who acts and why from the settings keypal.begin_change sets. One INSERT
+                // per key, each with its own actor.
+                for (one, who) in rows.each().into_iter().zip(&actors) {
+                    set_change(who, action, &context);
+                    insert(conn, one, &cfg.algorithm_name, rotated_from);
                 }
-            });
-            // (RETURNING gives the rows in spec order, as the INSERT wrote them)
-            let new: Vec<audit::NewKey> = (0..n as usize)
-                .map(|r| audit::NewKey::read(conn, r))
-                .collect();
-            audit::record(conn, &new, &actors, action, &context);
+                set_change("", "", "");
+            }
             made
         })
     })
@@ -556,8 +624,9 @@ fn keypal_create_c(
     let list = |l: Option<Vec<Option<String>>>| {
         l.map(|l| Value::from(l.into_iter().map(Value::from).collect::<Vec<_>>()))
     };
-    // (a timestamp as its text, which the spec's own parsing reads back exactly)
-    let time = |t: Option<TimestampWithTimeZone>| t.map(|t| Value::from(t.to_string()));
+    // (a timestamp as to_jsonb writes it, ISO 8601 with its offset, whatever DateStyle:
+    // the spec's own parsing reads it back exactly)
+    let time = |t: Option<TimestampWithTimeZone>| t.map(|t| Value::from(t.to_iso_string()));
     put("owner_id", owner_id.map(Value::from));
     put("name", name.map(Value::from));
     put("description", description.map(Value::from));

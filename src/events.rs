@@ -66,21 +66,18 @@ static ANY_WEBHOOK: Stmt = Stmt::new(
     c"SELECT EXISTS (SELECT FROM keypal.webhooks w WHERE w.enabled)",
     &[],
 );
-/// One pending delivery per enabled webhook whose events match each event; behind a
-/// pending delivery of the same key to the same webhook it waits as long (a key's events
-/// arrive in order; a statement makes at most one event per key).
+/// One pending delivery per enabled webhook whose events match each event written (by id);
+/// behind a pending delivery of the same key to the same webhook it waits as long (a key's
+/// events arrive in order; a statement makes at most one event per key).
 static QUEUE: Stmt = Stmt::generic(
     c"INSERT INTO keypal.webhook_queue (webhook_id, event_id, key_id, next_at)
       SELECT w.id, e.id, e.key_id, keypal.queued_behind(w.id, e.key_id, e.id)
-        FROM unnest($1::pg_catalog.int8[], $2::pg_catalog.text[], $3::pg_catalog.uuid[]) AS e(id, event, key_id)
+        FROM pg_catalog.unnest($1::pg_catalog.int8[]) AS q(id)
+        JOIN keypal.events e ON e.id OPERATOR(pg_catalog.=) q.id
         JOIN keypal.webhooks w
           ON w.enabled AND w.events OPERATOR(pg_catalog.&&) ARRAY[e.event, '*',
                  pg_catalog.split_part(e.event, '.', 1) OPERATOR(pg_catalog.||) '.*']",
-    &[
-        pg_sys::INT8ARRAYOID,
-        pg_sys::TEXTARRAYOID,
-        pg_sys::UUIDARRAYOID,
-    ],
+    &[pg_sys::INT8ARRAYOID],
 );
 
 /// Writes the events (`names[i]` of key `key_ids[i]`, its webhook body's "data" `data[i]`);
@@ -91,45 +88,57 @@ pub fn emit(
     key_ids: Vec<Option<Uuid>>,
     data: Vec<Option<JsonB>>,
 ) -> Option<i64> {
-    if names.is_empty() {
-        return None;
+    match (names.as_slice(), key_ids.as_slice()) {
+        ([], _) => None,
+        ([name], [key_id]) => {
+            EVENT.exec(
+                conn,
+                &[
+                    name.clone().into_datum(),
+                    key_id.into_datum(),
+                    data.into_iter().next().flatten().into_datum(),
+                ],
+                false,
+                0,
+            );
+            written(conn)
+        }
+        _ => emit_arrays(
+            conn,
+            names.into_datum(),
+            key_ids.into_datum(),
+            data.into_datum(),
+        ),
     }
-    let n = if names.len() == 1 {
-        EVENT.exec(
-            conn,
-            &[
-                names[0].clone().into_datum(),
-                key_ids[0].into_datum(),
-                data.into_iter().next().flatten().into_datum(),
-            ],
-            false,
-            0,
-        )
-    } else {
-        EVENTS.exec(
-            conn,
-            &[
-                names.clone().into_datum(),
-                key_ids.clone().into_datum(),
-                data.into_datum(),
-            ],
-            false,
-            0,
-        )
+}
+
+/// `emit` of the three arrays as datums (text[], uuid[], jsonb[]: taken as they are).
+fn emit_arrays(
+    conn: &Connection,
+    names: Option<pg_sys::Datum>,
+    key_ids: Option<pg_sys::Datum>,
+    data: Option<pg_sys::Datum>,
+) -> Option<i64> {
+    EVENTS.exec(conn, &[names, key_ids, data], false, 0);
+    written(conn)
+}
+
+/// After the events' INSERT: their deliveries queued, listeners notified; the highest id.
+fn written(conn: &Connection) -> Option<i64> {
+    // SAFETY: the INSERT returned one bigint column, never NULL; its result is freed once read.
+    let ids: Vec<Option<i64>> = unsafe {
+        let ids = (0..pg_sys::SPI_processed as usize)
+            .map(|r| conn.get(r, 1).and_then(|d| i64::from_datum(d, false)))
+            .collect();
+        pg_sys::SPI_freetuptable(pg_sys::SPI_tuptable);
+        ids
     };
-    // SAFETY: the statement's one column is a bigint, never NULL.
-    let ids: Vec<Option<i64>> = (0..n as usize)
-        .map(|r| unsafe { conn.get(r, 1).and_then(|d| i64::from_datum(d, false)) })
-        .collect();
     let last = ids.iter().flatten().max().copied();
-    ANY_WEBHOOK.exec(conn, &[], true, 1);
+    // (under a snapshot of now, as the statement that queued deliveries had: a webhook
+    // enabled while a long statement ran is seen)
+    ANY_WEBHOOK.exec(conn, &[], false, 1);
     let queued = if conn.get_bool(0, 1) {
-        QUEUE.exec(
-            conn,
-            &[ids.into_datum(), names.into_datum(), key_ids.into_datum()],
-            false,
-            0,
-        )
+        QUEUE.exec(conn, &[ids.into_datum()], false, 0)
     } else {
         0
     };
@@ -148,19 +157,33 @@ pub fn emit(
     last
 }
 
-#[pg_schema]
-mod keypal {
-    use super::*;
+#[no_mangle]
+pub extern "C-unwind" fn pg_finfo_keypal_emit_events() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
 
-    /// See the module: returns the highest event id written (NULL: none).
-    #[pg_extern(volatile, parallel_unsafe)]
-    fn emit_events(
-        events: Vec<Option<String>>,
-        key_ids: Vec<Option<Uuid>>,
-        data: Vec<Option<JsonB>>,
-    ) -> Option<i64> {
-        crate::spi::passing_errors(|| {
-            Connection::with(|conn| super::emit(conn, events, key_ids, data))
-        })
+/// `keypal.emit_events(events text[], key_ids uuid[], data jsonb[]) RETURNS bigint`
+/// (declared in api.sql, strict): the arrays go to the INSERT as they came (no jsonb read
+/// and written again); the highest id written, NULL when none.
+#[no_mangle]
+#[pg_guard]
+pub unsafe extern "C-unwind" fn keypal_emit_events(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    // SAFETY: called by fmgr with three non-NULL arrays, as declared.
+    unsafe {
+        let arg = |n| Some(pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, n));
+        let (names, key_ids, data) = (arg(0), arg(1), arg(2));
+        let last = crate::spi::passing_errors(|| {
+            Connection::with(|conn| emit_arrays(conn, names, key_ids, data))
+        });
+        match last {
+            Some(id) => id.into(),
+            None => {
+                (*fcinfo).isnull = true;
+                pg_sys::Datum::from(0usize)
+            }
+        }
     }
 }

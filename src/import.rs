@@ -224,24 +224,31 @@ fn state(
     ts: bool,
     out: &mut Map<String, Value>,
 ) -> Res<()> {
-    let arg = format!("{at}.{name}");
+    let arg = || format!("{at}.{name}");
     if v.is_null() {
         return Ok(());
     }
     let Some(s) = v.as_str() else {
-        return err(&arg, "must be a string or null");
+        return err(&arg(), "must be a string or null");
     };
     let value = match kind {
         State::Timestamp => {
-            check_timestamp(s, &arg)?;
+            if !is_timestamp(s) {
+                check_timestamp(s, &arg())?;
+            }
             s.to_string()
         }
         State::Text if s.len() <= options::MAX_TEXT => s.to_string(),
-        State::Text => return err(&arg, format!("must be at most {} bytes", options::MAX_TEXT)),
+        State::Text => {
+            return err(
+                &arg(),
+                format!("must be at most {} bytes", options::MAX_TEXT),
+            )
+        }
         // The TypeScript keypal's links name its own ids: map them as the ids are mapped.
         State::Link if ts && !s.is_empty() => ts_id(s).0,
         State::Link if options::is_uuid(s) => s.to_ascii_lowercase(),
-        State::Link => return err(&arg, format!("{s:?} is not a uuid")),
+        State::Link => return err(&arg(), format!("{s:?} is not a uuid")),
     };
     out.insert(name.to_string(), value.into());
     Ok(())
@@ -256,19 +263,19 @@ fn hash(
     field: &str,
     out: &mut Map<String, Value>,
 ) -> Res<()> {
-    let arg = format!("{at}.{field}");
+    let arg = || format!("{at}.{field}");
     let Some(s) = v.and_then(Value::as_str) else {
-        return err(&arg, "must be the key's hash as hex (sha256 or sha512)");
+        return err(&arg(), "must be the key's hash as hex (sha256 or sha512)");
     };
     if !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return err(&arg, "must be hex digits");
+        return err(&arg(), "must be hex digits");
     }
     let alg = match s.len() {
         64 => "sha256",
         128 => "sha512",
         n => {
             return err(
-                &arg,
+                &arg(),
                 format!("must be 64 (sha256) or 128 (sha512) hex digits, not {n}"),
             )
         }

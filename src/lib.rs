@@ -21,6 +21,7 @@ pub mod events;
 pub mod gucs;
 pub mod identity;
 pub mod import;
+pub mod import_row;
 pub mod insight;
 pub mod keys;
 pub mod launcher;

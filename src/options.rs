@@ -101,9 +101,10 @@ pub fn normalize(opts: &Value, prefix: &str, required_owner: bool) -> Res<Map<St
         let Some(&(name, _, kind, nullable)) = find(k) else {
             return err(&format!("{prefix}{k}"), "unknown option");
         };
-        let arg = format!("{prefix}{name}");
+        // (the argument's name is spelled out only for an error: most values are fine)
+        let arg = || format!("{prefix}{name}");
         if out.contains_key(name) {
-            return err(&arg, "given twice");
+            return err(&arg(), "given twice");
         }
         let value = if v.is_null() {
             if !nullable {
@@ -111,7 +112,10 @@ pub fn normalize(opts: &Value, prefix: &str, required_owner: bool) -> Res<Map<St
             }
             Value::Null
         } else {
-            check(kind, v, &arg)?
+            match check(kind, v, "") {
+                Ok(value) => value,
+                Err(_) => check(kind, v, &arg())?,
+            }
         };
         out.insert(name.to_string(), value);
     }

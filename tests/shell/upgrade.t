@@ -94,6 +94,10 @@ SQL
 SELECT keypal_configure(retention => '{"usage": "8640000$bare"}');
 SELECT keypal_define_template('up:bare', '{"expires_in": "86400$bare", "scopes": ["read"]}');
 SQL
+    # (this library, on the older schema, as between a package upgrade and ALTER EXTENSION:
+    # each key made is recorded once, by that schema's trigger)
+    is "$(q -d keypal_up_old -c "SELECT count(*) FROM keypal.audit_log WHERE action = 'created'")" \
+       "$(q -d keypal_up_old -c "SELECT count(*) FROM keypal.keys")" "$old: one created audit row per key made on the old schema"
     before=$(verdicts keypal_up_old)
     audit_before=$(q -d keypal_up_old -c "SELECT count(*) FROM keypal.audit_log")
     q -d keypal_up_old -c "ALTER EXTENSION keypal UPDATE" >/dev/null

@@ -118,6 +118,18 @@ SELECT throws_ok($$SELECT * FROM keypal_create(owner_id => 'e', env => 'staging'
 
 SELECT throws_ok($$SELECT * FROM keypal_create(owner_id => 's', signing => true)$$, '55000', NULL, 'signing => true needs keypal.signing_secret');
 
+-- Timestamps given to keypal_create keep their moment whatever DateStyle and TimeZone say
+-- (CST is US Central to the default abbreviations, not China Standard Time).
+SET LOCAL DateStyle = 'SQL, DMY';
+SET LOCAL TimeZone = 'Asia/Shanghai';
+CREATE TEMP TABLE ds AS SELECT * FROM keypal_create(owner_id => 'ds', expires_at => '2031-03-09 01:59:59.123456+00',
+    disable_at => '2030-01-01 00:00:00+00', revoke_at => 'infinity');
+SELECT results_eq($$SELECT k.expires_at, k.disable_at, k.revoke_at FROM keypal.keys k WHERE k.id = (SELECT id FROM ds)$$,
+    $$VALUES ('2031-03-09 01:59:59.123456+00'::timestamptz, '2030-01-01 00:00:00+00'::timestamptz, 'infinity'::timestamptz)$$,
+    'timestamps keep their moment under DateStyle SQL in Asia/Shanghai');
+RESET DateStyle;
+RESET TimeZone;
+
 -- The table's own check (keypal.key_row_ok) stops what keypal's functions refuse first,
 -- when the owner writes rows directly.
 SELECT throws_ok($$INSERT INTO keypal.keys (id, key_hash, algorithm, owner_id) VALUES (gen_random_uuid(), '\x01', 'md5', 'x')$$,

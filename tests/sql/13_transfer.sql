@@ -241,7 +241,7 @@ SELECT is(pg_temp.bad(jsonb_build_array(pg_temp.rec((SELECT c::text FROM u), 'sk
 SET LOCAL ROLE keypal_plain;
 SELECT throws_ok($$SELECT keypal_export()$$, '42501', NULL, 'PUBLIC may not export');
 SELECT throws_ok($$SELECT keypal_import('[]')$$, '42501', NULL, 'nor import');
-SELECT throws_ok($$SELECT keypal.import_record('{}', 0)$$, '42501', NULL, 'nor call the record check');
+SELECT throws_ok($$SELECT keypal.import_row('{}', 0)$$, '42501', NULL, 'nor call the record check');
 RESET ROLE;
 
 SELECT * FROM finish();
