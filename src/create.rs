@@ -654,6 +654,8 @@ fn keypal_create_c(
     TableIterator::new(create(vec![Value::Object(o)], &[], Value::Null))
 }
 
+finfo_v1!(pg_finfo_keypal_key_row_ok);
+
 /// `keypal.key_row_ok(algorithm, id, parent_id, resources, metadata)`, the one CHECK of
 /// keypal.keys: a known hash algorithm, not its own parent, resources and metadata JSON
 /// objects (keypal's functions check all of it first; this guards other writers).
@@ -662,11 +664,6 @@ fn keypal_create_c(
 /// table's CHECK expressions again for every INSERT or UPDATE statement, and the four cost
 /// a twelfth of creating a key; one call to a function costs a fourth of that. Not strict
 /// (a NULL must not pass for true); declared in api.sql.
-#[no_mangle]
-pub extern "C-unwind" fn pg_finfo_keypal_key_row_ok() -> &'static pg_sys::Pg_finfo_record {
-    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
-    &V1
-}
 
 #[no_mangle]
 #[pg_guard]

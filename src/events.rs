@@ -157,11 +157,7 @@ fn written(conn: &Connection) -> Option<i64> {
     last
 }
 
-#[no_mangle]
-pub extern "C-unwind" fn pg_finfo_keypal_emit_events() -> &'static pg_sys::Pg_finfo_record {
-    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
-    &V1
-}
+finfo_v1!(pg_finfo_keypal_emit_events);
 
 /// `keypal.emit_events(events text[], key_ids uuid[], data jsonb[]) RETURNS bigint`
 /// (declared in api.sql, strict): the arrays go to the INSERT as they came (no jsonb read

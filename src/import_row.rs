@@ -140,11 +140,7 @@ unsafe fn column(conv: &Conv, v: &Value) -> Option<pg_sys::Datum> {
     }
 }
 
-#[no_mangle]
-pub extern "C-unwind" fn pg_finfo_keypal_import_row() -> &'static pg_sys::Pg_finfo_record {
-    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
-    &V1
-}
+finfo_v1!(pg_finfo_keypal_import_row);
 
 /// See the module. Strict: a NULL record or index gives NULL.
 #[no_mangle]

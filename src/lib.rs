@@ -8,6 +8,18 @@ use pgrx::prelude::*;
 
 ::pgrx::pg_module_magic!(name, version);
 
+/// `pg_finfo_<name>` for a hand-written C function of the version-1 calling convention
+/// (PG_FUNCTION_INFO_V1), for the few declared in the SQL files rather than by pgrx.
+macro_rules! finfo_v1 {
+    ($finfo:ident) => {
+        #[no_mangle]
+        pub extern "C-unwind" fn $finfo() -> &'static pgrx::pg_sys::Pg_finfo_record {
+            const V1: pgrx::pg_sys::Pg_finfo_record = pgrx::pg_sys::Pg_finfo_record { api_version: 1 };
+            &V1
+        }
+    };
+}
+
 pub mod api;
 pub mod audit;
 pub mod automation;
