@@ -664,7 +664,6 @@ finfo_v1!(pg_finfo_keypal_key_row_ok);
 /// table's CHECK expressions again for every INSERT or UPDATE statement, and the four cost
 /// a twelfth of creating a key; one call to a function costs a fourth of that. Not strict
 /// (a NULL must not pass for true); declared in api.sql.
-
 #[no_mangle]
 #[pg_guard]
 pub unsafe extern "C-unwind" fn keypal_key_row_ok(
