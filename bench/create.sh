@@ -5,7 +5,9 @@
 #                 columns and indexes, no triggers, with a sha256 of a random key
 #   create        SELECT keypal_create(...) FROM generate_series(...): one statement
 #   create_many   one keypal_create_many call with every spec
-#   import        keypal_import of keypal_export (the created keys) into a fresh database
+#   import        keypal_import of keypal_export (the created keys) into a fresh database,
+#                 reading the records and making its argument included
+#   import_call   the same call with its argument made beforehand: keypal_import's own time
 # prints seconds, keys/s and the ratio to plain_insert; then keypal_create's server time per
 # call (SINGLE = 10 000 calls in one DO block), and the bulk lifecycle:
 #   revoke_all    keypal_revoke_all of an owner with LIFECYCLE_KEYS (100 000) keys: roots,
@@ -44,10 +46,16 @@ secs[import]=$(timed bench_import "CREATE TEMP TABLE recs (r jsonb);
 \\copy recs FROM '/tmp/keypal-bench-records.jsonl'
 SELECT keypal_import((SELECT jsonb_agg(r) FROM recs));")
 expect import "$(count bench_import "SELECT count(*) FROM keypal.keys")" "$N"
+# The same import with its argument made first (not timed): keypal_import's own time.
+fresh_db bench_import pgcrypto
+psql -X -q -d bench_import -c "CREATE TABLE recs (r jsonb)" -c "\\copy recs FROM '/tmp/keypal-bench-records.jsonl'" \
+     -c "CREATE TABLE arg AS SELECT jsonb_agg(r) AS data FROM recs" -c "CHECKPOINT"
+secs[import_call]=$(timed bench_import "SELECT keypal_import((SELECT data FROM arg));")
+expect import_call "$(count bench_import "SELECT count(*) FROM keypal.keys")" "$N"
 rm -f /tmp/keypal-bench-records.jsonl
 
 printf '%-13s %9s %10s %16s\n' what seconds keys/s 'vs plain insert'
-for s in plain_insert create create_many import; do
+for s in plain_insert create create_many import import_call; do
     awk -v s="$s" -v t="${secs[$s]}" -v n="$N" -v base="${secs[plain_insert]}" \
         'BEGIN { printf "%-13s %9s %10.0f %15.2fx\n", s, t, n / t, base / t }'
 done

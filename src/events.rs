@@ -33,6 +33,14 @@ macro_rules! sql {
         }
     };
 }
+/// Whether any webhook is enabled (most databases have none: then nothing is queued), asked
+/// by the events' INSERT as it returns their ids (under its snapshot, taken as it starts: a
+/// webhook enabled while a long statement ran is seen).
+macro_rules! any_webhook {
+    () => {
+        "EXISTS (SELECT FROM keypal.webhooks w WHERE w.enabled)"
+    };
+}
 /// The events, in order. Names are qualified (callers pin search_path, but a plan made
 /// under theirs may be re-planned under another), but for unnest: with several arrays it is
 /// syntax, not a function to qualify.
@@ -44,7 +52,8 @@ static EVENTS: Stmt = Stmt::generic(
         " FROM unnest($1::pg_catalog.text[], $2::pg_catalog.uuid[], $3::pg_catalog.jsonb[])
                WITH ORDINALITY AS e(event, key_id, data, n)
           ORDER BY e.n
-         RETURNING id"
+         RETURNING id, ",
+        any_webhook!()
     ),
     &[
         pg_sys::TEXTARRAYOID,
@@ -57,14 +66,10 @@ static EVENT: Stmt = Stmt::generic(
     sql!(
         "INSERT INTO keypal.events (event, key_id, payload) VALUES ($1, $2, ",
         payload!("$1", "$3"),
-        ") RETURNING id"
+        ") RETURNING id, ",
+        any_webhook!()
     ),
     &[pg_sys::TEXTOID, pg_sys::UUIDOID, pg_sys::JSONBOID],
-);
-/// Whether any webhook is enabled (most databases have none: then nothing is queued).
-static ANY_WEBHOOK: Stmt = Stmt::new(
-    c"SELECT EXISTS (SELECT FROM keypal.webhooks w WHERE w.enabled)",
-    &[],
 );
 /// One pending delivery per enabled webhook whose events match each event written (by id);
 /// behind a pending delivery of the same key to the same webhook it waits as long (a key's
@@ -125,19 +130,19 @@ fn emit_arrays(
 
 /// After the events' INSERT: their deliveries queued, listeners notified; the highest id.
 fn written(conn: &Connection) -> Option<i64> {
-    // SAFETY: the INSERT returned one bigint column, never NULL; its result is freed once read.
-    let ids: Vec<Option<i64>> = unsafe {
-        let ids = (0..pg_sys::SPI_processed as usize)
+    // SAFETY: the INSERT returned a bigint column, never NULL, and a boolean; its result is
+    // freed once read.
+    let (ids, hooks): (Vec<Option<i64>>, bool) = unsafe {
+        let n = pg_sys::SPI_processed as usize;
+        let ids = (0..n)
             .map(|r| conn.get(r, 1).and_then(|d| i64::from_datum(d, false)))
             .collect();
+        let hooks = n > 0 && conn.get_bool(0, 2);
         pg_sys::SPI_freetuptable(pg_sys::SPI_tuptable);
-        ids
+        (ids, hooks)
     };
     let last = ids.iter().flatten().max().copied();
-    // (under a snapshot of now, as the statement that queued deliveries had: a webhook
-    // enabled while a long statement ran is seen)
-    ANY_WEBHOOK.exec(conn, &[], false, 1);
-    let queued = if conn.get_bool(0, 1) {
+    let queued = if hooks {
         QUEUE.exec(conn, &[ids.into_datum()], false, 0)
     } else {
         0
