@@ -238,6 +238,7 @@ fn state(
             }
             s.to_string()
         }
+        State::Text if s.contains('\0') => return err(&arg(), "must not contain a NUL character"),
         State::Text if s.len() <= options::MAX_TEXT => s.to_string(),
         State::Text => {
             return err(

@@ -216,6 +216,9 @@ fn text<'a>(v: &'a Value, arg: &str, may_be_empty: bool) -> Res<&'a str> {
     if !may_be_empty && s.trim().is_empty() {
         return err(arg, "must not be empty");
     }
+    if s.contains('\0') {
+        return err(arg, "must not contain a NUL character");
+    }
     if s.len() > MAX_TEXT {
         return err(arg, format!("must be at most {MAX_TEXT} bytes"));
     }
@@ -250,7 +253,7 @@ fn string_list(v: &Value, arg: &str, ok: impl Fn(&str) -> bool, what: &str) -> R
             .as_str()
             .ok_or(())
             .or_else(|_| err(arg, format!("{item} is not a string")))?;
-        if !ok(s) {
+        if !ok(s) || s.contains('\0') {
             return err(arg, format!("{s:?} is not {what}"));
         }
         if !out.iter().any(|o| o == item) {
@@ -369,6 +372,15 @@ pub fn is_uuid(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_nul_character_is_refused_in_text_and_lists() {
+        // (SQL text and jsonb cannot hold one; a caller in Rust could)
+        let o = json!({"owner_id": "o", "name": "a\u{0}b"});
+        assert_eq!(normalize(&o, "", true).unwrap_err().arg, "name");
+        let o = json!({"owner_id": "o", "tags": ["a\u{0}b"]});
+        assert_eq!(normalize(&o, "", true).unwrap_err().arg, "tags");
+    }
     use serde_json::json;
 
     fn bad(v: Value) -> OptionError {
