@@ -11,7 +11,7 @@
 //! Writing them here rather than in the trigger saves, on every call, the trigger's call
 //! and its transition table; its statements are prepared once per backend.
 
-use crate::spi::{Connection, Stmt};
+use crate::spi::{column, Connection, Stmt};
 use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
 use pgrx::{pg_sys, JsonB, Uuid};
@@ -169,54 +169,37 @@ static TIMERS: Stmt = Stmt::generic(
     ],
 );
 
-/// Records `keys`, made by one statement, `actors[i]` acting on `keys[i]`: `action` (audit),
-/// `context` (jsonb text, "" for none) as keypal.audit_inserted_keys records them.
-pub fn record(conn: &Connection, keys: &[NewKey], actors: &[String], action: &str, context: &str) {
+/// Records `keys`, made by one statement, `actors[i]` acting on `keys[i]`: `action` (audit;
+/// "" for created) and `context` as keypal.audit_inserted_keys records them.
+pub fn record(
+    conn: &Connection,
+    keys: &[NewKey],
+    actors: &[String],
+    action: &str,
+    context: Option<&Value>,
+) {
     if keys.is_empty() {
         return;
     }
     let act = if action.is_empty() { "created" } else { action };
-    let ctx = if context.is_empty() {
-        Value::Object(Map::new())
-    } else {
-        serde_json::from_str(context).unwrap_or_else(|_| Value::Object(Map::new()))
-    };
+    let ctx = context
+        .cloned()
+        .unwrap_or_else(|| Value::Object(Map::new()));
     let ids: Vec<Option<Uuid>> = keys.iter().map(|k| Some(k.id)).collect();
-    if let ([k], [who]) = (keys, actors) {
-        AUDIT_ONE.exec(
-            conn,
-            &[
-                act.into_datum(),
-                JsonB(ctx).into_datum(),
-                k.id.into_datum(),
-                k.owner_id.clone().into_datum(),
-                k.org_id.clone().into_datum(),
-                who.clone().into_datum(),
-            ],
-            false,
-            0,
-        );
-    } else {
-        AUDIT.exec(
-            conn,
-            &[
-                act.into_datum(),
-                JsonB(ctx).into_datum(),
-                ids.clone().into_datum(),
-                keys.iter()
-                    .map(|k| k.owner_id.clone())
-                    .collect::<Vec<_>>()
-                    .into_datum(),
-                keys.iter()
-                    .map(|k| k.org_id.clone())
-                    .collect::<Vec<_>>()
-                    .into_datum(),
-                actors.to_vec().into_datum(),
-            ],
-            false,
-            0,
-        );
-    }
+    let one = keys.len() == 1;
+    (if one { &AUDIT_ONE } else { &AUDIT }).exec(
+        conn,
+        &[
+            act.into_datum(),
+            JsonB(ctx).into_datum(),
+            column(ids.clone(), one),
+            column(keys.iter().map(|k| k.owner_id.clone()).collect(), one),
+            column(keys.iter().map(|k| k.org_id.clone()).collect(), one),
+            column(actors.iter().cloned().map(Some).collect(), one),
+        ],
+        false,
+        0,
+    );
     if act == "created" {
         let events: Vec<Option<String>> = vec![Some("key.created".into()); keys.len()];
         let data: Vec<Option<JsonB>> = keys

@@ -10,7 +10,7 @@
 //! `keypal_create` itself is Rust too (`keypal_create_c`): its arguments become one spec.
 
 use crate::errors::{bad_argument, refuse_option};
-use crate::spi::{Connection, Stmt};
+use crate::spi::{column, Connection, Stmt};
 use crate::{api, audit, duration, gucs, keys, options};
 use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
@@ -232,11 +232,6 @@ fn actor(given: &str) -> String {
     set.unwrap_or_else(api::invoking_user_name)
 }
 
-/// The one element of a one-spec call's column.
-fn only<T>(v: Vec<Option<T>>) -> Option<T> {
-    v.into_iter().next().flatten()
-}
-
 /// A new key's id: a version 7 uuid (the time now, then 74 random bits), so that new keys'
 /// entries in the id index and the audit log's key index go to the same few pages rather
 /// than each to a random one (at a million keys, most of an insert's cost was reading and
@@ -291,47 +286,26 @@ impl Rows {
 /// Writes `rows` (one INSERT; a single row by the simpler one); returns how many, their
 /// RETURNING columns in the last result.
 fn insert(conn: &Connection, rows: Rows, algorithm: &str, rotated_from: Option<Uuid>) -> u64 {
-    if rows.id.len() == 1 {
-        INSERT_ONE.exec(
-            conn,
-            &[
-                only(rows.spec).into_datum(),
-                only(rows.id).into_datum(),
-                only(rows.hash).into_datum(),
-                only(rows.env).into_datum(),
-                only(rows.exp).into_datum(),
-                only(rows.dis).into_datum(),
-                only(rows.rev).into_datum(),
-                only(rows.nb).into_datum(),
-                only(rows.enabled).into_datum(),
-                only(rows.signing).into_datum(),
-                text(algorithm),
-                rotated_from.into_datum(),
-            ],
-            false,
-            0,
-        )
-    } else {
-        INSERT.exec(
-            conn,
-            &[
-                rows.spec.into_datum(),
-                rows.id.into_datum(),
-                rows.hash.into_datum(),
-                rows.env.into_datum(),
-                rows.exp.into_datum(),
-                rows.dis.into_datum(),
-                rows.rev.into_datum(),
-                rows.nb.into_datum(),
-                rows.enabled.into_datum(),
-                rows.signing.into_datum(),
-                text(algorithm),
-                rotated_from.into_datum(),
-            ],
-            false,
-            0,
-        )
-    }
+    let one = rows.id.len() == 1;
+    (if one { &INSERT_ONE } else { &INSERT }).exec(
+        conn,
+        &[
+            column(rows.spec, one),
+            column(rows.id, one),
+            column(rows.hash, one),
+            column(rows.env, one),
+            column(rows.exp, one),
+            column(rows.dis, one),
+            column(rows.rev, one),
+            column(rows.nb, one),
+            column(rows.enabled, one),
+            column(rows.signing, one),
+            text(algorithm),
+            rotated_from.into_datum(),
+        ],
+        false,
+        0,
+    )
 }
 
 /// Sets the transaction-local settings an older schema's INSERT trigger reads
@@ -482,11 +456,7 @@ pub fn create(specs: Vec<Value>, prefixes: &[Option<String>], extra: Value) -> V
         }
     }
     let action = extra.get("action").and_then(Value::as_str).unwrap_or("");
-    let context = extra
-        .get("context")
-        .filter(|c| !c.is_null())
-        .map(Value::to_string)
-        .unwrap_or_default();
+    let context = extra.get("context").filter(|c| !c.is_null());
     let rotated_from = extra
         .get("rotated_from")
         .and_then(Value::as_str)
@@ -528,12 +498,13 @@ pub fn create(specs: Vec<Value>, prefixes: &[Option<String>], extra: Value) -> V
                     .collect();
                 // SAFETY: the INSERT's result, read above, is not used again.
                 unsafe { pg_sys::SPI_freetuptable(pg_sys::SPI_tuptable) };
-                audit::record(conn, &new, &actors, action, &context);
+                audit::record(conn, &new, &actors, action, context);
             } else {
                 // The schema is older than this library (between a package upgrade and
                 // ALTER EXTENSION UPDATE): its INSERT trigger records every INSERT, reading
                 // who acts and why from the settings keypal.begin_change sets. One INSERT
                 // per key, each with its own actor.
+                let context = context.map(Value::to_string).unwrap_or_default();
                 for (one, who) in rows.each().into_iter().zip(&actors) {
                     set_change(who, action, &context);
                     insert(conn, one, &cfg.algorithm_name, rotated_from);

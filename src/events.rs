@@ -6,7 +6,7 @@
 //! PL/pgSQL function's entry, its settings and its three statements were a fifth of what
 //! creating one key cost. Its one statement is prepared once per backend.
 
-use crate::spi::{Connection, Stmt};
+use crate::spi::{column, Connection, Stmt};
 use pgrx::prelude::*;
 use pgrx::{pg_sys, JsonB, Uuid};
 
@@ -93,28 +93,18 @@ pub fn emit(
     key_ids: Vec<Option<Uuid>>,
     data: Vec<Option<JsonB>>,
 ) -> Option<i64> {
-    match (names.as_slice(), key_ids.as_slice()) {
-        ([], _) => None,
-        ([name], [key_id]) => {
-            EVENT.exec(
-                conn,
-                &[
-                    name.clone().into_datum(),
-                    key_id.into_datum(),
-                    data.into_iter().next().flatten().into_datum(),
-                ],
-                false,
-                0,
-            );
-            written(conn)
-        }
-        _ => emit_arrays(
-            conn,
-            names.into_datum(),
-            key_ids.into_datum(),
-            data.into_datum(),
-        ),
+    if names.is_empty() {
+        return None;
     }
+    // (one event, as creating one key makes: the statement from values)
+    let one = names.len() == 1 && key_ids.len() == 1 && data.len() == 1;
+    (if one { &EVENT } else { &EVENTS }).exec(
+        conn,
+        &[column(names, one), column(key_ids, one), column(data, one)],
+        false,
+        0,
+    );
+    written(conn)
 }
 
 /// `emit` of the three arrays as datums (text[], uuid[], jsonb[]: taken as they are).

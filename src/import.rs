@@ -71,6 +71,16 @@ pub enum Source {
     TypeScript,
 }
 
+impl Source {
+    /// Its name in keypal_import's context: `keypal` or `typescript`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::Keypal => "keypal",
+            Source::TypeScript => "typescript",
+        }
+    }
+}
+
 /// `record` of a record's JSON text.
 pub fn record_text(text: &str, index: usize) -> Res<(Map<String, Value>, Source)> {
     match serde_json::from_str::<Value>(text) {

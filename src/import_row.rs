@@ -95,6 +95,30 @@ unsafe fn shape(fcinfo: pg_sys::FunctionCallInfo) -> &'static Shape {
     &*ptr
 }
 
+/// A JSON value as the text jsonb_populate_record gives a type's input function: a string's
+/// own text, any other value's JSON; None for null.
+fn scalar_text(v: &Value) -> Option<String> {
+    match v {
+        Value::Null => None,
+        Value::String(s) => Some(s.clone()),
+        other => Some(other.to_string()),
+    }
+}
+
+/// A row of `desc` from its columns (None: NULL), as a composite datum.
+///
+/// # Safety
+/// In a transaction; each datum is of its column's type.
+unsafe fn form(desc: pg_sys::TupleDesc, cols: &[Option<pg_sys::Datum>]) -> pg_sys::Datum {
+    let mut values: Vec<pg_sys::Datum> = cols
+        .iter()
+        .map(|d| d.unwrap_or(pg_sys::Datum::from(0usize)))
+        .collect();
+    let mut nulls: Vec<bool> = cols.iter().map(Option::is_none).collect();
+    let tuple = pg_sys::heap_form_tuple(desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+    pg_sys::HeapTupleHeaderGetDatum((*tuple).t_data)
+}
+
 /// A JSON value into a column; None for SQL NULL.
 ///
 /// # Safety
@@ -109,14 +133,7 @@ unsafe fn column(conv: &Conv, v: &Value) -> Option<pg_sys::Datum> {
             let Value::Array(items) = v else {
                 pgrx::error!("keypal.import_row: {v} is not an array");
             };
-            let list: Vec<Option<String>> = items
-                .iter()
-                .map(|x| match x {
-                    Value::Null => None,
-                    Value::String(s) => Some(s.clone()),
-                    other => Some(other.to_string()),
-                })
-                .collect();
+            let list: Vec<Option<String>> = items.iter().map(scalar_text).collect();
             list.into_datum()
         }
         Conv::Input {
@@ -124,11 +141,7 @@ unsafe fn column(conv: &Conv, v: &Value) -> Option<pg_sys::Datum> {
             ioparam,
             typmod,
         } => {
-            let text = match v {
-                Value::String(s) => s.clone(),
-                other => other.to_string(),
-            };
-            let text = CString::new(text)
+            let text = CString::new(scalar_text(v).unwrap_or_default())
                 .unwrap_or_else(|_| pgrx::error!("keypal.import_row: a NUL in a value"));
             Some(pg_sys::OidInputFunctionCall(
                 *func,
@@ -162,40 +175,24 @@ pub unsafe extern "C-unwind" fn keypal_import_row(
         let shape = shape(fcinfo);
         let notify = m.remove("notify_before");
         let limits = m.get("rate_limit").cloned();
-        let natts = shape.cols.len();
-        let mut values = vec![pg_sys::Datum::from(0usize); natts];
-        let mut nulls = vec![true; natts];
-        for (i, col) in shape.cols.iter().enumerate() {
-            if let Some((name, conv)) = col {
-                if let Some(d) = m.get(name.as_str()).and_then(|v| column(conv, v)) {
-                    values[i] = d;
-                    nulls[i] = false;
-                }
-            }
-        }
-        let row = pg_sys::heap_form_tuple(shape.keys, values.as_mut_ptr(), nulls.as_mut_ptr());
-        let source = match src {
-            Source::Keypal => "keypal",
-            Source::TypeScript => "typescript",
-        };
-        let notify = notify.and_then(|v| match v {
-            Value::Null => None,
-            Value::String(s) => Some(s),
-            other => Some(other.to_string()),
-        });
-        let mut outer_values = [
-            source.into_datum(),
-            notify.into_datum(),
-            limits.map(JsonB).into_datum(),
-            Some(pg_sys::HeapTupleHeaderGetDatum((*row).t_data)),
-        ];
-        let mut o_values: Vec<pg_sys::Datum> = outer_values
-            .iter_mut()
-            .map(|d| d.unwrap_or(pg_sys::Datum::from(0usize)))
+        let cols: Vec<Option<pg_sys::Datum>> = shape
+            .cols
+            .iter()
+            .map(|col| {
+                let (name, conv) = col.as_ref()?;
+                column(conv, m.get(name.as_str())?)
+            })
             .collect();
-        let mut o_nulls: Vec<bool> = outer_values.iter().map(Option::is_none).collect();
-        let out = pg_sys::heap_form_tuple(shape.outer, o_values.as_mut_ptr(), o_nulls.as_mut_ptr());
-        pg_sys::HeapTupleHeaderGetDatum((*out).t_data)
+        let row = form(shape.keys, &cols);
+        form(
+            shape.outer,
+            &[
+                src.name().into_datum(),
+                notify.as_ref().and_then(scalar_text).into_datum(),
+                limits.map(JsonB).into_datum(),
+                Some(row),
+            ],
+        )
     }
 }
 
@@ -206,11 +203,7 @@ pub unsafe extern "C-unwind" fn keypal_import_row(
 fn import_record(rec: &str, index: i32) -> JsonB {
     match import::record_text(rec, usize::try_from(index).unwrap_or(0)) {
         Ok((mut m, src)) => {
-            let src = match src {
-                Source::Keypal => "keypal",
-                Source::TypeScript => "typescript",
-            };
-            m.insert("_source".into(), src.into());
+            m.insert("_source".into(), src.name().into());
             JsonB(Value::Object(m))
         }
         Err(e) => refuse_option(e),

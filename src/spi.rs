@@ -140,6 +140,21 @@ pub fn passing_errors<R>(f: impl FnOnce() -> R) -> R {
 
 /// An open SPI connection, finished when dropped (but not while an error unwinds: the
 /// transaction's abort cleans SPI up then).
+/// A column's values as a parameter: for a statement over arrays (`one` false) the array;
+/// for its one-row twin (`one` true: a statement from values, cheaper to start) the value.
+pub fn column<T>(values: Vec<Option<T>>, one: bool) -> Option<pg_sys::Datum>
+where
+    T: pgrx::IntoDatum,
+    Vec<Option<T>>: pgrx::IntoDatum,
+{
+    use pgrx::IntoDatum;
+    if one {
+        values.into_iter().next().flatten().into_datum()
+    } else {
+        values.into_datum()
+    }
+}
+
 pub struct Connection(());
 
 impl Connection {
