@@ -5,11 +5,17 @@
 #              owners o0..o99999 (SCALE_KEYS / 100 000 keys each); keys/s over the whole load
 #   vacuum     VACUUM (ANALYZE) of keypal.keys, keypal.audit_log and keypal.events after it
 #   sizes      table + index bytes per key: keys, audit_log, events
-#   verify     pgbench -M prepared, 2 clients, BENCH_SECONDS (15) s: keypal_verify of a key drawn
-#              from a sample of 100 000 (1 % of each chunk) — the same against a database of
-#              100 000 keys (the sample there: all of them); ratio 10M / 100k
+#   verify     pgbench -M prepared, 2 clients, BENCH_SECONDS (15) s after 5 s of warm-up:
+#              keypal_verify of a key drawn from a sample of 100 000 (1 % of each chunk) — the
+#              same against a database of 100 000 keys (the sample there: all of them); ratio
+#              10M / 100k
 #   list       keypal_list(owner_id) of a random owner, 1 client: p50 / p99 latency
 #   audit      keypal_audit(key_id) of a random sampled key, 1 client: p50 / p99 latency
+#   sized      verify again, after a restart with shared_buffers at a quarter of the memory
+#              (SCALE_SHARED_BUFFERS, in MB) and huge_pages = try, keys and their key_hash
+#              index prewarmed: a server sized for its data (huge pages are used only if the
+#              OS has them reserved: vm.nr_hugepages; the line says whether they were;
+#              SCALE_HUGEPAGES=1, as root, reserves them for this step and gives them back)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
@@ -70,6 +76,7 @@ SQL
 tps() {
     local db=$1 script=$2 samples
     samples=$(q "$db" -c "SELECT max(n) FROM sample")
+    pgbench -n -M prepared -c 2 -j 2 -T 5 -D samples="$samples" -f "$script" "$db" >/dev/null 2>&1
     pgbench -n -M prepared -c 2 -j 2 -T "$SECS" -D samples="$samples" -f "$script" "$db" 2>&1 | sed -n 's/^tps = \([0-9.]*\).*/\1/p'
 }
 # p50 and p99 of one client's transactions, from pgbench's per-transaction log (microseconds)
@@ -82,6 +89,26 @@ latency() {
 }
 small=$(tps keypal_scale_small "$work/verify.sql")
 big=$(tps keypal_scale_big "$work/verify.sql")
-awk -v s="$small" -v b="$big" -v n="$keys" 'BEGIN { printf "verify (spread over 100 000 keys): %.0f tps at 100 000 keys, %.0f tps at %d keys: %.2fx\n", s, b, n, b / s }'
+awk -v s="$small" -v b="$big" -v n="$keys" 'BEGIN { printf "verify (spread over 100 000 keys), shared_buffers 128MB: %.0f tps at 100 000 keys, %.0f tps at %d keys: %.2fx\n", s, b, n, b / s }'
 echo "keypal_list(owner_id), $((keys / OWNERS)) keys per owner: $(latency keypal_scale_big "$work/list.sql")"
 echo "keypal_audit(key_id): $(latency keypal_scale_big "$work/audit.sql")"
+
+# A server sized for its data: a quarter of the memory for shared_buffers, as is usual.
+sized=${SCALE_SHARED_BUFFERS:-$(awk '/^MemTotal/ { printf "%d", $2 / 1024 / 4 }' /proc/meminfo)}
+q postgres -c "ALTER SYSTEM SET shared_buffers = '${sized}MB'" -c "ALTER SYSTEM SET huge_pages = 'try'"
+bash scripts/cluster.sh stop "$DIR"
+if [ "${SCALE_HUGEPAGES:-0}" = 1 ]; then
+    hugepages_were=$(cat /proc/sys/vm/nr_hugepages)
+    echo $((sized / 2 + 256)) >/proc/sys/vm/nr_hugepages
+    trap 'bash scripts/cluster.sh stop "$DIR"; echo "$hugepages_were" >/proc/sys/vm/nr_hugepages; rm -rf "$work"' EXIT
+fi
+free_before=$(awk '/^HugePages_Free/ { print $2 }' /proc/meminfo)
+bash scripts/cluster.sh start "$DIR" "${BENCH_PORT:-55449}"
+huge=$(awk -v f="$free_before" '/^HugePages_(Free|Rsvd)/ { v[$1] = $2 } END { print (f - v["HugePages_Free:"] + v["HugePages_Rsvd:"] > 0) ? "on" : "off" }' /proc/meminfo)
+for db in keypal_scale_small keypal_scale_big; do
+    q "$db" -c "CREATE EXTENSION IF NOT EXISTS pg_prewarm" \
+        -c "SELECT pg_prewarm('keypal.keys'), pg_prewarm('keypal.keys_key_hash_key'), pg_prewarm('sample'), pg_prewarm('sample_pkey')" >/dev/null
+done
+small=$(tps keypal_scale_small "$work/verify.sql")
+big=$(tps keypal_scale_big "$work/verify.sql")
+awk -v s="$small" -v b="$big" -v n="$keys" -v m="$sized" -v h="$huge" 'BEGIN { printf "verify (spread over 100 000 keys), shared_buffers %dMB, prewarmed, huge pages %s: %.0f tps at 100 000 keys, %.0f tps at %d keys: %.2fx\n", m, h, s, b, n, b / s }'

@@ -6,9 +6,9 @@
 //! PL/pgSQL function's entry, its settings and its three statements were a fifth of what
 //! creating one key cost. Its one statement is prepared once per backend.
 
-use crate::spi::{column, Connection, Stmt};
+use crate::spi::{Connection, Stmt};
+use pgrx::pg_sys;
 use pgrx::prelude::*;
-use pgrx::{pg_sys, JsonB, Uuid};
 
 /// An event's payload, the webhook body: its name, when, and its data.
 macro_rules! payload {
@@ -41,6 +41,8 @@ macro_rules! any_webhook {
         "EXISTS (SELECT FROM keypal.webhooks w WHERE w.enabled)"
     };
 }
+// (for audit.rs's statement that writes created keys' audit rows and events together)
+pub(crate) use {any_webhook, payload, sql};
 /// The events, in order. Names are qualified (callers pin search_path, but a plan made
 /// under theirs may be re-planned under another), but for unnest: with several arrays it is
 /// syntax, not a function to qualify.
@@ -61,16 +63,6 @@ static EVENTS: Stmt = Stmt::generic(
         pg_sys::JSONBARRAYOID,
     ],
 );
-/// One event (creating one key): the same from values (no unnest to start, no sort).
-static EVENT: Stmt = Stmt::generic(
-    sql!(
-        "INSERT INTO keypal.events (event, key_id, payload) VALUES ($1, $2, ",
-        payload!("$1", "$3"),
-        ") RETURNING id, ",
-        any_webhook!()
-    ),
-    &[pg_sys::TEXTOID, pg_sys::UUIDOID, pg_sys::JSONBOID],
-);
 /// One pending delivery per enabled webhook whose events match each event written (by id);
 /// behind a pending delivery of the same key to the same webhook it waits as long (a key's
 /// events arrive in order; a statement makes at most one event per key).
@@ -85,29 +77,9 @@ static QUEUE: Stmt = Stmt::generic(
     &[pg_sys::INT8ARRAYOID],
 );
 
-/// Writes the events (`names[i]` of key `key_ids[i]`, its webhook body's "data" `data[i]`);
-/// returns the highest id written, None when there were none.
-pub fn emit(
-    conn: &Connection,
-    names: Vec<Option<String>>,
-    key_ids: Vec<Option<Uuid>>,
-    data: Vec<Option<JsonB>>,
-) -> Option<i64> {
-    if names.is_empty() {
-        return None;
-    }
-    // (one event, as creating one key makes: the statement from values)
-    let one = names.len() == 1 && key_ids.len() == 1 && data.len() == 1;
-    (if one { &EVENT } else { &EVENTS }).exec(
-        conn,
-        &[column(names, one), column(key_ids, one), column(data, one)],
-        false,
-        0,
-    );
-    written(conn)
-}
-
-/// `emit` of the three arrays as datums (text[], uuid[], jsonb[]: taken as they are).
+/// Writes the events (`names[i]` of key `key_ids[i]`, its webhook body's "data" `data[i]`:
+/// text[], uuid[], jsonb[] datums, taken as they are); returns the highest id written, None
+/// when there were none.
 fn emit_arrays(
     conn: &Connection,
     names: Option<pg_sys::Datum>,
@@ -118,8 +90,9 @@ fn emit_arrays(
     written(conn)
 }
 
-/// After the events' INSERT: their deliveries queued, listeners notified; the highest id.
-fn written(conn: &Connection) -> Option<i64> {
+/// After the events' INSERT (its RETURNING: `id, any_webhook!()`): their deliveries queued,
+/// listeners notified; the highest id.
+pub fn written(conn: &Connection) -> Option<i64> {
     // SAFETY: the INSERT returned a bigint column, never NULL, and a boolean; its result is
     // freed once read.
     let (ids, hooks): (Vec<Option<i64>>, bool) = unsafe {

@@ -162,4 +162,23 @@ is "$(wait_for "SELECT string_agg(coalesce(status_code::text, 'timeout'), ' ' OR
 is "$(wait_received "sorted(r['duplicate'] for r in rows)" "[False, True]")" "[False, True]" \
    "the receiver saw the same Keypal-Event-Id twice: the second is a duplicate it can drop"
 
+# 8. A webhook enabled (and committed) while a long statement runs gets the events that
+# statement writes after that moment, not those written before: each key's events are
+# written under a snapshot taken as they are (READ COMMITTED).
+q -c "SELECT keypal_remove_webhook(id) FROM keypal.webhooks" >/dev/null
+q -c "SELECT count(k.id) FROM generate_series(1, 2) i,
+        LATERAL (SELECT 'midway' AS o FROM pg_sleep(CASE WHEN i = 2 THEN 2 ELSE 0 END)) s,
+        LATERAL keypal_create(owner_id => s.o, name => 'mid' || i) k" >"$work/midway" &
+creator=$!
+sleep 1
+hook_mid=$(q -c "SELECT keypal_add_webhook('$url/ok', 'whsec_test', '{key.created}')")
+wait "$creator"
+is "$(cat "$work/midway")" 2 "one statement made two keys, two seconds apart"
+is "$(q -c "SELECT string_agg(k.name, ' ' ORDER BY k.name) FROM keypal.keys k
+             WHERE k.owner_id = 'midway' AND (
+                   EXISTS (SELECT FROM keypal.webhook_queue w WHERE w.webhook_id = $hook_mid AND w.key_id = k.id)
+                OR EXISTS (SELECT FROM keypal.webhook_deliveries d JOIN keypal.events e ON e.id = d.event_id
+                            WHERE d.webhook_id = $hook_mid AND e.key_id = k.id))")" "mid2" \
+   "the webhook enabled between them is queued the second key's key.created, not the first's"
+
 done_testing
