@@ -45,29 +45,16 @@ static KEY_EXPIRY: Stmt = Stmt::new(
         pg_sys::TEXTARRAYOID,
     ],
 );
-/// The INSERT of new keys from `$source`, a relation u(o, id, hash, env, exp, dis, rev, nb,
-/// enabled, signing, i) of one row per spec (i: its place), `$order` its ORDER BY: `o` holds the spec's key options
-/// that jsonb_populate_record maps onto columns as they are (text, uuid, arrays, jsonb);
-/// the rest come computed. The rows are written, and returned, in spec order.
+/// The INSERT of new keys into these columns from `$select`, returning what
+/// `audit::NewKey::read` reads.
 macro_rules! insert_keys {
-    ($source:literal, $order:literal) => {
+    ($($select:literal),+) => {
         match CStr::from_bytes_with_nul(concat!(
             "INSERT INTO keypal.keys (id, key_hash, algorithm, owner_id, org_id, env, name, description, scopes,
                               resources, tags, metadata, enabled, expires_at, parent_id, policy,
                               rate_limit, quota, allowed_ips, blocked_ips, allowed_regions,
-                              blocked_regions, disable_at, revoke_at, notify_before, rotated_from, signing)
-      SELECT u.id, u.hash, $11, c.owner_id, c.org_id, u.env, c.name, c.description,
-             coalesce(c.scopes, '{}'), coalesce(c.resources, '{}'), coalesce(c.tags, '{}'),
-             coalesce(u.o -> 'metadata', '{}'), u.enabled, u.exp, c.parent_id, c.policy,
-             u.o -> 'rate_limit', nullif(u.o -> 'quota', 'null'), coalesce(c.allowed_ips, '{}'),
-             coalesce(c.blocked_ips, '{}'), coalesce(c.allowed_regions, '{}'),
-             coalesce(c.blocked_regions, '{}'), u.dis, u.rev, u.nb, $12, u.signing
-        FROM ",
-            $source,
-            "
-       CROSS JOIN LATERAL jsonb_populate_record(NULL::keypal.keys, u.o) AS c
-       ",
-            $order,
+                              blocked_regions, disable_at, revoke_at, notify_before, rotated_from, signing) ",
+            $($select),+,
             "
       RETURNING id, owner_id, org_id, env, name, enabled, expires_at, disable_at, revoke_at, notify_before\0"
         )
@@ -78,14 +65,25 @@ macro_rules! insert_keys {
         }
     };
 }
-/// Many keys: the columns come as arrays. Generic plan: the arrays' sizes do not change its
-/// shape, and a custom plan for 100 000 rows would be compiled by JIT.
+/// Many keys: the columns come as arrays, a relation u(o, id, hash, env, exp, dis, rev, nb,
+/// enabled, signing, i) of one row per spec (i: its place): `o` holds the spec's key options
+/// that jsonb_populate_record maps onto columns as they are (text, uuid, arrays, jsonb); the
+/// rest come computed. The rows are written, and returned, in spec order. Generic plan: the
+/// arrays' sizes do not change its shape, and a custom plan for 100 000 rows would be
+/// compiled by JIT.
 static INSERT: Stmt = Stmt::generic(
     insert_keys!(
-        "unnest($1::jsonb[], $2::uuid[], $3::bytea[], $4::text[], $5::timestamptz[],
+        "SELECT u.id, u.hash, $11, c.owner_id, c.org_id, u.env, c.name, c.description,
+             coalesce(c.scopes, '{}'), coalesce(c.resources, '{}'), coalesce(c.tags, '{}'),
+             coalesce(u.o -> 'metadata', '{}'), u.enabled, u.exp, c.parent_id, c.policy,
+             u.o -> 'rate_limit', nullif(u.o -> 'quota', 'null'), coalesce(c.allowed_ips, '{}'),
+             coalesce(c.blocked_ips, '{}'), coalesce(c.allowed_regions, '{}'),
+             coalesce(c.blocked_regions, '{}'), u.dis, u.rev, u.nb, $12, u.signing
+        FROM unnest($1::jsonb[], $2::uuid[], $3::bytea[], $4::text[], $5::timestamptz[],
                     $6::timestamptz[], $7::timestamptz[], $8::interval[], $9::boolean[], $10::boolean[])
-             WITH ORDINALITY AS u(o, id, hash, env, exp, dis, rev, nb, enabled, signing, i)",
-        "ORDER BY u.i"
+             WITH ORDINALITY AS u(o, id, hash, env, exp, dis, rev, nb, enabled, signing, i)
+       CROSS JOIN LATERAL jsonb_populate_record(NULL::keypal.keys, u.o) AS c
+       ORDER BY u.i"
     ),
     &[
         pg_sys::JSONBARRAYOID,
@@ -102,14 +100,16 @@ static INSERT: Stmt = Stmt::generic(
         pg_sys::UUIDOID,
     ],
 );
-/// One key (keypal_create): the same from one row of values, which the planner folds into
-/// the statement (no unnest to start; no sort, so no subquery to scan either).
+/// One key (keypal_create): the same from one row of values, the spec's options each a
+/// parameter of its column's type (`Spec`), so that nothing is left to plan or set up but
+/// the INSERT itself (jsonb_populate_record's scan was a tenth of creating one key); $1 is
+/// still the spec, for the three JSON columns, read as `INSERT` reads them.
 static INSERT_ONE: Stmt = Stmt::generic(
     insert_keys!(
-        "(VALUES ($1::jsonb, $2::uuid, $3::bytea, $4::text, $5::timestamptz, $6::timestamptz,
-                  $7::timestamptz, $8::interval, $9::boolean, $10::boolean, 1))
-             AS u(o, id, hash, env, exp, dis, rev, nb, enabled, signing, i)",
-        ""
+        "VALUES ($2, $3, $11, $13, $14, $4, $15, $16, coalesce($17, '{}'), coalesce($18, '{}'),
+                 coalesce($19, '{}'), coalesce($1 -> 'metadata', '{}'), $9, $5, $20, $21,
+                 $1 -> 'rate_limit', nullif($1 -> 'quota', 'null'), coalesce($22, '{}'),
+                 coalesce($23, '{}'), coalesce($24, '{}'), coalesce($25, '{}'), $6, $7, $8, $12, $10)"
     ),
     &[
         pg_sys::JSONBOID,
@@ -124,6 +124,20 @@ static INSERT_ONE: Stmt = Stmt::generic(
         pg_sys::BOOLOID,
         pg_sys::TEXTOID,
         pg_sys::UUIDOID,
+        // the spec's options, as jsonb_populate_record would read them (see `Spec`)
+        pg_sys::TEXTOID,
+        pg_sys::TEXTOID,
+        pg_sys::TEXTOID,
+        pg_sys::TEXTOID,
+        pg_sys::TEXTARRAYOID,
+        pg_sys::JSONBOID,
+        pg_sys::TEXTARRAYOID,
+        pg_sys::UUIDOID,
+        pg_sys::TEXTOID,
+        pg_sys::TEXTARRAYOID,
+        pg_sys::TEXTARRAYOID,
+        pg_sys::TEXTARRAYOID,
+        pg_sys::TEXTARRAYOID,
     ],
 );
 
@@ -287,25 +301,53 @@ impl Rows {
 /// RETURNING columns in the last result.
 fn insert(conn: &Connection, rows: Rows, algorithm: &str, rotated_from: Option<Uuid>) -> u64 {
     let one = rows.id.len() == 1;
-    (if one { &INSERT_ONE } else { &INSERT }).exec(
-        conn,
-        &[
-            column(rows.spec, one),
-            column(rows.id, one),
-            column(rows.hash, one),
-            column(rows.env, one),
-            column(rows.exp, one),
-            column(rows.dis, one),
-            column(rows.rev, one),
-            column(rows.nb, one),
-            column(rows.enabled, one),
-            column(rows.signing, one),
-            text(algorithm),
-            rotated_from.into_datum(),
-        ],
-        false,
-        0,
-    )
+    let options = match (one, rows.spec.first()) {
+        (true, Some(Some(spec))) => spec_columns(&spec.0),
+        _ => Vec::new(),
+    };
+    let mut args = vec![
+        column(rows.spec, one),
+        column(rows.id, one),
+        column(rows.hash, one),
+        column(rows.env, one),
+        column(rows.exp, one),
+        column(rows.dis, one),
+        column(rows.rev, one),
+        column(rows.nb, one),
+        column(rows.enabled, one),
+        column(rows.signing, one),
+        text(algorithm),
+        rotated_from.into_datum(),
+    ];
+    args.extend(options);
+    (if one { &INSERT_ONE } else { &INSERT }).exec(conn, &args, false, 0)
+}
+
+/// A checked spec's options as INSERT_ONE's $13–$25, each as jsonb_populate_record reads
+/// its column from the spec (INSERT's way): a string as text or uuid, a list as text[], an
+/// object as jsonb, and JSON null or a missing option as NULL.
+fn spec_columns(spec: &Value) -> Vec<Option<pg_sys::Datum>> {
+    let get = |k: &str| spec.get(k).filter(|v| !v.is_null());
+    let text = |k: &str| get(k).and_then(Value::as_str).into_datum();
+    let list = |k: &str| get(k).map(|v| string_list(Some(v))).into_datum();
+    let parent = get("parent_id").and_then(Value::as_str).map(|s| {
+        parse_uuid(s).unwrap_or_else(|| bad_argument("parent_id", &format!("{s:?} is not a uuid")))
+    });
+    vec![
+        text("owner_id"),
+        text("org_id"),
+        text("name"),
+        text("description"),
+        list("scopes"),
+        get("resources").map(|v| JsonB(v.clone())).into_datum(),
+        list("tags"),
+        parent.into_datum(),
+        text("policy"),
+        list("allowed_ips"),
+        list("blocked_ips"),
+        list("allowed_regions"),
+        list("blocked_regions"),
+    ]
 }
 
 /// Sets the transaction-local settings an older schema's INSERT trigger reads

@@ -144,5 +144,37 @@ SELECT lives_ok($$INSERT INTO keypal.keys (id, key_hash, algorithm, owner_id, pa
     'a well-formed row passes');
 SELECT is(keypal.key_row_ok('sha256', gen_random_uuid(), NULL, '{}', NULL), false, 'NULL metadata does not pass');
 
+-- One key is written by a statement of its own (each option a parameter of its column's
+-- type), several by one over arrays (jsonb_populate_record): both store every option alike.
+SELECT keypal_define_policy('same:rows', scopes => '{read,write}');
+CREATE TEMP TABLE same_parent AS SELECT id FROM keypal_create(owner_id => 'same', scopes => '{read,write}', resources => '{"project:1": ["read"]}');
+CREATE TEMP TABLE same_spec AS SELECT jsonb_build_object(
+    'owner_id', 'same', 'org_id', 'org_s', 'name', 'n', 'description', '', 'scopes', '["read"]'::jsonb,
+    'resources', '{"project:1": ["read"]}'::jsonb, 'tags', '["a", "b"]'::jsonb, 'metadata', '{"m": [1, null]}'::jsonb,
+    'parent_id', (SELECT id FROM same_parent), 'policy', 'same:rows', 'rate_limit', 'null'::jsonb,
+    'quota', '{"limit": 5, "period": "day"}'::jsonb, 'allowed_ips', '["10.0.0.0/8", "::1"]'::jsonb,
+    'blocked_ips', '["10.1.0.0/16"]'::jsonb, 'allowed_regions', '["de", "FR"]'::jsonb, 'blocked_regions', '["ru"]'::jsonb,
+    'env', NULL, 'expires_in', '1d', 'enabled', false) AS spec;
+CREATE TEMP TABLE same_one AS SELECT id FROM keypal_create_many((SELECT jsonb_build_array(spec) FROM same_spec));
+CREATE TEMP TABLE same_two AS SELECT id FROM keypal_create_many((SELECT jsonb_build_array(spec, spec) FROM same_spec));
+SELECT is((SELECT count(*) FROM same_one) + (SELECT count(*) FROM same_two), 3::bigint, 'one spec, then two');
+SELECT is((SELECT count(DISTINCT to_jsonb(k) - '{id,key_hash,created_at,updated_at,expires_at}'::text[])
+             FROM keypal.keys k WHERE k.id IN (SELECT id FROM same_one UNION ALL SELECT id FROM same_two)),
+          1::bigint, 'a key made alone and two made together have the same columns');
+SELECT is((SELECT to_jsonb(k) - '{id,key_hash,created_at,updated_at,expires_at}'::text[] FROM keypal.keys k WHERE k.id = (SELECT id FROM same_one)),
+          jsonb_build_object('owner_id', 'same', 'org_id', 'org_s', 'env', NULL, 'name', 'n', 'description', '',
+              'scopes', '["read"]'::jsonb, 'resources', '{"project:1": ["read"]}'::jsonb, 'tags', '["a", "b"]'::jsonb,
+              'metadata', '{"m": [1, null]}'::jsonb, 'enabled', false, 'last_used_at', NULL, 'revoked_at', NULL,
+              'revoke_reason', NULL, 'revoked_by', NULL, 'rotated_from', NULL, 'rotated_to', NULL,
+              'parent_id', (SELECT id FROM same_parent), 'policy', 'same:rows', 'rate_limit', 'null'::jsonb,
+              'quota', '{"limit": 5, "period": "day", "on_exceeded": "block"}'::jsonb, 'allowed_ips', '["10.0.0.0/8", "::1"]'::jsonb,
+              'blocked_ips', '["10.1.0.0/16"]'::jsonb, 'allowed_regions', '["DE", "FR"]'::jsonb,
+              'blocked_regions', '["RU"]'::jsonb, 'disable_at', NULL, 'revoke_at', NULL, 'notify_before', NULL,
+              'signing', false, 'algorithm', 'sha256'),
+          'and they are the options given');
+SELECT is((SELECT string_agg(coalesce(rate_limit::text, 'NULL'), ' ') FROM keypal.keys
+            WHERE id IN (SELECT id FROM same_one UNION ALL SELECT id FROM same_two)),
+          'null null null', 'a rate_limit of JSON null is kept as JSON null (no limit), by both');
+
 SELECT * FROM finish();
 ROLLBACK;
