@@ -102,8 +102,8 @@ static INSERT: Stmt = Stmt::generic(
 );
 /// One key (keypal_create): the same from one row of values, the spec's options each a
 /// parameter of its column's type (`Spec`), so that nothing is left to plan or set up but
-/// the INSERT itself (jsonb_populate_record's scan was a tenth of creating one key); $1 is
-/// still the spec, for the three JSON columns, read as `INSERT` reads them.
+/// the INSERT itself (jsonb_populate_record's scan was a tenth of creating one key); $1
+/// holds the three JSON columns, read as `INSERT` reads them from the spec.
 static INSERT_ONE: Stmt = Stmt::generic(
     insert_keys!(
         "VALUES ($2, $3, $11, $13, $14, $4, $15, $16, coalesce($17, '{}'), coalesce($18, '{}'),
@@ -301,12 +301,12 @@ impl Rows {
 /// RETURNING columns in the last result.
 fn insert(conn: &Connection, rows: Rows, algorithm: &str, rotated_from: Option<Uuid>) -> u64 {
     let one = rows.id.len() == 1;
-    let options = match (one, rows.spec.first()) {
-        (true, Some(Some(spec))) => spec_columns(&spec.0),
-        _ => Vec::new(),
+    let (spec, options) = match (one, rows.spec.first()) {
+        (true, Some(Some(spec))) => (json_columns(&spec.0), spec_columns(&spec.0)),
+        _ => (rows.spec.into_datum(), Vec::new()),
     };
     let mut args = vec![
-        column(rows.spec, one),
+        spec,
         column(rows.id, one),
         column(rows.hash, one),
         column(rows.env, one),
@@ -321,6 +321,18 @@ fn insert(conn: &Connection, rows: Rows, algorithm: &str, rotated_from: Option<U
     ];
     args.extend(options);
     (if one { &INSERT_ONE } else { &INSERT }).exec(conn, &args, false, 0)
+}
+
+/// INSERT_ONE's $1: the spec's three JSON columns, those given (NULL when none is: most
+/// keys; nothing to parse).
+fn json_columns(spec: &Value) -> Option<pg_sys::Datum> {
+    let json: Map<String, Value> = ["metadata", "rate_limit", "quota"]
+        .into_iter()
+        .filter_map(|k| Some((k.to_owned(), spec.get(k)?.clone())))
+        .collect();
+    (!json.is_empty())
+        .then_some(JsonB(Value::Object(json)))
+        .into_datum()
 }
 
 /// A checked spec's options as INSERT_ONE's $13–$25, each as jsonb_populate_record reads
