@@ -24,6 +24,10 @@ CHUNK=${CHUNK:-100000}
 SECS=${BENCH_SECONDS:-15}
 OWNERS=100000
 DIR=/tmp/keypal-bench-scale
+if [ "${SCALE_HUGEPAGES:-0}" = 1 ] && ! [ -w /proc/sys/vm/nr_hugepages ]; then
+    echo "SCALE_HUGEPAGES=1 needs root and a writable /proc/sys/vm/nr_hugepages" >&2
+    exit 2
+fi
 bench_cluster "$DIR" "${BENCH_PORT:-55449}" keypal_scale_small "max_wal_size = 4GB"
 work=$(mktemp -d)
 chmod 755 "$work"
@@ -93,18 +97,23 @@ awk -v s="$small" -v b="$big" -v n="$keys" 'BEGIN { printf "verify (spread over 
 echo "keypal_list(owner_id), $((keys / OWNERS)) keys per owner: $(latency keypal_scale_big "$work/list.sql")"
 echo "keypal_audit(key_id): $(latency keypal_scale_big "$work/audit.sql")"
 
-# A server sized for its data: a quarter of the memory for shared_buffers, as is usual.
-sized=${SCALE_SHARED_BUFFERS:-$(awk '/^MemTotal/ { printf "%d", $2 / 1024 / 4 }' /proc/meminfo)}
+# A server sized for its data: a quarter of the memory for shared_buffers, as is usual (or
+# of the cgroup's limit, when there is one).
+limit=$(cat /sys/fs/cgroup/memory.max 2>/dev/null || echo max)
+sized=${SCALE_SHARED_BUFFERS:-$(awk -v l="$limit" '/^MemTotal/ { m = $2 * 1024; if (l != "max" && l < m) m = l; printf "%d", m / 1048576 / 4 }' /proc/meminfo)}
 q postgres -c "ALTER SYSTEM SET shared_buffers = '${sized}MB'" -c "ALTER SYSTEM SET huge_pages = 'try'"
 bash scripts/cluster.sh stop "$DIR"
 if [ "${SCALE_HUGEPAGES:-0}" = 1 ]; then
+    # as many pages (of the kernel's size) as the server asks for, if memory has them
     hugepages_were=$(cat /proc/sys/vm/nr_hugepages)
-    echo $((sized / 2 + 256)) >/proc/sys/vm/nr_hugepages
-    trap 'bash scripts/cluster.sh stop "$DIR"; echo "$hugepages_were" >/proc/sys/vm/nr_hugepages; rm -rf "$work"' EXIT
+    trap 'bash scripts/cluster.sh stop "$DIR" || true; echo "$hugepages_were" >/proc/sys/vm/nr_hugepages || true; rm -rf "$work"' EXIT
+    want=$(runuser -u postgres -- /usr/lib/postgresql/15/bin/postgres -D "$DIR" -C shared_memory_size_in_huge_pages)
+    have=$(awk '/^MemAvailable/ { a = $2 } /^Hugepagesize/ { h = $2 } END { printf "%d", a / h * 0.9 }' /proc/meminfo)
+    echo $((want < have ? want : have)) >/proc/sys/vm/nr_hugepages
 fi
-free_before=$(awk '/^HugePages_Free/ { print $2 }' /proc/meminfo)
 bash scripts/cluster.sh start "$DIR" "${BENCH_PORT:-55449}"
-huge=$(awk -v f="$free_before" '/^HugePages_(Free|Rsvd)/ { v[$1] = $2 } END { print (f - v["HugePages_Free:"] + v["HugePages_Rsvd:"] > 0) ? "on" : "off" }' /proc/meminfo)
+# (whether the server's shared memory is in huge pages: its own mapping says)
+if grep -q anon_hugepage "/proc/$(head -1 "$DIR/postmaster.pid")/maps" 2>/dev/null; then huge=on; else huge=off; fi
 for db in keypal_scale_small keypal_scale_big; do
     q "$db" -c "CREATE EXTENSION IF NOT EXISTS pg_prewarm" \
         -c "SELECT pg_prewarm('keypal.keys'), pg_prewarm('keypal.keys_key_hash_key'), pg_prewarm('sample'), pg_prewarm('sample_pkey')" >/dev/null

@@ -75,14 +75,16 @@ static INSERT: Stmt = Stmt::generic(
     insert_keys!(
         "SELECT u.id, u.hash, $11, c.owner_id, c.org_id, u.env, c.name, c.description,
              coalesce(c.scopes, '{}'), coalesce(c.resources, '{}'), coalesce(c.tags, '{}'),
-             coalesce(u.o -> 'metadata', '{}'), u.enabled, u.exp, c.parent_id, c.policy,
-             u.o -> 'rate_limit', nullif(u.o -> 'quota', 'null'), coalesce(c.allowed_ips, '{}'),
+             coalesce(u.o OPERATOR(pg_catalog.->) 'metadata', '{}'), u.enabled, u.exp, c.parent_id,
+             c.policy, u.o OPERATOR(pg_catalog.->) 'rate_limit',
+             CASE WHEN u.o OPERATOR(pg_catalog.->) 'quota' OPERATOR(pg_catalog.<>) 'null'
+                  THEN u.o OPERATOR(pg_catalog.->) 'quota' END, coalesce(c.allowed_ips, '{}'),
              coalesce(c.blocked_ips, '{}'), coalesce(c.allowed_regions, '{}'),
              coalesce(c.blocked_regions, '{}'), u.dis, u.rev, u.nb, $12, u.signing
         FROM unnest($1::jsonb[], $2::uuid[], $3::bytea[], $4::text[], $5::timestamptz[],
                     $6::timestamptz[], $7::timestamptz[], $8::interval[], $9::boolean[], $10::boolean[])
              WITH ORDINALITY AS u(o, id, hash, env, exp, dis, rev, nb, enabled, signing, i)
-       CROSS JOIN LATERAL jsonb_populate_record(NULL::keypal.keys, u.o) AS c
+       CROSS JOIN LATERAL pg_catalog.jsonb_populate_record(NULL::keypal.keys, u.o) AS c
        ORDER BY u.i"
     ),
     &[
@@ -101,14 +103,16 @@ static INSERT: Stmt = Stmt::generic(
     ],
 );
 /// One key (keypal_create): the same from one row of values, the spec's options each a
-/// parameter of its column's type (`Spec`), so that nothing is left to plan or set up but
+/// parameter of its column's type (`spec_columns`), so that nothing is left to plan or set up but
 /// the INSERT itself (jsonb_populate_record's scan was a tenth of creating one key); $1
 /// holds the three JSON columns, read as `INSERT` reads them from the spec.
 static INSERT_ONE: Stmt = Stmt::generic(
     insert_keys!(
         "VALUES ($2, $3, $11, $13, $14, $4, $15, $16, coalesce($17, '{}'), coalesce($18, '{}'),
-                 coalesce($19, '{}'), coalesce($1 -> 'metadata', '{}'), $9, $5, $20, $21,
-                 $1 -> 'rate_limit', nullif($1 -> 'quota', 'null'), coalesce($22, '{}'),
+                 coalesce($19, '{}'), coalesce($1 OPERATOR(pg_catalog.->) 'metadata', '{}'), $9,
+                 $5, $20, $21, $1 OPERATOR(pg_catalog.->) 'rate_limit',
+                 CASE WHEN $1 OPERATOR(pg_catalog.->) 'quota' OPERATOR(pg_catalog.<>) 'null'
+                      THEN $1 OPERATOR(pg_catalog.->) 'quota' END, coalesce($22, '{}'),
                  coalesce($23, '{}'), coalesce($24, '{}'), coalesce($25, '{}'), $6, $7, $8, $12, $10)"
     ),
     &[
@@ -301,9 +305,13 @@ impl Rows {
 /// RETURNING columns in the last result.
 fn insert(conn: &Connection, rows: Rows, algorithm: &str, rotated_from: Option<Uuid>) -> u64 {
     let one = rows.id.len() == 1;
-    let (spec, options) = match (one, rows.spec.first()) {
-        (true, Some(Some(spec))) => (json_columns(&spec.0), spec_columns(&spec.0)),
-        _ => (rows.spec.into_datum(), Vec::new()),
+    let (spec, options) = if one {
+        let spec = rows.spec[0]
+            .as_ref()
+            .expect("make() gives every row its spec");
+        (json_columns(&spec.0), spec_columns(&spec.0))
+    } else {
+        (rows.spec.into_datum(), Vec::new())
     };
     let mut args = vec![
         spec,

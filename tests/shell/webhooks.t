@@ -167,10 +167,11 @@ is "$(wait_received "sorted(r['duplicate'] for r in rows)" "[False, True]")" "[F
 # written under a snapshot taken as they are (READ COMMITTED).
 q -c "SELECT keypal_remove_webhook(id) FROM keypal.webhooks" >/dev/null
 q -c "SELECT count(k.id) FROM generate_series(1, 2) i,
-        LATERAL (SELECT 'midway' AS o FROM pg_sleep(CASE WHEN i = 2 THEN 2 ELSE 0 END)) s,
+        LATERAL (SELECT 'midway' AS o FROM pg_sleep(CASE WHEN i = 2 THEN 3 ELSE 0 END)) s,
         LATERAL keypal_create(owner_id => s.o, name => 'mid' || i) k" >"$work/midway" &
 creator=$!
-sleep 1
+# (the statement has made its first key and sleeps before the second)
+poll 100 1 q -c "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep' AND query LIKE '%midway%'" >/dev/null
 hook_mid=$(q -c "SELECT keypal_add_webhook('$url/ok', 'whsec_test', '{key.created}')")
 wait "$creator"
 is "$(cat "$work/midway")" 2 "one statement made two keys, two seconds apart"

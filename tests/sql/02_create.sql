@@ -158,7 +158,7 @@ CREATE TEMP TABLE same_spec AS SELECT jsonb_build_object(
 CREATE TEMP TABLE same_one AS SELECT id FROM keypal_create_many((SELECT jsonb_build_array(spec) FROM same_spec));
 CREATE TEMP TABLE same_two AS SELECT id FROM keypal_create_many((SELECT jsonb_build_array(spec, spec) FROM same_spec));
 SELECT is((SELECT count(*) FROM same_one) + (SELECT count(*) FROM same_two), 3::bigint, 'one spec, then two');
-SELECT is((SELECT count(DISTINCT to_jsonb(k) - '{id,key_hash,created_at,updated_at,expires_at}'::text[])
+SELECT is((SELECT count(DISTINCT to_jsonb(k) - '{id,key_hash,created_at,updated_at}'::text[])
              FROM keypal.keys k WHERE k.id IN (SELECT id FROM same_one UNION ALL SELECT id FROM same_two)),
           1::bigint, 'a key made alone and two made together have the same columns');
 SELECT is((SELECT to_jsonb(k) - '{id,key_hash,created_at,updated_at,expires_at}'::text[] FROM keypal.keys k WHERE k.id = (SELECT id FROM same_one)),
@@ -172,6 +172,25 @@ SELECT is((SELECT to_jsonb(k) - '{id,key_hash,created_at,updated_at,expires_at}'
               'blocked_regions', '["RU"]'::jsonb, 'disable_at', NULL, 'revoke_at', NULL, 'notify_before', NULL,
               'signing', false, 'algorithm', 'sha256'),
           'and they are the options given');
+-- and the same for a spec of defaults and JSON nulls (no list, no JSON column: $1 NULL)
+CREATE TEMP TABLE bare_spec AS SELECT '{"owner_id": "bare", "name": null, "org_id": null, "quota": null, "description": null}'::jsonb AS spec;
+CREATE TEMP TABLE bare_one AS SELECT id FROM keypal_create_many((SELECT jsonb_build_array(spec) FROM bare_spec));
+CREATE TEMP TABLE bare_two AS SELECT id FROM keypal_create_many((SELECT jsonb_build_array(spec, spec) FROM bare_spec));
+SELECT is((SELECT count(DISTINCT to_jsonb(k) - '{id,key_hash,created_at,updated_at}'::text[])
+             FROM keypal.keys k WHERE k.id IN (SELECT id FROM bare_one UNION ALL SELECT id FROM bare_two)),
+          1::bigint, 'defaults and JSON nulls: alone and together alike');
+SELECT is((SELECT to_jsonb(k) - '{id,key_hash,created_at,updated_at}'::text[] FROM keypal.keys k WHERE k.id = (SELECT id FROM bare_one)),
+          jsonb_build_object('owner_id', 'bare', 'org_id', NULL, 'env', NULL, 'name', NULL, 'description', NULL,
+              'scopes', '[]'::jsonb, 'resources', '{}'::jsonb, 'tags', '[]'::jsonb, 'metadata', '{}'::jsonb,
+              'enabled', true, 'expires_at', NULL, 'last_used_at', NULL, 'revoked_at', NULL, 'revoke_reason', NULL,
+              'revoked_by', NULL, 'rotated_from', NULL, 'rotated_to', NULL, 'parent_id', NULL, 'policy', NULL,
+              'rate_limit', NULL, 'quota', NULL, 'allowed_ips', '[]'::jsonb, 'blocked_ips', '[]'::jsonb,
+              'allowed_regions', '[]'::jsonb, 'blocked_regions', '[]'::jsonb, 'disable_at', NULL, 'revoke_at', NULL,
+              'notify_before', NULL, 'signing', false, 'algorithm', 'sha256'),
+          'and they are the defaults');
+SELECT is((SELECT count(*) FROM keypal.keys WHERE id IN (SELECT id FROM bare_one UNION ALL SELECT id FROM bare_two)
+             AND rate_limit IS NULL AND quota IS NULL AND name IS NULL),
+          3::bigint, 'a quota of JSON null and no rate_limit are SQL NULL, by both');
 SELECT is((SELECT string_agg(coalesce(rate_limit::text, 'NULL'), ' ') FROM keypal.keys
             WHERE id IN (SELECT id FROM same_one UNION ALL SELECT id FROM same_two)),
           'null null null', 'a rate_limit of JSON null is kept as JSON null (no limit), by both');
