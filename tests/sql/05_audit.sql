@@ -69,5 +69,17 @@ SELECT throws_ok($$UPDATE keypal.audit_log SET actor = 'forged'$$, '42501', NULL
 SELECT throws_ok($$DELETE FROM keypal.audit_log$$, '42501', NULL, 'or deleted');
 RESET ROLE;
 
+-- A key's audit row and event are written by the statement that makes it, or none of the
+-- three is: an audit row the table refuses takes the key and its event with it (one key, and
+-- a call of several whose second fails).
+ALTER TABLE keypal.audit_log ADD CONSTRAINT audit_refuses CHECK (owner_id IS DISTINCT FROM 'refused');
+SELECT throws_ok($$SELECT keypal_create(owner_id => 'refused')$$, '23514', NULL, 'an audit row refused fails the create');
+SELECT throws_ok($$SELECT keypal_create_many('[{"owner_id": "kept?"}, {"owner_id": "refused"}]')$$, '23514', NULL,
+    'and a create of several');
+SELECT is((SELECT count(*) FROM keypal.keys WHERE owner_id IN ('refused', 'kept?')), 0::bigint, 'no key is left');
+SELECT is((SELECT count(*) FROM keypal.events WHERE payload -> 'data' ->> 'ownerId' IN ('refused', 'kept?')), 0::bigint,
+    'nor an event');
+ALTER TABLE keypal.audit_log DROP CONSTRAINT audit_refuses;
+
 SELECT * FROM finish();
 ROLLBACK;
