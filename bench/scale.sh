@@ -4,6 +4,7 @@
 #   load       SCALE_KEYS (10 000 000) keys made by keypal_create_many, CHUNK (100 000) per call,
 #              owners o0..o99999 (SCALE_KEYS / 100 000 keys each); keys/s over the whole load
 #   vacuum     VACUUM (ANALYZE) of keypal.keys, keypal.audit_log and keypal.events after it
+#              (then a CHECKPOINT, so that the load's does not run during the measurements)
 #   sizes      table + index bytes per key: keys, audit_log, events
 #   verify     pgbench -M prepared, 2 clients, BENCH_SECONDS (15) s after 5 s of warm-up:
 #              keypal_verify of a key drawn from a sample of 100 000 (1 % of each chunk) — the
@@ -15,7 +16,8 @@
 #              (SCALE_SHARED_BUFFERS, in MB) and huge_pages = try, keys and their key_hash
 #              index prewarmed: a server sized for its data (huge pages are used only if the
 #              OS has them reserved: vm.nr_hugepages; the line says whether they were;
-#              SCALE_HUGEPAGES=1, as root, reserves them for this step and gives them back)
+#              SCALE_HUGEPAGES=1, as root, reserves them for this step and gives them back);
+#              list and audit latency again
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
@@ -59,6 +61,8 @@ t0=$(now)
 q keypal_scale_big -c "VACUUM (ANALYZE) keypal.keys" -c "VACUUM (ANALYZE) keypal.audit_log" -c "VACUUM (ANALYZE) keypal.events"
 vacuum=$(awk -v t0="$t0" -v t="$(now)" 'BEGIN { printf "%.1f", t - t0 }')
 q keypal_scale_small -c "VACUUM (ANALYZE)"
+# (the load's last checkpoint done, not spread over the measurements)
+q postgres -c "CHECKPOINT"
 echo "load: $keys keys in $load s ($(awk -v n="$keys" -v t="$load" 'BEGIN { printf "%.0f", n / t }') keys/s); VACUUM (ANALYZE) of keys, audit_log, events: $vacuum s"
 q keypal_scale_big -c "SELECT format('%-10s table %6s MB  indexes %6s MB  %4s bytes per key', r,
         pg_table_size(('keypal.' || r)::regclass) / 1048576, pg_indexes_size(('keypal.' || r)::regclass) / 1048576,
@@ -121,3 +125,5 @@ done
 small=$(tps keypal_scale_small "$work/verify.sql")
 big=$(tps keypal_scale_big "$work/verify.sql")
 awk -v s="$small" -v b="$big" -v n="$keys" -v m="$sized" -v h="$huge" 'BEGIN { printf "verify (spread over 100 000 keys), shared_buffers %dMB, prewarmed, huge pages %s: %.0f tps at 100 000 keys, %.0f tps at %d keys: %.2fx\n", m, h, s, b, n, b / s }'
+echo "  keypal_list(owner_id): $(latency keypal_scale_big "$work/list.sql")"
+echo "  keypal_audit(key_id): $(latency keypal_scale_big "$work/audit.sql")"

@@ -311,7 +311,7 @@ fn insert(conn: &Connection, rows: Rows, algorithm: &str, rotated_from: Option<U
             .expect("make() gives every row its spec");
         (json_columns(&spec.0), spec_columns(&spec.0))
     } else {
-        (rows.spec.into_datum(), Vec::new())
+        (column(rows.spec, false), Vec::new())
     };
     let mut args = vec![
         spec,
