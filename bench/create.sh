@@ -9,7 +9,8 @@
 #                 reading the records and making its argument included
 #   import_call   the same call with its argument made beforehand: keypal_import's own time
 # prints seconds, keys/s and the ratio to plain_insert; then keypal_create's server time per
-# call (SINGLE = 10 000 calls in one DO block), and the bulk lifecycle:
+# call (SINGLE = 10 000 calls in one DO block), the peak private memory of one
+# keypal_create_many of BENCH_KEYS specs, and the bulk lifecycle:
 #   revoke_all    keypal_revoke_all of an owner with LIFECYCLE_KEYS (100 000) keys: roots,
 #                 each with a chain of 3 levels of children (a quarter of the keys each)
 #   rotate        keypal_rotate of ROTATE_KEYS (10 000) keys in one statement
@@ -61,6 +62,30 @@ for s in plain_insert create create_many import import_call; do
 done
 one=$(timed bench_create "DO \$\$ BEGIN FOR i IN 1..$SINGLE LOOP PERFORM keypal_create(owner_id => 's' || i, scopes => '{read}'); END LOOP; END \$\$;")
 awk -v t="$one" -v n="$SINGLE" 'BEGIN { printf "keypal_create server time: %.3f ms per call (%d calls in one DO block)\n", t * 1000 / n, n }'
+
+# Memory: the peak private memory (RssAnon, sampled every 0.2 s) of the backend running one
+# keypal_create_many of N specs (the argument made in the same statement, as above).
+mem=$(mktemp -d)
+chmod 755 "$mem"
+psql -X -q -d bench_create >/dev/null 2>&1 <<SQL &
+\pset tuples_only on
+\o $mem/pid
+SELECT pg_backend_pid();
+\o
+SELECT pg_sleep(0.5);
+SELECT count(*) FROM keypal_create_many((SELECT jsonb_agg(jsonb_build_object('owner_id', 'r' || i % 1000, 'scopes', '["read"]'::jsonb)) FROM generate_series(1, $N) i));
+SQL
+client=$!
+peak=0
+for _ in $(seq 50); do [ -s "$mem/pid" ] && break; sleep 0.1; done
+pid=$(tr -dc 0-9 <"$mem/pid")
+while kill -0 "$client" 2>/dev/null; do
+    r=$(awk '/^RssAnon/ { print $2 }' "/proc/$pid/status" 2>/dev/null || true)
+    if [ -n "$r" ] && [ "$r" -gt "$peak" ]; then peak=$r; fi
+    sleep 0.2
+done
+rm -rf "$mem"
+awk -v p="$peak" -v n="$N" 'BEGIN { printf "keypal_create_many of %d specs: peak private memory of its backend %.0f MB (%.1f KB per key)\n", n, p / 1024, p / n }'
 
 # Bulk lifecycle: an owner's keys in chains root -> child -> grandchild -> great-grandchild.
 fresh_db bench_life pgcrypto
