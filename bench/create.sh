@@ -66,8 +66,8 @@ awk -v t="$one" -v n="$SINGLE" 'BEGIN { printf "keypal_create server time: %.3f 
 # Memory: the peak private memory (RssAnon, sampled every 0.2 s) of the backend running one
 # keypal_create_many of N specs (the argument made in the same statement, as above).
 mem=$(mktemp -d)
-chmod 755 "$mem"
-psql -X -q -d bench_create >/dev/null 2>&1 <<SQL &
+psql -X -q -v ON_ERROR_STOP=1 -d bench_create >/dev/null 2>"$mem/err" <<SQL &
+SET statement_timeout = 0;
 \pset tuples_only on
 \o $mem/pid
 SELECT pg_backend_pid();
@@ -77,14 +77,17 @@ SELECT count(*) FROM keypal_create_many((SELECT jsonb_agg(jsonb_build_object('ow
 SQL
 client=$!
 peak=0
-for _ in $(seq 50); do [ -s "$mem/pid" ] && break; sleep 0.1; done
-pid=$(tr -dc 0-9 <"$mem/pid")
+for _ in $(seq 100); do [ -s "$mem/pid" ] && break; sleep 0.1; done
+pid=$(tr -dc 0-9 <"$mem/pid" 2>/dev/null || true)
+[ -n "$pid" ] || { echo "memory: no backend pid from psql: $(cat "$mem/err")" >&2; exit 1; }
 while kill -0 "$client" 2>/dev/null; do
     r=$(awk '/^RssAnon/ { print $2 }' "/proc/$pid/status" 2>/dev/null || true)
     if [ -n "$r" ] && [ "$r" -gt "$peak" ]; then peak=$r; fi
     sleep 0.2
 done
+wait "$client" || { echo "memory: keypal_create_many failed: $(cat "$mem/err")" >&2; exit 1; }
 rm -rf "$mem"
+expect memory "$(count bench_create "SELECT count(*) FROM keypal.keys WHERE owner_id LIKE 'r%'")" "$N"
 awk -v p="$peak" -v n="$N" 'BEGIN { printf "keypal_create_many of %d specs: peak private memory of its backend %.0f MB (%.1f KB per key)\n", n, p / 1024, p / n }'
 
 # Bulk lifecycle: an owner's keys in chains root -> child -> grandchild -> great-grandchild.

@@ -138,40 +138,46 @@ pub fn passing_errors<R>(f: impl FnOnce() -> R) -> R {
         .execute()
 }
 
-/// An open SPI connection, finished when dropped (but not while an error unwinds: the
-/// transaction's abort cleans SPI up then).
 /// A column's values as a parameter: for a statement over arrays (`one` false) the array;
 /// for its one-row twin (`one` true: a statement from values, cheaper to start) the value.
 ///
-/// An array is made in a memory context of its own, of which only the array is kept:
-/// converting a value can leave garbage behind in the current context (jsonb_in's parser
-/// state, about 3.7 KB a value), which the SPI connection's context would keep to its end —
-/// 10 GB for a million specs in one call, before this.
+/// An array's elements are each made in a memory context that is reset after it, and only
+/// their copies are kept: converting a value can leave garbage behind in the current
+/// context (jsonb_in's parser state, about 3.7 KB a value), which the SPI connection's
+/// context would keep to its end — 10 GB for a million specs in one call, before this.
 pub fn column<T>(values: Vec<Option<T>>, one: bool) -> Option<pg_sys::Datum>
 where
     T: pgrx::IntoDatum,
-    Vec<Option<T>>: pgrx::IntoDatum,
 {
     use pgrx::IntoDatum;
     if one {
         // (one value's garbage is freed with the connection, at the end of the call)
         return values.into_iter().next().flatten().into_datum();
     }
+    let elem = T::type_oid();
     let mut scratch = pgrx::PgMemoryContexts::new("keypal column");
-    // SAFETY: the array is made in scratch and copied into the caller's context (a flat
-    // varlena, as construct_md_array makes it) before scratch is deleted.
+    // SAFETY: the array builder lives in a context of its own under the current one (freed
+    // by makeArrayResult) and copies each element as it is added; an element is made in
+    // scratch and added before scratch is reset.
     unsafe {
-        let made = scratch.switch_to(|_| values.into_datum());
-        made.map(|d| {
-            let from = d.cast_mut_ptr::<u8>();
-            let size = pgrx::varlena::varsize_any(from.cast());
-            let to = pg_sys::palloc(size).cast::<u8>();
-            std::ptr::copy_nonoverlapping(from, to, size);
-            pg_sys::Datum::from(to)
-        })
+        let state = pg_sys::initArrayResult(elem, pg_sys::CurrentMemoryContext, true);
+        for v in values {
+            let d = scratch.switch_to(|_| v.into_datum());
+            pg_sys::accumArrayResult(
+                state,
+                d.unwrap_or(pg_sys::Datum::from(0usize)),
+                d.is_none(),
+                elem,
+                pg_sys::CurrentMemoryContext,
+            );
+            scratch.reset();
+        }
+        Some(pg_sys::makeArrayResult(state, pg_sys::CurrentMemoryContext))
     }
 }
 
+/// An open SPI connection, finished when dropped (but not while an error unwinds: the
+/// transaction's abort cleans SPI up then).
 pub struct Connection(());
 
 impl Connection {
