@@ -167,16 +167,16 @@ macro_rules! audit_row {
          VALUES ($1, $3, $4, $5, $6, session_user, $2)"
     };
 }
-static AUDIT: Stmt = Stmt::generic(events::sql!(audit_rows!()), &ROWS);
+static AUDIT: Stmt = Stmt::generic(sql!(audit_rows!()), &ROWS);
 /// One key's (creating one key): the same from values.
-static AUDIT_ONE: Stmt = Stmt::generic(events::sql!(audit_row!()), &ONE);
+static AUDIT_ONE: Stmt = Stmt::generic(sql!(audit_row!()), &ONE);
 /// New keys' audit rows and `key.created` events, in one statement (one executor run, not
 /// two: a twentieth of creating one key). The events are in the keys' order and return
 /// what `events::written` reads. (PostgreSQL runs the CTE's INSERT, which nothing reads,
 /// as the statement finishes: the audit rows are written after the events, and their `at`
 /// is the later. Neither table has an INSERT trigger; nothing depends on the order.)
 static CREATED: Stmt = Stmt::generic(
-    events::sql!(
+    sql!(
         "WITH a AS (",
         audit_rows!(),
         ") INSERT INTO keypal.events (event, key_id, payload)
@@ -192,7 +192,7 @@ static CREATED: Stmt = Stmt::generic(
 );
 /// One new key's: the same from values.
 static CREATED_ONE: Stmt = Stmt::generic(
-    events::sql!(
+    sql!(
         "WITH a AS (",
         audit_row!(),
         ") INSERT INTO keypal.events (event, key_id, payload) VALUES ('key.created', $3, ",

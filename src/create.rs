@@ -16,7 +16,6 @@ use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
 use pgrx::{pg_sys, JsonB, PgMemoryContexts, Uuid};
 use serde_json::{Map, Value};
-use std::ffi::CStr;
 
 static PARSE_TIMESTAMP: Stmt = Stmt::new(
     c"SELECT keypal.parse_timestamp($1, $2)",
@@ -49,20 +48,15 @@ static KEY_EXPIRY: Stmt = Stmt::new(
 /// `audit::NewKey::read` reads.
 macro_rules! insert_keys {
     ($($select:literal),+) => {
-        match CStr::from_bytes_with_nul(concat!(
+        sql!(
             "INSERT INTO keypal.keys (id, key_hash, algorithm, owner_id, org_id, env, name, description, scopes,
                               resources, tags, metadata, enabled, expires_at, parent_id, policy,
                               rate_limit, quota, allowed_ips, blocked_ips, allowed_regions,
                               blocked_regions, disable_at, revoke_at, notify_before, rotated_from, signing) ",
             $($select),+,
             "
-      RETURNING id, owner_id, org_id, env, name, enabled, expires_at, disable_at, revoke_at, notify_before\0"
+      RETURNING id, owner_id, org_id, env, name, enabled, expires_at, disable_at, revoke_at, notify_before"
         )
-        .as_bytes())
-        {
-            Ok(sql) => sql,
-            Err(_) => panic!("a NUL inside the statement"),
-        }
     };
 }
 /// Many keys: the columns come as arrays, a relation u(o, id, hash, env, exp, dis, rev, nb,
@@ -128,7 +122,7 @@ static INSERT_ONE: Stmt = Stmt::generic(
         pg_sys::BOOLOID,
         pg_sys::TEXTOID,
         pg_sys::UUIDOID,
-        // the spec's options, as jsonb_populate_record would read them (see `Spec`)
+        // the spec's options, as jsonb_populate_record would read them (see `spec_columns`)
         pg_sys::TEXTOID,
         pg_sys::TEXTOID,
         pg_sys::TEXTOID,

@@ -24,15 +24,6 @@ macro_rules! payload {
         )
     };
 }
-/// `CStr` of a statement built by concat!.
-macro_rules! sql {
-    ($($part:expr),+ $(,)?) => {
-        match std::ffi::CStr::from_bytes_with_nul(concat!($($part),+, "\0").as_bytes()) {
-            Ok(sql) => sql,
-            Err(_) => panic!("a NUL inside the statement"),
-        }
-    };
-}
 /// Whether any webhook is enabled (most databases have none: then nothing is queued), asked
 /// by the events' INSERT as it returns their ids (under its snapshot, taken as it starts: a
 /// webhook enabled while a long statement ran is seen).
@@ -42,7 +33,7 @@ macro_rules! any_webhook {
     };
 }
 // (for audit.rs's statement that writes created keys' audit rows and events together)
-pub(crate) use {any_webhook, payload, sql};
+pub(crate) use {any_webhook, payload};
 /// The events, in order. Names are qualified (callers pin search_path, but a plan made
 /// under theirs may be re-planned under another), but for unnest: with several arrays it is
 /// syntax, not a function to qualify.

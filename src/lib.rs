@@ -21,6 +21,16 @@ macro_rules! finfo_v1 {
     };
 }
 
+/// `&'static CStr` of a statement built by concat! from literals (and macros giving them).
+macro_rules! sql {
+    ($($part:expr),+ $(,)?) => {
+        match std::ffi::CStr::from_bytes_with_nul(concat!($($part),+, "\0").as_bytes()) {
+            Ok(sql) => sql,
+            Err(_) => panic!("a NUL inside the statement"),
+        }
+    };
+}
+
 pub mod api;
 pub mod audit;
 pub mod automation;
