@@ -95,11 +95,16 @@ latency() {
     (cd "$work" && pgbench -n -M prepared -c 1 -T "$SECS" -D samples="$samples" -l -f "$script" "$db" >/dev/null 2>&1)
     cat "$work"/pgbench_log.* | awk '{ print $3 }' | sort -n | awk '{ v[NR] = $1 } END { printf "p50 %.2f ms  p99 %.2f ms  (%d calls)", v[int(NR * 0.5)] / 1000, v[int(NR * 0.99)] / 1000, NR }'
 }
-small=$(tps keypal_scale_small "$work/verify.sql")
-big=$(tps keypal_scale_big "$work/verify.sql")
-awk -v s="$small" -v b="$big" -v n="$keys" 'BEGIN { printf "verify (spread over 100 000 keys), shared_buffers 128MB: %.0f tps at 100 000 keys, %.0f tps at %d keys: %.2fx\n", s, b, n, b / s }'
-echo "keypal_list(owner_id), $((keys / OWNERS)) keys per owner: $(latency keypal_scale_big "$work/list.sql")"
-echo "keypal_audit(key_id): $(latency keypal_scale_big "$work/audit.sql")"
+# measure SERVER: verify in both databases and their ratio, then list and audit latency
+measure() {
+    local small big
+    small=$(tps keypal_scale_small "$work/verify.sql")
+    big=$(tps keypal_scale_big "$work/verify.sql")
+    awk -v s="$small" -v b="$big" -v n="$keys" -v m="$1" 'BEGIN { printf "verify (spread over 100 000 keys), %s: %.0f tps at 100 000 keys, %.0f tps at %d keys: %.2fx\n", m, s, b, n, b / s }'
+    echo "  keypal_list(owner_id), $((keys / OWNERS)) keys per owner: $(latency keypal_scale_big "$work/list.sql")"
+    echo "  keypal_audit(key_id): $(latency keypal_scale_big "$work/audit.sql")"
+}
+measure "shared_buffers 128MB"
 
 # A server sized for its data: a quarter of the memory for shared_buffers, as is usual (or
 # of the cgroup's limit, when there is one).
@@ -122,8 +127,4 @@ for db in keypal_scale_small keypal_scale_big; do
     q "$db" -c "CREATE EXTENSION IF NOT EXISTS pg_prewarm" \
         -c "SELECT pg_prewarm('keypal.keys'), pg_prewarm('keypal.keys_key_hash_key'), pg_prewarm('sample'), pg_prewarm('sample_pkey')" >/dev/null
 done
-small=$(tps keypal_scale_small "$work/verify.sql")
-big=$(tps keypal_scale_big "$work/verify.sql")
-awk -v s="$small" -v b="$big" -v n="$keys" -v m="$sized" -v h="$huge" 'BEGIN { printf "verify (spread over 100 000 keys), shared_buffers %dMB, prewarmed, huge pages %s: %.0f tps at 100 000 keys, %.0f tps at %d keys: %.2fx\n", m, h, s, b, n, b / s }'
-echo "  keypal_list(owner_id): $(latency keypal_scale_big "$work/list.sql")"
-echo "  keypal_audit(key_id): $(latency keypal_scale_big "$work/audit.sql")"
+measure "shared_buffers ${sized}MB, prewarmed, huge pages $huge"
