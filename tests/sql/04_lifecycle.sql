@@ -125,5 +125,42 @@ INSERT INTO k SELECT 'p3', key, id FROM keypal_rotate(pg_temp.id('p2'));
 SELECT is((SELECT parent_id FROM keypal_get(pg_temp.id('c2'))), pg_temp.id('p3'), 'rotation re-parents children');
 SELECT is(pg_temp.code(keypal_verify(pg_temp.key('c2'))), 'VALID', 'the child survives its parent''s rotation');
 
+
+-- The cascade, and a rotation's move of children, update only where there is a child to
+-- change: found among many parents, and judged as before (a child revoked already keeps its
+-- revocation; one in a rotation's grace is revoked now).
+INSERT INTO k SELECT 'q' || i, key, id FROM generate_series(1, 5) i, keypal_create(owner_id => 'fam3', name => 'q' || i, scopes => '{read}');
+INSERT INTO k SELECT 'cq3', key, id FROM keypal_create(owner_id => 'fam3c', scopes => '{read}', parent_id => pg_temp.id('q3'));
+INSERT INTO k SELECT 'cq4', key, id FROM keypal_create(owner_id => 'fam3c', scopes => '{read}', parent_id => pg_temp.id('q4'));
+INSERT INTO k SELECT 'cq5', key, id FROM keypal_create(owner_id => 'fam3c', scopes => '{read}', parent_id => pg_temp.id('q5'));
+SELECT keypal_revoke(pg_temp.id('cq4'), reason => 'manual');
+UPDATE keypal.keys SET revoked_at = now() + interval '1 hour' WHERE id = pg_temp.id('cq3');
+CREATE TEMP TABLE cq4_before AS SELECT revoked_at FROM keypal.keys WHERE id = pg_temp.id('cq4');
+SELECT is(keypal_revoke_all('fam3'), 5, 'revoke_all: the five parents');
+SELECT is((SELECT revoke_reason FROM keypal.keys WHERE id = pg_temp.id('cq5')), 'parent revoked', 'the last parent''s child is revoked by the cascade');
+SELECT is((SELECT revoke_reason || ' ' || (revoked_at <= now())::text FROM keypal.keys WHERE id = pg_temp.id('cq3')),
+          'parent revoked true', 'a child in its grace is revoked now');
+SELECT is((SELECT revoke_reason FROM keypal.keys WHERE id = pg_temp.id('cq4')), 'manual', 'a child revoked already keeps its reason');
+SELECT is((SELECT revoked_at FROM keypal.keys WHERE id = pg_temp.id('cq4')), (SELECT revoked_at FROM cq4_before), '... and its moment');
+SELECT is((SELECT count(*) FROM keypal.audit_log WHERE key_id = pg_temp.id('cq4') AND action = 'revoked'), 1::bigint, '... and is audited once');
+-- How often the UPDATE triggers and the cascade's UPDATE run (this transaction's counts).
+SET LOCAL track_functions = 'all';
+CREATE FUNCTION pg_temp.calls(f text) RETURNS bigint LANGUAGE sql AS $$
+    SELECT coalesce((SELECT calls FROM pg_stat_xact_user_functions WHERE schemaname = 'keypal' AND funcname = f), 0) $$;
+CREATE TEMP TABLE calls_before AS SELECT pg_temp.calls('audit_updated_keys') AS audit, pg_temp.calls('revoke_children') AS cascade;
+INSERT INTO k SELECT 'lone', key, id FROM keypal_create(owner_id => 'fam4', scopes => '{read}');
+SELECT is(keypal_revoke(pg_temp.id('lone')), 1, 'revoke a key without children');
+SELECT is(pg_temp.calls('audit_updated_keys') - (SELECT audit FROM calls_before), 1::bigint, 'one UPDATE statement on the keys');
+SELECT is(pg_temp.calls('revoke_children') - (SELECT cascade FROM calls_before), 0::bigint, 'no cascade UPDATE');
+INSERT INTO k SELECT 'lone2', key, id FROM keypal_create(owner_id => 'fam4', scopes => '{read}');
+INSERT INTO k SELECT 'lone3', key, id FROM keypal_rotate(pg_temp.id('lone2'));
+SELECT is(pg_temp.calls('audit_updated_keys') - (SELECT audit FROM calls_before), 2::bigint, 'rotating a key without children: one UPDATE statement');
+SELECT is(pg_temp.calls('revoke_children') - (SELECT cascade FROM calls_before), 0::bigint, '... and no cascade');
+INSERT INTO k SELECT 'pa', key, id FROM keypal_create(owner_id => 'fam4', scopes => '{read}');
+INSERT INTO k SELECT 'ch', key, id FROM keypal_create(owner_id => 'fam4', scopes => '{read}', parent_id => pg_temp.id('pa'));
+SELECT is(keypal_revoke(pg_temp.id('pa')), 1, 'revoke a parent');
+SELECT is(pg_temp.calls('revoke_children') - (SELECT cascade FROM calls_before), 1::bigint, 'its child: one cascade UPDATE');
+SELECT is(pg_temp.code(keypal_verify(pg_temp.key('ch'))), 'REVOKED', '... which revokes it');
+
 SELECT * FROM finish();
 ROLLBACK;
