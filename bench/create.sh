@@ -14,6 +14,7 @@
 #   revoke_all    keypal_revoke_all of an owner with LIFECYCLE_KEYS (100 000) keys: roots,
 #                 each with a chain of 3 levels of children (a quarter of the keys each)
 #   rotate        keypal_rotate of ROTATE_KEYS (10 000) keys in one statement
+#   revoke_each   keypal_revoke of ROTATE_KEYS keys, one call per key, in one statement
 #   disable_all   keypal_disable_all of an owner with LIFECYCLE_KEYS keys
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -107,6 +108,7 @@ BEGIN
 END \$\$;
 SELECT count(*) FROM keypal_create_many((SELECT jsonb_agg(jsonb_build_object('owner_id', 'dis', 'scopes', '["read"]'::jsonb)) FROM generate_series(1, $LIFE)));
 SELECT count(*) FROM keypal_create_many((SELECT jsonb_agg(jsonb_build_object('owner_id', 'rot', 'scopes', '["read"]'::jsonb)) FROM generate_series(1, $ROT)));
+SELECT count(*) FROM keypal_create_many((SELECT jsonb_agg(jsonb_build_object('owner_id', 'each', 'scopes', '["read"]'::jsonb)) FROM generate_series(1, $ROT)));
 SQL
 expect "lifecycle keys" "$(count bench_life "SELECT count(*) FROM keypal.keys WHERE owner_id = 'life'")" "$((roots * 4))"
 secs[revoke_all]=$(timed bench_life "SELECT keypal_revoke_all('life');")
@@ -114,9 +116,11 @@ expect "revoked" "$(count bench_life "SELECT count(*) FROM keypal.keys WHERE own
 expect "revoke audit" "$(count bench_life "SELECT count(*) FROM keypal.audit_log WHERE action = 'revoked'")" "$((roots * 4))"
 secs[rotate]=$(timed bench_life "SELECT count(*) FROM (SELECT keypal_rotate(k.id) FROM keypal.keys k WHERE k.owner_id = 'rot') x;")
 expect "rotated" "$(count bench_life "SELECT count(*) FROM keypal.keys WHERE owner_id = 'rot' AND rotated_to IS NOT NULL")" "$ROT"
+secs[revoke_each]=$(timed bench_life "SELECT count(*) FROM (SELECT keypal_revoke(k.id) FROM keypal.keys k WHERE k.owner_id = 'each') x;")
+expect "revoked one by one" "$(count bench_life "SELECT count(*) FROM keypal.keys WHERE owner_id = 'each' AND revoked_at IS NOT NULL")" "$ROT"
 secs[disable_all]=$(timed bench_life "SELECT keypal_disable_all('dis');")
 expect "disabled" "$(count bench_life "SELECT count(*) FROM keypal.keys WHERE owner_id = 'dis' AND NOT enabled")" "$LIFE"
 printf '%-13s %9s %10s %s\n' lifecycle seconds keys/s keys
-for s in revoke_all:$((roots * 4)) rotate:$ROT disable_all:$LIFE; do
+for s in revoke_all:$((roots * 4)) rotate:$ROT revoke_each:$ROT disable_all:$LIFE; do
     awk -v s="${s%%:*}" -v t="${secs[${s%%:*}]}" -v n="${s##*:}" 'BEGIN { printf "%-13s %9s %10.0f %d\n", s, t, n / t, n }'
 done

@@ -152,12 +152,21 @@ SELECT lives_ok($$SELECT keypal_create(owner_id => 'calls', scopes => '{read}', 
 SELECT lives_ok($$SELECT keypal_create_read_only(owner_id => 'calls')$$, 'a read-only key');
 SELECT lives_ok($$SELECT keypal_create_many('[{"owner_id": "calls"}, {"owner_id": "calls", "actor": "other"}]')$$, 'two keys, two actors');
 SELECT is(keypal_disable_all('calls'), 7, 'and disabling them all (keypal.revoked_now is inlined too)');
+-- Revoking a parent (the cascade to its child), rotating a key with a child and timers,
+-- tracking use against a quota.
+CREATE TEMP TABLE calls_more AS SELECT id FROM keypal_create(owner_id => 'calls2', scopes => '{read}', expires_in => '1d');
+SELECT lives_ok($$SELECT keypal_create(owner_id => 'calls2', scopes => '{read}', parent_id => (SELECT id FROM calls_more))$$, 'its child');
+SELECT lives_ok($$SELECT keypal_rotate((SELECT id FROM calls_more))$$, 'rotating a key with a child and timers');
+SELECT lives_ok($$SELECT keypal_revoke((SELECT id FROM calls_parent))$$, 'revoking a parent (its child by the cascade)');
+SELECT is((SELECT revoke_reason FROM keypal.keys WHERE parent_id = (SELECT id FROM calls_parent)), 'parent revoked', '(the cascade ran)');
+SELECT lives_ok($$SELECT keypal_track_usage((SELECT id FROM keypal_create(owner_id => 'calls2', quota => '{"limit": 10, "period": "day"}')))$$,
+                'tracking use against a quota');
 SELECT is((SELECT string_agg(p.oid::regprocedure::text, ', ')
              FROM pg_stat_xact_user_functions f JOIN pg_proc p ON p.oid = f.funcid
              JOIN pg_language l ON l.oid = p.prolang
              LEFT JOIN calls0 c ON c.funcid = f.funcid
             WHERE l.lanname = 'sql' AND f.calls > coalesce(c.calls, 0)),
-          NULL, 'creating and disabling keys calls no SQL function that is not inlined');
+          NULL, 'creating, disabling, revoking and rotating keys and tracking use call no SQL function that is not inlined');
 SELECT cmp_ok((SELECT count(*) FROM pg_stat_xact_user_functions f LEFT JOIN calls0 c USING (funcid)
                 WHERE f.calls > coalesce(c.calls, 0)), '>', 5::bigint, '(the count sees the calls that were not inlined)');
 RESET track_functions;
