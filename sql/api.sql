@@ -287,8 +287,10 @@ BEGIN
 END $$;
 
 -- Checks a would-be child against its parent (locked FOR SHARE, so a concurrent revoke
--- of the parent waits for this transaction and then cascades to the child). Returns the
--- child's expiry: its own, or the parent's when it has none.
+-- of the parent waits for this transaction and then, in READ COMMITTED, cascades to the
+-- child; a REPEATABLE READ revoke's snapshot does not see the child, which then stays
+-- unrevoked under a revoked parent: verify refuses it all the same, judging its ancestors).
+-- Returns the child's expiry: its own, or the parent's when it has none.
 CREATE FUNCTION keypal.check_parent(parent uuid, scopes text[], resources jsonb,
                                     expires_at timestamptz, arg_prefix text)
 RETURNS timestamptz LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
@@ -776,7 +778,10 @@ CREATE FUNCTION keypal_rotate(
     allowed_regions text[] DEFAULT NULL, blocked_regions text[] DEFAULT NULL,
     actor text DEFAULT NULL)
 RETURNS SETOF keypal.rotated_key
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    -- (its probes for children read the parent_id index, never the table: see
+    -- keypal.cascade_revocation)
+    SET enable_seqscan = off AS $$
 DECLARE
     old      keypal.keys := keypal.lock_key(id, 'rotated');
     who      text := keypal.actor(actor);
@@ -1644,7 +1649,8 @@ END $$;
 -- Revoking keys revokes every descendant in the same transaction: one UPDATE per level of
 -- the hierarchy (it sets this trigger off again, one level down).
 CREATE FUNCTION keypal.cascade_revocation()
-RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET jit = off SET enable_nestloop = off AS $$
+RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET jit = off SET enable_nestloop = off
+    SET enable_seqscan = off AS $$
 DECLARE
     parents  uuid[];
     moments  timestamptz[];
@@ -1660,7 +1666,9 @@ BEGIN
     -- (the UPDATE sets this trigger off again: it ends where no key was newly revoked, or
     -- none of those has a child to revoke. An UPDATE of no rows would still set off the keys'
     -- statement triggers: most keys have no children. One probe of the parent_id index per
-    -- parent, whatever the array's size: a lateral subquery is joined by a nested loop.)
+    -- parent, whatever the array's size: a lateral subquery is joined by a nested loop, and
+    -- with sequential scans off, a LIMIT 1 never reads the table hoping for an early match
+    -- when a few parents hold most children: a childless key's probe would read it all.)
     IF parents IS NOT NULL AND EXISTS (
         SELECT 1 FROM unnest(parents, moments) AS p(id, revoked_at),
                LATERAL (SELECT 1 FROM keypal.keys c
@@ -1677,9 +1685,12 @@ END $$;
 -- per parent (a nested loop, whatever the planner guesses of the array's size: one parent or
 -- a hundred thousand; the triggers turn nested loops off for joining old and new rows).
 -- PL/pgSQL, so that the UPDATE is planned once per session (a SQL function with SET clauses
--- is parsed and planned at every call: a third of revoking one key).
+-- is parsed and planned at every call: a third of revoking one key). A kept plan made while
+-- keypal.keys was small must still probe the index: sequential scans and materializing are
+-- off (a scan of the whole table per parent otherwise, until the next ANALYZE).
 CREATE FUNCTION keypal.revoke_children(parents uuid[], moments timestamptz[], revokers text[])
-RETURNS void LANGUAGE plpgsql VOLATILE SET enable_nestloop = on SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+RETURNS void LANGUAGE plpgsql VOLATILE SET enable_nestloop = on SET enable_hashjoin = off SET enable_mergejoin = off
+    SET enable_seqscan = off SET enable_material = off AS $$
 BEGIN
     -- A child already revoked (not merely scheduled to be, as in a rotation's grace) is
     -- left as it is: it was revoked once, and is not again (keypal.cascade_revocation

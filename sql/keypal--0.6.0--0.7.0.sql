@@ -33,7 +33,10 @@ CREATE OR REPLACE FUNCTION @extschema@.keypal_rotate(
     allowed_regions text[] DEFAULT NULL, blocked_regions text[] DEFAULT NULL,
     actor text DEFAULT NULL)
 RETURNS SETOF keypal.rotated_key
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    -- (its probes for children read the parent_id index, never the table: see
+    -- keypal.cascade_revocation)
+    SET enable_seqscan = off AS $$
 DECLARE
     old      keypal.keys := keypal.lock_key(id, 'rotated');
     who      text := keypal.actor(actor);
@@ -84,7 +87,8 @@ BEGIN
 END $$;
 
 CREATE OR REPLACE FUNCTION keypal.cascade_revocation()
-RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET jit = off SET enable_nestloop = off AS $$
+RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET jit = off SET enable_nestloop = off
+    SET enable_seqscan = off AS $$
 DECLARE
     parents  uuid[];
     moments  timestamptz[];
@@ -100,7 +104,9 @@ BEGIN
     -- (the UPDATE sets this trigger off again: it ends where no key was newly revoked, or
     -- none of those has a child to revoke. An UPDATE of no rows would still set off the keys'
     -- statement triggers: most keys have no children. One probe of the parent_id index per
-    -- parent, whatever the array's size: a lateral subquery is joined by a nested loop.)
+    -- parent, whatever the array's size: a lateral subquery is joined by a nested loop, and
+    -- with sequential scans off, a LIMIT 1 never reads the table hoping for an early match
+    -- when a few parents hold most children: a childless key's probe would read it all.)
     IF parents IS NOT NULL AND EXISTS (
         SELECT 1 FROM unnest(parents, moments) AS p(id, revoked_at),
                LATERAL (SELECT 1 FROM keypal.keys c
@@ -114,7 +120,8 @@ BEGIN
 END $$;
 
 CREATE OR REPLACE FUNCTION keypal.revoke_children(parents uuid[], moments timestamptz[], revokers text[])
-RETURNS void LANGUAGE plpgsql VOLATILE SET enable_nestloop = on SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+RETURNS void LANGUAGE plpgsql VOLATILE SET enable_nestloop = on SET enable_hashjoin = off SET enable_mergejoin = off
+    SET enable_seqscan = off SET enable_material = off AS $$
 BEGIN
     -- A child already revoked (not merely scheduled to be, as in a rotation's grace) is
     -- left as it is: it was revoked once, and is not again (keypal.cascade_revocation
@@ -127,7 +134,8 @@ BEGIN
 END $$;
 
 CREATE OR REPLACE FUNCTION keypal.set_timers(ids uuid[], kinds text[], dues timestamptz[])
-RETURNS bigint LANGUAGE plpgsql VOLATILE SET enable_nestloop = on SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+RETURNS bigint LANGUAGE plpgsql VOLATILE SET enable_nestloop = on SET enable_hashjoin = off SET enable_mergejoin = off
+    SET enable_seqscan = off SET enable_material = off AS $$
 DECLARE
     n bigint;
 BEGIN

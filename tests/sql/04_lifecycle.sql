@@ -143,6 +143,24 @@ SELECT is((SELECT revoke_reason || ' ' || (revoked_at <= now())::text FROM keypa
 SELECT is((SELECT revoke_reason FROM keypal.keys WHERE id = pg_temp.id('cq4')), 'manual', 'a child revoked already keeps its reason');
 SELECT is((SELECT revoked_at FROM keypal.keys WHERE id = pg_temp.id('cq4')), (SELECT revoked_at FROM cq4_before), '... and its moment');
 SELECT is((SELECT count(*) FROM keypal.audit_log WHERE key_id = pg_temp.id('cq4') AND action = 'revoked'), 1::bigint, '... and is audited once');
+-- A parent whose only child is in a rotation's grace: the cascade still finds it (revoked
+-- now); a rotation moves such a child, and leaves one revoked already under the old key.
+INSERT INTO k SELECT 'g1', key, id FROM keypal_create(owner_id => 'fam5', scopes => '{read}');
+INSERT INTO k SELECT 'gc1', key, id FROM keypal_create(owner_id => 'fam5c', scopes => '{read}', parent_id => pg_temp.id('g1'));
+UPDATE keypal.keys SET revoked_at = now() + interval '1 hour' WHERE id = pg_temp.id('gc1');
+SELECT is(keypal_revoke(pg_temp.id('g1')), 1, 'revoke a parent whose only child is in its grace');
+SELECT is((SELECT revoke_reason || ' ' || (revoked_at <= now())::text FROM keypal.keys WHERE id = pg_temp.id('gc1')),
+          'parent revoked true', 'the child is revoked now by the cascade');
+INSERT INTO k SELECT 'g2', key, id FROM keypal_create(owner_id => 'fam5', scopes => '{read}');
+INSERT INTO k SELECT 'gc2', key, id FROM keypal_create(owner_id => 'fam5c', scopes => '{read}', parent_id => pg_temp.id('g2'));
+UPDATE keypal.keys SET revoked_at = now() + interval '1 hour' WHERE id = pg_temp.id('gc2');
+INSERT INTO k SELECT 'g2b', key, id FROM keypal_rotate(pg_temp.id('g2'));
+SELECT is((SELECT parent_id FROM keypal.keys WHERE id = pg_temp.id('gc2')), pg_temp.id('g2b'), 'rotation moves a child in its grace to the new key');
+INSERT INTO k SELECT 'g3', key, id FROM keypal_create(owner_id => 'fam5', scopes => '{read}');
+INSERT INTO k SELECT 'gc3', key, id FROM keypal_create(owner_id => 'fam5c', scopes => '{read}', parent_id => pg_temp.id('g3'));
+SELECT keypal_revoke(pg_temp.id('gc3'));
+INSERT INTO k SELECT 'g3b', key, id FROM keypal_rotate(pg_temp.id('g3'));
+SELECT is((SELECT parent_id FROM keypal.keys WHERE id = pg_temp.id('gc3')), pg_temp.id('g3'), 'and leaves a revoked child under the old key');
 -- How often the UPDATE triggers and the cascade's UPDATE run (this transaction's counts).
 SET LOCAL track_functions = 'all';
 CREATE FUNCTION pg_temp.calls(f text) RETURNS bigint LANGUAGE sql AS $$
