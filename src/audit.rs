@@ -172,7 +172,7 @@ static AUDIT: Stmt = Stmt::generic(sql!(audit_rows!()), &ROWS);
 static AUDIT_ONE: Stmt = Stmt::generic(sql!(audit_row!()), &ONE);
 /// New keys' audit rows and `key.created` events, in one statement (one executor run, not
 /// two: a twentieth of creating one key). The events are in the keys' order and return
-/// what `events::written` reads. (PostgreSQL runs the CTE's INSERT, which nothing reads,
+/// what `events::queued` reads. (PostgreSQL runs the CTE's INSERT, which nothing reads,
 /// as the statement finishes: the audit rows are written after the events, and their `at`
 /// is the later. Neither table has an INSERT trigger; nothing depends on the order.)
 static CREATED: Stmt = Stmt::generic(
@@ -217,16 +217,17 @@ static TIMERS: Stmt = Stmt::generic(
 );
 
 /// Records `keys`, made by one statement, `actors[i]` acting on `keys[i]`: `action` (audit;
-/// "" for created) and `context` as keypal.audit_inserted_keys records them.
+/// "" for created) and `context` as keypal.audit_inserted_keys records them. Returns the
+/// highest event id written, for the caller to `events::notify` once it has written all.
 pub fn record(
     conn: &Connection,
     keys: &[NewKey],
     actors: &[String],
     action: &str,
     context: Option<&Value>,
-) {
+) -> Option<i64> {
     if keys.is_empty() {
-        return;
+        return None;
     }
     let act = if action.is_empty() { "created" } else { action };
     let ctx = context
@@ -259,9 +260,7 @@ pub fn record(
         (false, false) => &AUDIT,
     };
     stmt.exec(conn, &args, false, 0);
-    if created {
-        events::written(conn);
-    }
+    let last = if created { events::queued(conn) } else { None };
     let (mut tid, mut kind, mut due) = (Vec::new(), Vec::new(), Vec::new());
     for k in keys {
         for (w, d) in k.timers() {
@@ -278,4 +277,5 @@ pub fn record(
             0,
         );
     }
+    last
 }

@@ -2,9 +2,10 @@
 //! keypal_create_many, templates, rotation).
 //!
 //! Every spec is checked here, in order (the first bad one raises, naming itself, before
-//! anything is written), and its key generated and hashed; then the rows are written by one
-//! prepared INSERT (a one-key call by a simpler one), and their audit rows, events and timers
-//! by src/audit.rs, a statement each for the whole call. What needs PostgreSQL's own input rules or
+//! anything is written); then, 10 000 specs at a time, each key is generated and hashed, the
+//! rows written by one prepared INSERT (a one-key call by a simpler one), and their audit
+//! rows, events and timers by src/audit.rs, a statement each for the chunk. A chunk's memory
+//! is freed before the next is read: the specs are read from their array as they are made. What needs PostgreSQL's own input rules or
 //! other rows — a timestamp, an interval in the long form, a parent's or a policy's rules, a
 //! signing secret's prerequisite — goes to the SQL helpers, and only for a spec that has it.
 //! `keypal_create` itself is Rust too (`keypal_create_c`): its arguments become one spec.
@@ -14,7 +15,7 @@ use crate::spi::{column, Connection, Stmt};
 use crate::{api, audit, duration, gucs, keys, options};
 use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
-use pgrx::{pg_sys, JsonB, PgMemoryContexts, Uuid};
+use pgrx::{pg_sys, Array, JsonB, PgMemoryContexts, Uuid};
 use serde_json::{Map, Value};
 
 static PARSE_TIMESTAMP: Stmt = Stmt::new(
@@ -498,78 +499,141 @@ fn make(
     (key, id, exp, env, secret)
 }
 
-/// Makes one key per spec (key options, see options.rs; `prefixes[i]` names spec i in
-/// messages, e.g. `specs[3].`), returned in order. `extra`: `rotated_from`, and the audit
-/// `action` and `context`.
-pub fn create(specs: Vec<Value>, prefixes: &[Option<String>], extra: Value) -> Vec<Made> {
-    // Every spec checked as options first (the first bad one raises).
-    let mut norm = Vec::with_capacity(specs.len());
-    for (i, v) in specs.into_iter().enumerate() {
-        let arg = prefixes.get(i).cloned().flatten().unwrap_or_default();
-        match options::normalize(&v, &arg, true) {
-            Ok(m) => norm.push((m, arg)),
-            Err(e) => refuse_option(e),
-        }
+/// How many specs a call makes at a time: each chunk's rows, arrays, audit rows and events are
+/// written and their memory freed before the next is read (a call of a million specs held
+/// all of it at once: 3.3 GB).
+const CHUNK: usize = 10_000;
+
+/// A call's specs, each with the name it goes by in messages (`specs[3].`; "" for one key's
+/// own arguments), readable more than once: all are checked first, then made a chunk at a
+/// time.
+pub type Specs<'a> = dyn Fn() -> Box<dyn Iterator<Item = (Value, String)> + 'a> + 'a;
+
+/// A spec's options, checked (the first bad one raises).
+fn normalized((v, arg): (Value, String)) -> (Map<String, Value>, String) {
+    match options::normalize(&v, &arg, true) {
+        Ok(m) => (m, arg),
+        Err(e) => refuse_option(e),
     }
+}
+
+/// Makes one key per spec (key options, see options.rs), returned in order: `n` specs,
+/// read by `specs`. `extra`: `rotated_from`, and the audit `action` and `context`.
+pub fn create(n: usize, specs: &Specs<'_>, extra: Value) -> Vec<Made> {
     let action = extra.get("action").and_then(Value::as_str).unwrap_or("");
     let context = extra.get("context").filter(|c| !c.is_null());
     let rotated_from = extra
         .get("rotated_from")
         .and_then(Value::as_str)
         .map(|s| parse_uuid(s).unwrap_or_else(|| bad_argument("rotated_from", "not a uuid")));
-    if norm.is_empty() {
+    // Every spec checked as options first (the first bad one raises, before anything is
+    // made); kept when they make one chunk, read again a chunk at a time when more (each
+    // reading's PostgreSQL memory freed as it goes).
+    let mut kept = Vec::new();
+    {
+        let mut scratch = PgMemoryContexts::new("keypal create_keys check");
+        let mut all = specs();
+        // SAFETY: nothing allocated in scratch outlives its reset (kept is Rust's).
+        unsafe {
+            while let Some(m) = scratch.switch_to(|_| all.next().map(normalized)) {
+                if n <= CHUNK {
+                    kept.push(m);
+                }
+                scratch.reset();
+            }
+        }
+    }
+    if n == 0 {
         return Vec::new();
     }
-    // Who acts on each (the spec's actor, else keypal.actor, else the caller's role).
+    let mut source: Box<dyn Iterator<Item = (Map<String, Value>, String)> + '_> = if n <= CHUNK {
+        Box::new(kept.into_iter())
+    } else {
+        Box::new(specs().map(normalized))
+    };
+    // Who acts when a spec names no actor: keypal.actor, else the caller's role.
     let mut anyone = None;
-    let actors: Vec<String> = norm
-        .iter()
-        .map(|(m, _)| match m.get("actor").and_then(Value::as_str) {
-            Some(a) if !a.is_empty() => a.to_owned(),
-            _ => anyone.get_or_insert_with(|| actor("")).clone(),
-        })
-        .collect();
     crate::spi::passing_errors(|| {
         Connection::with(|conn| {
             let cfg = config();
-            // Every spec checked and its key made, in spec order (the first bad one
-            // raises, whatever its actor), each in a memory context of its own: what
-            // make returns is Rust's, what PostgreSQL allocated for it is freed.
-            let mut rows = Rows::default();
+            let mut made = Vec::with_capacity(n);
+            let mut last_event = None;
+            // Each chunk in a memory context of its own, reset after it; each spec's make in
+            // one reset after it (what make returns is Rust's).
+            let mut chunk_mem = PgMemoryContexts::new("keypal create_keys chunk");
             let mut scratch = PgMemoryContexts::new("keypal create_keys spec");
-            let mut made = Vec::with_capacity(norm.len());
-            for (o, arg) in norm {
-                // SAFETY: nothing allocated in scratch outlives the reset below.
-                made.push(unsafe {
-                    let m = scratch.switch_to(|_| make(conn, &cfg, o, &arg, &mut rows));
-                    scratch.reset();
-                    m
-                });
-            }
-            if cfg.audited_here {
-                let n = audit::writing(|| insert(conn, rows, &cfg.algorithm_name, rotated_from));
-                // (RETURNING gives the rows in spec order, as the INSERT wrote them)
-                let new: Vec<audit::NewKey> = (0..n as usize)
-                    .map(|r| audit::NewKey::read(conn, r))
-                    .collect();
-                // SAFETY: the INSERT's result, read above, is not used again.
-                unsafe { pg_sys::SPI_freetuptable(pg_sys::SPI_tuptable) };
-                audit::record(conn, &new, &actors, action, context);
-            } else {
-                // The schema is older than this library (between a package upgrade and
-                // ALTER EXTENSION UPDATE): its INSERT trigger records every INSERT, reading
-                // who acts and why from the settings keypal.begin_change sets. One INSERT
-                // per key, each with its own actor.
-                let context = context.map(Value::to_string).unwrap_or_default();
-                for (one, who) in rows.each().into_iter().zip(&actors) {
-                    set_change(who, action, &context);
-                    insert(conn, one, &cfg.algorithm_name, rotated_from);
+            loop {
+                // SAFETY: nothing allocated in chunk_mem or scratch outlives their resets:
+                // the chunk's rows, arrays and results are written and read within.
+                let more = unsafe {
+                    let more = chunk_mem.switch_to(|_| {
+                        let chunk: Vec<_> = source.by_ref().take(CHUNK).collect();
+                        if chunk.is_empty() {
+                            return false;
+                        }
+                        let actors: Vec<String> = chunk
+                            .iter()
+                            .map(|(m, _)| match m.get("actor").and_then(Value::as_str) {
+                                Some(a) if !a.is_empty() => a.to_owned(),
+                                _ => anyone.get_or_insert_with(|| actor("")).clone(),
+                            })
+                            .collect();
+                        let mut rows = Rows::default();
+                        for (o, arg) in chunk {
+                            made.push(scratch.switch_to(|_| make(conn, &cfg, o, &arg, &mut rows)));
+                            scratch.reset();
+                        }
+                        let last = write(conn, &cfg, rows, &actors, action, context, rotated_from);
+                        last_event = last.or(last_event);
+                        true
+                    });
+                    chunk_mem.reset();
+                    more
+                };
+                if !more {
+                    break;
                 }
-                set_change("", "", "");
             }
+            // Listeners are told once, after the last chunk's events.
+            crate::events::notify(last_event);
             made
         })
     })
+}
+
+/// Writes one chunk's rows (made in spec order, `actors[i]` acting on row i) and records
+/// them; returns the highest event id written.
+fn write(
+    conn: &Connection,
+    cfg: &Config,
+    rows: Rows,
+    actors: &[String],
+    action: &str,
+    context: Option<&Value>,
+    rotated_from: Option<Uuid>,
+) -> Option<i64> {
+    if cfg.audited_here {
+        let n = audit::writing(|| insert(conn, rows, &cfg.algorithm_name, rotated_from));
+        // (RETURNING gives the rows in spec order, as the INSERT wrote them)
+        let new: Vec<audit::NewKey> = (0..n as usize)
+            .map(|r| audit::NewKey::read(conn, r))
+            .collect();
+        // SAFETY: the INSERT's result, read above, is not used again.
+        unsafe { pg_sys::SPI_freetuptable(pg_sys::SPI_tuptable) };
+        audit::record(conn, &new, actors, action, context)
+    } else {
+        // The schema is older than this library (between a package upgrade and ALTER
+        // EXTENSION UPDATE): its INSERT trigger records every INSERT, reading who acts and
+        // why from the settings keypal.begin_change sets. One INSERT per key, each with its
+        // own actor.
+        let context = context.map(Value::to_string).unwrap_or_default();
+        for (one, who) in rows.each().into_iter().zip(actors) {
+            set_change(who, action, &context);
+            insert(conn, one, &cfg.algorithm_name, rotated_from);
+        }
+        set_change("", "", "");
+        None
+    }
 }
 
 #[pg_schema]
@@ -580,8 +644,8 @@ mod keypal {
     #[pg_extern(volatile, parallel_unsafe)]
     #[allow(clippy::type_complexity)] // (pgrx reads the column names from this signature)
     fn create_keys(
-        specs: Vec<Option<JsonB>>,
-        prefixes: default!(Vec<Option<String>>, "'{}'"),
+        specs: Array<'_, JsonB>,
+        prefixes: default!(Array<'_, String>, "'{}'"),
         extra: default!(Option<JsonB>, "'{}'"),
     ) -> TableIterator<
         'static,
@@ -593,12 +657,19 @@ mod keypal {
             name!(signing_secret, Option<String>),
         ),
     > {
-        let specs = specs
-            .into_iter()
-            .map(|s| s.map(|j| j.0).unwrap_or(Value::Null))
-            .collect();
+        // (the arrays are read element by element, each time they are read: a call's
+        // specs are never all Rust values at once)
+        let read = || -> Box<dyn Iterator<Item = (Value, String)> + '_> {
+            let names = prefixes.iter().map(Option::unwrap_or_default);
+            Box::new(
+                specs
+                    .iter()
+                    .map(|s| s.map(|j| j.0).unwrap_or(Value::Null))
+                    .zip(names.chain(std::iter::repeat_with(String::new))),
+            )
+        };
         let extra = extra.map(|j| j.0).unwrap_or(Value::Null);
-        TableIterator::new(create(specs, &prefixes, extra))
+        TableIterator::new(create(specs.len(), &read, extra))
     }
 }
 
@@ -678,7 +749,12 @@ fn keypal_create_c(
     put("notify_before", notify_before.map(Value::from));
     put("signing", signing.map(Value::from));
     put("actor", actor.map(Value::from));
-    TableIterator::new(create(vec![Value::Object(o)], &[], Value::Null))
+    // (one spec: read once, as `create` reads a call of up to CHUNK specs)
+    let spec = std::cell::Cell::new(Some(Value::Object(o)));
+    let read = || -> Box<dyn Iterator<Item = (Value, String)>> {
+        Box::new(spec.take().map(|v| (v, String::new())).into_iter())
+    };
+    TableIterator::new(create(1, &read, Value::Null))
 }
 
 finfo_v1!(pg_finfo_keypal_key_row_ok);

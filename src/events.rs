@@ -78,12 +78,15 @@ fn emit_arrays(
     data: Option<pg_sys::Datum>,
 ) -> Option<i64> {
     EVENTS.exec(conn, &[names, key_ids, data], false, 0);
-    written(conn)
+    let last = queued(conn);
+    notify(last);
+    last
 }
 
-/// After the events' INSERT (its RETURNING: `id, any_webhook!()`): their deliveries queued,
-/// listeners notified; the highest id.
-pub fn written(conn: &Connection) -> Option<i64> {
+/// After the events' INSERT (its RETURNING: `id, any_webhook!()`): their deliveries queued;
+/// the highest id, for `notify` (once per call: a call that writes in several statements
+/// notifies after the last).
+pub fn queued(conn: &Connection) -> Option<i64> {
     // SAFETY: the INSERT returned a bigint column, never NULL, and a boolean; its result is
     // freed once read.
     let (ids, hooks): (Vec<Option<i64>>, bool) = unsafe {
@@ -101,6 +104,14 @@ pub fn written(conn: &Connection) -> Option<i64> {
     } else {
         0
     };
+    if queued > 0 {
+        crate::worker::wake_at_commit();
+    }
+    last
+}
+
+/// Tells listeners (at commit) that events up to `last` are in the outbox.
+pub fn notify(last: Option<i64>) {
     if let Some(id) = last {
         // SAFETY: pg_notify(text, text) with two text datums.
         unsafe {
@@ -110,10 +121,6 @@ pub fn written(conn: &Connection) -> Option<i64> {
             );
         }
     }
-    if queued > 0 {
-        crate::worker::wake_at_commit();
-    }
-    last
 }
 
 finfo_v1!(pg_finfo_keypal_emit_events);

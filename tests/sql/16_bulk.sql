@@ -28,6 +28,43 @@ SELECT throws_like($$SELECT * FROM keypal_create_many((SELECT jsonb_agg(CASE WHE
 SELECT is((SELECT count(*) FROM keypal.keys WHERE owner_id = 'half'), 0::bigint, 'and nothing of the call is written');
 SELECT is((SELECT count(*) FROM keypal.audit_log WHERE owner_id = 'half'), 0::bigint, '(no audit rows)');
 
+-- A call of more specs than create_keys makes at a time (10 000: each chunk written and its
+-- memory freed before the next is read): the keys, their audit rows and events in spec
+-- order across the chunks, each spec's own actor; a bad spec in a later chunk, found by the
+-- option checks (before anything is made) or only as its key is made (after earlier chunks
+-- were written), is named and leaves nothing.
+CREATE TEMP TABLE big AS SELECT row_number() OVER () AS n, c.* FROM keypal_create_many(
+    (SELECT jsonb_agg(jsonb_build_object('owner_id', 'big', 'name', 'b' || i, 'actor', 'a' || (i % 7)) ORDER BY i)
+       FROM generate_series(1, 20001) i)) c;
+-- (the checks join 20 001 rows to keypal.keys, whose statistics, from the suite's earlier
+-- files, may say it is tiny: a nested loop would take many minutes; let them fail instead)
+SET LOCAL enable_nestloop = off;
+SET LOCAL statement_timeout = '60s';
+SELECT is((SELECT count(DISTINCT id) FROM big), 20001::bigint, 'create_many of 20 001 specs: as many keys');
+SELECT is((SELECT count(*) FROM big b JOIN keypal.keys k USING (id) WHERE k.name = 'b' || b.n), 20001::bigint,
+          'returned in spec order, across the chunks');
+SELECT is((SELECT count(*) FROM big b JOIN keypal.keys k USING (id) WHERE (keypal_verify(b.key)).key_id = b.id), 20001::bigint,
+          'each returned key is its row''s');
+SELECT is((SELECT count(*) FROM (SELECT a.key_id, row_number() OVER (ORDER BY a.id) AS r, a.actor FROM keypal.audit_log a
+                                  JOIN big b ON b.id = a.key_id WHERE a.action = 'created') x
+             JOIN big b ON b.id = x.key_id WHERE x.r = b.n AND x.actor = 'a' || (b.n % 7)), 20001::bigint,
+          'one created audit row per key, in spec order, each with its spec''s actor');
+SELECT is((SELECT count(*) FROM (SELECT e.key_id, row_number() OVER (ORDER BY e.id) AS r FROM keypal.events e
+                                  JOIN big b ON b.id = e.key_id WHERE e.event = 'key.created') x
+             JOIN big b ON b.id = x.key_id WHERE x.r = b.n), 20001::bigint, 'one key.created event per key, in spec order');
+SELECT throws_like($$SELECT * FROM keypal_create_many((SELECT jsonb_agg(CASE WHEN i = 15000
+        THEN jsonb_build_object('owner_id', 'big2', 'colour', 'red')
+        ELSE jsonb_build_object('owner_id', 'big2') END) FROM generate_series(1, 20001) i))$$,
+    '%specs[14999]%colour%', 'an unknown option in the second chunk is named');
+SELECT throws_like($$SELECT * FROM keypal_create_many((SELECT jsonb_agg(CASE WHEN i = 15000
+        THEN jsonb_build_object('owner_id', 'big2', 'disable_at', 'garbage')
+        ELSE jsonb_build_object('owner_id', 'big2') END) FROM generate_series(1, 20001) i))$$,
+    '%specs[14999].disable_at%', 'a bad time in the second chunk is named');
+SELECT is((SELECT count(*) FROM keypal.keys WHERE owner_id = 'big2'), 0::bigint, 'and nothing of either call is left (the first chunk''s keys neither)');
+SELECT is((SELECT count(*) FROM keypal.audit_log WHERE owner_id = 'big2'), 0::bigint, '(nor their audit rows)');
+RESET statement_timeout;
+RESET enable_nestloop;
+
 -- Specs naming different actors: one INSERT per actor, results still in spec order, and
 -- each key's audit row carries its own spec's actor.
 CREATE TEMP TABLE mixed AS SELECT row_number() OVER () AS n, c.* FROM keypal_create_many(
