@@ -1,11 +1,14 @@
 //! `keypal.create_keys`: the one place keys are made (keypal_create and its forms,
 //! keypal_create_many, templates, rotation).
 //!
-//! Every spec is checked here, in order (the first bad one raises, naming itself, before
-//! anything is written); then, 10 000 specs at a time, each key is generated and hashed, the
+//! Every spec's options are checked here, in order (the first bad one raises, naming itself,
+//! before anything is made); then, 10 000 specs at a time, each key is generated and hashed, the
 //! rows written by one prepared INSERT (a one-key call by a simpler one), and their audit
 //! rows, events and timers by src/audit.rs, a statement each for the chunk. A chunk's memory
-//! is freed before the next is read: the specs are read from their array as they are made. What needs PostgreSQL's own input rules or
+//! is freed before the next is read: the specs are read from their array as they are made.
+//! A spec that fails only as its key is made (a bad time, an unknown environment, a parent's
+//! or a policy's rule) raises after the chunks before it were written: the call fails all the
+//! same, and the statement's rollback takes them with it. What needs PostgreSQL's own input rules or
 //! other rows — a timestamp, an interval in the long form, a parent's or a policy's rules, a
 //! signing secret's prerequisite — goes to the SQL helpers, and only for a spec that has it.
 //! `keypal_create` itself is Rust too (`keypal_create_c`): its arguments become one spec.
@@ -749,7 +752,8 @@ fn keypal_create_c(
     put("notify_before", notify_before.map(Value::from));
     put("signing", signing.map(Value::from));
     put("actor", actor.map(Value::from));
-    // (one spec: read once, as `create` reads a call of up to CHUNK specs)
+    // (one spec: read once — `create` reads a call of up to CHUNK specs only once, keeping
+    // what it checked; a second read would find nothing, and make no key)
     let spec = std::cell::Cell::new(Some(Value::Object(o)));
     let read = || -> Box<dyn Iterator<Item = (Value, String)>> {
         Box::new(spec.take().map(|v| (v, String::new())).into_iter())

@@ -88,15 +88,21 @@ impl Stmt {
             .map(|a| if a.is_some() { b' ' } else { b'n' } as std::ffi::c_char)
             .collect();
         // SAFETY: the plan was prepared with exactly these argument types; values and nulls
-        // have one entry per parameter and outlive the call.
+        // have one entry per parameter and outlive the call. SPI leaves its own call-long
+        // context current after preparing and executing: the caller's (a chunk's, reset
+        // after it: create.rs) is made current again, so that what the caller allocates
+        // next is freed with it. (The result's tuple table is in SPI's context either way.)
         unsafe {
+            let caller = pg_sys::CurrentMemoryContext;
+            let plan = self.plan();
             let rc = pg_sys::SPI_execute_plan(
-                self.plan(),
+                plan,
                 values.as_mut_ptr(),
                 nulls.as_ptr(),
                 read_only,
                 limit,
             );
+            pg_sys::MemoryContextSwitchTo(caller);
             if rc < 0 {
                 raise(
                     PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,

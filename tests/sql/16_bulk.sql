@@ -52,16 +52,44 @@ SELECT is((SELECT count(*) FROM (SELECT a.key_id, row_number() OVER (ORDER BY a.
 SELECT is((SELECT count(*) FROM (SELECT e.key_id, row_number() OVER (ORDER BY e.id) AS r FROM keypal.events e
                                   JOIN big b ON b.id = e.key_id WHERE e.event = 'key.created') x
              JOIN big b ON b.id = x.key_id WHERE x.r = b.n), 20001::bigint, 'one key.created event per key, in spec order');
+-- A key that fails only as it is made, in the second chunk, with a webhook enabled and
+-- every key with a timer: the first chunk was written (the events' sequence moved past it),
+-- and nothing of the call is left — keys, audit rows, events, deliveries, timers.
+SELECT ok(keypal_add_webhook('https://bulk.example.com/', 'whsec_bulk_chunks', '{key.created}') > 0, 'a webhook for key.created');
+CREATE TEMP TABLE seq_before AS SELECT pg_sequence_last_value('keypal.events_id_seq') AS v;
+CREATE TEMP TABLE left_before AS SELECT (SELECT count(*) FROM keypal.events) AS events,
+    (SELECT count(*) FROM keypal.webhook_queue) AS queued, (SELECT count(*) FROM keypal.key_timers) AS timers;
+SELECT throws_like($$SELECT * FROM keypal_create_many((SELECT jsonb_agg(CASE WHEN i = 15000
+        THEN jsonb_build_object('owner_id', 'big2', 'disable_at', 'garbage')
+        ELSE jsonb_build_object('owner_id', 'big2', 'disable_at', now() + interval '1 day') END) FROM generate_series(1, 20001) i))$$,
+    '%specs[14999].disable_at%', 'a bad time in the second chunk is named');
+SELECT cmp_ok(pg_sequence_last_value('keypal.events_id_seq') - (SELECT v FROM seq_before), '>=', 10000::bigint,
+              '(found after the first chunk''s 10 000 events were written)');
+SELECT is((SELECT count(*) FROM keypal.keys WHERE owner_id = 'big2'), 0::bigint, 'and nothing of the call is left: no key');
+SELECT is((SELECT count(*) FROM keypal.audit_log WHERE owner_id = 'big2'), 0::bigint, '(no audit row)');
+SELECT is((SELECT ARRAY[(SELECT count(*) FROM keypal.events), (SELECT count(*) FROM keypal.webhook_queue),
+                        (SELECT count(*) FROM keypal.key_timers)]),
+          (SELECT ARRAY[events, queued, timers] FROM left_before), '(no event, delivery or timer)');
+CREATE TEMP TABLE seq_mid AS SELECT pg_sequence_last_value('keypal.events_id_seq') AS v;
 SELECT throws_like($$SELECT * FROM keypal_create_many((SELECT jsonb_agg(CASE WHEN i = 15000
         THEN jsonb_build_object('owner_id', 'big2', 'colour', 'red')
         ELSE jsonb_build_object('owner_id', 'big2') END) FROM generate_series(1, 20001) i))$$,
-    '%specs[14999]%colour%', 'an unknown option in the second chunk is named');
-SELECT throws_like($$SELECT * FROM keypal_create_many((SELECT jsonb_agg(CASE WHEN i = 15000
-        THEN jsonb_build_object('owner_id', 'big2', 'disable_at', 'garbage')
-        ELSE jsonb_build_object('owner_id', 'big2') END) FROM generate_series(1, 20001) i))$$,
-    '%specs[14999].disable_at%', 'a bad time in the second chunk is named');
-SELECT is((SELECT count(*) FROM keypal.keys WHERE owner_id = 'big2'), 0::bigint, 'and nothing of either call is left (the first chunk''s keys neither)');
-SELECT is((SELECT count(*) FROM keypal.audit_log WHERE owner_id = 'big2'), 0::bigint, '(nor their audit rows)');
+    '%specs[14999]%colour%', 'an unknown option in the second chunk is named (checked before anything is made)');
+SELECT is(pg_sequence_last_value('keypal.events_id_seq'), (SELECT v FROM seq_mid),
+          '(nothing written: the events'' sequence did not move)');
+DELETE FROM keypal.webhooks WHERE url = 'https://bulk.example.com/';
+-- Specs naming no actor take keypal.actor, in every chunk; exactly 10 000 specs (one chunk,
+-- read once) and 10 001 (two, the second of one key).
+SET LOCAL keypal.actor = 'bulk-default';
+CREATE TEMP TABLE edge AS SELECT c.id FROM keypal_create_many(
+    (SELECT jsonb_agg(jsonb_build_object('owner_id', 'edge1', 'name', 'e' || i) ORDER BY i) FROM generate_series(1, 10000) i)) c
+  UNION ALL SELECT c.id FROM keypal_create_many(
+    (SELECT jsonb_agg(jsonb_build_object('owner_id', 'edge2', 'name', 'e' || i) ORDER BY i) FROM generate_series(1, 10001) i)) c;
+RESET keypal.actor;
+SELECT is((SELECT array_agg(owner_id || ':' || n ORDER BY owner_id) FROM (SELECT owner_id, count(*) AS n FROM keypal.keys
+            WHERE owner_id IN ('edge1', 'edge2') GROUP BY owner_id) x), '{edge1:10000,edge2:10001}', '10 000 and 10 001 specs: as many keys');
+SELECT is((SELECT count(*) FROM keypal.audit_log a JOIN edge e ON e.id = a.key_id WHERE a.action = 'created' AND a.actor = 'bulk-default'),
+          20001::bigint, 'every key audited with keypal.actor, in both chunks');
 RESET statement_timeout;
 RESET enable_nestloop;
 
