@@ -769,6 +769,24 @@ BEGIN
               to_jsonb(k.notify_before::text), to_jsonb(k.enabled), to_jsonb(k.signing)]);
 END $$;
 
+-- Moves a key's live children (not revoked, or only in a rotation's grace) to another key:
+-- rotation's. Only when it has any: an UPDATE of no rows still sets off the keys' statement
+-- triggers. (No child can appear meanwhile: making one locks its parent FOR SHARE, which
+-- waits for the rotation's lock on it.) The probe reads the parent_id index, never the
+-- table: with sequential scans off, a LIMIT 1 probe is not planned as a table scan hoping
+-- for an early match when a few parents hold most children (a childless key's would read
+-- all of it). Here, not in keypal_rotate: with sequential scans off, a statement that must
+-- still scan a table looks so costly that JIT compiles it at every call; and with JIT off.
+CREATE FUNCTION keypal.move_children(from_id uuid, to_id uuid)
+RETURNS void LANGUAGE plpgsql VOLATILE SET enable_seqscan = off SET jit = off AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM keypal.keys c
+                WHERE c.parent_id = from_id AND (c.revoked_at IS NULL OR c.revoked_at > now())) THEN
+        UPDATE keypal.keys SET parent_id = to_id
+         WHERE parent_id = from_id AND (revoked_at IS NULL OR revoked_at > now());
+    END IF;
+END $$;
+
 CREATE FUNCTION keypal_rotate(
     id uuid DEFAULT NULL, grace text DEFAULT NULL, name text DEFAULT NULL,
     description text DEFAULT NULL, scopes text[] DEFAULT NULL, resources jsonb DEFAULT NULL,
@@ -778,10 +796,7 @@ CREATE FUNCTION keypal_rotate(
     allowed_regions text[] DEFAULT NULL, blocked_regions text[] DEFAULT NULL,
     actor text DEFAULT NULL)
 RETURNS SETOF keypal.rotated_key
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-    -- (its probes for children read the parent_id index, never the table: see
-    -- keypal.cascade_revocation)
-    SET enable_seqscan = off AS $$
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     old      keypal.keys := keypal.lock_key(id, 'rotated');
     who      text := keypal.actor(actor);
@@ -816,14 +831,8 @@ BEGIN
     made := keypal.create_key(opts || over, '',
         jsonb_build_object('rotated_from', old.id, 'context', jsonb_build_object('rotated_from', old.id)));
     PERFORM keypal.begin_change(who);
-    -- Children follow the new key, so retiring the old one does not cascade to them. (Only
-    -- when it has any: an UPDATE of no rows still sets off the keys' statement triggers. No
-    -- child can appear meanwhile: making one locks its parent FOR SHARE, as lock_key did.)
-    IF EXISTS (SELECT 1 FROM keypal.keys c
-                WHERE c.parent_id = old.id AND (c.revoked_at IS NULL OR c.revoked_at > now())) THEN
-        UPDATE keypal.keys SET parent_id = made.id
-         WHERE parent_id = old.id AND (revoked_at IS NULL OR revoked_at > now());
-    END IF;
+    -- Children follow the new key, so retiring the old one does not cascade to them.
+    PERFORM keypal.move_children(old.id, made.id);
     UPDATE keypal.keys
        SET rotated_to = made.id, revoked_at = now() + v_grace, revoke_reason = 'rotated', revoked_by = who
      WHERE keys.id = old.id;
@@ -1687,10 +1696,11 @@ END $$;
 -- PL/pgSQL, so that the UPDATE is planned once per session (a SQL function with SET clauses
 -- is parsed and planned at every call: a third of revoking one key). A kept plan made while
 -- keypal.keys was small must still probe the index: sequential scans and materializing are
--- off (a scan of the whole table per parent otherwise, until the next ANALYZE).
+-- off (a scan of the whole table per parent otherwise, until the next ANALYZE), and JIT too
+-- (a plan that must scan a table anyway would look costly enough to compile at every call).
 CREATE FUNCTION keypal.revoke_children(parents uuid[], moments timestamptz[], revokers text[])
 RETURNS void LANGUAGE plpgsql VOLATILE SET enable_nestloop = on SET enable_hashjoin = off SET enable_mergejoin = off
-    SET enable_seqscan = off SET enable_material = off AS $$
+    SET enable_seqscan = off SET enable_material = off SET jit = off AS $$
 BEGIN
     -- A child already revoked (not merely scheduled to be, as in a rotation's grace) is
     -- left as it is: it was revoked once, and is not again (keypal.cascade_revocation

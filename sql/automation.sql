@@ -458,10 +458,10 @@ END $$;
 -- (a nested loop, whatever the planner guesses of the arrays); returns how many were set.
 -- (PL/pgSQL: planned once per session; a SQL function with SET clauses is planned at every
 -- call, a third of revoking one key. A kept plan made while key_timers was small must still
--- probe its primary key: sequential scans and materializing are off.)
+-- probe its primary key: sequential scans and materializing are off, and JIT with them.)
 CREATE FUNCTION keypal.set_timers(ids uuid[], kinds text[], dues timestamptz[])
 RETURNS bigint LANGUAGE plpgsql VOLATILE SET enable_nestloop = on SET enable_hashjoin = off SET enable_mergejoin = off
-    SET enable_seqscan = off SET enable_material = off AS $$
+    SET enable_seqscan = off SET enable_material = off SET jit = off AS $$
 DECLARE
     n bigint;
 BEGIN

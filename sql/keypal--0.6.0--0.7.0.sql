@@ -5,8 +5,9 @@
 -- keypal.count_quota_use (keypal_track_usage of a key with a quota: a third cheaper) and
 -- keypal.emit_event are PL/pgSQL, planned once per session instead of at every call (a SQL
 -- function with a SET clause is parsed and planned at each); the revocation cascade, and
--- keypal_rotate's move of the children, run their UPDATE only when there is a child to
--- change (an UPDATE of no rows still sets off the keys' statement triggers).
+-- keypal_rotate's move of the children (keypal.move_children, new), run their UPDATE only
+-- when there is a child to change (an UPDATE of no rows still sets off the keys' statement
+-- triggers).
 
 CREATE OR REPLACE FUNCTION keypal.settings_of(k keypal.keys)
 RETURNS jsonb LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
@@ -24,6 +25,17 @@ BEGIN
               to_jsonb(k.notify_before::text), to_jsonb(k.enabled), to_jsonb(k.signing)]);
 END $$;
 
+CREATE OR REPLACE FUNCTION keypal.move_children(from_id uuid, to_id uuid)
+RETURNS void LANGUAGE plpgsql VOLATILE SET enable_seqscan = off SET jit = off AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM keypal.keys c
+                WHERE c.parent_id = from_id AND (c.revoked_at IS NULL OR c.revoked_at > now())) THEN
+        UPDATE keypal.keys SET parent_id = to_id
+         WHERE parent_id = from_id AND (revoked_at IS NULL OR revoked_at > now());
+    END IF;
+END $$;
+REVOKE ALL ON FUNCTION keypal.move_children(uuid, uuid) FROM PUBLIC;
+
 CREATE OR REPLACE FUNCTION @extschema@.keypal_rotate(
     id uuid DEFAULT NULL, grace text DEFAULT NULL, name text DEFAULT NULL,
     description text DEFAULT NULL, scopes text[] DEFAULT NULL, resources jsonb DEFAULT NULL,
@@ -33,10 +45,7 @@ CREATE OR REPLACE FUNCTION @extschema@.keypal_rotate(
     allowed_regions text[] DEFAULT NULL, blocked_regions text[] DEFAULT NULL,
     actor text DEFAULT NULL)
 RETURNS SETOF keypal.rotated_key
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-    -- (its probes for children read the parent_id index, never the table: see
-    -- keypal.cascade_revocation)
-    SET enable_seqscan = off AS $$
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     old      keypal.keys := keypal.lock_key(id, 'rotated');
     who      text := keypal.actor(actor);
@@ -71,14 +80,8 @@ BEGIN
     made := keypal.create_key(opts || over, '',
         jsonb_build_object('rotated_from', old.id, 'context', jsonb_build_object('rotated_from', old.id)));
     PERFORM keypal.begin_change(who);
-    -- Children follow the new key, so retiring the old one does not cascade to them. (Only
-    -- when it has any: an UPDATE of no rows still sets off the keys' statement triggers. No
-    -- child can appear meanwhile: making one locks its parent FOR SHARE, as lock_key did.)
-    IF EXISTS (SELECT 1 FROM keypal.keys c
-                WHERE c.parent_id = old.id AND (c.revoked_at IS NULL OR c.revoked_at > now())) THEN
-        UPDATE keypal.keys SET parent_id = made.id
-         WHERE parent_id = old.id AND (revoked_at IS NULL OR revoked_at > now());
-    END IF;
+    -- Children follow the new key, so retiring the old one does not cascade to them.
+    PERFORM keypal.move_children(old.id, made.id);
     UPDATE keypal.keys
        SET rotated_to = made.id, revoked_at = now() + v_grace, revoke_reason = 'rotated', revoked_by = who
      WHERE keys.id = old.id;
@@ -121,7 +124,7 @@ END $$;
 
 CREATE OR REPLACE FUNCTION keypal.revoke_children(parents uuid[], moments timestamptz[], revokers text[])
 RETURNS void LANGUAGE plpgsql VOLATILE SET enable_nestloop = on SET enable_hashjoin = off SET enable_mergejoin = off
-    SET enable_seqscan = off SET enable_material = off AS $$
+    SET enable_seqscan = off SET enable_material = off SET jit = off AS $$
 BEGIN
     -- A child already revoked (not merely scheduled to be, as in a rotation's grace) is
     -- left as it is: it was revoked once, and is not again (keypal.cascade_revocation
@@ -135,7 +138,7 @@ END $$;
 
 CREATE OR REPLACE FUNCTION keypal.set_timers(ids uuid[], kinds text[], dues timestamptz[])
 RETURNS bigint LANGUAGE plpgsql VOLATILE SET enable_nestloop = on SET enable_hashjoin = off SET enable_mergejoin = off
-    SET enable_seqscan = off SET enable_material = off AS $$
+    SET enable_seqscan = off SET enable_material = off SET jit = off AS $$
 DECLARE
     n bigint;
 BEGIN
