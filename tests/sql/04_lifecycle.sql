@@ -161,6 +161,18 @@ INSERT INTO k SELECT 'gc3', key, id FROM keypal_create(owner_id => 'fam5c', scop
 SELECT keypal_revoke(pg_temp.id('gc3'));
 INSERT INTO k SELECT 'g3b', key, id FROM keypal_rotate(pg_temp.id('g3'));
 SELECT is((SELECT parent_id FROM keypal.keys WHERE id = pg_temp.id('gc3')), pg_temp.id('g3'), 'and leaves a revoked child under the old key');
+-- The probes and kept plans that must read the index, never the table, run with sequential
+-- scans off, and with JIT off (a plan that must scan a table anyway would otherwise look
+-- costly enough to compile at every call); the kept ones with materializing off too.
+SELECT is((SELECT string_agg(p.proname || ' ' || array_to_string(ARRAY(
+                 SELECT c FROM unnest(p.proconfig) c WHERE c LIKE 'enable\_%' OR c LIKE 'jit=%' ORDER BY c), ','), '; ' ORDER BY p.proname)
+             FROM pg_proc p WHERE p.pronamespace = 'keypal'::regnamespace
+              AND p.proname IN ('cascade_revocation', 'move_children', 'revoke_children', 'set_timers')),
+          'cascade_revocation enable_nestloop=off,enable_seqscan=off,jit=off; '
+          'move_children enable_seqscan=off,jit=off; '
+          'revoke_children enable_hashjoin=off,enable_material=off,enable_mergejoin=off,enable_nestloop=on,enable_seqscan=off,jit=off; '
+          'set_timers enable_hashjoin=off,enable_material=off,enable_mergejoin=off,enable_nestloop=on,enable_seqscan=off,jit=off',
+          'the probes'' planner settings');
 -- How often the UPDATE triggers and the cascade's UPDATE run (this transaction's counts).
 SET LOCAL track_functions = 'all';
 CREATE FUNCTION pg_temp.calls(f text) RETURNS bigint LANGUAGE sql AS $$
