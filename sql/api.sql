@@ -268,9 +268,11 @@ BEGIN
             SELECT max(up.depth) FROM up);
 END $$;
 
--- Refuses new scopes/resources for a key that its live children would exceed.
+-- Refuses new scopes/resources for a key that its live children would exceed. (Its probe
+-- reads the parent_id index, never the table, as keypal.move_children's: sequential scans
+-- off, and JIT with them.)
 CREATE FUNCTION keypal.check_children(key_id uuid, scopes text[], resources jsonb)
-RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off AS $$
 DECLARE
     child uuid;
 BEGIN

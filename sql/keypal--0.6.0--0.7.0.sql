@@ -7,7 +7,8 @@
 -- function with a SET clause is parsed and planned at each); the revocation cascade, and
 -- keypal_rotate's move of the children (keypal.move_children, new), run their UPDATE only
 -- when there is a child to change (an UPDATE of no rows still sets off the keys' statement
--- triggers).
+-- triggers). The probes for children (and keypal.check_children's) read the parent_id
+-- index, never the table: sequential scans off, and JIT with them.
 
 CREATE OR REPLACE FUNCTION keypal.settings_of(k keypal.keys)
 RETURNS jsonb LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
@@ -35,6 +36,23 @@ BEGIN
     END IF;
 END $$;
 REVOKE ALL ON FUNCTION keypal.move_children(uuid, uuid) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION keypal.check_children(key_id uuid, scopes text[], resources jsonb)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off AS $$
+DECLARE
+    child uuid;
+BEGIN
+    SELECT c.id INTO child FROM keypal.keys c
+     WHERE c.parent_id = check_children.key_id AND NOT keypal.revoked_now(c.revoked_at, c.revoke_at)
+       AND NOT keypal.scopes_within(c.scopes, c.resources, check_children.scopes, check_children.resources)
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'invalid scopes: child key % holds scopes outside % (a child''s scopes must be a subset of its parent''s)',
+            child, check_children.scopes
+            USING ERRCODE = '22023',
+                  HINT = 'narrow or revoke the child keys first';
+    END IF;
+END $$;
 
 CREATE OR REPLACE FUNCTION @extschema@.keypal_rotate(
     id uuid DEFAULT NULL, grace text DEFAULT NULL, name text DEFAULT NULL,

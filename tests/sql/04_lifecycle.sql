@@ -167,8 +167,9 @@ SELECT is((SELECT parent_id FROM keypal.keys WHERE id = pg_temp.id('gc3')), pg_t
 SELECT is((SELECT string_agg(p.proname || ' ' || array_to_string(ARRAY(
                  SELECT c FROM unnest(p.proconfig) c WHERE c LIKE 'enable\_%' OR c LIKE 'jit=%' ORDER BY c), ','), '; ' ORDER BY p.proname)
              FROM pg_proc p WHERE p.pronamespace = 'keypal'::regnamespace
-              AND p.proname IN ('cascade_revocation', 'move_children', 'revoke_children', 'set_timers')),
+              AND p.proname IN ('cascade_revocation', 'check_children', 'move_children', 'revoke_children', 'set_timers')),
           'cascade_revocation enable_nestloop=off,enable_seqscan=off,jit=off; '
+          'check_children enable_seqscan=off,jit=off; '
           'move_children enable_seqscan=off,jit=off; '
           'revoke_children enable_hashjoin=off,enable_material=off,enable_mergejoin=off,enable_nestloop=on,enable_seqscan=off,jit=off; '
           'set_timers enable_hashjoin=off,enable_material=off,enable_mergejoin=off,enable_nestloop=on,enable_seqscan=off,jit=off',
