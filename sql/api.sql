@@ -202,6 +202,18 @@ RETURNS boolean LANGUAGE sql VOLATILE AS $$
     SELECT coalesce(revoked_at <= clock_timestamp() OR revoke_at <= clock_timestamp(), false)
 $$;
 
+-- Whether revoking a parent at parent_revoked_at cascades to a child revoked at
+-- child_revoked_at: one not revoked, or only scheduled to be (a rotation's grace), later than
+-- its parent. A child revoked already is left as it is: it was revoked once, and is not
+-- again. One definition for the cascade's probe for a child and its UPDATE
+-- (keypal.cascade_revocation, keypal.revoke_children), which must agree (inlined: a
+-- one-expression SQL function).
+CREATE FUNCTION keypal.cascades_to(child_revoked_at timestamptz, parent_revoked_at timestamptz)
+RETURNS boolean LANGUAGE sql VOLATILE AS $$
+    SELECT child_revoked_at IS NULL
+        OR (child_revoked_at > parent_revoked_at AND child_revoked_at > clock_timestamp())
+$$;
+
 -- Locks a key for a change; raises KEY_NOT_FOUND (P0002) or CANNOT_MODIFY_REVOKED (55000).
 CREATE FUNCTION keypal.lock_key(key_id uuid, action text)
 RETURNS keypal.keys LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
@@ -1683,9 +1695,7 @@ BEGIN
     IF parents IS NOT NULL AND EXISTS (
         SELECT 1 FROM unnest(parents, moments) AS p(id, revoked_at),
                LATERAL (SELECT 1 FROM keypal.keys c
-                         WHERE c.parent_id = p.id
-                           AND (c.revoked_at IS NULL
-                                OR (c.revoked_at > p.revoked_at AND c.revoked_at > clock_timestamp()))
+                         WHERE c.parent_id = p.id AND keypal.cascades_to(c.revoked_at, p.revoked_at)
                          LIMIT 1) child) THEN
         PERFORM keypal.revoke_children(parents, moments, revokers);
     END IF;
@@ -1704,14 +1714,10 @@ CREATE FUNCTION keypal.revoke_children(parents uuid[], moments timestamptz[], re
 RETURNS void LANGUAGE plpgsql VOLATILE SET enable_nestloop = on SET enable_hashjoin = off SET enable_mergejoin = off
     SET enable_seqscan = off SET enable_material = off SET jit = off AS $$
 BEGIN
-    -- A child already revoked (not merely scheduled to be, as in a rotation's grace) is
-    -- left as it is: it was revoked once, and is not again (keypal.cascade_revocation
-    -- checks for a child to revoke with the same condition).
     UPDATE keypal.keys c
        SET revoked_at = p.revoked_at, revoke_reason = 'parent revoked', revoked_by = p.revoked_by
       FROM unnest(parents, moments, revokers) AS p(id, revoked_at, revoked_by)
-     WHERE c.parent_id = p.id
-       AND (c.revoked_at IS NULL OR (c.revoked_at > p.revoked_at AND c.revoked_at > clock_timestamp()));
+     WHERE c.parent_id = p.id AND keypal.cascades_to(c.revoked_at, p.revoked_at);
 END $$;
 -- Only the extension's owner may change or remove audit rows.
 CREATE FUNCTION keypal.audit_log_guard()

@@ -7,7 +7,8 @@
 -- function with a SET clause is parsed and planned at each); the revocation cascade, and
 -- keypal_rotate's move of the children (keypal.move_children, new), run their UPDATE only
 -- when there is a child to change (an UPDATE of no rows still sets off the keys' statement
--- triggers). The probes for children (and keypal.check_children's) read the parent_id
+-- triggers); the cascade's probe and its UPDATE share one condition, keypal.cascades_to
+-- (new, inlined). The probes for children (and keypal.check_children's) read the parent_id
 -- index, never the table: sequential scans off, and JIT with them.
 
 CREATE OR REPLACE FUNCTION keypal.settings_of(k keypal.keys)
@@ -107,6 +108,13 @@ BEGIN
     RETURN NEXT ROW(made.key, made.id, old.id, made.expires_at, made.env, made.signing_secret)::keypal.rotated_key;
 END $$;
 
+CREATE OR REPLACE FUNCTION keypal.cascades_to(child_revoked_at timestamptz, parent_revoked_at timestamptz)
+RETURNS boolean LANGUAGE sql VOLATILE AS $$
+    SELECT child_revoked_at IS NULL
+        OR (child_revoked_at > parent_revoked_at AND child_revoked_at > clock_timestamp())
+$$;
+REVOKE ALL ON FUNCTION keypal.cascades_to(timestamptz, timestamptz) FROM PUBLIC;
+
 CREATE OR REPLACE FUNCTION keypal.cascade_revocation()
 RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET jit = off SET enable_nestloop = off
     SET enable_seqscan = off AS $$
@@ -131,9 +139,7 @@ BEGIN
     IF parents IS NOT NULL AND EXISTS (
         SELECT 1 FROM unnest(parents, moments) AS p(id, revoked_at),
                LATERAL (SELECT 1 FROM keypal.keys c
-                         WHERE c.parent_id = p.id
-                           AND (c.revoked_at IS NULL
-                                OR (c.revoked_at > p.revoked_at AND c.revoked_at > clock_timestamp()))
+                         WHERE c.parent_id = p.id AND keypal.cascades_to(c.revoked_at, p.revoked_at)
                          LIMIT 1) child) THEN
         PERFORM keypal.revoke_children(parents, moments, revokers);
     END IF;
@@ -144,14 +150,10 @@ CREATE OR REPLACE FUNCTION keypal.revoke_children(parents uuid[], moments timest
 RETURNS void LANGUAGE plpgsql VOLATILE SET enable_nestloop = on SET enable_hashjoin = off SET enable_mergejoin = off
     SET enable_seqscan = off SET enable_material = off SET jit = off AS $$
 BEGIN
-    -- A child already revoked (not merely scheduled to be, as in a rotation's grace) is
-    -- left as it is: it was revoked once, and is not again (keypal.cascade_revocation
-    -- checks for a child to revoke with the same condition).
     UPDATE keypal.keys c
        SET revoked_at = p.revoked_at, revoke_reason = 'parent revoked', revoked_by = p.revoked_by
       FROM unnest(parents, moments, revokers) AS p(id, revoked_at, revoked_by)
-     WHERE c.parent_id = p.id
-       AND (c.revoked_at IS NULL OR (c.revoked_at > p.revoked_at AND c.revoked_at > clock_timestamp()));
+     WHERE c.parent_id = p.id AND keypal.cascades_to(c.revoked_at, p.revoked_at);
 END $$;
 
 CREATE OR REPLACE FUNCTION keypal.set_timers(ids uuid[], kinds text[], dues timestamptz[])
