@@ -73,7 +73,7 @@ impl NewKey {
     }
 
     /// The webhook body's "data" of its key.created event (keypal.event_data).
-    fn event_data(&self, actor: &str) -> Value {
+    pub fn event_data(&self, actor: &str) -> Value {
         let mut m = Map::new();
         m.insert("keyId".into(), json!(self.id.to_string()));
         for (k, v) in [
@@ -161,15 +161,32 @@ macro_rules! audit_rows {
                        $6::pg_catalog.text[]) AS u(id, owner_id, org_id, actor)"
     };
 }
+/// One audit row of these values (action, key_id, owner_id, org_id, actor, context).
 macro_rules! audit_row {
-    () => {
-        "INSERT INTO keypal.audit_log (action, key_id, owner_id, org_id, actor, role, context)
-         VALUES ($1, $3, $4, $5, $6, session_user, $2)"
+    ($action:literal, $id:literal, $owner:literal, $org:literal, $actor:literal, $ctx:literal) => {
+        concat!(
+            "INSERT INTO keypal.audit_log (action, key_id, owner_id, org_id, actor, role, context)
+         VALUES (",
+            $action,
+            ", ",
+            $id,
+            ", ",
+            $owner,
+            ", ",
+            $org,
+            ", ",
+            $actor,
+            ", session_user, ",
+            $ctx,
+            ")"
+        )
     };
 }
+// (for create.rs's statement that writes a new key with its audit row and event)
+pub(crate) use audit_row;
 static AUDIT: Stmt = Stmt::generic(sql!(audit_rows!()), &ROWS);
 /// One key's (creating one key): the same from values.
-static AUDIT_ONE: Stmt = Stmt::generic(sql!(audit_row!()), &ONE);
+static AUDIT_ONE: Stmt = Stmt::generic(sql!(audit_row!("$1", "$3", "$4", "$5", "$6", "$2")), &ONE);
 /// New keys' audit rows and `key.created` events, in one statement (one executor run, not
 /// two: a twentieth of creating one key). The events are in the keys' order and return
 /// what `events::queued` reads. (PostgreSQL runs the CTE's INSERT, which nothing reads,
@@ -194,7 +211,7 @@ static CREATED: Stmt = Stmt::generic(
 static CREATED_ONE: Stmt = Stmt::generic(
     sql!(
         "WITH a AS (",
-        audit_row!(),
+        audit_row!("$1", "$3", "$4", "$5", "$6", "$2"),
         ") INSERT INTO keypal.events (event, key_id, payload) VALUES ('key.created', $3, ",
         events::payload!("'key.created'::pg_catalog.text", "$7"),
         ") RETURNING id, ",
@@ -261,6 +278,20 @@ pub fn record(
     };
     stmt.exec(conn, &args, false, 0);
     let last = if created { events::queued(conn) } else { None };
+    arm_timers(conn, keys);
+    last
+}
+
+/// After such a statement (returning its event's id, as the events' INSERTs here do): the
+/// event's deliveries queued and the key's timers armed; the event's id, for `events::notify`.
+pub fn created(conn: &Connection, key: &NewKey) -> Option<i64> {
+    let last = events::queued(conn);
+    arm_timers(conn, std::slice::from_ref(key));
+    last
+}
+
+/// The new keys' timers (one statement, when any has one).
+fn arm_timers(conn: &Connection, keys: &[NewKey]) {
     let (mut tid, mut kind, mut due) = (Vec::new(), Vec::new(), Vec::new());
     for k in keys {
         for (w, d) in k.timers() {
@@ -277,5 +308,4 @@ pub fn record(
             0,
         );
     }
-    last
 }

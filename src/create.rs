@@ -48,16 +48,23 @@ static KEY_EXPIRY: Stmt = Stmt::new(
         pg_sys::TEXTARRAYOID,
     ],
 );
-/// The INSERT of new keys into these columns from `$select`, returning what
-/// `audit::NewKey::read` reads.
-macro_rules! insert_keys {
-    ($($select:literal),+) => {
-        sql!(
+/// The INSERT of new keys into these columns from `$select` (without what it returns).
+macro_rules! insert_keys_only {
+    ($($select:expr),+) => {
+        concat!(
             "INSERT INTO keypal.keys (id, key_hash, algorithm, owner_id, org_id, env, name, description, scopes,
                               resources, tags, metadata, enabled, expires_at, parent_id, policy,
                               rate_limit, quota, allowed_ips, blocked_ips, allowed_regions,
                               blocked_regions, disable_at, revoke_at, notify_before, rotated_from, signing) ",
-            $($select),+,
+            $($select),+
+        )
+    };
+}
+/// The same, returning what `audit::NewKey::read` reads.
+macro_rules! insert_keys {
+    ($($select:expr),+) => {
+        sql!(
+            insert_keys_only!($($select),+),
             "
       RETURNING id, owner_id, org_id, env, name, enabled, expires_at, disable_at, revoke_at, notify_before"
         )
@@ -100,47 +107,85 @@ static INSERT: Stmt = Stmt::generic(
         pg_sys::UUIDOID,
     ],
 );
-/// One key (keypal_create): the same from one row of values, the spec's options each a
-/// parameter of its column's type (`spec_columns`), so that nothing is left to plan or set up but
-/// the INSERT itself (jsonb_populate_record's scan was a tenth of creating one key); $1
-/// holds the three JSON columns, read as `INSERT` reads them from the spec.
-static INSERT_ONE: Stmt = Stmt::generic(
-    insert_keys!(
+/// One key's row of values: the spec's options each a parameter of its column's type
+/// (`spec_columns`), so that nothing is left to plan or set up but the INSERT itself
+/// (jsonb_populate_record's scan was a tenth of creating one key); $1, $26 and $27 are the
+/// JSON columns (metadata, rate_limit, quota) as `INSERT` reads them from the spec. No
+/// function is called: each one's set-up (its lookup and privilege check) is paid again by
+/// every statement.
+macro_rules! one_key_values {
+    () => {
         "VALUES ($2, $3, $11, $13, $14, $4, $15, $16, coalesce($17, '{}'), coalesce($18, '{}'),
-                 coalesce($19, '{}'), coalesce($1 OPERATOR(pg_catalog.->) 'metadata', '{}'), $9,
-                 $5, $20, $21, $1 OPERATOR(pg_catalog.->) 'rate_limit',
-                 CASE WHEN $1 OPERATOR(pg_catalog.->) 'quota' OPERATOR(pg_catalog.<>) 'null'
-                      THEN $1 OPERATOR(pg_catalog.->) 'quota' END, coalesce($22, '{}'),
-                 coalesce($23, '{}'), coalesce($24, '{}'), coalesce($25, '{}'), $6, $7, $8, $12, $10)"
+                 coalesce($19, '{}'), coalesce($1, '{}'), $9, $5, $20, $21, $26, $27,
+                 coalesce($22, '{}'), coalesce($23, '{}'), coalesce($24, '{}'), coalesce($25, '{}'),
+                 $6, $7, $8, $12, $10)"
+    };
+}
+/// The parameters of one key's row ($1–$27).
+macro_rules! one_key_types {
+    ($($more:expr),*) => {
+        [
+            pg_sys::JSONBOID,
+            pg_sys::UUIDOID,
+            pg_sys::BYTEAOID,
+            pg_sys::TEXTOID,
+            pg_sys::TIMESTAMPTZOID,
+            pg_sys::TIMESTAMPTZOID,
+            pg_sys::TIMESTAMPTZOID,
+            pg_sys::INTERVALOID,
+            pg_sys::BOOLOID,
+            pg_sys::BOOLOID,
+            pg_sys::TEXTOID,
+            pg_sys::UUIDOID,
+            // the spec's options, as jsonb_populate_record would read them (see `spec_columns`)
+            pg_sys::TEXTOID,
+            pg_sys::TEXTOID,
+            pg_sys::TEXTOID,
+            pg_sys::TEXTOID,
+            pg_sys::TEXTARRAYOID,
+            pg_sys::JSONBOID,
+            pg_sys::TEXTARRAYOID,
+            pg_sys::UUIDOID,
+            pg_sys::TEXTOID,
+            pg_sys::TEXTARRAYOID,
+            pg_sys::TEXTARRAYOID,
+            pg_sys::TEXTARRAYOID,
+            pg_sys::TEXTARRAYOID,
+            pg_sys::JSONBOID,
+            pg_sys::JSONBOID,
+            $($more),*
+        ]
+    };
+}
+/// One key (a rotation's, a template's, an older schema's): its row, returning it.
+static INSERT_ONE: Stmt = Stmt::generic(insert_keys!(one_key_values!()), &one_key_types!());
+/// One new key (keypal_create, one spec of keypal_create_many), its audit row and its
+/// `key.created` event in one statement: one executor run, not two (each statement's start —
+/// its plan's checks, its tables' indexes opened, triggers and constraints set up — was about
+/// a third of creating a key). $28–$30: the audit row's actor and context (NULL for none),
+/// the event's data (`audit::NewKey::event_data`, made here: jsonb_build_object in the
+/// statement cost more); what it returns, `events::queued` reads. Everything the audit
+/// row and the event hold is the key's row as given here: keypal.keys has no BEFORE INSERT
+/// trigger.
+static CREATE_ONE: Stmt = Stmt::generic(
+    sql!(
+        "WITH k AS (",
+        insert_keys_only!(one_key_values!()),
+        "), a AS (",
+        audit::audit_row!(
+            "'created'",
+            "$2",
+            "$13",
+            "$14",
+            "$28",
+            "coalesce($29, '{}')"
+        ),
+        ") INSERT INTO keypal.events (event, key_id, payload) VALUES ('key.created', $2, ",
+        crate::events::payload!("'key.created'::pg_catalog.text", "$30"),
+        ") RETURNING id, ",
+        crate::events::any_webhook!()
     ),
-    &[
-        pg_sys::JSONBOID,
-        pg_sys::UUIDOID,
-        pg_sys::BYTEAOID,
-        pg_sys::TEXTOID,
-        pg_sys::TIMESTAMPTZOID,
-        pg_sys::TIMESTAMPTZOID,
-        pg_sys::TIMESTAMPTZOID,
-        pg_sys::INTERVALOID,
-        pg_sys::BOOLOID,
-        pg_sys::BOOLOID,
-        pg_sys::TEXTOID,
-        pg_sys::UUIDOID,
-        // the spec's options, as jsonb_populate_record would read them (see `spec_columns`)
-        pg_sys::TEXTOID,
-        pg_sys::TEXTOID,
-        pg_sys::TEXTOID,
-        pg_sys::TEXTOID,
-        pg_sys::TEXTARRAYOID,
-        pg_sys::JSONBOID,
-        pg_sys::TEXTARRAYOID,
-        pg_sys::UUIDOID,
-        pg_sys::TEXTOID,
-        pg_sys::TEXTARRAYOID,
-        pg_sys::TEXTARRAYOID,
-        pg_sys::TEXTARRAYOID,
-        pg_sys::TEXTARRAYOID,
-    ],
+    &one_key_types!(pg_sys::TEXTOID, pg_sys::JSONBOID, pg_sys::JSONBOID),
 );
 
 /// Options that are not columns as given: computed (times, env, enabled, signing) or not
@@ -303,11 +348,22 @@ impl Rows {
 /// RETURNING columns in the last result.
 fn insert(conn: &Connection, rows: Rows, algorithm: &str, rotated_from: Option<Uuid>) -> u64 {
     let one = rows.id.len() == 1;
+    let args = insert_args(rows, algorithm, rotated_from);
+    (if one { &INSERT_ONE } else { &INSERT }).exec(conn, &args, false, 0)
+}
+
+/// The parameters of `INSERT` (several rows) or `INSERT_ONE` (one) for `rows`.
+fn insert_args(
+    rows: Rows,
+    algorithm: &str,
+    rotated_from: Option<Uuid>,
+) -> Vec<Option<pg_sys::Datum>> {
+    let one = rows.id.len() == 1;
     let (spec, options) = if one {
         let spec = rows.spec[0]
             .as_ref()
             .expect("make() gives every row its spec");
-        (json_columns(&spec.0), spec_columns(&spec.0))
+        (json_column(&spec.0, "metadata"), spec_columns(&spec.0))
     } else {
         (column(rows.spec, false), Vec::new())
     };
@@ -326,24 +382,38 @@ fn insert(conn: &Connection, rows: Rows, algorithm: &str, rotated_from: Option<U
         rotated_from.into_datum(),
     ];
     args.extend(options);
-    (if one { &INSERT_ONE } else { &INSERT }).exec(conn, &args, false, 0)
+    args
 }
 
-/// INSERT_ONE's $1: the spec's three JSON columns, those given (NULL when none is: most
-/// keys; nothing to parse).
-fn json_columns(spec: &Value) -> Option<pg_sys::Datum> {
-    let json: Map<String, Value> = ["metadata", "rate_limit", "quota"]
-        .into_iter()
-        .filter_map(|k| Some((k.to_owned(), spec.get(k)?.clone())))
-        .collect();
-    (!json.is_empty())
-        .then_some(JsonB(Value::Object(json)))
-        .into_datum()
+/// One new key as `audit` records it: what its row holds, from its spec and computed values
+/// (the row `CREATE_ONE` writes from the same).
+fn new_key(rows: &Rows) -> audit::NewKey {
+    let spec = rows.spec[0].as_ref().map(|j| &j.0);
+    let text = |k: &str| spec.and_then(|s| s.get(k)?.as_str().map(str::to_owned));
+    audit::NewKey {
+        id: rows.id[0].expect("make() gives every row its id"),
+        owner_id: text("owner_id"),
+        org_id: text("org_id"),
+        env: rows.env[0].clone(),
+        name: text("name"),
+        enabled: rows.enabled[0].unwrap_or(true),
+        expires_at: rows.exp[0],
+        disable_at: rows.dis[0],
+        revoke_at: rows.rev[0],
+        notify_before: rows.nb[0],
+    }
 }
 
-/// A checked spec's options as INSERT_ONE's $13–$25, each as jsonb_populate_record reads
+/// INSERT_ONE's $1: the spec's metadata, as given (NULL when not: most keys; nothing to
+/// parse).
+fn json_column(spec: &Value, name: &str) -> Option<pg_sys::Datum> {
+    spec.get(name).map(|v| JsonB(v.clone())).into_datum()
+}
+
+/// A checked spec's options as INSERT_ONE's $13–$27, each as jsonb_populate_record reads
 /// its column from the spec (INSERT's way): a string as text or uuid, a list as text[], an
-/// object as jsonb, and JSON null or a missing option as NULL.
+/// object as jsonb, and JSON null or a missing option as NULL; but the rate limit and quota as
+/// `INSERT` reads them (a rate limit of JSON null is kept: no limit, over any default).
 fn spec_columns(spec: &Value) -> Vec<Option<pg_sys::Datum>> {
     let get = |k: &str| spec.get(k).filter(|v| !v.is_null());
     let text = |k: &str| get(k).and_then(Value::as_str).into_datum();
@@ -365,6 +435,8 @@ fn spec_columns(spec: &Value) -> Vec<Option<pg_sys::Datum>> {
         list("blocked_ips"),
         list("allowed_regions"),
         list("blocked_regions"),
+        json_column(spec, "rate_limit"),
+        get("quota").map(|v| JsonB(v.clone())).into_datum(),
     ]
 }
 
@@ -615,7 +687,16 @@ fn write(
     context: Option<&Value>,
     rotated_from: Option<Uuid>,
 ) -> Option<i64> {
-    if cfg.audited_here {
+    if cfg.audited_here && rows.id.len() == 1 && (action.is_empty() || action == "created") {
+        // One new key: its row, audit row and event in one statement.
+        let key = new_key(&rows);
+        let mut args = insert_args(rows, &cfg.algorithm_name, rotated_from);
+        args.push(actors[0].as_str().into_datum());
+        args.push(context.map(|c| JsonB(c.clone())).into_datum());
+        args.push(JsonB(key.event_data(&actors[0])).into_datum());
+        audit::writing(|| CREATE_ONE.exec(conn, &args, false, 0));
+        audit::created(conn, &key)
+    } else if cfg.audited_here {
         let n = audit::writing(|| insert(conn, rows, &cfg.algorithm_name, rotated_from));
         // (RETURNING gives the rows in spec order, as the INSERT wrote them)
         let new: Vec<audit::NewKey> = (0..n as usize)
@@ -676,89 +757,100 @@ mod keypal {
     }
 }
 
+finfo_v1!(pg_finfo_keypal_create_c_wrapper);
+
 /// keypal_create, declared in api.sql (SECURITY DEFINER, search_path pinned, RETURNS SETOF
 /// keypal.created_key; the arguments in this order): the arguments given (not SQL NULL)
-/// become the key's options, as keypal_create_many's spec would give them.
-#[allow(clippy::too_many_arguments, clippy::type_complexity)]
-#[pg_extern(sql = false, volatile, parallel_unsafe)]
-fn keypal_create_c(
-    owner_id: Option<String>,
-    name: Option<String>,
-    description: Option<String>,
-    scopes: Option<Vec<Option<String>>>,
-    resources: Option<JsonB>,
-    tags: Option<Vec<Option<String>>>,
-    metadata: Option<JsonB>,
-    expires_in: Option<String>,
-    expires_at: Option<TimestampWithTimeZone>,
-    env: Option<String>,
-    org_id: Option<String>,
-    parent_id: Option<Uuid>,
-    policy: Option<String>,
-    rate_limit: Option<JsonB>,
-    quota: Option<JsonB>,
-    allowed_ips: Option<Vec<Option<String>>>,
-    blocked_ips: Option<Vec<Option<String>>>,
-    allowed_regions: Option<Vec<Option<String>>>,
-    blocked_regions: Option<Vec<Option<String>>>,
-    disable_at: Option<TimestampWithTimeZone>,
-    revoke_at: Option<TimestampWithTimeZone>,
-    notify_before: Option<String>,
-    signing: Option<bool>,
-    actor: Option<String>,
-) -> TableIterator<
-    'static,
-    (
-        name!(key, String),
-        name!(id, Uuid),
-        name!(expires_at, Option<TimestampWithTimeZone>),
-        name!(env, Option<String>),
-        name!(signing_secret, Option<String>),
-    ),
-> {
-    let mut o = Map::new();
-    let mut put = |k: &str, v: Option<Value>| {
-        if let Some(v) = v {
-            o.insert(k.to_owned(), v);
+/// become the key's options, as keypal_create_many's spec would give them. Its row is
+/// returned in materialize mode: one call per key, where value-per-call mode made two, each
+/// through the SECURITY DEFINER entry and its search_path.
+#[no_mangle]
+#[pg_guard]
+pub unsafe extern "C-unwind" fn keypal_create_c_wrapper(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    use pgrx::fcinfo::pg_getarg;
+    // SAFETY: called by fmgr with the 24 arguments api.sql declares, each read as its type
+    // (NULL as None); the result set is made as funcapi.h describes: its tuplestore and
+    // descriptor by InitMaterializedSRF (which refuses a caller that cannot take one), each
+    // row copied into it.
+    unsafe {
+        let text = |n| pg_getarg::<String>(fcinfo, n).map(Value::from);
+        let json = |n| pg_getarg::<JsonB>(fcinfo, n).map(|j| j.0);
+        let list = |n| {
+            pg_getarg::<Vec<Option<String>>>(fcinfo, n)
+                .map(|l| Value::from(l.into_iter().map(Value::from).collect::<Vec<_>>()))
+        };
+        // (a timestamp as to_jsonb writes it, ISO 8601 with its offset, whatever DateStyle:
+        // the spec's own parsing reads it back exactly)
+        let time = |n| {
+            pg_getarg::<TimestampWithTimeZone>(fcinfo, n).map(|t| Value::from(t.to_iso_string()))
+        };
+        let options: [(&str, Option<Value>); 24] = [
+            ("owner_id", text(0)),
+            ("name", text(1)),
+            ("description", text(2)),
+            ("scopes", list(3)),
+            ("resources", json(4)),
+            ("tags", list(5)),
+            ("metadata", json(6)),
+            ("expires_in", text(7)),
+            ("expires_at", time(8)),
+            ("env", text(9)),
+            ("org_id", text(10)),
+            (
+                "parent_id",
+                pg_getarg::<Uuid>(fcinfo, 11).map(|u| Value::from(u.to_string())),
+            ),
+            ("policy", text(12)),
+            ("rate_limit", json(13)),
+            ("quota", json(14)),
+            ("allowed_ips", list(15)),
+            ("blocked_ips", list(16)),
+            ("allowed_regions", list(17)),
+            ("blocked_regions", list(18)),
+            ("disable_at", time(19)),
+            ("revoke_at", time(20)),
+            ("notify_before", text(21)),
+            ("signing", pg_getarg::<bool>(fcinfo, 22).map(Value::from)),
+            ("actor", text(23)),
+        ];
+        let o: Map<String, Value> = options
+            .into_iter()
+            .filter_map(|(k, v)| Some((k.to_owned(), v?)))
+            .collect();
+        let rsinfo = (*fcinfo).resultinfo as *mut pg_sys::ReturnSetInfo;
+        let flags = if !rsinfo.is_null() && !(*rsinfo).expectedDesc.is_null() {
+            pg_sys::MAT_SRF_USE_EXPECTED_DESC
+        } else {
+            0
+        };
+        pg_sys::InitMaterializedSRF(fcinfo, flags);
+        // (one spec: read once — `create` reads a call of up to CHUNK specs only once,
+        // keeping what it checked; a second read would find nothing, and make no key)
+        let spec = std::cell::Cell::new(Some(Value::Object(o)));
+        let read = || -> Box<dyn Iterator<Item = (Value, String)>> {
+            Box::new(spec.take().map(|v| (v, String::new())).into_iter())
+        };
+        for (key, id, expires_at, env, secret) in create(1, &read, Value::Null) {
+            let row = [
+                key.into_datum(),
+                id.into_datum(),
+                expires_at.into_datum(),
+                env.into_datum(),
+                secret.into_datum(),
+            ];
+            let mut nulls = row.map(|d| d.is_none());
+            let mut values = row.map(|d| d.unwrap_or(pg_sys::Datum::from(0usize)));
+            pg_sys::tuplestore_putvalues(
+                (*rsinfo).setResult,
+                (*rsinfo).setDesc,
+                values.as_mut_ptr(),
+                nulls.as_mut_ptr(),
+            );
         }
-    };
-    let list = |l: Option<Vec<Option<String>>>| {
-        l.map(|l| Value::from(l.into_iter().map(Value::from).collect::<Vec<_>>()))
-    };
-    // (a timestamp as to_jsonb writes it, ISO 8601 with its offset, whatever DateStyle:
-    // the spec's own parsing reads it back exactly)
-    let time = |t: Option<TimestampWithTimeZone>| t.map(|t| Value::from(t.to_iso_string()));
-    put("owner_id", owner_id.map(Value::from));
-    put("name", name.map(Value::from));
-    put("description", description.map(Value::from));
-    put("scopes", list(scopes));
-    put("resources", resources.map(|j| j.0));
-    put("tags", list(tags));
-    put("metadata", metadata.map(|j| j.0));
-    put("expires_in", expires_in.map(Value::from));
-    put("expires_at", time(expires_at));
-    put("env", env.map(Value::from));
-    put("org_id", org_id.map(Value::from));
-    put("parent_id", parent_id.map(|u| Value::from(u.to_string())));
-    put("policy", policy.map(Value::from));
-    put("rate_limit", rate_limit.map(|j| j.0));
-    put("quota", quota.map(|j| j.0));
-    put("allowed_ips", list(allowed_ips));
-    put("blocked_ips", list(blocked_ips));
-    put("allowed_regions", list(allowed_regions));
-    put("blocked_regions", list(blocked_regions));
-    put("disable_at", time(disable_at));
-    put("revoke_at", time(revoke_at));
-    put("notify_before", notify_before.map(Value::from));
-    put("signing", signing.map(Value::from));
-    put("actor", actor.map(Value::from));
-    // (one spec: read once — `create` reads a call of up to CHUNK specs only once, keeping
-    // what it checked; a second read would find nothing, and make no key)
-    let spec = std::cell::Cell::new(Some(Value::Object(o)));
-    let read = || -> Box<dyn Iterator<Item = (Value, String)>> {
-        Box::new(spec.take().map(|v| (v, String::new())).into_iter())
-    };
-    TableIterator::new(create(1, &read, Value::Null))
+        pg_sys::Datum::from(0usize)
+    }
 }
 
 finfo_v1!(pg_finfo_keypal_key_row_ok);

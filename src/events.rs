@@ -12,7 +12,7 @@ use pgrx::prelude::*;
 
 /// An event's payload, the webhook body: its name, when, and its data.
 macro_rules! payload {
-    ($event:literal, $data:literal) => {
+    ($event:expr, $data:expr) => {
         concat!(
             "pg_catalog.jsonb_build_object('event', ",
             $event,
