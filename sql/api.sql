@@ -405,7 +405,7 @@ END $$;
 -- Create
 --------------------------------------------------------------------------------
 
--- Rust (src/create.rs keypal_create_c): the arguments given become the key's options.
+-- Rust (src/create.rs keypal_create_c_wrapper): the arguments given become the key's options.
 CREATE FUNCTION keypal_create(
     owner_id text DEFAULT NULL, name text DEFAULT NULL, description text DEFAULT NULL,
     scopes text[] DEFAULT NULL, resources jsonb DEFAULT NULL, tags text[] DEFAULT NULL,

@@ -1,8 +1,9 @@
 //! What making keys leaves besides their rows: one audit row per key, one `key.created`
 //! event per key (when the action is `created`) and the keys' timers.
 //!
-//! `keypal.create_keys` writes them here, right after its INSERT, from the rows that INSERT
-//! returned. Its INSERT does not fire the INSERT trigger (`keys_audit` runs only `WHEN NOT
+//! `keypal.create_keys` writes them here, right after its INSERT of several keys, from the
+//! rows that INSERT returned; one new key's audit row and event it writes in its INSERT's own
+//! statement (`audit_row!`, `created`). Its INSERT does not fire the INSERT trigger (`keys_audit` runs only `WHEN NOT
 //! keypal.audit_written()`, which is true only while such an INSERT runs); every other
 //! INSERT into keypal.keys (keypal_import, a restore) is still recorded by that trigger, from
 //! its transition table. The two write the same rows: `tests/sql/05_audit.sql` and
@@ -131,9 +132,10 @@ pub fn writing<R>(f: impl FnOnce() -> R) -> R {
     crate::scoped::while_set(&WRITING, f)
 }
 
-/// The parameters of the four statements below, over arrays (several keys) and from values
-/// (one key): $1 the action, $2 the context, $3–$6 each key's id, owner_id, org_id and actor,
-/// $7 its `key.created` event's data (read only by the statements that write events).
+/// The parameters of the two statements below, over arrays: $1 the action, $2 the context,
+/// $3–$6 each key's id, owner_id, org_id and actor, $7 its `key.created` event's data (read
+/// only by the statement that writes events). (One new key's are written with its row:
+/// create.rs's `CREATE_ONE`.)
 static ROWS: [pg_sys::Oid; 7] = [
     pg_sys::TEXTOID,
     pg_sys::JSONBOID,
@@ -142,15 +144,6 @@ static ROWS: [pg_sys::Oid; 7] = [
     pg_sys::TEXTARRAYOID,
     pg_sys::TEXTARRAYOID,
     pg_sys::JSONBARRAYOID,
-];
-static ONE: [pg_sys::Oid; 7] = [
-    pg_sys::TEXTOID,
-    pg_sys::JSONBOID,
-    pg_sys::UUIDOID,
-    pg_sys::TEXTOID,
-    pg_sys::TEXTOID,
-    pg_sys::TEXTOID,
-    pg_sys::JSONBOID,
 ];
 /// The audit rows' INSERT, as a statement's own and as the first part of `CREATED`'s.
 macro_rules! audit_rows {
@@ -161,7 +154,8 @@ macro_rules! audit_rows {
                        $6::pg_catalog.text[]) AS u(id, owner_id, org_id, actor)"
     };
 }
-/// One audit row of these values (action, key_id, owner_id, org_id, actor, context).
+/// One audit row of these values (action, key_id, owner_id, org_id, actor, context): a new
+/// key's, written with its row (create.rs's `CREATE_ONE`).
 macro_rules! audit_row {
     ($action:literal, $id:literal, $owner:literal, $org:literal, $actor:literal, $ctx:literal) => {
         concat!(
@@ -182,11 +176,8 @@ macro_rules! audit_row {
         )
     };
 }
-// (for create.rs's statement that writes a new key with its audit row and event)
 pub(crate) use audit_row;
 static AUDIT: Stmt = Stmt::generic(sql!(audit_rows!()), &ROWS);
-/// One key's (creating one key): the same from values.
-static AUDIT_ONE: Stmt = Stmt::generic(sql!(audit_row!("$1", "$3", "$4", "$5", "$6", "$2")), &ONE);
 /// New keys' audit rows and `key.created` events, in one statement (one executor run, not
 /// two: a twentieth of creating one key). The events are in the keys' order and return
 /// what `events::queued` reads. (PostgreSQL runs the CTE's INSERT, which nothing reads,
@@ -206,18 +197,6 @@ static CREATED: Stmt = Stmt::generic(
         events::any_webhook!()
     ),
     &ROWS,
-);
-/// One new key's: the same from values.
-static CREATED_ONE: Stmt = Stmt::generic(
-    sql!(
-        "WITH a AS (",
-        audit_row!("$1", "$3", "$4", "$5", "$6", "$2"),
-        ") INSERT INTO keypal.events (event, key_id, payload) VALUES ('key.created', $3, ",
-        events::payload!("'key.created'::pg_catalog.text", "$7"),
-        ") RETURNING id, ",
-        events::any_webhook!()
-    ),
-    &ONE,
 );
 static TIMERS: Stmt = Stmt::generic(
     c"WITH set AS (
@@ -250,7 +229,6 @@ pub fn record(
     let ctx = context
         .cloned()
         .unwrap_or_else(|| Value::Object(Map::new()));
-    let one = keys.len() == 1;
     let created = act == "created";
     // (the event data: read only by the statements that write events)
     let data = created.then(|| {
@@ -259,24 +237,18 @@ pub fn record(
             .zip(actors)
             .map(|(k, a)| Some(JsonB(k.event_data(a))))
             .collect();
-        column(data, one)
+        column(data, false)
     });
     let args = [
         act.into_datum(),
         JsonB(ctx).into_datum(),
-        column(keys.iter().map(|k| Some(k.id)).collect(), one),
-        column(keys.iter().map(|k| k.owner_id.clone()).collect(), one),
-        column(keys.iter().map(|k| k.org_id.clone()).collect(), one),
-        column(actors.iter().cloned().map(Some).collect(), one),
+        column(keys.iter().map(|k| Some(k.id)).collect(), false),
+        column(keys.iter().map(|k| k.owner_id.clone()).collect(), false),
+        column(keys.iter().map(|k| k.org_id.clone()).collect(), false),
+        column(actors.iter().cloned().map(Some).collect(), false),
         data.flatten(),
     ];
-    let stmt = match (created, one) {
-        (true, true) => &CREATED_ONE,
-        (true, false) => &CREATED,
-        (false, true) => &AUDIT_ONE,
-        (false, false) => &AUDIT,
-    };
-    stmt.exec(conn, &args, false, 0);
+    (if created { &CREATED } else { &AUDIT }).exec(conn, &args, false, 0);
     let last = if created { events::queued(conn) } else { None };
     arm_timers(conn, keys);
     last

@@ -11,7 +11,7 @@
 //! same, and the statement's rollback takes them with it. What needs PostgreSQL's own input rules or
 //! other rows — a timestamp, an interval in the long form, a parent's or a policy's rules, a
 //! signing secret's prerequisite — goes to the SQL helpers, and only for a spec that has it.
-//! `keypal_create` itself is Rust too (`keypal_create_c`): its arguments become one spec.
+//! `keypal_create` itself is Rust too (`keypal_create_c_wrapper`): its arguments become one spec.
 
 use crate::errors::{bad_argument, refuse_option};
 use crate::spi::{column, Connection, Stmt};
@@ -157,7 +157,7 @@ macro_rules! one_key_types {
         ]
     };
 }
-/// One key (a rotation's, a template's, an older schema's): its row, returning it.
+/// One key, returning its row (an older schema's path: `write`).
 static INSERT_ONE: Stmt = Stmt::generic(insert_keys!(one_key_values!()), &one_key_types!());
 /// One new key (keypal_create, one spec of keypal_create_many), its audit row and its
 /// `key.created` event in one statement: one executor run, not two (each statement's start —
@@ -771,9 +771,8 @@ pub unsafe extern "C-unwind" fn keypal_create_c_wrapper(
 ) -> pg_sys::Datum {
     use pgrx::fcinfo::pg_getarg;
     // SAFETY: called by fmgr with the 24 arguments api.sql declares, each read as its type
-    // (NULL as None); the result set is made as funcapi.h describes: its tuplestore and
-    // descriptor by InitMaterializedSRF (which refuses a caller that cannot take one), each
-    // row copied into it.
+    // (NULL as None); the result set is `materialized`'s (which refuses a caller that cannot
+    // take one), each row copied into it.
     unsafe {
         let text = |n| pg_getarg::<String>(fcinfo, n).map(Value::from);
         let json = |n| pg_getarg::<JsonB>(fcinfo, n).map(|j| j.0);
@@ -819,13 +818,7 @@ pub unsafe extern "C-unwind" fn keypal_create_c_wrapper(
             .into_iter()
             .filter_map(|(k, v)| Some((k.to_owned(), v?)))
             .collect();
-        let rsinfo = (*fcinfo).resultinfo as *mut pg_sys::ReturnSetInfo;
-        let flags = if !rsinfo.is_null() && !(*rsinfo).expectedDesc.is_null() {
-            pg_sys::MAT_SRF_USE_EXPECTED_DESC
-        } else {
-            0
-        };
-        pg_sys::InitMaterializedSRF(fcinfo, flags);
+        let rsinfo = materialized(fcinfo, 5);
         // (one spec: read once — `create` reads a call of up to CHUNK specs only once,
         // keeping what it checked; a second read would find nothing, and make no key)
         let spec = std::cell::Cell::new(Some(Value::Object(o)));
@@ -850,6 +843,53 @@ pub unsafe extern "C-unwind" fn keypal_create_c_wrapper(
             );
         }
         pg_sys::Datum::from(0usize)
+    }
+}
+
+/// Sets up a set-returning function's result in materialize mode — a tuplestore in the
+/// query's memory, and the descriptor of rows of `columns` columns — as PostgreSQL's
+/// InitMaterializedSRF does (which PostgreSQL 15.0 lacks: it came with 15.1). Refuses a
+/// caller that cannot take a set so made, and a result type of another width.
+///
+/// # Safety
+/// `fcinfo` is the call's, made by fmgr.
+unsafe fn materialized(
+    fcinfo: pg_sys::FunctionCallInfo,
+    columns: i32,
+) -> *mut pg_sys::ReturnSetInfo {
+    // SAFETY: resultinfo is a node when not NULL; the tuplestore and descriptor copy are made
+    // in the query's memory, which outlives the call, as the executor expects of them.
+    unsafe {
+        let rsinfo = (*fcinfo).resultinfo as *mut pg_sys::ReturnSetInfo;
+        if rsinfo.is_null()
+            || (*rsinfo).type_ != pg_sys::NodeTag::T_ReturnSetInfo
+            || (*rsinfo).allowedModes & pg_sys::SetFunctionReturnMode::SFRM_Materialize as i32 == 0
+        {
+            pgrx::error!("set-valued function called in context that cannot accept a set");
+        }
+        let mut desc = (*rsinfo).expectedDesc;
+        if desc.is_null()
+            && pg_sys::get_call_result_type(fcinfo, std::ptr::null_mut(), &mut desc)
+                != pg_sys::TypeFuncClass::TYPEFUNC_COMPOSITE
+        {
+            pgrx::error!("return type must be a row type");
+        }
+        if (*desc).natts != columns {
+            pgrx::error!(
+                "keypal_create's result type has {} columns, not {columns}",
+                (*desc).natts
+            );
+        }
+        let random = (*rsinfo).allowedModes
+            & pg_sys::SetFunctionReturnMode::SFRM_Materialize_Random as i32
+            != 0;
+        let mut query = PgMemoryContexts::For((*(*rsinfo).econtext).ecxt_per_query_memory);
+        query.switch_to(|_| {
+            (*rsinfo).setResult = pg_sys::tuplestore_begin_heap(random, false, pg_sys::work_mem);
+            (*rsinfo).setDesc = pg_sys::CreateTupleDescCopy(desc);
+        });
+        (*rsinfo).returnMode = pg_sys::SetFunctionReturnMode::SFRM_Materialize;
+        rsinfo
     }
 }
 

@@ -92,6 +92,8 @@ CREATE TEMP TABLE t1 AS SELECT * FROM keypal_create_from_template('ci', owner_id
 SELECT results_eq($$SELECT owner_id, name, scopes, tags FROM keypal_get((SELECT id FROM t1))$$,
     $$VALUES ('tpl', 'from tpl', '{read,deploy}'::text[], '{ci,nightly}'::text[])$$, 'create_from_template applies template, owner, name and overrides');
 SELECT ok((SELECT expires_at > now() + interval '6 days' FROM t1), 'template expiry applies');
+SELECT results_eq($$SELECT action, context FROM keypal.audit_log WHERE key_id = (SELECT id FROM t1)$$,
+    $$VALUES ('created', '{"template": "ci"}'::jsonb)$$, 'its audit row names the template');
 SELECT throws_ok($$SELECT * FROM keypal_create_from_template('nope', owner_id => 'x')$$, '22023', NULL, 'unknown template: 22023');
 SELECT throws_ok($$SELECT keypal_define_template('bad', '{"scopes": 1}')$$, '22023', NULL, 'bad template options: 22023');
 SELECT throws_ok($$SELECT keypal_define_template('', '{}')$$, '22023', NULL, 'template needs a name');

@@ -54,6 +54,25 @@ SELECT results_eq($$SELECT a.action, a.owner_id, a.org_id, a.actor, a.role, a.co
 SELECT results_eq($$SELECT e.event, (e.payload->'data') - 'keyId' FROM keypal.events e WHERE e.key_id = (SELECT id FROM made_here)$$,
     $$SELECT e.event, (e.payload->'data') - 'keyId' FROM keypal.events e WHERE e.key_id = '00000000-0000-4000-8000-00000000a0d1'$$,
     'and the event the trigger writes');
+-- and so for a key of nothing but its owner (the event leaves out what it has not)
+INSERT INTO keypal.keys (id, key_hash, algorithm, owner_id)
+VALUES ('00000000-0000-4000-8000-00000000a0d2', '\x02', 'sha256', 'direct');
+CREATE TEMP TABLE made_bare AS SELECT * FROM keypal_create(owner_id => 'direct');
+SELECT results_eq($$SELECT a.action, a.owner_id, a.org_id, a.actor, a.role, a.context, e.event, (e.payload->'data') - 'keyId'
+                      FROM keypal.audit_log a JOIN keypal.events e USING (key_id) WHERE a.key_id = (SELECT id FROM made_bare)$$,
+    $$SELECT a.action, a.owner_id, a.org_id, a.actor, a.role, a.context, e.event, (e.payload->'data') - 'keyId'
+        FROM keypal.audit_log a JOIN keypal.events e USING (key_id) WHERE a.key_id = '00000000-0000-4000-8000-00000000a0d2'$$,
+    'a key of nothing but its owner: the same audit row and event as the trigger''s');
+-- keypal_create writes a new key's audit row and event from the values it inserts (one
+-- statement: src/create.rs CREATE_ONE), which holds only while nothing can change the row
+-- on its way in
+SELECT is((SELECT count(*) FROM pg_trigger WHERE tgrelid = 'keypal.keys'::regclass AND NOT tgisinternal
+             AND tgtype::int & 7 = 7), 0::bigint, 'keypal.keys has no BEFORE INSERT row trigger');
+DO $$ BEGIN PERFORM keypal_create(owner_id => 'direct', name => 'performed'); END $$;
+SELECT results_eq($$SELECT (SELECT count(*) FROM keypal.audit_log a WHERE a.key_id = k.id),
+                           (SELECT count(*) FROM keypal.events e WHERE e.key_id = k.id)
+                      FROM keypal.keys k WHERE k.name = 'performed'$$,
+    $$VALUES (1::bigint, 1::bigint)$$, 'PERFORM keypal_create: one key, one audit row, one event');
 DELETE FROM keypal.keys WHERE owner_id = 'direct';
 
 -- Direct writes to keypal.keys (by the owner) are audited too; DELETE is 'deleted'.
