@@ -212,6 +212,15 @@ static TIMERS: Stmt = Stmt::generic(
     ],
 );
 
+/// The audit action of keys made with `action` ("" for created).
+pub fn action_name(action: &str) -> &str {
+    if action.is_empty() {
+        "created"
+    } else {
+        action
+    }
+}
+
 /// Records `keys`, made by one statement, `actors[i]` acting on `keys[i]`: `action` (audit;
 /// "" for created) and `context` as keypal.audit_inserted_keys records them. Returns the
 /// highest event id written, for the caller to `events::notify` once it has written all.
@@ -225,7 +234,7 @@ pub fn record(
     if keys.is_empty() {
         return None;
     }
-    let act = if action.is_empty() { "created" } else { action };
+    let act = action_name(action);
     let ctx = context
         .cloned()
         .unwrap_or_else(|| Value::Object(Map::new()));

@@ -687,7 +687,7 @@ fn write(
     context: Option<&Value>,
     rotated_from: Option<Uuid>,
 ) -> Option<i64> {
-    if cfg.audited_here && rows.id.len() == 1 && (action.is_empty() || action == "created") {
+    if cfg.audited_here && rows.id.len() == 1 && audit::action_name(action) == "created" {
         // One new key: its row, audit row and event in one statement.
         let key = new_key(&rows);
         let mut args = insert_args(rows, &cfg.algorithm_name, rotated_from);
