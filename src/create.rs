@@ -865,19 +865,25 @@ unsafe fn materialized(
             || (*rsinfo).type_ != pg_sys::NodeTag::T_ReturnSetInfo
             || (*rsinfo).allowedModes & pg_sys::SetFunctionReturnMode::SFRM_Materialize as i32 == 0
         {
-            pgrx::error!("set-valued function called in context that cannot accept a set");
+            crate::errors::raise(
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                "set-valued function called in context that cannot accept a set".into(),
+            );
         }
         let mut desc = (*rsinfo).expectedDesc;
         if desc.is_null()
             && pg_sys::get_call_result_type(fcinfo, std::ptr::null_mut(), &mut desc)
                 != pg_sys::TypeFuncClass::TYPEFUNC_COMPOSITE
         {
-            pgrx::error!("return type must be a row type");
+            crate::errors::raise(
+                PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+                "return type must be a row type".into(),
+            );
         }
         if (*desc).natts != columns {
-            pgrx::error!(
-                "keypal_create's result type has {} columns, not {columns}",
-                (*desc).natts
+            crate::errors::raise(
+                PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+                format!("result type has {} columns, not {columns}", (*desc).natts),
             );
         }
         let random = (*rsinfo).allowedModes
