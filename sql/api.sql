@@ -288,6 +288,7 @@ RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_s
 DECLARE
     child uuid;
 BEGIN
+    PERFORM keypal.refuse_unseen_children(ARRAY[check_children.key_id]);
     SELECT c.id INTO child FROM keypal.keys c
      WHERE c.parent_id = check_children.key_id AND NOT keypal.revoked_now(c.revoked_at, c.revoke_at)
        AND NOT keypal.scopes_within(c.scopes, c.resources, check_children.scopes, check_children.resources)
@@ -300,10 +301,10 @@ BEGIN
     END IF;
 END $$;
 
--- Checks a would-be child against its parent (locked FOR SHARE, so a concurrent revoke
--- of the parent waits for this transaction and then, in READ COMMITTED, cascades to the
--- child; a REPEATABLE READ revoke's snapshot does not see the child, which then stays
--- unrevoked under a revoked parent: verify refuses it all the same, judging its ancestors).
+-- Checks a would-be child against its parent (locked FOR SHARE, so a concurrent revoke,
+-- rotation or update of the parent waits for this transaction, and then, in READ
+-- COMMITTED, sees the child; in REPEATABLE READ or SERIALIZABLE, whose snapshot does not
+-- show it, fails with 40001: keypal.refuse_unseen_children).
 -- Returns the child's expiry: its own, or the parent's when it has none.
 CREATE FUNCTION keypal.check_parent(parent uuid, scopes text[], resources jsonb,
                                     expires_at timestamptz, arg_prefix text)
@@ -794,6 +795,7 @@ END $$;
 CREATE FUNCTION keypal.move_children(from_id uuid, to_id uuid)
 RETURNS void LANGUAGE plpgsql VOLATILE SET enable_seqscan = off SET jit = off AS $$
 BEGIN
+    PERFORM keypal.refuse_unseen_children(ARRAY[from_id]);
     IF EXISTS (SELECT 1 FROM keypal.keys c
                 WHERE c.parent_id = from_id AND (c.revoked_at IS NULL OR c.revoked_at > now())) THEN
         UPDATE keypal.keys SET parent_id = to_id
@@ -1508,12 +1510,14 @@ RETURNS jsonb LANGUAGE sql STABLE AS $$
         'actor', who))
 $$;
 
--- Restoring a dump (a COPY into keypal.keys, outside any keypal function): the rows bring
--- their own audit history, events and timers, restored alongside.
+-- Restoring a dump (a COPY into keypal.keys, outside any keypal function, by the table's
+-- owner or a superuser: pg_restore's roles): the rows bring their own audit history, events
+-- and timers, restored alongside. Another role's COPY is audited as any INSERT is.
 CREATE FUNCTION keypal.restoring(relid oid)
 RETURNS boolean LANGUAGE plpgsql VOLATILE AS $$
 BEGIN
-    RETURN coalesce(current_setting('keypal._actor', true), '') = '' AND keypal.copying_into(relid);
+    RETURN coalesce(current_setting('keypal._actor', true), '') = '' AND keypal.copying_into(relid)
+       AND pg_has_role(current_user, (SELECT c.relowner FROM pg_class c WHERE c.oid = relid), 'USAGE');
 END $$;
 
 -- The audit rows and events of one statement's changes to keys, from its transition tables:
@@ -1580,14 +1584,17 @@ BEGIN
 END $$;
 
 -- What changed between two versions of a key: {"col": {"old": …, "new": …}} for every column
--- but key_hash, updated_at and last_used_at (tests/sql/16_bulk.sql checks the list against
--- the table), column by column rather than whole rows as JSON. PL/pgSQL so that the
+-- but updated_at and last_used_at (a use is not a change; tests/sql/16_bulk.sql checks the
+-- list against the table), and {"key_hash": "changed"} for a new hash; column by column
+-- rather than whole rows as JSON. PL/pgSQL so that the
 -- expression is planned once per session, not once per statement.
 CREATE FUNCTION keypal.key_changes(o keypal.keys, n keypal.keys)
 RETURNS jsonb LANGUAGE plpgsql STABLE AS $$
 BEGIN
     RETURN '{}'::jsonb
         || CASE WHEN o.id IS DISTINCT FROM n.id THEN jsonb_build_object('id', jsonb_build_object('old', o.id, 'new', n.id)) ELSE '{}' END
+        -- (the hash itself is never written down: only that it changed)
+        || CASE WHEN o.key_hash IS DISTINCT FROM n.key_hash THEN jsonb_build_object('key_hash', 'changed') ELSE '{}' END
         || CASE WHEN o.algorithm IS DISTINCT FROM n.algorithm THEN jsonb_build_object('algorithm', jsonb_build_object('old', o.algorithm, 'new', n.algorithm)) ELSE '{}' END
         || CASE WHEN o.owner_id IS DISTINCT FROM n.owner_id THEN jsonb_build_object('owner_id', jsonb_build_object('old', o.owner_id, 'new', n.owner_id)) ELSE '{}' END
         || CASE WHEN o.org_id IS DISTINCT FROM n.org_id THEN jsonb_build_object('org_id', jsonb_build_object('old', o.org_id, 'new', n.org_id)) ELSE '{}' END
@@ -1616,7 +1623,8 @@ BEGIN
         || CASE WHEN o.blocked_regions IS DISTINCT FROM n.blocked_regions THEN jsonb_build_object('blocked_regions', jsonb_build_object('old', o.blocked_regions, 'new', n.blocked_regions)) ELSE '{}' END
         || CASE WHEN o.disable_at IS DISTINCT FROM n.disable_at THEN jsonb_build_object('disable_at', jsonb_build_object('old', o.disable_at, 'new', n.disable_at)) ELSE '{}' END
         || CASE WHEN o.revoke_at IS DISTINCT FROM n.revoke_at THEN jsonb_build_object('revoke_at', jsonb_build_object('old', o.revoke_at, 'new', n.revoke_at)) ELSE '{}' END
-        || CASE WHEN o.notify_before IS DISTINCT FROM n.notify_before THEN jsonb_build_object('notify_before', jsonb_build_object('old', o.notify_before, 'new', n.notify_before)) ELSE '{}' END
+        -- (as text: '1 mon' = '30 days' for an interval, yet they differ from most expiries)
+        || CASE WHEN o.notify_before::text IS DISTINCT FROM n.notify_before::text THEN jsonb_build_object('notify_before', jsonb_build_object('old', o.notify_before, 'new', n.notify_before)) ELSE '{}' END
         || CASE WHEN o.signing IS DISTINCT FROM n.signing THEN jsonb_build_object('signing', jsonb_build_object('old', o.signing, 'new', n.signing)) ELSE '{}' END;
 END $$;
 
@@ -1636,12 +1644,11 @@ BEGIN
     END IF;
     WITH changed AS (
         SELECT row_number() OVER () AS n, a.act, c.r, c.changes
+          -- (a write of last_used_at alone, an import's, changes nothing key_changes sees:
+          -- no row; one that changes other columns too is audited for those)
           FROM (SELECT x.r, x.old_r, keypal.key_changes(x.old_r, x.r) AS changes
-                  FROM (SELECT ROW(n.*)::keypal.keys AS r, ROW(o.*)::keypal.keys AS old_r,
-                               o.last_used_at AS used_before, n.last_used_at AS used_after
-                          FROM keypal_new n JOIN keypal_old o USING (id)) x
-                 -- A write of last_used_at (the flush worker's) is not a change anyone made.
-                 WHERE x.used_before IS NOT DISTINCT FROM x.used_after) c
+                  FROM (SELECT ROW(n.*)::keypal.keys AS r, ROW(o.*)::keypal.keys AS old_r
+                          FROM keypal_new n JOIN keypal_old o USING (id)) x) c
           CROSS JOIN LATERAL (SELECT CASE
                 -- keypal_import's overwrite (not a cascade it set off, one trigger level down)
                 WHEN given = 'imported' AND pg_trigger_depth() = 1 THEN 'imported'
@@ -1686,6 +1693,10 @@ BEGIN
     SELECT array_agg(p.id), array_agg(p.revoked_at), array_agg(p.revoked_by) INTO parents, moments, revokers
       FROM keypal_new p JOIN keypal_old o USING (id)
      WHERE p.revoked_at IS NOT NULL AND (o.revoked_at IS NULL OR p.revoked_at < o.revoked_at);
+    -- (REPEATABLE READ: a child this statement's snapshot does not show would be missed)
+    IF parents IS NOT NULL THEN
+        PERFORM keypal.refuse_unseen_children(parents);
+    END IF;
     -- (the UPDATE sets this trigger off again: it ends where no key was newly revoked, or
     -- none of those has a child to revoke. An UPDATE of no rows would still set off the keys'
     -- statement triggers: most keys have no children. One probe of the parent_id index per

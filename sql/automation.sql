@@ -443,8 +443,9 @@ BEGIN
       INTO ids, kinds, dues
       FROM keypal_new n JOIN keypal_old o USING (id)
      CROSS JOIN unnest(ARRAY['disable', 'revoke', 'expiring', 'expired']) AS w(kind)
-     WHERE (o.disable_at, o.revoke_at, o.expires_at, o.notify_before, o.enabled, o.revoked_at)
-           IS DISTINCT FROM (n.disable_at, n.revoke_at, n.expires_at, n.notify_before, n.enabled, n.revoked_at)
+     -- (notify_before as text: '1 mon' = '30 days' as intervals, not as moments before most expiries)
+     WHERE (o.disable_at, o.revoke_at, o.expires_at, o.notify_before::text, o.enabled, o.revoked_at)
+           IS DISTINCT FROM (n.disable_at, n.revoke_at, n.expires_at, n.notify_before::text, n.enabled, n.revoked_at)
        AND (n.revoked_at <= now()
             OR keypal.timer_due(ROW(o.*)::keypal.keys, w.kind)
                IS DISTINCT FROM keypal.timer_due(ROW(n.*)::keypal.keys, w.kind));

@@ -163,6 +163,9 @@ BEGIN
     PERFORM 1 FROM keypal.keys k
      WHERE k.id IN (SELECT t.id FROM pg_temp."keypal import" t WHERE t.act = 'o')
      ORDER BY k.id FOR NO KEY UPDATE;
+    -- (REPEATABLE READ: a child made meanwhile under a key to overwrite, which step 3 checks
+    -- against the new scopes, would be missed)
+    PERFORM keypal.refuse_unseen_children(ARRAY(SELECT t.id FROM pg_temp."keypal import" t WHERE t.act = 'o'));
     PERFORM 1 FROM keypal.keys p
      WHERE p.id IN (SELECT t.parent_id FROM pg_temp."keypal import" t WHERE t.act <> 's')
        AND p.id NOT IN (SELECT t.id FROM pg_temp."keypal import" t WHERE t.act = 'o')

@@ -710,6 +710,50 @@ mod keypal {
         }
     }
 
+    /// REPEATABLE READ or SERIALIZABLE: refuses (40001, as PostgreSQL refuses a concurrent
+    /// update) when one of these keys has a child its statement's snapshot does not show —
+    /// made, or moved to it, by a transaction that committed after the snapshot was taken,
+    /// typically while this one waited for the key's lock. The revocation cascade, the
+    /// check of the children's scopes and a rotation's move of the children would miss
+    /// it. READ COMMITTED takes a new snapshot per statement, after the wait: nothing to do.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn refuse_unseen_children(parents: pgrx::Array<Uuid>) {
+        // SAFETY: reads a static flag of the transaction, then syscache lookups by name.
+        unsafe {
+            if pg_sys::XactIsoLevel < pg_sys::XACT_REPEATABLE_READ as i32 {
+                return;
+            }
+            let nsp = pg_sys::get_namespace_oid(c"keypal".as_ptr(), false);
+            let table = pg_sys::get_relname_relid(c"keys".as_ptr(), nsp);
+            let by_parent = crate::scan::Index {
+                table,
+                index: pg_sys::get_relname_relid(c"keys_parent_idx".as_ptr(), nsp),
+                column: pg_sys::get_attnum(table, c"parent_id".as_ptr()),
+                eq: pg_sys::F_UUID_EQ,
+            };
+            if by_parent.index == pg_sys::InvalidOid || by_parent.column <= 0 {
+                raise(
+                    PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    "keypal: the index keypal.keys_parent_idx on keypal.keys (parent_id) is missing".into(),
+                );
+            }
+            let parents: Vec<Uuid> = parents.iter().flatten().collect();
+            let values: Vec<pg_sys::Datum> = parents
+                .iter()
+                .map(|p| p.into_datum().expect("a uuid is a datum"))
+                .collect();
+            if let Some(at) = by_parent.first_unseen(&values) {
+                pgrx::pg_sys::panic::ErrorReport::new(
+                    PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
+                    format!("could not serialize access: key {} has a child key made or moved by a transaction that committed after this one's snapshot", parents[at]),
+                    "keypal",
+                )
+                .set_hint("run the transaction again")
+                .report(pgrx::PgLogLevel::ERROR);
+            }
+        }
+    }
+
     /// How many levels a key hierarchy may have (a root key is level 1).
     #[pg_extern(immutable, parallel_safe)]
     fn max_hierarchy_depth() -> i32 {

@@ -11,7 +11,7 @@
 //! fresh snapshot; in the changing transaction it is seen from the next command on.
 
 use crate::keys;
-use crate::scan::Unique;
+use crate::scan::Index;
 use crate::spi::{Connection, Stmt};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -51,10 +51,10 @@ pub const KEY_HASH: usize = 10;
 pub struct Catalog {
     pub settings_relid: pg_sys::Oid,
     /// keypal.keys by its unique key_hash index, and by its primary key (id).
-    pub keys_by_hash: Unique,
-    pub keys_by_id: Unique,
+    pub keys_by_hash: Index,
+    pub keys_by_id: Index,
     /// keypal.quota_usage by key_id, and the attnums of its period_start and used.
-    pub quota_by_key: Unique,
+    pub quota_by_key: Index,
     pub quota_attnums: [i16; 2],
     /// attnum (1-based) of each of KEY_COLUMNS in keypal.keys.
     pub attnums: [i16; KEY_COLUMNS.len()],
@@ -70,6 +70,9 @@ pub struct Catalog {
     /// The INSERT trigger on keypal.keys runs WHEN NOT keypal.audit_written() (0.6.0 on):
     /// keypal.create_keys records its keys itself. An older schema's trigger records them.
     pub audited_by_create: bool,
+    /// keypal.keys has no BEFORE INSERT row trigger: a key's row is written as given, so its
+    /// audit row and event can be built from the same values, in the same statement.
+    pub inserted_as_given: bool,
     pub prefixes: Vec<String>,
     /// keypal_configure(checksum => true): new keys end in a checksum.
     pub checksum: bool,
@@ -132,7 +135,11 @@ static LOAD: Stmt = Stmt::new(
              -- (0.6.0 on: the INSERT trigger leaves keypal.create_keys' keys to it)
              EXISTS (SELECT FROM pg_catalog.pg_trigger t
                       WHERE t.tgrelid OPERATOR(pg_catalog.=) 'keypal.keys'::pg_catalog.regclass
-                        AND t.tgname OPERATOR(pg_catalog.=) 'keys_audit' AND t.tgqual IS NOT NULL)
+                        AND t.tgname OPERATOR(pg_catalog.=) 'keys_audit' AND t.tgqual IS NOT NULL),
+             -- (no BEFORE INSERT row trigger, enabled or not: TRIGGER_TYPE_ROW | BEFORE | INSERT)
+             NOT EXISTS (SELECT FROM pg_catalog.pg_trigger t
+                          WHERE t.tgrelid OPERATOR(pg_catalog.=) 'keypal.keys'::pg_catalog.regclass
+                            AND (t.tgtype::pg_catalog.int4 OPERATOR(pg_catalog.&) 7) OPERATOR(pg_catalog.=) 7)
         FROM keypal.config() c",
     &[pg_sys::TEXTARRAYOID],
 );
@@ -327,25 +334,26 @@ fn load(conn: &Connection) -> Catalog {
                 .unwrap_or_default(),
             default_env: conn.get(0, 22).and_then(|d| String::from_datum(d, false)),
             audited_by_create: conn.get_bool(0, 23),
+            inserted_as_given: conn.get_bool(0, 24),
             prefixes: conn
                 .get(0, 6)
                 .and_then(|d| Vec::<String>::from_datum(d, false))
                 .unwrap_or_default(),
             checksum,
             unlooked_shapes,
-            keys_by_hash: Unique {
+            keys_by_hash: Index {
                 table: oid(7),
                 index: oid(8),
                 column: attnums[KEY_HASH],
                 eq: pg_sys::F_BYTEAEQ,
             },
-            keys_by_id: Unique {
+            keys_by_id: Index {
                 table: oid(7),
                 index: oid(17),
                 column: attnums[0],
                 eq: pg_sys::F_UUID_EQ,
             },
-            quota_by_key: Unique {
+            quota_by_key: Index {
                 table: oid(14),
                 index: oid(15),
                 column: quota[0],

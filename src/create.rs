@@ -213,12 +213,24 @@ struct Config {
     default_env: Option<String>,
     /// The schema's INSERT trigger leaves keys made here to `audit::record` (0.6.0 on).
     audited_here: bool,
+    /// One key's row, audit row and event in one statement (`CREATE_ONE`): only while no
+    /// BEFORE INSERT row trigger can change the row on its way in.
+    one_statement: bool,
 }
 
 /// The settings a new key's shape comes from, as the catalog cache holds them (read under
 /// the latest snapshot, reloaded when keypal.settings changes: see catalog.rs).
 fn config() -> Config {
-    let cat = crate::catalog::get();
+    let mut cat = crate::catalog::get();
+    // The INSERT's lock on keypal.keys, taken now: a trigger created before it is granted
+    // (CREATE TRIGGER waits for it after) is in the catalog read next, which `one_statement`
+    // must know of. Taking a lock reads the invalidations that arrived meanwhile.
+    // SAFETY: a lock on a table that exists (its oid from the catalog cache, which is
+    // dropped when it is), held to the end of the transaction as the INSERT's would be.
+    unsafe {
+        pg_sys::LockRelationOid(cat.keys_by_id.table, pg_sys::RowExclusiveLock as i32);
+    }
+    cat = crate::catalog::get();
     let algorithm = keys::Algorithm::parse(&cat.algorithm)
         .unwrap_or_else(|| bad_argument("algorithm", "must be sha256 or sha512"));
     Config {
@@ -231,6 +243,7 @@ fn config() -> Config {
         environments: cat.environments.clone(),
         default_env: cat.default_env.clone(),
         audited_here: cat.audited_by_create,
+        one_statement: cat.inserted_as_given,
     }
 }
 
@@ -687,7 +700,11 @@ fn write(
     context: Option<&Value>,
     rotated_from: Option<Uuid>,
 ) -> Option<i64> {
-    if cfg.audited_here && rows.id.len() == 1 && audit::action_name(action) == "created" {
+    if cfg.audited_here
+        && cfg.one_statement
+        && rows.id.len() == 1
+        && audit::action_name(action) == "created"
+    {
         // One new key: its row, audit row and event in one statement.
         let key = new_key(&rows);
         let mut args = insert_args(rows, &cfg.algorithm_name, rotated_from);
@@ -818,7 +835,16 @@ pub unsafe extern "C-unwind" fn keypal_create_c_wrapper(
             .into_iter()
             .filter_map(|(k, v)| Some((k.to_owned(), v?)))
             .collect();
-        let rsinfo = materialized(fcinfo, 5);
+        let rsinfo = materialized(
+            fcinfo,
+            &[
+                pg_sys::TEXTOID,
+                pg_sys::UUIDOID,
+                pg_sys::TIMESTAMPTZOID,
+                pg_sys::TEXTOID,
+                pg_sys::TEXTOID,
+            ],
+        );
         // (one spec: read once — `create` reads a call of up to CHUNK specs only once,
         // keeping what it checked; a second read would find nothing, and make no key)
         let spec = std::cell::Cell::new(Some(Value::Object(o)));
@@ -847,15 +873,16 @@ pub unsafe extern "C-unwind" fn keypal_create_c_wrapper(
 }
 
 /// Sets up a set-returning function's result in materialize mode — a tuplestore in the
-/// query's memory, and the descriptor of rows of `columns` columns — as PostgreSQL's
+/// query's memory, and the descriptor of rows of columns of these `types` — as PostgreSQL's
 /// InitMaterializedSRF does (which PostgreSQL 15.0 lacks: it came with 15.1). Refuses a
-/// caller that cannot take a set so made, and a result type of another width.
+/// caller that cannot take a set so made, and a result type of other columns (an altered
+/// keypal.created_key: its values would be read as the wrong types).
 ///
 /// # Safety
 /// `fcinfo` is the call's, made by fmgr.
 unsafe fn materialized(
     fcinfo: pg_sys::FunctionCallInfo,
-    columns: i32,
+    types: &[pg_sys::Oid],
 ) -> *mut pg_sys::ReturnSetInfo {
     // SAFETY: resultinfo is a node when not NULL; the tuplestore and descriptor copy are made
     // in the query's memory, which outlives the call, as the executor expects of them.
@@ -880,10 +907,20 @@ unsafe fn materialized(
                 "return type must be a row type".into(),
             );
         }
-        if (*desc).natts != columns {
+        let attrs = (*desc).attrs.as_slice((*desc).natts as usize);
+        if attrs.len() != types.len()
+            || attrs
+                .iter()
+                .zip(types)
+                .any(|(a, t)| a.attisdropped || a.atttypid != *t)
+        {
             crate::errors::raise(
                 PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
-                format!("result type has {} columns, not {columns}", (*desc).natts),
+                format!(
+                    "result type has columns ({}), not ({})",
+                    type_names(attrs.iter().map(|a| a.atttypid)),
+                    type_names(types.iter().copied())
+                ),
             );
         }
         let random = (*rsinfo).allowedModes
@@ -897,6 +934,16 @@ unsafe fn materialized(
         (*rsinfo).returnMode = pg_sys::SetFunctionReturnMode::SFRM_Materialize;
         rsinfo
     }
+}
+
+/// "text, uuid, …": the SQL names of these types.
+fn type_names(types: impl Iterator<Item = pg_sys::Oid>) -> String {
+    types
+        // SAFETY: format_type_be names any oid (an unknown one as "???").
+        .map(|t| unsafe { std::ffi::CStr::from_ptr(pg_sys::format_type_be(t)) })
+        .map(|n| n.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 finfo_v1!(pg_finfo_keypal_key_row_ok);

@@ -49,10 +49,10 @@ impl Fresh {
     }
 }
 
-/// Where to look: a table, a unique index on it, and the equality test on the index's
-/// first column.
+/// Where to look: a table, an index on it (a unique one for `lookup`), and the equality
+/// test on the index's first column.
 #[derive(Clone, Copy)]
-pub struct Unique {
+pub struct Index {
     pub table: pg_sys::Oid,
     pub index: pg_sys::Oid,
     /// attnum (in the table) of the indexed column.
@@ -61,7 +61,7 @@ pub struct Unique {
     pub eq: u32,
 }
 
-impl Unique {
+impl Index {
     /// The columns `want` (attnums, 1-based) of the row whose indexed column equals `value`,
     /// as `snapshot` sees it, copied into the current memory context; None when there is no
     /// such row.
@@ -75,25 +75,8 @@ impl Unique {
         // would) and scans the unique index with one equality key; the found tuple is copied
         // before the scan releases its buffer, and `want` holds attnums of the table.
         unsafe {
-            // With ignore_system_indexes (settable by anyone at connection start) the scan
-            // below would read the whole table on every lookup: refuse instead.
-            if pg_sys::IgnoreSystemIndexes {
-                crate::errors::raise(
-                    pgrx::PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                    "keypal: verify does not run with ignore_system_indexes = on".into(),
-                );
-            }
             let rel = pg_sys::table_open(self.table, pg_sys::AccessShareLock as i32);
-            let mut scankey: pg_sys::ScanKeyData = std::mem::zeroed();
-            pg_sys::ScanKeyInit(
-                &mut scankey,
-                self.column,
-                pg_sys::BTEqualStrategyNumber as u16,
-                pg_sys::Oid::from(self.eq),
-                value,
-            );
-            let scan =
-                pg_sys::systable_beginscan(rel, self.index, true, snapshot.0, 1, &mut scankey);
+            let scan = self.begin(rel, snapshot.0, value);
             let found = pg_sys::systable_getnext(scan);
             let row = (!found.is_null()).then(|| {
                 let tuple = pg_sys::heap_copytuple(found);
@@ -110,6 +93,95 @@ impl Unique {
             pg_sys::systable_endscan(scan);
             pg_sys::table_close(rel, pg_sys::NoLock as i32);
             row
+        }
+    }
+
+    /// The first of `values` for which the latest committed state holds a row (its indexed
+    /// column equal to the value) that the running statement's snapshot does not show: one
+    /// inserted, or last changed, by a transaction that committed after that snapshot was
+    /// taken. This transaction's own rows never count.
+    ///
+    /// What a REPEATABLE READ or SERIALIZABLE statement uses to notice that the rows it
+    /// reasons about moved under it while it waited for a lock (a lock held, never a row
+    /// changed, raises no serialization failure of its own).
+    pub fn first_unseen(&self, values: &[pg_sys::Datum]) -> Option<usize> {
+        // SAFETY: as `lookup`, scanning every match of each value under one latest snapshot;
+        // each tuple's header is read while the scan holds its buffer. The active snapshot
+        // is the running statement's, which it holds until it ends; the latest is copied
+        // into none, and nothing here takes another.
+        unsafe {
+            if !pg_sys::get_index_isvalid(self.index) {
+                crate::errors::raise(
+                    pgrx::PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    format!(
+                        "keypal: index {} is not valid (REINDEX it)",
+                        self.index.to_u32()
+                    ),
+                );
+            }
+            let seen = pg_sys::GetActiveSnapshot();
+            let latest = pg_sys::GetLatestSnapshot();
+            let rel = pg_sys::table_open(self.table, pg_sys::AccessShareLock as i32);
+            let unseen = values.iter().position(|value| {
+                let scan = self.begin(rel, latest, *value);
+                let mut unseen = false;
+                loop {
+                    let tuple = pg_sys::systable_getnext(scan);
+                    if tuple.is_null() {
+                        break;
+                    }
+                    let header = (*tuple).t_data;
+                    // (a frozen tuple's xmin is no transaction id any more: older than any
+                    // snapshot)
+                    let frozen = u32::from((*header).t_infomask) & pg_sys::HEAP_XMIN_FROZEN
+                        == pg_sys::HEAP_XMIN_FROZEN;
+                    let xmin = (*header).t_choice.t_heap.t_xmin;
+                    if !frozen
+                        && !pg_sys::TransactionIdIsCurrentTransactionId(xmin)
+                        && pg_sys::XidInMVCCSnapshot(xmin, seen)
+                    {
+                        unseen = true;
+                        break;
+                    }
+                }
+                pg_sys::systable_endscan(scan);
+                unseen
+            });
+            pg_sys::table_close(rel, pg_sys::NoLock as i32);
+            unseen
+        }
+    }
+
+    /// A scan of the index for `value` under `snapshot`.
+    ///
+    /// # Safety
+    /// `rel` is this index's table, open; the caller ends the scan.
+    #[inline]
+    unsafe fn begin(
+        &self,
+        rel: pg_sys::Relation,
+        snapshot: pg_sys::Snapshot,
+        value: pg_sys::Datum,
+    ) -> *mut pg_sys::SysScanDescData {
+        // SAFETY: as the caller promises; one equality key on the indexed column.
+        unsafe {
+            // With ignore_system_indexes (settable by anyone at connection start) the scan
+            // would read the whole table each time: refuse instead.
+            if pg_sys::IgnoreSystemIndexes {
+                crate::errors::raise(
+                    pgrx::PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    "keypal does not run with ignore_system_indexes = on".into(),
+                );
+            }
+            let mut scankey: pg_sys::ScanKeyData = std::mem::zeroed();
+            pg_sys::ScanKeyInit(
+                &mut scankey,
+                self.column,
+                pg_sys::BTEqualStrategyNumber as u16,
+                pg_sys::Oid::from(self.eq),
+                value,
+            );
+            pg_sys::systable_beginscan(rel, self.index, true, snapshot, 1, &mut scankey)
         }
     }
 }

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# A child key made while its parent is revoked or rotated by another session is never missed
-# (DESIGN.md, "An UPDATE only where there is a row to change"): making a child locks its
-# parent FOR SHARE, which waits for the revoking or rotating transaction's lock on it, and the
-# revoke or rotation waits for the child's transaction; whichever commits first, the child
-# ends up refused, revoked, or moved to the new key.
+# A child key made while its parent is revoked, rotated or narrowed by another session is
+# never missed (DESIGN.md, "An UPDATE only where there is a row to change"): making a child
+# locks its parent FOR SHARE, which waits for the revoking or rotating transaction's lock on
+# it, and the revoke or rotation waits for the child's transaction; whichever commits first,
+# the child ends up refused, revoked, or moved to the new key — or, in REPEATABLE READ or
+# SERIALIZABLE, the change of the parent fails with 40001, to be run again.
 source "$(dirname "$0")/lib.sh"
 
 work=$(mktemp -d)
@@ -55,22 +56,46 @@ is "$(verify_child "$p")" "1 REVOKED" "and the child it waited for is refused"
 is "$(q -c "SELECT revoke_reason FROM keypal.keys WHERE parent_id = '$p' AND revoked_at <= now()")" \
    "parent revoked" "revoked by the cascade, with its reason"
 
-# 3. The child first, the revoke in REPEATABLE READ with a snapshot from before the child's
-# commit: its cascade cannot see the child, but verify refuses the child by its revoked parent.
-p=$(parent)
-hold maker "\\o $work/child
+# 3. The child first, then a revoke, an update narrowing the scopes, or a rotation of its
+# parent in REPEATABLE READ, with a snapshot from before the child's commit: each waits, then
+# fails with 40001 rather than miss the child (keypal.refuse_unseen_children); run again, it
+# sees the child.
+# unseen LEVEL SQL WHAT: a new parent ($p), its child made and held uncommitted (its key in
+# $work/child), while session "second" runs SQL at LEVEL after a snapshot without the child;
+# checks it waits, then fails with 40001.
+unseen() {
+    p=$(parent)
+    hold maker "\\o $work/child
 SELECT key FROM keypal_create(owner_id => 'child_race', parent_id => '$p', scopes => '{read}');
 \\o"
-got=$(second "BEGIN ISOLATION LEVEL REPEATABLE READ;
+    got=$(second "BEGIN ISOLATION LEVEL $1;
 SELECT count(*) FROM keypal.keys WHERE parent_id = '$p';
-SELECT keypal_revoke('$p');
+${2//@p/$p};
 COMMIT;")
-wait
-is "$(cat "$work/waited")" Lock "a REPEATABLE READ revoke waits for the uncommitted child too"
-is "$(echo $got)" "0 1" "its snapshot saw no child; it revoked the parent"
-is "$(verify_child "$p")" "1 REVOKED" "the child it could not see is refused all the same"
-is "$(q -c "SELECT revoked_at IS NULL FROM keypal.keys WHERE parent_id = '$p'")" t \
-   "(its own row is not marked: the REPEATABLE READ cascade missed it, as DESIGN.md says)"
+    wait
+    is "$(cat "$work/waited")" Lock "a $1 $3 waits for the uncommitted child"
+    is "$(echo $got)" "0 40001 could not serialize access" "then fails with 40001: its snapshot does not show the child"
+}
+unseen "REPEATABLE READ" "SELECT keypal_revoke('@p')" revoke
+is "$(q -c "SELECT revoked_at IS NULL FROM keypal.keys WHERE id = '$p'")" t "and revokes nothing"
+is "$(verify_child "$p")" "1 VALID" "(the child is valid: its parent is)"
+is "$(q -c "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT keypal_revoke('$p'); COMMIT")" 1 "run again, it revokes the parent"
+is "$(verify_child "$p")" "1 REVOKED" "and the child is refused"
+is "$(q -c "SELECT revoke_reason FROM keypal.keys WHERE parent_id = '$p' AND revoked_at <= now()")" \
+   "parent revoked" "its row marked by the cascade"
+
+narrow="SELECT name FROM keypal_update('@p', scopes => '{write}')"
+unseen "REPEATABLE READ" "$narrow" "update of the parent's scopes"
+is "$(echo $(second "${narrow//@p/$p}"))" "22023 invalid scopes" "run again, it refuses scopes the child holds more of"
+
+unseen SERIALIZABLE "SELECT count(*) FROM keypal_rotate('@p')" rotation
+got=$(second "BEGIN ISOLATION LEVEL SERIALIZABLE; SELECT id FROM keypal_rotate('$p'); COMMIT;")
+is "$(q -c "SELECT count(*) FROM keypal.keys WHERE parent_id = '$got'")" 1 "run again, it moves the child to the new key"
+
+overwrite="SELECT overwritten FROM keypal_import(jsonb_build_array((SELECT r || '{\"scopes\": [\"write\"]}'
+             FROM keypal_export_records('child_race') r WHERE r->>'id' = '@p')), on_conflict => 'overwrite')"
+unseen "REPEATABLE READ" "$overwrite" "import overwriting the parent"
+is "$(echo $(second "${overwrite//@p/$p}"))" "22023 invalid data[0].scopes" "run again, it refuses scopes the child holds more of"
 
 # 4. The child first, then a rotation of its parent: the rotation waits, then moves it to the
 # new key.

@@ -134,4 +134,26 @@ is "$(q -d "$src" -c "SELECT coalesce(error_code, 'VALID') FROM keypal_verify('$
    "the rate-limited key is spent in the original database"
 is "$(q -d "${src}_fc" -c "SELECT coalesce(error_code, 'VALID') FROM keypal_verify('$limited')")" VALID \
    "the same key id in a restored copy counts its own window"
+# A COPY into keypal.keys counts as a restore (the dump brings the audit rows) only for the
+# table's owner (or a superuser). Another role granted INSERT cannot write the table at all
+# (its CHECK and triggers call keypal's internal functions); granted those too, and the
+# tables the trigger writes, its COPY is audited like any INSERT.
+copy_as() {  # copy_as ROLE ID: one key row by COPY, as ROLE; prints psql's errors
+    printf '%s\t\\\\x%s\tsha256\tcopier\n' "$2" "${2: -2}" |
+        q -d "$src" -c "SET ROLE $1" -c "COPY keypal.keys (id, key_hash, algorithm, owner_id) FROM STDIN" 2>&1 || true
+}
+q -d "$src" -c "DROP ROLE IF EXISTS keypal_copier" -c "CREATE ROLE keypal_copier" \
+  -c "GRANT USAGE ON SCHEMA keypal TO keypal_copier" -c "GRANT INSERT ON keypal.keys TO keypal_copier" >/dev/null 2>&1
+ok "$(grep -q "permission denied" <<<"$(copy_as keypal_copier 00000000-0000-4000-8000-0000000c0901)"; echo $?)" \
+   "a role granted INSERT on keypal.keys cannot COPY into it"
+q -d "$src" -c "GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA keypal TO keypal_copier" \
+  -c "GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA keypal TO keypal_copier" \
+  -c "GRANT USAGE ON ALL SEQUENCES IN SCHEMA keypal TO keypal_copier" >/dev/null
+is "$(copy_as keypal_copier 00000000-0000-4000-8000-0000000c0902)" "" "granted keypal's functions and tables, it can"
+is "$(q -d "$src" -c "SELECT count(*) FROM keypal.audit_log WHERE key_id = '00000000-0000-4000-8000-0000000c0902' AND action = 'created'")" 1 \
+   "and its COPY is audited: it is no restore"
+is "$(copy_as postgres 00000000-0000-4000-8000-0000000c0903)" "" "a superuser's COPY"
+is "$(q -d "$src" -c "SELECT count(*) FROM keypal.audit_log WHERE key_id = '00000000-0000-4000-8000-0000000c0903'")" 0 \
+   "is a restore: no audit row"
+q -d "$src" -c "DROP OWNED BY keypal_copier" -c "DROP ROLE keypal_copier" >/dev/null
 done_testing

@@ -98,7 +98,62 @@ SELECT throws_ok($$SELECT keypal_create_many('[{"owner_id": "kept?"}, {"owner_id
 SELECT is((SELECT count(*) FROM keypal.keys WHERE owner_id IN ('refused', 'kept?')), 0::bigint, 'no key is left');
 SELECT is((SELECT count(*) FROM keypal.events WHERE payload -> 'data' ->> 'ownerId' IN ('refused', 'kept?')), 0::bigint,
     'nor an event');
+-- However the failed create ended, the flag that keeps the INSERT trigger off for its own
+-- keys is down again: a later direct INSERT is audited by the trigger.
+SELECT is(keypal.audit_written(), false, 'after a failed create, the INSERT trigger is on again');
 ALTER TABLE keypal.audit_log DROP CONSTRAINT audit_refuses;
+INSERT INTO keypal.keys (id, key_hash, algorithm, owner_id)
+VALUES ('00000000-0000-4000-8000-00000000a0d3', sha256('after a failure'), 'sha256', 'after_failure');
+SELECT is((SELECT count(*) FROM keypal.audit_log WHERE key_id = '00000000-0000-4000-8000-00000000a0d3' AND action = 'created'),
+    1::bigint, 'and audits a direct INSERT');
+
+-- An UPDATE of last_used_at alone (a use, not a change) is not audited; one that changes
+-- other columns too is, for those; a new key_hash is audited without the hash.
+-- (an expiry of March 31: one month before is February 28, 30 days before is March 1)
+CREATE TEMP TABLE used AS SELECT id FROM keypal_create(owner_id => 'used', expires_at => '2099-03-31 12:00+00', notify_before => '30d');
+UPDATE keypal.keys SET last_used_at = now() WHERE id = (SELECT id FROM used);
+SELECT is((SELECT count(*) FROM keypal.audit_log WHERE key_id = (SELECT id FROM used) AND action <> 'created'), 0::bigint,
+    'a write of last_used_at alone is not audited');
+UPDATE keypal.keys SET enabled = false, last_used_at = now() + interval '1 minute' WHERE id = (SELECT id FROM used);
+SELECT is((SELECT changes FROM keypal.audit_log WHERE key_id = (SELECT id FROM used) AND action = 'disabled'),
+    '{"enabled": {"new": false, "old": true}}'::jsonb, 'one that also changes enabled is audited, for enabled');
+SELECT is((SELECT count(*) FROM keypal.events WHERE key_id = (SELECT id FROM used) AND event = 'key.disabled'), 1::bigint,
+    'with its event');
+UPDATE keypal.keys SET key_hash = sha256('a new hash') WHERE id = (SELECT id FROM used);
+SELECT is((SELECT changes FROM keypal.audit_log WHERE key_id = (SELECT id FROM used) AND action = 'updated'),
+    '{"key_hash": "changed"}'::jsonb, 'a new key_hash is audited, the hash not written down');
+-- '1 mon' = '30 days' as intervals, not as the moment before an expiry: a change of one
+-- for the other is audited, and moves the key.expiring timer.
+SELECT lives_ok($$SELECT keypal_update((SELECT id FROM used), notify_before => '1 mon')$$, 'notify_before 30 days -> 1 mon');
+SELECT is((SELECT changes FROM keypal.audit_log WHERE key_id = (SELECT id FROM used) AND action = 'updated'
+            ORDER BY id DESC LIMIT 1),
+    '{"notify_before": {"new": "1 mon", "old": "30 days"}}'::jsonb, 'is audited');
+SELECT is((SELECT due_at FROM keypal.key_timers WHERE key_id = (SELECT id FROM used) AND kind = 'expiring'),
+    (SELECT expires_at - interval '1 mon' FROM keypal.keys WHERE id = (SELECT id FROM used)), 'and moves the expiring timer');
+
+-- keypal_create's result is the five columns of keypal.created_key: an altered type is
+-- refused (its values would be read as the wrong types).
+SAVEPOINT altered;
+ALTER TYPE keypal.created_key ADD ATTRIBUTE extra integer;
+SELECT throws_ok($$SELECT * FROM keypal_create(owner_id => 'altered')$$, '42804', NULL, 'a result type of six columns is refused');
+ROLLBACK TO SAVEPOINT altered;
+ALTER TYPE keypal.created_key ALTER ATTRIBUTE id TYPE text;
+SELECT throws_ok($$SELECT * FROM keypal_create(owner_id => 'altered')$$, '42804', NULL, 'and one of other types');
+ROLLBACK TO SAVEPOINT altered;
+
+-- With a BEFORE INSERT row trigger on keypal.keys (a DBA's), one key's audit row and event
+-- tell the row as the trigger left it, not as given.
+CREATE FUNCTION pg_temp.renamed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.name := 'by the trigger';
+    RETURN NEW;
+END $$;
+CREATE TRIGGER renamed BEFORE INSERT ON keypal.keys FOR EACH ROW EXECUTE FUNCTION pg_temp.renamed();
+CREATE TEMP TABLE by_trigger AS SELECT id FROM keypal_create(owner_id => 'by_trigger', name => 'given');
+SELECT is((SELECT payload -> 'data' ->> 'name' FROM keypal.events WHERE key_id = (SELECT id FROM by_trigger)), 'by the trigger',
+    'with a BEFORE INSERT trigger, the event tells the row as written');
+SELECT is((SELECT count(*) FROM keypal.audit_log WHERE key_id = (SELECT id FROM by_trigger)), 1::bigint, 'one audit row');
+DROP TRIGGER renamed ON keypal.keys;
 
 SELECT * FROM finish();
 ROLLBACK;

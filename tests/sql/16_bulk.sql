@@ -185,12 +185,14 @@ SELECT is(keypal_revoke_all('timed'), 200, 'revoke them all');
 SELECT is((SELECT count(*) FROM keypal.key_timers WHERE key_id IN (SELECT id FROM timed)), 0::bigint,
           'a revoked key has no timers');
 
--- The audit diff compares every column of keypal.keys but key_hash, updated_at, last_used_at.
+-- The audit diff compares every column of keypal.keys but updated_at and last_used_at (some
+-- as text).
 SELECT is((SELECT string_agg(a.attname, ', ' ORDER BY a.attnum) FROM pg_attribute a
             WHERE a.attrelid = 'keypal.keys'::regclass AND a.attnum > 0 AND NOT a.attisdropped
-              AND a.attname NOT IN ('key_hash', 'updated_at', 'last_used_at')
-              AND position(format('CASE WHEN o.%I IS DISTINCT FROM n.%I THEN jsonb_build_object(%L', a.attname, a.attname, a.attname)
-                           IN (SELECT prosrc FROM pg_proc WHERE oid = 'keypal.key_changes'::regproc)) = 0),
+              AND a.attname NOT IN ('updated_at', 'last_used_at')
+              AND (SELECT prosrc FROM pg_proc WHERE oid = 'keypal.key_changes'::regproc)
+                  !~ format('CASE WHEN o\.%s(::text)? IS DISTINCT FROM n\.%s(::text)? THEN jsonb_build_object\(''%s''',
+                            a.attname, a.attname, a.attname)),
           NULL, 'the audit diff compares every column a change can touch');
 CREATE TEMP TABLE renamed AS SELECT id, name FROM keypal.keys WHERE owner_id = 'dis' AND revoked_at IS NULL AND revoke_at IS NULL LIMIT 1;
 SELECT lives_ok($$SELECT keypal_update((SELECT id FROM renamed), name => 'renamed', tags => '{x}')$$, 'rename and tag a key');
