@@ -1224,9 +1224,14 @@ $$;
 -- Audit: triggers on keypal.keys, the append-only log, and its queries
 --------------------------------------------------------------------------------
 
+-- updated_at: when the key last changed, as the audit log sees changes (keypal.key_changes):
+-- a write of last_used_at alone is a use, not a change; one with other columns is.
 CREATE FUNCTION keypal.touch_updated_at()
 RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+    IF NEW.last_used_at IS DISTINCT FROM OLD.last_used_at AND keypal.key_changes(OLD, NEW) = '{}' THEN
+        RETURN NEW;
+    END IF;
     NEW.updated_at := now();
     RETURN NEW;
 END $$;
@@ -1754,8 +1759,7 @@ CREATE TRIGGER policies_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON 
     FOR EACH STATEMENT EXECUTE FUNCTION keypal.settings_changed();
 
 CREATE TRIGGER keys_updated_at BEFORE UPDATE ON keypal.keys
-    FOR EACH ROW WHEN (OLD.last_used_at IS NOT DISTINCT FROM NEW.last_used_at)
-    EXECUTE FUNCTION keypal.touch_updated_at();
+    FOR EACH ROW EXECUTE FUNCTION keypal.touch_updated_at();
 -- (keypal.create_keys records its own rows: src/audit.rs)
 CREATE TRIGGER keys_audit AFTER INSERT ON keypal.keys REFERENCING NEW TABLE AS keypal_new
     FOR EACH STATEMENT WHEN (NOT keypal.audit_written())

@@ -4,6 +4,8 @@
 -- - A direct UPDATE of keypal.keys that changes last_used_at along with other columns is
 --   audited (it was skipped whole), and a new key_hash is audited as {"key_hash": "changed"}
 --   (keypal.key_changes, keypal.audit_updated_keys).
+-- - updated_at moves with every change the audit log records, an UPDATE that also writes
+--   last_used_at included (keypal.touch_updated_at; the trigger loses its WHEN clause).
 -- - notify_before is compared as text: '1 mon' and '30 days' are equal intervals but not
 --   the same moment before most expiries, so changing one for the other is audited and
 --   moves the key.expiring timer (keypal.key_changes, keypal.arm_timers).
@@ -450,3 +452,16 @@ BEGIN
     DROP TABLE pg_temp."keypal import";
     RETURN QUERY SELECT n_new, n_all - n_new - n_over, n_over;
 END $$;
+
+CREATE OR REPLACE FUNCTION keypal.touch_updated_at()
+RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NEW.last_used_at IS DISTINCT FROM OLD.last_used_at AND keypal.key_changes(OLD, NEW) = '{}' THEN
+        RETURN NEW;
+    END IF;
+    NEW.updated_at := now();
+    RETURN NEW;
+END $$;
+DROP TRIGGER keys_updated_at ON keypal.keys;
+CREATE TRIGGER keys_updated_at BEFORE UPDATE ON keypal.keys
+    FOR EACH ROW EXECUTE FUNCTION keypal.touch_updated_at();

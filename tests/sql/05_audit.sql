@@ -111,10 +111,17 @@ SELECT is((SELECT count(*) FROM keypal.audit_log WHERE key_id = '00000000-0000-4
 -- other columns too is, for those; a new key_hash is audited without the hash.
 -- (an expiry of March 31: one month before is February 28, 30 days before is March 1)
 CREATE TEMP TABLE used AS SELECT id FROM keypal_create(owner_id => 'used', expires_at => '2099-03-31 12:00+00', notify_before => '30d');
+ALTER TABLE keypal.keys DISABLE TRIGGER keys_updated_at;
+UPDATE keypal.keys SET updated_at = '2000-01-01 00:00+00' WHERE id = (SELECT id FROM used);
+ALTER TABLE keypal.keys ENABLE TRIGGER keys_updated_at;
 UPDATE keypal.keys SET last_used_at = now() WHERE id = (SELECT id FROM used);
 SELECT is((SELECT count(*) FROM keypal.audit_log WHERE key_id = (SELECT id FROM used) AND action <> 'created'), 0::bigint,
     'a write of last_used_at alone is not audited');
+SELECT is((SELECT updated_at FROM keypal.keys WHERE id = (SELECT id FROM used)), '2000-01-01 00:00+00'::timestamptz,
+    'nor moves updated_at');
 UPDATE keypal.keys SET enabled = false, last_used_at = now() + interval '1 minute' WHERE id = (SELECT id FROM used);
+SELECT is((SELECT updated_at FROM keypal.keys WHERE id = (SELECT id FROM used)), now(),
+    'one that also changes enabled moves updated_at');
 SELECT is((SELECT changes FROM keypal.audit_log WHERE key_id = (SELECT id FROM used) AND action = 'disabled'),
     '{"enabled": {"new": false, "old": true}}'::jsonb, 'one that also changes enabled is audited, for enabled');
 SELECT is((SELECT count(*) FROM keypal.events WHERE key_id = (SELECT id FROM used) AND event = 'key.disabled'), 1::bigint,
