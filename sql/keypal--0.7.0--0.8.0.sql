@@ -5,7 +5,7 @@
 --   audited (it was skipped whole), and a new key_hash is audited as {"key_hash": "changed"}
 --   (keypal.key_changes, keypal.audit_updated_keys).
 -- - updated_at moves with every change the audit log records, an UPDATE that also writes
---   last_used_at included (keypal.touch_updated_at; the trigger loses its WHEN clause).
+--   last_used_at included (keypal.touch_updated_at; the trigger loses its WHEN clause, replaced in place).
 -- - notify_before is compared as text: '1 mon' and '30 days' are equal intervals but not
 --   the same moment before most expiries, so changing one for the other is audited and
 --   moves the key.expiring timer (keypal.key_changes, keypal.arm_timers).
@@ -462,6 +462,7 @@ BEGIN
     NEW.updated_at := now();
     RETURN NEW;
 END $$;
-DROP TRIGGER keys_updated_at ON keypal.keys;
-CREATE TRIGGER keys_updated_at BEFORE UPDATE ON keypal.keys
+-- (OR REPLACE: a SHARE ROW EXCLUSIVE lock, which verify's reads do not wait for, where
+-- DROP TRIGGER's ACCESS EXCLUSIVE would queue them behind any open transaction on keys)
+CREATE OR REPLACE TRIGGER keys_updated_at BEFORE UPDATE ON keypal.keys
     FOR EACH ROW EXECUTE FUNCTION keypal.touch_updated_at();

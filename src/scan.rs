@@ -170,7 +170,7 @@ impl Index {
             if pg_sys::IgnoreSystemIndexes {
                 crate::errors::raise(
                     pgrx::PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                    "keypal does not run with ignore_system_indexes = on".into(),
+                    "keypal: verify (and, in REPEATABLE READ, a change to a key with children) does not run with ignore_system_indexes = on".into(),
                 );
             }
             let mut scankey: pg_sys::ScanKeyData = std::mem::zeroed();
