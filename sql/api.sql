@@ -787,7 +787,9 @@ END $$;
 -- Moves a key's live children (not revoked, or only in a rotation's grace) to another key:
 -- rotation's. Only when it has any: an UPDATE of no rows still sets off the keys' statement
 -- triggers. (No child can appear meanwhile: making one locks its parent FOR SHARE, which
--- waits for the rotation's lock on it.) The probe reads the parent_id index, never the
+-- waits for the rotation's lock on it; one that appeared while the rotation waited for that
+-- lock, unseen by a REPEATABLE READ snapshot, was refused already by keypal.check_children,
+-- which keypal_rotate calls first.) The probe reads the parent_id index, never the
 -- table: with sequential scans off, a LIMIT 1 probe is not planned as a table scan hoping
 -- for an early match when a few parents hold most children (a childless key's would read
 -- all of it). Here, not in keypal_rotate: with sequential scans off, a statement that must
@@ -795,7 +797,6 @@ END $$;
 CREATE FUNCTION keypal.move_children(from_id uuid, to_id uuid)
 RETURNS void LANGUAGE plpgsql VOLATILE SET enable_seqscan = off SET jit = off AS $$
 BEGIN
-    PERFORM keypal.refuse_unseen_children(ARRAY[from_id]);
     IF EXISTS (SELECT 1 FROM keypal.keys c
                 WHERE c.parent_id = from_id AND (c.revoked_at IS NULL OR c.revoked_at > now())) THEN
         UPDATE keypal.keys SET parent_id = to_id

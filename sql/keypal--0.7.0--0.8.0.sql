@@ -12,7 +12,7 @@
 -- - REPEATABLE READ and SERIALIZABLE: revoking, rotating or narrowing the scopes of a key
 --   that gained a child after the transaction's snapshot (made while this one waited for
 --   the key's lock) fails with 40001 instead of missing the child
---   (keypal.refuse_unseen_children, new; keypal.check_children, keypal.move_children,
+--   (keypal.refuse_unseen_children, new; keypal.check_children,
 --   keypal.cascade_revocation); so does an import overwriting such a key (keypal_import).
 -- - A COPY into keypal.keys skips the audit trigger as a restore only for the table's owner
 --   or a superuser (keypal.restoring); another role's COPY (possible only with EXECUTE on
@@ -130,17 +130,6 @@ BEGIN
             child, check_children.scopes
             USING ERRCODE = '22023',
                   HINT = 'narrow or revoke the child keys first';
-    END IF;
-END $$;
-
-CREATE OR REPLACE FUNCTION keypal.move_children(from_id uuid, to_id uuid)
-RETURNS void LANGUAGE plpgsql VOLATILE SET enable_seqscan = off SET jit = off AS $$
-BEGIN
-    PERFORM keypal.refuse_unseen_children(ARRAY[from_id]);
-    IF EXISTS (SELECT 1 FROM keypal.keys c
-                WHERE c.parent_id = from_id AND (c.revoked_at IS NULL OR c.revoked_at > now())) THEN
-        UPDATE keypal.keys SET parent_id = to_id
-         WHERE parent_id = from_id AND (revoked_at IS NULL OR revoked_at > now());
     END IF;
 END $$;
 

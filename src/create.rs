@@ -213,8 +213,8 @@ struct Config {
     default_env: Option<String>,
     /// The schema's INSERT trigger leaves keys made here to `audit::record` (0.6.0 on).
     audited_here: bool,
-    /// One key's row, audit row and event in one statement (`CREATE_ONE`): only while no
-    /// BEFORE INSERT row trigger can change the row on its way in.
+    /// One key's row, audit row and event in one statement (`CREATE_ONE`): when audited
+    /// here, and no BEFORE INSERT row trigger can change the row on its way in.
     one_statement: bool,
 }
 
@@ -243,7 +243,7 @@ fn config() -> Config {
         environments: cat.environments.clone(),
         default_env: cat.default_env.clone(),
         audited_here: cat.audited_by_create,
-        one_statement: cat.inserted_as_given,
+        one_statement: cat.audited_by_create && cat.inserted_as_given,
     }
 }
 
@@ -700,11 +700,7 @@ fn write(
     context: Option<&Value>,
     rotated_from: Option<Uuid>,
 ) -> Option<i64> {
-    if cfg.audited_here
-        && cfg.one_statement
-        && rows.id.len() == 1
-        && audit::action_name(action) == "created"
-    {
+    if cfg.one_statement && rows.id.len() == 1 && audit::action_name(action) == "created" {
         // One new key: its row, audit row and event in one statement.
         let key = new_key(&rows);
         let mut args = insert_args(rows, &cfg.algorithm_name, rotated_from);
