@@ -1227,9 +1227,15 @@ $$;
 
 -- updated_at: when the key last changed, as the audit log sees changes (keypal.key_changes):
 -- a write of last_used_at alone is a use, not a change; one with other columns is.
+-- A key's id never changes: the audit trigger pairs a statement's old and new rows by id, so
+-- an UPDATE of it (by the table's owner: no one else may write the table) would go unaudited.
 CREATE FUNCTION keypal.touch_updated_at()
 RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+    IF NEW.id IS DISTINCT FROM OLD.id THEN
+        RAISE EXCEPTION 'a key''s id cannot change (key %)', OLD.id
+            USING ERRCODE = '0A000', HINT = 'the audit log names keys by id; create a new key instead';
+    END IF;
     IF NEW.last_used_at IS DISTINCT FROM OLD.last_used_at AND keypal.key_changes(OLD, NEW) = '{}' THEN
         RETURN NEW;
     END IF;
@@ -1652,9 +1658,11 @@ BEGIN
         SELECT row_number() OVER () AS n, a.act, c.r, c.changes
           -- (a write of last_used_at alone, an import's, changes nothing key_changes sees:
           -- no row; one that changes other columns too is audited for those)
+          -- (OFFSET 0: key_changes once per row; pulled up, the subquery's call was made
+          -- twice, once for the WHERE below and once for the row)
           FROM (SELECT x.r, x.old_r, keypal.key_changes(x.old_r, x.r) AS changes
                   FROM (SELECT ROW(n.*)::keypal.keys AS r, ROW(o.*)::keypal.keys AS old_r
-                          FROM keypal_new n JOIN keypal_old o USING (id)) x) c
+                          FROM keypal_new n JOIN keypal_old o USING (id)) x OFFSET 0) c
           CROSS JOIN LATERAL (SELECT CASE
                 -- keypal_import's overwrite (not a cascade it set off, one trigger level down)
                 WHEN given = 'imported' AND pg_trigger_depth() = 1 THEN 'imported'

@@ -126,6 +126,13 @@ SELECT is((SELECT changes FROM keypal.audit_log WHERE key_id = (SELECT id FROM u
     '{"enabled": {"new": false, "old": true}}'::jsonb, 'one that also changes enabled is audited, for enabled');
 SELECT is((SELECT count(*) FROM keypal.events WHERE key_id = (SELECT id FROM used) AND event = 'key.disabled'), 1::bigint,
     'with its event');
+-- A key's id never changes: the audit pairs a statement's old and new rows by id, so such an
+-- UPDATE (the table owner's) would be audited as nothing.
+CREATE TEMP TABLE renumbered AS SELECT id FROM keypal_create(owner_id => 'renumbered');
+SELECT throws_ok($$UPDATE keypal.keys SET id = '00000000-0000-4000-8000-00000000a0d4' WHERE id = (SELECT id FROM renumbered)$$,
+    '0A000', NULL, 'an UPDATE of a key''s id fails (0A000)');
+SELECT is((SELECT count(*) FROM keypal.keys WHERE id = (SELECT id FROM renumbered)), 1::bigint, '(the key keeps its id)');
+SELECT is((SELECT count(*) FROM keypal.audit_log WHERE owner_id = 'renumbered'), 1::bigint, '(its one audit row, created)');
 UPDATE keypal.keys SET key_hash = sha256('a new hash') WHERE id = (SELECT id FROM used);
 SELECT is((SELECT changes FROM keypal.audit_log WHERE key_id = (SELECT id FROM used) AND action = 'updated'),
     '{"key_hash": "changed"}'::jsonb, 'a new key_hash is audited, the hash not written down');
