@@ -13,6 +13,8 @@
 # keypal_create_many of BENCH_KEYS specs, and the bulk lifecycle:
 #   revoke_all    keypal_revoke_all of an owner with LIFECYCLE_KEYS (100 000) keys: roots,
 #                 each with a chain of 3 levels of children (a quarter of the keys each)
+#   revoke_org    keypal_revoke_by_owner_and_org of as many keys, so chained, of an owner in
+#                 an org
 #   rotate        keypal_rotate of ROTATE_KEYS (10 000) keys in one statement
 #   revoke_each   keypal_revoke of ROTATE_KEYS keys, one call per key, in one statement
 #   disable_all   keypal_disable_all of an owner with LIFECYCLE_KEYS keys
@@ -96,14 +98,15 @@ fresh_db bench_life pgcrypto
 roots=$((LIFE / 4))
 psql -X -q -v ON_ERROR_STOP=1 -d bench_life <<SQL
 SELECT count(*) FROM keypal_create_many((SELECT jsonb_agg(jsonb_build_object('owner_id', 'life', 'scopes', '["read"]'::jsonb)) FROM generate_series(1, $roots)));
+SELECT count(*) FROM keypal_create_many((SELECT jsonb_agg(jsonb_build_object('owner_id', 'lifeorg', 'org_id', 'acme', 'scopes', '["read"]'::jsonb)) FROM generate_series(1, $roots)));
 DO \$\$
 DECLARE lvl int;
 BEGIN
     FOR lvl IN 1..3 LOOP
         PERFORM count(*) FROM keypal_create_many((
-            SELECT jsonb_agg(jsonb_build_object('owner_id', 'life', 'scopes', '["read"]'::jsonb, 'parent_id', k.id))
+            SELECT jsonb_agg(jsonb_strip_nulls(jsonb_build_object('owner_id', k.owner_id, 'org_id', k.org_id, 'scopes', '["read"]'::jsonb, 'parent_id', k.id)))
               FROM keypal.keys k
-             WHERE k.owner_id = 'life' AND NOT EXISTS (SELECT 1 FROM keypal.keys c WHERE c.parent_id = k.id)));
+             WHERE k.owner_id IN ('life', 'lifeorg') AND NOT EXISTS (SELECT 1 FROM keypal.keys c WHERE c.parent_id = k.id)));
     END LOOP;
 END \$\$;
 SELECT count(*) FROM keypal_create_many((SELECT jsonb_agg(jsonb_build_object('owner_id', 'dis', 'scopes', '["read"]'::jsonb)) FROM generate_series(1, $LIFE)));
@@ -114,6 +117,9 @@ expect "lifecycle keys" "$(count bench_life "SELECT count(*) FROM keypal.keys WH
 secs[revoke_all]=$(timed bench_life "SELECT keypal_revoke_all('life');")
 expect "revoked" "$(count bench_life "SELECT count(*) FROM keypal.keys WHERE owner_id = 'life' AND revoked_at IS NOT NULL")" "$((roots * 4))"
 expect "revoke audit" "$(count bench_life "SELECT count(*) FROM keypal.audit_log WHERE action = 'revoked'")" "$((roots * 4))"
+expect "org keys" "$(count bench_life "SELECT count(*) FROM keypal.keys WHERE owner_id = 'lifeorg' AND org_id = 'acme'")" "$((roots * 4))"
+secs[revoke_org]=$(timed bench_life "SELECT keypal_revoke_by_owner_and_org('lifeorg', 'acme');")
+expect "revoked in the org" "$(count bench_life "SELECT count(*) FROM keypal.keys WHERE owner_id = 'lifeorg' AND revoked_at IS NOT NULL")" "$((roots * 4))"
 secs[rotate]=$(timed bench_life "SELECT count(*) FROM (SELECT keypal_rotate(k.id) FROM keypal.keys k WHERE k.owner_id = 'rot') x;")
 expect "rotated" "$(count bench_life "SELECT count(*) FROM keypal.keys WHERE owner_id = 'rot' AND rotated_to IS NOT NULL")" "$ROT"
 secs[revoke_each]=$(timed bench_life "SELECT count(*) FROM (SELECT keypal_revoke(k.id) FROM keypal.keys k WHERE k.owner_id = 'each') x;")
@@ -121,6 +127,6 @@ expect "revoked one by one" "$(count bench_life "SELECT count(*) FROM keypal.key
 secs[disable_all]=$(timed bench_life "SELECT keypal_disable_all('dis');")
 expect "disabled" "$(count bench_life "SELECT count(*) FROM keypal.keys WHERE owner_id = 'dis' AND NOT enabled")" "$LIFE"
 printf '%-13s %9s %10s %s\n' lifecycle seconds keys/s keys
-for s in revoke_all:$((roots * 4)) rotate:$ROT revoke_each:$ROT disable_all:$LIFE; do
+for s in revoke_all:$((roots * 4)) revoke_org:$((roots * 4)) rotate:$ROT revoke_each:$ROT disable_all:$LIFE; do
     awk -v s="${s%%:*}" -v t="${secs[${s%%:*}]}" -v n="${s##*:}" 'BEGIN { printf "%-13s %9s %10.0f %d\n", s, t, n / t, n }'
 done

@@ -115,6 +115,27 @@ CREATE TEMP TABLE lvl3 AS SELECT c.id, c.key, p.id AS parent FROM lvl2 p,
 -- a plan made for one row (a nested loop over 2 700 x 2 700 rows would take minutes here).
 SELECT lives_ok($$SELECT keypal_update(id, name => 'one at a time') FROM (SELECT id FROM made ORDER BY id DESC LIMIT 8) x$$,
                 'eight one-row updates');
+-- A revoke_all that fails at the cascade's last level (a great-grandchild's audit row
+-- refused) leaves nothing: no key revoked at any level, no audit row, no event.
+CREATE TEMP TABLE before_fail AS SELECT max(id) AS last_event, (SELECT max(id) FROM keypal.audit_log) AS last_audit FROM keypal.events;
+CREATE FUNCTION pg_temp.refuse_deep() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.action = 'revoked' AND NEW.key_id = (SELECT min(id::text)::uuid FROM lvl3) THEN
+        RAISE EXCEPTION 'refused deep in the cascade' USING ERRCODE = 'P0001';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER refuse_deep BEFORE INSERT ON keypal.audit_log FOR EACH ROW EXECUTE FUNCTION pg_temp.refuse_deep();
+SET LOCAL statement_timeout = '60s';
+SELECT throws_ok($$SELECT keypal_revoke_all('bulk')$$, 'P0001', 'refused deep in the cascade',
+                 'a revoke_all failing at its cascade''s third level fails whole');
+RESET statement_timeout;
+DROP TRIGGER refuse_deep ON keypal.audit_log;
+SELECT is((SELECT count(*) FROM keypal.keys
+            WHERE id IN (SELECT id FROM made UNION ALL SELECT id FROM lvl1 UNION ALL SELECT id FROM lvl2 UNION ALL SELECT id FROM lvl3)
+              AND revoked_at IS NOT NULL), 0::bigint, '(no key revoked, at any level)');
+SELECT is((SELECT count(*) FROM keypal.audit_log WHERE id > (SELECT last_audit FROM before_fail)), 0::bigint, '(no audit row)');
+SELECT is((SELECT count(*) FROM keypal.events WHERE id > (SELECT last_event FROM before_fail)), 0::bigint, '(no event)');
 CREATE TEMP TABLE seen_events AS SELECT max(id) AS last FROM keypal.events;
 -- (a plan made for one row reused here would take minutes: let it fail instead)
 SET LOCAL statement_timeout = '60s';
