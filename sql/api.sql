@@ -134,13 +134,17 @@ RETURNS text LANGUAGE sql STABLE AS $$
 $$;
 
 -- The audit trigger reads who acts, and why, from these transaction-local settings; the
--- management functions set them around each write and clear them after.
+-- management functions set them around each write and clear them after. keypal._depth: the
+-- trigger depth the function runs at (called from a trigger of the caller's, it is not 0),
+-- so that the audit trigger tells its own writes (one level down) from the cascades they set
+-- off (further down).
 CREATE FUNCTION keypal.begin_change(actor text, action text DEFAULT NULL, context jsonb DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql VOLATILE AS $$
 BEGIN
     PERFORM set_config('keypal._actor', coalesce(actor, ''), true),
             set_config('keypal._action', coalesce(action, ''), true),
-            set_config('keypal._context', coalesce(context::text, ''), true);
+            set_config('keypal._context', coalesce(context::text, ''), true),
+            set_config('keypal._depth', pg_trigger_depth()::text, true);
 END $$;
 
 CREATE FUNCTION keypal.end_change()
@@ -278,6 +282,19 @@ BEGIN
                 SELECT k.parent_id, up.depth + 1 FROM keypal.keys k JOIN up ON k.id = up.id
                  WHERE up.depth <= keypal.max_hierarchy_depth())
             SELECT max(up.depth) FROM up);
+END $$;
+
+-- How many levels of descendants a key has (0: none), counting no further than the cap: a
+-- key moved under another parent (keypal_import's overwrite) takes them along.
+CREATE FUNCTION keypal.height_below(key_id uuid)
+RETURNS integer LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (WITH RECURSIVE down(id, height) AS (
+                SELECT height_below.key_id, 0
+                UNION ALL
+                SELECT c.id, down.height + 1 FROM keypal.keys c JOIN down ON c.parent_id = down.id
+                 WHERE down.height <= keypal.max_hierarchy_depth())
+            SELECT max(down.height) FROM down);
 END $$;
 
 -- Refuses new scopes/resources for a key that its live children would exceed. (Its probe
@@ -1126,6 +1143,13 @@ BEGIN
                     webhook_backoff, webhook_concurrency, webhook_allow_private, checksum, limit_split) = 0 THEN
         RETURN to_jsonb(c) - 'singleton';
     END IF;
+    -- One change at a time, each on top of the last committed: a second call waits here,
+    -- then reads again (it would otherwise write back the copy it read before the first
+    -- committed, undoing it). SHARE ROW EXCLUSIVE: readers, verify's included, do not wait.
+    -- (REPEATABLE READ: its snapshot still has the old row; its write then fails, 40001.)
+    LOCK TABLE keypal.settings IN SHARE ROW EXCLUSIVE MODE;
+    c := keypal.config();
+    before := c;
     c.prefix := coalesce(prefix, c.prefix);
     c.length := coalesce(length, c.length);
     c.alphabet := coalesce(alphabet, c.alphabet);
@@ -1644,6 +1668,7 @@ CREATE FUNCTION keypal.audit_updated_keys()
 RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET jit = off SET enable_nestloop = off AS $$
 DECLARE
     given text := nullif(current_setting('keypal._action', true), '');
+    depth int := coalesce(nullif(current_setting('keypal._depth', true), '')::int, 0);
     who   text := keypal.change_actor();
     ctx   jsonb := keypal.change_context();
     acts  text[];
@@ -1665,7 +1690,7 @@ BEGIN
                           FROM keypal_new n JOIN keypal_old o USING (id)) x OFFSET 0) c
           CROSS JOIN LATERAL (SELECT CASE
                 -- keypal_import's overwrite (not a cascade it set off, one trigger level down)
-                WHEN given = 'imported' AND pg_trigger_depth() = 1 THEN 'imported'
+                WHEN given = 'imported' AND pg_trigger_depth() = depth + 1 THEN 'imported'
                 WHEN (c.r).rotated_to IS NOT NULL AND (c.old_r).rotated_to IS NULL THEN 'rotated'
                 WHEN (c.r).revoked_at IS NOT NULL
                      AND ((c.old_r).revoked_at IS NULL OR (c.r).revoked_at < (c.old_r).revoked_at) THEN 'revoked'

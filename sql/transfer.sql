@@ -264,8 +264,12 @@ BEGIN
                  ELSE format('key %s, a child of this one, would hold scopes outside it', bad.id) END
             USING ERRCODE = '22023';
     END IF;
+    -- (an overwritten key brings its descendants along under its new parent: the deepest of
+    -- them must be within the cap too, or verify would refuse it for good)
     SELECT t.n INTO bad FROM pg_temp."keypal import" t
-     WHERE t.act <> 's' AND t.parent_id IS NOT NULL AND keypal.depth_of(t.id) > keypal.max_hierarchy_depth()
+     WHERE t.act <> 's' AND t.parent_id IS NOT NULL
+       AND keypal.depth_of(t.id) + CASE WHEN t.act = 'o' THEN keypal.height_below(t.id) ELSE 0 END
+           > keypal.max_hierarchy_depth()
      ORDER BY t.n LIMIT 1;
     IF FOUND THEN
         RAISE EXCEPTION 'invalid data[%].parent_id: a key hierarchy is at most % levels deep, and has no cycles',

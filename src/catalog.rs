@@ -70,8 +70,9 @@ pub struct Catalog {
     /// The INSERT trigger on keypal.keys runs WHEN NOT keypal.audit_written() (0.6.0 on):
     /// keypal.create_keys records its keys itself. An older schema's trigger records them.
     pub audited_by_create: bool,
-    /// keypal.keys has no BEFORE INSERT row trigger: a key's row is written as given, so its
-    /// audit row and event can be built from the same values, in the same statement.
+    /// keypal.keys has no BEFORE INSERT row trigger (a key's row is written as given, so its
+    /// audit row and event can be built from the same values) and no INSERT rule (which
+    /// PostgreSQL refuses in a WITH's INSERT): one key can be one statement.
     pub inserted_as_given: bool,
     pub prefixes: Vec<String>,
     /// keypal_configure(checksum => true): new keys end in a checksum.
@@ -136,10 +137,14 @@ static LOAD: Stmt = Stmt::new(
              EXISTS (SELECT FROM pg_catalog.pg_trigger t
                       WHERE t.tgrelid OPERATOR(pg_catalog.=) 'keypal.keys'::pg_catalog.regclass
                         AND t.tgname OPERATOR(pg_catalog.=) 'keys_audit' AND t.tgqual IS NOT NULL),
-             -- (no BEFORE INSERT row trigger, enabled or not: TRIGGER_TYPE_ROW | BEFORE | INSERT)
+             -- (no BEFORE INSERT row trigger, enabled or not: TRIGGER_TYPE_ROW | BEFORE | INSERT;
+             -- and no INSERT rule: a DO ALSO or INSTEAD rule is refused in a WITH's INSERT)
              NOT EXISTS (SELECT FROM pg_catalog.pg_trigger t
                           WHERE t.tgrelid OPERATOR(pg_catalog.=) 'keypal.keys'::pg_catalog.regclass
                             AND (t.tgtype::pg_catalog.int4 OPERATOR(pg_catalog.&) 7) OPERATOR(pg_catalog.=) 7)
+             AND NOT EXISTS (SELECT FROM pg_catalog.pg_rewrite r
+                              WHERE r.ev_class OPERATOR(pg_catalog.=) 'keypal.keys'::pg_catalog.regclass
+                                AND r.ev_type OPERATOR(pg_catalog.=) '3')
         FROM keypal.config() c",
     &[pg_sys::TEXTARRAYOID],
 );

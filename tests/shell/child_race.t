@@ -12,23 +12,6 @@ chmod 755 "$work"
 trap 'rm -rf "$work"' EXIT
 
 parent() { q -c "SELECT id FROM keypal_create(owner_id => 'child_race', scopes => '{read}')"; }
-state_of() {  # state_of APPNAME: the session's state, or "Lock" while it waits on one
-    q -c "SELECT CASE WHEN wait_event_type = 'Lock' THEN 'Lock' ELSE state END
-            FROM pg_stat_activity WHERE application_name = '$1'"
-}
-# hold APPNAME SQL [BEGIN]: runs SQL in a transaction that stays open until session "second"
-# waits on a lock (at most 10 s), then commits; prints "Lock" to $work/waited if it did.
-hold() {
-    { echo "${3:-BEGIN}; $2"
-      poll 100 Lock state_of second >"$work/waited"
-      echo "COMMIT;"; } | PGAPPNAME=$1 q >/dev/null &
-    poll 100 "idle in transaction" state_of "$1" >/dev/null
-}
-# second SQL: runs SQL as session "second"; prints its output, or its SQLSTATE and message.
-second() {
-    { PGAPPNAME=second q -c "\set VERBOSITY verbose" -c "\set SHOW_CONTEXT never" -c "$1" 2>&1 || true; } |
-        sed '/^\(DETAIL\|HINT\|LOCATION\):/d; s/^ERROR:  \([0-9A-Z]*\): \([^:]*\):.*/\1 \2/'
-}
 verify_child() {  # verify_child PARENT: how many children the parent has, and how the one whose key is in $work/child verifies
     q -c "SELECT (SELECT count(*) FROM keypal.keys WHERE parent_id = '$1') || ' ' || coalesce(error_code, 'VALID')
             FROM keypal_verify('$(cat "$work/child")')"

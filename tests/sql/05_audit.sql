@@ -168,6 +168,19 @@ SELECT is((SELECT payload -> 'data' ->> 'name' FROM keypal.events WHERE key_id =
     'with a BEFORE INSERT trigger, the event tells the row as written');
 SELECT is((SELECT count(*) FROM keypal.audit_log WHERE key_id = (SELECT id FROM by_trigger)), 1::bigint, 'one audit row');
 DROP TRIGGER renamed ON keypal.keys;
+-- With an INSERT rule on keypal.keys (a DBA's mirror), keypal_create still works (PostgreSQL
+-- refuses a DO ALSO rule in a WITH's INSERT: one key then takes the several-key path).
+CREATE TABLE public.key_mirror (id uuid);
+CREATE RULE mirrored AS ON INSERT TO keypal.keys DO ALSO INSERT INTO public.key_mirror VALUES (NEW.id);
+SELECT lives_ok($$CREATE TEMP TABLE by_rule AS SELECT id FROM keypal_create(owner_id => 'by_rule')$$,
+    'with an INSERT rule on keypal.keys, keypal_create makes its key');
+SELECT is((SELECT count(*) FROM public.key_mirror WHERE id = (SELECT id FROM by_rule)), 1::bigint, '(the rule ran)');
+SELECT is((SELECT count(*) FROM keypal.audit_log WHERE key_id = (SELECT id FROM by_rule) AND action = 'created'), 1::bigint,
+    'one audit row');
+SELECT is((SELECT count(*) FROM keypal.events WHERE key_id = (SELECT id FROM by_rule) AND event = 'key.created'), 1::bigint,
+    'one event');
+DROP RULE mirrored ON keypal.keys;
+DROP TABLE public.key_mirror;
 
 SELECT * FROM finish();
 ROLLBACK;

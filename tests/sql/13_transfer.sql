@@ -128,6 +128,46 @@ SELECT is((SELECT revoke_reason FROM keypal.keys WHERE id = (SELECT id FROM made
 SELECT is((SELECT action FROM keypal.audit_log WHERE key_id = (SELECT id FROM made LIMIT 1) ORDER BY id DESC LIMIT 1),
           'imported', 'an overwrite is audited as imported');
 SELECT is((keypal_verify((SELECT key FROM made LIMIT 1), scope => 'write', ip => '10.1.2.3')).valid, true, 'the overwritten key verifies');
+-- Called from a trigger of the caller's (an import queue), an overwrite is audited as imported
+-- all the same, with no event (the audit trigger runs two levels down, not one).
+CREATE TABLE public.import_jobs (data jsonb);
+CREATE FUNCTION pg_temp.run_import() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM keypal_import(NEW.data, on_conflict => 'overwrite');
+    RETURN NULL;
+END $$;
+CREATE TRIGGER run_import AFTER INSERT ON public.import_jobs FOR EACH ROW EXECUTE FUNCTION pg_temp.run_import();
+CREATE TEMP TABLE before_job AS SELECT max(id) AS last FROM keypal.events;
+INSERT INTO public.import_jobs
+SELECT jsonb_build_array(r || '{"enabled": false}') FROM keypal_export_records('exp') r WHERE (r->>'id')::uuid = (SELECT id FROM made LIMIT 1);
+SELECT is((SELECT enabled FROM keypal.keys WHERE id = (SELECT id FROM made LIMIT 1)), false, 'an import run by a trigger overwrites');
+SELECT is((SELECT action FROM keypal.audit_log WHERE key_id = (SELECT id FROM made LIMIT 1) ORDER BY id DESC LIMIT 1),
+          'imported', 'and is audited as imported');
+SELECT is((SELECT count(*) FROM keypal.events WHERE id > (SELECT last FROM before_job)), 0::bigint, 'with no event');
+UPDATE keypal.keys SET enabled = true WHERE id = (SELECT id FROM made LIMIT 1);
+DROP TABLE public.import_jobs;
+-- An overwrite that moves a key under another parent moves its descendants too: refused
+-- when the deepest would be past the cap (verify would refuse it for good), as
+-- keypal_create refuses a key that deep.
+CREATE TEMP TABLE chain (lvl int, id uuid, key text);
+DO $$
+DECLARE r record; p uuid;
+BEGIN
+    FOR i IN 1..keypal.max_hierarchy_depth() LOOP
+        SELECT * INTO r FROM keypal_create(owner_id => 'deep', scopes => '{read}', parent_id => p);
+        INSERT INTO chain VALUES (i, r.id, r.key);
+        p := r.id;
+    END LOOP;
+END $$;
+CREATE TEMP TABLE new_root AS SELECT id FROM keypal_create(owner_id => 'deep_other', scopes => '{read}');
+SELECT throws_like(format($$SELECT keypal_import(%L, 'overwrite')$$, (SELECT jsonb_agg(r || jsonb_build_object('parent_id', (SELECT id FROM new_root)))
+                  FROM keypal_export_records('deep') r WHERE (r->>'id')::uuid = (SELECT id FROM chain WHERE lvl = 1))),
+               'invalid data[0].parent_id: a key hierarchy is at most%', 'an overwrite taking a full-depth chain one level down is refused');
+SELECT is((SELECT parent_id FROM keypal.keys WHERE id = (SELECT id FROM chain WHERE lvl = 1)), NULL, '(the chain''s root stays a root)');
+SELECT is((keypal_verify((SELECT key FROM chain WHERE lvl = keypal.max_hierarchy_depth()))).valid, true, '(and its deepest key verifies)');
+SELECT lives_ok(format($$SELECT keypal_import(%L, 'overwrite')$$, (SELECT jsonb_agg(r || jsonb_build_object('parent_id', (SELECT id FROM new_root)))
+                  FROM keypal_export_records('deep') r WHERE (r->>'id')::uuid = (SELECT id FROM chain WHERE lvl = 2))),
+                'moving the chain''s second key under another root keeps the depth: accepted');
 SELECT is(tap.err(format($$SELECT keypal_import(%L, 'overwrite')$$, jsonb_build_array(
               (SELECT r FROM ex, jsonb_array_elements(ex.e) r WHERE r->>'name' = 'parent') || jsonb_build_object('id', gen_random_uuid())))),
           '23505', 'overwrite never takes another key''s hash');
