@@ -408,12 +408,14 @@ RETURNS timestamptz LANGUAGE sql STABLE AS $$
 $$;
 
 -- The moment to arm a key's timer of this kind for (NULL: none). A revoked key has none;
--- keypal_import: a moment that passed before the key came here was the source's to act on
--- (its state says what came of it), so only what is still ahead is armed.
+-- keypal_import: an expiry notice whose moment passed before the record came here was the
+-- source's to send, so only one still ahead is armed. A disable or revoke that is due is
+-- armed, past or not: the record's state says it was not applied (a key disabled or revoked
+-- has no such timer), and verify already refuses the key; the worker writes it down here.
 CREATE FUNCTION keypal.timer_to_arm(k keypal.keys, kind text, importing boolean)
 RETURNS timestamptz LANGUAGE sql STABLE AS $$
     SELECT CASE WHEN k.revoked_at <= now() THEN NULL
-                WHEN importing AND keypal.timer_due(k, kind) <= now() THEN NULL
+                WHEN importing AND kind IN ('expiring', 'expired') AND keypal.timer_due(k, kind) <= now() THEN NULL
                 ELSE keypal.timer_due(k, kind) END
 $$;
 

@@ -18,6 +18,10 @@
 -- - keypal_import: an overwrite that moves a key under another parent is refused when its
 --   deepest descendant would be past the hierarchy's cap (verify would refuse that key for
 --   good); keypal.height_below (new) measures them.
+-- - keypal_import: a disable_at or revoke_at already past, not applied at the source (the
+--   record is neither disabled nor revoked), is armed here, not dropped (an overwrite that
+--   moved revoke_at into the past deleted the key's timer; the key was refused by verify
+--   but never written down as revoked, audited or announced): keypal.timer_to_arm.
 
 CREATE OR REPLACE FUNCTION keypal.begin_change(actor text, action text DEFAULT NULL, context jsonb DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql VOLATILE AS $$
@@ -454,3 +458,10 @@ BEGIN
     DROP TABLE pg_temp."keypal import";
     RETURN QUERY SELECT n_new, n_all - n_new - n_over, n_over;
 END $$;
+
+CREATE OR REPLACE FUNCTION keypal.timer_to_arm(k keypal.keys, kind text, importing boolean)
+RETURNS timestamptz LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN k.revoked_at <= now() THEN NULL
+                WHEN importing AND kind IN ('expiring', 'expired') AND keypal.timer_due(k, kind) <= now() THEN NULL
+                ELSE keypal.timer_due(k, kind) END
+$$;

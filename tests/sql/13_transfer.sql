@@ -168,6 +168,19 @@ SELECT is((keypal_verify((SELECT key FROM chain WHERE lvl = keypal.max_hierarchy
 SELECT lives_ok(format($$SELECT keypal_import(%L, 'overwrite')$$, (SELECT jsonb_agg(r || jsonb_build_object('parent_id', (SELECT id FROM new_root)))
                   FROM keypal_export_records('deep') r WHERE (r->>'id')::uuid = (SELECT id FROM chain WHERE lvl = 2))),
                 'moving the chain''s second key under another root keeps the depth: accepted');
+-- An overwrite whose record brings a revoke_at already past and not applied at the source
+-- (the record is not revoked): the key's revoke timer is armed for that moment, not dropped,
+-- and maintenance writes the revocation down here.
+CREATE TEMP TABLE sched AS SELECT id FROM keypal_create(owner_id => 'sched', revoke_at => now() + interval '1 day');
+SELECT lives_ok(format($$SELECT keypal_import(%L, 'overwrite')$$, (SELECT jsonb_agg(r || jsonb_build_object('revoke_at', now() - interval '1 hour'))
+                  FROM keypal_export_records('sched') r)), 'an overwrite moving revoke_at into the past');
+SELECT is((SELECT due_at FROM keypal.key_timers WHERE key_id = (SELECT id FROM sched) AND kind = 'revoke'), now() - interval '1 hour',
+          'arms the key''s revoke timer for that moment');
+CALL keypal_run_maintenance();
+SELECT is((SELECT revoked_at FROM keypal.keys WHERE id = (SELECT id FROM sched)), now() - interval '1 hour',
+          'which maintenance applies: the key is revoked as of revoke_at');
+SELECT is((SELECT count(*) FROM keypal.audit_log WHERE key_id = (SELECT id FROM sched) AND action = 'revoked'), 1::bigint,
+          '(audited)');
 SELECT is(tap.err(format($$SELECT keypal_import(%L, 'overwrite')$$, jsonb_build_array(
               (SELECT r FROM ex, jsonb_array_elements(ex.e) r WHERE r->>'name' = 'parent') || jsonb_build_object('id', gen_random_uuid())))),
           '23505', 'overwrite never takes another key''s hash');
