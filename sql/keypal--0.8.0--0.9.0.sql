@@ -14,7 +14,8 @@
 -- - Two keypal_configure calls at once: the second waits for the first and applies its own
 --   arguments on top of what the first committed (it wrote back the settings it had read
 --   before, undoing the first's change and the record of the key shape it made keys in).
---   In REPEATABLE READ the second fails with 40001, as before.
+--   In REPEATABLE READ the second fails with 40001, as before. keypal_import takes the same
+--   lock before it notes imported keys in the settings.
 -- - keypal_import: an overwrite that moves a key under another parent is refused when its
 --   deepest descendant would be past the hierarchy's cap (verify would refuse that key for
 --   good); keypal.height_below (new) measures them.
@@ -449,6 +450,9 @@ BEGIN
     -- Keys of shapes nobody recorded are here now: verify stops refusing keys unlooked by
     -- their checksum (it looks every key up; a wrong checksum is then INVALID_FORMAT).
     IF n_new + n_over > 0 THEN
+        -- (the lock keypal_configure takes before it reads the settings: writers of them queue
+        -- on it, not on the row, so this transaction may still configure after it)
+        LOCK TABLE keypal.settings IN SHARE ROW EXCLUSIVE MODE;
         INSERT INTO keypal.settings AS s (singleton, issued) VALUES (true, '[{"imported": true}]')
             ON CONFLICT (singleton) DO UPDATE
             SET issued = CASE WHEN s.issued @> '[{"imported": true}]' THEN s.issued

@@ -279,6 +279,9 @@ BEGIN
     -- Keys of shapes nobody recorded are here now: verify stops refusing keys unlooked by
     -- their checksum (it looks every key up; a wrong checksum is then INVALID_FORMAT).
     IF n_new + n_over > 0 THEN
+        -- (the lock keypal_configure takes before it reads the settings: writers of them queue
+        -- on it, not on the row, so this transaction may still configure after it)
+        LOCK TABLE keypal.settings IN SHARE ROW EXCLUSIVE MODE;
         INSERT INTO keypal.settings AS s (singleton, issued) VALUES (true, '[{"imported": true}]')
             ON CONFLICT (singleton) DO UPDATE
             SET issued = CASE WHEN s.issued @> '[{"imported": true}]' THEN s.issued

@@ -36,4 +36,20 @@ wait
 ok "$(echo "$got" | grep -q '^ERROR:  40001'; echo $?)" "in REPEATABLE READ, the second fails with 40001"
 is "$(q -c "SELECT (keypal_configure()->>'length') || ' ' || (keypal_configure()->>'checksum')")" "40 true" \
    "and the first's change stands"
+
+# An import notes imported keys in the settings under the same lock: a second import waits
+# for the first's transaction there, and the first may still configure after it (0.9.0's
+# first version had the second hold the table while it waited on the row: a deadlock).
+rec() { echo "[{\"id\": \"$1\", \"key_hash\": \"$2\", \"owner_id\": \"configure_race\"}]"; }
+{ echo "BEGIN; SELECT imported FROM keypal_import('$(rec 00000000-0000-4000-8000-0000000000a1 ca978112ca1bbdcafac231b39a23dc4da786eff8147c4e72b9807785afee48bb)');"
+  poll 100 Lock state_of second >"$work/waited"
+  echo "SELECT keypal_configure(prefix => 'cr_') IS NOT NULL;"
+  echo "COMMIT;"; } | PGAPPNAME=first q >"$work/first.out" 2>&1 &
+poll 100 "idle in transaction" state_of first >/dev/null
+got=$(second "SELECT imported FROM keypal_import('$(rec 00000000-0000-4000-8000-0000000000b1 3e23e8160039594a33894f6564e1b1348bbd7a0088d42c4acb73eeaed59c009d)')")
+wait
+is "$(cat "$work/waited")" Lock "a second import waits for the first's transaction"
+is "$(echo $(cat "$work/first.out"))" "1 t" "which configures meanwhile, without a deadlock"
+is "$got" 1 "then the second imports its key"
+is "$(q -c "SELECT keypal_configure()->>'prefix'")" cr_ "(the configure stands)"
 done_testing
