@@ -1134,17 +1134,17 @@ CREATE FUNCTION keypal_configure(prefix text DEFAULT NULL, length integer DEFAUL
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    c keypal.settings := keypal.config();
-    before keypal.settings := c;
+    c keypal.settings;       -- read under the lock below
+    before keypal.settings;
 BEGIN
     -- No argument: only read.
     IF num_nonnulls(prefix, length, alphabet, algorithm, last_used_resolution, rate_limit, environments,
                     default_env, audit_retention, retention, webhook_timeout, webhook_max_attempts,
                     webhook_backoff, webhook_concurrency, webhook_allow_private, checksum, limit_split) = 0 THEN
-        RETURN to_jsonb(c) - 'singleton';
+        RETURN to_jsonb(keypal.config()) - 'singleton';
     END IF;
     -- One change at a time, each on top of the last committed: a second call waits here,
-    -- then reads again (it would otherwise write back the copy it read before the first
+    -- then reads (it would otherwise write back the copy it read before the first
     -- committed, undoing it). SHARE ROW EXCLUSIVE: readers, verify's included, do not wait.
     -- (REPEATABLE READ: its snapshot still has the old row; its write then fails, 40001.)
     LOCK TABLE keypal.settings IN SHARE ROW EXCLUSIVE MODE;
